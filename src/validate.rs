@@ -1,0 +1,340 @@
+//! Wire → domain conversions. Everything a client sends is checked here, at
+//! the boundary, so that the hub's core only ever sees valid values.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+
+use crate::limits::{DEFAULT_ACK_TIMEOUT_MS, MAX_EVENTS_PER_PUBLISH, MAX_PAYLOAD_BYTES};
+use crate::{Entity, Version, pb, validate_namespace};
+
+/// Most bytes in a node id.
+pub const MAX_NODE_ID_BYTES: usize = 256;
+/// Most bytes in a traceparent or tracestate.
+pub const MAX_TRACE_CONTEXT_BYTES: usize = 512;
+/// Most namespaces in one subscription filter.
+pub const MAX_FILTER_NAMESPACES: usize = 1024;
+/// Longest REGION / GLOBAL timeout a caller may ask for.
+pub const MAX_ACK_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// The configurable limits a publish is checked against.
+#[derive(Debug, Clone, Copy)]
+pub struct PublishLimits {
+    /// Most events in one call.
+    pub max_events: usize,
+    /// Largest payload of one event.
+    pub max_payload_bytes: usize,
+}
+
+impl Default for PublishLimits {
+    fn default() -> Self {
+        Self {
+            max_events: MAX_EVENTS_PER_PUBLISH,
+            max_payload_bytes: MAX_PAYLOAD_BYTES,
+        }
+    }
+}
+
+/// A publish rejected as a whole. Maps to `INVALID_ARGUMENT`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum InvalidPublish {
+    /// No events.
+    #[error("publish carries no events (1 to {max} per call)")]
+    Empty {
+        /// The limit.
+        max: usize,
+    },
+    /// Too many events.
+    #[error("publish carries {got} events, more than the limit of {max} per call")]
+    TooMany {
+        /// Events in the call.
+        got: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// One event is malformed.
+    #[error("event {index}: field `{field}`: {reason}")]
+    Event {
+        /// Position of the event in the call.
+        index: usize,
+        /// The offending field.
+        field: &'static str,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// The ack level is not one of the known values.
+    #[error("field `ack`: unknown ack level {0}")]
+    AckLevel(i32),
+    /// The timeout is longer than allowed.
+    #[error("field `timeout_ms`: {0} ms is more than the limit of 60000")]
+    Timeout(u32),
+}
+
+/// How much a publisher waits for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum AckLevel {
+    /// Ordered and appended by the hub.
+    Accepted,
+    /// Also acked by every matching node of the region.
+    Region,
+    /// Also acked in every peer region.
+    Global,
+}
+
+impl AckLevel {
+    /// The wire value.
+    pub fn to_wire(self) -> pb::AckLevel {
+        match self {
+            Self::Accepted => pb::AckLevel::Accepted,
+            Self::Region => pb::AckLevel::Region,
+            Self::Global => pb::AckLevel::Global,
+        }
+    }
+}
+
+/// One valid event of a publish call.
+#[derive(Debug, Clone)]
+pub struct NewEvent {
+    /// What changed.
+    pub entity: Entity,
+    /// Its version at the source of truth.
+    pub version: Version,
+    /// Optional new value.
+    pub payload: Bytes,
+    /// W3C trace context of the publishing call (may be empty).
+    pub traceparent: String,
+    /// W3C trace state (may be empty).
+    pub tracestate: String,
+}
+
+/// A publish call that passed validation.
+#[derive(Debug, Clone)]
+pub struct ValidPublish {
+    /// The events, in call order.
+    pub events: Vec<NewEvent>,
+    /// What the caller waits for.
+    pub ack: AckLevel,
+    /// How long REGION / GLOBAL wait.
+    pub timeout: Duration,
+}
+
+fn check_trace_field(value: &str, index: usize, field: &'static str) -> Result<(), InvalidPublish> {
+    if value.len() > MAX_TRACE_CONTEXT_BYTES {
+        return Err(InvalidPublish::Event {
+            index,
+            field,
+            reason: format!(
+                "{} bytes, more than the limit of {MAX_TRACE_CONTEXT_BYTES}",
+                value.len()
+            ),
+        });
+    }
+    if !value.bytes().all(|b| (0x20..0x7f).contains(&b)) {
+        return Err(InvalidPublish::Event {
+            index,
+            field,
+            reason: "must be printable ASCII (W3C trace context)".into(),
+        });
+    }
+    Ok(())
+}
+
+/// Validates a whole publish call. Fields the hub sets itself (`origin`,
+/// `publish_time_us`) are ignored.
+pub fn publish(
+    req: pb::PublishRequest,
+    limits: PublishLimits,
+) -> Result<ValidPublish, InvalidPublish> {
+    let n = req.events.len();
+    if n == 0 {
+        return Err(InvalidPublish::Empty {
+            max: limits.max_events,
+        });
+    }
+    if n > limits.max_events {
+        return Err(InvalidPublish::TooMany {
+            got: n,
+            max: limits.max_events,
+        });
+    }
+    let ack = match pb::AckLevel::try_from(req.ack) {
+        Ok(pb::AckLevel::Unspecified | pb::AckLevel::Accepted) => AckLevel::Accepted,
+        Ok(pb::AckLevel::Region) => AckLevel::Region,
+        Ok(pb::AckLevel::Global) => AckLevel::Global,
+        Err(_) => return Err(InvalidPublish::AckLevel(req.ack)),
+    };
+    let timeout = match req.timeout_ms {
+        0 => Duration::from_millis(u64::from(DEFAULT_ACK_TIMEOUT_MS)),
+        ms if Duration::from_millis(u64::from(ms)) > MAX_ACK_TIMEOUT => {
+            return Err(InvalidPublish::Timeout(ms));
+        }
+        ms => Duration::from_millis(u64::from(ms)),
+    };
+    let mut events = Vec::with_capacity(n);
+    for (index, e) in req.events.into_iter().enumerate() {
+        let entity = Entity::parse(&e.entity).map_err(|err| InvalidPublish::Event {
+            index,
+            field: "entity",
+            reason: err.to_string(),
+        })?;
+        let version = Version::new(e.version).ok_or_else(|| InvalidPublish::Event {
+            index,
+            field: "version",
+            reason: "version must be at least 1".into(),
+        })?;
+        if e.payload.len() > limits.max_payload_bytes {
+            return Err(InvalidPublish::Event {
+                index,
+                field: "payload",
+                reason: format!(
+                    "{} bytes, more than the limit of {}",
+                    e.payload.len(),
+                    limits.max_payload_bytes
+                ),
+            });
+        }
+        check_trace_field(&e.traceparent, index, "traceparent")?;
+        check_trace_field(&e.tracestate, index, "tracestate")?;
+        events.push(NewEvent {
+            entity,
+            version,
+            payload: e.payload,
+            traceparent: e.traceparent,
+            tracestate: e.tracestate,
+        });
+    }
+    Ok(ValidPublish {
+        events,
+        ack,
+        timeout,
+    })
+}
+
+/// A hello rejected. Maps to `INVALID_ARGUMENT`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum InvalidHello {
+    /// Missing or malformed node id.
+    #[error("field `node_id`: {0}")]
+    NodeId(String),
+    /// A namespace of the filter is malformed.
+    #[error("field `namespaces[{index}]`: {reason}")]
+    Namespace {
+        /// Position in the filter.
+        index: usize,
+        /// What is wrong.
+        reason: String,
+    },
+    /// Too many namespaces.
+    #[error("field `namespaces`: {0} namespaces, more than the limit of 1024")]
+    TooManyNamespaces(usize),
+}
+
+/// Validates a node id: non-empty, at most 256 bytes, no control characters.
+pub fn node_id(id: &str) -> Result<(), InvalidHello> {
+    if id.is_empty() {
+        return Err(InvalidHello::NodeId("node id is empty".into()));
+    }
+    if id.len() > MAX_NODE_ID_BYTES {
+        return Err(InvalidHello::NodeId(format!(
+            "{} bytes, more than the limit of {MAX_NODE_ID_BYTES}",
+            id.len()
+        )));
+    }
+    if id.chars().any(char::is_control) {
+        return Err(InvalidHello::NodeId("contains a control character".into()));
+    }
+    Ok(())
+}
+
+/// Validates the identity and filter of a hello, returning the filter sorted
+/// and de-duplicated. The cursor is checked by the hub, which knows its shards.
+pub fn hello_filter(hello: &pb::Hello) -> Result<Vec<String>, InvalidHello> {
+    node_id(&hello.node_id)?;
+    if hello.namespaces.len() > MAX_FILTER_NAMESPACES {
+        return Err(InvalidHello::TooManyNamespaces(hello.namespaces.len()));
+    }
+    for (index, ns) in hello.namespaces.iter().enumerate() {
+        validate_namespace(ns).map_err(|e| InvalidHello::Namespace {
+            index,
+            reason: e.to_string(),
+        })?;
+    }
+    let mut filter = hello.namespaces.clone();
+    filter.sort();
+    filter.dedup();
+    Ok(filter)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ev(entity: &str, version: u64) -> pb::Event {
+        pb::Event {
+            entity: entity.into(),
+            version,
+            ..Default::default()
+        }
+    }
+
+    fn req(events: Vec<pb::Event>) -> pb::PublishRequest {
+        pb::PublishRequest {
+            events,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn names_index_and_field() {
+        let err = publish(req(vec![ev("user:1", 1), ev("user:2", 0)]), PublishLimits::default())
+            .unwrap_err();
+        assert_eq!(err.to_string(), "event 1: field `version`: version must be at least 1");
+        let err = publish(req(vec![ev("Bad:1", 1)]), PublishLimits::default()).unwrap_err();
+        assert!(err.to_string().starts_with("event 0: field `entity`: namespace"));
+        let mut big = ev("user:1", 1);
+        big.payload = vec![0; MAX_PAYLOAD_BYTES + 1].into();
+        let err = publish(req(vec![ev("user:1", 1), big]), PublishLimits::default()).unwrap_err();
+        assert!(matches!(err, InvalidPublish::Event { index: 1, field: "payload", .. }));
+    }
+
+    #[test]
+    fn batch_size_limits() {
+        let limits = PublishLimits::default();
+        assert_eq!(
+            publish(req(vec![]), limits).unwrap_err(),
+            InvalidPublish::Empty { max: 10_000 }
+        );
+        let many = (0..10_001).map(|i| ev(&format!("user:{i}"), 1)).collect();
+        assert_eq!(
+            publish(req(many), limits).unwrap_err(),
+            InvalidPublish::TooMany { got: 10_001, max: 10_000 }
+        );
+        let ok = (0..10_000).map(|i| ev(&format!("user:{i}"), 1)).collect();
+        assert_eq!(publish(req(ok), limits).unwrap().events.len(), 10_000);
+    }
+
+    #[test]
+    fn ack_and_timeout() {
+        let mut r = req(vec![ev("user:1", 1)]);
+        r.ack = 9;
+        assert_eq!(publish(r, PublishLimits::default()).unwrap_err(), InvalidPublish::AckLevel(9));
+        let mut r = req(vec![ev("user:1", 1)]);
+        r.ack = pb::AckLevel::Region as i32;
+        let v = publish(r, PublishLimits::default()).unwrap();
+        assert_eq!((v.ack, v.timeout), (AckLevel::Region, Duration::from_secs(2)));
+    }
+
+    #[test]
+    fn hello_checks() {
+        let mut h = pb::Hello {
+            node_id: "n1".into(),
+            namespaces: vec!["user".into(), "post".into(), "user".into()],
+            ..Default::default()
+        };
+        assert_eq!(hello_filter(&h).unwrap(), vec!["post", "user"]);
+        h.namespaces.push("Nope".into());
+        assert!(matches!(hello_filter(&h), Err(InvalidHello::Namespace { index: 3, .. })));
+        h.node_id.clear();
+        assert!(matches!(hello_filter(&h), Err(InvalidHello::NodeId(_))));
+    }
+}
