@@ -1,0 +1,114 @@
+{{/*
+Chart name, overridable.
+*/}}
+{{- define "freshness-hub.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/*
+Full name of the release's objects, at most 63 characters (DNS label).
+*/}}
+{{- define "freshness-hub.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "freshness-hub.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/*
+Labels that select the hub's pods; never change them on upgrade.
+*/}}
+{{- define "freshness-hub.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "freshness-hub.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{- define "freshness-hub.labels" -}}
+helm.sh/chart: {{ include "freshness-hub.chart" . }}
+{{ include "freshness-hub.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Values.image.tag | default .Chart.AppVersion | quote }}
+app.kubernetes.io/component: hub
+app.kubernetes.io/part-of: freshness
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+{{- end }}
+
+{{- define "freshness-hub.image" -}}
+{{- if .Values.image.digest }}
+{{- printf "%s@%s" .Values.image.repository .Values.image.digest }}
+{{- else }}
+{{- printf "%s:%s" .Values.image.repository (.Values.image.tag | default .Chart.AppVersion) }}
+{{- end }}
+{{- end }}
+
+{{/*
+Where the ConfigMap is mounted in the container.
+*/}}
+{{- define "freshness-hub.configDir" -}}
+/etc/freshness
+{{- end }}
+
+{{/*
+The hub's freshness.toml. Keys are the hub's own (snake_case); the hub rejects
+unknown keys, so add one here only when the hub knows it. Strings go through
+toJson: a JSON string is a valid TOML basic string. Numbers go through int64
+because Helm reads every YAML number as a float.
+*/}}
+{{- define "freshness-hub.config" -}}
+{{- $hub := .Values.hub -}}
+{{- /* Checks across values that the schema cannot express; the hub would refuse to start. */}}
+{{- if hasKey $hub.peers $hub.region }}
+{{- fail (printf "hub.peers lists %q, which is this hub's own region (hub.region)" $hub.region) }}
+{{- end }}
+{{- if lt (int64 $hub.log.maxEvents) (int64 $hub.shards) }}
+{{- fail "hub.log.maxEvents must be at least hub.shards (one event per shard)" }}
+{{- end }}
+{{- if lt (div (int64 $hub.log.maxBytes) (int64 $hub.shards)) 66560 }}
+{{- fail "hub.log.maxBytes must leave room for one maximal event (65 KiB) per shard" }}
+{{- end -}}
+# Rendered by the freshness-hub chart from its values; edit those instead.
+listen = "0.0.0.0:50051"
+metrics_listen = "0.0.0.0:9464"
+region = {{ $hub.region | toJson }}
+{{- with $hub.hubId }}
+hub_id = {{ . | toJson }}
+{{- end }}
+shards = {{ int64 $hub.shards }}
+progress_interval = {{ $hub.progressInterval | toJson }}
+shutdown_grace = {{ $hub.shutdownGrace | toJson }}
+log_format = {{ $hub.logFormat | toJson }}
+log_max_events = {{ int64 $hub.log.maxEvents }}
+log_max_bytes = {{ int64 $hub.log.maxBytes }}
+max_in_flight = {{ int64 $hub.limits.maxInFlight }}
+max_events_per_publish = {{ int64 $hub.limits.maxEventsPerPublish }}
+max_payload_bytes = {{ int64 $hub.limits.maxPayloadBytes }}
+max_message_bytes = {{ int64 $hub.limits.maxMessageBytes }}
+{{- with $hub.limits.maxNodes }}
+max_nodes = {{ int64 . }}
+{{- end }}
+{{- with $hub.limits.maxAckWaiters }}
+max_ack_waiters = {{ int64 . }}
+{{- end }}
+{{- with $hub.limits.shardQueue }}
+shard_queue = {{ int64 . }}
+{{- end }}
+{{- with $hub.limits.admissionTimeout }}
+admission_timeout = {{ . | toJson }}
+{{- end }}
+{{- with $hub.peers }}
+
+[peers]
+{{- range $region, $url := . }}
+{{ $region | toJson }} = {{ $url | toJson }}
+{{- end }}
+{{- end }}
+{{- end }}

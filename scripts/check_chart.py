@@ -1,0 +1,445 @@
+"""Checks the freshness-hub Helm chart without a helm binary or a cluster.
+
+Run through scripts/check-chart.sh, which provides the virtualenv. For every
+value set (the defaults, each examples/three-regions/values-*.yaml, and every optional
+setting at once, ServiceMonitor included) it:
+
+1. lints the chart with Helm's own linter (strict: warnings fail);
+2. renders it with Helm's engine, which also applies values.schema.json;
+3. validates every rendered manifest against the Kubernetes OpenAPI schemas
+   (strict: unknown fields fail), except custom resources such as
+   ServiceMonitor, which are only required to render;
+4. checks what the hub needs from the chart: its freshness.toml parses and
+   holds only keys the hub knows, native gRPC probes on 50051, the non-root
+   read-only security context, the Service ports.
+
+The three-region examples must form a full mesh with one shard count. Last,
+a few invalid value sets must be rejected; if one is accepted the check fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python < 3.11
+    import tomli as tomllib
+
+import helm_python as helm
+import kubernetes_validate
+import kubernetes_validate.utils
+import yaml
+
+RELEASE = "freshness-hub"
+NAMESPACE = "freshness"
+LINT_KUBE_VERSION = "v1.30.0"
+# Custom resources: no schema ships with kubernetes-validate, so they are
+# rendered and checked by hand but not schema-validated.
+CUSTOM_KINDS = {("monitoring.coreos.com/v1", "ServiceMonitor")}
+# The hub's config keys (deny_unknown_fields): a key the chart renders that
+# is not one of them makes the hub exit 64 at start. Read from the hub's
+# source when it is there (see hub_keys), else this list.
+HUB_KEYS = {
+    "listen",
+    "metrics_listen",
+    "region",
+    "hub_id",
+    "shards",
+    "progress_interval",
+    "log_max_events",
+    "log_max_bytes",
+    "max_in_flight",
+    "max_events_per_publish",
+    "max_payload_bytes",
+    "max_message_bytes",
+    "shutdown_grace",
+    "peers",
+    "log_format",
+    "max_nodes",
+    "max_ack_waiters",
+    "shard_queue",
+    "admission_timeout",
+}
+GRPC_PORT = 50051
+METRICS_PORT = 9464
+NONROOT_UID = 65532
+
+# Every optional setting at once, so that each optional branch renders.
+EVERY_OPTION = {
+    "image": {"digest": "sha256:" + "0" * 64},
+    "imagePullSecrets": [{"name": "registry"}],
+    "hub": {
+        "region": "eu",
+        "hubId": "hub-eu-1",
+        "peers": {"us": "http://hub.us.example.com:50051", "ap": "https://[fd00::1]:50051"},
+        "limits": {
+            "maxNodes": 1000,
+            "maxAckWaiters": 100,
+            "shardQueue": 64,
+            "admissionTimeout": "100ms",
+        },
+    },
+    "otel": {"endpoint": "http://otel-collector.observability:4317"},
+    "extraEnv": [{"name": "RUST_LOG", "value": "info"}],
+    "service": {
+        "type": "LoadBalancer",
+        "annotations": {"a": "b"},
+        "loadBalancerSourceRanges": ["10.0.0.0/8"],
+    },
+    "podAnnotations": {"a": "b"},
+    "podLabels": {"team": "cache"},
+    "podDisruptionBudget": {"minAvailable": 1},
+    "serviceMonitor": {"enabled": True, "labels": {"release": "prometheus"}},
+    "priorityClassName": "high",
+    "nodeSelector": {"kubernetes.io/os": "linux"},
+    "tolerations": [
+        {"key": "dedicated", "operator": "Equal", "value": "cache", "effect": "NoSchedule"}
+    ],
+    "affinity": {
+        "podAntiAffinity": {
+            "preferredDuringSchedulingIgnoredDuringExecution": [
+                {
+                    "weight": 1,
+                    "podAffinityTerm": {
+                        "topologyKey": "kubernetes.io/hostname",
+                        "labelSelector": {
+                            "matchLabels": {"app.kubernetes.io/name": "freshness-hub"}
+                        },
+                    },
+                }
+            ]
+        }
+    },
+    "topologySpreadConstraints": [
+        {
+            "maxSkew": 1,
+            "topologyKey": "topology.kubernetes.io/zone",
+            "whenUnsatisfiable": "ScheduleAnyway",
+        }
+    ],
+}
+
+# Value sets that must be refused, with what makes them wrong.
+INVALID = [
+    ("shards 0", {"hub": {"shards": 0}}),
+    ("unknown top-level key", {"shard": 64}),
+    ("unknown hub key", {"hub": {"maxInFlight": 10}}),
+    ("log format xml", {"hub": {"logFormat": "xml"}}),
+    ("peer URL without port", {"hub": {"peers": {"us": "http://hub.us"}}}),
+    ("peer is its own region", {"hub": {"region": "eu", "peers": {"eu": "http://a:50051"}}}),
+    ("log smaller than one event per shard", {"hub": {"log": {"maxBytes": 1048576}}}),
+]
+
+
+class Failures:
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def add(self, where: str, what: str) -> None:
+        self.lines.append(f"{where}: {what}")
+
+    def check(self, ok: bool, where: str, what: str) -> None:
+        if not ok:
+            self.add(where, what)
+
+
+def hub_keys(config_source: Path) -> set[str]:
+    """The fields of the hub's `struct Config`, or HUB_KEYS without the source."""
+    if not config_source.is_file():
+        return HUB_KEYS
+    match = re.search(r"pub struct Config \{(.*?)\n\}", config_source.read_text(), re.DOTALL)
+    fields = set(re.findall(r"^\s*pub (\w+):", match.group(1), re.MULTILINE)) if match else set()
+    return fields or HUB_KEYS
+
+
+def load_values(path: Path) -> dict[str, Any]:
+    # Helm's own YAML reading, so that numbers and nulls come out as for helm -f.
+    return helm.values_from_yaml(path.read_text())
+
+
+def lint(chart_dir: Path, name: str, values: dict[str, Any], failures: Failures) -> None:
+    report = helm.lint(
+        chart_dir, values, strict=True, namespace=NAMESPACE, kube_version=LINT_KUBE_VERSION
+    )
+    # Severity 1 is info (e.g. "icon is recommended"); 2 warning, 3 error.
+    problems = [m for m in report.get("messages", []) if m.get("severity", 0) >= 2]
+    for message in problems:
+        failures.add(f"{name}: lint {message.get('path')}", message.get("error", "").strip())
+    if not problems:
+        # Errors the linter raised without a message of their own.
+        for error in report.get("errors") or []:
+            failures.add(f"{name}: lint", error.strip())
+
+
+def render(chart: helm.Chart, values: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    rendered = chart.render(values, name=RELEASE, namespace=NAMESPACE, is_install=True)
+    manifests = []
+    for template, text in sorted(rendered.items()):
+        if template.endswith("NOTES.txt"):
+            continue
+        for doc in yaml.safe_load_all(text):
+            if doc is not None:
+                manifests.append((template.split("/", 1)[-1], doc))
+    return manifests
+
+
+def by_kind(manifests: list[tuple[str, dict[str, Any]]], kind: str) -> list[dict[str, Any]]:
+    return [doc for _, doc in manifests if doc.get("kind") == kind]
+
+
+def check_hub_contract(
+    name: str,
+    values: dict[str, Any],
+    known_keys: set[str],
+    manifests: list[tuple[str, dict[str, Any]]],
+    failures: Failures,
+) -> dict[str, Any] | None:
+    """Checks what the hub and the operability contract need; returns the
+    parsed freshness.toml."""
+    deployments = by_kind(manifests, "Deployment")
+    config_maps = by_kind(manifests, "ConfigMap")
+    services = by_kind(manifests, "Service")
+    if len(deployments) != 1 or len(config_maps) != 1 or len(services) != 1:
+        failures.add(name, "want one Deployment, one ConfigMap and one Service")
+        return None
+    deployment, config_map, service = deployments[0], config_maps[0], services[0]
+
+    config_text = config_map.get("data", {}).get("freshness.toml")
+    if config_text is None:
+        failures.add(name, "ConfigMap has no freshness.toml")
+        return None
+    try:
+        config = tomllib.loads(config_text)
+    except tomllib.TOMLDecodeError as error:
+        failures.add(name, f"freshness.toml is not TOML: {error}")
+        return None
+    unknown = set(config) - known_keys
+    failures.check(not unknown, name, f"freshness.toml has keys the hub rejects: {sorted(unknown)}")
+    failures.check(
+        config.get("listen") == f"0.0.0.0:{GRPC_PORT}", name, "listen is not 0.0.0.0:50051"
+    )
+    failures.check(
+        config.get("metrics_listen") == f"0.0.0.0:{METRICS_PORT}",
+        name,
+        "metrics_listen is not 0.0.0.0:9464",
+    )
+    want_region = values.get("hub", {}).get("region", "local")
+    failures.check(config.get("region") == want_region, name, f"region is not {want_region!r}")
+    for key in ("shards", "log_max_events", "log_max_bytes", "max_in_flight"):
+        failures.check(
+            isinstance(config.get(key), int) and config[key] >= 1,
+            name,
+            f"{key} is not a positive integer: {config.get(key)!r}",
+        )
+    failures.check(
+        config.get("region") not in config.get("peers", {}), name, "a hub peers with itself"
+    )
+
+    pod = deployment["spec"]["template"]["spec"]
+    containers = pod.get("containers", [])
+    if len(containers) != 1:
+        failures.add(name, "want one container")
+        return config
+    container = containers[0]
+    args = container.get("args", [])
+    config_path = args[args.index("--config") + 1] if "--config" in args[:-1] else None
+    failures.check(config_path is not None, name, "hub is not started with --config")
+    mounts = {m["name"]: m for m in container.get("volumeMounts", [])}
+    volumes = {v["name"]: v for v in pod.get("volumes", [])}
+    config_mount = next(
+        (
+            m
+            for m in mounts.values()
+            if config_path and config_path == m["mountPath"].rstrip("/") + "/freshness.toml"
+        ),
+        None,
+    )
+    if config_mount is None:
+        failures.add(name, f"--config {config_path} is not in a mounted volume")
+    else:
+        failures.check(config_mount.get("readOnly") is True, name, "config mount is not read-only")
+        source = volumes.get(config_mount["name"], {}).get("configMap", {}).get("name")
+        failures.check(
+            source == config_map["metadata"]["name"], name, "config volume is not the ConfigMap"
+        )
+
+    for probe in ("livenessProbe", "readinessProbe"):
+        port = container.get(probe, {}).get("grpc", {}).get("port")
+        failures.check(
+            port == GRPC_PORT, name, f"{probe} is not a native gRPC probe on {GRPC_PORT}"
+        )
+    ports = {p.get("containerPort") for p in container.get("ports", [])}
+    failures.check(
+        {GRPC_PORT, METRICS_PORT} <= ports, name, "container does not expose 50051 and 9464"
+    )
+    failures.check(bool(container.get("resources")), name, "container has no resources")
+
+    pod_sc = pod.get("securityContext", {})
+    sc = container.get("securityContext", {})
+
+    def either(key: str) -> Any:
+        return sc.get(key, pod_sc.get(key))
+
+    failures.check(either("runAsNonRoot") is True, name, "runAsNonRoot is not set")
+    failures.check(either("runAsUser") == NONROOT_UID, name, f"runAsUser is not {NONROOT_UID}")
+    failures.check(
+        sc.get("allowPrivilegeEscalation") is False, name, "privilege escalation allowed"
+    )
+    failures.check(sc.get("readOnlyRootFilesystem") is True, name, "root filesystem is writable")
+    failures.check(
+        "ALL" in sc.get("capabilities", {}).get("drop", []), name, "capabilities are not dropped"
+    )
+    failures.check(
+        (either("seccompProfile") or {}).get("type") == "RuntimeDefault",
+        name,
+        "seccomp profile is not RuntimeDefault",
+    )
+
+    targets = {p.get("targetPort") for p in service["spec"].get("ports", [])}
+    failures.check({"grpc", "metrics"} <= targets, name, "Service does not route grpc and metrics")
+
+    if values.get("podDisruptionBudget", {}).get("enabled", True):
+        failures.check(
+            len(by_kind(manifests, "PodDisruptionBudget")) == 1, name, "no PodDisruptionBudget"
+        )
+    for monitor in by_kind(manifests, "ServiceMonitor"):
+        endpoints = monitor.get("spec", {}).get("endpoints", [])
+        failures.check(
+            any(e.get("port") == "metrics" and e.get("path") == "/metrics" for e in endpoints),
+            name,
+            "ServiceMonitor does not scrape metrics:/metrics",
+        )
+    return config
+
+
+def validate(
+    name: str,
+    manifests: list[tuple[str, dict[str, Any]]],
+    kube_versions: list[str],
+    failures: Failures,
+) -> tuple[int, int]:
+    """Validates against the Kubernetes schemas; returns (validated, custom)."""
+    validated = custom = 0
+    for template, doc in manifests:
+        where = f"{name}: {template} {doc.get('kind')}/{doc.get('metadata', {}).get('name')}"
+        if (doc.get("apiVersion"), doc.get("kind")) in CUSTOM_KINDS:
+            custom += 1
+            continue
+        ok = True
+        for version in kube_versions:
+            try:
+                kubernetes_validate.validate(doc, version, strict=True)
+            except kubernetes_validate.ValidationError as error:
+                path = "/".join(str(p) for p in error.path)
+                failures.add(where, f"Kubernetes {version}: {path}: {error.message}")
+                ok = False
+            except kubernetes_validate.SchemaNotFoundError as error:
+                failures.add(where, error.message)
+                ok = False
+        validated += ok
+    return validated, custom
+
+
+def check_mesh(configs: dict[str, dict[str, Any]], failures: Failures) -> None:
+    """The three-region examples: one shard count, every hub peers with all others."""
+    regions = {config.get("region") for config in configs.values()}
+    shards = {config.get("shards") for config in configs.values()}
+    failures.check(len(regions) == len(configs), "examples", "two example files share a region")
+    failures.check(len(shards) == 1, "examples", f"shard counts differ between regions: {shards}")
+    for name, config in configs.items():
+        peers = set(config.get("peers", {}))
+        want = regions - {config.get("region")}
+        failures.check(peers == want, name, f"peers {sorted(peers)}, want {sorted(want)}")
+
+
+def check_invalid(chart: helm.Chart, failures: Failures) -> int:
+    """Every INVALID value set must be refused by the schema or the templates."""
+    for what, values in INVALID:
+        try:
+            chart.render(values, name=RELEASE, namespace=NAMESPACE, is_install=True)
+        except (helm.HelmValuesError, helm.HelmRenderError):
+            continue
+        failures.add("negative check", f"values with {what} were accepted")
+    # The schema alone must refuse shards 0, so that `helm install` stops
+    # before any template runs.
+    try:
+        chart.validate_schema(chart.merge_values({"hub": {"shards": 0}}))
+        failures.add("negative check", "values.schema.json accepts shards 0")
+    except helm.HelmValuesError:
+        pass
+    return len(INVALID)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("chart", type=Path)
+    parser.add_argument(
+        "--kube-version",
+        action="append",
+        dest="kube_versions",
+        help="Kubernetes version to validate against (repeatable); "
+        "default 1.30 and the newest kubernetes-validate ships",
+    )
+    parser.add_argument(
+        "--hub-config",
+        type=Path,
+        default=Path(__file__).resolve().parent.parent / "server" / "src" / "config.rs",
+        help="the hub's config source, to read the keys it accepts from",
+    )
+    args = parser.parse_args()
+    chart_dir: Path = args.chart.resolve()
+    kube_versions = args.kube_versions or ["1.30.0", kubernetes_validate.utils.latest_version()]
+
+    examples = sorted((chart_dir / "examples" / "three-regions").glob("values-*.yaml"))
+    value_sets: list[tuple[str, dict[str, Any]]] = [("defaults", {})]
+    value_sets += [(str(p.relative_to(chart_dir)), load_values(p)) for p in examples]
+    value_sets.append(("every option", EVERY_OPTION))
+    known_keys = hub_keys(args.hub_config)
+
+    failures = Failures()
+    failures.check(
+        len(examples) == 3, "examples", f"want 3 three-region values files, found {len(examples)}"
+    )
+    validated = custom = 0
+    example_configs: dict[str, dict[str, Any]] = {}
+    with helm.Chart.load(chart_dir) as chart:
+        for name, values in value_sets:
+            lint(chart_dir, name, values, failures)
+            try:
+                manifests = render(chart, values)
+            except helm.HelmError as error:
+                failures.add(f"{name}: render", str(error).strip())
+                continue
+            config = check_hub_contract(name, values, known_keys, manifests, failures)
+            if config is not None and name.startswith("examples/"):
+                example_configs[name] = config
+            counts = validate(name, manifests, kube_versions, failures)
+            validated += counts[0]
+            custom += counts[1]
+        failures.check(
+            custom >= 1, "every option", "serviceMonitor.enabled rendered no ServiceMonitor"
+        )
+        check_mesh(example_configs, failures)
+        rejected = check_invalid(chart, failures)
+
+    if failures.lines:
+        for line in failures.lines:
+            print(f"FAIL {line}", file=sys.stderr)
+        print(f"chart: {len(failures.lines)} problem(s)", file=sys.stderr)
+        return 1
+    versions = ", ".join(kubernetes_validate.utils.major_minor(v) for v in kube_versions)
+    print(
+        f"chart: {len(value_sets)} value sets, {validated} manifests valid "
+        f"(Kubernetes {versions}), {custom} custom resource(s) rendered, "
+        f"{rejected} invalid value sets rejected"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
