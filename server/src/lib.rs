@@ -1,0 +1,23 @@
+//! The Freshness regional hub, as a library: [`run`] serves one hub on a
+//! listener until a cancellation token fires. The `freshness-hub` binary is a
+//! thin wrapper around it, and tests run real hubs on `127.0.0.1:0` with it.
+//!
+//! Data path: `grpc` (validate) → `hub` (route by shard, admit all or
+//! nothing) → `shard` actor (order, version check, encode once, append to
+//! `log`) → `session` (read the logs, filter, one frame per batch) → node;
+//! acks flow back into the session and wake REGION publishers.
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod clock;
+pub mod config;
+pub mod error;
+pub mod grpc;
+pub mod hub;
+pub mod log;
+mod server;
+pub mod session;
+pub mod shard;
+
+pub use config::{Args, Config, ConfigError, LogFormat};
+pub use server::{RunError, run};

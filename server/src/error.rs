@@ -1,0 +1,76 @@
+//! The hub's typed errors and their one mapping to gRPC status codes.
+
+use std::time::Duration;
+
+use freshness::validate::{InvalidHello, InvalidPublish};
+use tonic::{Code, Status};
+
+/// Metadata key carrying a retry hint in milliseconds on overload answers.
+pub const RETRY_AFTER_MS: &str = "retry-after-ms";
+
+/// Everything a hub call can fail with.
+#[derive(Debug, thiserror::Error)]
+pub enum HubError {
+    /// A publish failed validation; nothing was applied.
+    #[error(transparent)]
+    InvalidPublish(#[from] InvalidPublish),
+    /// A hello failed validation.
+    #[error("invalid hello: {0}")]
+    InvalidHello(#[from] InvalidHello),
+    /// Any other malformed request (bad cursor, bad ack).
+    #[error("{0}")]
+    InvalidArgument(String),
+    /// Protocol misuse (no hello first, a second hello, shard count mismatch).
+    #[error("{0}")]
+    FailedPrecondition(String),
+    /// A bounded queue is full; retry after the hint.
+    #[error("hub overloaded: {what}; retry in {retry_after:?}")]
+    Overloaded {
+        /// Which limit was hit.
+        what: &'static str,
+        /// Retry hint.
+        retry_after: Duration,
+    },
+    /// A configured maximum is reached.
+    #[error("{0}")]
+    ResourceExhausted(String),
+    /// The hub is shutting down.
+    #[error("hub is shutting down")]
+    ShuttingDown,
+}
+
+impl From<HubError> for Status {
+    fn from(e: HubError) -> Self {
+        let msg = e.to_string();
+        match e {
+            HubError::InvalidPublish(_)
+            | HubError::InvalidHello(_)
+            | HubError::InvalidArgument(_) => Status::invalid_argument(msg),
+            HubError::FailedPrecondition(_) => Status::failed_precondition(msg),
+            HubError::Overloaded { retry_after, .. } => {
+                let mut s = Status::unavailable(msg);
+                if let Ok(v) = retry_after.as_millis().to_string().parse() {
+                    s.metadata_mut().insert(RETRY_AFTER_MS, v);
+                }
+                s
+            }
+            HubError::ResourceExhausted(_) => {
+                let mut s = Status::resource_exhausted(msg);
+                s.metadata_mut()
+                    .insert(RETRY_AFTER_MS, tonic::metadata::MetadataValue::from_static("1000"));
+                s
+            }
+            HubError::ShuttingDown => Status::unavailable(msg),
+        }
+    }
+}
+
+/// tonic reports a message over the decoding limit as `OUT_OF_RANGE`; the
+/// contract (SPEC §4) says `RESOURCE_EXHAUSTED`.
+pub fn map_decode_status(s: Status) -> Status {
+    if s.code() == Code::OutOfRange && s.message().contains("too large") {
+        Status::resource_exhausted(s.message().to_owned())
+    } else {
+        s
+    }
+}

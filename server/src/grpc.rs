@@ -1,0 +1,127 @@
+//! The gRPC adapter: the only place that knows tonic requests and responses.
+//! It validates at the edge, calls the core, and maps errors to codes once.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use freshness::pb::subscribe_request::Kind as ReqKind;
+use freshness::validate::{self, PublishLimits};
+use freshness::wire::Frame;
+use freshness::{pb, validate::AckLevel};
+use futures::StreamExt;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::task::TaskTracker;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::error::{HubError, map_decode_status};
+use crate::hub::Hub;
+use crate::shard::Outcome;
+
+/// How long a new stream may take to send its hello.
+pub const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Implements `freshness.v1.Hub` over a [`Hub`].
+#[derive(Debug, Clone)]
+pub struct HubService {
+    hub: Arc<Hub>,
+    tracker: TaskTracker,
+}
+
+impl HubService {
+    /// A service over `hub`; session tasks are spawned on `tracker`.
+    pub fn new(hub: Arc<Hub>, tracker: TaskTracker) -> Self {
+        Self { hub, tracker }
+    }
+}
+
+fn outcome_to_wire(o: Outcome) -> pb::PublishOutcome {
+    match o {
+        Outcome::Applied => pb::PublishOutcome::Applied,
+        Outcome::Duplicate => pb::PublishOutcome::Duplicate,
+        Outcome::Superseded => pb::PublishOutcome::Superseded,
+    }
+}
+
+#[tonic::async_trait]
+impl pb::raw::hub_server::Hub for HubService {
+    async fn publish(
+        &self,
+        request: Request<pb::PublishRequest>,
+    ) -> Result<Response<pb::PublishResponse>, Status> {
+        let limits = PublishLimits {
+            max_events: self.hub.config.max_events_per_publish,
+            max_payload_bytes: self.hub.config.max_payload_bytes,
+        };
+        let req = validate::publish(request.into_inner(), limits).map_err(HubError::from)?;
+        let events = req.events.len();
+        let ack = req.ack;
+        let published = self.hub.publish(req).await?;
+        tracing::debug!(events, ?ack, complete = published.complete, "publish");
+        Ok(Response::new(pb::PublishResponse {
+            results: published
+                .results
+                .iter()
+                .map(|(o, shard)| pb::EventResult {
+                    outcome: outcome_to_wire(o.outcome) as i32,
+                    shard: shard.0,
+                    seq: o.seq,
+                    current_version: o.current_version.get(),
+                })
+                .collect(),
+            complete: published.complete,
+            pending_nodes: published.pending_nodes,
+            pending_regions: Vec::new(),
+            applied_ack: match published.applied {
+                AckLevel::Accepted => pb::AckLevel::Accepted,
+                AckLevel::Region => pb::AckLevel::Region,
+                AckLevel::Global => pb::AckLevel::Global,
+            } as i32,
+            note: published.note,
+            epoch: self.hub.epoch,
+        }))
+    }
+
+    type SubscribeStream = ReceiverStream<Result<Frame, Status>>;
+
+    async fn subscribe(
+        &self,
+        request: Request<Streaming<pb::SubscribeRequest>>,
+    ) -> Result<Response<Self::SubscribeStream>, Status> {
+        let peer = request
+            .remote_addr()
+            .map(|a| a.to_string())
+            .unwrap_or_default();
+        let mut inbound = request.into_inner();
+        let first = tokio::select! {
+            first = tokio::time::timeout(HELLO_TIMEOUT, inbound.next()) => first,
+            () = self.hub.shutdown.cancelled() => return Err(HubError::ShuttingDown.into()),
+        };
+        let hello = match first {
+            Err(_) => {
+                return Err(Status::failed_precondition(format!(
+                    "no hello within {HELLO_TIMEOUT:?} of opening the stream"
+                )));
+            }
+            Ok(None) => return Err(Status::failed_precondition("stream ended before its hello")),
+            Ok(Some(Err(s))) => return Err(map_decode_status(s)),
+            Ok(Some(Ok(pb::SubscribeRequest {
+                kind: Some(ReqKind::Hello(hello)),
+            }))) => hello,
+            Ok(Some(Ok(_))) => {
+                return Err(Status::failed_precondition(
+                    "the first message of a subscribe stream must be a hello",
+                ));
+            }
+        };
+        let (session, rx) = crate::session::open(self.hub.clone(), hello, peer, inbound)?;
+        self.tracker.spawn(session.run());
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
+    async fn status(
+        &self,
+        _request: Request<pb::StatusRequest>,
+    ) -> Result<Response<pb::StatusResponse>, Status> {
+        Ok(Response::new(self.hub.status()))
+    }
+}

@@ -1,0 +1,489 @@
+//! The hub's core, free of gRPC: the shard actors and their logs, the node
+//! registry, publishing with ack levels, and status.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::time::Duration;
+
+use freshness::validate::{AckLevel, ValidPublish};
+use freshness::{Cursor, ShardId, pb};
+use parking_lot::{Mutex, RwLock};
+use tokio::sync::{Semaphore, oneshot, watch};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::clock::Clock;
+use crate::config::Config;
+use crate::error::HubError;
+use crate::log::SharedLog;
+use crate::shard::{Append, EventOutcome, Incoming, ShardContext, ShardHandle};
+
+/// Why a session ended on purpose.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EndReason {
+    /// A newer stream with the same node id took over.
+    Replaced,
+}
+
+/// What the hub and the status call know of one connected stream. Written by
+/// its session, read by publishers waiting for acks and by status.
+#[derive(Debug)]
+pub struct SessionShared {
+    /// Unique per stream, to tell a replaced session from its successor.
+    pub session_id: u64,
+    /// The node's stable id.
+    pub node_id: String,
+    /// Namespaces, sorted; empty means all.
+    pub filter: Vec<String>,
+    /// A replicating hub rather than a cache node.
+    pub replication: bool,
+    /// Region of a replicating hub.
+    pub region: String,
+    /// Remote address.
+    pub peer: String,
+    /// Hub time of the hello.
+    pub connected_at_us: u64,
+    /// Cumulative acked cursor (seqs per shard, this hub's epoch).
+    pub acked: Mutex<Vec<u64>>,
+    /// Unacked events in flight.
+    pub in_flight: AtomicU32,
+    /// The node's in-flight limit.
+    pub max_in_flight: u32,
+    /// True while the in-flight limit holds the session back.
+    pub parked: AtomicBool,
+    /// Newest watermark the node has acked.
+    pub acked_watermark_us: AtomicU64,
+    /// Ends the session.
+    pub cancel: CancellationToken,
+    /// Set before `cancel` when the end is deliberate.
+    pub end_reason: Mutex<Option<EndReason>>,
+}
+
+impl SessionShared {
+    /// True when the node's filter lets this namespace through.
+    pub fn wants(&self, namespace: &str) -> bool {
+        self.filter.is_empty()
+            || self
+                .filter
+                .binary_search_by(|f| f.as_str().cmp(namespace))
+                .is_ok()
+    }
+}
+
+/// The answer to a publish.
+#[derive(Debug)]
+pub struct Published {
+    /// Per event, in call order: outcome and shard.
+    pub results: Vec<(EventOutcome, ShardId)>,
+    /// Every node concerned acked (always true for ACCEPTED).
+    pub complete: bool,
+    /// Nodes that had not acked at the timeout.
+    pub pending_nodes: Vec<String>,
+    /// The level actually applied.
+    pub applied: AckLevel,
+    /// Why it differs from the request, if it does.
+    pub note: String,
+}
+
+/// One hub: shared by the gRPC adapter and every session task.
+pub struct Hub {
+    /// The configuration it runs with.
+    pub config: Config,
+    /// This incarnation of the log.
+    pub epoch: u64,
+    /// The one clock.
+    pub clock: Clock,
+    /// Region as a shared string (origin of local events).
+    pub region: Arc<str>,
+    /// Actor handles, indexed by shard.
+    pub(crate) shards: Vec<ShardHandle>,
+    /// Logs, indexed by shard.
+    pub(crate) logs: Vec<Arc<SharedLog>>,
+    /// Bumped after every append.
+    pub(crate) appended: watch::Sender<u64>,
+    /// Bumped after every ack, for REGION waiters.
+    acks_changed: watch::Sender<u64>,
+    /// Connected streams by node id.
+    nodes: RwLock<HashMap<String, Arc<SessionShared>>>,
+    next_session: AtomicU64,
+    ack_waiters: Semaphore,
+    /// Cancelled when the hub shuts down; sessions say goodbye.
+    pub shutdown: CancellationToken,
+}
+
+impl std::fmt::Debug for Hub {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Hub")
+            .field("region", &self.region)
+            .field("epoch", &self.epoch)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Hub {
+    /// Builds a hub and spawns its shard actors on `tracker`. The actors stop
+    /// when the last `Hub` reference is dropped.
+    pub fn new(config: Config, shutdown: CancellationToken, tracker: &TaskTracker) -> Arc<Self> {
+        let clock = Clock::new();
+        let region: Arc<str> = Arc::from(config.region.as_str());
+        let (appended, _) = watch::channel(0);
+        let ctx = Arc::new(ShardContext {
+            region: region.clone(),
+            clock,
+            appended: appended.clone(),
+            remember_extra: config.log_events_per_shard(),
+        });
+        let mut shards = Vec::with_capacity(config.shards as usize);
+        let mut logs = Vec::with_capacity(config.shards as usize);
+        for id in 0..config.shards {
+            let log = Arc::new(SharedLog::new(
+                config.log_events_per_shard(),
+                config.log_bytes_per_shard(),
+            ));
+            shards.push(ShardHandle::spawn(
+                id,
+                log.clone(),
+                ctx.clone(),
+                config.shard_queue,
+                tracker,
+            ));
+            logs.push(log);
+        }
+        let (acks_changed, _) = watch::channel(0);
+        Arc::new(Self {
+            epoch: new_epoch(),
+            clock,
+            region,
+            shards,
+            logs,
+            appended,
+            acks_changed,
+            nodes: RwLock::new(HashMap::new()),
+            next_session: AtomicU64::new(1),
+            ack_waiters: Semaphore::new(config.max_ack_waiters),
+            shutdown,
+            config,
+        })
+    }
+
+    /// Shard count.
+    pub fn shard_count(&self) -> u32 {
+        self.config.shards
+    }
+
+    /// Current head seq of every shard.
+    pub fn heads(&self) -> Vec<u64> {
+        self.logs.iter().map(|l| l.head()).collect()
+    }
+
+    /// Orders and appends a validated publish, then waits for the ack level.
+    pub async fn publish(&self, req: ValidPublish) -> Result<Published, HubError> {
+        let s = self.shard_count();
+        let shard_of: Vec<ShardId> = req.events.iter().map(|e| e.entity.shard(s)).collect();
+        let namespaces: Vec<Arc<str>> = req
+            .events
+            .iter()
+            .map(|e| Arc::from(e.entity.namespace()))
+            .collect();
+        let mut by_shard: HashMap<ShardId, Vec<(usize, Incoming)>> = HashMap::new();
+        for (i, e) in req.events.into_iter().enumerate() {
+            by_shard.entry(shard_of[i]).or_default().push((
+                i,
+                Incoming {
+                    entity: e.entity,
+                    version: e.version,
+                    payload: e.payload,
+                    traceparent: e.traceparent,
+                    tracestate: e.tracestate,
+                    origin: None,
+                    publish_time_us: None,
+                },
+            ));
+        }
+        let outcomes = self.append(by_shard, shard_of.len()).await?;
+        let results: Vec<(EventOutcome, ShardId)> = outcomes.into_iter().zip(shard_of).collect();
+
+        let (applied, note) = match req.ack {
+            AckLevel::Global => (
+                AckLevel::Region,
+                "this hub has no peer regions: GLOBAL was applied as REGION".to_owned(),
+            ),
+            other => (other, String::new()),
+        };
+        if applied == AckLevel::Accepted {
+            return Ok(Published {
+                results,
+                complete: true,
+                pending_nodes: Vec::new(),
+                applied,
+                note,
+            });
+        }
+        let _permit = self.ack_waiters.try_acquire().map_err(|_| {
+            HubError::ResourceExhausted(format!(
+                "more than {} publishes are waiting for acks; use ack level ACCEPTED or retry",
+                self.config.max_ack_waiters
+            ))
+        })?;
+        let targets: Vec<(ShardId, u64, &str)> = results
+            .iter()
+            .zip(&namespaces)
+            .map(|((o, shard), ns)| (*shard, o.seq, &**ns))
+            .collect();
+        let pending_nodes = self.wait_for_region(&targets, req.timeout).await;
+        Ok(Published {
+            results,
+            complete: pending_nodes.is_empty(),
+            pending_nodes,
+            applied,
+            note,
+        })
+    }
+
+    /// Admits the whole call or nothing: a permit on every shard queue first,
+    /// then the commands. A queue that stays full past the admission timeout
+    /// refuses the call with nothing applied.
+    async fn append(
+        &self,
+        by_shard: HashMap<ShardId, Vec<(usize, Incoming)>>,
+        n: usize,
+    ) -> Result<Vec<EventOutcome>, HubError> {
+        let mut order: Vec<ShardId> = by_shard.keys().copied().collect();
+        order.sort_unstable();
+        let overloaded = || HubError::Overloaded {
+            what: "shard queue full",
+            retry_after: self.config.admission_timeout.max(Duration::from_millis(10)),
+        };
+        let reserve_all = async {
+            let mut permits = Vec::with_capacity(order.len());
+            for s in &order {
+                permits.push(self.shards[s.index()].reserve().await);
+            }
+            permits
+        };
+        let permits = tokio::time::timeout(self.config.admission_timeout, reserve_all)
+            .await
+            .map_err(|_| overloaded())?;
+        let mut by_shard = by_shard;
+        let mut waits = Vec::with_capacity(order.len());
+        for (s, permit) in order.iter().zip(permits) {
+            let permit = permit.map_err(|_| HubError::ShuttingDown)?;
+            let (idx, events): (Vec<usize>, Vec<Incoming>) =
+                by_shard.remove(s).unwrap_or_default().into_iter().unzip();
+            let (reply, rx) = oneshot::channel();
+            permit.send(Append { events, reply });
+            waits.push((idx, rx));
+        }
+        let mut out: Vec<Option<EventOutcome>> = vec![None; n];
+        for (idx, rx) in waits {
+            let outcomes = rx.await.map_err(|_| HubError::ShuttingDown)?;
+            for (i, o) in idx.into_iter().zip(outcomes) {
+                out[i] = Some(o);
+            }
+        }
+        // Every index was routed to exactly one shard, which answers every
+        // event of its command.
+        out.into_iter()
+            .map(|o| o.ok_or(HubError::ShuttingDown))
+            .collect()
+    }
+
+    /// Waits until every connected node whose filter matches has acked the
+    /// targets, or the timeout passes; returns the nodes still pending.
+    async fn wait_for_region(&self, targets: &[(ShardId, u64, &str)], timeout: Duration) -> Vec<String> {
+        // Requirement per node: highest seq per shard among matching events.
+        let mut pending: Vec<(String, Vec<(ShardId, u64)>)> = self
+            .nodes
+            .read()
+            .values()
+            .filter(|n| !n.replication)
+            .filter_map(|n| {
+                let mut need: HashMap<ShardId, u64> = HashMap::new();
+                for (shard, seq, ns) in targets {
+                    if n.wants(ns) {
+                        let e = need.entry(*shard).or_default();
+                        *e = (*e).max(*seq);
+                    }
+                }
+                (!need.is_empty()).then(|| (n.node_id.clone(), need.into_iter().collect()))
+            })
+            .collect();
+        let mut changes = self.acks_changed.subscribe();
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            changes.mark_unchanged();
+            {
+                let nodes = self.nodes.read();
+                pending.retain(|(id, need)| {
+                    let Some(n) = nodes.get(id) else { return true };
+                    let acked = n.acked.lock();
+                    !need.iter().all(|(s, seq)| acked.get(s.index()).is_some_and(|a| a >= seq))
+                });
+            }
+            if pending.is_empty() {
+                return Vec::new();
+            }
+            let woke = tokio::select! {
+                r = changes.changed() => r.is_ok(),
+                () = tokio::time::sleep_until(deadline) => false,
+                () = self.shutdown.cancelled() => false,
+            };
+            if !woke {
+                let mut ids: Vec<String> = pending.into_iter().map(|(id, _)| id).collect();
+                ids.sort();
+                return ids;
+            }
+        }
+    }
+
+    /// Registers a stream. A stream with the same node id is ended
+    /// (replaced). Refused when `max_nodes` streams are connected.
+    #[allow(clippy::too_many_arguments)]
+    pub fn register(
+        &self,
+        node_id: String,
+        filter: Vec<String>,
+        replication: bool,
+        region: String,
+        peer: String,
+        acked: Vec<u64>,
+        max_in_flight: u32,
+    ) -> Result<Arc<SessionShared>, HubError> {
+        let shared = Arc::new(SessionShared {
+            session_id: self.next_session.fetch_add(1, Ordering::Relaxed),
+            node_id: node_id.clone(),
+            filter,
+            replication,
+            region,
+            peer,
+            connected_at_us: self.clock.now_us(),
+            acked: Mutex::new(acked),
+            in_flight: AtomicU32::new(0),
+            max_in_flight,
+            parked: AtomicBool::new(false),
+            acked_watermark_us: AtomicU64::new(self.clock.now_us()),
+            cancel: self.shutdown.child_token(),
+            end_reason: Mutex::new(None),
+        });
+        let mut nodes = self.nodes.write();
+        if !nodes.contains_key(&node_id) && nodes.len() >= self.config.max_nodes {
+            return Err(HubError::ResourceExhausted(format!(
+                "{} streams are connected, the limit of this hub",
+                self.config.max_nodes
+            )));
+        }
+        if let Some(old) = nodes.insert(node_id, shared.clone()) {
+            *old.end_reason.lock() = Some(EndReason::Replaced);
+            old.cancel.cancel();
+            tracing::info!(node_id = %old.node_id, "stream replaced by a newer one");
+        }
+        Ok(shared)
+    }
+
+    /// Removes a stream, unless a newer one already took its place.
+    pub fn unregister(&self, shared: &SessionShared) {
+        let mut nodes = self.nodes.write();
+        if nodes
+            .get(&shared.node_id)
+            .is_some_and(|n| n.session_id == shared.session_id)
+        {
+            nodes.remove(&shared.node_id);
+        }
+    }
+
+    /// Wakes REGION waiters after a node acked.
+    pub fn acks_changed(&self) {
+        self.acks_changed.send_modify(|g| *g = g.wrapping_add(1));
+    }
+
+    /// Connected streams.
+    pub fn node_count(&self) -> usize {
+        self.nodes.read().len()
+    }
+
+    /// The status snapshot.
+    pub fn status(&self) -> pb::StatusResponse {
+        let now = self.clock.now_us();
+        let mut retained_events = 0;
+        let mut retained_bytes = 0;
+        let mut heads = Vec::with_capacity(self.logs.len());
+        let shards = self
+            .logs
+            .iter()
+            .enumerate()
+            .map(|(i, l)| {
+                let log = l.read();
+                retained_events += log.len() as u64;
+                retained_bytes += log.bytes() as u64;
+                heads.push(log.head());
+                pb::ShardStatus {
+                    shard: i as u32,
+                    head_seq: log.head(),
+                    first_seq: log.first_seq(),
+                }
+            })
+            .collect();
+        let mut nodes: Vec<pb::NodeStatus> = self
+            .nodes
+            .read()
+            .values()
+            .map(|n| {
+                let acked = n.acked.lock().clone();
+                let lag_events = heads
+                    .iter()
+                    .zip(&acked)
+                    .map(|(h, a)| h.saturating_sub(*a))
+                    .sum();
+                pb::NodeStatus {
+                    node_id: n.node_id.clone(),
+                    namespaces: n.filter.clone(),
+                    acked: Some(pb::Cursor {
+                        epoch: self.epoch,
+                        seqs: acked,
+                    }),
+                    lag_events,
+                    staleness_ms: now.saturating_sub(n.acked_watermark_us.load(Ordering::Relaxed))
+                        / 1000,
+                    in_flight: n.in_flight.load(Ordering::Relaxed),
+                    max_in_flight: n.max_in_flight,
+                    parked: n.parked.load(Ordering::Relaxed),
+                    replication: n.replication,
+                    peer: n.peer.clone(),
+                    connected_at_us: n.connected_at_us,
+                }
+            })
+            .collect();
+        nodes.sort_by(|a, b| a.node_id.cmp(&b.node_id));
+        pb::StatusResponse {
+            hub_id: self.config.hub_id.clone(),
+            region: self.config.region.clone(),
+            epoch: self.epoch,
+            shard_count: self.shard_count(),
+            shards,
+            nodes,
+            peers: Vec::new(),
+            retained_events,
+            retained_bytes,
+            now_us: now,
+        }
+    }
+
+    /// The cursor at the current head of every shard.
+    pub fn head_cursor(&self) -> Cursor {
+        Cursor {
+            epoch: self.epoch,
+            seqs: self.heads(),
+        }
+    }
+}
+
+/// A random, non-zero epoch.
+fn new_epoch() -> u64 {
+    loop {
+        let e: u64 = rand::random();
+        if e != 0 {
+            return e;
+        }
+    }
+}

@@ -1,0 +1,117 @@
+//! Runs a hub on a listener until shutdown: the tonic server, its layers,
+//! health and reflection, and the orderly stop.
+
+use std::time::Duration;
+
+use freshness::pb;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tonic::transport::Server;
+use tonic::transport::server::TcpIncoming;
+
+use crate::config::Config;
+use crate::grpc::HubService;
+use crate::hub::Hub;
+
+/// Why the hub stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// The configuration is invalid.
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    /// The gRPC server failed.
+    #[error("grpc server: {0}")]
+    Transport(#[from] tonic::transport::Error),
+    /// Reflection could not load the protocol descriptors.
+    #[error("reflection: {0}")]
+    Reflection(#[from] tonic_reflection::server::Error),
+}
+
+/// Rewrites tonic's `OUT_OF_RANGE` for an oversized request into the
+/// `RESOURCE_EXHAUSTED` of SPEC §4, for answers given in the headers (unary
+/// calls; streams map it in the session).
+fn oversize_to_resource_exhausted<B>(mut resp: http::Response<B>) -> http::Response<B> {
+    let h = resp.headers_mut();
+    let oversize = h.get("grpc-status").is_some_and(|v| v == "11")
+        && h.get("grpc-message")
+            .and_then(|m| m.to_str().ok())
+            .is_some_and(|m| m.contains("too%20large") || m.contains("too large"));
+    if oversize {
+        h.insert("grpc-status", http::HeaderValue::from_static("8"));
+    }
+    resp
+}
+
+/// Serves the hub on `listener` until `shutdown` is cancelled, then ends
+/// every stream with a goodbye and drains within the grace period.
+pub async fn run(
+    config: Config,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> Result<(), RunError> {
+    config.validate()?;
+    let tracker = TaskTracker::new();
+    let grace = config.shutdown_grace;
+    let max_message = config.max_message_bytes;
+    let hub = Hub::new(config, shutdown.clone(), &tracker);
+    tracing::info!(
+        region = %hub.config.region,
+        hub_id = %hub.config.hub_id,
+        epoch = hub.epoch,
+        shards = hub.shard_count(),
+        addr = ?listener.local_addr().ok(),
+        "hub serving"
+    );
+
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health
+        .set_serving::<pb::raw::hub_server::HubServer<HubService>>()
+        .await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    let hub_service = pb::raw::hub_server::HubServer::new(HubService::new(hub.clone(), tracker.clone()))
+        .max_decoding_message_size(max_message)
+        .max_encoding_message_size(max_message);
+
+    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+    // Layers, outermost first: SPEC §4 status mapping. Limits live in the
+    // core as bounded queues, where a full one is an answer.
+    let server = Server::builder()
+        .http2_keepalive_interval(Some(Duration::from_secs(20)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+        .layer(tower::util::MapResponseLayer::new(oversize_to_resource_exhausted))
+        .add_service(health_service)
+        .add_service(reflection)
+        .add_service(hub_service)
+        .serve_with_incoming_shutdown(incoming, {
+            let shutdown = shutdown.clone();
+            let health = health.clone();
+            async move {
+                shutdown.cancelled().await;
+                health
+                    .set_not_serving::<pb::raw::hub_server::HubServer<HubService>>()
+                    .await;
+                tracing::info!("shutting down: refusing new calls, ending streams");
+            }
+        });
+
+    let server = tokio::spawn(server);
+    shutdown.cancelled().await;
+    drop(hub);
+    let drained = async {
+        let served = server.await;
+        tracker.close();
+        tracker.wait().await;
+        served
+    };
+    match tokio::time::timeout(grace, drained).await {
+        Ok(Ok(result)) => result?,
+        Ok(Err(join)) => tracing::error!(error = %join, "grpc server task failed"),
+        Err(_) => tracing::warn!(?grace, "shutdown grace period expired; dropping what is left"),
+    }
+    tracing::info!("hub stopped");
+    Ok(())
+}

@@ -1,0 +1,542 @@
+//! One subscriber session: the hub side of one node's Subscribe stream.
+//!
+//! A session reads the shard logs directly (no hop through the actors),
+//! gathers what the node's filter wants into one frame of pre-encoded events,
+//! and hands it to the stream. It tracks what it sent and what the node
+//! acked, never has more than the node's in-flight limit unacked, and when
+//! the log has moved past what it still had to send, it resets the node for
+//! exactly those shards (SPEC §3.2.7, G5).
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use freshness::pb::subscribe_request::Kind as ReqKind;
+use freshness::pb::subscribe_response::Kind as RespKind;
+use freshness::wire::{BatchBuilder, Frame};
+use freshness::{Cursor, pb, validate};
+use futures::StreamExt;
+use tokio::sync::mpsc;
+use tokio::time::{Instant, MissedTickBehavior};
+use tonic::Status;
+
+use crate::error::{HubError, map_decode_status};
+use crate::hub::{EndReason, Hub, SessionShared};
+use crate::log::LogEntry;
+
+/// Largest event frame a session builds; well under the 4 MiB a default
+/// gRPC client accepts.
+pub const MAX_FRAME_BYTES: usize = 1 << 20;
+/// Frames queued between a session and its HTTP/2 stream.
+pub const OUTBOUND_FRAMES: usize = 4;
+/// How long a final message (goodbye, error) may wait for room.
+const FINAL_SEND: Duration = Duration::from_millis(200);
+
+/// What goes to tonic as the response stream.
+pub type Outbound = mpsc::Receiver<Result<Frame, Status>>;
+
+/// Something sent and not yet acked.
+#[derive(Debug)]
+struct Sent {
+    /// Highest seq per shard in it; acked once the node's cursor covers all.
+    positions: Vec<(u32, u64)>,
+    /// Events in it (0 for progress and resets).
+    count: u32,
+    /// Its watermark, if it carried one.
+    watermark_us: u64,
+}
+
+/// The result of one look at the logs.
+enum Fill {
+    /// A frame to send.
+    Frame(Frame),
+    /// Nothing to send and caught up: everything appended before this time
+    /// was sent.
+    Idle(u64),
+    /// The in-flight limit is reached.
+    Blocked,
+}
+
+/// A stream after its hello was accepted.
+pub struct Session {
+    hub: Arc<Hub>,
+    shared: Arc<SessionShared>,
+    inbound: tonic::Streaming<pb::SubscribeRequest>,
+    tx: mpsc::Sender<Result<Frame, Status>>,
+    /// Per shard: every entry up to here was sent or skipped by the filter.
+    sent: Vec<u64>,
+    acked: Vec<u64>,
+    unacked: VecDeque<Sent>,
+    in_flight: u32,
+    caught_up: bool,
+    blocked: bool,
+    scan_from: usize,
+    builder: BatchBuilder,
+    frame_limit: usize,
+    last_watermark: Instant,
+}
+
+/// Accepts a hello: validates it, works out where the stream resumes (SPEC
+/// §3.2.3), registers the node and queues the welcome (and reset, if any).
+/// Returns the session to run and the stream to hand to tonic.
+pub fn open(
+    hub: Arc<Hub>,
+    hello: pb::Hello,
+    peer: String,
+    inbound: tonic::Streaming<pb::SubscribeRequest>,
+) -> Result<(Session, Outbound), HubError> {
+    let filter = validate::hello_filter(&hello)?;
+    let shards = hub.shard_count();
+    if hello.shard_count != 0 && hello.shard_count != shards {
+        return Err(HubError::FailedPrecondition(format!(
+            "shard count mismatch: the subscriber has {}, this hub has {shards}",
+            hello.shard_count
+        )));
+    }
+    let max_in_flight = match hello.max_in_flight {
+        0 => hub.config.max_in_flight,
+        n => n.min(hub.config.max_in_flight.saturating_mul(8)),
+    };
+
+    let mut sent = hub.heads();
+    let mut reset: Option<(Vec<u32>, bool, pb::ResetReason)> = None;
+    let mut resumed = false;
+    if let Some(c) = &hello.resume {
+        let cursor = Cursor::from_wire(c, shards)
+            .map_err(|e| HubError::InvalidArgument(format!("field `resume`: {e}")))?;
+        if cursor.epoch == hub.epoch {
+            resumed = true;
+            let mut expired = Vec::new();
+            for (s, log) in hub.logs.iter().enumerate() {
+                let log = log.read();
+                let at = cursor.seqs[s];
+                if at > log.head() {
+                    return Err(HubError::InvalidArgument(format!(
+                        "field `resume`: shard {s} is at seq {at}, beyond the hub's head {}",
+                        log.head()
+                    )));
+                }
+                if at + 1 < log.first_seq() {
+                    expired.push(s as u32);
+                    sent[s] = log.head();
+                } else {
+                    sent[s] = at;
+                }
+            }
+            if !expired.is_empty() {
+                reset = Some((expired, false, pb::ResetReason::CursorExpired));
+            }
+        } else {
+            reset = Some((Vec::new(), true, pb::ResetReason::EpochChanged));
+        }
+    }
+
+    let shared = hub.register(
+        hello.node_id.clone(),
+        filter,
+        hello.replication,
+        hello.region.clone(),
+        peer,
+        sent.clone(),
+        max_in_flight,
+    )?;
+    tracing::info!(
+        node_id = %shared.node_id,
+        namespaces = ?shared.filter,
+        resumed,
+        reset = ?reset.as_ref().map(|r| r.2),
+        max_in_flight,
+        "node subscribed"
+    );
+
+    let (tx, rx) = mpsc::channel(OUTBOUND_FRAMES);
+    let welcome = pb::SubscribeResponse {
+        kind: Some(RespKind::Welcome(pb::Welcome {
+            hub_id: hub.config.hub_id.clone(),
+            region: hub.config.region.clone(),
+            epoch: hub.epoch,
+            shard_count: shards,
+            hash: freshness::HASH_NAME.into(),
+            resumed,
+            progress_interval_ms: u32::try_from(hub.config.progress_interval.as_millis())
+                .unwrap_or(u32::MAX),
+            max_in_flight,
+            cursor: Some(pb::Cursor {
+                epoch: hub.epoch,
+                seqs: sent.clone(),
+            }),
+        })),
+    };
+    // The channel is new and holds OUTBOUND_FRAMES (> 2): these cannot fail.
+    let _ = tx.try_send(Ok(Frame::from_message(&welcome)));
+    let mut session = Session {
+        frame_limit: MAX_FRAME_BYTES.min(hub.config.max_message_bytes / 2),
+        acked: sent.clone(),
+        hub,
+        shared,
+        inbound,
+        tx,
+        sent,
+        unacked: VecDeque::new(),
+        in_flight: 0,
+        caught_up: false,
+        blocked: false,
+        scan_from: 0,
+        builder: BatchBuilder::new(),
+        last_watermark: Instant::now(),
+    };
+    if let Some((shards, all, reason)) = reset {
+        let frame = session.reset_frame(shards, all, reason);
+        let _ = session.tx.try_send(Ok(frame));
+    }
+    Ok((session, rx))
+}
+
+impl Session {
+    /// Serves the stream until the node leaves, misbehaves, is replaced or
+    /// the hub shuts down.
+    pub async fn run(mut self) {
+        let mut appended = self.hub.appended.subscribe();
+        let mut tick = tokio::time::interval(self.hub.config.progress_interval);
+        tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let tx = self.tx.clone();
+        let end: Result<(), Status> = loop {
+            let want_send = !self.caught_up && !self.blocked;
+            tokio::select! {
+                biased;
+                () = self.shared.cancel.cancelled() => break Ok(()),
+                msg = self.inbound.next() => match msg {
+                    Some(Ok(req)) => {
+                        if let Err(s) = self.on_request(req) {
+                            break Err(s);
+                        }
+                    }
+                    None => break Ok(()),
+                    Some(Err(s)) => break Err(map_decode_status(s)),
+                },
+                permit = tx.reserve(), if want_send => {
+                    let Ok(permit) = permit else { break Ok(()) };
+                    if let Fill::Frame(frame) = self.fill() {
+                        permit.send(Ok(frame));
+                    }
+                }
+                changed = appended.changed() => {
+                    if changed.is_err() {
+                        break Ok(());
+                    }
+                    self.caught_up = false;
+                    if self.blocked {
+                        self.reset_gaps_now();
+                    }
+                }
+                _ = tick.tick() => self.on_tick(),
+                () = tx.closed() => break Ok(()),
+            }
+        };
+        self.finish(end).await;
+    }
+
+    async fn finish(self, end: Result<(), Status>) {
+        let goodbye = if self.shared.cancel.is_cancelled() {
+            let replaced = *self.shared.end_reason.lock() == Some(EndReason::Replaced);
+            Some(if replaced {
+                (pb::GoodbyeReason::Replaced, "a newer stream with the same node_id took over")
+            } else {
+                (pb::GoodbyeReason::Shutdown, "hub is shutting down")
+            })
+        } else {
+            None
+        };
+        if let Some((reason, message)) = goodbye {
+            let msg = pb::SubscribeResponse {
+                kind: Some(RespKind::Goodbye(pb::Goodbye {
+                    reason: reason as i32,
+                    message: message.into(),
+                })),
+            };
+            let _ = tokio::time::timeout(FINAL_SEND, self.tx.send(Ok(Frame::from_message(&msg)))).await;
+        }
+        match &end {
+            Ok(()) => tracing::info!(node_id = %self.shared.node_id, "stream ended"),
+            Err(s) => tracing::warn!(node_id = %self.shared.node_id, code = ?s.code(), error = %s.message(), "stream closed"),
+        }
+        if let Err(status) = end {
+            let _ = tokio::time::timeout(FINAL_SEND, self.tx.send(Err(status))).await;
+        }
+        self.hub.unregister(&self.shared);
+    }
+
+    fn on_request(&mut self, req: pb::SubscribeRequest) -> Result<(), Status> {
+        match req.kind {
+            Some(ReqKind::Ack(ack)) => self.on_ack(ack),
+            Some(ReqKind::Hello(_)) => Err(Status::failed_precondition(
+                "a second hello on the same stream; open a new stream instead",
+            )),
+            None => Err(Status::invalid_argument("empty subscribe request (neither hello nor ack)")),
+        }
+    }
+
+    fn on_ack(&mut self, ack: pb::Ack) -> Result<(), Status> {
+        let c = ack
+            .cursor
+            .ok_or_else(|| Status::invalid_argument("ack without a cursor"))?;
+        if c.epoch != self.hub.epoch {
+            return Err(Status::invalid_argument(format!(
+                "ack for epoch {}, this stream is in epoch {}",
+                c.epoch, self.hub.epoch
+            )));
+        }
+        if c.seqs.len() != self.sent.len() {
+            return Err(Status::invalid_argument(format!(
+                "ack cursor has {} shards, the hub has {}",
+                c.seqs.len(),
+                self.sent.len()
+            )));
+        }
+        if let Some((s, (a, sent))) = c
+            .seqs
+            .iter()
+            .zip(&self.sent)
+            .enumerate()
+            .find(|(_, (a, sent))| a > sent)
+        {
+            return Err(Status::invalid_argument(format!(
+                "ack beyond what was sent: shard {s} acked seq {a}, only {sent} was sent"
+            )));
+        }
+        let mut advanced = false;
+        for (mine, theirs) in self.acked.iter_mut().zip(&c.seqs) {
+            if theirs > mine {
+                *mine = *theirs;
+                advanced = true;
+            }
+        }
+        let mut watermark = 0;
+        while let Some(front) = self.unacked.front() {
+            if !front
+                .positions
+                .iter()
+                .all(|(s, q)| self.acked[*s as usize] >= *q)
+            {
+                break;
+            }
+            self.in_flight -= front.count;
+            watermark = watermark.max(front.watermark_us);
+            self.unacked.pop_front();
+        }
+        if self.in_flight < self.shared.max_in_flight && self.blocked {
+            self.blocked = false;
+            self.shared.parked.store(false, Ordering::Relaxed);
+        }
+        self.shared.in_flight.store(self.in_flight, Ordering::Relaxed);
+        if watermark != 0 {
+            self.shared
+                .acked_watermark_us
+                .fetch_max(watermark, Ordering::Relaxed);
+        }
+        if advanced {
+            self.shared.acked.lock().clone_from(&self.acked);
+            self.hub.acks_changed();
+        }
+        Ok(())
+    }
+
+    fn wants(&self, e: &LogEntry) -> bool {
+        (!self.shared.replication || e.local) && self.shared.wants(e.entity.namespace())
+    }
+
+    /// Shards whose unsent entries the log no longer holds.
+    fn gaps(&self) -> Vec<u32> {
+        self.hub
+            .logs
+            .iter()
+            .zip(&self.sent)
+            .enumerate()
+            .filter(|(_, (log, sent))| **sent + 1 < log.first_seq())
+            .map(|(s, _)| s as u32)
+            .collect()
+    }
+
+    /// Moves the given shards to their head and builds the reset for them.
+    fn reset_frame(&mut self, shards: Vec<u32>, all: bool, reason: pb::ResetReason) -> Frame {
+        let covered: Vec<u32> = if all {
+            (0..self.sent.len() as u32).collect()
+        } else {
+            shards.clone()
+        };
+        let mut positions = Vec::with_capacity(covered.len());
+        for s in covered {
+            let head = self.hub.logs[s as usize].head();
+            self.sent[s as usize] = self.sent[s as usize].max(head);
+            positions.push((s, self.sent[s as usize]));
+        }
+        tracing::info!(node_id = %self.shared.node_id, ?reason, shards = ?shards, all, "reset");
+        self.track(Sent {
+            positions,
+            count: 0,
+            watermark_us: 0,
+        });
+        Frame::from_message(&pb::SubscribeResponse {
+            kind: Some(RespKind::Reset(pb::Reset {
+                shards,
+                all,
+                reason: reason as i32,
+                cursor: Some(self.sent_cursor()),
+            })),
+        })
+    }
+
+    fn sent_cursor(&self) -> pb::Cursor {
+        pb::Cursor {
+            epoch: self.hub.epoch,
+            seqs: self.sent.clone(),
+        }
+    }
+
+    /// Remembers something sent; progress and resets (count 0) at the back
+    /// are merged, so a node that never acks costs a bounded queue.
+    fn track(&mut self, sent: Sent) {
+        if sent.count == 0 {
+            if let Some(back) = self.unacked.back_mut().filter(|b| b.count == 0) {
+                for (s, q) in sent.positions {
+                    match back.positions.iter_mut().find(|(bs, _)| *bs == s) {
+                        Some(p) => p.1 = p.1.max(q),
+                        None => back.positions.push((s, q)),
+                    }
+                }
+                back.watermark_us = back.watermark_us.max(sent.watermark_us);
+                return;
+            }
+        }
+        self.in_flight += sent.count;
+        self.unacked.push_back(sent);
+    }
+
+    /// While parked, resets are still sent as soon as the log leaves the
+    /// node behind, if the stream has room.
+    fn reset_gaps_now(&mut self) {
+        let gaps = self.gaps();
+        if gaps.is_empty() {
+            return;
+        }
+        if let Ok(permit) = self.tx.clone().try_reserve_owned() {
+            let frame = self.reset_frame(gaps, false, pb::ResetReason::SlowConsumer);
+            permit.send(Ok(frame));
+        }
+    }
+
+    fn on_tick(&mut self) {
+        if self.blocked {
+            return;
+        }
+        let Ok(permit) = self.tx.clone().try_reserve_owned() else {
+            return;
+        };
+        match self.fill() {
+            Fill::Frame(frame) => {
+                permit.send(Ok(frame));
+            }
+            Fill::Idle(watermark_us) => {
+                if self.last_watermark.elapsed() * 2 < self.hub.config.progress_interval {
+                    return;
+                }
+                let positions = self
+                    .sent
+                    .iter()
+                    .zip(&self.acked)
+                    .enumerate()
+                    .filter(|(_, (s, a))| s > a)
+                    .map(|(i, (s, _))| (i as u32, *s))
+                    .collect();
+                self.track(Sent {
+                    positions,
+                    count: 0,
+                    watermark_us,
+                });
+                self.last_watermark = Instant::now();
+                let progress = Frame::from_message(&pb::SubscribeResponse {
+                    kind: Some(RespKind::Progress(pb::Progress {
+                        cursor: Some(self.sent_cursor()),
+                        watermark_us,
+                    })),
+                });
+                permit.send(Ok(progress));
+            }
+            Fill::Blocked => {}
+        }
+    }
+
+    /// One look at the logs: a reset if the log left the node behind, else
+    /// one frame of what the node's filter wants, up to its in-flight budget.
+    fn fill(&mut self) -> Fill {
+        let gaps = self.gaps();
+        if !gaps.is_empty() {
+            return Fill::Frame(self.reset_frame(gaps, false, pb::ResetReason::SlowConsumer));
+        }
+        let budget = self.shared.max_in_flight.saturating_sub(self.in_flight);
+        if budget == 0 {
+            self.blocked = true;
+            self.shared.parked.store(true, Ordering::Relaxed);
+            return Fill::Blocked;
+        }
+        let t = self.hub.clock.now_us();
+        let n = self.sent.len();
+        let mut count = 0u32;
+        let mut positions = Vec::new();
+        let mut complete = true;
+        for i in 0..n {
+            let s = (self.scan_from + i) % n;
+            let shared_log = &self.hub.logs[s];
+            if shared_log.head() <= self.sent[s] {
+                continue;
+            }
+            let log = shared_log.read();
+            if self.sent[s] + 1 < log.first_seq() {
+                // Evicted since the gap check: the next fill resets it.
+                complete = false;
+                continue;
+            }
+            let mut last = None;
+            for (seq, e) in log.after(self.sent[s]) {
+                if self.wants(e) {
+                    let full = count == budget
+                        || (count > 0
+                            && self.builder.encoded_len() + e.bytes.len() > self.frame_limit);
+                    if full {
+                        complete = false;
+                        break;
+                    }
+                    self.builder.push(&e.bytes);
+                    count += 1;
+                    last = Some(seq);
+                }
+                self.sent[s] = seq;
+            }
+            if let Some(seq) = last {
+                positions.push((s as u32, seq));
+            }
+            if !complete {
+                // Start here next time, so no shard starves.
+                self.scan_from = s;
+                break;
+            }
+        }
+        if complete {
+            self.caught_up = true;
+        }
+        if count == 0 {
+            return if complete { Fill::Idle(t) } else { Fill::Blocked };
+        }
+        let watermark_us = if complete { t } else { 0 };
+        if complete {
+            self.last_watermark = Instant::now();
+        }
+        self.track(Sent {
+            positions,
+            count,
+            watermark_us,
+        });
+        Fill::Frame(self.builder.finish(watermark_us))
+    }
+}

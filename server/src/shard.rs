@@ -1,0 +1,274 @@
+//! Shard actors: one task per shard owns the newest accepted version of each
+//! of its entities and is the only writer of its part of the log.
+//!
+//! The handle is the only public type. Commands go through a bounded queue
+//! and replies come back on a oneshot. An actor that wakes drains everything
+//! waiting (up to [`DRAIN_MAX`] commands): one lock of the log, one wake-up of
+//! the sessions, however many publishes it served.
+//!
+//! ## Remembered versions are bounded
+//! The actor remembers `(version, seq)` for every entity that has an event in
+//! the retained log, plus up to `remember_extra` entities whose events have
+//! all left it (the most recently retired ones). So the map holds at most
+//! `retained events + remember_extra` entries per shard.
+//!
+//! Forgetting is safe for SPEC G3: a forgotten entity's newest event is older
+//! than the whole retained log. A publish of an older version of it can only
+//! come from a writer that is late by more than the log's horizon; it is then
+//! appended once more and fanned out. That event can only *remove* data at a
+//! node (an invalidation, or a payload that a node applies only over an older
+//! version), and nodes keep their own highest-invalidated version per entity,
+//! so no cache goes back in time.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use freshness::wire::encode_event_entry;
+use freshness::{Entity, Version, pb};
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio_util::task::TaskTracker;
+
+use crate::clock::Clock;
+use crate::log::{LogEntry, SharedLog};
+
+/// Most commands one wake-up of an actor takes from its queue.
+pub const DRAIN_MAX: usize = 256;
+
+/// What happened to one published event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// New: appended with a seq.
+    Applied,
+    /// This version was already accepted.
+    Duplicate,
+    /// A newer version was already accepted.
+    Superseded,
+}
+
+/// The answer for one event.
+#[derive(Debug, Clone, Copy)]
+pub struct EventOutcome {
+    /// What happened.
+    pub outcome: Outcome,
+    /// Seq of the entity's newest accepted event.
+    pub seq: u64,
+    /// Newest accepted version of the entity.
+    pub current_version: Version,
+}
+
+/// An event on its way into a shard.
+#[derive(Debug, Clone)]
+pub struct Incoming {
+    /// The entity.
+    pub entity: Entity,
+    /// Its version.
+    pub version: Version,
+    /// Optional payload.
+    pub payload: Bytes,
+    /// W3C trace context.
+    pub traceparent: String,
+    /// W3C trace state.
+    pub tracestate: String,
+    /// Origin region; `None` for events published in this region.
+    pub origin: Option<Arc<str>>,
+    /// Origin hub time; `None` to stamp it now.
+    pub publish_time_us: Option<u64>,
+}
+
+/// A batch of events for one shard, answered in order.
+pub struct Append {
+    /// The events.
+    pub events: Vec<Incoming>,
+    /// Where the outcomes go.
+    pub reply: oneshot::Sender<Vec<EventOutcome>>,
+}
+
+/// The actor is gone (the hub is shutting down).
+#[derive(Debug, Clone, Copy, thiserror::Error)]
+#[error("shard actor stopped")]
+pub struct ShardStopped;
+
+/// What the actors of one hub share.
+#[derive(Debug)]
+pub struct ShardContext {
+    /// This hub's region, the origin of locally published events.
+    pub region: Arc<str>,
+    /// The hub clock.
+    pub clock: Clock,
+    /// Bumped after every append, to wake the sessions.
+    pub appended: watch::Sender<u64>,
+    /// Entities remembered beyond those in the retained log, per shard.
+    pub remember_extra: usize,
+}
+
+/// Handle to one shard actor.
+#[derive(Debug, Clone)]
+pub struct ShardHandle {
+    tx: mpsc::Sender<Append>,
+}
+
+impl ShardHandle {
+    /// Spawns the actor of shard `id` on `tracker`.
+    pub fn spawn(
+        id: u32,
+        log: Arc<SharedLog>,
+        ctx: Arc<ShardContext>,
+        queue: usize,
+        tracker: &TaskTracker,
+    ) -> Self {
+        let (tx, rx) = mpsc::channel(queue);
+        let actor = Actor {
+            id,
+            log,
+            ctx,
+            versions: HashMap::new(),
+            retired: VecDeque::new(),
+            head: 0,
+        };
+        tracker.spawn(actor.run(rx));
+        Self { tx }
+    }
+
+    /// Reserves room for one command; `None` while the queue is full.
+    pub fn try_reserve(&self) -> Result<mpsc::Permit<'_, Append>, mpsc::error::TrySendError<()>> {
+        self.tx.try_reserve()
+    }
+
+    /// Waits for room for one command.
+    pub async fn reserve(&self) -> Result<mpsc::Permit<'_, Append>, ShardStopped> {
+        self.tx.reserve().await.map_err(|_| ShardStopped)
+    }
+
+    /// Commands waiting in the queue.
+    pub fn queue_depth(&self) -> usize {
+        self.tx.max_capacity() - self.tx.capacity()
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Remembered {
+    version: Version,
+    seq: u64,
+}
+
+struct Actor {
+    id: u32,
+    log: Arc<SharedLog>,
+    ctx: Arc<ShardContext>,
+    versions: HashMap<Entity, Remembered>,
+    /// Entities whose newest event left the log, oldest first.
+    retired: VecDeque<(Entity, u64)>,
+    head: u64,
+}
+
+impl Actor {
+    async fn run(mut self, mut rx: mpsc::Receiver<Append>) {
+        let mut batch = Vec::with_capacity(DRAIN_MAX);
+        while rx.recv_many(&mut batch, DRAIN_MAX).await > 0 {
+            self.serve(&mut batch);
+        }
+        tracing::debug!(shard = self.id, "shard actor stopped");
+    }
+
+    fn serve(&mut self, batch: &mut Vec<Append>) {
+        let now = self.ctx.clock.now_us();
+        let mut appended = Vec::new();
+        let mut replies = Vec::with_capacity(batch.len());
+        for cmd in batch.drain(..) {
+            let outcomes = cmd
+                .events
+                .into_iter()
+                .map(|e| self.accept(e, now, &mut appended))
+                .collect();
+            replies.push((cmd.reply, outcomes));
+        }
+        if !appended.is_empty() {
+            let evicted = self.log.append_all(appended);
+            self.forget(evicted);
+            self.ctx.appended.send_modify(|g| *g = g.wrapping_add(1));
+        }
+        for (reply, outcomes) in replies {
+            // The caller may have given up (client went away): nothing to do.
+            let _ = reply.send(outcomes);
+        }
+    }
+
+    fn accept(&mut self, e: Incoming, now: u64, appended: &mut Vec<LogEntry>) -> EventOutcome {
+        if let Some(r) = self.versions.get(&e.entity) {
+            if r.version >= e.version {
+                let outcome = if r.version == e.version {
+                    Outcome::Duplicate
+                } else {
+                    Outcome::Superseded
+                };
+                return EventOutcome {
+                    outcome,
+                    seq: r.seq,
+                    current_version: r.version,
+                };
+            }
+        }
+        self.head += 1;
+        let seq = self.head;
+        let local = e.origin.is_none();
+        let publish_time_us = e.publish_time_us.unwrap_or(now);
+        let wire = pb::Event {
+            entity: e.entity.as_str().to_owned(),
+            version: e.version.get(),
+            origin: e.origin.as_deref().unwrap_or(&self.ctx.region).to_owned(),
+            publish_time_us,
+            payload: e.payload,
+            traceparent: e.traceparent,
+            tracestate: e.tracestate,
+        };
+        appended.push(LogEntry {
+            entity: e.entity.clone(),
+            local,
+            publish_time_us,
+            bytes: encode_event_entry(self.id, seq, &wire),
+        });
+        self.versions.insert(
+            e.entity,
+            Remembered {
+                version: e.version,
+                seq,
+            },
+        );
+        EventOutcome {
+            outcome: Outcome::Applied,
+            seq,
+            current_version: e.version,
+        }
+    }
+
+    fn is_newest(&self, entity: &Entity, seq: u64) -> bool {
+        self.versions.get(entity).is_some_and(|r| r.seq == seq)
+    }
+
+    /// Entities whose newest event left the log become candidates, oldest
+    /// first; the oldest are forgotten while the map is over its bound.
+    fn forget(&mut self, evicted: Vec<(u64, LogEntry)>) {
+        for (seq, entry) in evicted {
+            if self.is_newest(&entry.entity, seq) {
+                self.retired.push_back((entry.entity, seq));
+            }
+        }
+        let bound = self.log.read().len() + self.ctx.remember_extra;
+        while self.versions.len() > bound {
+            let Some((entity, seq)) = self.retired.pop_front() else {
+                break;
+            };
+            if self.is_newest(&entity, seq) {
+                self.versions.remove(&entity);
+            }
+        }
+        // Candidates whose entity was published again since are stale; drop
+        // them before they outnumber the map.
+        if self.retired.len() > self.versions.len() {
+            let versions = &self.versions;
+            self.retired
+                .retain(|(e, seq)| versions.get(e).is_some_and(|r| r.seq == *seq));
+        }
+    }
+}
