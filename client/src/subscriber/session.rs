@@ -1,0 +1,506 @@
+//! The subscriber's loops: the outer one reconnects with backoff, the inner
+//! one drives one stream (welcome, batches, progress, resets, goodbye) and
+//! acks what the handler applied.
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use freshness::{Cursor, HASH_NAME, ShardId, pb};
+use futures::StreamExt;
+use pb::subscribe_response::Kind;
+use tokio::sync::watch;
+use tokio::time::{Instant, sleep, sleep_until, timeout};
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Endpoint;
+use tracing::{Instrument, debug, info, info_span, warn};
+
+use super::position::Position;
+use super::{Config, Handler, HandlerError, SubscriberError};
+use crate::backoff::Attempts;
+use crate::event::{EventBatch, Reset, ResetReason, ResetScope, batch_from_wire, hub_time};
+use crate::feed::{FeedState, FeedTx};
+
+/// How a stream ended.
+#[derive(Debug)]
+enum End {
+    /// The shutdown token fired.
+    Shutdown,
+    /// The hub said goodbye (shutting down): reconnect at once.
+    Goodbye(String),
+    /// Connecting failed before the hub answered.
+    Unreachable(String),
+    /// The stream broke (or the hub broke the protocol) after it was
+    /// established: reconnect.
+    Broken(String),
+    /// The hub refused the resume cursor: forget it and flush everything.
+    CursorRefused(String),
+    /// Do not reconnect.
+    Fatal(SubscriberError),
+}
+
+pub(super) async fn run<H: Handler>(
+    config: Config,
+    endpoint: Endpoint,
+    handler: H,
+    feed: FeedTx,
+    shutdown: CancellationToken,
+) -> Result<(), SubscriberError> {
+    let span = info_span!("subscriber", node_id = %config.node_id, hub = %config.hub);
+    let result = run_inner(&config, &endpoint, &handler, &feed, &shutdown)
+        .instrument(span)
+        .await;
+    let error = match &result {
+        Ok(()) => "subscriber stopped".to_owned(),
+        Err(e) => e.to_string(),
+    };
+    feed.set(FeedState::Down { error });
+    result
+}
+
+async fn run_inner<H: Handler>(
+    config: &Config,
+    endpoint: &Endpoint,
+    handler: &H,
+    feed: &FeedTx,
+    shutdown: &CancellationToken,
+) -> Result<(), SubscriberError> {
+    let saved = match config.store.load().await {
+        Ok(c) => c,
+        Err(e) => {
+            warn!(error = %e, "cursor file unusable: flushing the cache and starting at the head");
+            flush_all(config, handler, ResetReason::CursorLost).await?;
+            config.store.clear().await?;
+            None
+        }
+    };
+    if let Some(c) = &saved {
+        info!(
+            epoch = c.epoch,
+            shards = c.seqs.len(),
+            "resuming from saved cursor"
+        );
+    }
+    let mut session = Session {
+        config,
+        handler,
+        feed,
+        position: Position::new(saved),
+        acked: None,
+        persisted: None,
+    };
+    let mut attempts = Attempts::new(config.reconnect);
+    let mut attempt = 0u64;
+    loop {
+        attempt += 1;
+        let span = info_span!("stream", attempt, epoch = tracing::field::Empty);
+        let (end, welcomed) = session.stream(endpoint, shutdown).instrument(span).await;
+        session.persist().await;
+        if welcomed {
+            attempts.reset();
+        }
+        let delay = match end {
+            End::Shutdown => return Ok(()),
+            End::Fatal(e) => {
+                warn!(error = %e, "subscription ended for good");
+                return Err(e);
+            }
+            End::Goodbye(message) => {
+                info!(%message, "hub said goodbye, reconnecting");
+                feed.set(FeedState::Connecting);
+                // Give a restarting hub a moment; every node reconnects now.
+                attempts.next_delay()
+            }
+            End::Broken(error) => {
+                warn!(%error, "stream broke, reconnecting");
+                feed.set(FeedState::Connecting);
+                attempts.next_delay()
+            }
+            End::Unreachable(error) => {
+                debug!(%error, "hub unreachable");
+                feed.set(FeedState::Down { error });
+                attempts.next_delay()
+            }
+            End::CursorRefused(error) => {
+                warn!(%error, "hub refused the saved cursor: flushing the cache, starting at the head");
+                flush_all(config, handler, ResetReason::CursorLost).await?;
+                session.position.forget();
+                session.acked = None;
+                session.persisted = None;
+                if let Err(e) = config.store.clear().await {
+                    warn!(error = %e, "could not remove the refused cursor file");
+                }
+                Duration::ZERO
+            }
+        };
+        tokio::select! {
+            () = shutdown.cancelled() => return Ok(()),
+            () = sleep(delay) => {}
+        }
+    }
+}
+
+/// Calls `on_reset(all)` until it succeeds or the retries run out.
+async fn flush_all<H: Handler>(
+    config: &Config,
+    handler: &H,
+    reason: ResetReason,
+) -> Result<(), SubscriberError> {
+    let reset = Reset::all(reason, config.shard_count);
+    retry(config, || handler.on_reset(&reset))
+        .await
+        .map_err(|e| SubscriberError::Handler(e.to_string()))
+}
+
+/// Calls `f` up to the configured number of times.
+async fn retry<F, Fut>(config: &Config, mut f: F) -> Result<(), HandlerError>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<(), HandlerError>>,
+{
+    let mut attempts = Attempts::new(config.handler_retry.backoff);
+    let mut left = config.handler_retry.attempts.max(1);
+    loop {
+        match f().await {
+            Ok(()) => return Ok(()),
+            Err(e) => {
+                left -= 1;
+                if left == 0 {
+                    return Err(e);
+                }
+                let delay = attempts.next_delay();
+                warn!(error = %e, retry_in = ?delay, "handler failed");
+                sleep(delay).await;
+            }
+        }
+    }
+}
+
+struct Session<'a, H> {
+    config: &'a Config,
+    handler: &'a H,
+    feed: &'a FeedTx,
+    position: Position,
+    /// The last cursor acked on the current stream.
+    acked: Option<Cursor>,
+    /// The last cursor written to the store.
+    persisted: Option<Cursor>,
+}
+
+/// The outbound half: the hello, then the newest ack cursor whenever it
+/// changes. A watch coalesces acks (they are cumulative), so the queue is
+/// bounded at one.
+fn outbound(
+    hello: pb::Hello,
+    acks: watch::Receiver<Option<Cursor>>,
+) -> impl futures::Stream<Item = pb::SubscribeRequest> + Send + 'static {
+    let hello = pb::SubscribeRequest {
+        kind: Some(pb::subscribe_request::Kind::Hello(hello)),
+    };
+    let acks = futures::stream::unfold(acks, |mut rx| async move {
+        rx.changed().await.ok()?;
+        let cursor = rx.borrow_and_update().clone();
+        Some((cursor, rx))
+    })
+    .filter_map(|c| async move {
+        c.map(|c| pb::SubscribeRequest {
+            kind: Some(pb::subscribe_request::Kind::Ack(pb::Ack {
+                cursor: Some(c.to_wire()),
+            })),
+        })
+    });
+    futures::stream::iter([hello]).chain(acks)
+}
+
+impl<H: Handler> Session<'_, H> {
+    /// Drives one stream. Returns how it ended and whether the hub welcomed
+    /// the node.
+    async fn stream(&mut self, endpoint: &Endpoint, shutdown: &CancellationToken) -> (End, bool) {
+        let config = self.config;
+        let connect = async {
+            let channel = endpoint
+                .connect()
+                .await
+                .map_err(|e| End::Unreachable(format!("connect: {}", crate::error_chain(&e))))?;
+            let (ack_tx, ack_rx) = watch::channel(None);
+            let hello = pb::Hello {
+                node_id: config.node_id.clone(),
+                namespaces: config.namespaces.clone(),
+                resume: self.position.resume().map(Cursor::to_wire),
+                max_in_flight: config.max_in_flight,
+                shard_count: config.shard_count,
+                ..Default::default()
+            };
+            let resuming = hello.resume.is_some();
+            let mut client = pb::hub_client::HubClient::new(channel);
+            let mut inbound = client
+                .subscribe(outbound(hello, ack_rx))
+                .await
+                .map_err(|s| refusal(&s, resuming))?
+                .into_inner();
+            let first = inbound.message().await.map_err(|s| refusal(&s, resuming))?;
+            match first.and_then(|m| m.kind) {
+                Some(Kind::Welcome(w)) => Ok((w, inbound, ack_tx)),
+                Some(Kind::Goodbye(g)) => Err(goodbye(&g)),
+                Some(_) => Err(End::Broken("hub sent something before its welcome".into())),
+                None => Err(End::Unreachable("stream ended before the welcome".into())),
+            }
+        };
+        let (welcome, mut inbound, ack_tx) = tokio::select! {
+            () = shutdown.cancelled() => return (End::Shutdown, false),
+            r = timeout(config.connect_timeout, connect) => match r {
+                Err(_) => return (End::Unreachable("no welcome within the connect timeout".into()), false),
+                Ok(Err(end)) => return (end, false),
+                Ok(Ok(w)) => w,
+            },
+        };
+        if let Err(end) = self.on_welcome(&welcome).await {
+            return (end, true);
+        }
+        self.acked = None;
+        let stale_after = config.stale_after.unwrap_or_else(|| {
+            Duration::from_millis(u64::from(welcome.progress_interval_ms) * 4)
+                .max(Duration::from_secs(1))
+        });
+        let mut persist_at: Option<Instant> = None;
+        let end = loop {
+            let stale_at = match self.feed.state() {
+                FeedState::Live { .. } => self
+                    .feed
+                    .staleness()
+                    .map(|s| Instant::now() + stale_after.saturating_sub(s)),
+                _ => None,
+            };
+            tokio::select! {
+                biased;
+                () = shutdown.cancelled() => break End::Shutdown,
+                msg = inbound.message() => {
+                    let msg = match msg {
+                        Ok(Some(m)) => m,
+                        Ok(None) => break End::Broken("stream ended without a goodbye".into()),
+                        Err(s) => break End::Broken(format!("stream failed: {}: {}", code_name(s.code()), s.message())),
+                    };
+                    if let Err(end) = self.on_message(msg).await {
+                        break end;
+                    }
+                    if let Some(c) = self.position.ack().filter(|c| self.acked.as_ref() != Some(*c)) {
+                        ack_tx.send_replace(Some(c.clone()));
+                        self.acked = Some(c.clone());
+                        if persist_at.is_none() && self.config.store != crate::CursorStore::Memory {
+                            persist_at = Some(Instant::now() + self.config.persist_interval);
+                        }
+                    }
+                }
+                () = sleep_until_opt(stale_at) => {
+                    let staleness = self.feed.staleness().unwrap_or(stale_after);
+                    warn!(?staleness, "no watermark within stale_after");
+                    self.feed.set(FeedState::Stale { staleness });
+                }
+                () = sleep_until_opt(persist_at) => {
+                    persist_at = None;
+                    self.persist().await;
+                }
+            }
+        };
+        (end, true)
+    }
+
+    async fn on_welcome(&mut self, w: &pb::Welcome) -> Result<(), End> {
+        tracing::Span::current().record("epoch", w.epoch);
+        if w.hash != HASH_NAME {
+            return Err(End::Fatal(SubscriberError::Hash(w.hash.clone())));
+        }
+        if self.config.shard_count != 0 && w.shard_count != self.config.shard_count {
+            return Err(End::Fatal(SubscriberError::ShardCount {
+                expected: self.config.shard_count,
+                hub: w.shard_count,
+            }));
+        }
+        let adopted = self
+            .position
+            .on_welcome(w)
+            .map_err(|e| End::Broken(e.to_string()))?;
+        info!(
+            hub_id = %w.hub_id,
+            region = %w.region,
+            epoch = w.epoch,
+            shards = w.shard_count,
+            resumed = w.resumed,
+            owed_reset = ?self.position.owed_reset().map(|(_, r)| r),
+            "welcomed"
+        );
+        if adopted {
+            // A node without a cursor starts at the head: persist it at once,
+            // so that a crash before the first ack does not make the next
+            // start skip what arrives meanwhile.
+            self.persist().await;
+        }
+        if !self.feed.state().is_live() {
+            self.feed.set(FeedState::Connecting);
+        }
+        Ok(())
+    }
+
+    async fn on_message(&mut self, msg: pb::SubscribeResponse) -> Result<(), End> {
+        let received = Instant::now();
+        match msg.kind {
+            Some(Kind::Events(batch)) => {
+                self.pay_owed_reset().await?;
+                let watermark = hub_time(batch.watermark_us);
+                let (batch, bad) = batch_from_wire(batch);
+                self.apply_batch(batch).await?;
+                if !bad.is_empty() {
+                    warn!(shards = ?bad, "hub sent events this client cannot read: resetting their shards");
+                    let reset = Reset::shards(
+                        bad,
+                        ResetReason::MalformedEvent,
+                        self.position.shard_count(),
+                    );
+                    self.apply_reset(&reset).await?;
+                }
+                if let Some(w) = watermark {
+                    self.feed.applied_watermark(w, received);
+                }
+            }
+            Some(Kind::Progress(p)) => {
+                self.pay_owed_reset().await?;
+                if let Some(c) = &p.cursor {
+                    self.position
+                        .on_progress(c)
+                        .map_err(|e| End::Broken(e.to_string()))?;
+                }
+                if let Some(w) = hub_time(p.watermark_us) {
+                    self.feed.applied_watermark(w, received);
+                }
+            }
+            Some(Kind::Reset(r)) => {
+                let scope = if r.all {
+                    ResetScope::All
+                } else {
+                    ResetScope::Shards(r.shards.iter().copied().map(ShardId).collect())
+                };
+                let reason = ResetReason::from_wire(r.reason);
+                info!(%reason, all = r.all, shards = ?r.shards, "reset");
+                let reset = Reset {
+                    scope,
+                    reason,
+                    shard_count: self.position.shard_count(),
+                };
+                self.apply_reset(&reset).await?;
+                self.position
+                    .on_reset(&reset.scope, r.cursor.as_ref())
+                    .map_err(|e| End::Broken(e.to_string()))?;
+                metrics::counter!("freshness_subscriber_resets_total", "reason" => reason.as_str())
+                    .increment(1);
+            }
+            Some(Kind::Goodbye(g)) => return Err(goodbye(&g)),
+            Some(Kind::Welcome(_)) => return Err(End::Broken("second welcome".into())),
+            None => return Err(End::Broken("empty message from the hub".into())),
+        }
+        Ok(())
+    }
+
+    /// Applies the reset the node owes since the welcome (see
+    /// [`Position`]) before anything else of the stream.
+    async fn pay_owed_reset(&mut self) -> Result<(), End> {
+        let Some((scope, reason)) = self.position.owed_reset() else {
+            return Ok(());
+        };
+        warn!(%reason, ?scope, "hub moved past the node's cursor without a reset: resetting locally");
+        let reset = Reset {
+            scope,
+            reason,
+            shard_count: self.position.shard_count(),
+        };
+        self.apply_reset(&reset).await?;
+        self.position
+            .on_reset(&reset.scope, None)
+            .map_err(|e| End::Broken(e.to_string()))
+    }
+
+    /// Hands a batch to the handler; if it keeps failing, resets the batch's
+    /// shards instead. Either way the events count as applied.
+    async fn apply_batch(&mut self, batch: EventBatch) -> Result<(), End> {
+        if !batch.events.is_empty() {
+            let handler = self.handler;
+            if let Err(e) = retry(self.config, || handler.on_events(&batch)).await {
+                let shards: BTreeSet<ShardId> = batch.events.iter().map(|e| e.shard).collect();
+                warn!(error = %e, ?shards, "handler keeps failing on a batch: resetting its shards");
+                let reset = Reset::shards(
+                    shards,
+                    ResetReason::HandlerFailed,
+                    self.position.shard_count(),
+                );
+                self.apply_reset(&reset).await?;
+            }
+            metrics::counter!("freshness_subscriber_events_total")
+                .increment(batch.events.len() as u64);
+        }
+        self.position
+            .on_events(batch.events.iter().map(|e| (e.shard, e.seq)))
+            .map_err(|e| End::Broken(e.to_string()))
+    }
+
+    /// Hands a reset to the handler. If it keeps failing, nothing is acked:
+    /// the stream is closed and the node resumes from its applied cursor, so
+    /// the hub sends the same reset (or the events) again.
+    async fn apply_reset(&self, reset: &Reset) -> Result<(), End> {
+        let handler = self.handler;
+        retry(self.config, || handler.on_reset(reset))
+            .await
+            .map_err(|e| End::Broken(format!("handler failed to apply a reset: {e}")))
+    }
+
+    /// Writes the applied cursor to the store if it moved.
+    async fn persist(&mut self) {
+        if self.config.store == crate::CursorStore::Memory {
+            return;
+        }
+        let Some(c) = self.position.applied() else {
+            return;
+        };
+        if self.persisted.as_ref() == Some(c) {
+            return;
+        }
+        let c = c.clone();
+        match self.config.store.save(&c).await {
+            Ok(()) => self.persisted = Some(c),
+            Err(e) => warn!(error = %e, "could not persist the cursor; keeping the older one"),
+        }
+    }
+}
+
+async fn sleep_until_opt(at: Option<Instant>) {
+    match at {
+        Some(at) => sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+fn goodbye(g: &pb::Goodbye) -> End {
+    match pb::GoodbyeReason::try_from(g.reason) {
+        Ok(pb::GoodbyeReason::Replaced) => End::Fatal(SubscriberError::Replaced(g.message.clone())),
+        _ => End::Goodbye(g.message.clone()),
+    }
+}
+
+/// Sorts a status the hub answered before its welcome.
+fn refusal(s: &tonic::Status, resuming: bool) -> End {
+    use tonic::Code;
+    let line = format!("{}: {}", code_name(s.code()), s.message());
+    match s.code() {
+        Code::InvalidArgument if resuming => End::CursorRefused(line),
+        Code::InvalidArgument
+        | Code::FailedPrecondition
+        | Code::PermissionDenied
+        | Code::Unauthenticated
+        | Code::Unimplemented => End::Fatal(SubscriberError::Refused {
+            code: s.code(),
+            message: s.message().to_owned(),
+        }),
+        _ => End::Unreachable(line),
+    }
+}
+
+fn code_name(c: tonic::Code) -> String {
+    format!("{c:?}")
+}
