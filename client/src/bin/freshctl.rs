@@ -1,1 +1,497 @@
-fn main() {}
+//! `freshctl`: publish invalidations, watch a hub's feed, show a hub's status.
+//!
+//! A thin binary over the `freshness-client` library. Every failure is one
+//! line on stderr and a non-zero exit status (1 for a failed operation, 2 for
+//! a malformed command line).
+
+use std::io::Write;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context, anyhow};
+use clap::{Parser, Subcommand, ValueEnum};
+use freshness::pb;
+use freshness_client::{
+    AckLevel, Backoff, Entity, EventBatch, FeedState, Handler, HandlerError, PublishOptions,
+    Publisher, Reset, RetryPolicy, Subscriber, Version, publisher::Event,
+};
+use serde_json::json;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "freshctl",
+    version,
+    about = "Publish invalidations to a Freshness hub, watch its feed, show its status"
+)]
+struct Cli {
+    /// The hub's gRPC address.
+    #[arg(
+        long,
+        global = true,
+        env = "FRESHNESS_HUB",
+        default_value = "http://127.0.0.1:50051"
+    )]
+    hub: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Publish that ENTITY committed VERSION (run it after the commit).
+    Publish {
+        /// `namespace:id`, e.g. `user:42`.
+        entity: String,
+        /// The committed version, at least 1.
+        #[arg(value_parser = clap::value_parser!(u64).range(1..))]
+        version: u64,
+        /// What to wait for: the hub appended it (accepted), every node of
+        /// the region acked it (region), every region did (global).
+        #[arg(long, value_enum, default_value = "accepted")]
+        ack: Ack,
+        /// How long region/global wait for acks.
+        #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+        timeout: Duration,
+        /// The new value, for nodes that refresh in place.
+        #[arg(long)]
+        payload: Option<String>,
+        /// One JSON object per event.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print the hub's feed (from its current head) until interrupted.
+    Watch {
+        /// Only these namespaces (repeatable); all by default.
+        #[arg(long = "namespace", value_name = "NS")]
+        namespaces: Vec<String>,
+        /// The node id to subscribe as (default: freshctl-watch-PID).
+        #[arg(long)]
+        node_id: Option<String>,
+        /// One JSON object per line.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show the hub's region, epoch, shards, nodes and peers.
+    Status {
+        /// One JSON object.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum Ack {
+    Accepted,
+    Region,
+    Global,
+}
+
+impl From<Ack> for AckLevel {
+    fn from(a: Ack) -> Self {
+        match a {
+            Ack::Accepted => AckLevel::Accepted,
+            Ack::Region => AckLevel::Region,
+            Ack::Global => AckLevel::Global,
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) if !e.use_stderr() => {
+            // --help and --version.
+            let _ = e.print();
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            eprintln!("freshctl: {}", one_line(&e.render().to_string()));
+            return ExitCode::from(2);
+        }
+    };
+    let filter = std::env::var("FRESHNESS_LOG").unwrap_or_else(|_| "off".into());
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+        .with_writer(std::io::stderr)
+        .try_init();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("freshctl: error: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            let chain: Vec<String> = e.chain().map(ToString::to_string).collect();
+            eprintln!("freshctl: error: {}", one_line(&chain.join(": ")));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Folds a multi-line message (clap's) into one line.
+fn one_line(text: &str) -> String {
+    text.lines()
+        .map(str::trim)
+        .filter(|l| {
+            !l.is_empty() && !l.starts_with("Usage:") && !l.starts_with("For more information")
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Publish {
+            entity,
+            version,
+            ack,
+            timeout,
+            payload,
+            json,
+        } => publish(&cli.hub, &entity, version, ack, timeout, payload, json).await,
+        Command::Watch {
+            namespaces,
+            node_id,
+            json,
+        } => watch(&cli.hub, namespaces, node_id, json).await,
+        Command::Status { json } => status(&cli.hub, json).await,
+    }
+}
+
+fn publisher(hub: &str) -> anyhow::Result<Publisher> {
+    Ok(Publisher::builder(hub)
+        .linger(Duration::ZERO)
+        .retry(RetryPolicy {
+            max_attempts: 3,
+            backoff: Backoff::new(Duration::from_millis(100), Duration::from_millis(500)),
+            give_up_after: Duration::from_secs(5),
+            attempt_timeout: Duration::from_secs(5),
+        })
+        .build()?)
+}
+
+async fn publish(
+    hub: &str,
+    entity: &str,
+    version: u64,
+    ack: Ack,
+    timeout: Duration,
+    payload: Option<String>,
+    json: bool,
+) -> anyhow::Result<()> {
+    let entity = Entity::parse(entity).with_context(|| format!("invalid entity {entity:?}"))?;
+    let version = Version::new(version).ok_or_else(|| anyhow!("version must be at least 1"))?;
+    let mut event = Event::new(entity, version);
+    if let Some(p) = payload {
+        event = event.with_payload(p.into_bytes());
+    }
+    let opts = PublishOptions::ack(ack.into()).with_timeout(timeout);
+    let receipt = publisher(hub)?.publish_events(vec![event], opts).await?;
+    let waited = !matches!(ack, Ack::Accepted);
+    let mut out = std::io::stdout().lock();
+    for r in &receipt.results {
+        if json {
+            let mut obj = json!({
+                "entity": r.entity.as_str(),
+                "version": r.version.get(),
+                "result": r.outcome.as_str(),
+                "shard": r.shard.0,
+                "seq": r.seq,
+                "current_version": r.current_version,
+                "epoch": receipt.epoch,
+            });
+            if waited {
+                obj["complete"] = json!(receipt.complete);
+                obj["pending"] = json!(receipt.pending_nodes);
+                obj["pending_regions"] = json!(receipt.pending_regions);
+            }
+            writeln!(out, "{obj}")?;
+        } else {
+            write!(
+                out,
+                "{} v{}: {} (shard {}, seq {}, current version {})",
+                r.entity,
+                r.version,
+                r.outcome.as_str(),
+                r.shard,
+                r.seq,
+                r.current_version
+            )?;
+            if waited {
+                if receipt.complete {
+                    write!(out, "; every node acked")?;
+                } else {
+                    let pending: Vec<&str> = receipt
+                        .pending_nodes
+                        .iter()
+                        .chain(&receipt.pending_regions)
+                        .map(String::as_str)
+                        .collect();
+                    write!(out, "; not acked by: {}", pending.join(", "))?;
+                }
+            }
+            writeln!(out)?;
+        }
+    }
+    if !receipt.note.is_empty() && !json {
+        writeln!(out, "note: {}", receipt.note)?;
+    }
+    Ok(())
+}
+
+/// Prints what the subscriber delivers. Stops the watch when stdout is gone
+/// (`freshctl watch | head`).
+struct Printer {
+    json: bool,
+    stop: CancellationToken,
+}
+
+impl Printer {
+    fn emit(&self, lines: &[String]) -> Result<(), HandlerError> {
+        let mut out = std::io::stdout().lock();
+        let written = lines
+            .iter()
+            .try_for_each(|l| writeln!(out, "{l}"))
+            .and_then(|()| out.flush());
+        if written.is_err() {
+            self.stop.cancel();
+        }
+        Ok(())
+    }
+}
+
+impl Handler for Printer {
+    async fn on_events(&self, batch: &EventBatch) -> Result<(), HandlerError> {
+        let lines: Vec<String> = batch
+            .events
+            .iter()
+            .map(|e| {
+                if self.json {
+                    json!({
+                        "entity": e.entity.as_str(),
+                        "version": e.version.get(),
+                        "shard": e.shard.0,
+                        "seq": e.seq,
+                        "origin": e.origin,
+                    })
+                    .to_string()
+                } else {
+                    format!(
+                        "{} v{}  shard={} seq={} origin={}",
+                        e.entity, e.version, e.shard, e.seq, e.origin
+                    )
+                }
+            })
+            .collect();
+        self.emit(&lines)
+    }
+
+    async fn on_reset(&self, reset: &Reset) -> Result<(), HandlerError> {
+        let shards: Vec<u32> = reset.shard_list().iter().map(|s| s.0).collect();
+        let line = if self.json {
+            json!({
+                "reset": true,
+                "all": reset.is_all(),
+                "shards": shards,
+                "reason": reset.reason.as_str(),
+            })
+            .to_string()
+        } else if reset.is_all() {
+            format!("reset: all shards ({})", reset.reason)
+        } else {
+            format!("reset: shards {shards:?} ({})", reset.reason)
+        };
+        self.emit(&[line])
+    }
+}
+
+async fn watch(
+    hub: &str,
+    namespaces: Vec<String>,
+    node_id: Option<String>,
+    json: bool,
+) -> anyhow::Result<()> {
+    let node_id = node_id.unwrap_or_else(|| format!("freshctl-watch-{}", std::process::id()));
+    let stop = CancellationToken::new();
+    let subscriber = Subscriber::builder(hub, node_id)
+        .namespaces(namespaces)
+        .reconnect_backoff(Backoff::new(
+            Duration::from_millis(200),
+            Duration::from_secs(5),
+        ))
+        .build(Printer {
+            json,
+            stop: stop.clone(),
+        })?;
+    let mut states = subscriber.feed().watch();
+    let handle = subscriber.spawn_with(stop.clone());
+    // Feed changes go to stderr so that stdout stays one event per line.
+    let report = tokio::spawn(async move {
+        let mut last = String::new();
+        while states.changed().await.is_ok() {
+            let line = match &*states.borrow_and_update() {
+                FeedState::Connecting => "connecting".to_owned(),
+                FeedState::Live { .. } => "live".to_owned(),
+                FeedState::Stale { staleness } => {
+                    format!("stale ({staleness:?} without a watermark)")
+                }
+                FeedState::Down { error } => format!("down: {error}"),
+            };
+            if line != last {
+                eprintln!("freshctl: feed {line}");
+                last = line;
+            }
+        }
+    });
+    tokio::select! {
+        r = tokio::signal::ctrl_c() => {
+            r.context("cannot listen for ctrl-c")?;
+            stop.cancel();
+        }
+        () = stop.cancelled() => {}
+    }
+    let result = handle.shutdown().await;
+    report.abort();
+    Ok(result?)
+}
+
+async fn status(hub: &str, json: bool) -> anyhow::Result<()> {
+    let s = publisher(hub)?.status().await?;
+    let mut out = std::io::stdout().lock();
+    if json {
+        writeln!(out, "{}", status_json(&s))?;
+        return Ok(());
+    }
+    let heads: u64 = s.shards.iter().map(|x| x.head_seq).sum();
+    writeln!(
+        out,
+        "hub {}  region {}  epoch {}  shards {}  events appended {}  retained {} ({} bytes)",
+        s.hub_id, s.region, s.epoch, s.shard_count, heads, s.retained_events, s.retained_bytes
+    )?;
+    writeln!(out)?;
+    let rows: Vec<[String; 5]> = s
+        .nodes
+        .iter()
+        .map(|n| {
+            [
+                n.node_id.clone(),
+                if n.namespaces.is_empty() {
+                    "*".into()
+                } else {
+                    n.namespaces.join(",")
+                },
+                n.lag_events.to_string(),
+                format!("{}ms", n.staleness_ms),
+                format!(
+                    "{}/{}{}",
+                    n.in_flight,
+                    n.max_in_flight,
+                    if n.parked { " parked" } else { "" }
+                ),
+            ]
+        })
+        .collect();
+    table(
+        &mut out,
+        [
+            "NODE",
+            "NAMESPACES",
+            "LAG (events)",
+            "STALENESS",
+            "IN FLIGHT",
+        ],
+        &rows,
+        "no nodes connected",
+    )?;
+    writeln!(out)?;
+    let rows: Vec<[String; 5]> = s
+        .peers
+        .iter()
+        .map(|p| {
+            [
+                p.region.clone(),
+                p.address.clone(),
+                if p.connected { "yes" } else { "no" }.into(),
+                format!("{} events, {}ms", p.lag_events, p.lag_ms),
+                p.last_error.clone(),
+            ]
+        })
+        .collect();
+    table(
+        &mut out,
+        ["PEER", "ADDRESS", "CONNECTED", "LAG", "LAST ERROR"],
+        &rows,
+        "no peers",
+    )?;
+    Ok(())
+}
+
+fn status_json(s: &pb::StatusResponse) -> serde_json::Value {
+    json!({
+        "hub_id": s.hub_id,
+        "region": s.region,
+        "epoch": s.epoch,
+        "shards": s.shard_count,
+        "head_seqs": s.shards.iter().map(|x| x.head_seq).collect::<Vec<_>>(),
+        "retained_events": s.retained_events,
+        "retained_bytes": s.retained_bytes,
+        "nodes": s.nodes.iter().map(|n| json!({
+            "node_id": n.node_id,
+            "namespaces": n.namespaces,
+            "lag_events": n.lag_events,
+            "staleness_ms": n.staleness_ms,
+            "in_flight": n.in_flight,
+            "parked": n.parked,
+            "replication": n.replication,
+        })).collect::<Vec<_>>(),
+        "peers": s.peers.iter().map(|p| json!({
+            "region": p.region,
+            "address": p.address,
+            "connected": p.connected,
+            "lag_events": p.lag_events,
+            "lag_ms": p.lag_ms,
+            "last_error": p.last_error,
+        })).collect::<Vec<_>>(),
+    })
+}
+
+fn table<const N: usize>(
+    out: &mut impl Write,
+    header: [&str; N],
+    rows: &[[String; N]],
+    empty: &str,
+) -> anyhow::Result<()> {
+    if rows.is_empty() {
+        writeln!(out, "{}: {empty}", header[0].to_lowercase())?;
+        return Ok(());
+    }
+    let mut widths = header.map(str::len);
+    for r in rows {
+        for (w, c) in widths.iter_mut().zip(r) {
+            *w = (*w).max(c.len());
+        }
+    }
+    let line = |cells: Vec<&str>| {
+        cells
+            .iter()
+            .zip(widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect::<Vec<_>>()
+            .join("  ")
+            .trim_end()
+            .to_owned()
+    };
+    writeln!(out, "{}", line(header.to_vec()))?;
+    for r in rows {
+        writeln!(out, "{}", line(r.iter().map(String::as_str).collect()))?;
+    }
+    Ok(())
+}

@@ -1,0 +1,449 @@
+//! The client library as a cache node uses it, against real hubs on loopback:
+//! resume from a persisted cursor, start at the head, the fill race, fail
+//! closed while the hub is down, scoped resets, replacement.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use freshness::{Entity, ShardId, Version, shard};
+use freshness_client::{
+    Backoff, Dep, EventBatch, FeedState, FillRefused, FreshnessPolicy, Handler, HandlerError,
+    Loaded, Publisher, Reset, ResetReason, ResetScope, Subscriber, SubscriberError,
+    SubscriberHandle, VersionedCache,
+};
+use freshness_tests::{TestHub, WAIT, test_config, wait_for};
+use tokio::sync::{oneshot, watch};
+
+type Cache = VersionedCache<String, String>;
+
+/// What a node's handler saw.
+#[derive(Debug, Default, Clone)]
+struct Seen {
+    events: Vec<(String, u64)>,
+    resets: Vec<Reset>,
+}
+
+impl Seen {
+    fn saw(&self, entity: &str, version: u64) -> bool {
+        self.events
+            .iter()
+            .any(|(e, v)| e == entity && *v == version)
+    }
+}
+
+/// The cache as the node's handler, recording what it applies so tests can
+/// await it.
+#[derive(Clone)]
+struct Recorder {
+    cache: Cache,
+    seen: Arc<watch::Sender<Seen>>,
+}
+
+impl Recorder {
+    fn new(cache: Cache) -> Self {
+        Self {
+            cache,
+            seen: Arc::new(watch::Sender::new(Seen::default())),
+        }
+    }
+
+    /// Waits until what was seen satisfies `pred`.
+    async fn until(&self, what: &str, pred: impl Fn(&Seen) -> bool) -> Seen {
+        let mut rx = self.seen.subscribe();
+        match tokio::time::timeout(WAIT, rx.wait_for(|s| pred(s))).await {
+            Ok(Ok(s)) => s.clone(),
+            _ => panic!("never saw {what}; saw {:?}", self.seen.borrow()),
+        }
+    }
+}
+
+impl Handler for Recorder {
+    async fn on_events(&self, batch: &EventBatch) -> Result<(), HandlerError> {
+        self.cache.on_events(batch).await?;
+        self.seen.send_modify(|s| {
+            s.events.extend(
+                batch
+                    .events
+                    .iter()
+                    .map(|e| (e.entity.to_string(), e.version.get())),
+            );
+        });
+        Ok(())
+    }
+
+    async fn on_reset(&self, reset: &Reset) -> Result<(), HandlerError> {
+        self.cache.on_reset(reset).await?;
+        self.seen.send_modify(|s| s.resets.push(reset.clone()));
+        Ok(())
+    }
+}
+
+fn e(s: &str) -> Entity {
+    Entity::parse(s).unwrap()
+}
+
+fn v(n: u64) -> Version {
+    Version::new(n).unwrap()
+}
+
+/// A cursor file path of its own for each test (removed when dropped).
+struct TempPath(PathBuf);
+
+impl TempPath {
+    fn new(name: &str) -> Self {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos();
+        Self(std::env::temp_dir().join(format!(
+            "freshness-{name}-{}-{nanos}.cursor",
+            std::process::id()
+        )))
+    }
+}
+
+impl Drop for TempPath {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// Starts a node and waits until its feed is live.
+async fn start_node(
+    url: &str,
+    node_id: &str,
+    cursor: Option<&TempPath>,
+    recorder: &Recorder,
+) -> SubscriberHandle {
+    let mut b = Subscriber::builder(url, node_id)
+        .reconnect_backoff(Backoff::new(
+            Duration::from_millis(20),
+            Duration::from_millis(200),
+        ))
+        .stale_after(Duration::from_millis(500));
+    if let Some(p) = cursor {
+        b = b
+            .cursor_file(&p.0)
+            .persist_interval(Duration::from_millis(50));
+    }
+    let handle = b.build(recorder.clone()).unwrap().spawn();
+    recorder.cache.bind_feed(handle.feed());
+    let mut feed = handle.feed();
+    tokio::time::timeout(WAIT, feed.wait_for(FeedState::is_live))
+        .await
+        .expect("feed live in time")
+        .expect("subscriber running");
+    handle
+}
+
+async fn publish(p: &Publisher, entity: &str, version: u64) {
+    p.publish(e(entity), v(version)).await.unwrap();
+}
+
+#[tokio::test]
+async fn restarted_node_resumes_from_its_persisted_cursor_and_misses_nothing() {
+    let hub = TestHub::start().await;
+    let publisher = Publisher::builder(hub.url()).build().unwrap();
+    let cursor = TempPath::new("resume");
+    // The cache outlives the subscriber, as an on-disk cache outlives a
+    // process.
+    let cache: Cache = VersionedCache::builder().build();
+    let first = Recorder::new(cache.clone());
+    let node = start_node(&hub.url(), "resumer", Some(&cursor), &first).await;
+    publish(&publisher, "user:1", 1).await;
+    first.until("user:1 v1", |s| s.saw("user:1", 1)).await;
+    node.shutdown().await.unwrap();
+    assert!(cursor.0.exists(), "the cursor was persisted");
+
+    for key in ["user:2", "user:3"] {
+        cache
+            .insert(key.into(), format!("{key} at v1"), [Dep::at(e(key), v(1))])
+            .await
+            .unwrap();
+    }
+    // Published while the node is down.
+    publish(&publisher, "user:2", 2).await;
+    publish(&publisher, "post:9", 4).await;
+
+    let second = Recorder::new(cache.clone());
+    let node = start_node(&hub.url(), "resumer", Some(&cursor), &second).await;
+    let seen = second
+        .until("what was published while down", |s| {
+            s.saw("user:2", 2) && s.saw("post:9", 4)
+        })
+        .await;
+    assert!(seen.resets.is_empty(), "resumed without a reset: {seen:?}");
+    assert!(
+        !seen.saw("user:1", 1),
+        "nothing from before the cursor is replayed"
+    );
+    assert_eq!(
+        cache.get(&"user:2".into()).await,
+        None,
+        "the missed invalidation landed"
+    );
+    assert_eq!(
+        cache.get(&"user:3".into()).await.as_deref(),
+        Some("user:3 at v1"),
+        "no full flush"
+    );
+    node.shutdown().await.unwrap();
+    hub.stop().await;
+}
+
+#[tokio::test]
+async fn node_without_cursor_and_empty_cache_starts_at_the_head() {
+    let hub = TestHub::start().await;
+    let publisher = Publisher::builder(hub.url()).build().unwrap();
+    publish(&publisher, "user:1", 1).await;
+    publish(&publisher, "user:2", 1).await;
+
+    let node_cache: Cache = VersionedCache::builder().build();
+    let rec = Recorder::new(node_cache);
+    let node = start_node(&hub.url(), "fresh", None, &rec).await;
+    publish(&publisher, "user:3", 1).await;
+    let seen = rec.until("user:3 v1", |s| s.saw("user:3", 1)).await;
+    assert_eq!(
+        seen.events,
+        vec![("user:3".to_owned(), 1)],
+        "only what came after the start"
+    );
+    assert!(seen.resets.is_empty());
+    node.shutdown().await.unwrap();
+    hub.stop().await;
+}
+
+#[tokio::test]
+async fn slow_fill_overtaken_by_an_invalidation_is_not_stored() {
+    let hub = TestHub::start().await;
+    let publisher = Publisher::builder(hub.url()).build().unwrap();
+    let cache: Cache = VersionedCache::builder().build();
+    let rec = Recorder::new(cache.clone());
+    let node = start_node(&hub.url(), "filler", None, &rec).await;
+
+    // A loader that cannot tell versions reads the row, then stalls.
+    let (read_tx, read_rx) = oneshot::channel();
+    let (go_tx, go_rx) = oneshot::channel::<()>();
+    let fill = {
+        let cache = cache.clone();
+        tokio::spawn(async move {
+            cache
+                .get_or_load("profile:7".to_owned(), || async move {
+                    let value = "name at v1".to_owned();
+                    let _ = read_tx.send(());
+                    let _ = go_rx.await;
+                    Ok::<_, std::io::Error>(Loaded::new(value, [Dep::unversioned(e("user:7"))]))
+                })
+                .await
+        })
+    };
+    read_rx.await.unwrap();
+    // Meanwhile the writer commits v2 and publishes; the node applies it.
+    publish(&publisher, "user:7", 2).await;
+    rec.until("user:7 v2", |s| s.saw("user:7", 2)).await;
+    go_tx.send(()).unwrap();
+    assert_eq!(fill.await.unwrap().unwrap(), "name at v1");
+    assert_eq!(
+        cache.get(&"profile:7".into()).await,
+        None,
+        "the overtaken fill was not stored"
+    );
+    assert_eq!(cache.stats().refused_fills, 1);
+
+    // A fill that read v1 after v2 was invalidated is refused outright ...
+    assert_eq!(
+        cache
+            .insert(
+                "profile:7".into(),
+                "name at v1".into(),
+                [Dep::at(e("user:7"), v(1))]
+            )
+            .await,
+        Err(FillRefused::StaleRead {
+            entity: e("user:7"),
+            read: v(1),
+            invalidated: v(2)
+        })
+    );
+    // ... one that read v2 is stored.
+    cache
+        .insert(
+            "profile:7".into(),
+            "name at v2".into(),
+            [Dep::at(e("user:7"), v(2))],
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        cache.get(&"profile:7".into()).await.as_deref(),
+        Some("name at v2")
+    );
+    node.shutdown().await.unwrap();
+    hub.stop().await;
+}
+
+#[tokio::test]
+async fn fail_closed_namespace_misses_while_the_hub_is_down_and_recovers() {
+    let config = test_config();
+    let hub = TestHub::start_with(config.clone()).await;
+    let addr = hub.addr;
+    let bound = Duration::from_millis(600);
+    let cache: Cache = VersionedCache::builder()
+        .policy(
+            "price",
+            FreshnessPolicy::FailClosed {
+                max_staleness: bound,
+            },
+        )
+        .policy("user", FreshnessPolicy::ServeStale)
+        .build();
+    let rec = Recorder::new(cache.clone());
+    let node = start_node(&hub.url(), "strict", None, &rec).await;
+    let feed = node.feed();
+    cache
+        .insert(
+            "price:1".into(),
+            "9.99".into(),
+            [Dep::at(e("price:1"), v(1))],
+        )
+        .await
+        .unwrap();
+    cache
+        .insert("user:1".into(), "Ada".into(), [Dep::at(e("user:1"), v(1))])
+        .await
+        .unwrap();
+    assert_eq!(cache.get(&"price:1".into()).await.as_deref(), Some("9.99"));
+
+    hub.stop().await;
+    wait_for(|| async { feed.staleness().filter(|s| *s > bound).map(|_| ()) }).await;
+    let mut states = feed.clone();
+    tokio::time::timeout(WAIT, states.wait_for(|s| !s.is_live()))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(cache.get(&"price:1".into()).await, None, "fails closed");
+    assert_eq!(
+        cache.get(&"user:1".into()).await.as_deref(),
+        Some("Ada"),
+        "serves stale"
+    );
+    assert!(cache.stats().fail_closed >= 1);
+
+    let hub = TestHub::start_on(addr, config).await;
+    tokio::time::timeout(WAIT, states.wait_for(FeedState::is_live))
+        .await
+        .expect("live again in time")
+        .unwrap();
+    // A restarted hub (without a durable log) is a new epoch: everything
+    // cached was flushed before the feed went live again.
+    let seen = rec
+        .until("the epoch reset", |s| {
+            s.resets
+                .iter()
+                .any(|r| r.reason == ResetReason::EpochChanged && r.is_all())
+        })
+        .await;
+    assert_eq!(seen.resets.len(), 1, "{seen:?}");
+    assert_eq!(cache.get(&"user:1".into()).await, None);
+    cache
+        .insert(
+            "price:1".into(),
+            "10.49".into(),
+            [Dep::at(e("price:1"), v(2))],
+        )
+        .await
+        .unwrap();
+    assert_eq!(cache.get(&"price:1".into()).await.as_deref(), Some("10.49"));
+    node.shutdown().await.unwrap();
+    hub.stop().await;
+}
+
+/// An entity of namespace `ns` in shard `s` of `shards`.
+fn entity_in(ns: &str, s: u32, shards: u32, skip: usize) -> String {
+    (0..)
+        .map(|i| format!("{ns}:{i}"))
+        .filter(|name| shard(name, shards) == ShardId(s))
+        .nth(skip)
+        .unwrap()
+}
+
+#[tokio::test]
+async fn scoped_reset_drops_only_the_entries_of_the_expired_shards() {
+    // Four shards retaining one event each: two events in a shard expire a
+    // cursor that points before them.
+    let mut config = test_config();
+    config.shards = 4;
+    config.log_max_events = 4;
+    let hub = TestHub::start_with(config).await;
+    let publisher = Publisher::builder(hub.url()).build().unwrap();
+    let cursor = TempPath::new("scoped");
+    let cache: Cache = VersionedCache::builder().build();
+    let in0 = entity_in("user", 0, 4, 0);
+    let in1 = entity_in("user", 1, 4, 0);
+    let in2 = entity_in("user", 2, 4, 0);
+
+    let rec = Recorder::new(cache.clone());
+    let node = start_node(&hub.url(), "scoped", Some(&cursor), &rec).await;
+    node.shutdown().await.unwrap();
+    for key in [&in0, &in1, &in2] {
+        cache
+            .insert(key.clone(), "v1".into(), [Dep::at(e(key), v(1))])
+            .await
+            .unwrap();
+    }
+    // While the node is down, shard 0 moves two events on (its log keeps one)
+    // and shard 2 one (still replayable).
+    publish(&publisher, &entity_in("user", 0, 4, 1), 1).await;
+    publish(&publisher, &entity_in("user", 0, 4, 2), 1).await;
+    publish(&publisher, &entity_in("post", 2, 4, 0), 1).await;
+
+    let rec = Recorder::new(cache.clone());
+    let node = start_node(&hub.url(), "scoped", Some(&cursor), &rec).await;
+    let replayed = entity_in("post", 2, 4, 0);
+    let seen = rec
+        .until("the reset and the replay", |s| {
+            !s.resets.is_empty() && s.saw(&replayed, 1)
+        })
+        .await;
+    assert_eq!(seen.resets.len(), 1, "{seen:?}");
+    assert_eq!(seen.resets[0].reason, ResetReason::CursorExpired);
+    assert_eq!(
+        seen.resets[0].scope,
+        ResetScope::Shards([ShardId(0)].into())
+    );
+    assert_eq!(cache.get(&in0).await, None, "shard 0 was reset");
+    assert_eq!(cache.get(&in1).await.as_deref(), Some("v1"), "shard 1 kept");
+    assert_eq!(
+        cache.get(&in2).await.as_deref(),
+        Some("v1"),
+        "shard 2 replayed, kept"
+    );
+    node.shutdown().await.unwrap();
+    hub.stop().await;
+}
+
+#[tokio::test]
+async fn a_node_replaced_by_a_newer_stream_stops_with_an_error() {
+    let hub = TestHub::start().await;
+    let first = Recorder::new(VersionedCache::builder().build());
+    let old = start_node(&hub.url(), "twin", None, &first).await;
+    let second = Recorder::new(VersionedCache::builder().build());
+    let new = start_node(&hub.url(), "twin", None, &second).await;
+    let mut feed = old.feed();
+    let state = tokio::time::timeout(WAIT, feed.wait_for(FeedState::is_down))
+        .await
+        .unwrap();
+    // The subscriber is gone for good: the watch has no sender left, or it
+    // shows Down with the reason.
+    if let Ok(s) = state {
+        assert!(matches!(s, FeedState::Down { .. }));
+    }
+    assert!(matches!(
+        old.join().await,
+        Err(SubscriberError::Replaced(_))
+    ));
+    assert!(new.feed().state().is_live());
+    new.shutdown().await.unwrap();
+    hub.stop().await;
+}
