@@ -36,7 +36,7 @@ pub use freshness::validate::AckLevel;
 pub use freshness::{Cursor, Entity, ShardId, Version};
 pub use publisher::{
     Outcome, PublishError, PublishOptions, PublishReceipt, PublishResult, Publisher,
-    PublisherBuilder, RetryPolicy,
+    PublisherBuilder, RetryPolicy, StatusError,
 };
 pub use subscriber::{
     Handler, HandlerError, HandlerRetry, Subscriber, SubscriberBuilder, SubscriberError,

@@ -224,6 +224,32 @@ pub enum PublishError {
     Closed,
 }
 
+/// The hub's status could not be read.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("status call failed: {code:?}: {message}")]
+pub struct StatusError {
+    /// The gRPC code.
+    pub code: tonic::Code,
+    /// The message, with its causes.
+    pub message: String,
+}
+
+/// A status's message followed by its causes (`tcp connect error: connection
+/// refused`), which tonic keeps apart.
+pub(crate) fn status_message(s: &tonic::Status) -> String {
+    let mut line = s.message().to_owned();
+    let mut source = std::error::Error::source(s);
+    while let Some(e) = source {
+        let text = e.to_string();
+        if !line.contains(&text) {
+            line.push_str(": ");
+            line.push_str(&text);
+        }
+        source = e.source();
+    }
+    line
+}
+
 /// How the publisher retries.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RetryPolicy {
@@ -410,8 +436,9 @@ impl Publisher {
         answer.await.map_err(|_| PublishError::Closed)?
     }
 
-    /// The hub's status (what `freshctl status` shows).
-    pub async fn status(&self) -> Result<pb::StatusResponse, PublishError> {
+    /// The hub's status (what `freshctl status` shows), over the
+    /// publisher's connection.
+    pub async fn status(&self) -> Result<pb::StatusResponse, StatusError> {
         let mut client = pb::hub_client::HubClient::new(self.channel.clone());
         let mut req = tonic::Request::new(pb::StatusRequest {});
         req.set_timeout(self.retry.attempt_timeout);
@@ -419,9 +446,9 @@ impl Publisher {
             .status(req)
             .await
             .map(tonic::Response::into_inner)
-            .map_err(|s| PublishError::Rejected {
+            .map_err(|s| StatusError {
                 code: s.code(),
-                message: s.message().to_owned(),
+                message: status_message(&s),
             })
     }
 }
@@ -594,7 +621,7 @@ async fn send(
         if !retryable(&status, hint.is_some()) {
             return Err(PublishError::Rejected {
                 code: status.code(),
-                message: status.message().to_owned(),
+                message: status_message(&status),
             });
         }
         let delay = hint.map_or_else(|| backoff.next_delay(), |h| h.max(retry.backoff.initial));
@@ -602,7 +629,7 @@ async fn send(
             return Err(PublishError::Unavailable {
                 attempts: attempt,
                 code: status.code(),
-                message: status.message().to_owned(),
+                message: status_message(&status),
             });
         }
         warn!(attempt, code = ?status.code(), message = status.message(), ?delay, "publish failed, retrying");

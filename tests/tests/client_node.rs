@@ -447,3 +447,84 @@ async fn a_node_replaced_by_a_newer_stream_stops_with_an_error() {
     new.shutdown().await.unwrap();
     hub.stop().await;
 }
+
+/// A handler that cannot apply events of one entity (say its cache backend
+/// rejects the key), in front of the cache.
+#[derive(Clone)]
+struct Flaky {
+    inner: Recorder,
+    poison: String,
+}
+
+impl Handler for Flaky {
+    async fn on_events(&self, batch: &EventBatch) -> Result<(), HandlerError> {
+        if batch
+            .events
+            .iter()
+            .any(|e| e.entity.as_str() == self.poison)
+        {
+            return Err(format!("cannot apply {}", self.poison).into());
+        }
+        self.inner.on_events(batch).await
+    }
+
+    async fn on_reset(&self, reset: &Reset) -> Result<(), HandlerError> {
+        self.inner.on_reset(reset).await
+    }
+}
+
+#[tokio::test]
+async fn a_handler_that_keeps_failing_resets_the_batch_shards_instead_of_losing_it() {
+    let hub = TestHub::start().await;
+    let publisher = Publisher::builder(hub.url()).build().unwrap();
+    let shards = hub.status().await.shard_count;
+    let cache: Cache = VersionedCache::builder().build();
+    let rec = Recorder::new(cache.clone());
+    let poison = "user:poison".to_owned();
+    let poisoned_shard = shard(&poison, shards);
+    let neighbour = entity_in("user", poisoned_shard.0, shards, 0);
+    let elsewhere = entity_in("user", (poisoned_shard.0 + 1) % shards, shards, 0);
+    let handle = Subscriber::builder(hub.url(), "flaky")
+        .build(Flaky {
+            inner: rec.clone(),
+            poison: poison.clone(),
+        })
+        .unwrap()
+        .spawn();
+    let mut feed = handle.feed();
+    tokio::time::timeout(WAIT, feed.wait_for(FeedState::is_live))
+        .await
+        .unwrap()
+        .unwrap();
+    for key in [&neighbour, &elsewhere] {
+        cache
+            .insert(key.clone(), "v1".into(), [Dep::at(e(key), v(1))])
+            .await
+            .unwrap();
+    }
+    publish(&publisher, &poison, 3).await;
+    let seen = rec.until("the local reset", |s| !s.resets.is_empty()).await;
+    assert_eq!(seen.resets[0].reason, ResetReason::HandlerFailed);
+    assert_eq!(
+        seen.resets[0].scope,
+        ResetScope::Shards([poisoned_shard].into())
+    );
+    assert_eq!(cache.get(&neighbour).await, None, "its shard was dropped");
+    assert_eq!(cache.get(&elsewhere).await.as_deref(), Some("v1"));
+    // The batch counts as applied: the node acks past it and stays live.
+    wait_for(|| async {
+        let status = hub.status().await;
+        status
+            .nodes
+            .iter()
+            .find(|n| n.node_id == "flaky")
+            .filter(|n| n.lag_events == 0)
+            .map(|_| ())
+    })
+    .await;
+    publish(&publisher, "user:after", 1).await;
+    rec.until("the next event", |s| s.saw("user:after", 1))
+        .await;
+    handle.shutdown().await.unwrap();
+    hub.stop().await;
+}

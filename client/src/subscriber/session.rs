@@ -19,6 +19,7 @@ use super::{Config, Handler, HandlerError, SubscriberError};
 use crate::backoff::Attempts;
 use crate::event::{EventBatch, Reset, ResetReason, ResetScope, batch_from_wire, hub_time};
 use crate::feed::{FeedState, FeedTx};
+use crate::publisher::status_message;
 
 /// How a stream ended.
 #[derive(Debug)]
@@ -277,7 +278,7 @@ impl<H: Handler> Session<'_, H> {
                     let msg = match msg {
                         Ok(Some(m)) => m,
                         Ok(None) => break End::Broken("stream ended without a goodbye".into()),
-                        Err(s) => break End::Broken(format!("stream failed: {}: {}", code_name(s.code()), s.message())),
+                        Err(s) => break End::Broken(format!("stream failed: {}: {}", code_name(s.code()), status_message(&s))),
                     };
                     if let Err(end) = self.on_message(msg).await {
                         break end;
@@ -486,7 +487,7 @@ fn goodbye(g: &pb::Goodbye) -> End {
 /// Sorts a status the hub answered before its welcome.
 fn refusal(s: &tonic::Status, resuming: bool) -> End {
     use tonic::Code;
-    let line = format!("{}: {}", code_name(s.code()), s.message());
+    let line = format!("{}: {}", code_name(s.code()), status_message(s));
     match s.code() {
         Code::InvalidArgument if resuming => End::CursorRefused(line),
         Code::InvalidArgument
