@@ -109,7 +109,7 @@ async fn main() -> anyhow::Result<()> {
         for id in 1..=5 {
             read_profile(&cache, &store, id).await?;
         }
-        if round % 20 == 0 {
+        if round.is_multiple_of(20) {
             let s = cache.stats();
             let live = matches!(handle.feed().state(), FeedState::Live { .. });
             println!(
