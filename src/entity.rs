@@ -163,15 +163,27 @@ mod tests {
         assert_eq!(Entity::parse(""), Err(EntityError::Empty));
         assert_eq!(Entity::parse("user"), Err(EntityError::MissingColon));
         assert_eq!(Entity::parse("user:"), Err(EntityError::EmptyId));
-        assert!(matches!(Entity::parse("User:1"), Err(EntityError::BadNamespace(_))));
-        assert!(matches!(Entity::parse(":1"), Err(EntityError::BadNamespace(_))));
-        assert!(matches!(Entity::parse("_a:1"), Err(EntityError::BadNamespace(_))));
+        assert!(matches!(
+            Entity::parse("User:1"),
+            Err(EntityError::BadNamespace(_))
+        ));
+        assert!(matches!(
+            Entity::parse(":1"),
+            Err(EntityError::BadNamespace(_))
+        ));
+        assert!(matches!(
+            Entity::parse("_a:1"),
+            Err(EntityError::BadNamespace(_))
+        ));
         assert!(matches!(
             Entity::parse(&format!("{}:1", "a".repeat(64))),
             Err(EntityError::BadNamespace(_))
         ));
         assert!(Entity::parse(&format!("{}:1", "a".repeat(63))).is_ok());
-        assert_eq!(Entity::parse("user:4\n2"), Err(EntityError::ControlCharacter(6)));
+        assert_eq!(
+            Entity::parse("user:4\n2"),
+            Err(EntityError::ControlCharacter(6))
+        );
         assert_eq!(
             Entity::parse(&format!("user:{}", "x".repeat(508))),
             Err(EntityError::TooLong(513))

@@ -55,7 +55,10 @@ mod tests {
 
     #[test]
     fn shard_known_answers() {
-        assert_eq!(shard("user:42", 64), ShardId((fnv1a64(b"user:42") % 64) as u32));
+        assert_eq!(
+            shard("user:42", 64),
+            ShardId((fnv1a64(b"user:42") % 64) as u32)
+        );
         assert_eq!(fnv1a64(b"user:42") % 64, u64::from(shard("user:42", 64).0));
         // Pinned values: changing them breaks every deployed node.
         assert_eq!(shard("user:42", 64), ShardId(2));

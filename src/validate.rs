@@ -286,15 +286,31 @@ mod tests {
 
     #[test]
     fn names_index_and_field() {
-        let err = publish(req(vec![ev("user:1", 1), ev("user:2", 0)]), PublishLimits::default())
-            .unwrap_err();
-        assert_eq!(err.to_string(), "event 1: field `version`: version must be at least 1");
+        let err = publish(
+            req(vec![ev("user:1", 1), ev("user:2", 0)]),
+            PublishLimits::default(),
+        )
+        .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "event 1: field `version`: version must be at least 1"
+        );
         let err = publish(req(vec![ev("Bad:1", 1)]), PublishLimits::default()).unwrap_err();
-        assert!(err.to_string().starts_with("event 0: field `entity`: namespace"));
+        assert!(
+            err.to_string()
+                .starts_with("event 0: field `entity`: namespace")
+        );
         let mut big = ev("user:1", 1);
         big.payload = vec![0; MAX_PAYLOAD_BYTES + 1].into();
         let err = publish(req(vec![ev("user:1", 1), big]), PublishLimits::default()).unwrap_err();
-        assert!(matches!(err, InvalidPublish::Event { index: 1, field: "payload", .. }));
+        assert!(matches!(
+            err,
+            InvalidPublish::Event {
+                index: 1,
+                field: "payload",
+                ..
+            }
+        ));
     }
 
     #[test]
@@ -307,7 +323,10 @@ mod tests {
         let many = (0..10_001).map(|i| ev(&format!("user:{i}"), 1)).collect();
         assert_eq!(
             publish(req(many), limits).unwrap_err(),
-            InvalidPublish::TooMany { got: 10_001, max: 10_000 }
+            InvalidPublish::TooMany {
+                got: 10_001,
+                max: 10_000
+            }
         );
         let ok = (0..10_000).map(|i| ev(&format!("user:{i}"), 1)).collect();
         assert_eq!(publish(req(ok), limits).unwrap().events.len(), 10_000);
@@ -317,11 +336,17 @@ mod tests {
     fn ack_and_timeout() {
         let mut r = req(vec![ev("user:1", 1)]);
         r.ack = 9;
-        assert_eq!(publish(r, PublishLimits::default()).unwrap_err(), InvalidPublish::AckLevel(9));
+        assert_eq!(
+            publish(r, PublishLimits::default()).unwrap_err(),
+            InvalidPublish::AckLevel(9)
+        );
         let mut r = req(vec![ev("user:1", 1)]);
         r.ack = pb::AckLevel::Region as i32;
         let v = publish(r, PublishLimits::default()).unwrap();
-        assert_eq!((v.ack, v.timeout), (AckLevel::Region, Duration::from_secs(2)));
+        assert_eq!(
+            (v.ack, v.timeout),
+            (AckLevel::Region, Duration::from_secs(2))
+        );
     }
 
     #[test]
@@ -333,7 +358,10 @@ mod tests {
         };
         assert_eq!(hello_filter(&h).unwrap(), vec!["post", "user"]);
         h.namespaces.push("Nope".into());
-        assert!(matches!(hello_filter(&h), Err(InvalidHello::Namespace { index: 3, .. })));
+        assert!(matches!(
+            hello_filter(&h),
+            Err(InvalidHello::Namespace { index: 3, .. })
+        ));
         h.node_id.clear();
         assert!(matches!(hello_filter(&h), Err(InvalidHello::NodeId(_))));
     }

@@ -183,7 +183,9 @@ mod tests {
         let empty = b.finish(0);
         assert_eq!(
             pb::SubscribeResponse::decode(empty.0).unwrap().kind,
-            Some(pb::subscribe_response::Kind::Events(pb::EventBatch::default()))
+            Some(pb::subscribe_response::Kind::Events(
+                pb::EventBatch::default()
+            ))
         );
     }
 

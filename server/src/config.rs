@@ -161,7 +161,10 @@ impl Config {
     /// Checks every value; the hub binds nothing before this passed.
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.shards == 0 || self.shards > 65_536 {
-            return Err(invalid("shards", format!("{} is not in 1..=65536", self.shards)));
+            return Err(invalid(
+                "shards",
+                format!("{} is not in 1..=65536", self.shards),
+            ));
         }
         freshness::validate_namespace(&self.region).map_err(|_| {
             invalid(
@@ -169,8 +172,7 @@ impl Config {
                 format!("{:?} must match [a-z0-9][a-z0-9_.-]{{0,62}}", self.region),
             )
         })?;
-        freshness::validate::node_id(&self.hub_id)
-            .map_err(|e| invalid("hub_id", e.to_string()))?;
+        freshness::validate::node_id(&self.hub_id).map_err(|e| invalid("hub_id", e.to_string()))?;
         if self.progress_interval < Duration::from_millis(1)
             || self.progress_interval > Duration::from_secs(60)
         {
@@ -180,13 +182,19 @@ impl Config {
         if self.log_max_events < s {
             return Err(invalid(
                 "log_max_events",
-                format!("{} is fewer than one event per shard ({s} shards)", self.log_max_events),
+                format!(
+                    "{} is fewer than one event per shard ({s} shards)",
+                    self.log_max_events
+                ),
             ));
         }
         if self.log_max_bytes / s < 64 * 1024 + 1024 {
             return Err(invalid(
                 "log_max_bytes",
-                format!("{} leaves less than one maximal event (65 KiB) per shard", self.log_max_bytes),
+                format!(
+                    "{} leaves less than one maximal event (65 KiB) per shard",
+                    self.log_max_bytes
+                ),
             ));
         }
         if self.max_in_flight == 0 {
@@ -211,12 +219,20 @@ impl Config {
             }
         }
         for (region, url) in &self.peers {
-            freshness::validate_namespace(region)
-                .map_err(|_| invalid("peers", format!("peer region {region:?} is not a valid name")))?;
+            freshness::validate_namespace(region).map_err(|_| {
+                invalid(
+                    "peers",
+                    format!("peer region {region:?} is not a valid name"),
+                )
+            })?;
             if region == &self.region {
-                return Err(invalid("peers", format!("peer {region:?} is this hub's own region")));
+                return Err(invalid(
+                    "peers",
+                    format!("peer {region:?} is this hub's own region"),
+                ));
             }
-            validate_url(url).map_err(|reason| invalid("peers", format!("peer {region}: {reason}")))?;
+            validate_url(url)
+                .map_err(|reason| invalid("peers", format!("peer {region}: {reason}")))?;
         }
         Ok(())
     }
@@ -361,15 +377,24 @@ mod tests {
         assert_eq!(c.metrics_listen.to_string(), "127.0.0.1:9464");
         assert_eq!(c.shards, 64);
         assert_eq!(c.progress_interval, Duration::from_millis(250));
-        assert_eq!((c.log_max_events, c.log_max_bytes), (1_048_576, 268_435_456));
+        assert_eq!(
+            (c.log_max_events, c.log_max_bytes),
+            (1_048_576, 268_435_456)
+        );
         assert_eq!(c.max_in_flight, 8_192);
         assert_eq!(c.log_events_per_shard(), 16_384);
     }
 
     #[test]
     fn file_rejects_unknown_keys_and_parses_durations() {
-        let c: Config = toml::from_str("shards = 8\nprogress_interval = \"100ms\"\n[peers]\neu = \"http://h:1\"\n").unwrap();
-        assert_eq!((c.shards, c.progress_interval), (8, Duration::from_millis(100)));
+        let c: Config = toml::from_str(
+            "shards = 8\nprogress_interval = \"100ms\"\n[peers]\neu = \"http://h:1\"\n",
+        )
+        .unwrap();
+        assert_eq!(
+            (c.shards, c.progress_interval),
+            (8, Duration::from_millis(100))
+        );
         assert_eq!(c.peers["eu"], "http://h:1");
         assert!(toml::from_str::<Config>("shard = 8").is_err());
     }
@@ -383,16 +408,20 @@ mod tests {
         };
         assert!(bad(|c| c.shards = 0).starts_with("invalid setting `shards`"));
         assert!(bad(|c| c.region = "EU".into()).starts_with("invalid setting `region`"));
-        assert!(bad(|c| {
-            c.peers.insert("eu".into(), "localhost:1".into());
-        })
-        .contains("must start with http://"));
+        assert!(
+            bad(|c| {
+                c.peers.insert("eu".into(), "localhost:1".into());
+            })
+            .contains("must start with http://")
+        );
         assert!(bad(|c| c.log_max_events = 1).starts_with("invalid setting `log_max_events`"));
     }
 
     #[test]
     fn flags_override_file_and_defaults() {
-        let args = Args::try_parse_from(["freshness-hub", "--shards", "16", "--peer", "eu=http://a:1"]).unwrap();
+        let args =
+            Args::try_parse_from(["freshness-hub", "--shards", "16", "--peer", "eu=http://a:1"])
+                .unwrap();
         let c = args.into_config().unwrap();
         assert_eq!(c.shards, 16);
         assert_eq!(c.peers.len(), 1);

@@ -56,8 +56,10 @@ impl From<HubError> for Status {
             }
             HubError::ResourceExhausted(_) => {
                 let mut s = Status::resource_exhausted(msg);
-                s.metadata_mut()
-                    .insert(RETRY_AFTER_MS, tonic::metadata::MetadataValue::from_static("1000"));
+                s.metadata_mut().insert(
+                    RETRY_AFTER_MS,
+                    tonic::metadata::MetadataValue::from_static("1000"),
+                );
                 s
             }
             HubError::ShuttingDown => Status::unavailable(msg),

@@ -291,7 +291,11 @@ impl Hub {
 
     /// Waits until every connected node whose filter matches has acked the
     /// targets, or the timeout passes; returns the nodes still pending.
-    async fn wait_for_region(&self, targets: &[(ShardId, u64, &str)], timeout: Duration) -> Vec<String> {
+    async fn wait_for_region(
+        &self,
+        targets: &[(ShardId, u64, &str)],
+        timeout: Duration,
+    ) -> Vec<String> {
         // Requirement per node: highest seq per shard among matching events.
         let mut pending: Vec<(String, Vec<(ShardId, u64)>)> = self
             .nodes
@@ -318,7 +322,9 @@ impl Hub {
                 pending.retain(|(id, need)| {
                     let Some(n) = nodes.get(id) else { return true };
                     let acked = n.acked.lock();
-                    !need.iter().all(|(s, seq)| acked.get(s.index()).is_some_and(|a| a >= seq))
+                    !need
+                        .iter()
+                        .all(|(s, seq)| acked.get(s.index()).is_some_and(|a| a >= seq))
                 });
             }
             if pending.is_empty() {

@@ -192,7 +192,10 @@ mod tests {
         assert_eq!((log.head(), log.first_seq(), log.len()), (5, 3, 3));
         assert_eq!(ev.iter().map(|(s, _)| *s).collect::<Vec<_>>(), vec![1, 2]);
         assert_eq!(log.after(3).map(|(s, _)| s).collect::<Vec<_>>(), vec![4, 5]);
-        assert_eq!(log.after(0).map(|(s, _)| s).collect::<Vec<_>>(), vec![3, 4, 5]);
+        assert_eq!(
+            log.after(0).map(|(s, _)| s).collect::<Vec<_>>(),
+            vec![3, 4, 5]
+        );
         assert!(log.get(2).is_none() && log.get(5).is_some() && log.get(6).is_none());
 
         let mut log = ShardLog::new(100, 2 * (ENTRY_OVERHEAD + 10));

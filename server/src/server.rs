@@ -72,9 +72,10 @@ pub async fn run(
         .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()?;
-    let hub_service = pb::raw::hub_server::HubServer::new(HubService::new(hub.clone(), tracker.clone()))
-        .max_decoding_message_size(max_message)
-        .max_encoding_message_size(max_message);
+    let hub_service =
+        pb::raw::hub_server::HubServer::new(HubService::new(hub.clone(), tracker.clone()))
+            .max_decoding_message_size(max_message)
+            .max_encoding_message_size(max_message);
 
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
     // Layers, outermost first: SPEC §4 status mapping. Limits live in the
@@ -82,7 +83,9 @@ pub async fn run(
     let server = Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(20)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
-        .layer(tower::util::MapResponseLayer::new(oversize_to_resource_exhausted))
+        .layer(tower::util::MapResponseLayer::new(
+            oversize_to_resource_exhausted,
+        ))
         .add_service(health_service)
         .add_service(reflection)
         .add_service(hub_service)
@@ -110,7 +113,10 @@ pub async fn run(
     match tokio::time::timeout(grace, drained).await {
         Ok(Ok(result)) => result?,
         Ok(Err(join)) => tracing::error!(error = %join, "grpc server task failed"),
-        Err(_) => tracing::warn!(?grace, "shutdown grace period expired; dropping what is left"),
+        Err(_) => tracing::warn!(
+            ?grace,
+            "shutdown grace period expired; dropping what is left"
+        ),
     }
     tracing::info!("hub stopped");
     Ok(())

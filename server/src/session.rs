@@ -241,7 +241,10 @@ impl Session {
         let goodbye = if self.shared.cancel.is_cancelled() {
             let replaced = *self.shared.end_reason.lock() == Some(EndReason::Replaced);
             Some(if replaced {
-                (pb::GoodbyeReason::Replaced, "a newer stream with the same node_id took over")
+                (
+                    pb::GoodbyeReason::Replaced,
+                    "a newer stream with the same node_id took over",
+                )
             } else {
                 (pb::GoodbyeReason::Shutdown, "hub is shutting down")
             })
@@ -255,11 +258,14 @@ impl Session {
                     message: message.into(),
                 })),
             };
-            let _ = tokio::time::timeout(FINAL_SEND, self.tx.send(Ok(Frame::from_message(&msg)))).await;
+            let _ =
+                tokio::time::timeout(FINAL_SEND, self.tx.send(Ok(Frame::from_message(&msg)))).await;
         }
         match &end {
             Ok(()) => tracing::info!(node_id = %self.shared.node_id, "stream ended"),
-            Err(s) => tracing::warn!(node_id = %self.shared.node_id, code = ?s.code(), error = %s.message(), "stream closed"),
+            Err(s) => {
+                tracing::warn!(node_id = %self.shared.node_id, code = ?s.code(), error = %s.message(), "stream closed")
+            }
         }
         if let Err(status) = end {
             let _ = tokio::time::timeout(FINAL_SEND, self.tx.send(Err(status))).await;
@@ -273,7 +279,9 @@ impl Session {
             Some(ReqKind::Hello(_)) => Err(Status::failed_precondition(
                 "a second hello on the same stream; open a new stream instead",
             )),
-            None => Err(Status::invalid_argument("empty subscribe request (neither hello nor ack)")),
+            None => Err(Status::invalid_argument(
+                "empty subscribe request (neither hello nor ack)",
+            )),
         }
     }
 
@@ -329,7 +337,9 @@ impl Session {
             self.blocked = false;
             self.shared.parked.store(false, Ordering::Relaxed);
         }
-        self.shared.in_flight.store(self.in_flight, Ordering::Relaxed);
+        self.shared
+            .in_flight
+            .store(self.in_flight, Ordering::Relaxed);
         if watermark != 0 {
             self.shared
                 .acked_watermark_us
@@ -397,17 +407,17 @@ impl Session {
     /// Remembers something sent; progress and resets (count 0) at the back
     /// are merged, so a node that never acks costs a bounded queue.
     fn track(&mut self, sent: Sent) {
-        if sent.count == 0 {
-            if let Some(back) = self.unacked.back_mut().filter(|b| b.count == 0) {
-                for (s, q) in sent.positions {
-                    match back.positions.iter_mut().find(|(bs, _)| *bs == s) {
-                        Some(p) => p.1 = p.1.max(q),
-                        None => back.positions.push((s, q)),
-                    }
+        if sent.count == 0
+            && let Some(back) = self.unacked.back_mut().filter(|b| b.count == 0)
+        {
+            for (s, q) in sent.positions {
+                match back.positions.iter_mut().find(|(bs, _)| *bs == s) {
+                    Some(p) => p.1 = p.1.max(q),
+                    None => back.positions.push((s, q)),
                 }
-                back.watermark_us = back.watermark_us.max(sent.watermark_us);
-                return;
             }
+            back.watermark_us = back.watermark_us.max(sent.watermark_us);
+            return;
         }
         self.in_flight += sent.count;
         self.unacked.push_back(sent);
@@ -526,7 +536,11 @@ impl Session {
             self.caught_up = true;
         }
         if count == 0 {
-            return if complete { Fill::Idle(t) } else { Fill::Blocked };
+            return if complete {
+                Fill::Idle(t)
+            } else {
+                Fill::Blocked
+            };
         }
         let watermark_us = if complete { t } else { 0 };
         if complete {

@@ -195,19 +195,19 @@ impl Actor {
     }
 
     fn accept(&mut self, e: Incoming, now: u64, appended: &mut Vec<LogEntry>) -> EventOutcome {
-        if let Some(r) = self.versions.get(&e.entity) {
-            if r.version >= e.version {
-                let outcome = if r.version == e.version {
-                    Outcome::Duplicate
-                } else {
-                    Outcome::Superseded
-                };
-                return EventOutcome {
-                    outcome,
-                    seq: r.seq,
-                    current_version: r.version,
-                };
-            }
+        if let Some(r) = self.versions.get(&e.entity)
+            && r.version >= e.version
+        {
+            let outcome = if r.version == e.version {
+                Outcome::Duplicate
+            } else {
+                Outcome::Superseded
+            };
+            return EventOutcome {
+                outcome,
+                seq: r.seq,
+                current_version: r.version,
+            };
         }
         self.head += 1;
         let seq = self.head;

@@ -10,14 +10,20 @@ fn run(args: &[&str], env: &[(&str, &str)]) -> (Option<i32>, String) {
         cmd.env(k, v);
     }
     let out = cmd.output().expect("run freshness-hub");
-    (out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned())
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
 
 fn assert_config_error(args: &[&str], env: &[(&str, &str)], contains: &str) {
     let (code, stderr) = run(args, env);
     assert_eq!(code, Some(64), "stderr: {stderr}");
     assert_eq!(stderr.trim_end().lines().count(), 1, "one line: {stderr:?}");
-    assert!(stderr.contains(contains), "{stderr:?} should contain {contains:?}");
+    assert!(
+        stderr.contains(contains),
+        "{stderr:?} should contain {contains:?}"
+    );
 }
 
 #[test]
@@ -31,8 +37,16 @@ fn invalid_configurations_exit_64_with_one_line() {
     std::fs::create_dir_all(&dir).unwrap();
     let file = dir.join("hub.toml");
     std::fs::write(&file, "shards = 8\nunknown_key = 1\n").unwrap();
-    assert_config_error(&["--config", file.to_str().unwrap()], &[], "unknown field `unknown_key`");
-    assert_config_error(&["--config", "/nonexistent/hub.toml"], &[], "cannot read config file");
+    assert_config_error(
+        &["--config", file.to_str().unwrap()],
+        &[],
+        "unknown field `unknown_key`",
+    );
+    assert_config_error(
+        &["--config", "/nonexistent/hub.toml"],
+        &[],
+        "cannot read config file",
+    );
 }
 
 #[test]

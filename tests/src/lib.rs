@@ -62,7 +62,9 @@ impl TestHub {
         init_logging();
         // A port just released by a stopped hub can take a moment to free up.
         let listener = wait_for(|| async { tokio::net::TcpListener::bind(addr).await.ok() }).await;
-        let addr = listener.local_addr().expect("bound listener has an address");
+        let addr = listener
+            .local_addr()
+            .expect("bound listener has an address");
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(freshness_hub::run(config, listener, shutdown.clone()));
         Self {
@@ -127,7 +129,10 @@ where
         if let Some(v) = f().await {
             return v;
         }
-        assert!(tokio::time::Instant::now() < deadline, "condition not met within {WAIT:?}");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "condition not met within {WAIT:?}"
+        );
         tokio::time::sleep(pause).await;
         pause = (pause * 2).min(Duration::from_millis(50));
     }

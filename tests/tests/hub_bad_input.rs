@@ -1,9 +1,9 @@
 //! SPEC §4 over real sockets: every bad input gets its answer, nothing of a
 //! rejected call is applied, and the hub keeps serving everyone else.
 
+use freshness::pb;
 use freshness::pb::subscribe_request::Kind as ReqKind;
 use freshness::pb::subscribe_response::Kind;
-use freshness::pb;
 use freshness_tests::{NodeCursor, RawNode, TestHub, connect, hello, publish_request, test_config};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -17,24 +17,68 @@ async fn assert_publish_fails(hub: &TestHub, req: pb::PublishRequest, code: Code
     let before = total_head(&hub.status().await);
     let err = hub.client().await.publish(req).await.unwrap_err();
     assert_eq!(err.code(), code, "{err:?}");
-    assert!(err.message().contains(contains), "message {:?} should contain {contains:?}", err.message());
-    assert_eq!(total_head(&hub.status().await), before, "nothing of a rejected call is applied");
+    assert!(
+        err.message().contains(contains),
+        "message {:?} should contain {contains:?}",
+        err.message()
+    );
+    assert_eq!(
+        total_head(&hub.status().await),
+        before,
+        "nothing of a rejected call is applied"
+    );
 }
 
 #[tokio::test]
 async fn malformed_events_are_rejected_whole_naming_index_and_field() {
     let hub = TestHub::start().await;
     let ok = ("user:1", 1);
-    assert_publish_fails(&hub, publish_request(&[ok, ("User:2", 1)]), Code::InvalidArgument, "event 1: field `entity`").await;
-    assert_publish_fails(&hub, publish_request(&[ok, ok, ("user:", 1)]), Code::InvalidArgument, "event 2: field `entity`: entity id").await;
-    assert_publish_fails(&hub, publish_request(&[("nocolon", 1)]), Code::InvalidArgument, "event 0: field `entity`").await;
-    assert_publish_fails(&hub, publish_request(&[ok, ("user:3", 0)]), Code::InvalidArgument, "event 1: field `version`").await;
+    assert_publish_fails(
+        &hub,
+        publish_request(&[ok, ("User:2", 1)]),
+        Code::InvalidArgument,
+        "event 1: field `entity`",
+    )
+    .await;
+    assert_publish_fails(
+        &hub,
+        publish_request(&[ok, ok, ("user:", 1)]),
+        Code::InvalidArgument,
+        "event 2: field `entity`: entity id",
+    )
+    .await;
+    assert_publish_fails(
+        &hub,
+        publish_request(&[("nocolon", 1)]),
+        Code::InvalidArgument,
+        "event 0: field `entity`",
+    )
+    .await;
+    assert_publish_fails(
+        &hub,
+        publish_request(&[ok, ("user:3", 0)]),
+        Code::InvalidArgument,
+        "event 1: field `version`",
+    )
+    .await;
     let long = format!("user:{}", "x".repeat(600));
-    assert_publish_fails(&hub, publish_request(&[(long.as_str(), 1)]), Code::InvalidArgument, "more than the limit of 512").await;
+    assert_publish_fails(
+        &hub,
+        publish_request(&[(long.as_str(), 1)]),
+        Code::InvalidArgument,
+        "more than the limit of 512",
+    )
+    .await;
     let mut big = publish_request(&[ok, ("user:4", 1)]);
     big.events[1].payload = vec![7u8; 64 * 1024 + 1].into();
     assert_publish_fails(&hub, big, Code::InvalidArgument, "event 1: field `payload`").await;
-    assert_publish_fails(&hub, publish_request(&[]), Code::InvalidArgument, "no events").await;
+    assert_publish_fails(
+        &hub,
+        publish_request(&[]),
+        Code::InvalidArgument,
+        "no events",
+    )
+    .await;
 }
 
 #[tokio::test]
@@ -42,9 +86,20 @@ async fn more_than_ten_thousand_events_are_rejected() {
     let hub = TestHub::start().await;
     let names: Vec<String> = (0..10_001).map(|i| format!("user:{i}")).collect();
     let events: Vec<(&str, u64)> = names.iter().map(|n| (n.as_str(), 1)).collect();
-    assert_publish_fails(&hub, publish_request(&events), Code::InvalidArgument, "10001 events").await;
+    assert_publish_fails(
+        &hub,
+        publish_request(&events),
+        Code::InvalidArgument,
+        "10001 events",
+    )
+    .await;
     // Exactly the limit is fine.
-    let resp = hub.client().await.publish(publish_request(&events[..10_000])).await.unwrap();
+    let resp = hub
+        .client()
+        .await
+        .publish(publish_request(&events[..10_000]))
+        .await
+        .unwrap();
     assert_eq!(resp.into_inner().results.len(), 10_000);
 }
 
@@ -53,33 +108,53 @@ async fn an_oversized_message_is_resource_exhausted_and_the_hub_keeps_serving() 
     let mut config = test_config();
     config.max_message_bytes = 256 * 1024;
     let hub = TestHub::start_with(config).await;
-    let mut req = publish_request(&[("user:1", 1), ("user:2", 1), ("user:3", 1), ("user:4", 1), ("user:5", 1)]);
+    let mut req = publish_request(&[
+        ("user:1", 1),
+        ("user:2", 1),
+        ("user:3", 1),
+        ("user:4", 1),
+        ("user:5", 1),
+    ]);
     for e in &mut req.events {
         e.payload = vec![1u8; 60 * 1024].into();
     }
     let err = hub.client().await.publish(req).await.unwrap_err();
     assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
-    let ok = hub.client().await.publish(publish_request(&[("user:1", 1)])).await;
+    let ok = hub
+        .client()
+        .await
+        .publish(publish_request(&[("user:1", 1)]))
+        .await;
     assert!(ok.is_ok(), "hub still serves: {ok:?}");
 }
 
 #[tokio::test]
 async fn a_stream_must_open_with_exactly_one_hello() {
     let hub = TestHub::start().await;
-    let mut bystander = RawNode::connect(&hub.url(), hello("bystander", &[], None)).await.unwrap();
+    let mut bystander = RawNode::connect(&hub.url(), hello("bystander", &[], None))
+        .await
+        .unwrap();
 
     // First message an ack.
     let mut client = connect(&hub.url()).await;
     let (tx, rx) = mpsc::channel(4);
-    tx.send(pb::SubscribeRequest { kind: Some(ReqKind::Ack(pb::Ack::default())) }).await.unwrap();
+    tx.send(pb::SubscribeRequest {
+        kind: Some(ReqKind::Ack(pb::Ack::default())),
+    })
+    .await
+    .unwrap();
     let err = client.subscribe(ReceiverStream::new(rx)).await.unwrap_err();
     assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
     assert!(err.message().contains("must be a hello"));
 
     // A second hello.
-    let mut node = RawNode::connect(&hub.url(), hello("twice", &[], None)).await.unwrap();
+    let mut node = RawNode::connect(&hub.url(), hello("twice", &[], None))
+        .await
+        .unwrap();
     node.tx
-        .send(pb::SubscribeRequest { kind: Some(ReqKind::Hello(hello("twice", &[], None))) })
+        .send(pb::SubscribeRequest {
+            kind: Some(ReqKind::Hello(hello("twice", &[], None))),
+        })
         .await
         .unwrap();
     let err = loop {
@@ -92,15 +167,25 @@ async fn a_stream_must_open_with_exactly_one_hello() {
     assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
 
     // A bad hello.
-    let err = RawNode::connect(&hub.url(), hello("", &[], None)).await.err().unwrap();
+    let err = RawNode::connect(&hub.url(), hello("", &[], None))
+        .await
+        .err()
+        .unwrap();
     assert_eq!(err.code(), Code::InvalidArgument);
     assert!(err.message().contains("node_id"), "{err:?}");
-    let err = RawNode::connect(&hub.url(), hello("n", &["Bad NS"], None)).await.err().unwrap();
+    let err = RawNode::connect(&hub.url(), hello("n", &["Bad NS"], None))
+        .await
+        .err()
+        .unwrap();
     assert_eq!(err.code(), Code::InvalidArgument);
 
     // The bystander is unaffected and still gets events.
     let mut cursor = NodeCursor::from_welcome(&bystander.welcome);
-    hub.client().await.publish(publish_request(&[("user:9", 9)])).await.unwrap();
+    hub.client()
+        .await
+        .publish(publish_request(&[("user:9", 9)]))
+        .await
+        .unwrap();
     loop {
         let msg = bystander.expect().await;
         cursor.apply(&msg);
@@ -120,34 +205,53 @@ async fn expect_closed_with(node: &mut RawNode, code: Code, contains: &str) {
         }
     };
     assert_eq!(err.code(), code, "{err:?}");
-    assert!(err.message().contains(contains), "{:?} should contain {contains:?}", err.message());
+    assert!(
+        err.message().contains(contains),
+        "{:?} should contain {contains:?}",
+        err.message()
+    );
 }
 
 #[tokio::test]
 async fn acks_beyond_what_was_sent_or_for_another_epoch_close_the_stream() {
     let hub = TestHub::start().await;
-    let mut bystander = RawNode::connect(&hub.url(), hello("bystander", &[], None)).await.unwrap();
+    let mut bystander = RawNode::connect(&hub.url(), hello("bystander", &[], None))
+        .await
+        .unwrap();
 
-    let mut node = RawNode::connect(&hub.url(), hello("greedy", &[], None)).await.unwrap();
+    let mut node = RawNode::connect(&hub.url(), hello("greedy", &[], None))
+        .await
+        .unwrap();
     let mut c = node.welcome.cursor.clone().unwrap();
     c.seqs[3] += 1;
     node.ack(c).await;
     expect_closed_with(&mut node, Code::InvalidArgument, "ack beyond what was sent").await;
 
-    let mut node = RawNode::connect(&hub.url(), hello("confused", &[], None)).await.unwrap();
+    let mut node = RawNode::connect(&hub.url(), hello("confused", &[], None))
+        .await
+        .unwrap();
     let mut c = node.welcome.cursor.clone().unwrap();
     c.epoch ^= 1;
     node.ack(c).await;
     expect_closed_with(&mut node, Code::InvalidArgument, "epoch").await;
 
-    let mut node = RawNode::connect(&hub.url(), hello("short", &[], None)).await.unwrap();
-    node.ack(pb::Cursor { epoch: node.welcome.epoch, seqs: vec![0; 3] }).await;
+    let mut node = RawNode::connect(&hub.url(), hello("short", &[], None))
+        .await
+        .unwrap();
+    node.ack(pb::Cursor {
+        epoch: node.welcome.epoch,
+        seqs: vec![0; 3],
+    })
+    .await;
     expect_closed_with(&mut node, Code::InvalidArgument, "shards").await;
 
     // A resume cursor ahead of the hub is refused at hello.
     let mut ahead = bystander.welcome.cursor.clone().unwrap();
     ahead.seqs[0] = 99;
-    let err = RawNode::connect(&hub.url(), hello("ahead", &[], Some(ahead))).await.err().unwrap();
+    let err = RawNode::connect(&hub.url(), hello("ahead", &[], Some(ahead)))
+        .await
+        .err()
+        .unwrap();
     assert_eq!(err.code(), Code::InvalidArgument);
 
     // The bystander still works.
@@ -191,13 +295,19 @@ async fn a_full_hub_refuses_publishes_with_a_retry_hint_and_applies_nothing_of_t
         match c.await.unwrap() {
             Ok(_) => applied_calls += 1,
             Err(e) => {
-                assert!(matches!(e.code(), Code::Unavailable | Code::ResourceExhausted), "{e:?}");
+                assert!(
+                    matches!(e.code(), Code::Unavailable | Code::ResourceExhausted),
+                    "{e:?}"
+                );
                 assert!(e.metadata().get("retry-after-ms").is_some(), "retry hint");
                 refused += 1;
             }
         }
     }
-    assert!(refused > 0, "a queue of one must refuse some of 64 concurrent calls");
+    assert!(
+        refused > 0,
+        "a queue of one must refuse some of 64 concurrent calls"
+    );
     // All or nothing: the head equals the events of the accepted calls.
     let status = hub.status().await;
     assert_eq!(total_head(&status), applied_calls * 2_000);

@@ -16,7 +16,11 @@ fn outcomes(resp: &pb::PublishResponse) -> Vec<PublishOutcome> {
 }
 
 /// Reads messages, acking each, until `want` events arrived; returns them.
-async fn receive(node: &mut RawNode, cursor: &mut NodeCursor, want: usize) -> Vec<pb::DeliveredEvent> {
+async fn receive(
+    node: &mut RawNode,
+    cursor: &mut NodeCursor,
+    want: usize,
+) -> Vec<pb::DeliveredEvent> {
     let mut got = Vec::new();
     while got.len() < want {
         let msg = node.expect().await;
@@ -39,15 +43,27 @@ fn entity_version(e: &pb::DeliveredEvent) -> (String, u64) {
 #[tokio::test]
 async fn g1_every_accepted_event_reaches_a_subscribed_node() {
     let hub = TestHub::start().await;
-    let mut node = RawNode::connect(&hub.url(), hello("n1", &[], None)).await.unwrap();
+    let mut node = RawNode::connect(&hub.url(), hello("n1", &[], None))
+        .await
+        .unwrap();
     let mut cursor = NodeCursor::from_welcome(&node.welcome);
     let mut client = hub.client().await;
     let mut want = Vec::new();
     for batch in 0..20 {
-        let events: Vec<(String, u64)> = (0..50).map(|i| (format!("user:{}", batch * 50 + i), 1)).collect();
+        let events: Vec<(String, u64)> = (0..50)
+            .map(|i| (format!("user:{}", batch * 50 + i), 1))
+            .collect();
         let refs: Vec<(&str, u64)> = events.iter().map(|(e, v)| (e.as_str(), *v)).collect();
-        let resp = client.publish(publish_request(&refs)).await.unwrap().into_inner();
-        assert!(outcomes(&resp).iter().all(|o| *o == PublishOutcome::Applied));
+        let resp = client
+            .publish(publish_request(&refs))
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(
+            outcomes(&resp)
+                .iter()
+                .all(|o| *o == PublishOutcome::Applied)
+        );
         want.extend(events);
     }
     let got = receive(&mut node, &mut cursor, want.len()).await;
@@ -62,7 +78,9 @@ async fn g1_every_accepted_event_reaches_a_subscribed_node() {
 #[tokio::test]
 async fn events_carry_shard_seq_origin_and_publish_time() {
     let hub = TestHub::start().await;
-    let mut node = RawNode::connect(&hub.url(), hello("n1", &[], None)).await.unwrap();
+    let mut node = RawNode::connect(&hub.url(), hello("n1", &[], None))
+        .await
+        .unwrap();
     let mut cursor = NodeCursor::from_welcome(&node.welcome);
     assert_eq!(node.welcome.hash, "fnv1a64");
     assert_eq!(node.welcome.shard_count, 64);
@@ -76,7 +94,10 @@ async fn events_carry_shard_seq_origin_and_publish_time() {
     let got = receive(&mut node, &mut cursor, 1).await;
     let e = &got[0];
     assert_eq!(e.shard, freshness::shard("user:42", 64).0);
-    assert_eq!((e.shard, e.seq), (resp.results[0].shard, resp.results[0].seq));
+    assert_eq!(
+        (e.shard, e.seq),
+        (resp.results[0].shard, resp.results[0].seq)
+    );
     let ev = e.event.as_ref().unwrap();
     assert_eq!(ev.origin, "local");
     assert!(ev.publish_time_us > 0);
@@ -89,7 +110,9 @@ async fn g2_many_nodes_and_writers_see_versions_in_order_and_end_on_the_latest()
     let entities: Vec<String> = (0..40).map(|i| format!("post:{i}")).collect();
     let mut nodes = Vec::new();
     for i in 0..50 {
-        let node = RawNode::connect(&hub.url(), hello(&format!("node-{i}"), &[], None)).await.unwrap();
+        let node = RawNode::connect(&hub.url(), hello(&format!("node-{i}"), &[], None))
+            .await
+            .unwrap();
         nodes.push(node);
     }
     // Three writers publish overlapping entities with interleaved versions:
@@ -138,19 +161,33 @@ async fn g2_many_nodes_and_writers_see_versions_in_order_and_end_on_the_latest()
 #[tokio::test]
 async fn g3_older_and_equal_versions_are_never_fanned_out() {
     let hub = TestHub::start().await;
-    let mut node = RawNode::connect(&hub.url(), hello("n1", &[], None)).await.unwrap();
+    let mut node = RawNode::connect(&hub.url(), hello("n1", &[], None))
+        .await
+        .unwrap();
     let mut cursor = NodeCursor::from_welcome(&node.welcome);
     let mut client = hub.client().await;
-    let r = client.publish(publish_request(&[("user:1", 5)])).await.unwrap().into_inner();
+    let r = client
+        .publish(publish_request(&[("user:1", 5)]))
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(outcomes(&r), vec![PublishOutcome::Applied]);
     let r = client
-        .publish(publish_request(&[("user:1", 3), ("user:1", 5), ("user:2", 1)]))
+        .publish(publish_request(&[
+            ("user:1", 3),
+            ("user:1", 5),
+            ("user:2", 1),
+        ]))
         .await
         .unwrap()
         .into_inner();
     assert_eq!(
         outcomes(&r),
-        vec![PublishOutcome::Superseded, PublishOutcome::Duplicate, PublishOutcome::Applied]
+        vec![
+            PublishOutcome::Superseded,
+            PublishOutcome::Duplicate,
+            PublishOutcome::Applied
+        ]
     );
     assert_eq!(r.results[0].current_version, 5);
     let got = receive(&mut node, &mut cursor, 2).await;
@@ -158,7 +195,12 @@ async fn g3_older_and_equal_versions_are_never_fanned_out() {
     assert_eq!(got.len(), 2);
     assert!(got.contains(&("user:1".into(), 5)) && got.contains(&("user:2".into(), 1)));
     // Nothing else arrives: the next thing on the stream is progress.
-    let _ = hub.client().await.publish(publish_request(&[("user:3", 1)])).await.unwrap();
+    let _ = hub
+        .client()
+        .await
+        .publish(publish_request(&[("user:3", 1)]))
+        .await
+        .unwrap();
     let got = receive(&mut node, &mut cursor, 1).await;
     assert_eq!(entity_version(&got[0]), ("user:3".into(), 1));
 }
@@ -168,7 +210,9 @@ async fn g4_watermark_advances_while_idle() {
     let mut config = test_config();
     config.progress_interval = std::time::Duration::from_millis(20);
     let hub = TestHub::start_with(config).await;
-    let mut node = RawNode::connect(&hub.url(), hello("n1", &[], None)).await.unwrap();
+    let mut node = RawNode::connect(&hub.url(), hello("n1", &[], None))
+        .await
+        .unwrap();
     let mut last = 0;
     for _ in 0..5 {
         match node.expect().await {
@@ -188,11 +232,18 @@ async fn g4_watermark_advances_while_idle() {
 #[tokio::test]
 async fn namespace_filter_delivers_only_matching_events() {
     let hub = TestHub::start().await;
-    let mut node = RawNode::connect(&hub.url(), hello("n1", &["post"], None)).await.unwrap();
+    let mut node = RawNode::connect(&hub.url(), hello("n1", &["post"], None))
+        .await
+        .unwrap();
     let mut cursor = NodeCursor::from_welcome(&node.welcome);
     let mut client = hub.client().await;
     client
-        .publish(publish_request(&[("user:1", 1), ("post:1", 1), ("user:2", 1), ("post:2", 1)]))
+        .publish(publish_request(&[
+            ("user:1", 1),
+            ("post:1", 1),
+            ("user:2", 1),
+            ("post:2", 1),
+        ]))
         .await
         .unwrap();
     let mut got: Vec<String> = receive(&mut node, &mut cursor, 2)
@@ -223,7 +274,8 @@ async fn g5_a_node_that_never_acks_is_parked_at_its_in_flight_limit_then_reset()
     let mut node = RawNode::connect(&hub.url(), h).await.unwrap();
     let mut client = hub.client().await;
     for round in 0..10 {
-        let events: Vec<(String, u64)> = (0..100).map(|i| (format!("user:{i}"), round + 1)).collect();
+        let events: Vec<(String, u64)> =
+            (0..100).map(|i| (format!("user:{i}"), round + 1)).collect();
         let refs: Vec<(&str, u64)> = events.iter().map(|(e, v)| (e.as_str(), *v)).collect();
         client.publish(publish_request(&refs)).await.unwrap();
     }
@@ -236,13 +288,20 @@ async fn g5_a_node_that_never_acks_is_parked_at_its_in_flight_limit_then_reset()
             _ => {}
         }
     };
-    assert!(delivered <= 64, "in-flight limit exceeded: {delivered} unacked events sent");
+    assert!(
+        delivered <= 64,
+        "in-flight limit exceeded: {delivered} unacked events sent"
+    );
     assert_eq!(reset.reason, pb::ResetReason::SlowConsumer as i32);
     assert!(!reset.shards.is_empty());
     let status = hub.status().await;
     let n = &status.nodes[0];
     assert!(n.in_flight <= 64 && n.parked, "{n:?}");
-    assert!(status.retained_events <= 400, "log bounded: {}", status.retained_events);
+    assert!(
+        status.retained_events <= 400,
+        "log bounded: {}",
+        status.retained_events
+    );
 }
 
 #[tokio::test]
@@ -259,7 +318,10 @@ async fn a_slow_node_that_acks_again_continues_after_its_reset() {
     // 100 events per entity while the node reads nothing: it is parked after
     // 4 and the log (10 per shard) moves past it.
     for v in 1..=100 {
-        client.publish(publish_request(&[("user:a", v), ("user:b", v)])).await.unwrap();
+        client
+            .publish(publish_request(&[("user:a", v), ("user:b", v)]))
+            .await
+            .unwrap();
     }
     let mut latest: HashMap<String, u64> = HashMap::new();
     loop {
@@ -288,7 +350,10 @@ async fn a_slow_node_that_acks_again_continues_after_its_reset() {
         }
     }
     // Now live: new versions arrive as events, in order, without resets.
-    client.publish(publish_request(&[("user:a", 1000), ("user:b", 1000)])).await.unwrap();
+    client
+        .publish(publish_request(&[("user:a", 1000), ("user:b", 1000)]))
+        .await
+        .unwrap();
     let got = receive(&mut node, &mut cursor, 2).await;
     let mut got: Vec<(String, u64)> = got.iter().map(entity_version).collect();
     got.sort();
@@ -301,19 +366,37 @@ async fn a_slow_node_that_acks_again_continues_after_its_reset() {
 async fn resume_in_the_same_epoch_replays_what_was_missed() {
     let hub = TestHub::start().await;
     let mut client = hub.client().await;
-    client.publish(publish_request(&[("user:1", 1)])).await.unwrap();
-    let node = RawNode::connect(&hub.url(), hello("n1", &[], None)).await.unwrap();
+    client
+        .publish(publish_request(&[("user:1", 1)]))
+        .await
+        .unwrap();
+    let node = RawNode::connect(&hub.url(), hello("n1", &[], None))
+        .await
+        .unwrap();
     let start = node.welcome.cursor.clone().unwrap();
     assert!(!node.welcome.resumed);
     drop(node);
-    client.publish(publish_request(&[("user:2", 1), ("user:3", 1)])).await.unwrap();
-    let mut node = RawNode::connect(&hub.url(), hello("n1", &[], Some(start.clone()))).await.unwrap();
+    client
+        .publish(publish_request(&[("user:2", 1), ("user:3", 1)]))
+        .await
+        .unwrap();
+    let mut node = RawNode::connect(&hub.url(), hello("n1", &[], Some(start.clone())))
+        .await
+        .unwrap();
     assert!(node.welcome.resumed);
     assert_eq!(node.welcome.cursor.as_ref(), Some(&start));
     let mut cursor = NodeCursor::from_welcome(&node.welcome);
-    let mut got: Vec<String> = receive(&mut node, &mut cursor, 2).await.iter().map(|e| entity_version(e).0).collect();
+    let mut got: Vec<String> = receive(&mut node, &mut cursor, 2)
+        .await
+        .iter()
+        .map(|e| entity_version(e).0)
+        .collect();
     got.sort();
-    assert_eq!(got, vec!["user:2", "user:3"], "replay without a reset, and not user:1");
+    assert_eq!(
+        got,
+        vec!["user:2", "user:3"],
+        "replay without a reset, and not user:1"
+    );
 }
 
 #[tokio::test]
@@ -322,18 +405,33 @@ async fn resume_past_the_retained_log_resets_exactly_the_expired_shards() {
     config.shards = 4;
     config.log_max_events = 8; // 2 per shard
     let hub = TestHub::start_with(config).await;
-    let node = RawNode::connect(&hub.url(), hello("n1", &[], None)).await.unwrap();
+    let node = RawNode::connect(&hub.url(), hello("n1", &[], None))
+        .await
+        .unwrap();
     let start = node.welcome.cursor.clone().unwrap();
     drop(node);
     // Find entities of shard 0 and shard 1; overflow shard 0 only.
-    let of_shard = |s: u32| (0..).map(|i| format!("user:{i}")).find(|e| freshness::shard(e, 4).0 == s).unwrap();
+    let of_shard = |s: u32| {
+        (0..)
+            .map(|i| format!("user:{i}"))
+            .find(|e| freshness::shard(e, 4).0 == s)
+            .unwrap()
+    };
     let (e0, e1) = (of_shard(0), of_shard(1));
     let mut client = hub.client().await;
     for v in 1..=5 {
-        client.publish(publish_request(&[(e0.as_str(), v)])).await.unwrap();
+        client
+            .publish(publish_request(&[(e0.as_str(), v)]))
+            .await
+            .unwrap();
     }
-    client.publish(publish_request(&[(e1.as_str(), 1)])).await.unwrap();
-    let mut node = RawNode::connect(&hub.url(), hello("n1", &[], Some(start))).await.unwrap();
+    client
+        .publish(publish_request(&[(e1.as_str(), 1)]))
+        .await
+        .unwrap();
+    let mut node = RawNode::connect(&hub.url(), hello("n1", &[], Some(start)))
+        .await
+        .unwrap();
     assert!(node.welcome.resumed);
     match node.expect().await {
         Kind::Reset(r) => {
@@ -354,12 +452,16 @@ async fn resume_past_the_retained_log_resets_exactly_the_expired_shards() {
 async fn resume_from_another_epoch_resets_everything() {
     let hub = TestHub::start().await;
     let addr = hub.addr;
-    let node = RawNode::connect(&hub.url(), hello("n1", &[], None)).await.unwrap();
+    let node = RawNode::connect(&hub.url(), hello("n1", &[], None))
+        .await
+        .unwrap();
     let old = node.welcome.cursor.clone().unwrap();
     drop(node);
     hub.stop().await;
     let hub = TestHub::start_on(addr, test_config()).await;
-    let mut node = RawNode::connect(&hub.url(), hello("n1", &[], Some(old.clone()))).await.unwrap();
+    let mut node = RawNode::connect(&hub.url(), hello("n1", &[], Some(old.clone())))
+        .await
+        .unwrap();
     assert!(!node.welcome.resumed);
     assert_ne!(node.welcome.epoch, old.epoch);
     match node.expect().await {
@@ -375,8 +477,12 @@ async fn resume_from_another_epoch_resets_everything() {
 #[tokio::test]
 async fn a_second_stream_with_the_same_node_id_replaces_the_first() {
     let hub = TestHub::start().await;
-    let mut first = RawNode::connect(&hub.url(), hello("same", &[], None)).await.unwrap();
-    let _second = RawNode::connect(&hub.url(), hello("same", &[], None)).await.unwrap();
+    let mut first = RawNode::connect(&hub.url(), hello("same", &[], None))
+        .await
+        .unwrap();
+    let _second = RawNode::connect(&hub.url(), hello("same", &[], None))
+        .await
+        .unwrap();
     loop {
         match first.next().await {
             Ok(Some(Kind::Goodbye(g))) => {
@@ -387,7 +493,10 @@ async fn a_second_stream_with_the_same_node_id_replaces_the_first() {
             other => panic!("expected goodbye, got {other:?}"),
         }
     }
-    assert!(matches!(first.next().await, Ok(None)), "stream closed after goodbye");
+    assert!(
+        matches!(first.next().await, Ok(None)),
+        "stream closed after goodbye"
+    );
     let status = hub.status().await;
     assert_eq!(status.nodes.len(), 1);
 }
@@ -395,7 +504,9 @@ async fn a_second_stream_with_the_same_node_id_replaces_the_first() {
 #[tokio::test]
 async fn shutdown_says_goodbye_to_every_stream() {
     let hub = TestHub::start().await;
-    let mut node = RawNode::connect(&hub.url(), hello("n1", &[], None)).await.unwrap();
+    let mut node = RawNode::connect(&hub.url(), hello("n1", &[], None))
+        .await
+        .unwrap();
     let stopping = tokio::spawn(hub.stop());
     loop {
         match node.next().await {
@@ -414,9 +525,15 @@ async fn shutdown_says_goodbye_to_every_stream() {
 async fn region_ack_waits_for_matching_nodes_and_names_the_laggards() {
     let hub = TestHub::start().await;
     // An acking node for `user`, a silent node for `user`, a `post` node.
-    let mut acker = RawNode::connect(&hub.url(), hello("acker", &["user"], None)).await.unwrap();
-    let _silent = RawNode::connect(&hub.url(), hello("silent", &["user"], None)).await.unwrap();
-    let _other = RawNode::connect(&hub.url(), hello("other-ns", &["post"], None)).await.unwrap();
+    let mut acker = RawNode::connect(&hub.url(), hello("acker", &["user"], None))
+        .await
+        .unwrap();
+    let _silent = RawNode::connect(&hub.url(), hello("silent", &["user"], None))
+        .await
+        .unwrap();
+    let _other = RawNode::connect(&hub.url(), hello("other-ns", &["post"], None))
+        .await
+        .unwrap();
     tokio::spawn(async move {
         let mut cursor = NodeCursor::from_welcome(&acker.welcome);
         while let Ok(Some(msg)) = acker.next().await {
@@ -429,7 +546,11 @@ async fn region_ack_waits_for_matching_nodes_and_names_the_laggards() {
     req.timeout_ms = 300;
     let resp = hub.client().await.publish(req).await.unwrap().into_inner();
     assert!(!resp.complete);
-    assert_eq!(resp.pending_nodes, vec!["silent"], "only the matching node that did not ack");
+    assert_eq!(
+        resp.pending_nodes,
+        vec!["silent"],
+        "only the matching node that did not ack"
+    );
     assert_eq!(outcomes(&resp), vec![PublishOutcome::Applied]);
 }
 
@@ -437,7 +558,9 @@ async fn region_ack_waits_for_matching_nodes_and_names_the_laggards() {
 async fn region_ack_completes_when_every_matching_node_acked() {
     let hub = TestHub::start().await;
     for id in ["a", "b", "c"] {
-        let mut node = RawNode::connect(&hub.url(), hello(id, &[], None)).await.unwrap();
+        let mut node = RawNode::connect(&hub.url(), hello(id, &[], None))
+            .await
+            .unwrap();
         tokio::spawn(async move {
             let mut cursor = NodeCursor::from_welcome(&node.welcome);
             while let Ok(Some(msg)) = node.next().await {
