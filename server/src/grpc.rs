@@ -42,6 +42,19 @@ fn outcome_to_wire(o: Outcome) -> pb::PublishOutcome {
     }
 }
 
+/// Counts a refused publish by the code it gets.
+fn refused(e: HubError) -> Status {
+    let status = Status::from(e);
+    let code = match status.code() {
+        tonic::Code::InvalidArgument => "invalid_argument",
+        tonic::Code::Unavailable => "unavailable",
+        tonic::Code::ResourceExhausted => "resource_exhausted",
+        _ => "other",
+    };
+    metrics::counter!(crate::metrics::PUBLISH_REFUSED, "code" => code).increment(1);
+    status
+}
+
 #[tonic::async_trait]
 impl pb::raw::hub_server::Hub for HubService {
     async fn publish(
@@ -52,10 +65,11 @@ impl pb::raw::hub_server::Hub for HubService {
             max_events: self.hub.config.max_events_per_publish,
             max_payload_bytes: self.hub.config.max_payload_bytes,
         };
-        let req = validate::publish(request.into_inner(), limits).map_err(HubError::from)?;
+        let req = validate::publish(request.into_inner(), limits)
+            .map_err(|e| refused(HubError::from(e)))?;
         let events = req.events.len();
         let ack = req.ack;
-        let published = self.hub.publish(req).await?;
+        let published = self.hub.publish(req).await.map_err(refused)?;
         tracing::debug!(events, ?ack, complete = published.complete, "publish");
         Ok(Response::new(pb::PublishResponse {
             results: published

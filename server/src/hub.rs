@@ -203,6 +203,15 @@ impl Hub {
         }
         let outcomes = self.append(by_shard, shard_of.len()).await?;
         let results: Vec<(EventOutcome, ShardId)> = outcomes.into_iter().zip(shard_of).collect();
+        let mut counts = [0u64; 3];
+        for (o, _) in &results {
+            counts[o.outcome as usize] += 1;
+        }
+        for (result, n) in ["applied", "duplicate", "superseded"].into_iter().zip(counts) {
+            if n > 0 {
+                metrics::counter!(crate::metrics::PUBLISH_EVENTS, "result" => result).increment(n);
+            }
+        }
 
         let (applied, note) = match req.ack {
             AckLevel::Global => (
@@ -379,7 +388,9 @@ impl Hub {
                 self.config.max_nodes
             )));
         }
-        if let Some(old) = nodes.insert(node_id, shared.clone()) {
+        let replaced = nodes.insert(node_id, shared.clone());
+        crate::metrics::set_nodes(nodes.len());
+        if let Some(old) = replaced {
             *old.end_reason.lock() = Some(EndReason::Replaced);
             old.cancel.cancel();
             tracing::info!(node_id = %old.node_id, "stream replaced by a newer one");
@@ -396,6 +407,7 @@ impl Hub {
         {
             nodes.remove(&shared.node_id);
         }
+        crate::metrics::set_nodes(nodes.len());
     }
 
     /// Wakes REGION waiters after a node acked.
@@ -461,6 +473,7 @@ impl Hub {
             })
             .collect();
         nodes.sort_by(|a, b| a.node_id.cmp(&b.node_id));
+        metrics::gauge!(crate::metrics::LOG_EVENTS).set(retained_events as f64);
         pb::StatusResponse {
             hub_id: self.config.hub_id.clone(),
             region: self.config.region.clone(),

@@ -15,6 +15,7 @@ pub mod error;
 pub mod grpc;
 pub mod hub;
 pub mod log;
+pub mod metrics;
 mod server;
 pub mod session;
 pub mod shard;

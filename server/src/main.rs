@@ -63,6 +63,10 @@ fn main() -> ExitCode {
                 return ExitCode::FAILURE;
             }
         };
+        if let Err(e) = freshness_hub::metrics::install(config.metrics_listen) {
+            eprintln!("freshness-hub: {e}");
+            return ExitCode::FAILURE;
+        }
         let shutdown = CancellationToken::new();
         tokio::spawn(signal_shutdown(shutdown.clone()));
         match freshness_hub::run(config, listener, shutdown).await {

@@ -45,6 +45,8 @@ struct Sent {
     count: u32,
     /// Its watermark, if it carried one.
     watermark_us: u64,
+    /// Publish time of its oldest event (0 without events).
+    oldest_publish_us: u64,
 }
 
 /// The result of one look at the logs.
@@ -321,6 +323,7 @@ impl Session {
             }
         }
         let mut watermark = 0;
+        let now = self.hub.clock.now_us();
         while let Some(front) = self.unacked.front() {
             if !front
                 .positions
@@ -330,6 +333,10 @@ impl Session {
                 break;
             }
             self.in_flight -= front.count;
+            crate::metrics::record_acked(
+                front.count,
+                now.saturating_sub(front.oldest_publish_us),
+            );
             watermark = watermark.max(front.watermark_us);
             self.unacked.pop_front();
         }
@@ -382,10 +389,12 @@ impl Session {
             positions.push((s, self.sent[s as usize]));
         }
         tracing::info!(node_id = %self.shared.node_id, ?reason, shards = ?shards, all, "reset");
+        crate::metrics::record_reset(reason.as_str_name());
         self.track(Sent {
             positions,
             count: 0,
             watermark_us: 0,
+            oldest_publish_us: 0,
         });
         Frame::from_message(&pb::SubscribeResponse {
             kind: Some(RespKind::Reset(pb::Reset {
@@ -463,6 +472,7 @@ impl Session {
                     positions,
                     count: 0,
                     watermark_us,
+                    oldest_publish_us: 0,
                 });
                 self.last_watermark = Instant::now();
                 let progress = Frame::from_message(&pb::SubscribeResponse {
@@ -493,6 +503,7 @@ impl Session {
         let t = self.hub.clock.now_us();
         let n = self.sent.len();
         let mut count = 0u32;
+        let mut oldest = u64::MAX;
         let mut positions = Vec::new();
         let mut complete = true;
         for i in 0..n {
@@ -518,6 +529,7 @@ impl Session {
                         break;
                     }
                     self.builder.push(&e.bytes);
+                    oldest = oldest.min(e.publish_time_us);
                     count += 1;
                     last = Some(seq);
                 }
@@ -550,7 +562,9 @@ impl Session {
             positions,
             count,
             watermark_us,
+            oldest_publish_us: oldest,
         });
+        crate::metrics::record_frame(count);
         Fill::Frame(self.builder.finish(watermark_us))
     }
 }

@@ -183,7 +183,9 @@ impl Actor {
                 .collect();
             replies.push((cmd.reply, outcomes));
         }
+        metrics::histogram!(crate::metrics::SHARD_DRAIN).record(replies.len() as f64);
         if !appended.is_empty() {
+            metrics::counter!(crate::metrics::EVENTS_APPENDED).increment(appended.len() as u64);
             let evicted = self.log.append_all(appended);
             self.forget(evicted);
             self.ctx.appended.send_modify(|g| *g = g.wrapping_add(1));
