@@ -401,3 +401,148 @@ mod tests {
         assert!(p.on_reset(&ResetScope::All, Some(&wire(7, &[1]))).is_err());
     }
 }
+
+#[cfg(test)]
+mod properties {
+    //! A model hub that resumes nodes the way SPEC §3.2.3 says, and a node
+    //! that drives [`Position`] the way the session does. Whatever the hub
+    //! sends (including a reset that never comes), the node never acks past
+    //! what was sent and never records as applied a seq it neither received
+    //! nor had covered by a reset.
+
+    use proptest::prelude::*;
+
+    use super::*;
+
+    const S: usize = 3;
+    const EPOCH: u64 = 7;
+
+    struct Model {
+        position: Position,
+        /// Per shard: the hub's head and what it has sent this stream.
+        head: Vec<u64>,
+        sent: Vec<u64>,
+        start: Vec<u64>,
+        /// Per shard of this epoch: the highest seq the node has received,
+        /// or had covered by a reset, without a gap.
+        covered: Vec<u64>,
+    }
+
+    impl Model {
+        fn pay_owed(&mut self) {
+            if let Some((scope, _)) = self.position.owed_reset() {
+                for s in 0..S {
+                    if matches!(&scope, ResetScope::All)
+                        || matches!(&scope, ResetScope::Shards(x) if x.contains(&ShardId(s as u32)))
+                    {
+                        self.covered[s] = self.covered[s].max(self.start[s]);
+                    }
+                }
+                self.position.on_reset(&scope, None).unwrap();
+            }
+        }
+
+        fn check(&self) {
+            if let Some(ack) = self.position.ack() {
+                assert_eq!(ack.epoch, EPOCH);
+                for s in 0..S {
+                    assert!(ack.seqs[s] <= self.sent[s], "acked past what was sent");
+                }
+            }
+            if let Some(a) = self.position.applied().filter(|a| a.epoch == EPOCH) {
+                for s in 0..S {
+                    assert!(
+                        a.seqs[s] <= self.covered[s],
+                        "shard {s}: applied {} but only {} received or reset",
+                        a.seqs[s],
+                        self.covered[s]
+                    );
+                }
+            }
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn never_skips_and_never_over_acks(
+            same_epoch in any::<bool>(),
+            saved in prop::collection::vec(0u64..6, S),
+            extra in prop::collection::vec(0u64..6, S),
+            retained_from in prop::collection::vec(0u64..12, S),
+            hub_sends_reset in any::<bool>(),
+            steps in prop::collection::vec((0usize..S, 0u8..3), 0..24),
+        ) {
+            let saved = Cursor { epoch: if same_epoch { EPOCH } else { EPOCH - 1 }, seqs: saved };
+            let head: Vec<u64> = (0..S).map(|s| saved.seqs[s] + extra[s]).collect();
+            let first: Vec<u64> = (0..S).map(|s| retained_from[s].min(head[s]) + 1).collect();
+            // The hub's resume rules.
+            let mut start = head.clone();
+            let mut reset: Option<ResetScope> = None;
+            if same_epoch {
+                let mut expired = BTreeSet::new();
+                for s in 0..S {
+                    if saved.seqs[s] + 1 < first[s] {
+                        expired.insert(ShardId(s as u32));
+                    } else {
+                        start[s] = saved.seqs[s];
+                    }
+                }
+                if !expired.is_empty() {
+                    reset = Some(ResetScope::Shards(expired));
+                }
+            } else {
+                reset = Some(ResetScope::All);
+            }
+            let mut m = Model {
+                position: Position::new(Some(saved.clone())),
+                head,
+                sent: start.clone(),
+                start: start.clone(),
+                covered: if same_epoch { saved.seqs.clone() } else { vec![0; S] },
+            };
+            let welcome = pb::Welcome {
+                epoch: EPOCH,
+                shard_count: S as u32,
+                cursor: Some(pb::Cursor { epoch: EPOCH, seqs: start.clone() }),
+                ..Default::default()
+            };
+            m.position.on_welcome(&welcome).unwrap();
+            m.check();
+            if let (true, Some(scope)) = (hub_sends_reset, &reset) {
+                for s in 0..S {
+                    if matches!(scope, ResetScope::All)
+                        || matches!(scope, ResetScope::Shards(x) if x.contains(&ShardId(s as u32)))
+                    {
+                        m.covered[s] = m.covered[s].max(start[s]);
+                    }
+                }
+                let cursor = pb::Cursor { epoch: EPOCH, seqs: start.clone() };
+                m.position.on_reset(scope, Some(&cursor)).unwrap();
+                m.check();
+            }
+            for (s, kind) in steps {
+                match kind {
+                    // The next event of shard s.
+                    0 if m.sent[s] < m.head[s] => {
+                        m.pay_owed();
+                        m.sent[s] += 1;
+                        let seq = m.sent[s];
+                        if m.covered[s] + 1 >= seq {
+                            m.covered[s] = m.covered[s].max(seq);
+                        }
+                        m.position.on_events([(ShardId(s as u32), seq)]).unwrap();
+                    }
+                    // Progress at what was sent.
+                    1 => {
+                        m.pay_owed();
+                        let cursor = pb::Cursor { epoch: EPOCH, seqs: m.sent.clone() };
+                        m.position.on_progress(&cursor).unwrap();
+                    }
+                    // A publish appends to shard s.
+                    _ => m.head[s] += 1,
+                }
+                m.check();
+            }
+        }
+    }
+}
