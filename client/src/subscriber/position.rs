@@ -403,6 +403,8 @@ mod tests {
 }
 
 #[cfg(test)]
+// Shards are indexes into several parallel vectors of the model.
+#[allow(clippy::needless_range_loop)]
 mod properties {
     //! A model hub that resumes nodes the way SPEC §3.2.3 says, and a node
     //! that drives [`Position`] the way the session does. Whatever the hub
