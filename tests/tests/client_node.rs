@@ -528,3 +528,88 @@ async fn a_handler_that_keeps_failing_resets_the_batch_shards_instead_of_losing_
     handle.shutdown().await.unwrap();
     hub.stop().await;
 }
+
+/// A handler that holds every batch until its gate opens, in front of the
+/// recorder; counts the batches it was handed.
+#[derive(Clone)]
+struct Gated {
+    inner: Recorder,
+    gate: watch::Sender<bool>,
+    entered: Arc<watch::Sender<usize>>,
+}
+
+impl Handler for Gated {
+    async fn on_events(&self, batch: &EventBatch) -> Result<(), HandlerError> {
+        self.entered.send_modify(|n| *n += 1);
+        let mut gate = self.gate.subscribe();
+        gate.wait_for(|open| *open).await?;
+        self.inner.on_events(batch).await
+    }
+
+    async fn on_reset(&self, reset: &Reset) -> Result<(), HandlerError> {
+        self.inner.on_reset(reset).await
+    }
+}
+
+#[tokio::test]
+async fn a_stalled_node_is_reset_for_the_shards_its_hub_no_longer_retains() {
+    let mut config = test_config();
+    config.shards = 4;
+    config.log_max_events = 4;
+    let hub = TestHub::start_with(config).await;
+    let publisher = Publisher::builder(hub.url()).build().unwrap();
+    let cache: Cache = VersionedCache::builder().build();
+    let rec = Recorder::new(cache.clone());
+    let gated = Gated {
+        inner: rec.clone(),
+        gate: watch::Sender::new(false),
+        entered: Arc::new(watch::Sender::new(0)),
+    };
+    let handle = Subscriber::builder(hub.url(), "stalled")
+        .max_in_flight(1)
+        .build(gated.clone())
+        .unwrap()
+        .spawn();
+    let mut feed = handle.feed();
+    tokio::time::timeout(WAIT, feed.wait_for(FeedState::is_live))
+        .await
+        .unwrap()
+        .unwrap();
+    let (in0, in1) = (entity_in("user", 0, 4, 0), entity_in("user", 1, 4, 0));
+    for key in [&in0, &in1] {
+        cache
+            .insert(key.clone(), "v1".into(), [Dep::at(e(key), v(1))])
+            .await
+            .unwrap();
+    }
+    // The node takes the first event of shard 0 and stalls on it ...
+    publish(&publisher, &entity_in("post", 0, 4, 0), 1).await;
+    let mut entered = gated.entered.subscribe();
+    tokio::time::timeout(WAIT, entered.wait_for(|n| *n == 1))
+        .await
+        .unwrap()
+        .unwrap();
+    // ... while shard 0 moves on further than its log keeps.
+    publish(&publisher, &entity_in("post", 0, 4, 1), 1).await;
+    publish(&publisher, &entity_in("post", 0, 4, 2), 1).await;
+    gated.gate.send_replace(true);
+    let seen = rec
+        .until("the slow-consumer reset", |s| !s.resets.is_empty())
+        .await;
+    assert_eq!(seen.resets[0].reason, ResetReason::SlowConsumer);
+    assert_eq!(
+        seen.resets[0].scope,
+        ResetScope::Shards([ShardId(0)].into())
+    );
+    assert_eq!(cache.get(&in0).await, None, "shard 0 was reset");
+    assert_eq!(cache.get(&in1).await.as_deref(), Some("v1"));
+    // The feed goes on from the reset position.
+    publish(&publisher, "user:next", 1).await;
+    let seen = rec.until("user:next", |s| s.saw("user:next", 1)).await;
+    assert!(
+        !seen.saw(&entity_in("post", 0, 4, 1), 1),
+        "the evicted event came as a reset"
+    );
+    handle.shutdown().await.unwrap();
+    hub.stop().await;
+}

@@ -206,6 +206,8 @@ fn outbound(
         c.map(|c| pb::SubscribeRequest {
             kind: Some(pb::subscribe_request::Kind::Ack(pb::Ack {
                 cursor: Some(c.to_wire()),
+                // Cache nodes leave the replication fields unset.
+                ..Default::default()
             })),
         })
     });
