@@ -65,7 +65,7 @@ enum Command {
         /// Only these namespaces (repeatable); all by default.
         #[arg(long = "namespace", value_name = "NS")]
         namespaces: Vec<String>,
-        /// The node id to subscribe as (default: freshctl-watch-PID).
+        /// The node id to subscribe as (default: freshctl-watch-PID-RANDOM).
         #[arg(long)]
         node_id: Option<String>,
         /// One JSON object per line.
@@ -319,7 +319,13 @@ async fn watch(
     node_id: Option<String>,
     json: bool,
 ) -> anyhow::Result<()> {
-    let node_id = node_id.unwrap_or_else(|| format!("freshctl-watch-{}", std::process::id()));
+    let node_id = node_id.unwrap_or_else(|| {
+        format!(
+            "freshctl-watch-{}-{:04x}",
+            std::process::id(),
+            rand::random::<u16>()
+        )
+    });
     let stop = CancellationToken::new();
     let subscriber = Subscriber::builder(hub, node_id)
         .namespaces(namespaces)

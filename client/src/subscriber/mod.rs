@@ -340,7 +340,8 @@ impl<H: Handler> Subscriber<H> {
         .await
     }
 
-    /// Runs the subscriber on a task of its own.
+    /// Runs the subscriber on a task of its own. Dropping the handle does not
+    /// stop it: call [`SubscriberHandle::shutdown`].
     pub fn spawn(self) -> SubscriberHandle {
         self.spawn_with(CancellationToken::new())
     }
