@@ -84,7 +84,7 @@ impl pb::raw::hub_server::Hub for HubService {
                 .collect(),
             complete: published.complete,
             pending_nodes: published.pending_nodes,
-            pending_regions: Vec::new(),
+            pending_regions: published.pending_regions,
             applied_ack: match published.applied {
                 AckLevel::Accepted => pb::AckLevel::Accepted,
                 AckLevel::Region => pb::AckLevel::Region,

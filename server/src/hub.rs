@@ -1,7 +1,7 @@
 //! The hub's core, free of gRPC: the shard actors and their logs, the node
 //! registry, publishing with ack levels, and status.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
@@ -46,6 +46,9 @@ pub struct SessionShared {
     pub connected_at_us: u64,
     /// Cumulative acked cursor (seqs per shard, this hub's epoch).
     pub acked: Mutex<Vec<u64>>,
+    /// For a replicating hub: how far its own nodes have applied this hub's
+    /// events (GLOBAL acks).
+    pub applied: Mutex<Vec<u64>>,
     /// Unacked events in flight.
     pub in_flight: AtomicU32,
     /// The node's in-flight limit.
@@ -80,6 +83,8 @@ pub struct Published {
     pub complete: bool,
     /// Nodes that had not acked at the timeout.
     pub pending_nodes: Vec<String>,
+    /// Peer regions that had not confirmed at the timeout (GLOBAL).
+    pub pending_regions: Vec<String>,
     /// The level actually applied.
     pub applied: AckLevel,
     /// Why it differs from the request, if it does.
@@ -110,6 +115,23 @@ pub struct Hub {
     ack_waiters: Semaphore,
     /// Cancelled when the hub shuts down; sessions say goodbye.
     pub shutdown: CancellationToken,
+    /// What the replication links report, by peer region.
+    peers: Mutex<BTreeMap<String, PeerInfo>>,
+}
+
+/// The state of one replication link, for status.
+#[derive(Debug, Clone, Default)]
+pub struct PeerInfo {
+    /// The peer's URL.
+    pub address: String,
+    /// The link's stream is up.
+    pub connected: bool,
+    /// Events received from the peer and not yet appended here.
+    pub lag_events: u64,
+    /// Newest watermark received from the peer (its hub clock).
+    pub watermark_us: u64,
+    /// Why the link last failed, if it did.
+    pub last_error: String,
 }
 
 impl std::fmt::Debug for Hub {
@@ -163,6 +185,21 @@ impl Hub {
             next_session: AtomicU64::new(1),
             ack_waiters: Semaphore::new(config.max_ack_waiters),
             shutdown,
+            peers: Mutex::new(
+                config
+                    .peers
+                    .iter()
+                    .map(|(region, address)| {
+                        (
+                            region.clone(),
+                            PeerInfo {
+                                address: address.clone(),
+                                ..PeerInfo::default()
+                            },
+                        )
+                    })
+                    .collect(),
+            ),
             config,
         })
     }
@@ -179,42 +216,42 @@ impl Hub {
 
     /// Orders and appends a validated publish, then waits for the ack level.
     pub async fn publish(&self, req: ValidPublish) -> Result<Published, HubError> {
-        let s = self.shard_count();
-        let shard_of: Vec<ShardId> = req.events.iter().map(|e| e.entity.shard(s)).collect();
         let namespaces: Vec<Arc<str>> = req
             .events
             .iter()
             .map(|e| Arc::from(e.entity.namespace()))
             .collect();
-        let mut by_shard: HashMap<ShardId, Vec<(usize, Incoming)>> = HashMap::new();
-        for (i, e) in req.events.into_iter().enumerate() {
-            by_shard.entry(shard_of[i]).or_default().push((
-                i,
-                Incoming {
-                    entity: e.entity,
-                    version: e.version,
-                    payload: e.payload,
-                    traceparent: e.traceparent,
-                    tracestate: e.tracestate,
-                    origin: None,
-                    publish_time_us: None,
-                },
-            ));
-        }
-        let outcomes = self.append(by_shard, shard_of.len()).await?;
-        let results: Vec<(EventOutcome, ShardId)> = outcomes.into_iter().zip(shard_of).collect();
+        let incoming = req
+            .events
+            .into_iter()
+            .map(|e| Incoming {
+                entity: e.entity,
+                version: e.version,
+                payload: e.payload,
+                traceparent: e.traceparent,
+                tracestate: e.tracestate,
+                origin: None,
+                publish_time_us: None,
+            })
+            .collect();
+        let results = self
+            .append(incoming, &[], Some(self.config.admission_timeout))
+            .await?;
         let mut counts = [0u64; 3];
         for (o, _) in &results {
             counts[o.outcome as usize] += 1;
         }
-        for (result, n) in ["applied", "duplicate", "superseded"].into_iter().zip(counts) {
+        for (result, n) in ["applied", "duplicate", "superseded"]
+            .into_iter()
+            .zip(counts)
+        {
             if n > 0 {
                 metrics::counter!(crate::metrics::PUBLISH_EVENTS, "result" => result).increment(n);
             }
         }
 
         let (applied, note) = match req.ack {
-            AckLevel::Global => (
+            AckLevel::Global if self.config.peers.is_empty() => (
                 AckLevel::Region,
                 "this hub has no peer regions: GLOBAL was applied as REGION".to_owned(),
             ),
@@ -225,6 +262,7 @@ impl Hub {
                 results,
                 complete: true,
                 pending_nodes: Vec::new(),
+                pending_regions: Vec::new(),
                 applied,
                 note,
             });
@@ -240,48 +278,71 @@ impl Hub {
             .zip(&namespaces)
             .map(|((o, shard), ns)| (*shard, o.seq, &**ns))
             .collect();
-        let pending_nodes = self.wait_for_region(&targets, req.timeout).await;
+        let deadline = tokio::time::Instant::now() + req.timeout;
+        let (pending_nodes, pending_regions) = if applied == AckLevel::Global {
+            tokio::join!(
+                self.wait_for_region(&targets, deadline),
+                self.wait_for_peers(&targets, deadline)
+            )
+        } else {
+            (self.wait_for_region(&targets, deadline).await, Vec::new())
+        };
         Ok(Published {
             results,
-            complete: pending_nodes.is_empty(),
+            complete: pending_nodes.is_empty() && pending_regions.is_empty(),
             pending_nodes,
+            pending_regions,
             applied,
             note,
         })
     }
 
     /// Admits the whole call or nothing: a permit on every shard queue first,
-    /// then the commands. A queue that stays full past the admission timeout
-    /// refuses the call with nothing applied.
-    async fn append(
+    /// then the commands. With an admission timeout, a queue that stays full
+    /// that long refuses the call with nothing applied; without one (events
+    /// replicated from a peer) the caller waits, which backpressures the link.
+    /// `gaps` are shards that get a replication gap marker before the events.
+    pub async fn append(
         &self,
-        by_shard: HashMap<ShardId, Vec<(usize, Incoming)>>,
-        n: usize,
-    ) -> Result<Vec<EventOutcome>, HubError> {
-        let mut order: Vec<ShardId> = by_shard.keys().copied().collect();
-        order.sort_unstable();
-        let overloaded = || HubError::Overloaded {
-            what: "shard queue full",
-            retry_after: self.config.admission_timeout.max(Duration::from_millis(10)),
-        };
+        events: Vec<Incoming>,
+        gaps: &[u32],
+        admission: Option<Duration>,
+    ) -> Result<Vec<(EventOutcome, ShardId)>, HubError> {
+        let s = self.shard_count();
+        let n = events.len();
+        let mut by_shard: BTreeMap<ShardId, (bool, Vec<usize>, Vec<Incoming>)> = BTreeMap::new();
+        let mut shard_of = Vec::with_capacity(n);
+        for (i, e) in events.into_iter().enumerate() {
+            let shard = e.entity.shard(s);
+            shard_of.push(shard);
+            let slot = by_shard.entry(shard).or_default();
+            slot.1.push(i);
+            slot.2.push(e);
+        }
+        for g in gaps {
+            by_shard.entry(ShardId(*g)).or_default().0 = true;
+        }
         let reserve_all = async {
-            let mut permits = Vec::with_capacity(order.len());
-            for s in &order {
+            let mut permits = Vec::with_capacity(by_shard.len());
+            for s in by_shard.keys() {
                 permits.push(self.shards[s.index()].reserve().await);
             }
             permits
         };
-        let permits = tokio::time::timeout(self.config.admission_timeout, reserve_all)
-            .await
-            .map_err(|_| overloaded())?;
-        let mut by_shard = by_shard;
-        let mut waits = Vec::with_capacity(order.len());
-        for (s, permit) in order.iter().zip(permits) {
+        let permits = match admission {
+            Some(limit) => tokio::time::timeout(limit, reserve_all)
+                .await
+                .map_err(|_| HubError::Overloaded {
+                    what: "shard queue full",
+                    retry_after: limit.max(Duration::from_millis(10)),
+                })?,
+            None => reserve_all.await,
+        };
+        let mut waits = Vec::with_capacity(by_shard.len());
+        for ((gap, idx, events), permit) in by_shard.into_values().zip(permits) {
             let permit = permit.map_err(|_| HubError::ShuttingDown)?;
-            let (idx, events): (Vec<usize>, Vec<Incoming>) =
-                by_shard.remove(s).unwrap_or_default().into_iter().unzip();
             let (reply, rx) = oneshot::channel();
-            permit.send(Append { events, reply });
+            permit.send(Append { gap, events, reply });
             waits.push((idx, rx));
         }
         let mut out: Vec<Option<EventOutcome>> = vec![None; n];
@@ -294,7 +355,8 @@ impl Hub {
         // Every index was routed to exactly one shard, which answers every
         // event of its command.
         out.into_iter()
-            .map(|o| o.ok_or(HubError::ShuttingDown))
+            .zip(shard_of)
+            .map(|(o, shard)| o.map(|o| (o, shard)).ok_or(HubError::ShuttingDown))
             .collect()
     }
 
@@ -303,7 +365,7 @@ impl Hub {
     async fn wait_for_region(
         &self,
         targets: &[(ShardId, u64, &str)],
-        timeout: Duration,
+        deadline: tokio::time::Instant,
     ) -> Vec<String> {
         // Requirement per node: highest seq per shard among matching events.
         let mut pending: Vec<(String, Vec<(ShardId, u64)>)> = self
@@ -323,7 +385,6 @@ impl Hub {
             })
             .collect();
         let mut changes = self.acks_changed.subscribe();
-        let deadline = tokio::time::Instant::now() + timeout;
         loop {
             changes.mark_unchanged();
             {
@@ -352,6 +413,64 @@ impl Hub {
         }
     }
 
+    /// Waits until every peer region's replicating hub reports that its own
+    /// nodes applied the targets, or the deadline; returns the regions still
+    /// pending.
+    async fn wait_for_peers(
+        &self,
+        targets: &[(ShardId, u64, &str)],
+        deadline: tokio::time::Instant,
+    ) -> Vec<String> {
+        let mut pending: Vec<String> = self.config.peers.keys().cloned().collect();
+        let mut changes = self.acks_changed.subscribe();
+        loop {
+            changes.mark_unchanged();
+            {
+                let nodes = self.nodes.read();
+                pending.retain(|region| {
+                    !nodes.values().any(|n| {
+                        n.replication && n.region == *region && {
+                            let applied = n.applied.lock();
+                            targets
+                                .iter()
+                                .all(|(s, seq, _)| applied.get(s.index()).is_some_and(|a| a >= seq))
+                        }
+                    })
+                });
+            }
+            if pending.is_empty() {
+                return pending;
+            }
+            let woke = tokio::select! {
+                r = changes.changed() => r.is_ok(),
+                () = tokio::time::sleep_until(deadline) => false,
+                () = self.shutdown.cancelled() => false,
+            };
+            if !woke {
+                return pending;
+            }
+        }
+    }
+
+    /// Per shard, the lowest seq acked by every connected cache node (the
+    /// head where no node is connected): what this region has applied.
+    pub fn min_node_acked(&self) -> Vec<u64> {
+        let mut min = self.heads();
+        for n in self.nodes.read().values().filter(|n| !n.replication) {
+            for (m, a) in min.iter_mut().zip(n.acked.lock().iter()) {
+                *m = (*m).min(*a);
+            }
+        }
+        min
+    }
+
+    /// Updates what status shows of a replication link.
+    pub fn update_peer(&self, region: &str, f: impl FnOnce(&mut PeerInfo)) {
+        if let Some(p) = self.peers.lock().get_mut(region) {
+            f(p);
+        }
+    }
+
     /// Registers a stream. A stream with the same node id is ended
     /// (replaced). Refused when `max_nodes` streams are connected.
     #[allow(clippy::too_many_arguments)]
@@ -373,6 +492,7 @@ impl Hub {
             region,
             peer,
             connected_at_us: self.clock.now_us(),
+            applied: Mutex::new(acked.clone()),
             acked: Mutex::new(acked),
             in_flight: AtomicU32::new(0),
             max_in_flight,
@@ -481,7 +601,23 @@ impl Hub {
             shard_count: self.shard_count(),
             shards,
             nodes,
-            peers: Vec::new(),
+            peers: self
+                .peers
+                .lock()
+                .iter()
+                .map(|(region, p)| pb::PeerStatus {
+                    region: region.clone(),
+                    address: p.address.clone(),
+                    connected: p.connected,
+                    lag_events: p.lag_events,
+                    lag_ms: if p.watermark_us == 0 {
+                        0
+                    } else {
+                        now.saturating_sub(p.watermark_us) / 1000
+                    },
+                    last_error: p.last_error.clone(),
+                })
+                .collect(),
             retained_events,
             retained_bytes,
             now_us: now,

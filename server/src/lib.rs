@@ -16,6 +16,7 @@ pub mod grpc;
 pub mod hub;
 pub mod log;
 pub mod metrics;
+pub mod replication;
 mod server;
 pub mod session;
 pub mod shard;

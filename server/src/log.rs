@@ -25,6 +25,10 @@ pub struct LogEntry {
     pub local: bool,
     /// Hub time the event was accepted at its origin.
     pub publish_time_us: u64,
+    /// A replication gap marker rather than an event: events of this shard
+    /// from a peer region were lost here, so every node reading past this
+    /// entry is reset for the shard (`REPLICATION_GAP`). Never forwarded.
+    pub gap: bool,
     /// The encoded `EventBatch.events` element.
     pub bytes: Bytes,
 }
@@ -177,6 +181,7 @@ mod tests {
             entity: Entity::parse("user:1").unwrap(),
             local: true,
             publish_time_us: 0,
+            gap: false,
             bytes: Bytes::from(vec![0u8; n]),
         }
     }

@@ -64,6 +64,7 @@ pub async fn run(
         "hub serving"
     );
 
+    crate::replication::spawn_links(&hub, &tracker);
     let (health, health_service) = tonic_health::server::health_reporter();
     health
         .set_serving::<pb::raw::hub_server::HubServer<HubService>>()

@@ -316,6 +316,24 @@ impl Session {
             )));
         }
         let mut advanced = false;
+        if let Some(applied) = ack.applied {
+            if !self.shared.replication
+                || applied.epoch != self.hub.epoch
+                || applied.seqs.len() != self.sent.len()
+                || applied.seqs.iter().zip(&self.sent).any(|(a, s)| a > s)
+            {
+                return Err(Status::invalid_argument(
+                    "`applied` is for replicating hubs, in this stream's epoch, within what was sent",
+                ));
+            }
+            let mut mine = self.shared.applied.lock();
+            for (m, a) in mine.iter_mut().zip(&applied.seqs) {
+                if a > m {
+                    *m = *a;
+                    advanced = true;
+                }
+            }
+        }
         for (mine, theirs) in self.acked.iter_mut().zip(&c.seqs) {
             if theirs > mine {
                 *mine = *theirs;
@@ -333,10 +351,7 @@ impl Session {
                 break;
             }
             self.in_flight -= front.count;
-            crate::metrics::record_acked(
-                front.count,
-                now.saturating_sub(front.oldest_publish_us),
-            );
+            crate::metrics::record_acked(front.count, now.saturating_sub(front.oldest_publish_us));
             watermark = watermark.max(front.watermark_us);
             self.unacked.pop_front();
         }
@@ -360,7 +375,7 @@ impl Session {
     }
 
     fn wants(&self, e: &LogEntry) -> bool {
-        (!self.shared.replication || e.local) && self.shared.wants(e.entity.namespace())
+        !e.gap && (!self.shared.replication || e.local) && self.shared.wants(e.entity.namespace())
     }
 
     /// Shards whose unsent entries the log no longer holds.
@@ -382,11 +397,25 @@ impl Session {
         } else {
             shards.clone()
         };
-        let mut positions = Vec::with_capacity(covered.len());
-        for s in covered {
-            let head = self.hub.logs[s as usize].head();
-            self.sent[s as usize] = self.sent[s as usize].max(head);
-            positions.push((s, self.sent[s as usize]));
+        let positions = covered
+            .into_iter()
+            .map(|s| (s, self.hub.logs[s as usize].head()))
+            .collect();
+        self.reset_to(shards, all, reason, positions)
+    }
+
+    /// Builds a reset that moves each covered shard to the given seq.
+    fn reset_to(
+        &mut self,
+        shards: Vec<u32>,
+        all: bool,
+        reason: pb::ResetReason,
+        mut positions: Vec<(u32, u64)>,
+    ) -> Frame {
+        for (s, at) in &mut positions {
+            let sent = &mut self.sent[*s as usize];
+            *sent = (*sent).max(*at);
+            *at = *sent;
         }
         tracing::info!(node_id = %self.shared.node_id, ?reason, shards = ?shards, all, "reset");
         crate::metrics::record_reset(reason.as_str_name());
@@ -519,7 +548,18 @@ impl Session {
                 continue;
             }
             let mut last = None;
+            let mut gap_at = None;
             for (seq, e) in log.after(self.sent[s]) {
+                if e.gap && !self.shared.replication {
+                    // A replication gap: everything before it goes out first,
+                    // then the reset, as its own frame.
+                    if count == 0 {
+                        gap_at = Some(seq);
+                    } else {
+                        complete = false;
+                    }
+                    break;
+                }
                 if self.wants(e) {
                     let full = count == budget
                         || (count > 0
@@ -537,6 +577,15 @@ impl Session {
             }
             if let Some(seq) = last {
                 positions.push((s as u32, seq));
+            }
+            if let Some(seq) = gap_at {
+                drop(log);
+                return Fill::Frame(self.reset_to(
+                    vec![s as u32],
+                    false,
+                    pb::ResetReason::ReplicationGap,
+                    vec![(s as u32, seq)],
+                ));
             }
             if !complete {
                 // Start here next time, so no shard starves.

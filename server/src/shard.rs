@@ -78,6 +78,8 @@ pub struct Incoming {
 
 /// A batch of events for one shard, answered in order.
 pub struct Append {
+    /// Append a replication gap marker before the events.
+    pub gap: bool,
     /// The events.
     pub events: Vec<Incoming>,
     /// Where the outcomes go.
@@ -125,6 +127,8 @@ impl ShardHandle {
             versions: HashMap::new(),
             retired: VecDeque::new(),
             head: 0,
+            gap_entity: Entity::parse(GAP_ENTITY)
+                .unwrap_or_else(|_| unreachable!("valid constant")),
         };
         tracker.spawn(actor.run(rx));
         Self { tx }
@@ -160,7 +164,12 @@ struct Actor {
     /// Entities whose newest event left the log, oldest first.
     retired: VecDeque<(Entity, u64)>,
     head: u64,
+    /// Placeholder entity of gap markers (they concern a shard, not an entity).
+    gap_entity: Entity,
 }
+
+/// Entity recorded on gap markers; never matched against versions.
+const GAP_ENTITY: &str = "freshness.gap:marker";
 
 impl Actor {
     async fn run(mut self, mut rx: mpsc::Receiver<Append>) {
@@ -176,6 +185,16 @@ impl Actor {
         let mut appended = Vec::new();
         let mut replies = Vec::with_capacity(batch.len());
         for cmd in batch.drain(..) {
+            if cmd.gap {
+                self.head += 1;
+                appended.push(LogEntry {
+                    entity: self.gap_entity.clone(),
+                    local: false,
+                    publish_time_us: now,
+                    gap: true,
+                    bytes: Bytes::new(),
+                });
+            }
             let outcomes = cmd
                 .events
                 .into_iter()
@@ -228,6 +247,7 @@ impl Actor {
             entity: e.entity.clone(),
             local,
             publish_time_us,
+            gap: false,
             bytes: encode_event_entry(self.id, seq, &wire),
         });
         self.versions.insert(

@@ -3,6 +3,8 @@
 //! ([`RawNode`]), and waiting helpers that await conditions instead of
 //! sleeping.
 
+pub mod proxy;
+
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -59,9 +61,15 @@ impl TestHub {
 
     /// A hub on this address (to restart one on the same port).
     pub async fn start_on(addr: SocketAddr, config: Config) -> Self {
-        init_logging();
         // A port just released by a stopped hub can take a moment to free up.
         let listener = wait_for(|| async { tokio::net::TcpListener::bind(addr).await.ok() }).await;
+        Self::start_with_listener(listener, config)
+    }
+
+    /// A hub on an already bound listener (to know its address before its
+    /// peers are configured).
+    pub fn start_with_listener(listener: tokio::net::TcpListener, config: Config) -> Self {
+        init_logging();
         let addr = listener
             .local_addr()
             .expect("bound listener has an address");
@@ -102,6 +110,13 @@ impl TestHub {
             .expect("status")
             .into_inner()
     }
+}
+
+/// Binds a loopback listener on an ephemeral port.
+pub async fn bind() -> tokio::net::TcpListener {
+    tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind loopback")
 }
 
 /// Connects a client, retrying until the server accepts.
@@ -231,6 +246,7 @@ impl RawNode {
             .send(pb::SubscribeRequest {
                 kind: Some(ReqKind::Ack(pb::Ack {
                     cursor: Some(cursor),
+                    applied: None,
                 })),
             })
             .await;

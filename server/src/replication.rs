@@ -1,0 +1,374 @@
+//! Replication links: this hub pulls, from each peer region's hub, the events
+//! that originated there (SPEC §3.3).
+//!
+//! A link is a Subscribe stream with `replication: true`, so the peer sends
+//! only its own region's events (loop-free in a full mesh). Each batch is
+//! appended to this hub's log through the shard actors with origin, version
+//! and publish time kept, and acked to the peer only after the append. The
+//! actors' version check makes the newest version win across regions.
+//!
+//! When the link cannot prove continuity — first contact, the peer's epoch
+//! changed, or the peer reset shards — this hub appends replication gap
+//! markers for those shards, and every local node reading past a marker is
+//! reset (`REPLICATION_GAP`). For GLOBAL acks the link reports back, with
+//! each ack, how far this region's nodes have applied the peer's events.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::Duration;
+
+use freshness::pb::subscribe_request::Kind as ReqKind;
+use freshness::pb::subscribe_response::Kind as RespKind;
+use freshness::pb::{self, hub_client::HubClient};
+use freshness::{Entity, Version};
+use tokio::sync::mpsc;
+use tokio::time::MissedTickBehavior;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::task::TaskTracker;
+use tonic::transport::Endpoint;
+
+use crate::hub::Hub;
+use crate::shard::Incoming;
+
+/// Most (peer seq, local seq) pairs a link remembers per shard for GLOBAL
+/// acks; past it, the newest pairs are merged (conservatively).
+const APPLIED_TRACK: usize = 4096;
+/// How often a link reports what this region applied.
+const APPLIED_EVERY: Duration = Duration::from_millis(5);
+/// In-flight events a link accepts from its peer.
+const LINK_IN_FLIGHT: u32 = 65_536;
+const BACKOFF_MIN: Duration = Duration::from_millis(50);
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
+
+/// Starts one link per configured peer on `tracker`. Links stop when the
+/// hub shuts down.
+pub fn spawn_links(hub: &Arc<Hub>, tracker: &TaskTracker) {
+    for (region, url) in &hub.config.peers {
+        let link = Link {
+            hub: hub.clone(),
+            region: region.clone(),
+            url: url.clone(),
+            cursor: None,
+            pending: vec![VecDeque::new(); hub.shard_count() as usize],
+            reported: Vec::new(),
+        };
+        tracker.spawn(link.run());
+    }
+}
+
+struct Link {
+    hub: Arc<Hub>,
+    region: String,
+    url: String,
+    /// The peer's epoch and how far this hub has appended its events.
+    cursor: Option<pb::Cursor>,
+    /// Per shard: (peer seq, local seq) of appended events not yet applied
+    /// by every local node.
+    pending: Vec<VecDeque<(u64, u64)>>,
+    /// The `applied` cursor last sent.
+    reported: Vec<u64>,
+}
+
+/// Why a link's stream ended.
+enum End {
+    Shutdown,
+    /// Worth retrying; `connected` says whether it got as far as a welcome.
+    Failed {
+        error: String,
+        connected: bool,
+    },
+}
+
+impl Link {
+    async fn run(mut self) {
+        let mut backoff = BACKOFF_MIN;
+        loop {
+            let end = self.stream().await;
+            self.hub.update_peer(&self.region, |p| p.connected = false);
+            match end {
+                End::Shutdown => return,
+                End::Failed { error, connected } => {
+                    tracing::warn!(peer = %self.region, url = %self.url, %error, "replication link down");
+                    self.hub.update_peer(&self.region, |p| p.last_error = error);
+                    if connected {
+                        backoff = BACKOFF_MIN;
+                    }
+                }
+            }
+            let jitter = rand::random_range(0.5..1.0);
+            tokio::select! {
+                () = tokio::time::sleep(backoff.mul_f64(jitter)) => {}
+                () = self.hub.shutdown.cancelled() => return,
+            }
+            backoff = (backoff * 2).min(BACKOFF_MAX);
+        }
+    }
+
+    fn failed(error: impl std::fmt::Display, connected: bool) -> End {
+        End::Failed {
+            error: error.to_string(),
+            connected,
+        }
+    }
+
+    async fn stream(&mut self) -> End {
+        let endpoint = match Endpoint::from_shared(self.url.clone()) {
+            Ok(e) => e
+                .connect_timeout(Duration::from_secs(5))
+                .tcp_nodelay(true)
+                .http2_keep_alive_interval(Duration::from_secs(10))
+                .keep_alive_timeout(Duration::from_secs(10)),
+            Err(e) => return Self::failed(format!("invalid peer address: {e}"), false),
+        };
+        let channel = tokio::select! {
+            c = endpoint.connect() => match c {
+                Ok(c) => c,
+                Err(e) => return Self::failed(format!("cannot connect: {e}"), false),
+            },
+            () = self.hub.shutdown.cancelled() => return End::Shutdown,
+        };
+        let mut client = HubClient::new(channel).max_decoding_message_size(64 << 20);
+        let (tx, rx) = mpsc::channel(16);
+        let hello = pb::Hello {
+            node_id: format!("hub/{}/{}", self.hub.config.region, self.hub.config.hub_id),
+            namespaces: Vec::new(),
+            resume: self.cursor.clone(),
+            max_in_flight: LINK_IN_FLIGHT,
+            replication: true,
+            shard_count: self.hub.shard_count(),
+            region: self.hub.config.region.clone(),
+        };
+        let _ = tx
+            .send(pb::SubscribeRequest {
+                kind: Some(ReqKind::Hello(hello)),
+            })
+            .await;
+        let opened = tokio::select! {
+            r = client.subscribe(ReceiverStream::new(rx)) => r,
+            () = self.hub.shutdown.cancelled() => return End::Shutdown,
+        };
+        let mut inbound = match opened {
+            Ok(r) => r.into_inner(),
+            Err(s) => {
+                return Self::failed(format!("peer refused the link: {}", s.message()), false);
+            }
+        };
+        let welcome = match inbound.message().await {
+            Ok(Some(pb::SubscribeResponse {
+                kind: Some(RespKind::Welcome(w)),
+            })) => w,
+            Ok(_) => return Self::failed("peer did not send a welcome", false),
+            Err(s) => {
+                return Self::failed(format!("peer refused the link: {}", s.message()), false);
+            }
+        };
+        if welcome.shard_count != self.hub.shard_count() {
+            return Self::failed(
+                format!(
+                    "shard count mismatch: peer has {}, this hub {}; link not used",
+                    welcome.shard_count,
+                    self.hub.shard_count()
+                ),
+                false,
+            );
+        }
+        let Some(start) = welcome.cursor.clone() else {
+            return Self::failed("welcome without a cursor", false);
+        };
+        if !welcome.resumed {
+            // No proof of continuity with this peer: reset every shard here.
+            tracing::info!(peer = %self.region, epoch = welcome.epoch, "replication starts without resume: gap on every shard");
+            let all: Vec<u32> = (0..self.hub.shard_count()).collect();
+            if self.hub.append(Vec::new(), &all, None).await.is_err() {
+                return End::Shutdown;
+            }
+            self.pending.iter_mut().for_each(VecDeque::clear);
+        }
+        self.reported = start.seqs.clone();
+        self.cursor = Some(start);
+        self.hub.update_peer(&self.region, |p| {
+            p.connected = true;
+            p.last_error.clear();
+        });
+        tracing::info!(peer = %self.region, resumed = welcome.resumed, "replication link up");
+
+        let mut tick = tokio::time::interval(APPLIED_EVERY);
+        tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        loop {
+            let msg = tokio::select! {
+                () = self.hub.shutdown.cancelled() => return End::Shutdown,
+                m = inbound.message() => m,
+                _ = tick.tick() => {
+                    if self.report_applied() && !self.send_ack(&tx).await {
+                        return Self::failed("peer stream closed", true);
+                    }
+                    continue;
+                }
+            };
+            let kind = match msg {
+                Ok(Some(m)) => m.kind,
+                Ok(None) => return Self::failed("peer ended the stream", true),
+                Err(s) => return Self::failed(format!("stream error: {}", s.message()), true),
+            };
+            let handled = match kind {
+                Some(RespKind::Events(batch)) => self.on_events(batch).await,
+                Some(RespKind::Progress(p)) => {
+                    self.advance(p.cursor.as_ref(), None);
+                    self.hub
+                        .update_peer(&self.region, |i| i.watermark_us = p.watermark_us);
+                    Ok(())
+                }
+                Some(RespKind::Reset(r)) => self.on_reset(r, welcome.resumed).await,
+                Some(RespKind::Goodbye(g)) => Err(format!("peer said goodbye: {}", g.message)),
+                Some(RespKind::Welcome(_)) | None => Err("unexpected message from peer".into()),
+            };
+            if let Err(e) = handled {
+                return Self::failed(e, true);
+            }
+            self.report_applied();
+            if !self.send_ack(&tx).await {
+                return Self::failed("peer stream closed", true);
+            }
+        }
+    }
+
+    async fn on_events(&mut self, batch: pb::EventBatch) -> Result<(), String> {
+        let mut seqs = Vec::with_capacity(batch.events.len());
+        let mut incoming = Vec::with_capacity(batch.events.len());
+        for d in batch.events {
+            let e = d.event.ok_or("replicated event without a body")?;
+            let entity =
+                Entity::parse(&e.entity).map_err(|err| format!("peer sent a bad entity: {err}"))?;
+            let version = Version::new(e.version).ok_or("peer sent version 0")?;
+            seqs.push((d.shard, d.seq));
+            incoming.push(Incoming {
+                entity,
+                version,
+                payload: e.payload,
+                traceparent: e.traceparent,
+                tracestate: e.tracestate,
+                origin: Some(Arc::from(e.origin.as_str())),
+                publish_time_us: Some(e.publish_time_us),
+            });
+        }
+        let n = incoming.len() as u64;
+        self.hub.update_peer(&self.region, |p| p.lag_events = n);
+        let outcomes = self
+            .hub
+            .append(incoming, &[], None)
+            .await
+            .map_err(|e| e.to_string())?;
+        for ((shard, peer_seq), (outcome, _)) in seqs.iter().zip(outcomes) {
+            if let Some(q) = self.pending.get_mut(*shard as usize) {
+                let full = q.len() >= APPLIED_TRACK;
+                match q.back_mut() {
+                    Some(back) if full => *back = (*peer_seq, back.1.max(outcome.seq)),
+                    _ => q.push_back((*peer_seq, outcome.seq)),
+                }
+            }
+        }
+        let mut seen = self
+            .cursor
+            .as_ref()
+            .map(|c| c.seqs.clone())
+            .unwrap_or_default();
+        for (shard, seq) in seqs {
+            if let Some(s) = seen.get_mut(shard as usize) {
+                *s = (*s).max(seq);
+            }
+        }
+        self.advance(None, Some(&seen));
+        self.hub.update_peer(&self.region, |p| {
+            p.lag_events = 0;
+            if batch.watermark_us != 0 {
+                p.watermark_us = batch.watermark_us;
+            }
+        });
+        Ok(())
+    }
+
+    async fn on_reset(&mut self, r: pb::Reset, resumed: bool) -> Result<(), String> {
+        let shards: Vec<u32> = if r.all {
+            (0..self.hub.shard_count()).collect()
+        } else {
+            r.shards.clone()
+        };
+        // After a fresh start every shard already got its gap marker.
+        if resumed {
+            tracing::info!(peer = %self.region, reason = ?r.reason(), ?shards, "peer reset the link: replication gap");
+            self.hub
+                .append(Vec::new(), &shards, None)
+                .await
+                .map_err(|e| e.to_string())?;
+        }
+        let target = r.cursor.ok_or("reset without a cursor")?;
+        if let Some(c) = &mut self.cursor {
+            c.epoch = target.epoch;
+            for s in shards {
+                if let (Some(mine), Some(t)) =
+                    (c.seqs.get_mut(s as usize), target.seqs.get(s as usize))
+                {
+                    *mine = *t;
+                }
+                if let Some(q) = self.pending.get_mut(s as usize) {
+                    q.clear();
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Raises the cursor to `progress` (a wire cursor) or `seqs`.
+    fn advance(&mut self, progress: Option<&pb::Cursor>, seqs: Option<&[u64]>) {
+        let Some(c) = &mut self.cursor else { return };
+        let other = progress.map(|p| p.seqs.as_slice()).or(seqs).unwrap_or(&[]);
+        for (a, b) in c.seqs.iter_mut().zip(other) {
+            *a = (*a).max(*b);
+        }
+    }
+
+    /// Recomputes how far this region's nodes applied the peer's events;
+    /// true when it moved since the last report.
+    fn report_applied(&mut self) -> bool {
+        let Some(cursor) = &self.cursor else {
+            return false;
+        };
+        let applied_here = self.hub.min_node_acked();
+        let mut moved = false;
+        for (s, q) in self.pending.iter_mut().enumerate() {
+            while q
+                .front()
+                .is_some_and(|(_, local)| *local <= applied_here[s])
+            {
+                q.pop_front();
+            }
+            let applied = match q.front() {
+                Some((peer_seq, _)) => peer_seq - 1,
+                None => cursor.seqs[s],
+            };
+            if self.reported.get(s).is_some_and(|r| applied > *r) {
+                self.reported[s] = applied;
+                moved = true;
+            }
+        }
+        moved
+    }
+
+    async fn send_ack(&self, tx: &mpsc::Sender<pb::SubscribeRequest>) -> bool {
+        let Some(cursor) = self.cursor.clone() else {
+            return true;
+        };
+        let applied = pb::Cursor {
+            epoch: cursor.epoch,
+            seqs: self.reported.clone(),
+        };
+        tx.send(pb::SubscribeRequest {
+            kind: Some(ReqKind::Ack(pb::Ack {
+                cursor: Some(cursor),
+                applied: Some(applied),
+            })),
+        })
+        .await
+        .is_ok()
+    }
+}
