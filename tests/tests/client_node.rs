@@ -613,3 +613,64 @@ async fn a_stalled_node_is_reset_for_the_shards_its_hub_no_longer_retains() {
     handle.shutdown().await.unwrap();
     hub.stop().await;
 }
+
+#[tokio::test]
+async fn a_cursor_the_hub_refuses_flushes_the_cache_and_starts_at_the_head() {
+    // The deployment changes its shard count: the saved cursor no longer fits.
+    let mut config = test_config();
+    config.shards = 4;
+    let hub = TestHub::start_with(config.clone()).await;
+    let addr = hub.addr;
+    let cursor = TempPath::new("refused");
+    let cache: Cache = VersionedCache::builder().build();
+    let rec = Recorder::new(cache.clone());
+    let node = start_node(&hub.url(), "resharded", Some(&cursor), &rec).await;
+    node.shutdown().await.unwrap();
+    hub.stop().await;
+    cache
+        .insert("user:1".into(), "v1".into(), [Dep::at(e("user:1"), v(1))])
+        .await
+        .unwrap();
+
+    config.shards = 8;
+    let hub = TestHub::start_on(addr, config).await;
+    let rec = Recorder::new(cache.clone());
+    let node = start_node(&hub.url(), "resharded", Some(&cursor), &rec).await;
+    let seen = rec
+        .until("a full reset", |s| s.resets.iter().any(Reset::is_all))
+        .await;
+    assert!(
+        matches!(
+            seen.resets[0].reason,
+            ResetReason::CursorLost | ResetReason::EpochChanged
+        ),
+        "{seen:?}"
+    );
+    assert_eq!(
+        cache.get(&"user:1".into()).await,
+        None,
+        "nothing stale survives"
+    );
+    let publisher = Publisher::builder(hub.url()).build().unwrap();
+    publish(&publisher, "user:2", 1).await;
+    rec.until("user:2 v1", |s| s.saw("user:2", 1)).await;
+    node.shutdown().await.unwrap();
+    let saved: serde_like::Saved = serde_like::read(&cursor.0);
+    assert_eq!(saved.shards, 8, "the new cursor was persisted");
+    hub.stop().await;
+}
+
+/// Reads the cursor file without a JSON dependency: `{"epoch":N,"seqs":[...]}`.
+mod serde_like {
+    pub struct Saved {
+        pub shards: usize,
+    }
+
+    pub fn read(path: &std::path::Path) -> Saved {
+        let text = std::fs::read_to_string(path).unwrap();
+        let seqs = text.split('[').nth(1).unwrap().split(']').next().unwrap();
+        Saved {
+            shards: seqs.split(',').filter(|s| !s.trim().is_empty()).count(),
+        }
+    }
+}
