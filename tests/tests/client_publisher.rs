@@ -6,7 +6,7 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, UNIX_EPOCH};
 
 use freshness::{Entity, Version};
 use freshness_client::publisher::{Event, RetryPolicy};
@@ -204,7 +204,7 @@ async fn retry_after_a_lost_answer_gets_duplicate_and_reaches_nodes_once() {
 
     // Everything appended so far has reached the node: the retry did not
     // fan out again.
-    caught_up(&node).await;
+    caught_up(&hub, &node).await;
     assert_eq!(watcher.count("user:1@5"), 1);
     node.shutdown().await.unwrap();
     hub.stop().await;
@@ -243,7 +243,7 @@ async fn publisher_retrying_across_a_hub_restart_gets_duplicate_and_no_double_fa
     let hub = TestHub::start_on(addr, config).await;
     // The node is back first (flushed by the new epoch's reset) ...
     watcher.until_seen("reset:epoch_changed").await;
-    caught_up(&node).await;
+    caught_up(&hub, &node).await;
     assert!(
         !call.is_finished(),
         "the publisher kept retrying while the hub was down"
@@ -260,7 +260,7 @@ async fn publisher_retrying_across_a_hub_restart_gets_duplicate_and_no_double_fa
     let older = publisher.publish(e("user:1"), v(1)).await.unwrap();
     assert_eq!(older.outcome, Outcome::Superseded);
 
-    caught_up(&node).await;
+    caught_up(&hub, &node).await;
     assert_eq!(watcher.count("user:1@2"), 1, "{:?}", watcher.seen.borrow());
     assert_eq!(
         watcher.count("user:1@1"),
@@ -272,10 +272,11 @@ async fn publisher_retrying_across_a_hub_restart_gets_duplicate_and_no_double_fa
     hub.stop().await;
 }
 
-/// Waits until the node has applied a watermark taken after now: everything
-/// the hub appended before this call has reached it.
-async fn caught_up(node: &SubscriberHandle) {
-    let now = SystemTime::now();
+/// Waits until the node has applied a watermark the hub took after this
+/// call: everything the hub appended before it has reached the node. The
+/// barrier is read from the hub's own clock, the one its watermarks use.
+async fn caught_up(hub: &TestHub, node: &SubscriberHandle) {
+    let now = UNIX_EPOCH + Duration::from_micros(hub.status().await.now_us);
     let mut feed = node.feed();
     tokio::time::timeout(
         WAIT,
