@@ -105,9 +105,11 @@ pub fn open(
     let mut reset: Option<(Vec<u32>, bool, pb::ResetReason)> = None;
     let mut resumed = false;
     if let Some(c) = &hello.resume {
-        let cursor = Cursor::from_wire(c, shards)
-            .map_err(|e| HubError::InvalidArgument(format!("field `resume`: {e}")))?;
-        if cursor.epoch == hub.epoch {
+        // Another epoch is reset whatever its shape (SPEC §3.2.3); only a
+        // cursor of this epoch must match the hub's shards.
+        if c.epoch == hub.epoch {
+            let cursor = Cursor::from_wire(c, shards)
+                .map_err(|e| HubError::InvalidArgument(format!("field `resume`: {e}")))?;
             resumed = true;
             let mut expired = Vec::new();
             for (s, log) in hub.logs.iter().enumerate() {

@@ -583,3 +583,22 @@ async fn region_ack_completes_when_every_matching_node_acked() {
     assert_eq!(resp.applied_ack, pb::AckLevel::Region as i32);
     assert!(resp.note.contains("GLOBAL"));
 }
+
+#[tokio::test]
+async fn a_cursor_of_another_epoch_is_reset_whatever_its_shard_count() {
+    let hub = TestHub::start().await;
+    let foreign = pb::Cursor {
+        epoch: 12345,
+        seqs: vec![7; 8],
+    };
+    let mut node = RawNode::connect(&hub.url(), hello("n1", &[], Some(foreign)))
+        .await
+        .unwrap();
+    match node.expect().await {
+        Kind::Reset(r) => {
+            assert_eq!(r.reason, pb::ResetReason::EpochChanged as i32);
+            assert!(r.all);
+        }
+        other => panic!("expected a reset, got {other:?}"),
+    }
+}
