@@ -1,0 +1,267 @@
+//! `freshness-bench`: load generator and measurements for the Freshness hub,
+//! side by side with NATS core pub/sub and Redis pub/sub.
+//!
+//! ```text
+//! freshness-bench --workload b1|b2|...|b7 [--nodes N] [--rate R] [--duration 10s]
+//!                 [--target hub|nats|redis] [--hub URL] [--json]
+//! ```
+//!
+//! By default every hub run starts a fresh `freshness-hub` child process
+//! (next to this binary) on a free loopback port and measures it through
+//! `/proc`; `--hub URL [--hub-pid PID]` uses a running hub instead. NATS and
+//! Redis are always external (`scripts/bench-peers.sh` starts them). See
+//! BENCHMARKS.md for what each workload measures.
+#![forbid(unsafe_code)]
+
+mod procfs;
+mod run;
+mod server;
+mod stats;
+mod target;
+mod tracker;
+mod workloads;
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::Parser;
+
+use crate::run::{Env, RunResult};
+use crate::server::{HubLauncher, default_hub_bin};
+use crate::target::Kind;
+use crate::workloads::{Opts, Sink};
+
+/// Workload names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Workload {
+    B1,
+    B2,
+    B3,
+    B4,
+    B5,
+    B6,
+    B7,
+}
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "freshness-bench",
+    version,
+    about = "Load generator and measurements for the Freshness hub, NATS and Redis"
+)]
+struct Cli {
+    /// Workloads to run, comma-separated (b1..b7).
+    #[arg(long, value_delimiter = ',', required = true)]
+    workload: Vec<Workload>,
+    /// Node counts, comma-separated [default: per workload].
+    #[arg(long, value_delimiter = ',')]
+    nodes: Vec<usize>,
+    /// Events per second [default: per workload; for B3 and B5 the B2
+    /// search at the same node count].
+    #[arg(long)]
+    rate: Option<u64>,
+    /// Publishing time per run, e.g. 3s [default: per workload].
+    #[arg(long, value_parser = humantime::parse_duration)]
+    duration: Option<Duration>,
+    /// Systems under test, comma-separated, run interleaved.
+    #[arg(long, value_delimiter = ',', default_value = "hub")]
+    target: Vec<Kind>,
+    /// A running hub to use instead of starting one per run.
+    #[arg(long)]
+    hub: Option<String>,
+    /// Pid of that hub, to measure its CPU and memory.
+    #[arg(long)]
+    hub_pid: Option<u32>,
+    /// The `freshness-hub` binary to start [default: next to this one].
+    #[arg(long)]
+    hub_bin: Option<PathBuf>,
+    /// Pin the started hubs to these CPUs (`taskset -c` list).
+    #[arg(long)]
+    hub_cpus: Option<String>,
+    /// An extra flag for the started hubs (repeatable), e.g. --hub-arg=--shards=64.
+    #[arg(long = "hub-arg", allow_hyphen_values = true)]
+    hub_args: Vec<String>,
+    /// NATS server.
+    #[arg(long, default_value = "nats://127.0.0.1:14222")]
+    nats: String,
+    /// Pid of the NATS server, to measure it.
+    #[arg(long)]
+    nats_pid: Option<u32>,
+    /// Redis server.
+    #[arg(long, default_value = "redis://127.0.0.1:16379")]
+    redis: String,
+    /// Pid of the Redis server, to measure it.
+    #[arg(long)]
+    redis_pid: Option<u32>,
+    /// Hub nodes sharing one HTTP/2 connection (1: each its own).
+    #[arg(long, default_value_t = 1)]
+    nodes_per_conn: usize,
+    /// Repeat every configuration this many times.
+    #[arg(long, default_value_t = 1)]
+    repeat: usize,
+    /// Unmeasured start of every run.
+    #[arg(long, default_value = "500ms", value_parser = humantime::parse_duration)]
+    warmup: Duration,
+    /// Length of one step of the B2 rate search.
+    #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+    step: Duration,
+    /// B2 completion p99 objective in µs [default: 5000 up to 64 nodes, 25000 above].
+    #[arg(long)]
+    objective_us: Option<u64>,
+    /// Entities the events are spread over [default: per workload].
+    #[arg(long)]
+    entities: Option<u32>,
+    /// Label written into every result saying how server and generator
+    /// were placed (e.g. "server pinned cpu0, generator cpu1").
+    #[arg(long, default_value = "unpinned")]
+    placement: String,
+    /// One JSON object per run on stdout instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Prints results as JSON lines or as a table.
+struct Out {
+    json: bool,
+    header: bool,
+}
+
+fn mib(b: Option<u64>) -> String {
+    b.map_or("-".into(), |b| {
+        format!("{:.1}", b as f64 / (1 << 20) as f64)
+    })
+}
+
+impl Sink for Out {
+    fn emit(&mut self, r: &RunResult) {
+        let mut out = std::io::stdout().lock();
+        if self.json {
+            if let Ok(line) = serde_json::to_string(r) {
+                let _ = writeln!(out, "{line}");
+            }
+            let _ = out.flush();
+            return;
+        }
+        if !self.header {
+            self.header = true;
+            let _ = writeln!(
+                out,
+                "{:<4} {:<5} {:>6} {:>7} {:>9} {:>10} {:>5} {:>8} {:>8} {:>8} {:>8} {:>11} {:>8} {:>8}",
+                "wl",
+                "tgt",
+                "nodes",
+                "rate",
+                "published",
+                "delivered",
+                "lost",
+                "p50_us",
+                "p99_us",
+                "p999_us",
+                "ack99_us",
+                "deliv/s",
+                "cpu_ns/d",
+                "rss_MiB"
+            );
+        }
+        let _ = writeln!(
+            out,
+            "{:<4} {:<5} {:>6} {:>7} {:>9} {:>10} {:>5} {:>8} {:>8} {:>8} {:>8} {:>11.0} {:>8} {:>8}",
+            r.workload,
+            r.target,
+            r.nodes,
+            r.rate,
+            r.published,
+            r.delivered,
+            r.lost,
+            r.completion_p50_us,
+            r.completion_p99_us,
+            r.completion_p999_us,
+            r.ack_p99_us.map_or("-".into(), |v| v.to_string()),
+            r.deliveries_per_s,
+            r.hub_cpu_ns_per_delivery
+                .map_or("-".into(), |v| format!("{v:.0}")),
+            mib(r.hub_peak_rss_bytes)
+        );
+        if !r.extra.is_empty() {
+            let extra: Vec<String> = r
+                .extra
+                .iter()
+                .filter(|(k, _)| k.as_str() != "search_steps")
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect();
+            let _ = writeln!(out, "     {}", extra.join(" "));
+        }
+        let _ = out.flush();
+    }
+}
+
+async fn main_async(cli: Cli) -> anyhow::Result<()> {
+    let env = Env {
+        launcher: HubLauncher {
+            bin: cli.hub_bin.clone().unwrap_or_else(default_hub_bin),
+            cpus: cli.hub_cpus.clone(),
+            args: cli.hub_args.clone(),
+        },
+        hub_url: cli.hub.clone(),
+        hub_pid: cli.hub_pid,
+        nats_url: cli.nats.clone(),
+        nats_pid: cli.nats_pid,
+        redis_url: cli.redis.clone(),
+        redis_pid: cli.redis_pid,
+        nodes_per_conn: cli.nodes_per_conn.max(1),
+        placement: cli.placement.clone(),
+    };
+    let opts = Opts {
+        nodes: cli.nodes.clone(),
+        rate: cli.rate,
+        duration: cli.duration,
+        targets: cli.target.clone(),
+        repeat: cli.repeat.max(1),
+        warmup: cli.warmup,
+        step: cli.step,
+        objective_us: cli.objective_us,
+        entities: cli.entities,
+    };
+    let mut out = Out {
+        json: cli.json,
+        header: false,
+    };
+    for w in &cli.workload {
+        match w {
+            Workload::B1 => workloads::b1(&env, &opts, &mut out).await?,
+            Workload::B2 => workloads::b2(&env, &opts, &mut out).await?,
+            Workload::B3 => workloads::b3(&env, &opts, &mut out).await?,
+            Workload::B4 => workloads::b4(&env, &opts, &mut out).await?,
+            Workload::B5 => workloads::b5(&env, &opts, &mut out).await?,
+            Workload::B6 => workloads::b6(&env, &opts, &mut out).await?,
+            Workload::B7 => workloads::b7(&env, &opts, &mut out).await?,
+        }
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    // Worker threads follow the CPUs this process may use, so a generator
+    // pinned to one core runs one worker.
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("bench-worker")
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("freshness-bench: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(main_async(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("freshness-bench: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,83 @@
+//! What the kernel says about a server process: CPU time and memory, read
+//! from `/proc`, so hub, NATS and Redis are measured the same way.
+
+use std::fs;
+
+/// CPU time the process has used, in nanoseconds: the sum of its threads'
+/// run time (`/proc/PID/task/*/schedstat`, nanosecond precision). Falls back
+/// to `utime + stime` of `/proc/PID/stat` (clock ticks) when schedstat is
+/// missing.
+pub fn cpu_ns(pid: u32) -> Option<u64> {
+    let mut total = 0u64;
+    let mut any = false;
+    if let Ok(tasks) = fs::read_dir(format!("/proc/{pid}/task")) {
+        for t in tasks.flatten() {
+            let Ok(text) = fs::read_to_string(t.path().join("schedstat")) else {
+                continue;
+            };
+            if let Some(ns) = text
+                .split_whitespace()
+                .next()
+                .and_then(|v| v.parse::<u64>().ok())
+            {
+                total += ns;
+                any = true;
+            }
+        }
+    }
+    if any {
+        return Some(total);
+    }
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    ticks_ns(&stat)
+}
+
+/// `utime + stime` of a `/proc/PID/stat` line, in nanoseconds (USER_HZ = 100).
+fn ticks_ns(stat: &str) -> Option<u64> {
+    // Fields after the command name, which is in parentheses and may hold
+    // spaces: state is field 3, utime 14, stime 15.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let utime: u64 = f.get(11)?.parse().ok()?;
+    let stime: u64 = f.get(12)?.parse().ok()?;
+    Some((utime + stime) * 10_000_000)
+}
+
+/// Resident and peak resident memory in bytes (`VmRSS`, `VmHWM`).
+pub fn rss(pid: u32) -> Option<(u64, u64)> {
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let field = |name: &str| -> Option<u64> {
+        let line = status.lines().find(|l| l.starts_with(name))?;
+        let kib: u64 = line[name.len()..]
+            .trim()
+            .trim_end_matches("kB")
+            .trim()
+            .parse()
+            .ok()?;
+        Some(kib * 1024)
+    };
+    Some((field("VmRSS:")?, field("VmHWM:")?))
+}
+
+/// CPU time of this process (the load generator), in nanoseconds.
+pub fn self_cpu_ns() -> Option<u64> {
+    cpu_ns(std::process::id())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_stat_with_spaces_in_the_name() {
+        let line = "42 (a b) S 1 2 3 4 5 6 7 8 9 10 150 25 0 0";
+        assert_eq!(ticks_ns(line), Some(175 * 10_000_000));
+    }
+
+    #[test]
+    fn reads_this_process() {
+        let (rss, hwm) = rss(std::process::id()).unwrap();
+        assert!(rss > 0 && hwm >= rss);
+        assert!(self_cpu_ns().is_some());
+    }
+}

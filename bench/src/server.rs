@@ -1,0 +1,131 @@
+//! The server under test as a process: a fresh `freshness-hub` child per
+//! run (optionally pinned with `taskset`), or an external server (a hub
+//! given by `--hub`, NATS, Redis) whose pid, when given, is measured.
+//!
+//! Why a child process rather than a hub inside the bench: the kernel then
+//! accounts the hub's CPU time and memory (`/proc/PID`) apart from the load
+//! generator's, exactly as for NATS and Redis, and pinning it to its own core
+//! is one `taskset`.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use freshness::pb;
+
+use crate::target::{hub_client, hub_endpoint};
+
+/// A server the run talks to.
+#[derive(Debug)]
+pub struct Server {
+    /// Where nodes and publisher connect.
+    pub url: String,
+    /// Its process, for CPU and memory, when known.
+    pub pid: Option<u32>,
+    /// True when this run started it (so its peak RSS is this run's).
+    pub fresh: bool,
+    child: Option<tokio::process::Child>,
+}
+
+/// How to start hubs.
+#[derive(Debug, Clone)]
+pub struct HubLauncher {
+    /// The `freshness-hub` binary.
+    pub bin: PathBuf,
+    /// `taskset -c` list to pin it to, if any.
+    pub cpus: Option<String>,
+    /// Extra flags.
+    pub args: Vec<String>,
+}
+
+/// `freshness-hub` next to this binary (`target/release/`), unless told.
+pub fn default_hub_bin() -> PathBuf {
+    std::env::current_exe()
+        .ok()
+        .and_then(|p| p.parent().map(|d| d.join("freshness-hub")))
+        .unwrap_or_else(|| PathBuf::from("freshness-hub"))
+}
+
+fn free_port() -> Result<u16> {
+    let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+    Ok(l.local_addr()?.port())
+}
+
+impl Server {
+    /// An external server.
+    pub fn external(url: String, pid: Option<u32>) -> Self {
+        Self {
+            url,
+            pid,
+            fresh: false,
+            child: None,
+        }
+    }
+
+    /// Starts a fresh hub on a free loopback port and waits until it serves.
+    pub async fn spawn_hub(l: &HubLauncher) -> Result<Self> {
+        if !Path::new(&l.bin).exists() {
+            bail!(
+                "hub binary {} not found: build it with `cargo build --release -p freshness-hub` or pass --hub-bin",
+                l.bin.display()
+            );
+        }
+        let port = free_port()?;
+        let mut cmd = match &l.cpus {
+            Some(cpus) => {
+                let mut c = tokio::process::Command::new("taskset");
+                c.arg("-c").arg(cpus).arg(&l.bin);
+                c
+            }
+            None => tokio::process::Command::new(&l.bin),
+        };
+        cmd.arg("--listen")
+            .arg(format!("127.0.0.1:{port}"))
+            .arg("--metrics-listen")
+            .arg("127.0.0.1:0")
+            .arg("--hub-id")
+            .arg("bench-hub")
+            .args(&l.args)
+            .env("FRESHNESS_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true);
+        let child = cmd.spawn().context("starting the hub")?;
+        let server = Self {
+            url: format!("http://127.0.0.1:{port}"),
+            pid: child.id(),
+            fresh: true,
+            child: Some(child),
+        };
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+        loop {
+            if server.hub_status().await.is_some() {
+                return Ok(server);
+            }
+            if tokio::time::Instant::now() > deadline {
+                bail!("the hub did not come up on {}", server.url);
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// The hub's status, if it answers.
+    pub async fn hub_status(&self) -> Option<pb::StatusResponse> {
+        let channel = hub_endpoint(&self.url).ok()?.connect().await.ok()?;
+        hub_client(channel)
+            .status(pb::StatusRequest {})
+            .await
+            .ok()
+            .map(|r| r.into_inner())
+    }
+
+    /// Stops a hub this run started.
+    pub async fn stop(mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.start_kill();
+            let _ = child.wait().await;
+        }
+    }
+}

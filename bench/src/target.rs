@@ -1,0 +1,507 @@
+//! The systems under test, seen from the load generator: how a node
+//! subscribes and how the publisher sends, for the hub (raw protocol), NATS
+//! core pub/sub and Redis pub/sub.
+//!
+//! Every target carries the same message: a `freshness.v1.Event` with only
+//! `entity` and `version` set. The hub receives it inside a `Publish` call
+//! and delivers it inside an `EventBatch`; NATS and Redis carry its protobuf
+//! encoding as the message body. Nodes decode it the same way and feed the
+//! same [`Recorder`].
+//!
+//! Connections: by default every node has its own connection (its own HTTP/2
+//! connection to the hub, its own NATS or Redis connection), as separate
+//! cache nodes would. `--nodes-per-conn K` lets K hub nodes share one HTTP/2
+//! connection (one stream each), for node counts beyond the file-descriptor
+//! limit.
+
+use std::time::Duration;
+
+use anyhow::{Context, Result, anyhow, bail};
+use bytes::Bytes;
+use freshness::pb::subscribe_request::Kind as ReqKind;
+use freshness::pb::subscribe_response::Kind as RespKind;
+use freshness::pb::{self, hub_client::HubClient};
+use futures::StreamExt;
+use prost::Message;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::tracker::{Recorder, entity, key_of};
+
+/// Which system is under test.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Kind {
+    /// The Freshness hub.
+    Hub,
+    /// NATS core pub/sub.
+    Nats,
+    /// Redis pub/sub.
+    Redis,
+}
+
+impl Kind {
+    /// Lower-case name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::Hub => "hub",
+            Kind::Nats => "nats",
+            Kind::Redis => "redis",
+        }
+    }
+}
+
+/// Where one run's nodes and publisher connect.
+#[derive(Debug, Clone)]
+pub struct Target {
+    /// The system.
+    pub kind: Kind,
+    /// `http://…` for the hub, `nats://…`, `redis://…`.
+    pub url: String,
+    /// NATS subject or Redis channel of this run (a fresh one per run, so
+    /// nothing of an earlier run arrives).
+    pub topic: String,
+}
+
+/// How long connecting one node may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// What a node task is told.
+#[derive(Debug, Clone)]
+pub struct NodeCtl {
+    /// End of the run: stop and hand the recorder back.
+    pub stop: CancellationToken,
+    /// Reconnect storm (B6): drop the stream now...
+    pub down: CancellationToken,
+    /// ... and open it again, from the cursor, when this fires.
+    pub up: CancellationToken,
+}
+
+impl NodeCtl {
+    /// Controls with no storm planned.
+    pub fn new() -> Self {
+        Self {
+            stop: CancellationToken::new(),
+            down: CancellationToken::new(),
+            up: CancellationToken::new(),
+        }
+    }
+}
+
+/// A hub connection, shared by a few nodes or opened per node.
+#[derive(Debug, Clone)]
+pub enum HubConn {
+    /// One HTTP/2 connection shared with other nodes.
+    Shared(Channel),
+    /// Every stream (and every reconnect) opens its own connection.
+    Own(Endpoint),
+}
+
+impl HubConn {
+    async fn channel(&self) -> Result<Channel> {
+        match self {
+            HubConn::Shared(c) => Ok(c.clone()),
+            HubConn::Own(e) => Ok(tokio::time::timeout(CONNECT_TIMEOUT, e.connect())
+                .await
+                .context("connect timed out")??),
+        }
+    }
+}
+
+/// An endpoint for the hub at `url`.
+pub fn hub_endpoint(url: &str) -> Result<Endpoint> {
+    Ok(Endpoint::from_shared(url.to_owned())?
+        .tcp_nodelay(true)
+        .connect_timeout(CONNECT_TIMEOUT))
+}
+
+/// A client of the hub with generous message limits.
+pub fn hub_client(channel: Channel) -> HubClient<Channel> {
+    HubClient::new(channel)
+        .max_decoding_message_size(64 << 20)
+        .max_encoding_message_size(64 << 20)
+}
+
+/// One node's life: subscribe, record, ack; once more after a storm; hand
+/// the recorder back at the end of the run. A stalled node subscribes and
+/// then never reads again.
+pub async fn run_node(
+    target: Target,
+    hub: Option<HubConn>,
+    node_id: String,
+    mut rec: Recorder,
+    stalled: bool,
+    ctl: NodeCtl,
+) -> Recorder {
+    let result = match target.kind {
+        Kind::Hub => {
+            let Some(conn) = hub else {
+                return rec;
+            };
+            let mut cursor = None;
+            let first =
+                hub_session(&conn, &node_id, &mut cursor, &mut rec, stalled, &ctl, true).await;
+            if first.is_ok() && !ctl.stop.is_cancelled() && ctl.down.is_cancelled() {
+                tokio::select! {
+                    () = ctl.up.cancelled() => {}
+                    () = ctl.stop.cancelled() => return rec,
+                }
+                hub_session(&conn, &node_id, &mut cursor, &mut rec, stalled, &ctl, false).await
+            } else {
+                first
+            }
+        }
+        Kind::Nats => nats_node(&target, &mut rec, stalled, &ctl).await,
+        Kind::Redis => redis_node(&target, &mut rec, stalled, &ctl).await,
+    };
+    if let Err(e) = result {
+        rec.errors += 1;
+        if rec.errors == 1 && !ctl.stop.is_cancelled() {
+            eprintln!("node {node_id}: {e:#}");
+        }
+    }
+    rec
+}
+
+/// Merges a cursor the hub sent into the node's own.
+fn merge(into: &mut pb::Cursor, from: &pb::Cursor) {
+    into.epoch = from.epoch;
+    if into.seqs.len() < from.seqs.len() {
+        into.seqs.resize(from.seqs.len(), 0);
+    }
+    for (a, b) in into.seqs.iter_mut().zip(&from.seqs) {
+        *a = (*a).max(*b);
+    }
+}
+
+fn ack(cursor: &pb::Cursor) -> pb::SubscribeRequest {
+    pb::SubscribeRequest {
+        kind: Some(ReqKind::Ack(pb::Ack {
+            cursor: Some(cursor.clone()),
+            ..Default::default()
+        })),
+    }
+}
+
+/// One Subscribe stream, until the run stops (or, on the first stream, the
+/// storm takes it down). `cursor` is where to resume and ends where the node
+/// got to.
+async fn hub_session(
+    conn: &HubConn,
+    node_id: &str,
+    cursor: &mut Option<pb::Cursor>,
+    rec: &mut Recorder,
+    stalled: bool,
+    ctl: &NodeCtl,
+    first: bool,
+) -> Result<()> {
+    let channel = conn.channel().await?;
+    let (tx, rx) = mpsc::channel(16);
+    tx.send(pb::SubscribeRequest {
+        kind: Some(ReqKind::Hello(pb::Hello {
+            node_id: node_id.to_owned(),
+            resume: cursor.clone(),
+            ..Default::default()
+        })),
+    })
+    .await
+    .map_err(|_| anyhow!("request channel closed"))?;
+    let mut stream = tokio::time::timeout(
+        CONNECT_TIMEOUT,
+        hub_client(channel).subscribe(ReceiverStream::new(rx)),
+    )
+    .await
+    .context("subscribe timed out")??
+    .into_inner();
+    let welcome = match tokio::time::timeout(CONNECT_TIMEOUT, stream.message())
+        .await
+        .context("welcome timed out")??
+        .and_then(|m| m.kind)
+    {
+        Some(RespKind::Welcome(w)) => w,
+        other => bail!("expected a welcome, got {other:?}"),
+    };
+    let mut cur = welcome.cursor.unwrap_or_default();
+    if !first && !welcome.resumed {
+        rec.not_resumed += 1;
+    }
+    let tracker = rec.tracker().clone();
+    tracker
+        .live
+        .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+    let _live = LiveGuard(&tracker.live);
+    let stop_now = || async {
+        tokio::select! {
+            () = ctl.stop.cancelled() => {}
+            () = ctl.down.cancelled(), if first => {}
+        }
+    };
+    if stalled {
+        // Hold the stream open and never read: the hub must park this node
+        // without holding the others back.
+        stop_now().await;
+        return Ok(());
+    }
+    let end = loop {
+        let msg = tokio::select! {
+            biased;
+            () = stop_now() => break Ok(()),
+            m = stream.message() => m,
+        };
+        let kind = match msg {
+            Ok(Some(m)) => m.kind,
+            Ok(None) => break Err(anyhow!("stream ended")),
+            Err(s) => break Err(anyhow!("stream failed: {s}")),
+        };
+        match kind {
+            Some(RespKind::Events(b)) => {
+                for d in b.events {
+                    if let Some(s) = cur.seqs.get_mut(d.shard as usize) {
+                        *s = (*s).max(d.seq);
+                    }
+                    if let Some(e) = d.event {
+                        rec.on_event(key_of(&e.entity), e.version);
+                    }
+                }
+            }
+            Some(RespKind::Progress(p)) => {
+                if let Some(c) = &p.cursor {
+                    merge(&mut cur, c);
+                }
+            }
+            Some(RespKind::Reset(r)) => {
+                rec.resets += 1;
+                if let Some(c) = &r.cursor {
+                    let shards: Vec<usize> = if r.all {
+                        (0..c.seqs.len()).collect()
+                    } else {
+                        r.shards.iter().map(|s| *s as usize).collect()
+                    };
+                    cur.epoch = c.epoch;
+                    for s in shards {
+                        if let (Some(a), Some(b)) = (cur.seqs.get_mut(s), c.seqs.get(s)) {
+                            *a = *b;
+                        }
+                    }
+                }
+            }
+            Some(RespKind::Goodbye(g)) => break Err(anyhow!("goodbye: {}", g.message)),
+            Some(RespKind::Welcome(_)) | None => continue,
+        }
+        if tx.send(ack(&cur)).await.is_err() {
+            break Err(anyhow!("ack channel closed"));
+        }
+        rec.on_acked();
+    };
+    *cursor = Some(cur);
+    end
+}
+
+/// Decrements the live-node count when a stream ends.
+struct LiveGuard<'a>(&'a std::sync::atomic::AtomicUsize);
+
+impl Drop for LiveGuard<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+    }
+}
+
+/// The bench message, as NATS and Redis carry it.
+pub fn encode_event(key: u32, version: u64) -> Bytes {
+    pb::Event {
+        entity: entity(key),
+        version,
+        ..Default::default()
+    }
+    .encode_to_vec()
+    .into()
+}
+
+fn on_payload(rec: &mut Recorder, payload: &[u8]) {
+    match pb::Event::decode(payload) {
+        Ok(e) => rec.on_event(key_of(&e.entity), e.version),
+        Err(_) => rec.foreign += 1,
+    }
+}
+
+async fn nats_node(
+    target: &Target,
+    rec: &mut Recorder,
+    stalled: bool,
+    ctl: &NodeCtl,
+) -> Result<()> {
+    let client = async_nats::ConnectOptions::new()
+        .connection_timeout(CONNECT_TIMEOUT)
+        .connect(target.url.as_str())
+        .await
+        .context("nats connect")?;
+    let mut sub = client.subscribe(target.topic.clone()).await?;
+    // The server has registered the subscription once a flush returns.
+    client.flush().await?;
+    let tracker = rec.tracker().clone();
+    tracker
+        .live
+        .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+    let _live = LiveGuard(&tracker.live);
+    if stalled {
+        ctl.stop.cancelled().await;
+        return Ok(());
+    }
+    loop {
+        tokio::select! {
+            biased;
+            () = ctl.stop.cancelled() => return Ok(()),
+            m = sub.next() => match m {
+                Some(m) => {
+                    on_payload(rec, &m.payload);
+                    rec.no_acks();
+                }
+                None => bail!("nats subscription ended"),
+            },
+        }
+    }
+}
+
+async fn redis_node(
+    target: &Target,
+    rec: &mut Recorder,
+    stalled: bool,
+    ctl: &NodeCtl,
+) -> Result<()> {
+    let client = redis::Client::open(target.url.as_str())?;
+    let mut pubsub = tokio::time::timeout(CONNECT_TIMEOUT, client.get_async_pubsub())
+        .await
+        .context("redis connect timed out")??;
+    pubsub.subscribe(&target.topic).await?;
+    let tracker = rec.tracker().clone();
+    tracker
+        .live
+        .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+    let _live = LiveGuard(&tracker.live);
+    if stalled {
+        ctl.stop.cancelled().await;
+        return Ok(());
+    }
+    let mut messages = pubsub.into_on_message();
+    loop {
+        tokio::select! {
+            biased;
+            () = ctl.stop.cancelled() => return Ok(()),
+            m = messages.next() => match m {
+                Some(m) => {
+                    on_payload(rec, m.get_payload_bytes());
+                    rec.no_acks();
+                }
+                None => bail!("redis subscription ended"),
+            },
+        }
+    }
+}
+
+/// The writer side of a target.
+#[derive(Clone)]
+pub enum Publisher {
+    /// `Publish` calls at ack level ACCEPTED.
+    Hub(HubClient<Channel>),
+    /// Core NATS publishes on one connection.
+    Nats(async_nats::Client, String),
+    /// `PUBLISH` commands, pipelined per batch, on one connection.
+    Redis(redis::aio::MultiplexedConnection, String),
+}
+
+/// A publish the system refused (overload), or a transport failure.
+#[derive(Debug)]
+pub struct Refused(pub String);
+
+impl Publisher {
+    /// Connects the publisher of `target`.
+    pub async fn connect(target: &Target) -> Result<Self> {
+        Ok(match target.kind {
+            Kind::Hub => {
+                let channel = hub_endpoint(&target.url)?.connect().await?;
+                Publisher::Hub(hub_client(channel))
+            }
+            Kind::Nats => Publisher::Nats(
+                async_nats::ConnectOptions::new()
+                    .client_capacity(1 << 16)
+                    .connect(target.url.as_str())
+                    .await?,
+                target.topic.clone(),
+            ),
+            Kind::Redis => {
+                let client = redis::Client::open(target.url.as_str())?;
+                let config = redis::AsyncConnectionConfig::new()
+                    .set_response_timeout(None)
+                    .set_connection_timeout(Some(CONNECT_TIMEOUT));
+                Publisher::Redis(
+                    client
+                        .get_multiplexed_async_connection_with_config(&config)
+                        .await?,
+                    target.topic.clone(),
+                )
+            }
+        })
+    }
+
+    /// Publishes `(key, version)` events; per event, whether it is applied
+    /// (a delivery to every node is due).
+    pub async fn send(&mut self, events: &[(u32, u64)]) -> Result<Vec<bool>, Refused> {
+        match self {
+            Publisher::Hub(client) => {
+                let req = pb::PublishRequest {
+                    events: events
+                        .iter()
+                        .map(|(k, v)| pb::Event {
+                            entity: entity(*k),
+                            version: *v,
+                            ..Default::default()
+                        })
+                        .collect(),
+                    ack: pb::AckLevel::Accepted as i32,
+                    timeout_ms: 0,
+                };
+                let resp = client
+                    .publish(req)
+                    .await
+                    .map_err(|s| Refused(format!("{:?}: {}", s.code(), s.message())))?
+                    .into_inner();
+                Ok(resp
+                    .results
+                    .iter()
+                    .map(|r| r.outcome == pb::PublishOutcome::Applied as i32)
+                    .collect())
+            }
+            Publisher::Nats(client, subject) => {
+                for (k, v) in events {
+                    client
+                        .publish(subject.clone(), encode_event(*k, *v))
+                        .await
+                        .map_err(|e| Refused(e.to_string()))?;
+                }
+                Ok(vec![true; events.len()])
+            }
+            Publisher::Redis(conn, channel) => {
+                let mut pipe = redis::pipe();
+                for (k, v) in events {
+                    pipe.cmd("PUBLISH")
+                        .arg(channel.as_str())
+                        .arg(encode_event(*k, *v).as_ref())
+                        .ignore();
+                }
+                pipe.query_async::<()>(conn)
+                    .await
+                    .map_err(|e| Refused(e.to_string()))?;
+                Ok(vec![true; events.len()])
+            }
+        }
+    }
+
+    /// Waits until what was sent has left the client (NATS buffers).
+    pub async fn flush(&self) {
+        if let Publisher::Nats(client, _) = self {
+            let _ = client.flush().await;
+        }
+    }
+}

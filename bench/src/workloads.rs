@@ -1,0 +1,302 @@
+//! The workloads B1–B7 of the benchmark, each a list of [`Spec`]s run
+//! against one or more targets, interleaved (hub, nats, redis, hub, ...).
+
+use std::time::Duration;
+
+use anyhow::Result;
+
+use crate::run::{Dist, Env, RunResult, Spec, Storm, run};
+use crate::stats::RateSearch;
+use crate::target::Kind;
+
+/// Options shared by every workload (from the command line).
+#[derive(Debug, Clone)]
+pub struct Opts {
+    /// Node counts; empty means the workload's defaults.
+    pub nodes: Vec<usize>,
+    /// Events per second; `None` means the workload's default.
+    pub rate: Option<u64>,
+    /// Publishing time per run; `None` means the workload's default.
+    pub duration: Option<Duration>,
+    /// Targets, in interleaving order.
+    pub targets: Vec<Kind>,
+    /// Each configuration this many times.
+    pub repeat: usize,
+    /// Unmeasured start of each run.
+    pub warmup: Duration,
+    /// Length of one step of the B2 search.
+    pub step: Duration,
+    /// B2 completion p99 objective, overriding the defaults.
+    pub objective_us: Option<u64>,
+    /// Entities, overriding the workload's default.
+    pub entities: Option<u32>,
+}
+
+/// Where results go as they come.
+pub trait Sink {
+    /// One finished run.
+    fn emit(&mut self, r: &RunResult);
+    /// A progress line (stderr).
+    fn note(&mut self, line: &str) {
+        eprintln!("{line}");
+    }
+}
+
+fn base(workload: &str, kind: Kind, nodes: usize, rate: u64, duration: Duration, o: &Opts) -> Spec {
+    Spec {
+        workload: workload.into(),
+        kind,
+        nodes,
+        stalled: 0,
+        rate,
+        duration,
+        warmup: o.warmup.min(duration / 2),
+        entities: o.entities.unwrap_or(10_000),
+        dist: Dist::RoundRobin,
+        check_order: false,
+        retry_refused: false,
+        drain: Duration::from_secs(5),
+        storm: None,
+    }
+}
+
+fn nodes_or(o: &Opts, default: &[usize]) -> Vec<usize> {
+    if o.nodes.is_empty() {
+        default.to_vec()
+    } else {
+        o.nodes.clone()
+    }
+}
+
+/// B1: light-load latency.
+pub async fn b1(env: &Env, o: &Opts, sink: &mut dyn Sink) -> Result<()> {
+    let duration = o.duration.unwrap_or(Duration::from_secs(3));
+    for n in nodes_or(o, &[16, 64, 256, 1000]) {
+        let rates = match o.rate {
+            Some(r) => vec![r],
+            None if n >= 256 => vec![1000, 100],
+            None => vec![1000],
+        };
+        for rate in rates {
+            for _ in 0..o.repeat {
+                for &kind in &o.targets {
+                    let spec = base("b1", kind, n, rate, duration, o);
+                    sink.emit(&run(env, &spec).await?);
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The completion p99 objective of B2 at `n` nodes.
+pub fn objective_us(n: usize, o: &Opts) -> u64 {
+    o.objective_us
+        .unwrap_or(if n <= 64 { 5_000 } else { 25_000 })
+}
+
+/// Whether a step of the B2 search met the objective.
+pub fn passes(r: &RunResult, objective_us: u64) -> bool {
+    let planned = r.rate as f64 * r.duration_s;
+    r.lost == 0
+        && r.refused == 0
+        && r.errors == 0
+        && !r.extra.contains_key("drained")
+        && r.published as f64 >= planned * 0.97
+        && r.completion_p99_us <= objective_us
+}
+
+/// Searches the highest rate meeting the objective; returns its run.
+async fn search(
+    env: &Env,
+    o: &Opts,
+    kind: Kind,
+    n: usize,
+    sink: &mut dyn Sink,
+) -> Result<Option<RunResult>> {
+    let objective = objective_us(n, o);
+    let start = (64_000 / n as u64).max(50);
+    let mut s = RateSearch::new(start, 2_000_000, 11, 0.1);
+    let mut best: Option<RunResult> = None;
+    let mut steps = Vec::new();
+    while let Some(rate) = s.next_rate() {
+        let mut spec = base("b2", kind, n, rate, o.step, o);
+        spec.warmup = o.warmup.min(o.step / 4);
+        spec.drain = Duration::from_secs(3);
+        let r = run(env, &spec).await?;
+        let ok = passes(&r, objective);
+        sink.note(&format!(
+            "  b2 {} n={n} rate={rate}: p99={}us lost={} refused={} -> {}",
+            kind.name(),
+            r.completion_p99_us,
+            r.lost,
+            r.refused,
+            if ok { "pass" } else { "fail" }
+        ));
+        steps.push(serde_json::json!({"rate": rate, "pass": ok, "completion_p99_us": r.completion_p99_us, "lost": r.lost}));
+        s.record(rate, ok);
+        if ok && best.as_ref().is_none_or(|b| b.rate < rate) {
+            best = Some(r);
+        }
+    }
+    if let Some(b) = best.as_mut() {
+        b.put("objective_us", objective);
+        b.put("search_steps", steps);
+    }
+    Ok(best)
+}
+
+/// B2: throughput at a latency objective.
+pub async fn b2(env: &Env, o: &Opts, sink: &mut dyn Sink) -> Result<()> {
+    for n in nodes_or(o, &[16, 64, 256]) {
+        for _ in 0..o.repeat {
+            for &kind in &o.targets {
+                match search(env, o, kind, n, sink).await? {
+                    Some(r) => sink.emit(&r),
+                    None => {
+                        let mut r = RunResult {
+                            workload: "b2".into(),
+                            target: kind.name().into(),
+                            nodes: n,
+                            placement: env.placement.clone(),
+                            ..Default::default()
+                        };
+                        r.put("objective_us", objective_us(n, o));
+                        r.put("note", "no rate met the objective");
+                        sink.emit(&r);
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The sustainable rate at `n` nodes: `--rate` if given, else a B2 search.
+async fn sustainable(
+    env: &Env,
+    o: &Opts,
+    kind: Kind,
+    n: usize,
+    sink: &mut dyn Sink,
+) -> Result<u64> {
+    if let Some(r) = o.rate {
+        return Ok(r);
+    }
+    sink.note(&format!(
+        "  searching the sustainable rate of {} at n={n}",
+        kind.name()
+    ));
+    Ok(search(env, o, kind, n, sink)
+        .await?
+        .map_or(1000, |r| r.rate))
+}
+
+/// B3: a burst at twice the sustainable rate over 100,000 entities; every
+/// node must end on the newest version of every entity.
+pub async fn b3(env: &Env, o: &Opts, sink: &mut dyn Sink) -> Result<()> {
+    let duration = o.duration.unwrap_or(Duration::from_secs(5));
+    for n in nodes_or(o, &[16]) {
+        for &kind in &o.targets {
+            // With --rate, that is the sustainable rate; the burst doubles it.
+            let rate = sustainable(env, o, kind, n, sink).await? * 2;
+            for _ in 0..o.repeat {
+                let mut spec = base("b3", kind, n, rate, duration, o);
+                spec.entities = o.entities.unwrap_or(100_000);
+                spec.dist = Dist::Uniform;
+                spec.check_order = true;
+                spec.retry_refused = true;
+                spec.drain = Duration::from_secs(30);
+                let mut r = run(env, &spec).await?;
+                r.put("sustainable_rate", rate / 2);
+                sink.emit(&r);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// B4: Zipf-distributed hot entities; per-entity order must hold.
+pub async fn b4(env: &Env, o: &Opts, sink: &mut dyn Sink) -> Result<()> {
+    let duration = o.duration.unwrap_or(Duration::from_secs(3));
+    for n in nodes_or(o, &[16]) {
+        for _ in 0..o.repeat {
+            for &kind in &o.targets {
+                let mut spec = base("b4", kind, n, o.rate.unwrap_or(10_000), duration, o);
+                spec.dist = Dist::Zipf(1.1);
+                spec.check_order = true;
+                let mut r = run(env, &spec).await?;
+                r.put("zipf_s", 1.1);
+                r.put("entities", spec.entities);
+                sink.emit(&r);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// B5: one stalled node at full rate; the others' completion p99 within
+/// 10 % of the same run without it, hub memory bounded.
+pub async fn b5(env: &Env, o: &Opts, sink: &mut dyn Sink) -> Result<()> {
+    let duration = o.duration.unwrap_or(Duration::from_secs(5));
+    for n in nodes_or(o, &[16]) {
+        for &kind in &o.targets {
+            let rate = sustainable(env, o, kind, n, sink).await?;
+            for _ in 0..o.repeat {
+                let spec = base("b5", kind, n, rate, duration, o);
+                let baseline = run(env, &spec).await?;
+                sink.emit(&baseline);
+                let mut stalled = run(env, &Spec { stalled: 1, ..spec }).await?;
+                let ratio =
+                    stalled.completion_p99_us as f64 / baseline.completion_p99_us.max(1) as f64;
+                stalled.put("baseline_completion_p99_us", baseline.completion_p99_us);
+                stalled.put("p99_ratio", ratio);
+                stalled.put("isolation_met", ratio <= 1.10);
+                stalled.put("baseline_peak_rss_bytes", baseline.hub_peak_rss_bytes);
+                sink.emit(&stalled);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// B6: every node drops its stream and all reconnect at once from their
+/// cursors; time until all are live, and until all have every event
+/// published before the reconnect. Hub only (the peers have no cursors).
+pub async fn b6(env: &Env, o: &Opts, sink: &mut dyn Sink) -> Result<()> {
+    let duration = o.duration.unwrap_or(Duration::from_secs(6));
+    for n in nodes_or(o, &[1000]) {
+        for _ in 0..o.repeat {
+            let mut spec = base("b6", Kind::Hub, n, o.rate.unwrap_or(1000), duration, o);
+            spec.storm = Some(Storm {
+                down: duration / 3,
+                up: duration / 2,
+            });
+            spec.drain = Duration::from_secs(30);
+            sink.emit(&run(env, &spec).await?);
+        }
+    }
+    Ok(())
+}
+
+/// B7: many connected idle nodes; hub memory per node. A trickle of events
+/// (10/s by default) checks that every node is live.
+pub async fn b7(env: &Env, o: &Opts, sink: &mut dyn Sink) -> Result<()> {
+    let duration = o.duration.unwrap_or(Duration::from_secs(3));
+    for n in nodes_or(o, &[10_000]) {
+        for _ in 0..o.repeat {
+            let mut spec = base("b7", Kind::Hub, n, o.rate.unwrap_or(10), duration, o);
+            spec.drain = Duration::from_secs(30);
+            let mut r = run(env, &spec).await?;
+            if let (Some(a), Some(b)) = (r.rss_before_nodes_bytes, r.rss_nodes_connected_bytes) {
+                r.put(
+                    "hub_bytes_per_idle_node",
+                    b.saturating_sub(a) / n.max(1) as u64,
+                );
+            }
+            r.put("nodes_per_conn", env.nodes_per_conn);
+            sink.emit(&r);
+        }
+    }
+    Ok(())
+}
