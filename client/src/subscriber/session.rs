@@ -282,10 +282,18 @@ impl<H: Handler> Session<'_, H> {
                         Ok(None) => break End::Broken("stream ended without a goodbye".into()),
                         Err(s) => break End::Broken(format!("stream failed: {}: {}", code_name(s.code()), status_message(&s))),
                     };
+                    // Progress is acked even when the cursor did not move:
+                    // the ack tells the hub which watermark this node holds,
+                    // which is its view of the node's staleness.
+                    let progress = matches!(msg.kind, Some(Kind::Progress(_)));
                     if let Err(end) = self.on_message(msg).await {
                         break end;
                     }
-                    if let Some(c) = self.position.ack().filter(|c| self.acked.as_ref() != Some(*c)) {
+                    if let Some(c) = self
+                        .position
+                        .ack()
+                        .filter(|c| progress || self.acked.as_ref() != Some(*c))
+                    {
                         ack_tx.send_replace(Some(c.clone()));
                         self.acked = Some(c.clone());
                         if persist_at.is_none() && self.config.store != crate::CursorStore::Memory {
