@@ -241,7 +241,7 @@ async fn run_on(env: &Env, spec: &Spec, server: &Server) -> Result<RunResult> {
                 }
                 shared.clone()
             }
-            Kind::Hub => Some(HubConn::Own(target::hub_endpoint(&target.url)?)),
+            Kind::Hub => Some(HubConn::Own(Box::new(target::hub_endpoint(&target.url)?))),
             _ => None,
         };
         let counted = i < spec.nodes;

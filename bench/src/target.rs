@@ -96,7 +96,7 @@ pub enum HubConn {
     /// One HTTP/2 connection shared with other nodes.
     Shared(Channel),
     /// Every stream (and every reconnect) opens its own connection.
-    Own(Endpoint),
+    Own(Box<Endpoint>),
 }
 
 impl HubConn {
