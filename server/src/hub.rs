@@ -12,6 +12,7 @@ use parking_lot::{Mutex, RwLock};
 use tokio::sync::{Semaphore, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+use tracing::Instrument;
 
 use crate::clock::Clock;
 use crate::config::Config;
@@ -126,7 +127,8 @@ pub struct PeerInfo {
     pub address: String,
     /// The link's stream is up.
     pub connected: bool,
-    /// Events received from the peer and not yet appended here.
+    /// Events in the peer's log (as of its last status, read every second)
+    /// that the link has not passed yet.
     pub lag_events: u64,
     /// Newest watermark received from the peer (its hub clock).
     pub watermark_us: u64,
@@ -279,14 +281,27 @@ impl Hub {
             .map(|((o, shard), ns)| (*shard, o.seq, &**ns))
             .collect();
         let deadline = tokio::time::Instant::now() + req.timeout;
-        let (pending_nodes, pending_regions) = if applied == AckLevel::Global {
-            tokio::join!(
-                self.wait_for_region(&targets, deadline),
-                self.wait_for_peers(&targets, deadline)
-            )
-        } else {
-            (self.wait_for_region(&targets, deadline).await, Vec::new())
-        };
+        let span = tracing::info_span!(
+            "hub.wait_acks",
+            region = %self.region,
+            ack = ?applied,
+            pending_nodes = tracing::field::Empty,
+            pending_regions = tracing::field::Empty,
+        );
+        let (pending_nodes, pending_regions) = async {
+            if applied == AckLevel::Global {
+                tokio::join!(
+                    self.wait_for_region(&targets, deadline),
+                    self.wait_for_peers(&targets, deadline)
+                )
+            } else {
+                (self.wait_for_region(&targets, deadline).await, Vec::new())
+            }
+        }
+        .instrument(span.clone())
+        .await;
+        span.record("pending_nodes", pending_nodes.len());
+        span.record("pending_regions", pending_regions.len());
         Ok(Published {
             results,
             complete: pending_nodes.is_empty() && pending_regions.is_empty(),
@@ -338,11 +353,19 @@ impl Hub {
                 })?,
             None => reserve_all.await,
         };
+        // The calling span (a publish) becomes the parent of the shard
+        // actors' append spans.
+        let trace = crate::telemetry::current_span_context();
         let mut waits = Vec::with_capacity(by_shard.len());
         for ((gap, idx, events), permit) in by_shard.into_values().zip(permits) {
             let permit = permit.map_err(|_| HubError::ShuttingDown)?;
             let (reply, rx) = oneshot::channel();
-            permit.send(Append { gap, events, reply });
+            permit.send(Append {
+                gap,
+                events,
+                reply,
+                trace: trace.clone(),
+            });
             waits.push((idx, rx));
         }
         let mut out: Vec<Option<EventOutcome>> = vec![None; n];

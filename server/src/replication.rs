@@ -21,7 +21,7 @@ use freshness::pb::subscribe_request::Kind as ReqKind;
 use freshness::pb::subscribe_response::Kind as RespKind;
 use freshness::pb::{self, hub_client::HubClient};
 use freshness::{Entity, Version};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio::time::MissedTickBehavior;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::task::TaskTracker;
@@ -37,6 +37,8 @@ const APPLIED_TRACK: usize = 4096;
 const APPLIED_EVERY: Duration = Duration::from_millis(5);
 /// In-flight events a link accepts from its peer.
 const LINK_IN_FLIGHT: u32 = 65_536;
+/// How often a link reads its peer's heads for status.
+const HEADS_EVERY: Duration = Duration::from_secs(1);
 const BACKOFF_MIN: Duration = Duration::from_millis(50);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
 
@@ -127,7 +129,7 @@ impl Link {
             },
             () = self.hub.shutdown.cancelled() => return End::Shutdown,
         };
-        let mut client = HubClient::new(channel).max_decoding_message_size(64 << 20);
+        let mut client = HubClient::new(channel.clone()).max_decoding_message_size(64 << 20);
         let (tx, rx) = mpsc::channel(16);
         let hello = pb::Hello {
             node_id: format!("hub/{}/{}", self.hub.config.region, self.hub.config.hub_id),
@@ -194,9 +196,17 @@ impl Link {
 
         let mut tick = tokio::time::interval(APPLIED_EVERY);
         tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let (heads_tx, mut heads) = watch::channel(Vec::new());
+        let poll = tokio::spawn(poll_heads(HubClient::new(channel), heads_tx));
+        let _stop_poll = AbortOnDrop(poll);
         loop {
             let msg = tokio::select! {
                 () = self.hub.shutdown.cancelled() => return End::Shutdown,
+                Ok(()) = heads.changed() => {
+                    let lag = self.lag_events(&heads.borrow_and_update());
+                    self.hub.update_peer(&self.region, |p| p.lag_events = lag);
+                    continue;
+                }
                 m = inbound.message() => m,
                 _ = tick.tick() => {
                     if self.report_applied() && !self.send_ack(&tx).await {
@@ -251,8 +261,6 @@ impl Link {
                 publish_time_us: Some(e.publish_time_us),
             });
         }
-        let n = incoming.len() as u64;
-        self.hub.update_peer(&self.region, |p| p.lag_events = n);
         let outcomes = self
             .hub
             .append(incoming, &[], None)
@@ -278,12 +286,10 @@ impl Link {
             }
         }
         self.advance(None, Some(&seen));
-        self.hub.update_peer(&self.region, |p| {
-            p.lag_events = 0;
-            if batch.watermark_us != 0 {
-                p.watermark_us = batch.watermark_us;
-            }
-        });
+        if batch.watermark_us != 0 {
+            self.hub
+                .update_peer(&self.region, |p| p.watermark_us = batch.watermark_us);
+        }
         Ok(())
     }
 
@@ -316,6 +322,16 @@ impl Link {
             }
         }
         Ok(())
+    }
+
+    /// Events in the peer's log this link has not passed yet.
+    fn lag_events(&self, peer_heads: &[u64]) -> u64 {
+        let Some(c) = &self.cursor else { return 0 };
+        peer_heads
+            .iter()
+            .zip(&c.seqs)
+            .map(|(h, at)| h.saturating_sub(*at))
+            .sum()
     }
 
     /// Raises the cursor to `progress` (a wire cursor) or `seqs`.
@@ -370,5 +386,30 @@ impl Link {
         })
         .await
         .is_ok()
+    }
+}
+
+/// Aborts a task when dropped (the link's stream ended).
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Reads the peer's log heads once a second, for the link's lag in events.
+async fn poll_heads(
+    mut client: HubClient<tonic::transport::Channel>,
+    heads: watch::Sender<Vec<u64>>,
+) {
+    let mut tick = tokio::time::interval(HEADS_EVERY);
+    tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        if let Ok(s) = client.status(pb::StatusRequest {}).await {
+            let s = s.into_inner();
+            heads.send_replace(s.shards.iter().map(|sh| sh.head_seq).collect());
+        }
     }
 }
