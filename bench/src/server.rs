@@ -87,7 +87,7 @@ impl Server {
             .arg("--hub-id")
             .arg("bench-hub")
             .args(&l.args)
-            .env("FRESHNESS_LOG", "warn")
+            .env("FRESHNESS_LOG", "error")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())

@@ -1,0 +1,150 @@
+#!/usr/bin/env bash
+# The whole benchmark: the hub side by side with NATS and Redis (B1, B2),
+# then the hub-only workloads (B3-B7). Writes JSON lines, the machine
+# description and a summary table under target/bench/<time>/ (and
+# target/bench/latest).
+#
+# Placement: the server under test (a fresh freshness-hub process per run,
+# nats-server, redis-server) is pinned to CPU $SERVER_CPU and the load
+# generator to CPU $BENCH_CPU with taskset, so each gets one core.
+#
+#   scripts/bench.sh                 # everything (about 15 minutes)
+#   ONLY="b1 b2" scripts/bench.sh    # a subset
+#   REPEAT=3 scripts/bench.sh        # more interleaved repetitions of B1
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+SERVER_CPU=${SERVER_CPU:-0}
+BENCH_CPU=${BENCH_CPU:-1}
+REPEAT=${REPEAT:-2}
+ONLY=${ONLY:-"b1 b2 b3 b4 b5 b6 b7"}
+
+# 10,000 idle nodes (B7) hold 10,000 sockets in the generator and as many
+# in the hub: raise the descriptor limit as far as the hard limit allows.
+ulimit -n "$(ulimit -Hn)"
+
+cargo build --release -p freshness-hub -p freshness-bench
+
+OUT=target/bench/$(date +%Y%m%d-%H%M%S)
+mkdir -p "$OUT"
+ln -sfn "$(basename "$OUT")" target/bench/latest
+
+{
+    echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
+    echo "nproc: $(nproc)"
+    echo "cpu: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ //')"
+    echo "kernel: $(uname -sr)"
+    echo "memory: $(awk '/MemTotal/ {printf "%.1f GiB", $2/1048576}' /proc/meminfo)"
+    echo "revision: $(git rev-parse --short HEAD)$(git diff --quiet HEAD -- server src proto || echo ' (hub sources modified)')"
+    echo "load before: $(cut -d' ' -f1-3 /proc/loadavg)"
+    echo "fd limit: $(ulimit -n)"
+} >"$OUT/machine.txt"
+cat "$OUT/machine.txt"
+
+scripts/bench-peers.sh stop >/dev/null 2>&1 || true
+scripts/bench-peers.sh start "$SERVER_CPU"
+read -r NATS_PID REDIS_PID < <(scripts/bench-peers.sh pids)
+trap 'scripts/bench-peers.sh stop' EXIT
+
+BENCH=(taskset -c "$BENCH_CPU" target/release/freshness-bench --json
+    --hub-cpus "$SERVER_CPU" --nats-pid "$NATS_PID" --redis-pid "$REDIS_PID"
+    --placement "server pinned to cpu$SERVER_CPU, load generator to cpu$BENCH_CPU")
+
+run() { # name, then bench flags
+    local name=$1
+    shift
+    echo "== $name: ${*}" >&2
+    "${BENCH[@]}" "$@" | tee -a "$OUT/$name.jsonl"
+}
+
+want() { [[ " $ONLY " == *" $1 "* ]]; }
+
+# Side by side, runs interleaved hub, nats, redis, hub, ...
+want b1 && run b1 --workload b1 --target hub,nats,redis --repeat "$REPEAT" --duration 3s
+want b2 && run b2 --workload b2 --target hub,nats,redis --step 2s
+
+# The sustainable hub rate at 16 nodes, from B2 when it ran.
+RATE16=$(python3 - "$OUT/b2.jsonl" <<'EOF' 2>/dev/null || true
+import json, sys
+rows = [json.loads(l) for l in open(sys.argv[1])]
+print(max(r["rate"] for r in rows if r["target"] == "hub" and r["nodes"] == 16))
+EOF
+)
+RATE=()
+[ -n "$RATE16" ] && RATE=(--rate "$RATE16")
+
+want b3 && run b3 --workload b3 --nodes 16 "${RATE[@]}"
+want b4 && run b4 --workload b4 --nodes 16 --rate 10000
+want b5 && run b5 --workload b5 --nodes 16 "${RATE[@]}"
+want b6 && run b6 --workload b6 --nodes 1000 --rate 1000
+want b7 && run b7 --workload b7 --nodes 10000
+
+echo "load after: $(cut -d' ' -f1-3 /proc/loadavg)" >>"$OUT/machine.txt"
+cat "$OUT"/*.jsonl >"$OUT/all.jsonl"
+
+# Summary: per configuration, the median over repetitions, and the hub's
+# ratio against the best peer.
+python3 - "$OUT/all.jsonl" >"$OUT/summary.md" <<'EOF'
+import json, statistics, sys
+from collections import defaultdict
+
+rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
+by = defaultdict(list)
+for r in rows:
+    if r["workload"] in ("b1", "b2"):
+        by[(r["workload"], r["nodes"], r["rate"] if r["workload"] == "b1" else 0, r["target"])].append(r)
+
+def med(rs, k):
+    vals = [r[k] for r in rs if r.get(k) is not None]
+    return statistics.median(vals) if vals else None
+
+print("## B1: completion latency (median of runs), µs")
+print()
+print("| nodes | rate/s | target | p50 | p99 | p99.9 | ack p99 | lost | server CPU ns/delivery | hub p99 / best peer p99 |")
+print("|---|---|---|---|---|---|---|---|---|---|")
+confs = sorted({(n, rate) for (w, n, rate, t) in by if w == "b1"})
+for n, rate in confs:
+    peers = [med(by[("b1", n, rate, t)], "completion_p99_us") for t in ("nats", "redis") if by.get(("b1", n, rate, t))]
+    best = min(peers) if peers else None
+    for t in ("hub", "nats", "redis"):
+        rs = by.get(("b1", n, rate, t))
+        if not rs:
+            continue
+        p99 = med(rs, "completion_p99_us")
+        ratio = f"{p99 / best:.2f}" if t == "hub" and best else ""
+        cpu = med(rs, "hub_cpu_ns_per_delivery")
+        ack = med(rs, "ack_p99_us")
+        print(f"| {n} | {rate} | {t} | {med(rs, 'completion_p50_us'):.0f} | {p99:.0f} | {med(rs, 'completion_p999_us'):.0f} | "
+              f"{'' if ack is None else f'{ack:.0f}'} | {sum(r['lost'] for r in rs)} | {'' if cpu is None else f'{cpu:.0f}'} | {ratio} |")
+print()
+print("## B2: highest deliveries/s with zero loss and completion p99 within the objective")
+print()
+print("| nodes | objective µs | target | events/s | deliveries/s | p99 µs | server CPU ns/delivery | hub / best peer |")
+print("|---|---|---|---|---|---|---|---|")
+for n in sorted({n for (w, n, _, _) in by if w == "b2"}):
+    peers = [by[("b2", n, 0, t)][0]["deliveries_per_s"] for t in ("nats", "redis") if by.get(("b2", n, 0, t))]
+    best = max(peers) if peers else None
+    for t in ("hub", "nats", "redis"):
+        rs = by.get(("b2", n, 0, t))
+        if not rs:
+            continue
+        r = rs[0]
+        ratio = f"{r['deliveries_per_s'] / best:.2f}" if t == "hub" and best else ""
+        cpu = r.get("hub_cpu_ns_per_delivery")
+        print(f"| {n} | {r.get('objective_us')} | {t} | {r['rate']} | {r['deliveries_per_s']:.0f} | {r['completion_p99_us']} | "
+              f"{'' if cpu is None else f'{cpu:.0f}'} | {ratio} |")
+print()
+print("## B3-B7 (hub)")
+print()
+for r in rows:
+    if r["workload"] in ("b3", "b4", "b5", "b6", "b7"):
+        keys = ["workload", "nodes", "stalled_nodes", "rate", "published", "delivered", "lost", "duplicates",
+                "order_violations", "resets", "completion_p99_us", "hub_cpu_ns_per_delivery", "hub_peak_rss_bytes"]
+        extra = {k: v for k, v in r.items() if k not in keys and k in (
+            "convergence_after_end_ms", "entities_not_converged", "publish_retries", "baseline_completion_p99_us",
+            "p99_ratio", "isolation_met", "stalled_status", "storm_live_ms", "storm_caught_up_ms",
+            "storm_not_resumed", "hub_bytes_per_idle_node", "server_cpu_cores")}
+        print("- " + ", ".join(f"{k}={r.get(k)}" for k in keys) + (", " + json.dumps(extra) if extra else ""))
+EOF
+cat "$OUT/summary.md"
+echo "results in $OUT"
