@@ -19,6 +19,9 @@ mod shard;
 pub mod validate;
 pub mod wire;
 
+#[cfg(test)]
+mod props;
+
 pub use cursor::{Cursor, CursorError};
 pub use entity::{Entity, EntityError, Version, validate_namespace};
 pub use shard::{HASH_NAME, ShardId, fnv1a64, shard};
