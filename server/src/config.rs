@@ -58,6 +58,10 @@ pub struct Config {
     pub peers: BTreeMap<String, String>,
     /// `text` or `json` logs on stderr.
     pub log_format: LogFormat,
+    /// OTLP/gRPC collector to export traces to (`http://host:4317`); unset,
+    /// the standard `OTEL_EXPORTER_OTLP_ENDPOINT` decides (see `telemetry`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub otlp_endpoint: Option<String>,
 }
 
 /// Log output format.
@@ -92,6 +96,7 @@ impl Default for Config {
             shutdown_grace: Duration::from_secs(10),
             peers: BTreeMap::new(),
             log_format: LogFormat::Text,
+            otlp_endpoint: None,
         }
     }
 }
@@ -234,6 +239,9 @@ impl Config {
             validate_url(url)
                 .map_err(|reason| invalid("peers", format!("peer {region}: {reason}")))?;
         }
+        if let Some(url) = &self.otlp_endpoint {
+            validate_url(url).map_err(|reason| invalid("otlp_endpoint", reason))?;
+        }
         Ok(())
     }
 
@@ -321,6 +329,10 @@ pub struct Args {
     /// Log format [default: text].
     #[arg(long, env = "FRESHNESS_LOG_FORMAT")]
     pub log_format: Option<LogFormat>,
+    /// OTLP/gRPC collector for traces, e.g. http://localhost:4317 [default:
+    /// OTEL_EXPORTER_OTLP_ENDPOINT, else no export].
+    #[arg(long, env = "FRESHNESS_OTLP_ENDPOINT")]
+    pub otlp_endpoint: Option<String>,
 }
 
 fn parse_peer(s: &str) -> Result<(String, String), String> {
@@ -359,6 +371,9 @@ impl Args {
         );
         if !self.peers.is_empty() {
             c.peers = self.peers.into_iter().collect();
+        }
+        if let Some(e) = self.otlp_endpoint.filter(|e| !e.trim().is_empty()) {
+            c.otlp_endpoint = Some(e);
         }
         c.validate()?;
         Ok(c)
@@ -415,6 +430,10 @@ mod tests {
             .contains("must start with http://")
         );
         assert!(bad(|c| c.log_max_events = 1).starts_with("invalid setting `log_max_events`"));
+        assert!(
+            bad(|c| c.otlp_endpoint = Some("collector:4317".into()))
+                .starts_with("invalid setting `otlp_endpoint`")
+        );
     }
 
     #[test]
@@ -425,5 +444,13 @@ mod tests {
         let c = args.into_config().unwrap();
         assert_eq!(c.shards, 16);
         assert_eq!(c.peers.len(), 1);
+        assert_eq!(c.otlp_endpoint, None);
+        let args =
+            Args::try_parse_from(["freshness-hub", "--otlp-endpoint", "http://collector:4317"])
+                .unwrap();
+        assert_eq!(
+            args.into_config().unwrap().otlp_endpoint.as_deref(),
+            Some("http://collector:4317")
+        );
     }
 }

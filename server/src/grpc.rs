@@ -12,10 +12,13 @@ use futures::StreamExt;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::task::TaskTracker;
 use tonic::{Request, Response, Status, Streaming};
+use tracing::Instrument;
+use tracing::field::Empty;
 
 use crate::error::{HubError, map_decode_status};
 use crate::hub::Hub;
 use crate::shard::Outcome;
+use crate::telemetry::Adopt;
 
 /// How long a new stream may take to send its hello.
 pub const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
@@ -42,6 +45,17 @@ fn outcome_to_wire(o: Outcome) -> pb::PublishOutcome {
     }
 }
 
+/// A metadata value of the request, when present and text.
+fn header<'r, T>(request: &'r Request<T>, key: &str) -> Option<&'r str> {
+    request.metadata().get(key).and_then(|v| v.to_str().ok())
+}
+
+/// Marks the call's span as failed with the status it answers.
+fn failed(span: &tracing::Span, status: Status) -> Status {
+    span.record("otel.status_description", status.message());
+    status
+}
+
 /// Counts a refused publish by the code it gets.
 fn refused(e: HubError) -> Status {
     let status = Status::from(e);
@@ -61,16 +75,58 @@ impl pb::raw::hub_server::Hub for HubService {
         &self,
         request: Request<pb::PublishRequest>,
     ) -> Result<Response<pb::PublishResponse>, Status> {
+        let span = tracing::info_span!(
+            "hub.publish",
+            otel.kind = "server",
+            rpc.system = "grpc",
+            rpc.method = "Publish",
+            region = %self.hub.region,
+            events = Empty,
+            ack = Empty,
+            applied = Empty,
+            duplicate = Empty,
+            superseded = Empty,
+            complete = Empty,
+            otel.status_description = Empty,
+        );
+        // Parent: the caller's gRPC `traceparent` header if it sent one, else
+        // the first event's context; the other events' contexts are linked.
+        let mut adopt = Adopt::new(&span);
+        if let Some(tp) = header(&request, "traceparent") {
+            adopt.wire(tp, header(&request, "tracestate").unwrap_or_default());
+        }
         let limits = PublishLimits {
             max_events: self.hub.config.max_events_per_publish,
             max_payload_bytes: self.hub.config.max_payload_bytes,
         };
-        let req = validate::publish(request.into_inner(), limits)
-            .map_err(|e| refused(HubError::from(e)))?;
+        let req = match validate::publish(request.into_inner(), limits) {
+            Ok(req) => req,
+            Err(e) => return Err(failed(&span, refused(HubError::from(e)))),
+        };
+        for e in &req.events {
+            if !adopt.wire(&e.traceparent, &e.tracestate) {
+                break;
+            }
+        }
         let events = req.events.len();
         let ack = req.ack;
-        let published = self.hub.publish(req).await.map_err(refused)?;
-        tracing::debug!(events, ?ack, complete = published.complete, "publish");
+        span.record("events", events);
+        span.record("ack", tracing::field::debug(ack));
+        let published = self
+            .hub
+            .publish(req)
+            .instrument(span.clone())
+            .await
+            .map_err(|e| failed(&span, refused(e)))?;
+        let mut counts = [0usize; 3];
+        for (o, _) in &published.results {
+            counts[o.outcome as usize] += 1;
+        }
+        span.record("applied", counts[Outcome::Applied as usize]);
+        span.record("duplicate", counts[Outcome::Duplicate as usize]);
+        span.record("superseded", counts[Outcome::Superseded as usize]);
+        span.record("complete", published.complete);
+        span.in_scope(|| tracing::debug!(events, ?ack, complete = published.complete, "publish"));
         Ok(Response::new(pb::PublishResponse {
             results: published
                 .results

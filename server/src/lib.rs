@@ -20,6 +20,7 @@ pub mod replication;
 mod server;
 pub mod session;
 pub mod shard;
+pub mod telemetry;
 
 pub use config::{Args, Config, ConfigError, LogFormat};
 pub use server::{RunError, run};

@@ -1,11 +1,10 @@
-//! `freshness-hub`: parse the configuration, set up logging, bind, run.
+//! `freshness-hub`: parse the configuration, set up telemetry, bind, run.
 
 use std::process::ExitCode;
 
 use clap::Parser;
-use freshness_hub::{Args, LogFormat};
+use freshness_hub::{Args, telemetry};
 use tokio_util::sync::CancellationToken;
-use tracing_subscriber::EnvFilter;
 
 /// Exit status for an invalid configuration (EX_USAGE).
 const EXIT_CONFIG: u8 = 64;
@@ -32,19 +31,6 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
-    let filter =
-        EnvFilter::try_from_env("FRESHNESS_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
-    match config.log_format {
-        LogFormat::Text => tracing_subscriber::fmt()
-            .with_env_filter(filter)
-            .with_writer(std::io::stderr)
-            .init(),
-        LogFormat::Json => tracing_subscriber::fmt()
-            .json()
-            .with_env_filter(filter)
-            .with_writer(std::io::stderr)
-            .init(),
-    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -53,6 +39,15 @@ fn main() -> ExitCode {
         Err(e) => {
             eprintln!("freshness-hub: cannot start the runtime: {e}");
             return ExitCode::FAILURE;
+        }
+    };
+    // The OTLP exporter's channel lives on the runtime; the guard flushes
+    // the last spans when dropped, after `block_on`, while the runtime runs.
+    let _telemetry = match runtime.block_on(async { telemetry::init(&config) }) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("freshness-hub: {e}");
+            return ExitCode::from(EXIT_CONFIG);
         }
     };
     runtime.block_on(async move {

@@ -6,6 +6,11 @@
 //! acked, never has more than the node's in-flight limit unacked, and when
 //! the log has moved past what it still had to send, it resets the node for
 //! exactly those shards (SPEC §3.2.7, G5).
+//!
+//! A frame that carries events of traced appends records one
+//! `session.fanout` span, parented on the first such `shard.append` span and
+//! linked to the others (`telemetry::AppendTraces`); events are never
+//! decoded for it, and an untraced frame records nothing.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -24,6 +29,7 @@ use tonic::Status;
 use crate::error::{HubError, map_decode_status};
 use crate::hub::{EndReason, Hub, SessionShared};
 use crate::log::LogEntry;
+use crate::telemetry::Adopt;
 
 /// Largest event frame a session builds; well under the 4 MiB a default
 /// gRPC client accepts.
@@ -536,6 +542,8 @@ impl Session {
         let mut count = 0u32;
         let mut oldest = u64::MAX;
         let mut positions = Vec::new();
+        // Shards whose sent range may hold traced appends: (shard, after, upto).
+        let mut traced: Vec<(usize, u64, u64)> = Vec::new();
         let mut complete = true;
         for i in 0..n {
             let s = (self.scan_from + i) % n;
@@ -551,7 +559,8 @@ impl Session {
             }
             let mut last = None;
             let mut gap_at = None;
-            for (seq, e) in log.after(self.sent[s]) {
+            let from = self.sent[s];
+            for (seq, e) in log.after(from) {
                 if e.gap && !self.shared.replication {
                     // A replication gap: everything before it goes out first,
                     // then the reset, as its own frame.
@@ -579,6 +588,9 @@ impl Session {
             }
             if let Some(seq) = last {
                 positions.push((s as u32, seq));
+                if self.hub.shards[s].traces().any_after(from) {
+                    traced.push((s, from, seq));
+                }
             }
             if let Some(seq) = gap_at {
                 drop(log);
@@ -616,6 +628,38 @@ impl Session {
             oldest_publish_us: oldest,
         });
         crate::metrics::record_frame(count);
-        Fill::Frame(self.builder.finish(watermark_us))
+        let frame = self.builder.finish(watermark_us);
+        if !traced.is_empty() {
+            self.record_fanout(&traced, count, frame.len(), t.saturating_sub(oldest));
+        }
+        Fill::Frame(frame)
+    }
+
+    /// Records the `session.fanout` span of a frame that holds events of
+    /// traced appends: parented on the first append's span, linked to the
+    /// others.
+    fn record_fanout(&self, traced: &[(usize, u64, u64)], events: u32, bytes: usize, age_us: u64) {
+        let span = tracing::info_span!(
+            parent: None,
+            "session.fanout",
+            otel.kind = "producer",
+            region = %self.hub.region,
+            node_id = %self.shared.node_id,
+            replication = self.shared.replication,
+            events,
+            bytes,
+            oldest_event_age_us = age_us,
+        );
+        let mut adopt = Adopt::new(&span);
+        for &(s, after, upto) in traced {
+            let mut more = true;
+            self.hub.shards[s].traces().overlapping(after, upto, |sc| {
+                more = adopt.context(sc);
+                more
+            });
+            if !more {
+                break;
+            }
+        }
     }
 }

@@ -19,6 +19,14 @@
 //! node (an invalidation, or a payload that a node applies only over an older
 //! version), and nodes keep their own highest-invalidated version per entity,
 //! so no cache goes back in time.
+//!
+//! ## Traces
+//! A wake-up whose commands carry a trace context (the publishing call's
+//! span, or the events' own W3C context for events replicated from a peer)
+//! records one `shard.append` span, parented on the first context and linked
+//! to the others, and remembers its seq range in [`AppendTraces`] for the
+//! sessions' fan-out spans (see `telemetry`). Untraced wake-ups record
+//! nothing.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
@@ -26,11 +34,16 @@ use std::sync::Arc;
 use bytes::Bytes;
 use freshness::wire::encode_event_entry;
 use freshness::{Entity, Version, pb};
+use opentelemetry::trace::{SpanContext, TraceContextExt};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::task::TaskTracker;
+use tracing::Span;
+use tracing::field::Empty;
+use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use crate::clock::Clock;
 use crate::log::{LogEntry, SharedLog};
+use crate::telemetry::{Adopt, AppendTraces};
 
 /// Most commands one wake-up of an actor takes from its queue.
 pub const DRAIN_MAX: usize = 256;
@@ -84,6 +97,9 @@ pub struct Append {
     pub events: Vec<Incoming>,
     /// Where the outcomes go.
     pub reply: oneshot::Sender<Vec<EventOutcome>>,
+    /// The span of the call that sent it (the publish), when traced; without
+    /// one the events' own contexts are used.
+    pub trace: Option<SpanContext>,
 }
 
 /// The actor is gone (the hub is shutting down).
@@ -108,6 +124,7 @@ pub struct ShardContext {
 #[derive(Debug, Clone)]
 pub struct ShardHandle {
     tx: mpsc::Sender<Append>,
+    traces: Arc<AppendTraces>,
 }
 
 impl ShardHandle {
@@ -120,10 +137,12 @@ impl ShardHandle {
         tracker: &TaskTracker,
     ) -> Self {
         let (tx, rx) = mpsc::channel(queue);
+        let traces = Arc::new(AppendTraces::default());
         let actor = Actor {
             id,
             log,
             ctx,
+            traces: traces.clone(),
             versions: HashMap::new(),
             retired: VecDeque::new(),
             head: 0,
@@ -131,7 +150,12 @@ impl ShardHandle {
                 .unwrap_or_else(|_| unreachable!("valid constant")),
         };
         tracker.spawn(actor.run(rx));
-        Self { tx }
+        Self { tx, traces }
+    }
+
+    /// The shard's recent traced appends, for fan-out spans.
+    pub fn traces(&self) -> &AppendTraces {
+        &self.traces
     }
 
     /// Reserves room for one command; `None` while the queue is full.
@@ -160,6 +184,7 @@ struct Actor {
     id: u32,
     log: Arc<SharedLog>,
     ctx: Arc<ShardContext>,
+    traces: Arc<AppendTraces>,
     versions: HashMap<Entity, Remembered>,
     /// Entities whose newest event left the log, oldest first.
     retired: VecDeque<(Entity, u64)>,
@@ -181,6 +206,8 @@ impl Actor {
     }
 
     fn serve(&mut self, batch: &mut Vec<Append>) {
+        let span = self.append_span(batch);
+        let first_seq = self.head + 1;
         let now = self.ctx.clock.now_us();
         let mut appended = Vec::new();
         let mut replies = Vec::with_capacity(batch.len());
@@ -203,6 +230,17 @@ impl Actor {
             replies.push((cmd.reply, outcomes));
         }
         metrics::histogram!(crate::metrics::SHARD_DRAIN).record(replies.len() as f64);
+        if let Some(span) = &span {
+            span.record("appended", appended.len());
+            if !appended.is_empty() {
+                span.record("first_seq", first_seq);
+                span.record("last_seq", self.head);
+                let sc = span.context().span().span_context().clone();
+                if sc.is_sampled() {
+                    self.traces.record(first_seq, self.head, sc);
+                }
+            }
+        }
         if !appended.is_empty() {
             metrics::counter!(crate::metrics::EVENTS_APPENDED).increment(appended.len() as u64);
             let evicted = self.log.append_all(appended);
@@ -213,6 +251,43 @@ impl Actor {
             // The caller may have given up (client went away): nothing to do.
             let _ = reply.send(outcomes);
         }
+    }
+
+    /// The `shard.append` span of a wake-up, when any command carries a
+    /// trace context: parented on the first, linked to the others.
+    fn append_span(&self, batch: &[Append]) -> Option<Span> {
+        let traced = batch
+            .iter()
+            .any(|c| c.trace.is_some() || c.events.iter().any(|e| !e.traceparent.is_empty()));
+        if !traced {
+            return None;
+        }
+        let span = tracing::info_span!(
+            parent: None,
+            "shard.append",
+            region = %self.ctx.region,
+            shard = self.id,
+            commands = batch.len(),
+            events = batch.iter().map(|c| c.events.len()).sum::<usize>(),
+            appended = Empty,
+            first_seq = Empty,
+            last_seq = Empty,
+        );
+        let mut adopt = Adopt::new(&span);
+        'commands: for c in batch {
+            if let Some(sc) = &c.trace {
+                if !adopt.context(sc.clone()) {
+                    break;
+                }
+                continue;
+            }
+            for e in &c.events {
+                if !adopt.wire(&e.traceparent, &e.tracestate) {
+                    break 'commands;
+                }
+            }
+        }
+        Some(span)
     }
 
     fn accept(&mut self, e: Incoming, now: u64, appended: &mut Vec<LogEntry>) -> EventOutcome {
