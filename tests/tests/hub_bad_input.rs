@@ -312,3 +312,136 @@ async fn a_full_hub_refuses_publishes_with_a_retry_hint_and_applies_nothing_of_t
     let status = hub.status().await;
     assert_eq!(total_head(&status), applied_calls * 2_000);
 }
+
+/// Sends raw bytes as the body of a gRPC call: what a broken or hostile
+/// client can put on the wire.
+#[derive(Debug, Clone, Default)]
+struct RawCodec;
+
+#[derive(Debug, Clone, Default)]
+struct RawEncoder;
+
+#[derive(Debug, Clone, Default)]
+struct RawDecoder;
+
+impl tonic::codec::Codec for RawCodec {
+    type Encode = Vec<u8>;
+    type Decode = Vec<u8>;
+    type Encoder = RawEncoder;
+    type Decoder = RawDecoder;
+    fn encoder(&mut self) -> RawEncoder {
+        RawEncoder
+    }
+    fn decoder(&mut self) -> RawDecoder {
+        RawDecoder
+    }
+}
+
+impl tonic::codec::Encoder for RawEncoder {
+    type Item = Vec<u8>;
+    type Error = tonic::Status;
+    fn encode(
+        &mut self,
+        item: Vec<u8>,
+        dst: &mut tonic::codec::EncodeBuf<'_>,
+    ) -> Result<(), tonic::Status> {
+        use bytes::BufMut;
+        dst.put_slice(&item);
+        Ok(())
+    }
+}
+
+impl tonic::codec::Decoder for RawDecoder {
+    type Item = Vec<u8>;
+    type Error = tonic::Status;
+    fn decode(
+        &mut self,
+        src: &mut tonic::codec::DecodeBuf<'_>,
+    ) -> Result<Option<Vec<u8>>, tonic::Status> {
+        use bytes::Buf;
+        let mut out = vec![0; src.remaining()];
+        src.copy_to_slice(&mut out);
+        Ok(Some(out))
+    }
+}
+
+#[tokio::test]
+async fn garbage_bodies_are_rejected_and_the_hub_keeps_serving() {
+    let hub = TestHub::start().await;
+    let channel = tonic::transport::Endpoint::from_shared(hub.url())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut grpc = tonic::client::Grpc::new(channel);
+    for body in [
+        vec![0xff; 64],
+        vec![0x0a, 0xff, 0xff, 0xff, 0xff, 0x0f],
+        b"not protobuf at all".to_vec(),
+    ] {
+        grpc.ready().await.unwrap();
+        let path = http::uri::PathAndQuery::from_static("/freshness.v1.Hub/Publish");
+        let err = grpc
+            .unary(tonic::Request::new(body), path, RawCodec)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err.code(), Code::Internal | Code::InvalidArgument),
+            "a body that does not decode is refused: {err:?}"
+        );
+    }
+    let ok = hub
+        .client()
+        .await
+        .publish(publish_request(&[("user:1", 1)]))
+        .await;
+    assert!(ok.is_ok(), "{ok:?}");
+    assert_eq!(
+        total_head(&hub.status().await),
+        1,
+        "nothing of the garbage was applied"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_thousand_streams_opened_and_dropped_leave_nothing_behind() {
+    let hub = TestHub::start().await;
+    let client = hub.client().await;
+    let opened = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut workers = Vec::new();
+    for w in 0..50 {
+        let mut client = client.clone();
+        let opened = opened.clone();
+        workers.push(tokio::spawn(async move {
+            for i in 0..200 {
+                let (tx, rx) = mpsc::channel(1);
+                tx.send(pb::SubscribeRequest {
+                    kind: Some(ReqKind::Hello(hello(&format!("churn-{w}-{i}"), &[], None))),
+                })
+                .await
+                .unwrap();
+                let mut stream = client
+                    .subscribe(ReceiverStream::new(rx))
+                    .await
+                    .unwrap()
+                    .into_inner();
+                // Read the welcome, then drop both halves.
+                let first = stream.message().await.unwrap().unwrap();
+                assert!(matches!(first.kind, Some(Kind::Welcome(_))));
+                opened.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+        }));
+    }
+    for w in workers {
+        w.await.unwrap();
+    }
+    assert_eq!(opened.load(std::sync::atomic::Ordering::Relaxed), 10_000);
+    // Every session noticed its stream went away and left the registry.
+    freshness_tests::wait_for(|| async { hub.status().await.nodes.is_empty().then_some(()) }).await;
+    let ok = hub
+        .client()
+        .await
+        .publish(publish_request(&[("user:1", 1)]))
+        .await;
+    assert!(ok.is_ok(), "{ok:?}");
+}
