@@ -134,6 +134,10 @@ fn mib(b: Option<u64>) -> String {
     })
 }
 
+fn cores(c: Option<f64>) -> String {
+    c.map_or("-".into(), |c| format!("{c:.2}"))
+}
+
 impl Sink for Out {
     fn emit(&mut self, r: &RunResult) {
         let mut out = std::io::stdout().lock();
@@ -148,7 +152,7 @@ impl Sink for Out {
             self.header = true;
             let _ = writeln!(
                 out,
-                "{:<4} {:<5} {:>6} {:>7} {:>9} {:>10} {:>5} {:>8} {:>8} {:>8} {:>8} {:>11} {:>8} {:>8}",
+                "{:<4} {:<5} {:>6} {:>7} {:>9} {:>10} {:>5} {:>8} {:>8} {:>8} {:>8} {:>11} {:>8} {:>8} {:>7} {:>7}",
                 "wl",
                 "tgt",
                 "nodes",
@@ -162,12 +166,14 @@ impl Sink for Out {
                 "ack99_us",
                 "deliv/s",
                 "cpu_ns/d",
-                "rss_MiB"
+                "rss_MiB",
+                "srv_cpu",
+                "gen_cpu"
             );
         }
         let _ = writeln!(
             out,
-            "{:<4} {:<5} {:>6} {:>7} {:>9} {:>10} {:>5} {:>8} {:>8} {:>8} {:>8} {:>11.0} {:>8} {:>8}",
+            "{:<4} {:<5} {:>6} {:>7} {:>9} {:>10} {:>5} {:>8} {:>8} {:>8} {:>8} {:>11.0} {:>8} {:>8} {:>7} {:>7}",
             r.workload,
             r.target,
             r.nodes,
@@ -182,7 +188,9 @@ impl Sink for Out {
             r.deliveries_per_s,
             r.hub_cpu_ns_per_delivery
                 .map_or("-".into(), |v| format!("{v:.0}")),
-            mib(r.hub_peak_rss_bytes)
+            mib(r.hub_peak_rss_bytes),
+            cores(r.server_cpu_cores),
+            cores(r.loadgen_cpu_cores)
         );
         if !r.extra.is_empty() {
             let extra: Vec<String> = r

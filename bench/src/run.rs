@@ -118,6 +118,9 @@ pub struct Spec {
     pub drain: Duration,
     /// B6.
     pub storm: Option<Storm>,
+    /// Before publishing, measure the server's CPU with every node
+    /// connected and nothing published for this long (B7).
+    pub idle: Duration,
 }
 
 /// One run's results: one JSON object, one table row.
@@ -263,6 +266,16 @@ async fn run_on(env: &Env, spec: &Spec, server: &Server) -> Result<RunResult> {
     // idle footprint is read.
     tokio::time::sleep(Duration::from_millis(300)).await;
     let rss_connected = server.pid.and_then(procfs::rss).map(|r| r.0);
+    let idle_cores = if spec.idle.is_zero() {
+        None
+    } else {
+        let a = server.pid.and_then(procfs::cpu_ns);
+        let t = Instant::now();
+        tokio::time::sleep(spec.idle).await;
+        let b = server.pid.and_then(procfs::cpu_ns);
+        a.zip(b)
+            .map(|(a, b)| b.saturating_sub(a) as f64 / 1e9 / secs_f(t.elapsed()))
+    };
 
     let peak = Arc::new(AtomicU64::new(0));
     let sampler = server.pid.map(|pid| {
@@ -389,6 +402,9 @@ async fn run_on(env: &Env, spec: &Spec, server: &Server) -> Result<RunResult> {
     r.rss_nodes_connected_bytes = rss_connected;
     if !drained {
         r.put("drained", false);
+    }
+    if let Some(c) = idle_cores {
+        r.put("idle_server_cpu_cores", c);
     }
     if tally.unsettled > 0 {
         r.put("unsettled_publishes", tally.unsettled);

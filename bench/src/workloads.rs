@@ -57,6 +57,7 @@ fn base(workload: &str, kind: Kind, nodes: usize, rate: u64, duration: Duration,
         retry_refused: false,
         drain: Duration::from_secs(5),
         storm: None,
+        idle: Duration::ZERO,
     }
 }
 
@@ -287,6 +288,7 @@ pub async fn b7(env: &Env, o: &Opts, sink: &mut dyn Sink) -> Result<()> {
         for _ in 0..o.repeat {
             let mut spec = base("b7", Kind::Hub, n, o.rate.unwrap_or(10), duration, o);
             spec.drain = Duration::from_secs(30);
+            spec.idle = Duration::from_secs(2);
             let mut r = run(env, &spec).await?;
             if let (Some(a), Some(b)) = (r.rss_before_nodes_bytes, r.rss_nodes_connected_bytes) {
                 r.put(
