@@ -28,6 +28,11 @@ pub struct Invalidation {
     pub publish_time_us: u64,
     /// The new value for refresh-in-place, when the writer sent one.
     pub payload: Option<Bytes>,
+    /// W3C trace context of the publishing call, when the writer sent one
+    /// (the subscriber's apply span joins it).
+    pub traceparent: Option<String>,
+    /// W3C trace state that goes with `traceparent`.
+    pub tracestate: Option<String>,
 }
 
 /// A batch of invalidations, in seq order within each shard.
@@ -211,6 +216,8 @@ pub(crate) fn batch_from_wire(batch: pb::EventBatch) -> (EventBatch, BTreeSet<Sh
             origin: e.origin,
             publish_time_us: e.publish_time_us,
             payload: (!e.payload.is_empty()).then_some(e.payload),
+            traceparent: (!e.traceparent.is_empty()).then_some(e.traceparent),
+            tracestate: (!e.tracestate.is_empty()).then_some(e.tracestate),
         });
     }
     (

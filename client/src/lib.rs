@@ -11,6 +11,9 @@
 //! - [`Publisher`]: the writer side: batching, retrying, idempotent
 //!   publishing, called after the writer's transaction commits.
 //!
+//! - [`telemetry`]: the W3C trace context on events (the publisher writes
+//!   it, the subscriber joins it) and a logs-and-traces set-up for programs.
+//!
 //! The `freshctl` binary is built on this library.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
@@ -22,6 +25,7 @@ mod event;
 mod feed;
 pub mod publisher;
 pub mod subscriber;
+pub mod telemetry;
 mod transport;
 
 pub use backoff::Backoff;

@@ -51,8 +51,12 @@ pub struct Event {
     pub version: Version,
     /// The new value, for nodes that refresh in place (at most 64 KiB).
     pub payload: Option<Bytes>,
-    /// W3C trace context of the change, carried to the nodes.
+    /// W3C trace context of the change, carried to the nodes. Unset, the
+    /// publisher fills in its `publisher.publish` span's, when it has one
+    /// (see [`crate::telemetry`]).
     pub traceparent: Option<String>,
+    /// W3C trace state that goes with `traceparent`.
+    pub tracestate: Option<String>,
 }
 
 impl Event {
@@ -63,6 +67,7 @@ impl Event {
             version,
             payload: None,
             traceparent: None,
+            tracestate: None,
         }
     }
 
@@ -80,12 +85,20 @@ impl Event {
         self
     }
 
+    /// Adds a W3C `tracestate`.
+    #[must_use]
+    pub fn with_tracestate(mut self, tracestate: impl Into<String>) -> Self {
+        self.tracestate = Some(tracestate.into());
+        self
+    }
+
     fn to_wire(&self) -> pb::Event {
         pb::Event {
             entity: self.entity.as_str().to_owned(),
             version: self.version.get(),
             payload: self.payload.clone().unwrap_or_default(),
             traceparent: self.traceparent.clone().unwrap_or_default(),
+            tracestate: self.tracestate.clone().unwrap_or_default(),
             ..Default::default()
         }
     }
@@ -415,7 +428,39 @@ impl Publisher {
 
     /// Publishes `events` (1 to 10,000), waiting for `opts.ack`. Call it after
     /// the commit. Small calls with the same options share requests.
+    ///
+    /// The call is the span `publisher.publish`, a child of the caller's
+    /// current span; events without a `traceparent` carry its context.
     pub async fn publish_events(
+        &self,
+        mut events: Vec<Event>,
+        opts: PublishOptions,
+    ) -> Result<PublishReceipt, PublishError> {
+        let span = info_span!(
+            "publisher.publish",
+            otel.kind = "producer",
+            events = events.len(),
+            ack = ?opts.ack,
+            otel.status_description = tracing::field::Empty,
+        );
+        if let Some((traceparent, tracestate)) = crate::telemetry::traceparent(&span) {
+            let tracestate = (!tracestate.is_empty()).then_some(tracestate);
+            for e in events.iter_mut().filter(|e| e.traceparent.is_none()) {
+                e.traceparent = Some(traceparent.clone());
+                e.tracestate.clone_from(&tracestate);
+            }
+        }
+        let result = self
+            .publish_now(events, opts)
+            .instrument(span.clone())
+            .await;
+        if let Err(e) = &result {
+            span.record("otel.status_description", tracing::field::display(e));
+        }
+        result
+    }
+
+    async fn publish_now(
         &self,
         events: Vec<Event>,
         opts: PublishOptions,

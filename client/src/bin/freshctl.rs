@@ -13,10 +13,11 @@ use clap::{Parser, Subcommand, ValueEnum};
 use freshness::pb;
 use freshness_client::{
     AckLevel, Backoff, Entity, EventBatch, FeedState, Handler, HandlerError, PublishOptions,
-    Publisher, Reset, RetryPolicy, Subscriber, Version, publisher::Event,
+    Publisher, Reset, RetryPolicy, Subscriber, Version, publisher::Event, telemetry,
 };
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
+use tracing::{Instrument, info_span};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -110,11 +111,6 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let filter = std::env::var("FRESHNESS_LOG").unwrap_or_else(|_| "off".into());
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
-        .with_writer(std::io::stderr)
-        .try_init();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -124,6 +120,15 @@ fn main() -> ExitCode {
         Err(e) => {
             eprintln!("freshctl: error: cannot start the runtime: {e}");
             return ExitCode::FAILURE;
+        }
+    };
+    // Logs (FRESHNESS_LOG, off by default) and, when OTEL_* asks for it,
+    // span export; dropped after `block_on`, it flushes the last spans.
+    let _telemetry = match runtime.block_on(async { telemetry::init("freshctl", "off") }) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("freshctl: error: {e}");
+            return ExitCode::from(2);
         }
     };
     match runtime.block_on(run(cli)) {
@@ -194,7 +199,12 @@ async fn publish(
         event = event.with_payload(p.into_bytes());
     }
     let opts = PublishOptions::ack(ack.into()).with_timeout(timeout);
-    let receipt = publisher(hub)?.publish_events(vec![event], opts).await?;
+    let span =
+        info_span!("freshctl.publish", entity = %event.entity, version = event.version.get());
+    let receipt = publisher(hub)?
+        .publish_events(vec![event], opts)
+        .instrument(span)
+        .await?;
     let waited = !matches!(ack, Ack::Accepted);
     let mut out = std::io::stdout().lock();
     for r in &receipt.results {
@@ -275,14 +285,17 @@ impl Handler for Printer {
             .iter()
             .map(|e| {
                 if self.json {
-                    json!({
+                    let mut line = json!({
                         "entity": e.entity.as_str(),
                         "version": e.version.get(),
                         "shard": e.shard.0,
                         "seq": e.seq,
                         "origin": e.origin,
-                    })
-                    .to_string()
+                    });
+                    if let Some(tp) = &e.traceparent {
+                        line["traceparent"] = json!(tp);
+                    }
+                    line.to_string()
                 } else {
                     format!(
                         "{} v{}  shard={} seq={} origin={}",

@@ -775,6 +775,8 @@ where
             origin: String::new(),
             publish_time_us: 0,
             payload: None,
+            traceparent: None,
+            tracestate: None,
         };
         self.apply(&inv).await;
     }

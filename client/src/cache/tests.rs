@@ -249,6 +249,8 @@ async fn payload_events_refresh_in_place_when_newer() {
         origin: "eu".into(),
         publish_time_us: 0,
         payload: payload.map(|p: &'static str| Bytes::from_static(p.as_bytes())),
+        traceparent: None,
+        tracestate: None,
     };
     c.apply(&inv(2, Some("v2"))).await;
     assert_eq!(c.get(&k("u")).await.as_deref(), Some("v2"));

@@ -20,6 +20,7 @@ use crate::backoff::Attempts;
 use crate::event::{EventBatch, Reset, ResetReason, ResetScope, batch_from_wire, hub_time};
 use crate::feed::{FeedState, FeedTx};
 use crate::publisher::status_message;
+use crate::telemetry::Adopt;
 
 /// How a stream ended.
 #[derive(Debug)]
@@ -433,7 +434,30 @@ impl<H: Handler> Session<'_, H> {
     async fn apply_batch(&mut self, batch: EventBatch) -> Result<(), End> {
         if !batch.events.is_empty() {
             let handler = self.handler;
-            if let Err(e) = retry(self.config, || handler.on_events(&batch)).await {
+            let span = info_span!(
+                "subscriber.apply",
+                otel.kind = "consumer",
+                node_id = %self.config.node_id,
+                events = batch.events.len(),
+                otel.status_description = tracing::field::Empty,
+            );
+            // Joins the writers' traces: parented on the first event's
+            // context, linked to the others.
+            let mut adopt = Adopt::new(&span);
+            for e in &batch.events {
+                let tp = e.traceparent.as_deref().unwrap_or_default();
+                if !adopt.wire(tp, e.tracestate.as_deref().unwrap_or_default()) {
+                    break;
+                }
+            }
+            let applied = retry(self.config, || handler.on_events(&batch))
+                .instrument(span.clone())
+                .await;
+            if let Err(e) = &applied {
+                span.record("otel.status_description", tracing::field::display(e));
+            }
+            drop(span);
+            if let Err(e) = applied {
                 let shards: BTreeSet<ShardId> = batch.events.iter().map(|e| e.shard).collect();
                 warn!(error = %e, ?shards, "handler keeps failing on a batch: resetting its shards");
                 let reset = Reset::shards(
