@@ -92,6 +92,16 @@ impl TestHub {
         connect(&self.url()).await
     }
 
+    /// A plain channel to this hub, for other services on it (health,
+    /// reflection) or raw calls.
+    pub async fn channel(&self) -> Channel {
+        tonic::transport::Endpoint::from_shared(self.url())
+            .expect("valid url")
+            .connect()
+            .await
+            .expect("connect to the test hub")
+    }
+
     /// Graceful stop; returns once the hub has fully stopped.
     pub async fn stop(self) {
         self.shutdown.cancel();

@@ -368,11 +368,7 @@ impl tonic::codec::Decoder for RawDecoder {
 #[tokio::test]
 async fn garbage_bodies_are_rejected_and_the_hub_keeps_serving() {
     let hub = TestHub::start().await;
-    let channel = tonic::transport::Endpoint::from_shared(hub.url())
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
+    let channel = hub.channel().await;
     let mut grpc = tonic::client::Grpc::new(channel);
     for body in [
         vec![0xff; 64],

@@ -13,11 +13,7 @@ use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
 #[tokio::test]
 async fn health_reports_serving_then_not_serving_on_shutdown() {
     let hub = TestHub::start().await;
-    let channel = tonic::transport::Endpoint::from_shared(hub.url())
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
+    let channel = hub.channel().await;
     let mut health = HealthClient::new(channel);
     for service in ["", "freshness.v1.Hub"] {
         let resp = health
@@ -55,11 +51,7 @@ async fn health_reports_serving_then_not_serving_on_shutdown() {
 #[tokio::test]
 async fn reflection_lists_the_hub_service_and_its_file() {
     let hub = TestHub::start().await;
-    let channel = tonic::transport::Endpoint::from_shared(hub.url())
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
+    let channel = hub.channel().await;
     let mut reflection = ServerReflectionClient::new(channel);
     let requests = tokio_stream::iter([
         ServerReflectionRequest {
