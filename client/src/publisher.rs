@@ -439,7 +439,7 @@ impl Publisher {
         let span = info_span!(
             "publisher.publish",
             otel.kind = "producer",
-            events = events.len(),
+            events = crate::telemetry::num(events.len()),
             ack = ?opts.ack,
             otel.status_description = tracing::field::Empty,
         );

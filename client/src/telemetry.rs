@@ -198,6 +198,13 @@ where
         .with_filter(LevelFilter::INFO)
 }
 
+/// A count or seq as a span field: OpenTelemetry has no unsigned integers,
+/// and `tracing-opentelemetry` records `u64` fields as text, so numeric
+/// fields are recorded as `i64` (saturating).
+pub fn num<T: TryInto<i64>>(v: T) -> i64 {
+    v.try_into().unwrap_or(i64::MAX)
+}
+
 /// The W3C `traceparent` and `tracestate` (possibly empty) of `span`, when
 /// it has a valid OpenTelemetry context (only with an OpenTelemetry layer).
 pub fn traceparent(span: &Span) -> Option<(String, String)> {

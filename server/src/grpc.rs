@@ -18,7 +18,7 @@ use tracing::field::Empty;
 use crate::error::{HubError, map_decode_status};
 use crate::hub::Hub;
 use crate::shard::Outcome;
-use crate::telemetry::Adopt;
+use crate::telemetry::{Adopt, num};
 
 /// How long a new stream may take to send its hello.
 pub const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
@@ -110,7 +110,7 @@ impl pb::raw::hub_server::Hub for HubService {
         }
         let events = req.events.len();
         let ack = req.ack;
-        span.record("events", events);
+        span.record("events", num(events));
         span.record("ack", tracing::field::debug(ack));
         let published = self
             .hub
@@ -122,9 +122,9 @@ impl pb::raw::hub_server::Hub for HubService {
         for (o, _) in &published.results {
             counts[o.outcome as usize] += 1;
         }
-        span.record("applied", counts[Outcome::Applied as usize]);
-        span.record("duplicate", counts[Outcome::Duplicate as usize]);
-        span.record("superseded", counts[Outcome::Superseded as usize]);
+        span.record("applied", num(counts[Outcome::Applied as usize]));
+        span.record("duplicate", num(counts[Outcome::Duplicate as usize]));
+        span.record("superseded", num(counts[Outcome::Superseded as usize]));
         span.record("complete", published.complete);
         span.in_scope(|| tracing::debug!(events, ?ack, complete = published.complete, "publish"));
         Ok(Response::new(pb::PublishResponse {

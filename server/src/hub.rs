@@ -300,8 +300,11 @@ impl Hub {
         }
         .instrument(span.clone())
         .await;
-        span.record("pending_nodes", pending_nodes.len());
-        span.record("pending_regions", pending_regions.len());
+        span.record("pending_nodes", crate::telemetry::num(pending_nodes.len()));
+        span.record(
+            "pending_regions",
+            crate::telemetry::num(pending_regions.len()),
+        );
         Ok(Published {
             results,
             complete: pending_nodes.is_empty() && pending_regions.is_empty(),

@@ -29,7 +29,7 @@ use tonic::Status;
 use crate::error::{HubError, map_decode_status};
 use crate::hub::{EndReason, Hub, SessionShared};
 use crate::log::LogEntry;
-use crate::telemetry::Adopt;
+use crate::telemetry::{Adopt, num};
 
 /// Largest event frame a session builds; well under the 4 MiB a default
 /// gRPC client accepts.
@@ -646,9 +646,9 @@ impl Session {
             region = %self.hub.region,
             node_id = %self.shared.node_id,
             replication = self.shared.replication,
-            events,
-            bytes,
-            oldest_event_age_us = age_us,
+            events = i64::from(events),
+            bytes = num(bytes),
+            oldest_event_age_us = num(age_us),
         );
         let mut adopt = Adopt::new(&span);
         for &(s, after, upto) in traced {

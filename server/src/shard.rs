@@ -43,7 +43,7 @@ use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use crate::clock::Clock;
 use crate::log::{LogEntry, SharedLog};
-use crate::telemetry::{Adopt, AppendTraces};
+use crate::telemetry::{Adopt, AppendTraces, num};
 
 /// Most commands one wake-up of an actor takes from its queue.
 pub const DRAIN_MAX: usize = 256;
@@ -231,10 +231,10 @@ impl Actor {
         }
         metrics::histogram!(crate::metrics::SHARD_DRAIN).record(replies.len() as f64);
         if let Some(span) = &span {
-            span.record("appended", appended.len());
+            span.record("appended", num(appended.len()));
             if !appended.is_empty() {
-                span.record("first_seq", first_seq);
-                span.record("last_seq", self.head);
+                span.record("first_seq", num(first_seq));
+                span.record("last_seq", num(self.head));
                 let sc = span.context().span().span_context().clone();
                 if sc.is_sampled() {
                     self.traces.record(first_seq, self.head, sc);
@@ -266,9 +266,9 @@ impl Actor {
             parent: None,
             "shard.append",
             region = %self.ctx.region,
-            shard = self.id,
-            commands = batch.len(),
-            events = batch.iter().map(|c| c.events.len()).sum::<usize>(),
+            shard = i64::from(self.id),
+            commands = num(batch.len()),
+            events = num(batch.iter().map(|c| c.events.len()).sum::<usize>()),
             appended = Empty,
             first_seq = Empty,
             last_seq = Empty,

@@ -263,6 +263,13 @@ where
         .with_filter(LevelFilter::INFO)
 }
 
+/// A count or seq as a span field: OpenTelemetry has no unsigned integers,
+/// and `tracing-opentelemetry` records `u64` fields as text, so numeric
+/// fields are recorded as `i64` (saturating).
+pub fn num<T: TryInto<i64>>(v: T) -> i64 {
+    v.try_into().unwrap_or(i64::MAX)
+}
+
 /// The OpenTelemetry context of the current span, when it has a valid one
 /// (only with an OpenTelemetry layer installed).
 pub fn current_span_context() -> Option<SpanContext> {

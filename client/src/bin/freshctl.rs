@@ -199,8 +199,7 @@ async fn publish(
         event = event.with_payload(p.into_bytes());
     }
     let opts = PublishOptions::ack(ack.into()).with_timeout(timeout);
-    let span =
-        info_span!("freshctl.publish", entity = %event.entity, version = event.version.get());
+    let span = info_span!("freshctl.publish", entity = %event.entity, version = telemetry::num(event.version.get()));
     let receipt = publisher(hub)?
         .publish_events(vec![event], opts)
         .instrument(span)

@@ -438,7 +438,7 @@ impl<H: Handler> Session<'_, H> {
                 "subscriber.apply",
                 otel.kind = "consumer",
                 node_id = %self.config.node_id,
-                events = batch.events.len(),
+                events = crate::telemetry::num(batch.events.len()),
                 otel.status_description = tracing::field::Empty,
             );
             // Joins the writers' traces: parented on the first event's
