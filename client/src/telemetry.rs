@@ -8,7 +8,7 @@
 //! | span | where | parent | links |
 //! |---|---|---|---|
 //! | `publisher.publish` (producer) | one per [`Publisher::publish_events`] call | the caller's current span | |
-//! | `subscriber.apply` (consumer) | one per batch handed to [`Handler::on_events`], retries included | the first event's context | the batch's other distinct contexts (at most [`MAX_LINKS`]) |
+//! | `subscriber.apply` (consumer) | one per batch handed to [`Handler::on_events`], retries included | the first event's context (none: a trace of its own) | the batch's other distinct contexts (at most [`MAX_LINKS`]) |
 //!
 //! `publisher.publish` writes its own context into the `traceparent` /
 //! `tracestate` of every event that has none, so the hub's spans, and the
@@ -308,6 +308,14 @@ impl<'s> Adopt<'s> {
         self.open = self.seen.len() <= MAX_LINKS;
         self.open
     }
+
+    /// Without any context, makes the span the root of a trace of its own
+    /// rather than one more child of the long-lived stream span.
+    pub(crate) fn root_unless_joined(&self) {
+        if self.seen.is_empty() && self.open {
+            let _ = self.span.set_parent(Context::new());
+        }
+    }
 }
 
 /// Writes finished spans as JSON lines on stderr (`OTEL_TRACES_EXPORTER=console`).
@@ -434,6 +442,35 @@ mod tests {
             "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
             ""
         ));
+    }
+
+    #[test]
+    fn apply_spans_join_the_events_trace_or_start_their_own() {
+        let provider = SdkTracerProvider::builder().build();
+        let subscriber = tracing_subscriber::registry().with(otel_layer(&provider));
+        tracing::subscriber::with_default(subscriber, || {
+            let stream = tracing::info_span!("stream");
+            let _in = stream.enter();
+            let trace_of = |s: &Span| s.context().span().span_context().trace_id();
+
+            let joined = tracing::info_span!("subscriber.apply");
+            let mut adopt = Adopt::new(&joined);
+            assert!(adopt.wire(
+                "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+                ""
+            ));
+            adopt.root_unless_joined();
+            assert_eq!(
+                trace_of(&joined).to_string(),
+                "4bf92f3577b34da6a3ce929d0e0e4736"
+            );
+
+            let orphan = tracing::info_span!("subscriber.apply");
+            let adopt = Adopt::new(&orphan);
+            adopt.root_unless_joined();
+            assert_ne!(trace_of(&orphan), trace_of(&stream));
+            assert_ne!(trace_of(&orphan), trace_of(&joined));
+        });
     }
 
     #[test]

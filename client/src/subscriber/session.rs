@@ -450,6 +450,7 @@ impl<H: Handler> Session<'_, H> {
                     break;
                 }
             }
+            adopt.root_unless_joined();
             let applied = retry(self.config, || handler.on_events(&batch))
                 .instrument(span.clone())
                 .await;
