@@ -9,7 +9,7 @@
 //!
 //! | variable | effect |
 //! |---|---|
-//! | `OTEL_EXPORTER_OTLP_ENDPOINT`, `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT` | export OTLP over gRPC there (when `otlp_endpoint` is not set) |
+//! | `OTEL_EXPORTER_OTLP_ENDPOINT`, `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT` | export OTLP over gRPC there (when `otlp_endpoint` is not set); gRPC is the only protocol built in, so `OTEL_EXPORTER_OTLP_PROTOCOL` is not read |
 //! | `OTEL_TRACES_EXPORTER` | `otlp` (export, to `localhost:4317` if no endpoint is given), `console` (one JSON line per finished span on stderr, for a look without a collector), `none` (off) |
 //! | `OTEL_SDK_DISABLED=true` | off, whatever else is set |
 //! | `OTEL_SERVICE_NAME` | the service name (default `freshness-hub`) |
@@ -23,7 +23,7 @@
 //!
 //! | span | when | parent | links |
 //! |---|---|---|---|
-//! | `hub.publish` (server) | one per Publish call | the `traceparent` gRPC header, else the first event's context | the calls's other distinct event contexts |
+//! | `hub.publish` (server) | one per Publish call | the `traceparent` gRPC header, else the first event's context | the call's other distinct event contexts (at most [`MAX_LINKS`]) |
 //! | `hub.wait_acks` | REGION / GLOBAL calls, while waiting | `hub.publish` | |
 //! | `shard.append` | one per actor wake-up whose commands carry a trace | the first command's `hub.publish` span (or, for events replicated from a peer, the first event's context) | the other commands' contexts |
 //! | `session.fanout` (producer) | one per frame that holds events of traced appends | the first such `shard.append` | the other `shard.append` spans of the frame |
@@ -41,8 +41,10 @@
 //! with their context (at append), so fan-out never decodes them: the shard
 //! actor remembers, per shard, the seq ranges of its recent traced appends
 //! with their span ([`AppendTraces`]), and a session links its frame to those
-//! that overlap what it sent. A frame with no traced event costs one atomic
-//! load per shard it read.
+//! that overlap the seq ranges it sent. Ranges, not events: an append whose
+//! only events the node's filter skipped may be linked too, and an append
+//! older than the last [`TRACED_APPENDS`] of its shard (a node far behind) is
+//! not. A frame with no traced event costs one atomic load per shard it read.
 
 use std::collections::VecDeque;
 use std::io::Write;
