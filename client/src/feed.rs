@@ -196,6 +196,13 @@ impl FeedTx {
             newest
         };
         let staleness = self.clock.staleness().unwrap_or_default();
+        // Prometheus computes staleness at scrape time as
+        // `time() - freshness_subscriber_fresh_at_seconds`, exact whenever
+        // it is scraped, without a timer here.
+        let now = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap_or_default();
+        metrics::gauge!("freshness_subscriber_fresh_at_seconds").set(now.as_secs_f64());
         self.tx.send_replace(FeedState::Live {
             watermark: newest,
             staleness,
