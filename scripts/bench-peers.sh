@@ -4,6 +4,7 @@
 # without persistence. Idempotent: a peer already answering is left alone.
 #
 #   scripts/bench-peers.sh start [CPU]   # optionally pinned with taskset -c CPU
+#                                        # (and run SCHED_FIFO when PRIO=fifo)
 #   scripts/bench-peers.sh stop
 #   scripts/bench-peers.sh pids          # "NATS_PID REDIS_PID"
 #
@@ -31,7 +32,8 @@ alive() { [ -f "$DIR/$1.pid" ] && kill -0 "$(cat "$DIR/$1.pid")" 2>/dev/null; }
 
 start() {
     local pin=()
-    [ -n "${1:-}" ] && pin=(taskset -c "$1")
+    [ "${PRIO:-none}" = fifo ] && pin=(chrt -f 10)
+    [ -n "${1:-}" ] && pin+=(taskset -c "$1")
     install
     if ! alive nats; then
         # -a: loopback only; no JetStream, so nothing is persisted.
@@ -62,7 +64,13 @@ start() {
 
 stop() {
     for p in nats redis; do
-        if alive "$p"; then kill "$(cat "$DIR/$p.pid")"; fi
+        if alive "$p"; then
+            local pid
+            pid=$(cat "$DIR/$p.pid")
+            kill "$pid"
+            # Wait for the port to be free before anyone starts a new one.
+            for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+        fi
         rm -f "$DIR/$p.pid"
     done
 }

@@ -8,6 +8,13 @@
 # nats-server, redis-server) is pinned to CPU $SERVER_CPU and the load
 # generator to CPU $BENCH_CPU with taskset, so each gets one core.
 #
+# Priority: on a machine shared with compiles, a pinned process still shares
+# its core with whatever else runs there, and CFS time slices turn into
+# multi-millisecond latency tails. With PRIO=fifo (the default) servers and
+# generator run SCHED_FIFO (chrt -f 10): they preempt the compiles when they
+# have work, and the kernel's RT throttling (95 % of each second) still
+# leaves the other processes room. PRIO=none runs them at normal priority.
+#
 #   scripts/bench.sh                 # everything (about 15 minutes)
 #   ONLY="b1 b2" scripts/bench.sh    # a subset
 #   REPEAT=3 scripts/bench.sh        # more interleaved repetitions of B1
@@ -18,6 +25,7 @@ SERVER_CPU=${SERVER_CPU:-0}
 BENCH_CPU=${BENCH_CPU:-1}
 REPEAT=${REPEAT:-2}
 ONLY=${ONLY:-"b1 b2 b3 b4 b5 b6 b7"}
+export PRIO=${PRIO:-fifo}
 
 # 10,000 idle nodes (B7) hold 10,000 sockets in the generator and as many
 # in the hub: raise the descriptor limit as far as the hard limit allows.
@@ -38,6 +46,7 @@ ln -sfn "$(basename "$OUT")" target/bench/latest
     echo "revision: $(git rev-parse --short HEAD)$(git diff --quiet HEAD -- server src proto || echo ' (hub sources modified)')"
     echo "load before: $(cut -d' ' -f1-3 /proc/loadavg)"
     echo "fd limit: $(ulimit -n)"
+    echo "priority: $PRIO"
 } >"$OUT/machine.txt"
 cat "$OUT/machine.txt"
 
@@ -46,9 +55,11 @@ scripts/bench-peers.sh start "$SERVER_CPU"
 read -r NATS_PID REDIS_PID < <(scripts/bench-peers.sh pids)
 trap 'scripts/bench-peers.sh stop' EXIT
 
-BENCH=(taskset -c "$BENCH_CPU" target/release/freshness-bench --json
+PREFIX=()
+[ "$PRIO" = fifo ] && PREFIX=(chrt -f 10)
+BENCH=("${PREFIX[@]}" taskset -c "$BENCH_CPU" target/release/freshness-bench --json
     --hub-cpus "$SERVER_CPU" --nats-pid "$NATS_PID" --redis-pid "$REDIS_PID"
-    --placement "server pinned to cpu$SERVER_CPU, load generator to cpu$BENCH_CPU")
+    --placement "server pinned to cpu$SERVER_CPU, load generator to cpu$BENCH_CPU, priority $PRIO")
 
 run() { # name, then bench flags
     local name=$1

@@ -20,7 +20,7 @@ use tokio::time::{Instant, MissedTickBehavior};
 
 use crate::procfs;
 use crate::server::{HubLauncher, Server};
-use crate::stats::{Summary, XorShift, Zipf, due, histogram};
+use crate::stats::{Summary, XorShift, Zipf, due, histogram, record};
 use crate::target::{self, HubConn, Kind, NodeCtl, Publisher, Target};
 use crate::tracker::{Recorder, Tracker};
 
@@ -416,6 +416,9 @@ async fn run_on(env: &Env, spec: &Spec, server: &Server) -> Result<RunResult> {
     if retries > 0 {
         r.put("publish_retries", retries);
     }
+    let calls = Summary::of(&published.call_latency.lock());
+    r.put("publish_call_p50_us", calls.p50);
+    r.put("publish_call_p99_us", calls.p99);
     r.put("publish_tail_ms", secs_f(t1 - publish_end) * 1e3);
     if let Some(status) = status {
         let stalled: Vec<_> = status
@@ -512,6 +515,8 @@ struct Published {
     calls: Arc<Semaphore>,
     final_versions: Arc<Vec<AtomicU64>>,
     storm: Option<StormResult>,
+    /// Publish call → its answer.
+    call_latency: Arc<parking_lot::Mutex<Histogram<u64>>>,
 }
 
 impl Published {
@@ -545,6 +550,7 @@ async fn publish(
             Vec::new()
         }),
         storm: None,
+        call_latency: Arc::new(parking_lot::Mutex::new(histogram())),
     };
     let zipf = match spec.dist {
         Dist::Zipf(s) => Some(Zipf::new(spec.entities as usize, s)),
@@ -607,12 +613,18 @@ async fn publish(
         let refused = p.refused.clone();
         let retries = p.retries.clone();
         let finals = p.final_versions.clone();
+        let call_latency = p.call_latency.clone();
         let retry = spec.retry_refused;
         tokio::spawn(async move {
             let _permit = permit;
+            let sent_at = tracker.now_us();
             loop {
                 match publisher.send(&events).await {
                     Ok(outcomes) => {
+                        record(
+                            &mut call_latency.lock(),
+                            tracker.now_us().saturating_sub(sent_at),
+                        );
                         let mut a = 0;
                         for (j, ok) in outcomes.iter().enumerate() {
                             tracker.settle(first + j, *ok);
