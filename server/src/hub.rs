@@ -558,7 +558,10 @@ impl Hub {
 
     /// Wakes REGION waiters after a node acked.
     pub fn acks_changed(&self) {
-        self.acks_changed.send_modify(|g| *g = g.wrapping_add(1));
+        // Nobody waits most of the time (ACCEPTED publishes): skip the wake.
+        if self.acks_changed.receiver_count() > 0 {
+            self.acks_changed.send_modify(|g| *g = g.wrapping_add(1));
+        }
     }
 
     /// Connected streams.

@@ -83,6 +83,7 @@ pub struct Session {
     builder: BatchBuilder,
     frame_limit: usize,
     last_watermark: Instant,
+    tally: crate::metrics::SessionTally,
 }
 
 /// Accepts a hello: validates it, works out where the stream resumes (SPEC
@@ -195,6 +196,7 @@ pub fn open(
         scan_from: 0,
         builder: BatchBuilder::new(),
         last_watermark: Instant::now(),
+        tally: crate::metrics::SessionTally::default(),
     };
     if let Some((shards, all, reason)) = reset {
         let frame = session.reset_frame(shards, all, reason);
@@ -247,7 +249,8 @@ impl Session {
         self.finish(end).await;
     }
 
-    async fn finish(self, end: Result<(), Status>) {
+    async fn finish(mut self, end: Result<(), Status>) {
+        self.tally.flush();
         let goodbye = if self.shared.cancel.is_cancelled() {
             let replaced = *self.shared.end_reason.lock() == Some(EndReason::Replaced);
             Some(if replaced {
@@ -359,7 +362,8 @@ impl Session {
                 break;
             }
             self.in_flight -= front.count;
-            crate::metrics::record_acked(front.count, now.saturating_sub(front.oldest_publish_us));
+            self.tally
+                .acked(front.count, now.saturating_sub(front.oldest_publish_us));
             watermark = watermark.max(front.watermark_us);
             self.unacked.pop_front();
         }
@@ -483,6 +487,7 @@ impl Session {
     }
 
     fn on_tick(&mut self) {
+        self.tally.flush();
         if self.blocked {
             return;
         }
@@ -627,7 +632,7 @@ impl Session {
             watermark_us,
             oldest_publish_us: oldest,
         });
-        crate::metrics::record_frame(count);
+        self.tally.frame(count);
         let frame = self.builder.finish(watermark_us);
         if !traced.is_empty() {
             self.record_fanout(&traced, count, frame.len(), t.saturating_sub(oldest));
