@@ -52,30 +52,46 @@ impl Summary {
     }
 }
 
-/// The search of B2 for the highest rate that meets the objective: double
-/// from a start rate until a step fails, then bisect between the best passing
-/// and the lowest failing rate until they are within `precision` of each
-/// other or the step budget is spent.
+/// The search of B2 for the highest rate that meets the objective.
+///
+/// Doubling from a start rate goes on past a failure: a system that batches
+/// can fail at a moderate rate (every event its own frame, the core busy)
+/// and pass at a higher one (many events per frame), so the scan stops only
+/// after [`RateSearch::STOP_AFTER`] failures in a row, or at the cap. Then it
+/// bisects between the highest passing rate and the lowest failing rate
+/// above it, until they are within `precision` of each other or the step
+/// budget is spent. When nothing passes on the way up, it halves from the
+/// start rate instead.
 #[derive(Debug, Clone)]
 pub struct RateSearch {
     /// Highest rate that passed.
     pub best: Option<u64>,
-    /// Lowest rate that failed.
+    /// Lowest failing rate above `best` (or anywhere, when none passed).
     pub failed: Option<u64>,
     next: Option<u64>,
+    start: u64,
+    fails_in_a_row: u32,
+    scanning: bool,
     steps_left: u32,
     max_rate: u64,
     precision: f64,
 }
 
 impl RateSearch {
+    /// Consecutive failures that end the doubling scan.
+    pub const STOP_AFTER: u32 = 3;
+
     /// A search starting at `start` events/s, at most `steps` steps, never
     /// above `max_rate`, stopping when failing/passing < 1 + `precision`.
     pub fn new(start: u64, max_rate: u64, steps: u32, precision: f64) -> Self {
+        let start = start.clamp(1, max_rate);
         Self {
             best: None,
             failed: None,
-            next: Some(start.clamp(1, max_rate)),
+            next: Some(start),
+            start,
+            fails_in_a_row: 0,
+            scanning: true,
             steps_left: steps,
             max_rate,
             precision,
@@ -94,16 +110,39 @@ impl RateSearch {
     pub fn record(&mut self, rate: u64, passed: bool) {
         self.steps_left = self.steps_left.saturating_sub(1);
         if passed {
-            self.best = Some(self.best.map_or(rate, |b| b.max(rate)));
+            self.fails_in_a_row = 0;
+            if self.best.is_none_or(|b| rate > b) {
+                self.best = Some(rate);
+                // A failure below the new best no longer bounds it.
+                if self.failed.is_some_and(|f| f <= rate) {
+                    self.failed = None;
+                }
+            }
         } else {
-            self.failed = Some(self.failed.map_or(rate, |f| f.min(rate)));
+            self.fails_in_a_row += 1;
+            if self.best.is_none_or(|b| rate > b) {
+                self.failed = Some(self.failed.map_or(rate, |f| f.min(rate)));
+            }
+        }
+        if self.scanning {
+            let stop = self.fails_in_a_row >= Self::STOP_AFTER || rate >= self.max_rate;
+            if !stop {
+                self.next = Some((rate * 2).min(self.max_rate));
+                return;
+            }
+            self.scanning = false;
+            if self.best.is_none() {
+                // Nothing passed on the way up: halve below the start.
+                self.failed = Some(self.start);
+                self.next = (self.start > 1).then_some(self.start / 2);
+                return;
+            }
         }
         self.next = match (self.best, self.failed) {
-            (Some(b), None) if b >= self.max_rate => None,
-            (Some(b), None) => Some((b * 2).min(self.max_rate)),
-            // Nothing passes: halve down to 1 event/s.
             (None, Some(f)) if f <= 1 => None,
             (None, Some(f)) => Some(f / 2),
+            (Some(b), None) if b >= self.max_rate => None,
+            (Some(b), None) => Some((b * 2).min(self.max_rate)),
             (Some(b), Some(f)) if (f as f64) < (b as f64) * (1.0 + self.precision) => None,
             (Some(b), Some(f)) => Some(b + (f - b) / 2),
             (None, None) => None,
@@ -231,19 +270,37 @@ mod tests {
     #[test]
     fn rate_search_doubles_then_bisects() {
         let (best, tried) = search(1000, 10_000);
-        assert_eq!(&tried[..5], &[1000, 2000, 4000, 8000, 16_000]);
+        assert_eq!(&tried[..6], &[1000, 2000, 4000, 8000, 16_000, 32_000]);
         let best = best.unwrap();
         assert!(best <= 10_000 && best as f64 >= 10_000.0 / 1.1, "{best}");
         // Nothing passes: it halves and reports nothing.
         let (best, tried) = search(1000, 0);
         assert_eq!(best, None);
-        assert_eq!(tried[..3], [1000, 500, 250]);
+        assert_eq!(tried[..5], [1000, 2000, 4000, 500, 250]);
         // Everything passes: it stops at the cap.
         let (best, _) = search(1000, u64::MAX);
         assert_eq!(best, Some(1_000_000));
         // A start above the limit halves, then bisects upwards.
         let (best, _) = search(64_000, 10_000);
         assert!(best.unwrap() as f64 >= 10_000.0 / 1.1);
+    }
+
+    #[test]
+    fn rate_search_finds_a_passing_band_above_a_failing_one() {
+        // Fails at 1000..=3000 (unbatched, the core busy), passes from 4000
+        // to 40,000 (batched).
+        let mut s = RateSearch::new(1000, 1_000_000, 20, 0.1);
+        let mut tried = Vec::new();
+        while let Some(r) = s.next_rate() {
+            tried.push(r);
+            s.record(r, (4000..=40_000).contains(&r));
+        }
+        assert_eq!(&tried[..3], &[1000, 2000, 4000]);
+        let best = s.best.unwrap();
+        assert!(
+            best <= 40_000 && best as f64 >= 40_000.0 / 1.1,
+            "{best} {tried:?}"
+        );
     }
 
     #[test]

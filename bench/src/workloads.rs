@@ -121,7 +121,7 @@ async fn search(
 ) -> Result<Option<RunResult>> {
     let objective = objective_us(n, o);
     let start = (64_000 / n as u64).max(50);
-    let mut s = RateSearch::new(start, 2_000_000, 11, 0.1);
+    let mut s = RateSearch::new(start, 2_000_000, 12, 0.1);
     let mut best: Option<RunResult> = None;
     let mut steps = Vec::new();
     while let Some(rate) = s.next_rate() {
