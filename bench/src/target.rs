@@ -23,8 +23,7 @@ use freshness::pb::subscribe_response::Kind as RespKind;
 use freshness::pb::{self, hub_client::HubClient};
 use futures::StreamExt;
 use prost::Message;
-use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::{Channel, Endpoint};
 
@@ -198,23 +197,30 @@ async fn hub_session(
     first: bool,
 ) -> Result<()> {
     let channel = conn.channel().await?;
-    let (tx, rx) = mpsc::channel(16);
-    tx.send(pb::SubscribeRequest {
+    let hello = pb::SubscribeRequest {
         kind: Some(ReqKind::Hello(pb::Hello {
             node_id: node_id.to_owned(),
             resume: cursor.clone(),
             ..Default::default()
         })),
-    })
-    .await
-    .map_err(|_| anyhow!("request channel closed"))?;
-    let mut stream = tokio::time::timeout(
-        CONNECT_TIMEOUT,
-        hub_client(channel).subscribe(ReceiverStream::new(rx)),
-    )
-    .await
-    .context("subscribe timed out")??
-    .into_inner();
+    };
+    // Acks go through a watch, as in the client library: they are
+    // cumulative, so a newer one replaces one not yet written.
+    let (ack_tx, ack_rx) = watch::channel::<Option<pb::Cursor>>(None);
+    let acks = futures::stream::unfold(ack_rx, |mut rx| async move {
+        loop {
+            rx.changed().await.ok()?;
+            let next = rx.borrow_and_update().clone();
+            if let Some(c) = next {
+                return Some((ack(&c), rx));
+            }
+        }
+    });
+    let outbound = futures::stream::iter([hello]).chain(acks);
+    let mut stream = tokio::time::timeout(CONNECT_TIMEOUT, hub_client(channel).subscribe(outbound))
+        .await
+        .context("subscribe timed out")??
+        .into_inner();
     let welcome = match tokio::time::timeout(CONNECT_TIMEOUT, stream.message())
         .await
         .context("welcome timed out")??
@@ -290,9 +296,7 @@ async fn hub_session(
             Some(RespKind::Goodbye(g)) => break Err(anyhow!("goodbye: {}", g.message)),
             Some(RespKind::Welcome(_)) | None => continue,
         }
-        if tx.send(ack(&cur)).await.is_err() {
-            break Err(anyhow!("ack channel closed"));
-        }
+        ack_tx.send_replace(Some(cur.clone()));
         rec.on_acked();
     };
     *cursor = Some(cur);
