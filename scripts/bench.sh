@@ -15,7 +15,7 @@
 # have work, and the kernel's RT throttling (95 % of each second) still
 # leaves the other processes room. PRIO=none runs them at normal priority.
 #
-#   scripts/bench.sh                 # everything (about 15 minutes)
+#   scripts/bench.sh                 # everything (about 20 minutes)
 #   ONLY="b1 b2" scripts/bench.sh    # a subset
 #   REPEAT=3 scripts/bench.sh        # more interleaved repetitions of B1
 set -euo pipefail
@@ -23,7 +23,7 @@ cd "$(dirname "$0")/.."
 
 SERVER_CPU=${SERVER_CPU:-0}
 BENCH_CPU=${BENCH_CPU:-1}
-REPEAT=${REPEAT:-2}
+REPEAT=${REPEAT:-3}
 ONLY=${ONLY:-"b1 b2 b3 b4 b5 b6 b7"}
 export PRIO=${PRIO:-fifo}
 
@@ -154,7 +154,8 @@ for r in rows:
         extra = {k: v for k, v in r.items() if k not in keys and k in (
             "convergence_after_end_ms", "entities_not_converged", "publish_retries", "baseline_completion_p99_us",
             "p99_ratio", "isolation_met", "stalled_status", "storm_live_ms", "storm_caught_up_ms",
-            "storm_not_resumed", "hub_bytes_per_idle_node", "server_cpu_cores")}
+            "storm_not_resumed", "hub_bytes_per_idle_node", "server_cpu_cores", "idle_server_cpu_cores",
+            "loadgen_cpu_cores", "publish_retries", "not_applied")}
         print("- " + ", ".join(f"{k}={r.get(k)}" for k in keys) + (", " + json.dumps(extra) if extra else ""))
 EOF
 cat "$OUT/summary.md"

@@ -302,7 +302,6 @@ async fn run_on(env: &Env, spec: &Spec, server: &Server) -> Result<RunResult> {
 
     let published = publish(spec, &target, &tracker, &ctl).await?;
     let publish_end = Instant::now();
-    let publish_end_us = tracker.now_us();
 
     // Drain: wait for every delivery (and, on the hub, every ack) owed.
     let owed_acks = spec.kind == Kind::Hub;
@@ -437,7 +436,7 @@ async fn run_on(env: &Env, spec: &Spec, server: &Server) -> Result<RunResult> {
         r.put("hub_retained_events", status.retained_events);
     }
     if spec.check_order {
-        convergence(&mut r, &tracker, &published, publish_end_us);
+        convergence(&mut r, &tracker, &published);
     }
     if let Some(storm) = published.storm {
         r.put("storm_live_ms", storm.live_ms);
@@ -480,9 +479,10 @@ async fn wait_live(
 }
 
 /// Convergence of B3: every node must hold the newest accepted version of
-/// every entity; the time from the end of publishing until the last such
-/// event reached the last node.
-fn convergence(r: &mut RunResult, tracker: &Tracker, p: &Published, end_us: u64) {
+/// every entity; the time from the end of the burst (the last event handed
+/// to the server) until the last such event reached the last node.
+fn convergence(r: &mut RunResult, tracker: &Tracker, p: &Published) {
+    let end_us = p.last_sent_us;
     let mut last = 0u64;
     let mut stale = 0u64;
     let mut entities = 0u64;
@@ -517,6 +517,9 @@ struct Published {
     storm: Option<StormResult>,
     /// Publish call → its answer.
     call_latency: Arc<parking_lot::Mutex<Histogram<u64>>>,
+    /// When the last event was handed to the server (µs since origin): the
+    /// end of the burst.
+    last_sent_us: u64,
 }
 
 impl Published {
@@ -551,7 +554,9 @@ async fn publish(
         }),
         storm: None,
         call_latency: Arc::new(parking_lot::Mutex::new(histogram())),
+        last_sent_us: 0,
     };
+    let mut last_sent_us = 0;
     let zipf = match spec.dist {
         Dist::Zipf(s) => Some(Zipf::new(spec.entities as usize, s)),
         _ => None,
@@ -596,6 +601,7 @@ async fn publish(
         if n == 0 {
             break;
         }
+        last_sent_us = tracker.now_us();
         sent += n as u64;
         let events: Vec<(u32, u64)> = (first..first + n)
             .map(|i| {
@@ -667,7 +673,11 @@ async fn publish(
         Some(h) => h.await.ok(),
         None => None,
     };
-    Ok(Published { storm, ..p })
+    Ok(Published {
+        storm,
+        last_sent_us,
+        ..p
+    })
 }
 
 /// After the storm's reconnect: how long until every node is live again,
