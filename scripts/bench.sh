@@ -111,8 +111,8 @@ def med(rs, k):
 
 print("## B1: completion latency (median of runs), µs")
 print()
-print("| nodes | rate/s | target | p50 | p99 | p99.9 | ack p99 | lost | server CPU ns/delivery | hub p99 / best peer p99 |")
-print("|---|---|---|---|---|---|---|---|---|---|")
+print("| nodes | rate/s | target | p50 | p99 | p99.9 | ack p99 | lost | server CPU ns/delivery | gen_cpu | hub p99 / best peer p99 |")
+print("|---|---|---|---|---|---|---|---|---|---|---|")
 confs = sorted({(n, rate) for (w, n, rate, t) in by if w == "b1"})
 for n, rate in confs:
     peers = [med(by[("b1", n, rate, t)], "completion_p99_us") for t in ("nats", "redis") if by.get(("b1", n, rate, t))]
@@ -126,7 +126,8 @@ for n, rate in confs:
         cpu = med(rs, "hub_cpu_ns_per_delivery")
         ack = med(rs, "ack_p99_us")
         print(f"| {n} | {rate} | {t} | {med(rs, 'completion_p50_us'):.0f} | {p99:.0f} | {med(rs, 'completion_p999_us'):.0f} | "
-              f"{'' if ack is None else f'{ack:.0f}'} | {sum(r['lost'] for r in rs)} | {'' if cpu is None else f'{cpu:.0f}'} | {ratio} |")
+              f"{'' if ack is None else f'{ack:.0f}'} | {sum(r['lost'] for r in rs)} | {'' if cpu is None else f'{cpu:.0f}'} | "
+              f"{med(rs, 'loadgen_cpu_cores') or 0:.2f} | {ratio} |")
 print()
 print("## B2: highest deliveries/s with zero loss and completion p99 within the objective")
 print()
