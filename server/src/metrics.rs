@@ -19,7 +19,7 @@ pub const PUBLISH_REFUSED: &str = "freshness_publish_refused_total";
 pub const EVENTS_APPENDED: &str = "freshness_events_appended_total";
 /// Event deliveries written to node streams.
 pub const EVENTS_DELIVERED: &str = "freshness_events_delivered_total";
-/// Events per frame sent to a node.
+/// Events per frame sent to a node (`_sum` is exact: see `SessionTally`).
 pub const FRAME_EVENTS: &str = "freshness_frame_events";
 /// Commands an actor served per wake-up.
 pub const SHARD_DRAIN: &str = "freshness_shard_drain_commands";
@@ -72,33 +72,62 @@ pub fn install(addr: SocketAddr) -> Result<(), String> {
         .map_err(|e| format!("cannot serve metrics on {addr}: {e}"))
 }
 
+/// A histogram folded into the exported buckets: per bucket, how many
+/// samples and their sum. On flush each bucket is recorded as its count of
+/// samples at their mean, which lands in the same bucket and keeps the
+/// exported `_sum` exact.
+#[derive(Debug, Clone, Copy)]
+struct Folded<const N: usize> {
+    count: [u64; N],
+    sum: [f64; N],
+}
+
+impl<const N: usize> Default for Folded<N> {
+    fn default() -> Self {
+        Self {
+            count: [0; N],
+            sum: [0.0; N],
+        }
+    }
+}
+
+impl<const N: usize> Folded<N> {
+    fn add(&mut self, bounds: &[f64], value: f64, n: u64) {
+        let i = bounds
+            .iter()
+            .position(|b| value <= *b)
+            .unwrap_or(bounds.len())
+            .min(N - 1);
+        self.count[i] += n;
+        self.sum[i] += value * n as f64;
+    }
+
+    fn flush(&self, h: &metrics::Histogram) {
+        for (count, sum) in self.count.iter().zip(&self.sum).filter(|(c, _)| **c > 0) {
+            h.record_many(sum / *count as f64, *count as usize);
+        }
+    }
+}
+
 /// One session's tallies. The per-frame and per-ack paths only add to
 /// these plain fields; [`flush`](Self::flush) hands them to the recorder on
 /// the session's progress tick and when it ends, so fan-out touches no
-/// shared metric state per delivery. Histogram samples are folded into the
-/// exported buckets (each recorded at its bucket's upper bound).
+/// shared metric state per delivery.
 #[derive(Debug, Default)]
 pub struct SessionTally {
     delivered: u64,
-    frames: [u64; FRAME_BUCKETS.len() + 1],
-    largest_frame: u32,
+    frames: Folded<{ FRAME_BUCKETS.len() + 1 }>,
     acked: u64,
     within_100ms: u64,
     within_1s: u64,
-    propagation: [u64; PROPAGATION_BUCKETS.len() + 1],
-    slowest_s: f64,
-}
-
-fn bucket(bounds: &[f64], v: f64) -> usize {
-    bounds.iter().position(|b| v <= *b).unwrap_or(bounds.len())
+    propagation: Folded<{ PROPAGATION_BUCKETS.len() + 1 }>,
 }
 
 impl SessionTally {
     /// One frame of `count` events written to the node.
     pub fn frame(&mut self, count: u32) {
         self.delivered += u64::from(count);
-        self.frames[bucket(&FRAME_BUCKETS, f64::from(count))] += 1;
-        self.largest_frame = self.largest_frame.max(count);
+        self.frames.add(&FRAME_BUCKETS, f64::from(count), 1);
     }
 
     /// The node acked `count` deliveries whose oldest was published `age_us`
@@ -108,7 +137,6 @@ impl SessionTally {
             return;
         }
         let n = u64::from(count);
-        let age_s = age_us as f64 / 1e6;
         self.acked += n;
         if age_us <= 100_000 {
             self.within_100ms += n;
@@ -116,31 +144,40 @@ impl SessionTally {
         if age_us <= 1_000_000 {
             self.within_1s += n;
         }
-        self.propagation[bucket(&PROPAGATION_BUCKETS, age_s)] += n;
-        self.slowest_s = self.slowest_s.max(age_s);
+        self.propagation
+            .add(&PROPAGATION_BUCKETS, age_us as f64 / 1e6, n);
     }
 
     /// Hands everything tallied since the last flush to the recorder.
     pub fn flush(&mut self) {
         if self.delivered > 0 {
             counter!(EVENTS_DELIVERED).increment(self.delivered);
-            let h = histogram!(FRAME_EVENTS);
-            for (i, n) in self.frames.iter().enumerate().filter(|(_, n)| **n > 0) {
-                let at = FRAME_BUCKETS.get(i).copied().unwrap_or(f64::from(self.largest_frame));
-                h.record_many(at, *n as usize);
-            }
+            self.frames.flush(&histogram!(FRAME_EVENTS));
         }
         if self.acked > 0 {
             counter!(ACKED).increment(self.acked);
             counter!(ACKED_100MS).increment(self.within_100ms);
             counter!(ACKED_1S).increment(self.within_1s);
-            let h = histogram!(PROPAGATION);
-            for (i, n) in self.propagation.iter().enumerate().filter(|(_, n)| **n > 0) {
-                let at = PROPAGATION_BUCKETS.get(i).copied().unwrap_or(self.slowest_s);
-                h.record_many(at, *n as usize);
-            }
+            self.propagation.flush(&histogram!(PROPAGATION));
         }
         *self = Self::default();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn folding_keeps_sums_and_buckets() {
+        let mut f = Folded::<{ FRAME_BUCKETS.len() + 1 }>::default();
+        f.add(&FRAME_BUCKETS, 3.0, 1);
+        f.add(&FRAME_BUCKETS, 4.0, 1);
+        f.add(&FRAME_BUCKETS, 10_000.0, 2);
+        // 3 and 4 share the (2, 4] bucket; their mean 3.5 stays inside it.
+        assert_eq!(f.count[2], 2);
+        assert_eq!(f.sum[2] / f.count[2] as f64, 3.5);
+        assert_eq!((f.count[9], f.sum[9]), (2, 20_000.0));
     }
 }
 

@@ -470,6 +470,9 @@ impl Session {
             return;
         }
         self.in_flight += sent.count;
+        self.shared
+            .in_flight
+            .store(self.in_flight, Ordering::Relaxed);
         self.unacked.push_back(sent);
     }
 
