@@ -164,6 +164,16 @@ impl SessionTally {
     }
 }
 
+/// Records a reset.
+pub fn record_reset(reason: &'static str) {
+    counter!(RESETS, "reason" => reason).increment(1);
+}
+
+/// Sets the connected-streams gauge.
+pub fn set_nodes(n: usize) {
+    gauge!(NODES_CONNECTED).set(n as f64);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -179,14 +189,4 @@ mod tests {
         assert_eq!(f.sum[2] / f.count[2] as f64, 3.5);
         assert_eq!((f.count[9], f.sum[9]), (2, 20_000.0));
     }
-}
-
-/// Records a reset.
-pub fn record_reset(reason: &'static str) {
-    counter!(RESETS, "reason" => reason).increment(1);
-}
-
-/// Sets the connected-streams gauge.
-pub fn set_nodes(n: usize) {
-    gauge!(NODES_CONNECTED).set(n as f64);
 }
