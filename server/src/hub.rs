@@ -564,6 +564,11 @@ impl Hub {
         }
     }
 
+    /// Commands waiting in each shard queue.
+    pub fn queue_depths(&self) -> Vec<usize> {
+        self.shards.iter().map(ShardHandle::queue_depth).collect()
+    }
+
     /// Connected streams.
     pub fn node_count(&self) -> usize {
         self.nodes.read().len()

@@ -37,8 +37,61 @@ pub const ACKED: &str = "freshness_deliveries_acked_total";
 pub const ACKED_100MS: &str = "freshness_deliveries_acked_within_100ms_total";
 /// See [`ACKED`].
 pub const ACKED_1S: &str = "freshness_deliveries_acked_within_1s_total";
-/// Retained log events, sampled by status and by the actors.
+/// Retained log events, sampled every second.
 pub const LOG_EVENTS: &str = "freshness_log_retained_events";
+/// Commands waiting in all shard queues, sampled every second.
+pub const SHARD_QUEUE_DEPTH: &str = "freshness_shard_queue_depth";
+/// The fullest shard queue, sampled every second.
+pub const SHARD_QUEUE_MAX: &str = "freshness_shard_queue_depth_max";
+/// Events appended but not acked, per connected node, as a histogram over
+/// the nodes (bounded cardinality: no node label), sampled every second.
+pub const NODE_LAG: &str = "freshness_node_lag_events";
+/// The largest lag of any connected node, sampled every second.
+pub const NODE_LAG_MAX: &str = "freshness_node_lag_events_max";
+/// Age of the newest watermark the slowest node acked, sampled every second.
+pub const NODE_STALENESS_MAX: &str = "freshness_node_staleness_seconds_max";
+/// Replication lag per peer region, in events (from the peer's heads).
+pub const PEER_LAG_EVENTS: &str = "freshness_peer_lag_events";
+/// Replication lag per peer region, in seconds (age of its last watermark).
+pub const PEER_LAG_SECONDS: &str = "freshness_peer_lag_seconds";
+/// 1 while a peer's link is up, per peer region.
+pub const PEER_CONNECTED: &str = "freshness_peer_connected";
+
+/// How often [`sample`] runs.
+pub const SAMPLE_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Samples the gauges that describe state rather than events: queue depths,
+/// per-node lag (folded over the nodes), per-peer replication lag, the log.
+/// Runs until the hub shuts down; costs one status snapshot a second.
+pub async fn sample(hub: std::sync::Arc<crate::hub::Hub>) {
+    let mut tick = tokio::time::interval(SAMPLE_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            () = hub.shutdown.cancelled() => return,
+        }
+        let depths = hub.queue_depths();
+        gauge!(SHARD_QUEUE_DEPTH).set(depths.iter().sum::<usize>() as f64);
+        gauge!(SHARD_QUEUE_MAX).set(depths.iter().copied().max().unwrap_or(0) as f64);
+        let status = hub.status();
+        let lag = histogram!(NODE_LAG);
+        let (mut max_lag, mut max_stale) = (0u64, 0u64);
+        for n in status.nodes.iter().filter(|n| !n.replication) {
+            lag.record(n.lag_events as f64);
+            max_lag = max_lag.max(n.lag_events);
+            max_stale = max_stale.max(n.staleness_ms);
+        }
+        gauge!(NODE_LAG_MAX).set(max_lag as f64);
+        gauge!(NODE_STALENESS_MAX).set(max_stale as f64 / 1000.0);
+        for p in &status.peers {
+            let region = p.region.clone();
+            gauge!(PEER_LAG_EVENTS, "peer" => region.clone()).set(p.lag_events as f64);
+            gauge!(PEER_LAG_SECONDS, "peer" => region.clone()).set(p.lag_ms as f64 / 1000.0);
+            gauge!(PEER_CONNECTED, "peer" => region).set(if p.connected { 1.0 } else { 0.0 });
+        }
+    }
+}
 
 /// Bucket bounds of [`PROPAGATION`], in seconds.
 const PROPAGATION_BUCKETS: [f64; 14] = [

@@ -65,6 +65,7 @@ pub async fn run(
     );
 
     crate::replication::spawn_links(&hub, &tracker);
+    tracker.spawn(crate::metrics::sample(hub.clone()));
     let (health, health_service) = tonic_health::server::health_reporter();
     health
         .set_serving::<pb::raw::hub_server::HubServer<HubService>>()
