@@ -35,6 +35,15 @@ async fn receive(
     got
 }
 
+/// A node subscribed to everything, with its cursor at the welcome.
+async fn subscribed(hub: &TestHub, node_id: &str) -> (RawNode, NodeCursor) {
+    let node = RawNode::connect(&hub.url(), hello(node_id, &[], None))
+        .await
+        .unwrap();
+    let cursor = NodeCursor::from_welcome(&node.welcome);
+    (node, cursor)
+}
+
 fn entity_version(e: &pb::DeliveredEvent) -> (String, u64) {
     let ev = e.event.as_ref().expect("event body");
     (ev.entity.clone(), ev.version)
@@ -43,10 +52,7 @@ fn entity_version(e: &pb::DeliveredEvent) -> (String, u64) {
 #[tokio::test]
 async fn g1_every_accepted_event_reaches_a_subscribed_node() {
     let hub = TestHub::start().await;
-    let mut node = RawNode::connect(&hub.url(), hello("n1", &[], None))
-        .await
-        .unwrap();
-    let mut cursor = NodeCursor::from_welcome(&node.welcome);
+    let (mut node, mut cursor) = subscribed(&hub, "n1").await;
     let mut client = hub.client().await;
     let mut want = Vec::new();
     for batch in 0..20 {
@@ -78,10 +84,7 @@ async fn g1_every_accepted_event_reaches_a_subscribed_node() {
 #[tokio::test]
 async fn events_carry_shard_seq_origin_and_publish_time() {
     let hub = TestHub::start().await;
-    let mut node = RawNode::connect(&hub.url(), hello("n1", &[], None))
-        .await
-        .unwrap();
-    let mut cursor = NodeCursor::from_welcome(&node.welcome);
+    let (mut node, mut cursor) = subscribed(&hub, "n1").await;
     assert_eq!(node.welcome.hash, "fnv1a64");
     assert_eq!(node.welcome.shard_count, 64);
     let resp = hub
@@ -161,10 +164,7 @@ async fn g2_many_nodes_and_writers_see_versions_in_order_and_end_on_the_latest()
 #[tokio::test]
 async fn g3_older_and_equal_versions_are_never_fanned_out() {
     let hub = TestHub::start().await;
-    let mut node = RawNode::connect(&hub.url(), hello("n1", &[], None))
-        .await
-        .unwrap();
-    let mut cursor = NodeCursor::from_welcome(&node.welcome);
+    let (mut node, mut cursor) = subscribed(&hub, "n1").await;
     let mut client = hub.client().await;
     let r = client
         .publish(publish_request(&[("user:1", 5)]))

@@ -392,15 +392,8 @@ impl<H: Handler> Session<'_, H> {
                 };
                 let reason = ResetReason::from_wire(r.reason);
                 info!(%reason, all = r.all, shards = ?r.shards, "reset");
-                let reset = Reset {
-                    scope,
-                    reason,
-                    shard_count: self.position.shard_count(),
-                };
-                self.apply_reset(&reset).await?;
-                self.position
-                    .on_reset(&reset.scope, r.cursor.as_ref())
-                    .map_err(|e| End::Broken(e.to_string()))?;
+                self.reset_and_move(scope, reason, r.cursor.as_ref())
+                    .await?;
                 metrics::counter!("freshness_subscriber_resets_total", "reason" => reason.as_str())
                     .increment(1);
             }
@@ -418,6 +411,17 @@ impl<H: Handler> Session<'_, H> {
             return Ok(());
         };
         warn!(%reason, ?scope, "hub moved past the node's cursor without a reset: resetting locally");
+        self.reset_and_move(scope, reason, None).await
+    }
+
+    /// Applies a reset to the handler, then moves the position past it (to
+    /// `cursor` where the hub gave one).
+    async fn reset_and_move(
+        &mut self,
+        scope: ResetScope,
+        reason: ResetReason,
+        cursor: Option<&pb::Cursor>,
+    ) -> Result<(), End> {
         let reset = Reset {
             scope,
             reason,
@@ -425,7 +429,7 @@ impl<H: Handler> Session<'_, H> {
         };
         self.apply_reset(&reset).await?;
         self.position
-            .on_reset(&reset.scope, None)
+            .on_reset(&reset.scope, cursor)
             .map_err(|e| End::Broken(e.to_string()))
     }
 
