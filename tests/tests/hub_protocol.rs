@@ -44,6 +44,20 @@ async fn subscribed(hub: &TestHub, node_id: &str) -> (RawNode, NodeCursor) {
     (node, cursor)
 }
 
+/// Skips progress until a goodbye, which must carry `reason`.
+async fn expect_goodbye(node: &mut RawNode, reason: pb::GoodbyeReason) {
+    loop {
+        match node.next().await {
+            Ok(Some(Kind::Goodbye(g))) => {
+                assert_eq!(g.reason, reason as i32);
+                return;
+            }
+            Ok(Some(Kind::Progress(_))) => {}
+            other => panic!("expected goodbye, got {other:?}"),
+        }
+    }
+}
+
 fn entity_version(e: &pb::DeliveredEvent) -> (String, u64) {
     let ev = e.event.as_ref().expect("event body");
     (ev.entity.clone(), ev.version)
@@ -483,16 +497,7 @@ async fn a_second_stream_with_the_same_node_id_replaces_the_first() {
     let _second = RawNode::connect(&hub.url(), hello("same", &[], None))
         .await
         .unwrap();
-    loop {
-        match first.next().await {
-            Ok(Some(Kind::Goodbye(g))) => {
-                assert_eq!(g.reason, pb::GoodbyeReason::Replaced as i32);
-                break;
-            }
-            Ok(Some(Kind::Progress(_))) => {}
-            other => panic!("expected goodbye, got {other:?}"),
-        }
-    }
+    expect_goodbye(&mut first, pb::GoodbyeReason::Replaced).await;
     assert!(
         matches!(first.next().await, Ok(None)),
         "stream closed after goodbye"
@@ -508,16 +513,7 @@ async fn shutdown_says_goodbye_to_every_stream() {
         .await
         .unwrap();
     let stopping = tokio::spawn(hub.stop());
-    loop {
-        match node.next().await {
-            Ok(Some(Kind::Goodbye(g))) => {
-                assert_eq!(g.reason, pb::GoodbyeReason::Shutdown as i32);
-                break;
-            }
-            Ok(Some(Kind::Progress(_))) => {}
-            other => panic!("expected goodbye, got {other:?}"),
-        }
-    }
+    expect_goodbye(&mut node, pb::GoodbyeReason::Shutdown).await;
     stopping.await.unwrap();
 }
 
