@@ -5,8 +5,11 @@
 //! 1. every message, the client and the server (module `pb`);
 //! 2. the server alone again, with `SubscribeResponse` mapped to
 //!    [`wire::Frame`](src/wire.rs), so that the hub can send event batches it
-//!    encoded once and shares between streams (module `pb::raw`). Every other
-//!    type of pass 2 refers back to pass 1.
+//!    encoded once and shares between streams, `SubscribeRequest` mapped to
+//!    [`wire::Request`](src/wire.rs) (acks decoded straight from the buffer)
+//!    and tonic's codec replaced by [`wire::LeanCodec`](src/wire.rs) (small
+//!    per-stream buffers); module `pb::raw`. Every other type of pass 2 refers
+//!    back to pass 1.
 
 use std::path::PathBuf;
 
@@ -28,6 +31,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .build_client(false)
         .out_dir(&raw)
         .extern_path(".freshness.v1.SubscribeResponse", "crate::wire::Frame")
+        .extern_path(".freshness.v1.SubscribeRequest", "crate::wire::Request")
+        .codec_path("crate::wire::LeanCodec")
         .extern_path(".freshness.v1", "crate::pb")
         .compile_fds(fds)?;
     Ok(())

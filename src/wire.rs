@@ -65,6 +65,173 @@ impl Message for Frame {
     }
 }
 
+/// A `SubscribeRequest` as the hub's streams decode it.
+///
+/// Nodes ack every frame they apply, so acks are the messages a hub decodes
+/// most: a cumulative cursor of one varint per shard. prost's generic path
+/// reads each varint through tonic's buffer and grows the `seqs` vector one
+/// push at a time; this decoder reads the common shape (`ack { cursor {
+/// epoch, packed seqs } [, applied { ... }] }`, contiguous in the buffer)
+/// straight from the slice into a vector allocated once. Anything else —
+/// hellos, unpacked or reordered fields, unknown fields, a message split
+/// across buffers, malformed bytes — goes through the generated decoder, so
+/// the result is always exactly what prost would have decoded.
+#[derive(Clone, Default, Debug, PartialEq)]
+pub struct Request(pub pb::SubscribeRequest);
+
+const REQUEST_ACK: u32 = 2;
+const ACK_CURSOR: u32 = 1;
+const ACK_APPLIED: u32 = 2;
+const CURSOR_EPOCH: u32 = 1;
+const CURSOR_SEQS: u32 = 2;
+
+/// Reads one varint from the front of `s`, at most 10 bytes.
+fn take_varint(s: &mut &[u8]) -> Option<u64> {
+    let mut v = 0u64;
+    for (i, &b) in s.iter().enumerate().take(10) {
+        v |= u64::from(b & 0x7f) << (7 * i);
+        if b < 0x80 {
+            if i == 9 && b > 1 {
+                return None; // more than 64 bits
+            }
+            *s = &s[i + 1..];
+            return Some(v);
+        }
+    }
+    None
+}
+
+/// Reads a length-delimited field's body: its length, then that many bytes.
+fn take_delimited<'a>(s: &mut &'a [u8]) -> Option<&'a [u8]> {
+    let len = usize::try_from(take_varint(s)?).ok()?;
+    if len > s.len() {
+        return None;
+    }
+    let (body, rest) = s.split_at(len);
+    *s = rest;
+    Some(body)
+}
+
+/// `Cursor { epoch = 1; packed seqs = 2 }` in that order, or `None`.
+fn fast_cursor(mut s: &[u8]) -> Option<pb::Cursor> {
+    let mut c = pb::Cursor::default();
+    if s.first() == Some(&((CURSOR_EPOCH << 3) as u8)) {
+        s = &s[1..];
+        c.epoch = take_varint(&mut s)?;
+    }
+    if s.first() == Some(&((CURSOR_SEQS << 3 | 2) as u8)) {
+        s = &s[1..];
+        let mut packed = take_delimited(&mut s)?;
+        // Every varint ends in exactly one byte below 0x80.
+        c.seqs = Vec::with_capacity(packed.iter().filter(|b| **b < 0x80).count());
+        while let Some((&b, rest)) = packed.split_first() {
+            if b < 0x80 {
+                c.seqs.push(u64::from(b));
+                packed = rest;
+            } else {
+                c.seqs.push(take_varint(&mut packed)?);
+            }
+        }
+    }
+    s.is_empty().then_some(c)
+}
+
+/// `Ack { cursor = 1; applied = 2 }` in that order, or `None`.
+fn fast_ack(mut s: &[u8]) -> Option<pb::Ack> {
+    let mut ack = pb::Ack::default();
+    if s.first() == Some(&((ACK_CURSOR << 3 | 2) as u8)) {
+        s = &s[1..];
+        ack.cursor = Some(fast_cursor(take_delimited(&mut s)?)?);
+    }
+    if s.first() == Some(&((ACK_APPLIED << 3 | 2) as u8)) {
+        s = &s[1..];
+        ack.applied = Some(fast_cursor(take_delimited(&mut s)?)?);
+    }
+    s.is_empty().then_some(ack)
+}
+
+impl Message for Request {
+    fn encode_raw(&self, buf: &mut impl BufMut) {
+        self.0.encode_raw(buf);
+    }
+
+    fn merge_field(
+        &mut self,
+        tag: u32,
+        wire_type: WireType,
+        buf: &mut impl bytes::Buf,
+        ctx: prost::encoding::DecodeContext,
+    ) -> Result<(), prost::DecodeError> {
+        use pb::subscribe_request::Kind;
+        if tag == REQUEST_ACK && wire_type == WireType::LengthDelimited && self.0.kind.is_none() {
+            let mut s = buf.chunk();
+            let before = s.len();
+            if let Some(ack) = take_delimited(&mut s).and_then(fast_ack) {
+                let used = before - s.len();
+                buf.advance(used);
+                self.0.kind = Some(Kind::Ack(ack));
+                return Ok(());
+            }
+        }
+        match tag {
+            1 | REQUEST_ACK => Kind::merge(&mut self.0.kind, tag, wire_type, buf, ctx),
+            _ => prost::encoding::skip_field(wire_type, tag, buf, ctx),
+        }
+    }
+
+    fn encoded_len(&self) -> usize {
+        self.0.encoded_len()
+    }
+
+    fn clear(&mut self) {
+        self.0.clear();
+    }
+}
+
+/// The hub's gRPC codec: prost's, with 1 KiB starting buffers per stream
+/// instead of 8 KiB for each direction. Acks and progress messages are a few
+/// hundred bytes and event frames arrive already encoded, so the larger
+/// buffers mostly sat idle in every one of thousands of streams; a larger
+/// message grows the buffer as before.
+#[derive(Debug, Clone, Copy)]
+pub struct LeanCodec<T, U>(std::marker::PhantomData<(T, U)>);
+
+/// Starting size of a stream's encode and decode buffers.
+pub const STREAM_BUFFER_BYTES: usize = 1024;
+/// Bytes encoded before a stream yields to others (tonic's default).
+const YIELD_THRESHOLD: usize = 32 * 1024;
+
+impl<T, U> Default for LeanCodec<T, U> {
+    fn default() -> Self {
+        Self(std::marker::PhantomData)
+    }
+}
+
+impl<T, U> tonic::codec::Codec for LeanCodec<T, U>
+where
+    T: Message + Send + 'static,
+    U: Message + Default + Send + 'static,
+{
+    type Encode = T;
+    type Decode = U;
+    type Encoder = tonic_prost::ProstEncoder<T>;
+    type Decoder = tonic_prost::ProstDecoder<U>;
+
+    fn encoder(&mut self) -> Self::Encoder {
+        tonic_prost::ProstEncoder::new(tonic::codec::BufferSettings::new(
+            STREAM_BUFFER_BYTES,
+            YIELD_THRESHOLD,
+        ))
+    }
+
+    fn decoder(&mut self) -> Self::Decoder {
+        tonic_prost::ProstDecoder::new(tonic::codec::BufferSettings::new(
+            STREAM_BUFFER_BYTES,
+            YIELD_THRESHOLD,
+        ))
+    }
+}
+
 /// Encodes one delivered event as an element of `EventBatch.events`: key,
 /// length and message. Done once per event, at append time.
 pub fn encode_event_entry(shard: u32, seq: u64, event: &pb::Event) -> Bytes {
@@ -199,5 +366,114 @@ mod tests {
         };
         let f = Frame::from_message(&msg);
         assert_eq!(f.encode_to_vec(), msg.encode_to_vec());
+    }
+
+    /// Decodes with prost's generated code and with [`Request`], asserting
+    /// both agree (the same message, or both an error).
+    fn same_as_prost(bytes: &[u8]) -> Option<pb::SubscribeRequest> {
+        let generic = pb::SubscribeRequest::decode(bytes);
+        let fast = Request::decode(bytes).map(|r| r.0);
+        match (&generic, &fast) {
+            (Ok(g), Ok(f)) => assert_eq!(g, f, "bytes {bytes:02x?}"),
+            (Err(_), Err(_)) => {}
+            _ => panic!("prost {generic:?} but fast {fast:?} for {bytes:02x?}"),
+        }
+        fast.ok()
+    }
+
+    fn ack(epoch: u64, seqs: Vec<u64>, applied: Option<pb::Cursor>) -> pb::SubscribeRequest {
+        pb::SubscribeRequest {
+            kind: Some(pb::subscribe_request::Kind::Ack(pb::Ack {
+                cursor: Some(pb::Cursor { epoch, seqs }),
+                applied,
+            })),
+        }
+    }
+
+    #[test]
+    fn acks_decode_as_prost_decodes_them() {
+        let seqs: Vec<u64> = (0..64).map(|i| i * 1_000_003).collect();
+        let cases = [
+            ack(7, seqs.clone(), None),
+            ack(
+                u64::MAX,
+                vec![0, u64::MAX, 1 << 63],
+                Some(pb::Cursor {
+                    epoch: u64::MAX,
+                    seqs: vec![5, 6],
+                }),
+            ),
+            ack(0, vec![], None),
+            pb::SubscribeRequest {
+                kind: Some(pb::subscribe_request::Kind::Ack(pb::Ack::default())),
+            },
+            pb::SubscribeRequest::default(),
+            pb::SubscribeRequest {
+                kind: Some(pb::subscribe_request::Kind::Hello(pb::Hello {
+                    node_id: "n".into(),
+                    ..Default::default()
+                })),
+            },
+        ];
+        for msg in cases {
+            assert_eq!(same_as_prost(&msg.encode_to_vec()), Some(msg));
+        }
+    }
+
+    #[test]
+    fn unusual_encodings_fall_back_to_prost() {
+        // seqs unpacked (field 2, varint, twice), then the epoch after them.
+        let cursor = [0x10, 0x05, 0x10, 0x06, 0x08, 0x07];
+        let mut ack = vec![0x0a, cursor.len() as u8];
+        ack.extend_from_slice(&cursor);
+        let mut req = vec![0x12, ack.len() as u8];
+        req.extend_from_slice(&ack);
+        let got = same_as_prost(&req).unwrap();
+        assert_eq!(got, self::ack(7, vec![5, 6], None));
+        // An unknown field inside the ack, and two acks merged into one.
+        same_as_prost(&[0x12, 0x02, 0x18, 0x01]).unwrap();
+        let mut twice = req.clone();
+        twice.extend_from_slice(&req);
+        same_as_prost(&twice).unwrap();
+        // Truncated, overlong varints and lengths past the end are errors.
+        assert!(same_as_prost(&req[..req.len() - 1]).is_none());
+        assert!(same_as_prost(&[0x12, 0x04, 0x0a, 0x02, 0x08, 0xff]).is_none());
+        let overlong = [
+            0x12, 0x0d, 0x0a, 0x0b, 0x08, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff,
+            0x02,
+        ];
+        assert!(same_as_prost(&overlong).is_none());
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn any_ack_decodes_as_prost_decodes_it(
+            epoch in proptest::prelude::any::<u64>(),
+            seqs in proptest::collection::vec(proptest::prelude::any::<u64>(), 0..80),
+            applied in proptest::option::of(proptest::collection::vec(proptest::prelude::any::<u64>(), 0..80)),
+        ) {
+            let msg = ack(epoch, seqs, applied.map(|seqs| pb::Cursor { epoch, seqs }));
+            proptest::prop_assert_eq!(same_as_prost(&msg.encode_to_vec()), Some(msg));
+        }
+
+        #[test]
+        fn any_bytes_decode_as_prost_decodes_them(
+            bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..128),
+        ) {
+            same_as_prost(&bytes);
+        }
+
+        #[test]
+        fn mangled_acks_decode_as_prost_decodes_them(
+            seqs in proptest::collection::vec(proptest::prelude::any::<u64>(), 1..40),
+            flips in proptest::collection::vec((proptest::prelude::any::<usize>(), proptest::prelude::any::<u8>()), 1..4),
+        ) {
+            let mut bytes = ack(9, seqs, None).encode_to_vec();
+            for (at, b) in flips {
+                let i = at % bytes.len();
+                bytes[i] = b;
+            }
+            same_as_prost(&bytes);
+        }
     }
 }

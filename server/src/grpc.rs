@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use freshness::pb::subscribe_request::Kind as ReqKind;
 use freshness::validate::{self, PublishLimits};
-use freshness::wire::Frame;
+use freshness::wire::{self, Frame};
 use freshness::{pb, validate::AckLevel};
 use futures::StreamExt;
 use tokio_stream::wrappers::ReceiverStream;
@@ -155,7 +155,7 @@ impl pb::raw::hub_server::Hub for HubService {
 
     async fn subscribe(
         &self,
-        request: Request<Streaming<pb::SubscribeRequest>>,
+        request: Request<Streaming<wire::Request>>,
     ) -> Result<Response<Self::SubscribeStream>, Status> {
         let peer = request
             .remote_addr()
@@ -174,9 +174,9 @@ impl pb::raw::hub_server::Hub for HubService {
             }
             Ok(None) => return Err(Status::failed_precondition("stream ended before its hello")),
             Ok(Some(Err(s))) => return Err(map_decode_status(s)),
-            Ok(Some(Ok(pb::SubscribeRequest {
+            Ok(Some(Ok(wire::Request(pb::SubscribeRequest {
                 kind: Some(ReqKind::Hello(hello)),
-            }))) => hello,
+            })))) => hello,
             Ok(Some(Ok(_))) => {
                 return Err(Status::failed_precondition(
                     "the first message of a subscribe stream must be a hello",

@@ -19,7 +19,7 @@ use std::time::Duration;
 
 use freshness::pb::subscribe_request::Kind as ReqKind;
 use freshness::pb::subscribe_response::Kind as RespKind;
-use freshness::wire::{BatchBuilder, Frame};
+use freshness::wire::{self, BatchBuilder, Frame};
 use freshness::{Cursor, pb, validate};
 use futures::StreamExt;
 use tokio::sync::mpsc;
@@ -70,7 +70,7 @@ enum Fill {
 pub struct Session {
     hub: Arc<Hub>,
     shared: Arc<SessionShared>,
-    inbound: tonic::Streaming<pb::SubscribeRequest>,
+    inbound: tonic::Streaming<wire::Request>,
     tx: mpsc::Sender<Result<Frame, Status>>,
     /// Per shard: every entry up to here was sent or skipped by the filter.
     sent: Vec<u64>,
@@ -93,7 +93,7 @@ pub fn open(
     hub: Arc<Hub>,
     hello: pb::Hello,
     peer: String,
-    inbound: tonic::Streaming<pb::SubscribeRequest>,
+    inbound: tonic::Streaming<wire::Request>,
 ) -> Result<(Session, Outbound), HubError> {
     let filter = validate::hello_filter(&hello)?;
     let shards = hub.shard_count();
@@ -209,17 +209,24 @@ impl Session {
     /// Serves the stream until the node leaves, misbehaves, is replaced or
     /// the hub shuts down.
     pub async fn run(mut self) {
-        let mut appended = self.hub.appended.subscribe();
+        // The futures that wait on a `Notify` (cancellation, appends, the
+        // stream closing) live across iterations: re-creating them on every
+        // wake registered and dropped three waiters per ack and per frame.
+        let mut appended =
+            tokio_stream::wrappers::WatchStream::from_changes(self.hub.appended.subscribe());
         let mut tick = tokio::time::interval(self.hub.config.progress_interval);
         tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let tx = self.tx.clone();
+        let cancelled = self.shared.cancel.clone().cancelled_owned();
+        let closed = tx.closed();
+        tokio::pin!(cancelled, closed);
         let end: Result<(), Status> = loop {
             let want_send = !self.caught_up && !self.blocked;
             tokio::select! {
                 biased;
-                () = self.shared.cancel.cancelled() => break Ok(()),
+                () = &mut cancelled => break Ok(()),
                 msg = self.inbound.next() => match msg {
-                    Some(Ok(req)) => {
+                    Some(Ok(wire::Request(req))) => {
                         if let Err(s) = self.on_request(req) {
                             break Err(s);
                         }
@@ -233,8 +240,8 @@ impl Session {
                         permit.send(Ok(frame));
                     }
                 }
-                changed = appended.changed() => {
-                    if changed.is_err() {
+                changed = appended.next() => {
+                    if changed.is_none() {
                         break Ok(());
                     }
                     self.caught_up = false;
@@ -243,7 +250,7 @@ impl Session {
                     }
                 }
                 _ = tick.tick() => self.on_tick(),
-                () = tx.closed() => break Ok(()),
+                () = &mut closed => break Ok(()),
             }
         };
         self.finish(end).await;

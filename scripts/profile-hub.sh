@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Counts the hub's instructions per delivery with callgrind, which counts
+# instructions rather than time: the figure repeats for the same binary and
+# load whatever else the machine is doing, so it measures a change even on a
+# busy machine.
+#
+#   scripts/profile-hub.sh [NODES] [RATE] [DURATION]    # default 16 50 10s
+#
+# Builds nothing: run `cargo build --release -p freshness-hub -p
+# freshness-bench` first. Prints the bench's summary, the hub's total
+# instructions, instructions per delivery, and leaves the profile in
+# target/profile/cg.<time>.out for `callgrind_annotate --inclusive=yes`.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+nodes=${1:-16}
+rate=${2:-50}
+duration=${3:-10s}
+out=target/profile
+mkdir -p "$out"
+stamp=$(date +%Y%m%d-%H%M%S)
+cg="$out/cg.$stamp.out"
+port=$((47000 + RANDOM % 1000))
+FRESHNESS_LOG=error valgrind --tool=callgrind --callgrind-out-file="$cg" \
+    target/release/freshness-hub --listen "127.0.0.1:$port" \
+    --metrics-listen "127.0.0.1:$((port + 1000))" 2>"$out/valgrind.$stamp.log" &
+hub=$!
+trap 'kill $hub 2>/dev/null || true' EXIT
+for _ in $(seq 1 600); do
+    (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break
+    sleep 0.1
+done
+target/release/freshness-bench --workload b1 --nodes "$nodes" --rate "$rate" \
+    --duration "$duration" --hub "http://127.0.0.1:$port" --json >"$out/bench.$stamp.json"
+kill -INT $hub
+wait $hub || true
+trap - EXIT
+delivered=$(python3 -c "import json,sys; print(sum(json.loads(l)['delivered'] for l in open(sys.argv[1]) if l.strip()))" "$out/bench.$stamp.json")
+total=$(sed -n 's/.*Collected : *//p' "$out/valgrind.$stamp.log")
+echo "nodes=$nodes rate=$rate duration=$duration delivered=$delivered"
+echo "instructions=$total per_delivery=$((total / delivered))"
+echo "profile: $cg"
