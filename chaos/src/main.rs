@@ -1,0 +1,137 @@
+//! `freshness-chaos`: runs seeded chaos scenarios and prints what the
+//! freshness checker found. Exits 1 on any violation.
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::Parser;
+use freshness_chaos::report::violation_text;
+use freshness_chaos::{Plan, Summary, run_seed};
+use tokio::time::Instant;
+
+/// Seeded chaos scenarios against real hubs and cache nodes on loopback.
+#[derive(Debug, Parser)]
+#[command(name = "freshness-chaos", version)]
+struct Args {
+    /// Run this seed.
+    #[arg(long, conflicts_with_all = ["seeds", "duration"])]
+    seed: Option<u64>,
+    /// Run these seeds: `A..B` (B excluded) or `A..=B`.
+    #[arg(long, value_parser = parse_range, conflicts_with = "duration")]
+    seeds: Option<(u64, u64)>,
+    /// Soak: run random seeds back to back until this much time has passed
+    /// (`30m`, `2h`); the last seed finishes.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    duration: Option<Duration>,
+    /// Traffic and faults per seed.
+    #[arg(long, default_value = "6s", value_parser = humantime::parse_duration)]
+    seed_duration: Duration,
+    /// Print one JSON summary object on stdout (progress goes to stderr).
+    #[arg(long)]
+    json: bool,
+    /// Print each seed's fault schedule before running it.
+    #[arg(long, short)]
+    verbose: bool,
+}
+
+fn parse_range(s: &str) -> Result<(u64, u64), String> {
+    let bad = || format!("{s:?} is not A..B or A..=B");
+    let (a, b, inclusive) = if let Some((a, b)) = s.split_once("..=") {
+        (a, b, true)
+    } else {
+        let (a, b) = s.split_once("..").ok_or_else(bad)?;
+        (a, b, false)
+    };
+    let a: u64 = a.trim().parse().map_err(|_| bad())?;
+    let b: u64 = b.trim().parse().map_err(|_| bad())?;
+    let end = if inclusive {
+        b.checked_add(1).ok_or_else(bad)?
+    } else {
+        b
+    };
+    if end <= a {
+        return Err(format!("{s:?} is empty"));
+    }
+    Ok((a, end))
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("freshness-chaos: error: cannot start the runtime: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    match runtime.block_on(run(args)) {
+        Ok(summary) if summary.total.violations == 0 => ExitCode::SUCCESS,
+        Ok(_) => ExitCode::from(1),
+        Err(e) => {
+            eprintln!("freshness-chaos: error: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+async fn run(args: Args) -> anyhow::Result<Summary> {
+    let mut summary = Summary::default();
+    let soak_until = args.duration.map(|d| Instant::now() + d);
+    let mut seeds: Box<dyn Iterator<Item = u64>> = match (args.seed, args.seeds) {
+        (Some(s), _) => Box::new(std::iter::once(s)),
+        (None, Some((a, b))) => Box::new(a..b),
+        (None, None) if soak_until.is_some() => Box::new(std::iter::repeat_with(rand::random)),
+        (None, None) => Box::new(std::iter::once(rand::random())),
+    };
+    while let Some(seed) = seeds.next() {
+        if soak_until.is_some_and(|t| Instant::now() >= t) {
+            break;
+        }
+        if args.verbose {
+            let plan = Plan::new(seed, args.seed_duration);
+            eprintln!(
+                "seed {seed}: regions {:?}, nodes {:?}",
+                plan.regions,
+                plan.nodes.iter().map(|n| &n.id).collect::<Vec<_>>()
+            );
+            for f in &plan.faults {
+                eprintln!("  {}", plan.describe_fault(f));
+            }
+        }
+        let report = run_seed(seed, args.seed_duration).await?;
+        eprintln!(
+            "seed {seed}: {} regions, {} nodes, {} reads ({} hits), {} events, faults {}, {} violations",
+            report.regions,
+            report.nodes,
+            report.reads,
+            report.hits,
+            report.events,
+            report
+                .faults
+                .iter()
+                .map(|(k, v)| format!("{k}x{v}"))
+                .collect::<Vec<_>>()
+                .join(" "),
+            report.violations
+        );
+        for v in &report.violation_reports {
+            eprint!("{}", violation_text(v));
+        }
+        if report.violations > 0 {
+            eprintln!("  schedule of seed {seed}:");
+            for line in &report.schedule {
+                eprintln!("    {line}");
+            }
+        }
+        summary.add(report);
+    }
+    if args.json {
+        println!("{}", summary.json());
+    } else {
+        print!("{}", summary.text());
+    }
+    Ok(summary)
+}
