@@ -67,11 +67,19 @@ impl From<HubError> for Status {
     }
 }
 
-/// tonic reports a message over the decoding limit as `OUT_OF_RANGE`; the
-/// contract (SPEC §4) says `RESOURCE_EXHAUSTED`.
+/// What prost's decode errors start with; tonic answers them `INTERNAL`.
+pub const DECODE_ERROR_PREFIX: &str = "failed to decode Protobuf message";
+
+/// Maps tonic's answers to a request that does not decode onto the codes of
+/// the contract: a message over the decoding limit is `OUT_OF_RANGE` in
+/// tonic and `RESOURCE_EXHAUSTED` in SPEC §4; bytes that are not a valid
+/// message are `INTERNAL` in tonic, which would blame the hub for the
+/// client's input, and `INVALID_ARGUMENT` here.
 pub fn map_decode_status(s: Status) -> Status {
     if s.code() == Code::OutOfRange && s.message().contains("too large") {
         Status::resource_exhausted(s.message().to_owned())
+    } else if s.code() == Code::Internal && s.message().starts_with(DECODE_ERROR_PREFIX) {
+        Status::invalid_argument(s.message().to_owned())
     } else {
         s
     }

@@ -28,17 +28,28 @@ pub enum RunError {
     Reflection(#[from] tonic_reflection::server::Error),
 }
 
-/// Rewrites tonic's `OUT_OF_RANGE` for an oversized request into the
-/// `RESOURCE_EXHAUSTED` of SPEC §4, for answers given in the headers (unary
-/// calls; streams map it in the session).
-fn oversize_to_resource_exhausted<B>(mut resp: http::Response<B>) -> http::Response<B> {
+/// Rewrites tonic's answers to a request that does not decode into the codes
+/// of SPEC §4 (see [`crate::error::map_decode_status`]), for answers given
+/// in the headers (unary calls; streams map them where they read): an
+/// oversized request is `RESOURCE_EXHAUSTED`, not `OUT_OF_RANGE`, and bytes
+/// that are not a valid message are `INVALID_ARGUMENT`, not `INTERNAL`.
+fn decode_errors_to_spec_codes<B>(mut resp: http::Response<B>) -> http::Response<B> {
     let h = resp.headers_mut();
-    let oversize = h.get("grpc-status").is_some_and(|v| v == "11")
-        && h.get("grpc-message")
-            .and_then(|m| m.to_str().ok())
-            .is_some_and(|m| m.contains("too%20large") || m.contains("too large"));
-    if oversize {
-        h.insert("grpc-status", http::HeaderValue::from_static("8"));
+    let message = h
+        .get("grpc-message")
+        .and_then(|m| m.to_str().ok())
+        .unwrap_or_default();
+    let oversize = message.contains("too%20large") || message.contains("too large");
+    // `grpc-message` is percent-encoded on the wire.
+    let undecodable = message.starts_with("failed%20to%20decode%20Protobuf%20message")
+        || message.starts_with(crate::error::DECODE_ERROR_PREFIX);
+    let code = match h.get("grpc-status").and_then(|v| v.to_str().ok()) {
+        Some("11") if oversize => Some("8"),
+        Some("13") if undecodable => Some("3"),
+        _ => None,
+    };
+    if let Some(code) = code {
+        h.insert("grpc-status", http::HeaderValue::from_static(code));
     }
     resp
 }
@@ -86,7 +97,7 @@ pub async fn run(
         .http2_keepalive_interval(Some(Duration::from_secs(20)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
         .layer(tower::util::MapResponseLayer::new(
-            oversize_to_resource_exhausted,
+            decode_errors_to_spec_codes,
         ))
         .add_service(health_service)
         .add_service(reflection)

@@ -5,9 +5,12 @@ use freshness::pb;
 use freshness::pb::subscribe_request::Kind as ReqKind;
 use freshness::pb::subscribe_response::Kind;
 use freshness_tests::{NodeCursor, RawNode, TestHub, connect, hello, publish_request, test_config};
+use prost::Message;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Code;
+
+mod raw;
 
 fn total_head(s: &pb::StatusResponse) -> u64 {
     s.shards.iter().map(|s| s.head_seq).sum()
@@ -313,78 +316,44 @@ async fn a_full_hub_refuses_publishes_with_a_retry_hint_and_applies_nothing_of_t
     assert_eq!(total_head(&status), applied_calls * 2_000);
 }
 
-/// Sends raw bytes as the body of a gRPC call: what a broken or hostile
-/// client can put on the wire.
-#[derive(Debug, Clone, Default)]
-struct RawCodec;
-
-#[derive(Debug, Clone, Default)]
-struct RawEncoder;
-
-#[derive(Debug, Clone, Default)]
-struct RawDecoder;
-
-impl tonic::codec::Codec for RawCodec {
-    type Encode = Vec<u8>;
-    type Decode = Vec<u8>;
-    type Encoder = RawEncoder;
-    type Decoder = RawDecoder;
-    fn encoder(&mut self) -> RawEncoder {
-        RawEncoder
-    }
-    fn decoder(&mut self) -> RawDecoder {
-        RawDecoder
-    }
-}
-
-impl tonic::codec::Encoder for RawEncoder {
-    type Item = Vec<u8>;
-    type Error = tonic::Status;
-    fn encode(
-        &mut self,
-        item: Vec<u8>,
-        dst: &mut tonic::codec::EncodeBuf<'_>,
-    ) -> Result<(), tonic::Status> {
-        use bytes::BufMut;
-        dst.put_slice(&item);
-        Ok(())
-    }
-}
-
-impl tonic::codec::Decoder for RawDecoder {
-    type Item = Vec<u8>;
-    type Error = tonic::Status;
-    fn decode(
-        &mut self,
-        src: &mut tonic::codec::DecodeBuf<'_>,
-    ) -> Result<Option<Vec<u8>>, tonic::Status> {
-        use bytes::Buf;
-        let mut out = vec![0; src.remaining()];
-        src.copy_to_slice(&mut out);
-        Ok(Some(out))
-    }
-}
-
 #[tokio::test]
-async fn garbage_bodies_are_rejected_and_the_hub_keeps_serving() {
+async fn garbage_bodies_are_invalid_argument_at_every_door_and_the_hub_keeps_serving() {
     let hub = TestHub::start().await;
+    let mut bystander = RawNode::connect(&hub.url(), hello("bystander", &[], None))
+        .await
+        .unwrap();
     let channel = hub.channel().await;
-    let mut grpc = tonic::client::Grpc::new(channel);
-    for body in [
+    let garbage = [
         vec![0xff; 64],
         vec![0x0a, 0xff, 0xff, 0xff, 0xff, 0x0f],
         b"not protobuf at all".to_vec(),
-    ] {
-        grpc.ready().await.unwrap();
-        let path = http::uri::PathAndQuery::from_static("/freshness.v1.Hub/Publish");
-        let err = grpc
-            .unary(tonic::Request::new(body), path, RawCodec)
-            .await
-            .unwrap_err();
-        assert!(
-            matches!(err.code(), Code::Internal | Code::InvalidArgument),
-            "a body that does not decode is refused: {err:?}"
-        );
+    ];
+    // A body that does not decode is the client's fault, never INTERNAL.
+    for body in &garbage {
+        for path in [raw::PUBLISH, raw::STATUS] {
+            let err = raw::unary(&channel, path, body.clone()).await.unwrap_err();
+            assert_eq!(err.code(), Code::InvalidArgument, "{path}: {err:?}");
+        }
+        // As the first message of a stream.
+        let (_tx, opened) = raw::subscribe(&channel, Some(body.clone())).await;
+        let err = opened.unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "first message: {err:?}");
+        // After a good hello.
+        let h = pb::SubscribeRequest {
+            kind: Some(ReqKind::Hello(hello("garbled", &[], None))),
+        };
+        let (tx, opened) = raw::subscribe(&channel, Some(h.encode_to_vec())).await;
+        let mut stream = opened.unwrap();
+        assert!(stream.message().await.unwrap().is_some(), "welcome");
+        tx.send(body.clone()).await.unwrap();
+        let err = loop {
+            match stream.message().await {
+                Ok(Some(_)) => {}
+                Ok(None) => panic!("closed without a status"),
+                Err(e) => break e,
+            }
+        };
+        assert_eq!(err.code(), Code::InvalidArgument, "after hello: {err:?}");
     }
     let ok = hub
         .client()
@@ -397,6 +366,76 @@ async fn garbage_bodies_are_rejected_and_the_hub_keeps_serving() {
         1,
         "nothing of the garbage was applied"
     );
+    let mut cursor = NodeCursor::from_welcome(&bystander.welcome);
+    loop {
+        let msg = bystander.expect().await;
+        cursor.apply(&msg);
+        if let Kind::Events(b) = msg {
+            assert_eq!(b.events[0].event.as_ref().unwrap().entity, "user:1");
+            break;
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_stream_that_ends_before_its_hello_is_failed_precondition() {
+    let hub = TestHub::start().await;
+    let (_tx, opened) = raw::subscribe(&hub.channel().await, None).await;
+    let err = opened.unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    assert!(err.message().contains("before its hello"), "{err:?}");
+}
+
+#[tokio::test]
+async fn a_full_registry_refuses_new_streams_and_admits_again_when_one_leaves() {
+    let mut config = test_config();
+    config.max_nodes = 2;
+    let hub = TestHub::start_with(config).await;
+    let mut first = RawNode::connect(&hub.url(), hello("one", &[], None))
+        .await
+        .unwrap();
+    let second = RawNode::connect(&hub.url(), hello("two", &[], None))
+        .await
+        .unwrap();
+    let err = RawNode::connect(&hub.url(), hello("three", &[], None))
+        .await
+        .err()
+        .unwrap();
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+    assert!(err.metadata().get("retry-after-ms").is_some(), "retry hint");
+    // A node already connected may still replace its own stream.
+    let mut again = RawNode::connect(&hub.url(), hello("one", &[], None))
+        .await
+        .unwrap();
+    match first.next_non_progress().await {
+        Kind::Goodbye(g) => assert_eq!(g.reason, pb::GoodbyeReason::Replaced as i32),
+        other => panic!("{other:?}"),
+    }
+    // The refused stream took no place: once one leaves, a new one fits.
+    drop(second);
+    let mut third = freshness_tests::wait_for(|| async {
+        RawNode::connect(&hub.url(), hello("three", &[], None))
+            .await
+            .ok()
+    })
+    .await;
+    let ids: Vec<String> = hub
+        .status()
+        .await
+        .nodes
+        .into_iter()
+        .map(|n| n.node_id)
+        .collect();
+    assert_eq!(ids, ["one", "three"]);
+    // Both are served.
+    hub.client()
+        .await
+        .publish(publish_request(&[("user:1", 1)]))
+        .await
+        .unwrap();
+    for node in [&mut again, &mut third] {
+        assert!(matches!(node.next_non_progress().await, Kind::Events(_)));
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
