@@ -65,14 +65,14 @@ use std::collections::HashMap;
 use std::fmt;
 use std::future::Future;
 use std::hash::Hash;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use freshness::{Entity, ShardId, Version};
 use moka::notification::RemovalCause;
 use moka::ops::compute::Op;
-use parking_lot::Mutex;
+use parking_lot::{Mutex, RwLock};
 use tokio::time::Instant;
 
 use self::flight::{Flight, Flights, Join};
@@ -443,7 +443,7 @@ where
                 policies: self.policies,
                 default_policy: self.default_policy,
                 refresher: self.refresher,
-                feed: OnceLock::new(),
+                feed: RwLock::new(None),
                 counters: Counters::default(),
                 meters: Meters::new(&self.name),
             }),
@@ -466,7 +466,8 @@ struct Inner<K, V> {
     policies: HashMap<String, FreshnessPolicy>,
     default_policy: FreshnessPolicy,
     refresher: Option<Refresher<K, V>>,
-    feed: OnceLock<Feed>,
+    /// The feed bound last (`bind_feed`).
+    feed: RwLock<Option<Feed>>,
     counters: Counters,
     meters: Meters,
 }
@@ -512,10 +513,12 @@ where
         }
     }
 
-    /// Follows `feed` for the fail-closed policies. A cache follows one feed;
-    /// later calls are ignored.
+    /// Follows `feed` for the fail-closed policies. A cache follows the feed
+    /// bound last: a cache that outlives its subscriber (restarted in the
+    /// same process, resuming from its cursor file) follows the new one, and
+    /// fails closed until the new feed has applied a watermark.
     pub fn bind_feed(&self, feed: Feed) {
-        let _ = self.inner.feed.set(feed);
+        *self.inner.feed.write() = Some(feed);
     }
 
     /// The cached value of `key`, unless it is missing or its namespace
@@ -552,7 +555,8 @@ where
             let fresh = self
                 .inner
                 .feed
-                .get()
+                .read()
+                .as_ref()
                 .is_some_and(|f| f.is_fresh_within(bound));
             if !fresh {
                 return Lookup::FailClosed;

@@ -337,3 +337,39 @@ async fn replacing_an_entry_keeps_the_index_exact() {
     c.invalidate(&e("user:2"), v(9)).await;
     assert_eq!(c.get(&k("p")).await, None);
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_cache_that_outlives_its_subscriber_follows_the_new_feed() {
+    // A node whose cache outlives its subscriber (cursor file, restart in
+    // process) binds the new subscriber's feed.
+    let c: VersionedCache<String, String> = VersionedCache::builder()
+        .policy(
+            "price",
+            FreshnessPolicy::FailClosed {
+                max_staleness: Duration::from_secs(1),
+            },
+        )
+        .build();
+    c.insert(k("price"), k("9.99"), [Dep::at(e("price:1"), v(1))])
+        .await
+        .unwrap();
+    let first = FeedTx::new();
+    c.bind_feed(first.feed());
+    first.applied_watermark(SystemTime::now(), Instant::now());
+    assert_eq!(c.get(&k("price")).await.as_deref(), Some("9.99"));
+    // The first subscriber stops for good.
+    first.set(crate::FeedState::Down {
+        error: "subscriber stopped".into(),
+    });
+    drop(first);
+    assert_eq!(c.get(&k("price")).await, None);
+    let second = FeedTx::new();
+    c.bind_feed(second.feed());
+    assert_eq!(
+        c.get(&k("price")).await,
+        None,
+        "no watermark on the new feed yet: staleness unknown"
+    );
+    second.applied_watermark(SystemTime::now(), Instant::now());
+    assert_eq!(c.get(&k("price")).await.as_deref(), Some("9.99"));
+}
