@@ -30,7 +30,7 @@ for _ in $(seq 1 600); do
     sleep 0.1
 done
 target/release/freshness-bench --workload b1 --nodes "$nodes" --rate "$rate" \
-    --duration "$duration" --hub "http://127.0.0.1:$port" --json >"$out/bench.$stamp.json"
+    --duration "$duration" --ack-interval "${ACK_INTERVAL:-2ms}" --hub "http://127.0.0.1:$port" --json >"$out/bench.$stamp.json"
 kill -INT $hub
 wait $hub || true
 trap - EXIT

@@ -95,6 +95,11 @@ struct Cli {
     /// Pid of the Redis server, to measure it.
     #[arg(long)]
     redis_pid: Option<u32>,
+    /// Least time between two acks of a hub node: an ack goes out at once
+    /// when the last is older, else when it is this old (0: after every
+    /// message). The client library's default.
+    #[arg(long, default_value = "2ms", value_parser = humantime::parse_duration)]
+    ack_interval: Duration,
     /// Hub nodes sharing one HTTP/2 connection (1: each its own).
     #[arg(long, default_value_t = 1)]
     nodes_per_conn: usize,
@@ -219,6 +224,7 @@ async fn main_async(cli: Cli) -> anyhow::Result<()> {
         redis_url: cli.redis.clone(),
         redis_pid: cli.redis_pid,
         nodes_per_conn: cli.nodes_per_conn.max(1),
+        ack_interval: cli.ack_interval,
         placement: cli.placement.clone(),
     };
     let opts = Opts {

@@ -50,6 +50,8 @@ pub struct Env {
     pub redis_pid: Option<u32>,
     /// Hub nodes sharing one HTTP/2 connection (1 = own connection each).
     pub nodes_per_conn: usize,
+    /// Least time between two acks of a hub node.
+    pub ack_interval: Duration,
     /// Written into every result: how server and generator were placed.
     pub placement: String,
 }
@@ -231,7 +233,7 @@ async fn run_on(env: &Env, spec: &Spec, server: &Server) -> Result<RunResult> {
     let rss_before = server.pid.and_then(procfs::rss).map(|r| r.0);
 
     // Nodes, in waves so the listen backlog never overflows.
-    let ctl = NodeCtl::new();
+    let ctl = NodeCtl::new(env.ack_interval);
     let total = spec.nodes + spec.stalled;
     let mut shared: Option<HubConn> = None;
     let mut handles = Vec::with_capacity(total);
@@ -361,6 +363,9 @@ async fn run_on(env: &Env, spec: &Spec, server: &Server) -> Result<RunResult> {
         placement: env.placement.clone(),
         ..Default::default()
     };
+    if spec.kind == Kind::Hub {
+        r.put("ack_interval_us", env.ack_interval.as_micros() as u64);
+    }
     for rec in recs.iter().take(spec.nodes) {
         add(&mut completion, &rec.completion);
         add(&mut ack, &rec.ack);

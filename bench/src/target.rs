@@ -24,6 +24,7 @@ use freshness::pb::{self, hub_client::HubClient};
 use futures::StreamExt;
 use prost::Message;
 use tokio::sync::watch;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::{Channel, Endpoint};
 
@@ -76,15 +77,20 @@ pub struct NodeCtl {
     pub down: CancellationToken,
     /// ... and open it again, from the cursor, when this fires.
     pub up: CancellationToken,
+    /// Least time between two acks of a hub node (the client library's
+    /// delayed-ack rule): an ack goes out at once if the last one is older,
+    /// else when this much time has passed since it.
+    pub ack_interval: Duration,
 }
 
 impl NodeCtl {
     /// Controls with no storm planned.
-    pub fn new() -> Self {
+    pub fn new(ack_interval: Duration) -> Self {
         Self {
             stop: CancellationToken::new(),
             down: CancellationToken::new(),
             up: CancellationToken::new(),
+            ack_interval,
         }
     }
 }
@@ -250,10 +256,21 @@ async fn hub_session(
         stop_now().await;
         return Ok(());
     }
+    // The delayed-ack rule: at once when the last ack is older than
+    // `ack_interval`, else at that age, covering everything received since.
+    let mut last_ack: Option<Instant> = None;
+    let mut ack_at: Option<Instant> = None;
     let end = loop {
         let msg = tokio::select! {
             biased;
             () = stop_now() => break Ok(()),
+            () = sleep_until_opt(ack_at) => {
+                ack_at = None;
+                last_ack = Some(Instant::now());
+                ack_tx.send_replace(Some(cur.clone()));
+                rec.on_acked();
+                continue;
+            }
             m = stream.message() => m,
         };
         let kind = match msg {
@@ -296,8 +313,17 @@ async fn hub_session(
             Some(RespKind::Goodbye(g)) => break Err(anyhow!("goodbye: {}", g.message)),
             Some(RespKind::Welcome(_)) | None => continue,
         }
-        ack_tx.send_replace(Some(cur.clone()));
-        rec.on_acked();
+        let now = Instant::now();
+        match last_ack.map(|t| t + ctl.ack_interval) {
+            Some(due) if due > now => {
+                ack_at.get_or_insert(due);
+            }
+            _ => {
+                last_ack = Some(now);
+                ack_tx.send_replace(Some(cur.clone()));
+                rec.on_acked();
+            }
+        }
     };
     *cursor = Some(cur);
     end
@@ -507,5 +533,13 @@ impl Publisher {
         if let Publisher::Nats(client, _) = self {
             let _ = client.flush().await;
         }
+    }
+}
+
+/// Sleeps until `at`, or forever without one.
+async fn sleep_until_opt(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
     }
 }

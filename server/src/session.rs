@@ -80,6 +80,9 @@ pub struct Session {
     caught_up: bool,
     blocked: bool,
     scan_from: usize,
+    /// A fill found shards the log left behind but sent events first: the
+    /// next fill starts with their reset.
+    gaps_pending: bool,
     builder: BatchBuilder,
     frame_limit: usize,
     last_watermark: Instant,
@@ -194,6 +197,7 @@ pub fn open(
         caught_up: false,
         blocked: false,
         scan_from: 0,
+        gaps_pending: false,
         builder: BatchBuilder::new(),
         last_watermark: Instant::now(),
         tally: crate::metrics::SessionTally::default(),
@@ -542,15 +546,17 @@ impl Session {
     /// One look at the logs: a reset if the log left the node behind, else
     /// one frame of what the node's filter wants, up to its in-flight budget.
     fn fill(&mut self) -> Fill {
-        let gaps = self.gaps();
-        if !gaps.is_empty() {
-            return Fill::Frame(self.reset_frame(gaps, false, pb::ResetReason::SlowConsumer));
-        }
         let budget = self.shared.max_in_flight.saturating_sub(self.in_flight);
-        if budget == 0 {
-            self.blocked = true;
-            self.shared.parked.store(true, Ordering::Relaxed);
-            return Fill::Blocked;
+        if budget == 0 || std::mem::take(&mut self.gaps_pending) {
+            let gaps = self.gaps();
+            if !gaps.is_empty() {
+                return Fill::Frame(self.reset_frame(gaps, false, pb::ResetReason::SlowConsumer));
+            }
+            if budget == 0 {
+                self.blocked = true;
+                self.shared.parked.store(true, Ordering::Relaxed);
+                return Fill::Blocked;
+            }
         }
         let t = self.hub.clock.now_us();
         let n = self.sent.len();
@@ -559,16 +565,22 @@ impl Session {
         let mut positions = Vec::new();
         // Shards whose sent range may hold traced appends: (shard, after, upto).
         let mut traced: Vec<(usize, u64, u64)> = Vec::new();
+        // Shards the log left behind. Only a shard with unsent entries can
+        // have one (its first retained seq is at most its head + 1), so the
+        // scan for events finds them too.
+        let mut gaps: Vec<u32> = Vec::new();
         let mut complete = true;
-        for i in 0..n {
-            let s = (self.scan_from + i) % n;
+        let from = self.scan_from;
+        for s in (from..n).chain(0..from) {
             let shared_log = &self.hub.logs[s];
             if shared_log.head() <= self.sent[s] {
                 continue;
             }
             let log = shared_log.read();
             if self.sent[s] + 1 < log.first_seq() {
-                // Evicted since the gap check: the next fill resets it.
+                // The reset goes before any event of this fill, or in the
+                // next one.
+                gaps.push(s as u32);
                 complete = false;
                 continue;
             }
@@ -621,6 +633,13 @@ impl Session {
                 self.scan_from = s;
                 break;
             }
+        }
+        if !gaps.is_empty() {
+            if count == 0 {
+                return Fill::Frame(self.reset_frame(gaps, false, pb::ResetReason::SlowConsumer));
+            }
+            // Events go first; the reset is the next fill's first frame.
+            self.gaps_pending = true;
         }
         if complete {
             self.caught_up = true;

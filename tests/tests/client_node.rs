@@ -674,3 +674,67 @@ mod serde_like {
         }
     }
 }
+
+/// Publishes one event at ack level `REGION` and returns the nodes that had
+/// not acked it within `timeout`.
+async fn region_pending(
+    p: &Publisher,
+    entity: &str,
+    version: u64,
+    timeout: Duration,
+) -> Vec<String> {
+    let receipt = p
+        .publish_events(
+            vec![freshness_client::publisher::Event::new(
+                e(entity),
+                v(version),
+            )],
+            freshness_client::PublishOptions::ack(freshness_client::AckLevel::Region)
+                .with_timeout(timeout),
+        )
+        .await
+        .unwrap();
+    assert_eq!(receipt.complete, receipt.pending_nodes.is_empty());
+    receipt.pending_nodes
+}
+
+#[tokio::test]
+async fn acks_follow_the_delayed_ack_rule() {
+    let hub = TestHub::start().await;
+    let publisher = Publisher::builder(hub.url()).build().unwrap();
+
+    // An interval no test outlives. The feed is live once a progress
+    // message was applied, and that one was acked at once (nothing was acked
+    // before): every later ack waits for the interval, even for an event the
+    // node applied.
+    let rec = Recorder::new(VersionedCache::builder().build());
+    let handle = Subscriber::builder(hub.url(), "patient")
+        .ack_interval(Duration::from_secs(3600))
+        .build(rec.clone())
+        .unwrap()
+        .spawn();
+    let mut feed = handle.feed();
+    tokio::time::timeout(WAIT, feed.wait_for(FeedState::is_live))
+        .await
+        .unwrap()
+        .unwrap();
+    let delayed = region_pending(&publisher, "user:1", 1, Duration::from_millis(300)).await;
+    rec.until("user:1 applied", |s| s.saw("user:1", 1)).await;
+    handle.shutdown().await.unwrap();
+
+    // The default interval: every publish completes.
+    let rec = Recorder::new(VersionedCache::builder().build());
+    let handle = start_node(&hub.url(), "prompt", None, &rec).await;
+    let mut pending = Vec::new();
+    for version in 1..=20 {
+        pending.extend(region_pending(&publisher, "user:2", version, WAIT).await);
+    }
+    handle.shutdown().await.unwrap();
+    hub.stop().await;
+
+    assert_eq!(delayed, ["patient"], "the ack waits for the interval");
+    assert!(
+        pending.is_empty(),
+        "with the default interval every ack comes: {pending:?}"
+    );
+}

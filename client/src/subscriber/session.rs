@@ -266,6 +266,12 @@ impl<H: Handler> Session<'_, H> {
                 .max(Duration::from_secs(1))
         });
         let mut persist_at: Option<Instant> = None;
+        // The delayed-ack rule (`SubscriberBuilder::ack_interval`): an ack is
+        // due once a message was applied; it goes out at once when the last
+        // one is older than the interval, else when it is that old.
+        let mut ack_due = false;
+        let mut last_ack: Option<Instant> = None;
+        let mut ack_at: Option<Instant> = None;
         let end = loop {
             let stale_at = match self.feed.state() {
                 FeedState::Live { .. } => self
@@ -290,17 +296,27 @@ impl<H: Handler> Session<'_, H> {
                     if let Err(end) = self.on_message(msg).await {
                         break end;
                     }
-                    if let Some(c) = self
+                    ack_due |= self
                         .position
                         .ack()
-                        .filter(|c| progress || self.acked.as_ref() != Some(*c))
-                    {
-                        ack_tx.send_replace(Some(c.clone()));
-                        self.acked = Some(c.clone());
-                        if persist_at.is_none() && self.config.store != crate::CursorStore::Memory {
-                            persist_at = Some(Instant::now() + self.config.persist_interval);
+                        .is_some_and(|c| progress || self.acked.as_ref() != Some(c));
+                    if ack_due && ack_at.is_none() {
+                        let now = Instant::now();
+                        match last_ack.map(|t| t + config.ack_interval) {
+                            Some(at) if at > now => ack_at = Some(at),
+                            _ => {
+                                self.send_ack(&ack_tx, &mut persist_at);
+                                ack_due = false;
+                                last_ack = Some(now);
+                            }
                         }
                     }
+                }
+                () = sleep_until_opt(ack_at) => {
+                    ack_at = None;
+                    self.send_ack(&ack_tx, &mut persist_at);
+                    ack_due = false;
+                    last_ack = Some(Instant::now());
                 }
                 () = sleep_until_opt(stale_at) => {
                     let staleness = self.feed.staleness().unwrap_or(stale_after);
@@ -314,6 +330,23 @@ impl<H: Handler> Session<'_, H> {
             }
         };
         (end, true)
+    }
+
+    /// Hands the applied cursor to the stream (replacing one not yet
+    /// written) and schedules its persistence.
+    fn send_ack(
+        &mut self,
+        ack_tx: &watch::Sender<Option<Cursor>>,
+        persist_at: &mut Option<Instant>,
+    ) {
+        let Some(c) = self.position.ack() else {
+            return;
+        };
+        ack_tx.send_replace(Some(c.clone()));
+        self.acked = Some(c.clone());
+        if persist_at.is_none() && self.config.store != crate::CursorStore::Memory {
+            *persist_at = Some(Instant::now() + self.config.persist_interval);
+        }
     }
 
     async fn on_welcome(&mut self, w: &pb::Welcome) -> Result<(), End> {
