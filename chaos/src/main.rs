@@ -80,13 +80,13 @@ fn main() -> ExitCode {
 async fn run(args: Args) -> anyhow::Result<Summary> {
     let mut summary = Summary::default();
     let soak_until = args.duration.map(|d| Instant::now() + d);
-    let mut seeds: Box<dyn Iterator<Item = u64>> = match (args.seed, args.seeds) {
+    let seeds: Box<dyn Iterator<Item = u64>> = match (args.seed, args.seeds) {
         (Some(s), _) => Box::new(std::iter::once(s)),
         (None, Some((a, b))) => Box::new(a..b),
         (None, None) if soak_until.is_some() => Box::new(std::iter::repeat_with(rand::random)),
         (None, None) => Box::new(std::iter::once(rand::random())),
     };
-    while let Some(seed) = seeds.next() {
+    for seed in seeds {
         if soak_until.is_some_and(|t| Instant::now() >= t) {
             break;
         }

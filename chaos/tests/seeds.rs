@@ -1,0 +1,63 @@
+//! The chaos suite in CI: a fixed set of seeds that together inject every
+//! kind of fault, each with a few seconds of traffic. Every read must keep
+//! the bound, every cache must converge after quiescence, and every scenario
+//! must really have read through its caches and hit them.
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use freshness_chaos::report::violation_text;
+use freshness_chaos::{FaultKind, Summary, run_seed};
+
+/// Traffic and faults per seed.
+const PER_SEED: Duration = Duration::from_secs(3);
+
+/// 370, 497 and 428 between them inject every kind of fault (see
+/// `chaos/README.md` for how to find such a set); the others add
+/// multi-node regions, stalls and persisted restarts.
+const SEEDS: [u64; 8] = [370, 497, 428, 0, 1, 7, 9, 10];
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fixed_seeds_cover_every_fault_and_keep_caches_fresh() {
+    let mut summary = Summary::default();
+    let mut injected = BTreeSet::new();
+    let mut failures = Vec::new();
+    for seed in SEEDS {
+        let report = run_seed(seed, PER_SEED)
+            .await
+            .unwrap_or_else(|e| panic!("seed {seed}: {e:#}"));
+        eprintln!(
+            "seed {seed}: {} reads, {} hits ({} fail-closed), {} events, {} violations, faults {:?}",
+            report.reads,
+            report.hits,
+            report.fail_closed_hits,
+            report.events,
+            report.violations,
+            report.faults
+        );
+        for v in &report.violation_reports {
+            eprint!("{}", violation_text(v));
+        }
+        if report.violations > 0 {
+            failures.push(format!("seed {seed}: {} violations", report.violations));
+        }
+        if report.reads == 0 || report.hits == 0 || report.fail_closed_hits == 0 {
+            failures.push(format!(
+                "seed {seed}: {} reads, {} hits, {} fail-closed hits",
+                report.reads, report.hits, report.fail_closed_hits
+            ));
+        }
+        injected.extend(report.faults.keys().copied());
+        summary.add(report);
+    }
+    eprint!("{}", summary.text());
+    let missing: Vec<FaultKind> = FaultKind::ALL
+        .into_iter()
+        .filter(|k| !injected.contains(k))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "fault kinds never injected: {missing:?}"
+    );
+    assert!(failures.is_empty(), "{failures:#?}");
+}
