@@ -361,20 +361,24 @@ proptest! {
         let id = &hello.node_id;
         let id_ok = !id.is_empty() && id.len() <= 256 && !id.chars().any(char::is_control);
         let first_bad = hello.namespaces.iter().position(|ns| !oracle_namespace(ns));
+        // A region is a region name, or absent (cache nodes).
+        let region_ok = hello.region.is_empty() || oracle_namespace(&hello.region);
         match validate::hello_filter(&hello) {
             Ok(filter) => {
-                prop_assert!(id_ok && hello.namespaces.len() <= 1024 && first_bad.is_none());
+                prop_assert!(id_ok && region_ok);
+                prop_assert!(hello.namespaces.len() <= 1024 && first_bad.is_none());
                 let mut want = hello.namespaces.clone();
                 want.sort();
                 want.dedup();
                 prop_assert_eq!(filter, want);
             }
             Err(InvalidHello::NodeId(_)) => prop_assert!(!id_ok),
+            Err(InvalidHello::Region(_)) => prop_assert!(id_ok && !region_ok),
             Err(InvalidHello::TooManyNamespaces(n)) => {
-                prop_assert!(id_ok && n > 1024 && n == hello.namespaces.len());
+                prop_assert!(id_ok && region_ok && n > 1024 && n == hello.namespaces.len());
             }
             Err(InvalidHello::Namespace { index, .. }) => {
-                prop_assert!(id_ok && hello.namespaces.len() <= 1024);
+                prop_assert!(id_ok && region_ok && hello.namespaces.len() <= 1024);
                 prop_assert_eq!(Some(index), first_bad);
             }
         }

@@ -227,6 +227,11 @@ pub enum InvalidHello {
     /// Too many namespaces.
     #[error("field `namespaces`: {0} namespaces, more than the limit of 1024")]
     TooManyNamespaces(usize),
+    /// The region is not a region name. Hubs keep it for as long as the
+    /// stream lasts, so an unchecked one would let any stream pin a whole
+    /// message's worth of memory.
+    #[error("field `region`: {0}")]
+    Region(String),
 }
 
 /// Validates a node id: non-empty, at most 256 bytes, no control characters.
@@ -247,9 +252,17 @@ pub fn node_id(id: &str) -> Result<(), InvalidHello> {
 }
 
 /// Validates the identity and filter of a hello, returning the filter sorted
-/// and de-duplicated. The cursor is checked by the hub, which knows its shards.
+/// and de-duplicated. The region, when given, must be a region name (the
+/// syntax of a namespace, as in the hub's configuration). The cursor is
+/// checked by the hub, which knows its shards.
 pub fn hello_filter(hello: &pb::Hello) -> Result<Vec<String>, InvalidHello> {
     node_id(&hello.node_id)?;
+    if !hello.region.is_empty() && validate_namespace(&hello.region).is_err() {
+        return Err(InvalidHello::Region(format!(
+            "{} bytes that are not a region name ([a-z0-9][a-z0-9_.-]{{0,62}})",
+            hello.region.len()
+        )));
+    }
     if hello.namespaces.len() > MAX_FILTER_NAMESPACES {
         return Err(InvalidHello::TooManyNamespaces(hello.namespaces.len()));
     }
@@ -362,6 +375,11 @@ mod tests {
             hello_filter(&h),
             Err(InvalidHello::Namespace { index: 3, .. })
         ));
+        h.namespaces.pop();
+        h.region = "eu-west".into();
+        assert!(hello_filter(&h).is_ok());
+        h.region = "r".repeat(64);
+        assert!(matches!(hello_filter(&h), Err(InvalidHello::Region(_))));
         h.node_id.clear();
         assert!(matches!(hello_filter(&h), Err(InvalidHello::NodeId(_))));
     }
