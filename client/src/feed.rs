@@ -12,6 +12,18 @@
 //! it stays below the hub's progress interval (250 ms by default) plus the
 //! handler's apply time; when the hub, the network or the node stalls, it
 //! grows without bound.
+//!
+//! A watermark can also wait in buffers (the hub's outbound queue, the
+//! stream's flow-control windows) while the node's handler is busy, and be
+//! read long after the hub stamped it. So a watermark counts from when it
+//! was current, not from when it was read: within one stream, hub time and
+//! the node's clock differ by a fixed offset (both are monotonic; the hub's
+//! wire clock never steps) plus the delivery delay, and the smallest
+//! difference seen so far — the least delayed watermark — maps hub time onto
+//! the node's clock. A watermark counts from `watermark + that offset`, and
+//! never from later than it was read. The offset may creep up by 1 ms per
+//! second to follow rate drift between the two clocks; a new stream (maybe
+//! another hub) starts a new estimate.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -128,7 +140,15 @@ pub(crate) struct FeedClock {
     /// 0 while there is none.
     fresh_at: AtomicU64,
     watermark: Mutex<Option<SystemTime>>,
+    /// This stream's smallest `(receipt µs since base) - (watermark µs since
+    /// the Unix epoch)` and the receipt it was last updated at; see the
+    /// module docs.
+    offset: Mutex<Option<(i128, u64)>>,
 }
+
+/// How fast the hub-to-node offset may creep up: 1 ms per second (1,000 ppm,
+/// far above the drift of real clocks).
+const OFFSET_CREEP_PER_US: u64 = 1_000;
 
 impl FeedClock {
     fn new() -> Self {
@@ -136,6 +156,7 @@ impl FeedClock {
             base: Instant::now(),
             fresh_at: AtomicU64::new(0),
             watermark: Mutex::new(None),
+            offset: Mutex::new(None),
         }
     }
 
@@ -187,8 +208,11 @@ impl FeedTx {
         let micros = received
             .saturating_duration_since(self.clock.base)
             .as_micros();
-        let at = u64::try_from(micros).unwrap_or(u64::MAX - 1) + 1;
-        self.clock.fresh_at.fetch_max(at, Ordering::AcqRel);
+        let received_us = u64::try_from(micros).unwrap_or(u64::MAX - 2);
+        let current_us = self.current_at(watermark, received_us);
+        self.clock
+            .fresh_at
+            .fetch_max(current_us + 1, Ordering::AcqRel);
         let newest = {
             let mut w = self.clock.watermark.lock();
             let newest = w.map_or(watermark, |old| old.max(watermark));
@@ -207,6 +231,35 @@ impl FeedTx {
             watermark: newest,
             staleness,
         });
+    }
+
+    /// A new stream: its hub may have another clock, so the hub-to-node
+    /// offset is estimated anew.
+    pub(crate) fn new_stream(&self) {
+        *self.clock.offset.lock() = None;
+    }
+
+    /// When (µs since the clock's base) `watermark`, read at `received_us`,
+    /// was current on this node's clock: mapped through the smallest offset
+    /// seen on this stream, and never later than it was read.
+    fn current_at(&self, watermark: SystemTime, received_us: u64) -> u64 {
+        let hub_us = watermark
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| {
+                i128::try_from(d.as_micros()).unwrap_or(i128::MAX / 2)
+            });
+        let sample = i128::from(received_us) - hub_us;
+        let mut offset = self.clock.offset.lock();
+        let best = match *offset {
+            Some((best, last_us)) => {
+                let creep = received_us.saturating_sub(last_us) / OFFSET_CREEP_PER_US;
+                (best + i128::from(creep)).min(sample)
+            }
+            None => sample,
+        };
+        *offset = Some((best, received_us));
+        let mapped = u64::try_from((hub_us + best).max(0)).unwrap_or(u64::MAX);
+        mapped.min(received_us)
     }
 
     /// Publishes `state` unless it is already the current one.
@@ -258,5 +311,39 @@ mod tests {
             error: "refused".into(),
         });
         assert!(!feed.is_fresh_within(Duration::from_secs(1)));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_watermark_read_late_counts_from_when_it_was_current() {
+        let tx = FeedTx::new();
+        let feed = tx.feed();
+        let hub_start = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000);
+        // Read 1 ms after the hub stamped it: the offset's first estimate.
+        tx.applied_watermark(hub_start, Instant::now());
+        tokio::time::advance(Duration::from_millis(100)).await;
+        tx.applied_watermark(hub_start + Duration::from_millis(100), Instant::now());
+        assert_eq!(feed.staleness(), Some(Duration::ZERO));
+        // The handler stalls for 2 s; watermarks stamped just before it sat
+        // in buffers and are read now.
+        tokio::time::advance(Duration::from_secs(2)).await;
+        tx.applied_watermark(hub_start + Duration::from_millis(110), Instant::now());
+        let s = feed.staleness().unwrap();
+        assert!(
+            s >= Duration::from_millis(1_985),
+            "the old watermark counts from when it was current: {s:?}"
+        );
+        assert!(!feed.is_fresh_within(Duration::from_secs(1)));
+        // A watermark stamped now is current again.
+        tx.applied_watermark(hub_start + Duration::from_millis(2_100), Instant::now());
+        assert!(feed.staleness().unwrap() <= Duration::from_millis(3));
+        // Never later than it was read, even against a hub clock running
+        // ahead.
+        tx.applied_watermark(hub_start + Duration::from_secs(60), Instant::now());
+        assert_eq!(feed.staleness(), Some(Duration::ZERO));
+        // A new stream (another hub, another clock) starts a new estimate.
+        tx.new_stream();
+        tokio::time::advance(Duration::from_millis(50)).await;
+        tx.applied_watermark(SystemTime::UNIX_EPOCH, Instant::now());
+        assert_eq!(feed.staleness(), Some(Duration::ZERO));
     }
 }

@@ -738,3 +738,121 @@ async fn acks_follow_the_delayed_ack_rule() {
         "with the default interval every ack comes: {pending:?}"
     );
 }
+
+/// A handler that holds every batch until its gate opens and, before
+/// applying a batch that invalidates `watched`, records what the cache would
+/// serve for it at that moment.
+#[derive(Clone)]
+struct Watching {
+    gated: Gated,
+    watched: String,
+    served_before: Arc<watch::Sender<Option<Option<String>>>>,
+}
+
+impl Handler for Watching {
+    async fn on_events(&self, batch: &EventBatch) -> Result<(), HandlerError> {
+        if batch
+            .events
+            .iter()
+            .any(|e| e.entity.as_str() == self.watched)
+        {
+            let served = self.gated.inner.cache.get(&self.watched).await;
+            self.served_before.send_replace(Some(served));
+        }
+        self.gated.on_events(batch).await
+    }
+
+    async fn on_reset(&self, reset: &Reset) -> Result<(), HandlerError> {
+        self.gated.on_reset(reset).await
+    }
+}
+
+#[tokio::test]
+async fn watermarks_that_waited_behind_a_stalled_handler_do_not_make_the_feed_fresh() {
+    let hub = TestHub::start().await;
+    let publisher = Publisher::builder(hub.url()).build().unwrap();
+    let bound = Duration::from_millis(300);
+    let cache: Cache = VersionedCache::builder()
+        .policy(
+            "price",
+            FreshnessPolicy::FailClosed {
+                max_staleness: bound,
+            },
+        )
+        .build();
+    let rec = Recorder::new(cache.clone());
+    let gated = Gated {
+        inner: rec.clone(),
+        gate: watch::Sender::new(true),
+        entered: Arc::new(watch::Sender::new(0)),
+    };
+    let watching = Watching {
+        gated: gated.clone(),
+        watched: "price:1".into(),
+        served_before: Arc::new(watch::Sender::new(None)),
+    };
+    let handle = Subscriber::builder(hub.url(), "stuck")
+        .max_in_flight(4)
+        .build(watching.clone())
+        .unwrap()
+        .spawn();
+    cache.bind_feed(handle.feed());
+    let mut feed = handle.feed();
+    tokio::time::timeout(WAIT, feed.wait_for(FeedState::is_live))
+        .await
+        .unwrap()
+        .unwrap();
+    cache
+        .insert(
+            "price:1".into(),
+            "9.99".into(),
+            [Dep::at(e("price:1"), v(1))],
+        )
+        .await
+        .unwrap();
+    assert_eq!(cache.get(&"price:1".into()).await.as_deref(), Some("9.99"));
+    // The handler stalls on the first batch; three more, each bringing the
+    // node to the head and so carrying a watermark, queue behind it; the
+    // node is then parked at its in-flight limit, and the change to price:1
+    // waits at the hub.
+    gated.gate.send_replace(false);
+    let mut entered = gated.entered.subscribe();
+    for (i, entity) in ["post:1", "post:2", "post:3", "post:4"].iter().enumerate() {
+        publish(&publisher, entity, 1).await;
+        if i == 0 {
+            tokio::time::timeout(WAIT, entered.wait_for(|n| *n == 1))
+                .await
+                .unwrap()
+                .unwrap();
+        }
+    }
+    wait_for(|| async {
+        let status = hub.status().await;
+        status
+            .nodes
+            .iter()
+            .find(|n| n.node_id == "stuck")
+            .filter(|n| n.parked)
+            .map(|_| ())
+    })
+    .await;
+    publish(&publisher, "price:1", 2).await;
+    // Held well past the bound.
+    tokio::time::sleep(bound * 3).await;
+    gated.gate.send_replace(true);
+    let mut served = watching.served_before.subscribe();
+    let served = tokio::time::timeout(WAIT, served.wait_for(Option::is_some))
+        .await
+        .unwrap()
+        .unwrap()
+        .clone()
+        .unwrap();
+    assert_eq!(
+        served, None,
+        "old watermarks drained after the stall made the feed look fresh: price:1 was served \
+         at v1 while v2 waited at the hub"
+    );
+    rec.until("price:1 v2", |s| s.saw("price:1", 2)).await;
+    handle.shutdown().await.unwrap();
+    hub.stop().await;
+}

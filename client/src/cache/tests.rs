@@ -294,14 +294,17 @@ async fn fail_closed_namespaces_miss_while_the_feed_is_stale() {
     assert_eq!(c.get(&k("price")).await, None);
     let tx = FeedTx::new();
     c.bind_feed(tx.feed());
-    tx.applied_watermark(SystemTime::now(), Instant::now());
+    // The hub's wire clock advances with tokio's (server/src/clock.rs).
+    let (hub_base, start) = (SystemTime::now(), Instant::now());
+    let hub_now = || hub_base + start.elapsed();
+    tx.applied_watermark(hub_now(), Instant::now());
     assert_eq!(c.get(&k("price")).await.as_deref(), Some("9.99"));
     assert_eq!(c.get(&k("mixed")).await.as_deref(), Some("m"));
     tokio::time::advance(Duration::from_secs(3)).await;
     assert_eq!(c.get(&k("price")).await, None);
     assert_eq!(c.get(&k("mixed")).await, None);
     assert_eq!(c.get(&k("bio")).await.as_deref(), Some("hi"));
-    tx.applied_watermark(SystemTime::now(), Instant::now());
+    tx.applied_watermark(hub_now(), Instant::now());
     assert_eq!(c.get(&k("price")).await.as_deref(), Some("9.99"));
     tx.set(crate::FeedState::Down {
         error: "unreachable".into(),

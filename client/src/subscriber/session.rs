@@ -351,6 +351,7 @@ impl<H: Handler> Session<'_, H> {
 
     async fn on_welcome(&mut self, w: &pb::Welcome) -> Result<(), End> {
         tracing::Span::current().record("epoch", w.epoch);
+        self.feed.new_stream();
         if w.hash != HASH_NAME {
             return Err(End::Fatal(SubscriberError::Hash(w.hash.clone())));
         }
