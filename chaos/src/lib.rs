@@ -37,14 +37,34 @@ pub use report::{SeedReport, Summary, Violation};
 /// tear-down) before the run counts as failed.
 const SEED_OVERHEAD: Duration = Duration::from_secs(120);
 
+/// How to run a seed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Options {
+    /// Traffic and faults.
+    pub duration: Duration,
+    /// Makes every node's handler skip one in this many invalidations (a
+    /// deliberately broken node), to show that the checker catches it.
+    pub drop_one_in: Option<u64>,
+}
+
 /// Runs the scenario of `seed` with `duration` of traffic and faults.
 pub async fn run_seed(seed: u64, duration: Duration) -> anyhow::Result<SeedReport> {
-    let plan = Plan::new(seed, duration);
-    match tokio::time::timeout(duration + SEED_OVERHEAD, world::run(plan)).await {
+    run_seed_with(
+        seed,
+        Options {
+            duration,
+            drop_one_in: None,
+        },
+    )
+    .await
+}
+
+/// Runs the scenario of `seed` with these options.
+pub async fn run_seed_with(seed: u64, options: Options) -> anyhow::Result<SeedReport> {
+    let plan = Plan::new(seed, options.duration);
+    let limit = options.duration + SEED_OVERHEAD;
+    match tokio::time::timeout(limit, world::run(plan, options.drop_one_in)).await {
         Ok(r) => r,
-        Err(_) => anyhow::bail!(
-            "seed {seed} did not finish within {:?}",
-            duration + SEED_OVERHEAD
-        ),
+        Err(_) => anyhow::bail!("seed {seed} did not finish within {limit:?}"),
     }
 }

@@ -352,8 +352,13 @@ impl Plan {
             .collect()
     }
 
-    /// One line per fault, for reports.
+    /// A fault as a line of a schedule: its start, kind, what and hold.
     pub fn describe_fault(&self, f: &Fault) -> String {
+        format!("+{:>5}ms {}", f.at.as_millis(), self.fault_text(f))
+    }
+
+    /// A fault's kind, what it does and its hold.
+    pub fn fault_text(&self, f: &Fault) -> String {
         let node = |n: usize| self.nodes[n].id.clone();
         let region = |r: usize| self.regions[r].clone();
         let what = match &f.action {
@@ -392,8 +397,7 @@ impl Plan {
             Action::StallNode { node: n } => format!("stall {}", node(*n)),
         };
         format!(
-            "+{:>5}ms {:<22} {what} for {}ms",
-            f.at.as_millis(),
+            "{:<22} {what} for {}ms",
             f.kind.as_str(),
             f.hold.as_millis()
         )

@@ -264,7 +264,7 @@ impl Summary {
         let _ = writeln!(out, "seeds      {seeds} ({:.1} s)", t.wall_ms as f64 / 1e3);
         let _ = writeln!(
             out,
-            "events     {} published ({} commits), {} applied by nodes, {} publish retries",
+            "events     {} published ({} commits), {} applied by nodes, {} failed publish calls retried by writers",
             t.events, t.commits, t.events_applied, t.publish_errors
         );
         let _ = writeln!(

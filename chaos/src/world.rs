@@ -42,16 +42,17 @@ const PROGRESS_INTERVAL: Duration = Duration::from_millis(100);
 /// Writer tasks per region.
 const WRITERS_PER_REGION: usize = 2;
 /// Reader tasks per node.
-const READERS_PER_NODE: usize = 2;
+const READERS_PER_NODE: usize = 4;
 /// Ids of each namespace that get most of the traffic, so that hits happen.
 const HOT_IDS: usize = 8;
 /// Reset and lifecycle lines kept per node for reports.
 const NODE_RING: usize = 64;
-/// Violations reported in full per seed (all are counted).
+/// Violations reported in full per seed, one per node and entity (all are
+/// counted).
 const REPORTED_VIOLATIONS: usize = 5;
 /// How long quiescence may take to converge before stale entries count as
 /// violations.
-const CONVERGE_WITHIN: Duration = Duration::from_secs(20);
+const CONVERGE_WITHIN: Duration = Duration::from_secs(5);
 
 /// Counters of one seed's run.
 #[derive(Debug, Default)]
@@ -133,6 +134,10 @@ pub(crate) struct World {
     region_links: HashMap<(usize, usize), FaultProxy>,
     faults_log: Mutex<Vec<(Instant, String)>>,
     violations: Mutex<Vec<Violation>>,
+    /// Handlers skip one in this many invalidations (a broken node, for the
+    /// checker's own test).
+    drop_one_in: Option<u64>,
+    dropped: AtomicU64,
 }
 
 fn new_cache(name: &str) -> Cache {
@@ -170,8 +175,20 @@ impl NodeHandler {
 impl Handler for NodeHandler {
     async fn on_events(&self, batch: &EventBatch) -> Result<(), HandlerError> {
         self.pass_gate().await;
-        self.cache.on_events(batch).await?;
         let w = &self.world;
+        let kept;
+        let batch = match w.drop_one_in {
+            // A broken node: it loses some invalidations.
+            Some(n) => {
+                let mut b = batch.clone();
+                b.events
+                    .retain(|_| !w.dropped.fetch_add(1, Ordering::Relaxed).is_multiple_of(n));
+                kept = b;
+                &kept
+            }
+            None => batch,
+        };
+        self.cache.on_events(batch).await?;
         for inv in &batch.events {
             if let Some(e) = w.truth.index_of(&inv.entity) {
                 w.truth.invalidated(e, self.node, inv.version.get());
@@ -197,7 +214,7 @@ impl Handler for NodeHandler {
 
 impl World {
     /// Builds and starts the world of `plan`: hubs up and linked, nodes live.
-    pub(crate) async fn start(plan: Plan) -> anyhow::Result<Arc<Self>> {
+    pub(crate) async fn start(plan: Plan, drop_one_in: Option<u64>) -> anyhow::Result<Arc<Self>> {
         let regions = plan.regions.len();
         let mut listeners = Vec::new();
         for _ in 0..regions {
@@ -271,6 +288,8 @@ impl World {
             region_links,
             faults_log: Mutex::new(Vec::new()),
             violations: Mutex::new(Vec::new()),
+            drop_one_in,
+            dropped: AtomicU64::new(0),
         });
         world.wait_links_up().await?;
         for n in 0..world.nodes.len() {
@@ -511,10 +530,16 @@ impl World {
     /// Records a violation with the trace of what led to it.
     fn violation(&self, kind: &'static str, n: usize, e: usize, at: Instant, what: String) {
         let mut v = self.violations.lock();
-        if v.len() >= REPORTED_VIOLATIONS {
+        let entity = self.truth.entity(e);
+        let node_id = &self.plan.nodes[n].id;
+        // One report per node and entity: the same stale entry read again
+        // says nothing new.
+        if v.len() >= REPORTED_VIOLATIONS
+            || v.iter()
+                .any(|r| r.node == *node_id && r.entity == entity.as_str())
+        {
             return;
         }
-        let entity = self.truth.entity(e);
         let id = |node: usize| self.plan.nodes[node].id.as_str();
         let mut lines: Vec<(Instant, String)> = Vec::new();
         for item in self.truth.trace(e) {
@@ -586,7 +611,7 @@ impl World {
         *self.stats.faults.lock().entry(f.kind).or_default() += 1;
         self.faults_log
             .lock()
-            .push((Instant::now(), self.plan.describe_fault(&f)));
+            .push((Instant::now(), self.plan.fault_text(&f)));
         match f.action {
             Action::RestartNode { node, crash } => {
                 self.stop_node(node, crash).await;
@@ -775,10 +800,10 @@ where
 
 /// Runs the plan: start the world, traffic and faults for the plan's
 /// duration, quiescence, the final check; then stops everything.
-pub(crate) async fn run(plan: Plan) -> anyhow::Result<SeedReport> {
+pub(crate) async fn run(plan: Plan, drop_one_in: Option<u64>) -> anyhow::Result<SeedReport> {
     let started = Instant::now();
     let seed = plan.seed;
-    let world = World::start(plan).await?;
+    let world = World::start(plan, drop_one_in).await?;
     let t0 = Instant::now();
     let stop = CancellationToken::new();
     let mut task = 0u64;

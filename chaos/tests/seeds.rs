@@ -7,7 +7,7 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use freshness_chaos::report::violation_text;
-use freshness_chaos::{FaultKind, Summary, run_seed};
+use freshness_chaos::{FaultKind, Options, Summary, run_seed, run_seed_with};
 
 /// Traffic and faults per seed.
 const PER_SEED: Duration = Duration::from_secs(3);
@@ -60,4 +60,33 @@ async fn fixed_seeds_cover_every_fault_and_keep_caches_fresh() {
         "fault kinds never injected: {missing:?}"
     );
     assert!(failures.is_empty(), "{failures:#?}");
+}
+
+/// The checker has teeth: nodes that lose one invalidation in ten are
+/// caught, during the run or at quiescence.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_that_loses_invalidations_is_caught() {
+    let report = run_seed_with(
+        2,
+        Options {
+            duration: PER_SEED,
+            drop_one_in: Some(10),
+        },
+    )
+    .await
+    .expect("seed 2 runs");
+    for v in &report.violation_reports {
+        eprint!("{}", violation_text(v));
+    }
+    assert!(
+        report.violations > 0 && !report.violation_reports.is_empty(),
+        "{} reads, no violation found",
+        report.reads
+    );
+    let v = &report.violation_reports[0];
+    assert!(
+        v.trace.iter().any(|l| l.contains("commit v")),
+        "the trace shows the commits: {:#?}",
+        v.trace
+    );
 }
