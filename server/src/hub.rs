@@ -130,7 +130,9 @@ pub struct PeerInfo {
     /// Events in the peer's log (as of its last status, read every second)
     /// that the link has not passed yet.
     pub lag_events: u64,
-    /// Newest watermark received from the peer (its hub clock).
+    /// Newest watermark received from the peer (its hub clock); until the
+    /// first one, the time this hub started, so that a peer never heard from
+    /// shows its lag growing (as a node's staleness grows from its hello).
     pub watermark_us: u64,
     /// Why the link last failed, if it did.
     pub last_error: String,
@@ -196,6 +198,7 @@ impl Hub {
                             region.clone(),
                             PeerInfo {
                                 address: address.clone(),
+                                watermark_us: clock.now_us(),
                                 ..PeerInfo::default()
                             },
                         )
@@ -644,11 +647,7 @@ impl Hub {
                     address: p.address.clone(),
                     connected: p.connected,
                     lag_events: p.lag_events,
-                    lag_ms: if p.watermark_us == 0 {
-                        0
-                    } else {
-                        now.saturating_sub(p.watermark_us) / 1000
-                    },
+                    lag_ms: now.saturating_sub(p.watermark_us) / 1000,
                     last_error: p.last_error.clone(),
                 })
                 .collect(),
