@@ -3,6 +3,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
+use std::time::Duration;
 
 use freshness::pb;
 use freshness::pb::subscribe_response::Kind;
@@ -201,11 +202,16 @@ async fn three_regions_in_full_mesh_converge_on_the_newest_version() {
             "{:?}",
             st.peers
         );
-        // Every link has passed everything in its peer's log: the lag read
-        // from the peer's heads comes down to zero.
+        // Every link has acked everything in the log it pulls from: on the
+        // hub pulled from, each replicating stream's lag is its heads minus
+        // its acked cursor, computed when the status is taken. (The lag a
+        // hub shows for its peers is the link's view as of the last read of
+        // the peer's heads, once a second, and is 0 before anything happens:
+        // it proves nothing here. It is tested rising and falling below.)
         wait_for(|| async {
             let st = world.hubs[r].status().await;
-            st.peers.iter().all(|p| p.lag_events == 0).then_some(())
+            let links: Vec<_> = st.nodes.iter().filter(|n| n.replication).collect();
+            (links.len() == 2 && links.iter().all(|n| n.lag_events == 0)).then_some(())
         })
         .await;
     }
@@ -366,4 +372,132 @@ async fn events_keep_their_origin_and_publish_time_across_regions() {
     );
     assert!(e.publish_time_us > 0);
     assert_eq!(event.shard, resp.results[0].shard);
+}
+
+/// A link's lag while healthy, with watermarks every 50 ms.
+const HEALTHY_MS: u64 = 500;
+
+fn lag_config(region: &str) -> freshness_hub::Config {
+    let mut c = test_config();
+    c.region = region.into();
+    c.hub_id = format!("hub-{region}");
+    c.progress_interval = Duration::from_millis(50);
+    c
+}
+
+/// Region `a` alone, and region `b` pulling from it through a proxy.
+async fn pulled_through_proxy(a: freshness_hub::Config) -> (TestHub, FaultProxy, TestHub) {
+    let a = TestHub::start_with(a).await;
+    let proxy = FaultProxy::start(a.addr).await;
+    let mut b = lag_config("b");
+    b.peers.insert("a".into(), proxy.url());
+    (a, proxy, TestHub::start_with(b).await)
+}
+
+/// What `hub` shows of its one peer.
+async fn peer(hub: &TestHub) -> pb::PeerStatus {
+    hub.status().await.peers.pop().expect("one peer")
+}
+
+/// Waits until `hub`'s one peer satisfies `pred`, and returns it.
+async fn peer_until(hub: &TestHub, pred: impl Fn(&pb::PeerStatus) -> bool) -> pb::PeerStatus {
+    wait_for(|| async {
+        let p = peer(hub).await;
+        pred(&p).then_some(p)
+    })
+    .await
+}
+
+async fn publish_versions(hub: &TestHub, n: usize, version: u64) -> HashMap<String, u64> {
+    let mut client = hub.client().await;
+    let ents = entities(n);
+    for chunk in ents.chunks(1_000) {
+        let evs: Vec<(&str, u64)> = chunk.iter().map(|e| (e.as_str(), version)).collect();
+        client.publish(publish_request(&evs)).await.unwrap();
+    }
+    ents.into_iter().map(|e| (e, version)).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replication_lag_rises_while_a_link_is_slow_or_cut_and_returns_to_zero() {
+    // Region a lets a replicating stream have 8 x 64 = 512 events in flight,
+    // so a link slowed by the proxy passes at most 512 events a round trip.
+    let mut a = lag_config("a");
+    a.max_in_flight = 64;
+    let (a, proxy, b) = pulled_through_proxy(a).await;
+    let node = spawn_node(b.url(), "b-node".into()).await;
+    let healthy = |p: &pb::PeerStatus| p.connected && p.lag_events == 0 && p.lag_ms < HEALTHY_MS;
+    peer_until(&b, healthy).await;
+
+    // A slow link: 150 ms each way. 4,000 events published in a need about
+    // eight round trips; b's view of a's heads, read once a second, shows
+    // them not yet passed, while the link stays up.
+    let delay = Duration::from_millis(150);
+    proxy.set_delay(delay);
+    let want = publish_versions(&a, 4_000, 1).await;
+    let slow = peer_until(&b, |p| p.lag_events > 0).await;
+    assert!(slow.connected, "{slow:?}");
+    assert!(slow.lag_ms >= delay.as_millis() as u64, "{slow:?}");
+    peer_until(&b, |p| p.connected && p.lag_events == 0).await;
+    wait_all_latest(std::slice::from_ref(&node), &want).await;
+
+    // A cut link: b stops hearing from a, and the age of a's last watermark
+    // grows while a writes on.
+    proxy.partition();
+    peer_until(&b, |p| !p.connected).await;
+    let want = publish_versions(&a, 4_000, 2).await;
+    let cut = peer_until(&b, |p| p.lag_ms >= 2 * HEALTHY_MS).await;
+    assert!(!cut.connected, "{cut:?}");
+
+    // Healed (still slow): the link resumes from its cursor; the first read
+    // of a's heads finds most of the 4,000 events not yet passed, then none.
+    proxy.heal();
+    let resumed = peer_until(&b, |p| p.connected && p.lag_events > 0).await;
+    assert!(resumed.last_error.is_empty(), "{resumed:?}");
+    peer_until(&b, |p| p.connected && p.lag_events == 0).await;
+    wait_all_latest(std::slice::from_ref(&node), &want).await;
+    // Resuming within a's log replays: the only resets b's node may have
+    // seen are those of b's first contact with a, one per shard at most.
+    let resets = node.lock().resets.clone();
+    let mut shards: Vec<u32> = resets.iter().flat_map(|r| r.shards.clone()).collect();
+    shards.sort_unstable();
+    shards.dedup();
+    assert!(
+        resets
+            .iter()
+            .all(|r| r.reason == pb::ResetReason::ReplicationGap as i32 && !r.all)
+            && shards.len() == resets.iter().map(|r| r.shards.len()).sum::<usize>(),
+        "{resets:?}"
+    );
+
+    // Fast again: back to a healthy lag.
+    proxy.set_delay(Duration::ZERO);
+    let back = peer_until(&b, healthy).await;
+    println!(
+        "peer a as b sees it: slow {} events / {} ms, cut {} ms, resumed {} events, back {} events / {} ms",
+        slow.lag_events, slow.lag_ms, cut.lag_ms, resumed.lag_events, back.lag_events, back.lag_ms
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_never_reached_shows_its_lag_growing_until_it_is() {
+    let (_a, proxy, b) = {
+        let a = TestHub::start_with(lag_config("a")).await;
+        let proxy = FaultProxy::start(a.addr).await;
+        // Cut before b ever reaches a.
+        proxy.partition();
+        let mut b = lag_config("b");
+        b.peers.insert("a".into(), proxy.url());
+        (a, proxy, TestHub::start_with(b).await)
+    };
+    let never = peer_until(&b, |p| p.lag_ms >= 2 * HEALTHY_MS).await;
+    assert!(
+        !never.connected && !never.last_error.is_empty(),
+        "{never:?}"
+    );
+    proxy.heal();
+    peer_until(&b, |p| {
+        p.connected && p.lag_events == 0 && p.lag_ms < HEALTHY_MS
+    })
+    .await;
 }
