@@ -13,8 +13,10 @@
 //! decoded for it, and an untraced frame records nothing.
 
 use std::collections::VecDeque;
+use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::task::Poll;
 use std::time::Duration;
 
 use freshness::pb::subscribe_request::Kind as ReqKind;
@@ -24,6 +26,7 @@ use freshness::{Cursor, pb, validate};
 use futures::StreamExt;
 use tokio::sync::mpsc;
 use tokio::time::{Instant, MissedTickBehavior};
+use tokio_util::sync::PollSender;
 use tonic::Status;
 
 use crate::error::{HubError, map_decode_status};
@@ -213,50 +216,69 @@ impl Session {
     /// Serves the stream until the node leaves, misbehaves, is replaced or
     /// the hub shuts down.
     pub async fn run(mut self) {
-        // The futures that wait on a `Notify` (cancellation, appends, the
-        // stream closing) live across iterations: re-creating them on every
-        // wake registered and dropped three waiters per ack and per frame.
         let mut appended =
             tokio_stream::wrappers::WatchStream::from_changes(self.hub.appended.subscribe());
         let mut tick = tokio::time::interval(self.hub.config.progress_interval);
         tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let mut sender = PollSender::new(self.tx.clone());
         let tx = self.tx.clone();
         let cancelled = self.shared.cancel.clone().cancelled_owned();
         let closed = tx.closed();
         tokio::pin!(cancelled, closed);
-        let end: Result<(), Status> = loop {
-            let want_send = !self.caught_up && !self.blocked;
-            tokio::select! {
-                biased;
-                () = &mut cancelled => break Ok(()),
-                msg = self.inbound.next() => match msg {
-                    Some(Ok(wire::Request(req))) => {
-                        if let Err(s) = self.on_request(req) {
-                            break Err(s);
-                        }
-                    }
-                    None => break Ok(()),
-                    Some(Err(s)) => break Err(map_decode_status(s)),
-                },
-                permit = tx.reserve(), if want_send => {
-                    let Ok(permit) = permit else { break Ok(()) };
-                    if let Fill::Frame(frame) = self.fill() {
-                        permit.send(Ok(frame));
-                    }
-                }
-                changed = appended.next() => {
-                    if changed.is_none() {
-                        break Ok(());
-                    }
-                    self.caught_up = false;
-                    if self.blocked {
-                        self.reset_gaps_now();
-                    }
-                }
-                _ = tick.tick() => self.on_tick(),
-                () = &mut closed => break Ok(()),
+        // One pass per wake-up handles everything that is ready: cancellation,
+        // every ack already received, appends, frames while the stream has
+        // room, the progress tick. A `select!` in a loop handled one branch
+        // per pass and polled all the others again each time (four passes
+        // per frame and its ack, each polling the inbound stream, which
+        // locks the HTTP/2 connection's stream store). The futures waiting
+        // on a `Notify` live across passes instead of registering anew.
+        let end: Result<(), Status> = std::future::poll_fn(|cx| {
+            if cancelled.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(Ok(()));
             }
-        };
+            loop {
+                match self.inbound.poll_next_unpin(cx) {
+                    Poll::Ready(Some(Ok(wire::Request(req)))) => self.on_request(req)?,
+                    Poll::Ready(Some(Err(s))) => return Poll::Ready(Err(map_decode_status(s))),
+                    Poll::Ready(None) => return Poll::Ready(Ok(())),
+                    Poll::Pending => break,
+                }
+            }
+            while let Poll::Ready(changed) = appended.poll_next_unpin(cx) {
+                if changed.is_none() {
+                    return Poll::Ready(Ok(()));
+                }
+                self.caught_up = false;
+                if self.blocked {
+                    self.reset_gaps_now();
+                }
+            }
+            while !self.caught_up && !self.blocked {
+                match sender.poll_reserve(cx) {
+                    Poll::Ready(Ok(())) => match self.fill() {
+                        Fill::Frame(frame) => {
+                            // Reserved just above: cannot fail.
+                            let _ = sender.send_item(Ok(frame));
+                        }
+                        Fill::Idle(_) | Fill::Blocked => {
+                            sender.abort_send();
+                            break;
+                        }
+                    },
+                    Poll::Ready(Err(_)) => return Poll::Ready(Ok(())),
+                    Poll::Pending => break,
+                }
+            }
+            if tick.poll_tick(cx).is_ready() {
+                self.on_tick();
+            }
+            if closed.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(Ok(()));
+            }
+            Poll::Pending
+        })
+        .await;
+        drop(sender);
         self.finish(end).await;
     }
 
