@@ -68,8 +68,9 @@ fn main() -> ExitCode {
         }
     };
     match runtime.block_on(run(args)) {
-        Ok(summary) if summary.total.violations == 0 => ExitCode::SUCCESS,
-        Ok(_) => ExitCode::from(1),
+        Ok(summary) if summary.total.violations > 0 => ExitCode::from(1),
+        Ok(summary) if summary.error_count > 0 => ExitCode::from(2),
+        Ok(_) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("freshness-chaos: error: {e:#}");
             ExitCode::from(2)
@@ -101,7 +102,15 @@ async fn run(args: Args) -> anyhow::Result<Summary> {
                 eprintln!("  {}", plan.describe_fault(f));
             }
         }
-        let report = run_seed(seed, args.seed_duration).await?;
+        let report = match run_seed(seed, args.seed_duration).await {
+            Ok(r) => r,
+            Err(e) => {
+                // A failed seed is a finding too: say which, and go on.
+                eprintln!("seed {seed}: FAILED: {e:#}");
+                summary.add_error(seed, &e);
+                continue;
+            }
+        };
         eprintln!(
             "seed {seed}: {} regions, {} nodes, {} reads ({} hits), {} events, faults {}, {} violations",
             report.regions,

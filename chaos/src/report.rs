@@ -91,6 +91,12 @@ pub struct SeedReport {
 pub struct Summary {
     /// Seeds run, in order.
     pub seeds: Vec<u64>,
+    /// Seeds whose run failed (the harness gave up: a node never went live,
+    /// a hub did not restart, the seed overran its time), with why; the
+    /// first few in full.
+    pub errors: Vec<String>,
+    /// How many seeds failed.
+    pub error_count: u64,
     /// Sums over the seeds (`seed`, `regions`, `nodes`, `schedule` unused).
     pub total: SeedReport,
 }
@@ -99,6 +105,8 @@ impl Default for Summary {
     fn default() -> Self {
         Self {
             seeds: Vec::new(),
+            errors: Vec::new(),
+            error_count: 0,
             total: SeedReport {
                 seed: 0,
                 regions: 0,
@@ -130,6 +138,8 @@ impl Default for Summary {
 #[derive(Debug, Serialize)]
 struct Json<'a> {
     seeds: &'a [u64],
+    failed_seeds: u64,
+    errors: &'a [String],
     wall_ms: u64,
     commits: u64,
     events: u64,
@@ -161,6 +171,15 @@ fn ms(us: u64) -> f64 {
 }
 
 impl Summary {
+    /// Records a seed whose run failed.
+    pub fn add_error(&mut self, seed: u64, error: &anyhow::Error) {
+        self.seeds.push(seed);
+        self.error_count += 1;
+        if self.errors.len() < KEPT_VIOLATIONS {
+            self.errors.push(format!("seed {seed}: {error:#}"));
+        }
+    }
+
     /// Adds one seed.
     pub fn add(&mut self, r: SeedReport) {
         self.seeds.push(r.seed);
@@ -211,6 +230,8 @@ impl Summary {
         let (nines, lower) = self.nines();
         let json = Json {
             seeds: &self.seeds,
+            failed_seeds: self.error_count,
+            errors: &self.errors,
             wall_ms: t.wall_ms,
             commits: t.commits,
             events: t.events,
@@ -262,6 +283,14 @@ impl Summary {
             }
         };
         let _ = writeln!(out, "seeds      {seeds} ({:.1} s)", t.wall_ms as f64 / 1e3);
+        if self.error_count > 0 {
+            let _ = writeln!(
+                out,
+                "FAILED     {} seeds did not run to the end: {}",
+                self.error_count,
+                self.errors.join("; ")
+            );
+        }
         let _ = writeln!(
             out,
             "events     {} published ({} commits), {} applied by nodes, {} failed publish calls retried by writers",

@@ -291,11 +291,18 @@ impl World {
             drop_one_in,
             dropped: AtomicU64::new(0),
         });
-        world.wait_links_up().await?;
-        for n in 0..world.nodes.len() {
-            world.start_node(n, false).await?;
+        let up = async {
+            world.wait_links_up().await?;
+            for n in 0..world.nodes.len() {
+                world.start_node(n, false).await?;
+            }
+            world.wait_nodes_live().await
+        };
+        if let Err(e) = up.await {
+            // Leave nothing running behind a failed start.
+            world.stop().await;
+            return Err(e);
         }
-        world.wait_nodes_live().await?;
         Ok(world)
     }
 
@@ -848,18 +855,24 @@ pub(crate) async fn run(plan: Plan, drop_one_in: Option<u64>) -> anyhow::Result<
     }
     stop.cancel();
     for w in writers {
-        w.await.context("writer task")?;
+        if let Err(e) = w.await {
+            result = Err(anyhow::anyhow!("writer task failed: {e}"));
+        }
     }
     let mut staleness = new_histogram();
     for r in readers {
-        staleness
-            .add(r.await.context("reader task")?)
-            .context("merge histograms")?;
+        match r.await {
+            // Same bounds: adding cannot fail.
+            Ok(h) => drop(staleness.add(h)),
+            Err(e) => result = Err(anyhow::anyhow!("reader task failed: {e}")),
+        }
     }
     let checked = match result {
         Ok(()) => world.quiesce().await,
         Err(e) => Err(e),
     };
+    // Stopped whatever happened, so that a failed seed leaves nothing
+    // running in a soak.
     world.stop().await;
     let checked = checked?;
     let s = &world.stats;
