@@ -226,8 +226,9 @@ impl Session {
         let closed = tx.closed();
         tokio::pin!(cancelled, closed);
         // One pass per wake-up handles everything that is ready: cancellation,
-        // every ack already received, appends, frames while the stream has
-        // room, the progress tick. A `select!` in a loop handled one branch
+        // every ack already received, appends, the progress tick, frames
+        // while the stream has room. Each source is polled until it is
+        // pending, which is what registers this task for its next wake-up. A `select!` in a loop handled one branch
         // per pass and polled all the others again each time (four passes
         // per frame and its ack, each polling the inbound stream, which
         // locks the HTTP/2 connection's stream store). The futures waiting
@@ -253,6 +254,10 @@ impl Session {
                     self.reset_gaps_now();
                 }
             }
+            // Until it is pending, so that the next tick wakes this task.
+            while tick.poll_tick(cx).is_ready() {
+                self.on_tick();
+            }
             while !self.caught_up && !self.blocked {
                 match sender.poll_reserve(cx) {
                     Poll::Ready(Ok(())) => match self.fill() {
@@ -268,9 +273,6 @@ impl Session {
                     Poll::Ready(Err(_)) => return Poll::Ready(Ok(())),
                     Poll::Pending => break,
                 }
-            }
-            if tick.poll_tick(cx).is_ready() {
-                self.on_tick();
             }
             if closed.as_mut().poll(cx).is_ready() {
                 return Poll::Ready(Ok(()));
