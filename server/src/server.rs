@@ -10,6 +10,8 @@ use tokio_util::task::TaskTracker;
 use tonic::transport::Server;
 use tonic::transport::server::TcpIncoming;
 
+use freshness::pb::raw::hub_server::HubServer;
+
 use crate::config::Config;
 use crate::grpc::HubService;
 use crate::hub::Hub;
@@ -85,10 +87,15 @@ pub async fn run(
         .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()?;
-    let hub_service =
-        pb::raw::hub_server::HubServer::new(HubService::new(hub.clone(), tracker.clone()))
+    let service = HubService::new(hub.clone(), tracker.clone());
+    let hub_service = SplitLimits {
+        subscribe: HubServer::new(service.clone())
+            .max_decoding_message_size(subscribe_message_limit(hub.shard_count()).min(max_message))
+            .max_encoding_message_size(max_message),
+        other: HubServer::new(service)
             .max_decoding_message_size(max_message)
-            .max_encoding_message_size(max_message);
+            .max_encoding_message_size(max_message),
+    };
 
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
     // Layers, outermost first: SPEC §4 status mapping. Limits live in the
@@ -133,4 +140,64 @@ pub async fn run(
     }
     tracing::info!("hub stopped");
     Ok(())
+}
+
+/// The largest `SubscribeRequest` a stream may send (unless the configured
+/// message limit is lower): room for a hello with the most namespaces and
+/// for a resume cursor (or an ack with `applied`) of this hub's shard count,
+/// and then some.
+///
+/// A stream's decode buffer grows to its largest message and keeps that
+/// size while the stream lives, so with the publish limit (4 MiB) every
+/// stream could hold 4 MiB for its lifetime: 16 streams that opened with a
+/// 4 MiB hello took a hub from 16 to 86 MiB.
+pub fn subscribe_message_limit(shards: u32) -> usize {
+    256 * 1024 + 2 * 11 * shards as usize
+}
+
+/// The hub service with its own decode limit for `Subscribe` streams
+/// ([`subscribe_message_limit`]) and the configured one for everything
+/// else; tonic sets one limit per service, so two copies of the service
+/// share one name and this routes between them by method.
+#[derive(Clone)]
+struct SplitLimits {
+    subscribe: HubServer<HubService>,
+    other: HubServer<HubService>,
+}
+
+impl tonic::server::NamedService for SplitLimits {
+    const NAME: &'static str = <HubServer<HubService> as tonic::server::NamedService>::NAME;
+}
+
+impl<B> tower::Service<http::Request<B>> for SplitLimits
+where
+    HubServer<HubService>: tower::Service<http::Request<B>>,
+{
+    type Response = <HubServer<HubService> as tower::Service<http::Request<B>>>::Response;
+    type Error = <HubServer<HubService> as tower::Service<http::Request<B>>>::Error;
+    type Future = <HubServer<HubService> as tower::Service<http::Request<B>>>::Future;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        // The generated service is always ready; ask both anyway.
+        match self.subscribe.poll_ready(cx) {
+            std::task::Poll::Ready(Ok(())) => self.other.poll_ready(cx),
+            other => other,
+        }
+    }
+
+    fn call(&mut self, req: http::Request<B>) -> Self::Future {
+        let method = req
+            .uri()
+            .path()
+            .strip_prefix('/')
+            .and_then(|p| p.strip_prefix(<Self as tonic::server::NamedService>::NAME));
+        if method == Some("/Subscribe") {
+            self.subscribe.call(req)
+        } else {
+            self.other.call(req)
+        }
+    }
 }
