@@ -77,6 +77,10 @@ impl Handler for Recorder {
         self.seen.send_modify(|s| s.resets.push(reset.clone()));
         Ok(())
     }
+
+    async fn on_start_at_head(&self) -> Result<(), HandlerError> {
+        self.cache.on_start_at_head().await
+    }
 }
 
 fn e(s: &str) -> Entity {
@@ -853,6 +857,51 @@ async fn watermarks_that_waited_behind_a_stalled_handler_do_not_make_the_feed_fr
          at v1 while v2 waited at the hub"
     );
     rec.until("price:1 v2", |s| s.saw("price:1", 2)).await;
+    handle.shutdown().await.unwrap();
+    hub.stop().await;
+}
+
+#[tokio::test]
+async fn fills_made_before_a_node_without_cursor_first_connects_are_dropped() {
+    // The node starts while its hub is down; its cache is filled meanwhile.
+    let listener = freshness_tests::bind().await;
+    let addr = listener.local_addr().unwrap();
+    drop(listener);
+    let cache: Cache = VersionedCache::builder().build();
+    let rec = Recorder::new(cache.clone());
+    let handle = Subscriber::builder(format!("http://{addr}"), "early")
+        .reconnect_backoff(Backoff::new(
+            Duration::from_millis(600),
+            Duration::from_millis(600),
+        ))
+        .build(rec.clone())
+        .unwrap()
+        .spawn();
+    cache.bind_feed(handle.feed());
+    let mut feed = handle.feed();
+    tokio::time::timeout(WAIT, feed.wait_for(FeedState::is_down))
+        .await
+        .unwrap()
+        .unwrap();
+    cache
+        .insert("user:1".into(), "v1".into(), [Dep::at(e("user:1"), v(1))])
+        .await
+        .unwrap();
+    // The hub comes up and takes v2 before the node's next attempt, so the
+    // node, which has no cursor, starts at the head after it.
+    let hub = TestHub::start_on(addr, test_config()).await;
+    let publisher = Publisher::builder(hub.url()).build().unwrap();
+    publish(&publisher, "user:1", 2).await;
+    tokio::time::timeout(WAIT, feed.wait_for(FeedState::is_live))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(!rec.seen.borrow().saw("user:1", 2), "v2 predates the start");
+    assert_eq!(
+        cache.get(&"user:1".into()).await,
+        None,
+        "nothing covered the fill made before the node's start position existed"
+    );
     handle.shutdown().await.unwrap();
     hub.stop().await;
 }

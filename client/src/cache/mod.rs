@@ -77,7 +77,7 @@ use tokio::time::Instant;
 
 use self::flight::{Flight, Flights, Join};
 use self::index::DepIndex;
-use crate::event::{EventBatch, Invalidation, Reset, ResetScope};
+use crate::event::{EventBatch, Invalidation, Reset, ResetReason, ResetScope};
 use crate::feed::Feed;
 use crate::subscriber::{Handler, HandlerError};
 
@@ -965,6 +965,13 @@ where
 
     async fn on_reset(&self, reset: &Reset) -> Result<(), HandlerError> {
         self.reset(reset).await;
+        Ok(())
+    }
+
+    /// Drops every entry and refuses fills begun before now: without a
+    /// cursor, nothing cached so far is covered by the stream.
+    async fn on_start_at_head(&self) -> Result<(), HandlerError> {
+        self.reset(&Reset::all(ResetReason::CursorLost, 0)).await;
         Ok(())
     }
 }

@@ -82,6 +82,19 @@ pub trait Handler: Send + Sync + 'static {
     /// Drops every cached entry that depends on an entity in the reset's
     /// shards ([`Reset::covers`]).
     fn on_reset(&self, reset: &Reset) -> impl Future<Output = Result<(), HandlerError>> + Send;
+
+    /// Called when the node, which has no cursor, is about to start at the
+    /// hub's head (its first welcome, or after its cursor was lost), before
+    /// anything of the stream: events appended before that start are never
+    /// sent, so nothing the handler holds from before it is covered (a cache
+    /// filled while the hub was still unreachable, or warmed before the
+    /// subscriber started). The default does nothing;
+    /// [`VersionedCache`](crate::VersionedCache) drops every entry and
+    /// refuses fills begun before it, and a handler that wraps one forwards
+    /// this call to it.
+    fn on_start_at_head(&self) -> impl Future<Output = Result<(), HandlerError>> + Send {
+        async { Ok(()) }
+    }
 }
 
 impl<H: Handler> Handler for Arc<H> {
@@ -94,6 +107,10 @@ impl<H: Handler> Handler for Arc<H> {
 
     fn on_reset(&self, reset: &Reset) -> impl Future<Output = Result<(), HandlerError>> + Send {
         (**self).on_reset(reset)
+    }
+
+    fn on_start_at_head(&self) -> impl Future<Output = Result<(), HandlerError>> + Send {
+        (**self).on_start_at_head()
     }
 }
 

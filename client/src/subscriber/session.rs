@@ -361,6 +361,20 @@ impl<H: Handler> Session<'_, H> {
                 hub: w.shard_count,
             }));
         }
+        if self.position.applied().is_none() {
+            // No cursor: the stream starts at the hub's head and never sends
+            // what was appended before, so nothing the handler holds from
+            // before now is covered. Before adopting the start, so that a
+            // failure retries it on the next stream.
+            let handler = self.handler;
+            retry(self.config, || handler.on_start_at_head())
+                .await
+                .map_err(|e| {
+                    End::Broken(format!(
+                        "handler failed to drop what predates the start: {e}"
+                    ))
+                })?;
+        }
         let adopted = self
             .position
             .on_welcome(w)
