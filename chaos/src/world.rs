@@ -210,6 +210,15 @@ impl Handler for NodeHandler {
         w.node_event(self.node, NodeEvent::Reset(reset.clone()));
         Ok(())
     }
+
+    async fn on_start_at_head(&self) -> Result<(), HandlerError> {
+        self.cache.on_start_at_head().await?;
+        self.world.node_event(
+            self.node,
+            NodeEvent::Life("starts at the head: cache flushed".into()),
+        );
+        Ok(())
+    }
 }
 
 impl World {
