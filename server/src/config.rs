@@ -39,7 +39,10 @@ pub struct Config {
     pub max_events_per_publish: usize,
     /// Largest payload of one event.
     pub max_payload_bytes: usize,
-    /// Largest gRPC message the hub decodes.
+    /// Largest gRPC message the hub decodes. `Subscribe` streams get at
+    /// most `256 KiB + 22 B × shards` (`server::subscribe_message_limit`),
+    /// which fits any hello or ack, so that no open stream keeps a buffer of
+    /// this size.
     pub max_message_bytes: usize,
     /// Most connected subscribe streams (nodes and replicating hubs).
     pub max_nodes: usize,
