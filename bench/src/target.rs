@@ -14,6 +14,7 @@
 //! connection (one stream each), for node counts beyond the file-descriptor
 //! limit.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow, bail};
@@ -28,7 +29,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::{Channel, Endpoint};
 
-use crate::tracker::{Recorder, entity, key_of};
+use crate::tracker::{Recorder, Tracker, entity, key_of};
 
 /// Which system is under test.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
@@ -239,11 +240,7 @@ async fn hub_session(
     if !first && !welcome.resumed {
         rec.not_resumed += 1;
     }
-    let tracker = rec.tracker().clone();
-    tracker
-        .live
-        .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
-    let _live = LiveGuard(&tracker.live);
+    let _live = LiveGuard::enter(rec.tracker());
     let stop_now = || async {
         tokio::select! {
             () = ctl.stop.cancelled() => {}
@@ -330,11 +327,23 @@ async fn hub_session(
 }
 
 /// Decrements the live-node count when a stream ends.
-struct LiveGuard<'a>(&'a std::sync::atomic::AtomicUsize);
+struct LiveGuard(Arc<Tracker>);
 
-impl Drop for LiveGuard<'_> {
+impl LiveGuard {
+    /// Counts one more live node until the guard is dropped.
+    fn enter(tracker: &Arc<Tracker>) -> Self {
+        tracker
+            .live
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        Self(tracker.clone())
+    }
+}
+
+impl Drop for LiveGuard {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+        self.0
+            .live
+            .fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
     }
 }
 
@@ -370,11 +379,7 @@ async fn nats_node(
     let mut sub = client.subscribe(target.topic.clone()).await?;
     // The server has registered the subscription once a flush returns.
     client.flush().await?;
-    let tracker = rec.tracker().clone();
-    tracker
-        .live
-        .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
-    let _live = LiveGuard(&tracker.live);
+    let _live = LiveGuard::enter(rec.tracker());
     if stalled {
         ctl.stop.cancelled().await;
         return Ok(());
@@ -405,11 +410,7 @@ async fn redis_node(
         .await
         .context("redis connect timed out")??;
     pubsub.subscribe(&target.topic).await?;
-    let tracker = rec.tracker().clone();
-    tracker
-        .live
-        .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
-    let _live = LiveGuard(&tracker.live);
+    let _live = LiveGuard::enter(rec.tracker());
     if stalled {
         ctl.stop.cancelled().await;
         return Ok(());
