@@ -6,11 +6,9 @@ use std::time::Duration;
 
 use freshness::pb::subscribe_request::Kind as ReqKind;
 use freshness::validate::{self, PublishLimits};
-use freshness::wire::{self, Frame};
+use freshness::wire;
 use freshness::{pb, validate::AckLevel};
 use futures::StreamExt;
-use tokio_stream::wrappers::ReceiverStream;
-use tokio_util::task::TaskTracker;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::Instrument;
 use tracing::field::Empty;
@@ -27,13 +25,13 @@ pub const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 #[derive(Debug, Clone)]
 pub struct HubService {
     hub: Arc<Hub>,
-    tracker: TaskTracker,
 }
 
 impl HubService {
-    /// A service over `hub`; session tasks are spawned on `tracker`.
-    pub fn new(hub: Arc<Hub>, tracker: TaskTracker) -> Self {
-        Self { hub, tracker }
+    /// A service over `hub`. A subscribe stream is served by the HTTP/2
+    /// stream's own task ([`crate::session::Session`]).
+    pub fn new(hub: Arc<Hub>) -> Self {
+        Self { hub }
     }
 }
 
@@ -151,7 +149,7 @@ impl pb::raw::hub_server::Hub for HubService {
         }))
     }
 
-    type SubscribeStream = ReceiverStream<Result<Frame, Status>>;
+    type SubscribeStream = crate::session::Session;
 
     async fn subscribe(
         &self,
@@ -183,9 +181,8 @@ impl pb::raw::hub_server::Hub for HubService {
                 ));
             }
         };
-        let (session, rx) = crate::session::open(self.hub.clone(), hello, peer, inbound)?;
-        self.tracker.spawn(session.run());
-        Ok(Response::new(ReceiverStream::new(rx)))
+        let session = crate::session::open(self.hub.clone(), hello, peer, inbound)?;
+        Ok(Response::new(session))
     }
 
     async fn status(

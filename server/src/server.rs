@@ -87,7 +87,7 @@ pub async fn run(
         .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()?;
-    let service = HubService::new(hub.clone(), tracker.clone());
+    let service = HubService::new(hub.clone());
     let hub_service = SplitLimits {
         subscribe: HubServer::new(service.clone())
             .max_decoding_message_size(subscribe_message_limit(hub.shard_count()).min(max_message))

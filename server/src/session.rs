@@ -14,19 +14,20 @@
 
 use std::collections::VecDeque;
 use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
-use std::task::Poll;
-use std::time::Duration;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::task::{Context, Poll, Wake, Waker};
 
 use freshness::pb::subscribe_request::Kind as ReqKind;
 use freshness::pb::subscribe_response::Kind as RespKind;
 use freshness::wire::{self, BatchBuilder, Frame};
 use freshness::{Cursor, pb, validate};
-use futures::StreamExt;
-use tokio::sync::mpsc;
-use tokio::time::{Instant, MissedTickBehavior};
-use tokio_util::sync::PollSender;
+use futures::task::AtomicWaker;
+use futures::{Stream, StreamExt};
+use tokio::time::{Instant, Interval, MissedTickBehavior};
+use tokio_stream::wrappers::WatchStream;
+use tokio_util::sync::WaitForCancellationFutureOwned;
 use tonic::Status;
 
 use crate::error::{HubError, map_decode_status};
@@ -37,13 +38,11 @@ use crate::telemetry::{Adopt, num};
 /// Largest event frame a session builds; well under the 4 MiB a default
 /// gRPC client accepts.
 pub const MAX_FRAME_BYTES: usize = 1 << 20;
-/// Frames queued between a session and its HTTP/2 stream.
-pub const OUTBOUND_FRAMES: usize = 4;
-/// How long a final message (goodbye, error) may wait for room.
-const FINAL_SEND: Duration = Duration::from_millis(200);
-
-/// What goes to tonic as the response stream.
-pub type Outbound = mpsc::Receiver<Result<Frame, Status>>;
+/// Frames made outside a fill (welcome, resets, progress, goodbye) that
+/// wait for the stream to ask for its next message. Progress and parked
+/// resets are only made when this is empty, so it never holds more than
+/// three.
+const PENDING_FRAMES: usize = 3;
 
 /// Something sent and not yet acked.
 #[derive(Debug)]
@@ -69,12 +68,28 @@ enum Fill {
     Blocked,
 }
 
-/// A stream after its hello was accepted.
+/// A stream after its hello was accepted: the response stream itself.
+///
+/// The session is what tonic encodes and hyper writes: the HTTP/2 stream's
+/// own task polls it when the stream has room, so there is no session task
+/// and no queue between a session and its stream (one task hop and one
+/// channel less per frame and node). Every poll handles what is ready first
+/// (cancellation, the acks already received, appends, the progress tick),
+/// then hands out at most one frame. A stream without room is not polled:
+/// it sends nothing, and its watermark stops, so its node sees its
+/// staleness grow. When hyper drops the stream (the node went away) the
+/// session unregisters in `Drop`.
 pub struct Session {
     hub: Arc<Hub>,
     shared: Arc<SessionShared>,
     inbound: tonic::Streaming<wire::Request>,
-    tx: mpsc::Sender<Result<Frame, Status>>,
+    appended: WatchStream<u64>,
+    tick: Interval,
+    cancelled: Pin<Box<WaitForCancellationFutureOwned>>,
+    wakers: SourceWakers,
+    /// Frames to send before the next fill ([`PENDING_FRAMES`]).
+    pending: VecDeque<Frame>,
+    state: State,
     /// Per shard: every entry up to here was sent or skipped by the filter.
     sent: Vec<u64>,
     acked: Vec<u64>,
@@ -92,15 +107,92 @@ pub struct Session {
     tally: crate::metrics::SessionTally,
 }
 
+/// Where a session's stream is.
+enum State {
+    Open,
+    /// Ending: the pending frames go out, then the status (an error), or
+    /// the stream ends with OK.
+    Closing(Option<Status>),
+    Done,
+}
+
+/// One bit per source a session polls.
+const CANCEL: u8 = 1;
+const INBOUND: u8 = 2;
+const APPENDED: u8 = 4;
+const TICK: u8 = 8;
+
+/// Per-source wakers of a session: each records that its source fired,
+/// then wakes the stream's task, so that a wake-up polls only the sources
+/// that have something (a frame's wake-up does not poll the inbound
+/// stream, an ack's does not look at the watch or the timer).
+struct SourceWakers {
+    flags: Arc<Flags>,
+    wakers: [Waker; 4],
+}
+
+/// What fired since the session last looked, and the task to wake.
+struct Flags {
+    fired: AtomicU8,
+    task: AtomicWaker,
+}
+
+struct SourceWaker {
+    flags: Arc<Flags>,
+    bit: u8,
+}
+
+impl Wake for SourceWaker {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.flags.fired.fetch_or(self.bit, Ordering::AcqRel);
+        self.flags.task.wake();
+    }
+}
+
+impl SourceWakers {
+    fn new() -> Self {
+        let flags = Arc::new(Flags {
+            // Every source is polled once at the start.
+            fired: AtomicU8::new(CANCEL | INBOUND | APPENDED | TICK),
+            task: AtomicWaker::new(),
+        });
+        let waker = |bit| {
+            Waker::from(Arc::new(SourceWaker {
+                flags: flags.clone(),
+                bit,
+            }))
+        };
+        let wakers = [waker(CANCEL), waker(INBOUND), waker(APPENDED), waker(TICK)];
+        Self { flags, wakers }
+    }
+
+    /// Registers the task to wake and takes the sources that fired. The
+    /// task is registered first, so a source that fires after the take
+    /// wakes it again.
+    fn fired(&self, cx: &Context<'_>) -> u8 {
+        self.flags.task.register(cx.waker());
+        self.flags.fired.swap(0, Ordering::AcqRel)
+    }
+
+    /// The waker to poll one source with.
+    fn waker(&self, bit: u8) -> &Waker {
+        &self.wakers[bit.trailing_zeros() as usize]
+    }
+}
+
 /// Accepts a hello: validates it, works out where the stream resumes (SPEC
 /// §3.2.3), registers the node and queues the welcome (and reset, if any).
-/// Returns the session to run and the stream to hand to tonic.
+/// Returns the session, which is the stream to hand to tonic.
 pub fn open(
     hub: Arc<Hub>,
     hello: pb::Hello,
     peer: String,
     inbound: tonic::Streaming<wire::Request>,
-) -> Result<(Session, Outbound), HubError> {
+) -> Result<Session, HubError> {
     let filter = validate::hello_filter(&hello)?;
     let shards = hub.shard_count();
     if hello.shard_count != 0 && hello.shard_count != shards {
@@ -167,7 +259,6 @@ pub fn open(
         "node subscribed"
     );
 
-    let (tx, rx) = mpsc::channel(OUTBOUND_FRAMES);
     let welcome = pb::SubscribeResponse {
         kind: Some(RespKind::Welcome(pb::Welcome {
             hub_id: hub.config.hub_id.clone(),
@@ -185,15 +276,22 @@ pub fn open(
             }),
         })),
     };
-    // The channel is new and holds OUTBOUND_FRAMES (> 2): these cannot fail.
-    let _ = tx.try_send(Ok(Frame::from_message(&welcome)));
+    let mut pending = VecDeque::with_capacity(PENDING_FRAMES);
+    pending.push_back(Frame::from_message(&welcome));
+    let mut tick = tokio::time::interval(hub.config.progress_interval);
+    tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let mut session = Session {
         frame_limit: MAX_FRAME_BYTES.min(hub.config.max_message_bytes / 2),
         acked: sent.clone(),
+        appended: WatchStream::from_changes(hub.appended.subscribe()),
+        cancelled: Box::pin(shared.cancel.clone().cancelled_owned()),
+        wakers: SourceWakers::new(),
+        tick,
+        pending,
+        state: State::Open,
         hub,
         shared,
         inbound,
-        tx,
         sent,
         unacked: VecDeque::new(),
         in_flight: 0,
@@ -207,107 +305,128 @@ pub fn open(
     };
     if let Some((shards, all, reason)) = reset {
         let frame = session.reset_frame(shards, all, reason);
-        let _ = session.tx.try_send(Ok(frame));
+        session.pending.push_back(frame);
     }
-    Ok((session, rx))
+    Ok(session)
+}
+
+impl Stream for Session {
+    type Item = Result<Frame, Status>;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = self.get_mut();
+        if let State::Open = this.state {
+            if let Err(end) = this.poll_sources(cx) {
+                this.close(end);
+            } else {
+                if let Some(frame) = this.pending.pop_front() {
+                    return Poll::Ready(Some(Ok(frame)));
+                }
+                if !this.caught_up
+                    && !this.blocked
+                    && let Fill::Frame(frame) = this.fill()
+                {
+                    return Poll::Ready(Some(Ok(frame)));
+                }
+                return Poll::Pending;
+            }
+        }
+        if let Some(frame) = this.pending.pop_front() {
+            return Poll::Ready(Some(Ok(frame)));
+        }
+        match std::mem::replace(&mut this.state, State::Done) {
+            State::Closing(Some(status)) => Poll::Ready(Some(Err(status))),
+            _ => Poll::Ready(None),
+        }
+    }
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        self.tally.flush();
+        if let State::Open = self.state {
+            tracing::info!(node_id = %self.shared.node_id, "stream ended: the node went away");
+        }
+        self.hub.unregister(&self.shared);
+    }
 }
 
 impl Session {
-    /// Serves the stream until the node leaves, misbehaves, is replaced or
-    /// the hub shuts down.
-    pub async fn run(mut self) {
-        let mut appended =
-            tokio_stream::wrappers::WatchStream::from_changes(self.hub.appended.subscribe());
-        let mut tick = tokio::time::interval(self.hub.config.progress_interval);
-        tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
-        let mut sender = PollSender::new(self.tx.clone());
-        let tx = self.tx.clone();
-        let cancelled = self.shared.cancel.clone().cancelled_owned();
-        let closed = tx.closed();
-        tokio::pin!(cancelled, closed);
-        // One pass per wake-up handles everything that is ready: cancellation,
-        // every ack already received, appends, the progress tick, frames
-        // while the stream has room. Each source is polled until it is
-        // pending, which is what registers this task for its next wake-up. A `select!` in a loop handled one branch
-        // per pass and polled all the others again each time (four passes
-        // per frame and its ack, each polling the inbound stream, which
-        // locks the HTTP/2 connection's stream store). The futures waiting
-        // on a `Notify` live across passes instead of registering anew.
-        let end: Result<(), Status> = std::future::poll_fn(|cx| {
-            if cancelled.as_mut().poll(cx).is_ready() {
-                return Poll::Ready(Ok(()));
-            }
+    /// Handles every source that woke the stream since it last looked:
+    /// cancellation, every ack already received, appends, the progress
+    /// tick. Each is polled until it is pending, which registers its
+    /// [`SourceWakers`] waker for the next wake-up; a source that did not
+    /// fire is not polled at all (the inbound stream alone goes through
+    /// eight layers of HTTP bodies and locks the connection's stream store).
+    /// `Err` ends the stream: `Ok(())` with OK, else the status.
+    fn poll_sources(&mut self, cx: &mut Context<'_>) -> Result<(), Result<(), Status>> {
+        let fired = self.wakers.fired(cx);
+        if fired & CANCEL != 0
+            && self
+                .cancelled
+                .as_mut()
+                .poll(&mut Context::from_waker(self.wakers.waker(CANCEL)))
+                .is_ready()
+        {
+            return Err(Ok(()));
+        }
+        if fired & INBOUND != 0 {
+            let waker = self.wakers.waker(INBOUND).clone();
+            let mut cx = Context::from_waker(&waker);
             loop {
-                match self.inbound.poll_next_unpin(cx) {
-                    Poll::Ready(Some(Ok(wire::Request(req)))) => self.on_request(req)?,
-                    Poll::Ready(Some(Err(s))) => return Poll::Ready(Err(map_decode_status(s))),
-                    Poll::Ready(None) => return Poll::Ready(Ok(())),
+                match self.inbound.poll_next_unpin(&mut cx) {
+                    Poll::Ready(Some(Ok(wire::Request(req)))) => {
+                        self.on_request(req).map_err(Err)?;
+                    }
+                    Poll::Ready(Some(Err(s))) => return Err(Err(map_decode_status(s))),
+                    Poll::Ready(None) => return Err(Ok(())),
                     Poll::Pending => break,
                 }
             }
-            while let Poll::Ready(changed) = appended.poll_next_unpin(cx) {
+        }
+        if fired & APPENDED != 0 {
+            let waker = self.wakers.waker(APPENDED).clone();
+            let mut cx = Context::from_waker(&waker);
+            while let Poll::Ready(changed) = self.appended.poll_next_unpin(&mut cx) {
                 if changed.is_none() {
-                    return Poll::Ready(Ok(()));
+                    return Err(Ok(()));
                 }
                 self.caught_up = false;
                 if self.blocked {
                     self.reset_gaps_now();
                 }
             }
-            // Until it is pending, so that the next tick wakes this task.
-            while tick.poll_tick(cx).is_ready() {
+        }
+        if fired & TICK != 0 {
+            let waker = self.wakers.waker(TICK).clone();
+            let mut cx = Context::from_waker(&waker);
+            while self.tick.poll_tick(&mut cx).is_ready() {
                 self.on_tick();
             }
-            while !self.caught_up && !self.blocked {
-                match sender.poll_reserve(cx) {
-                    Poll::Ready(Ok(())) => match self.fill() {
-                        Fill::Frame(frame) => {
-                            // Reserved just above: cannot fail.
-                            let _ = sender.send_item(Ok(frame));
-                        }
-                        Fill::Idle(_) | Fill::Blocked => {
-                            sender.abort_send();
-                            break;
-                        }
-                    },
-                    Poll::Ready(Err(_)) => return Poll::Ready(Ok(())),
-                    Poll::Pending => break,
-                }
-            }
-            if closed.as_mut().poll(cx).is_ready() {
-                return Poll::Ready(Ok(()));
-            }
-            Poll::Pending
-        })
-        .await;
-        drop(sender);
-        self.finish(end).await;
+        }
+        Ok(())
     }
 
-    async fn finish(mut self, end: Result<(), Status>) {
+    /// Starts ending the stream: a goodbye first when the hub ended it.
+    fn close(&mut self, end: Result<(), Status>) {
         self.tally.flush();
-        let goodbye = if self.shared.cancel.is_cancelled() {
+        if self.shared.cancel.is_cancelled() {
             let replaced = *self.shared.end_reason.lock() == Some(EndReason::Replaced);
-            Some(if replaced {
+            let (reason, message) = if replaced {
                 (
                     pb::GoodbyeReason::Replaced,
                     "a newer stream with the same node_id took over",
                 )
             } else {
                 (pb::GoodbyeReason::Shutdown, "hub is shutting down")
-            })
-        } else {
-            None
-        };
-        if let Some((reason, message)) = goodbye {
-            let msg = pb::SubscribeResponse {
-                kind: Some(RespKind::Goodbye(pb::Goodbye {
-                    reason: reason as i32,
-                    message: message.into(),
-                })),
             };
-            let _ =
-                tokio::time::timeout(FINAL_SEND, self.tx.send(Ok(Frame::from_message(&msg)))).await;
+            self.pending
+                .push_back(Frame::from_message(&pb::SubscribeResponse {
+                    kind: Some(RespKind::Goodbye(pb::Goodbye {
+                        reason: reason as i32,
+                        message: message.into(),
+                    })),
+                }));
         }
         match &end {
             Ok(()) => tracing::info!(node_id = %self.shared.node_id, "stream ended"),
@@ -315,10 +434,7 @@ impl Session {
                 tracing::warn!(node_id = %self.shared.node_id, code = ?s.code(), error = %s.message(), "stream closed")
             }
         }
-        if let Err(status) = end {
-            let _ = tokio::time::timeout(FINAL_SEND, self.tx.send(Err(status))).await;
-        }
-        self.hub.unregister(&self.shared);
+        self.state = State::Closing(end.err());
     }
 
     fn on_request(&mut self, req: pb::SubscribeRequest) -> Result<(), Status> {
@@ -512,30 +628,25 @@ impl Session {
     }
 
     /// While parked, resets are still sent as soon as the log leaves the
-    /// node behind, if the stream has room.
+    /// node behind (the stream is being polled, so it has room).
     fn reset_gaps_now(&mut self) {
-        let gaps = self.gaps();
-        if gaps.is_empty() {
+        if !self.pending.is_empty() {
             return;
         }
-        if let Ok(permit) = self.tx.clone().try_reserve_owned() {
+        let gaps = self.gaps();
+        if !gaps.is_empty() {
             let frame = self.reset_frame(gaps, false, pb::ResetReason::SlowConsumer);
-            permit.send(Ok(frame));
+            self.pending.push_back(frame);
         }
     }
 
     fn on_tick(&mut self) {
         self.tally.flush();
-        if self.blocked {
+        if self.blocked || !self.pending.is_empty() {
             return;
         }
-        let Ok(permit) = self.tx.clone().try_reserve_owned() else {
-            return;
-        };
         match self.fill() {
-            Fill::Frame(frame) => {
-                permit.send(Ok(frame));
-            }
+            Fill::Frame(frame) => self.pending.push_back(frame),
             Fill::Idle(watermark_us) => {
                 if self.last_watermark.elapsed() * 2 < self.hub.config.progress_interval {
                     return;
@@ -561,7 +672,7 @@ impl Session {
                         watermark_us,
                     })),
                 });
-                permit.send(Ok(progress));
+                self.pending.push_back(progress);
             }
             Fill::Blocked => {}
         }
