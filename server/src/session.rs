@@ -42,7 +42,7 @@ pub const MAX_FRAME_BYTES: usize = 1 << 20;
 /// wait for the stream to ask for its next message. Progress and parked
 /// resets are only made when this is empty, so it never holds more than
 /// three.
-const PENDING_FRAMES: usize = 3;
+pub const PENDING_FRAMES: usize = 3;
 
 /// Something sent and not yet acked.
 #[derive(Debug)]
