@@ -92,7 +92,7 @@ pub struct Published {
     pub note: String,
 }
 
-/// One hub: shared by the gRPC adapter and every session task.
+/// One hub: shared by the gRPC adapter and every session.
 pub struct Hub {
     /// The configuration it runs with.
     pub config: Config,
