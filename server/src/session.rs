@@ -79,6 +79,14 @@ enum Fill {
 /// it sends nothing, and its watermark stops, so its node sees its
 /// staleness grow. When hyper drops the stream (the node went away) the
 /// session unregisters in `Drop`.
+///
+/// The same holds for its end: a replaced stream, or every stream at
+/// shutdown, sends its goodbye when HTTP/2 next asks for a message. A node
+/// that has stopped reading with a full receive window never asks, so its
+/// session (a cursor and a few vectors per shard) lives on with its
+/// connection; it has left the registry already (a replacement took its
+/// place, and `Hub::unregister` only removes the entry it registered), and
+/// at shutdown the hub's grace period bounds the wait.
 pub struct Session {
     hub: Arc<Hub>,
     shared: Arc<SessionShared>,
