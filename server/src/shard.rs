@@ -229,7 +229,7 @@ impl Actor {
                 .collect();
             replies.push((cmd.reply, outcomes));
         }
-        metrics::histogram!(crate::metrics::SHARD_DRAIN).record(replies.len() as f64);
+        crate::metrics::record_drain(replies.len());
         if let Some(span) = &span {
             span.record("appended", num(appended.len()));
             if !appended.is_empty() {
