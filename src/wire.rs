@@ -232,28 +232,148 @@ where
     }
 }
 
+/// The fields of an `Event`, borrowed: what the hub encodes at append time
+/// without building (and cloning) a `pb::Event` of its own.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct EventFields<'a> {
+    /// `Event.entity`.
+    pub entity: &'a str,
+    /// `Event.version`.
+    pub version: u64,
+    /// `Event.origin`.
+    pub origin: &'a str,
+    /// `Event.publish_time_us`.
+    pub publish_time_us: u64,
+    /// `Event.payload`.
+    pub payload: &'a [u8],
+    /// `Event.traceparent`.
+    pub traceparent: &'a str,
+    /// `Event.tracestate`.
+    pub tracestate: &'a str,
+}
+
+impl<'a> From<&'a pb::Event> for EventFields<'a> {
+    fn from(e: &'a pb::Event) -> Self {
+        Self {
+            entity: &e.entity,
+            version: e.version,
+            origin: &e.origin,
+            publish_time_us: e.publish_time_us,
+            payload: &e.payload,
+            traceparent: &e.traceparent,
+            tracestate: &e.tracestate,
+        }
+    }
+}
+
+/// `Event` and `DeliveredEvent` field numbers, in the order prost writes
+/// them; pinned by the tests below against the generated code.
+const EVENT_ENTITY: u32 = 1;
+const EVENT_VERSION: u32 = 2;
+const EVENT_ORIGIN: u32 = 3;
+const EVENT_PUBLISH_TIME: u32 = 4;
+const EVENT_PAYLOAD: u32 = 5;
+const EVENT_TRACEPARENT: u32 = 6;
+const EVENT_TRACESTATE: u32 = 7;
+const DELIVERED_SHARD: u32 = 1;
+const DELIVERED_SEQ: u32 = 2;
+const DELIVERED_EVENT: u32 = 3;
+
+/// Encoded size of a proto3 scalar varint field (absent when zero); every
+/// field number here is below 16, so its key is one byte.
+fn varint_field_len(v: u64) -> usize {
+    if v == 0 { 0 } else { 1 + encoded_len_varint(v) }
+}
+
+/// Encoded size of a proto3 string or bytes field (absent when empty).
+fn bytes_field_len(b: &[u8]) -> usize {
+    if b.is_empty() {
+        0
+    } else {
+        1 + encoded_len_varint(b.len() as u64) + b.len()
+    }
+}
+
+fn put_varint_field(tag: u32, v: u64, buf: &mut impl BufMut) {
+    if v != 0 {
+        encode_key(tag, WireType::Varint, buf);
+        encode_varint(v, buf);
+    }
+}
+
+fn put_bytes_field(tag: u32, b: &[u8], buf: &mut impl BufMut) {
+    if !b.is_empty() {
+        encode_key(tag, WireType::LengthDelimited, buf);
+        encode_varint(b.len() as u64, buf);
+        buf.put_slice(b);
+    }
+}
+
+impl EventFields<'_> {
+    fn encoded_len(&self) -> usize {
+        bytes_field_len(self.entity.as_bytes())
+            + varint_field_len(self.version)
+            + bytes_field_len(self.origin.as_bytes())
+            + varint_field_len(self.publish_time_us)
+            + bytes_field_len(self.payload)
+            + bytes_field_len(self.traceparent.as_bytes())
+            + bytes_field_len(self.tracestate.as_bytes())
+    }
+
+    fn encode_raw(&self, buf: &mut impl BufMut) {
+        put_bytes_field(EVENT_ENTITY, self.entity.as_bytes(), buf);
+        put_varint_field(EVENT_VERSION, self.version, buf);
+        put_bytes_field(EVENT_ORIGIN, self.origin.as_bytes(), buf);
+        put_varint_field(EVENT_PUBLISH_TIME, self.publish_time_us, buf);
+        put_bytes_field(EVENT_PAYLOAD, self.payload, buf);
+        put_bytes_field(EVENT_TRACEPARENT, self.traceparent.as_bytes(), buf);
+        put_bytes_field(EVENT_TRACESTATE, self.tracestate.as_bytes(), buf);
+    }
+}
+
 /// Encodes one delivered event as an element of `EventBatch.events`: key,
-/// length and message. Done once per event, at append time.
-pub fn encode_event_entry(shard: u32, seq: u64, event: &pb::Event) -> Bytes {
-    let delivered = pb::DeliveredEvent {
-        shard,
-        seq,
-        event: Some(event.clone()),
-    };
-    let len = delivered.encoded_len();
+/// length and message, byte for byte what prost writes for a
+/// `DeliveredEvent`. Done once per event, at append time, straight from the
+/// borrowed fields: one allocation, the result.
+pub fn encode_event_entry<'a>(shard: u32, seq: u64, event: impl Into<EventFields<'a>>) -> Bytes {
+    let event = event.into();
+    let event_len = event.encoded_len();
+    let len = varint_field_len(u64::from(shard))
+        + varint_field_len(seq)
+        + 1
+        + encoded_len_varint(event_len as u64)
+        + event_len;
     let mut buf = BytesMut::with_capacity(1 + encoded_len_varint(len as u64) + len);
     encode_key(BATCH_EVENTS, WireType::LengthDelimited, &mut buf);
     encode_varint(len as u64, &mut buf);
-    delivered.encode_raw(&mut buf);
+    put_varint_field(DELIVERED_SHARD, u64::from(shard), &mut buf);
+    put_varint_field(DELIVERED_SEQ, seq, &mut buf);
+    encode_key(DELIVERED_EVENT, WireType::LengthDelimited, &mut buf);
+    encode_varint(event_len as u64, &mut buf);
+    event.encode_raw(&mut buf);
+    debug_assert_eq!(buf.len(), buf.capacity());
     buf.freeze()
 }
 
+/// Room kept in front of a batch for its header: the `SubscribeResponse`
+/// key and a length varint of up to five bytes (frames stay far below
+/// 4 GiB: the message limit is 4 MiB by default).
+const HEADER_ROOM: usize = 6;
+
 /// Builds one `SubscribeResponse { events: EventBatch }` frame out of
-/// pre-encoded entries.
+/// pre-encoded entries, copied into the frame's own buffer as they come
+/// (one copy per entry, no reference count per entry); the header is
+/// written into the room left in front when the frame is finished.
 #[derive(Debug, Default)]
 pub struct BatchBuilder {
-    entries: Vec<Bytes>,
-    inner_len: usize,
+    buf: BytesMut,
+    len: usize,
+    /// The last frame's size: the next frame starts with a quarter more
+    /// room than that, so a stream whose frames are large does not grow each
+    /// one from scratch (see [`SHRINK_ABOVE`] for the other way).
+    hint: usize,
+    /// The last frame's bytes per entry, for [`Self::reserve_for`].
+    hint_entry: usize,
 }
 
 impl BatchBuilder {
@@ -262,47 +382,81 @@ impl BatchBuilder {
         Self::default()
     }
 
-    /// Adds one entry made by [`encode_event_entry`] (a reference-count bump).
-    pub fn push(&mut self, entry: &Bytes) {
-        self.inner_len += entry.len();
-        self.entries.push(entry.clone());
+    /// Makes room for about `events` entries, sized by the entries of the
+    /// frames before (at most `max_bytes`), so that a large frame is not
+    /// grown by copying it several times. Optional: [`Self::push`] grows the
+    /// buffer when it has to.
+    pub fn reserve_for(&mut self, events: usize, max_bytes: usize) {
+        let per_entry = self.hint_entry.max(16);
+        let want = (events.saturating_mul(per_entry) + HEADER_ROOM + MAX_WATERMARK_FIELD)
+            .min(max_bytes + HEADER_ROOM + MAX_WATERMARK_FIELD);
+        if self.buf.is_empty() && want > self.buf.capacity() {
+            self.buf.reserve(want);
+        }
+    }
+
+    /// Adds one entry made by [`encode_event_entry`].
+    pub fn push(&mut self, entry: &[u8]) {
+        if self.buf.is_empty() {
+            self.buf.reserve(
+                (self.hint + self.hint / 4).max(HEADER_ROOM + entry.len() + MAX_WATERMARK_FIELD),
+            );
+            self.buf.put_bytes(0, HEADER_ROOM);
+        }
+        self.buf.put_slice(entry);
+        self.len += 1;
     }
 
     /// Events added so far.
     pub fn len(&self) -> usize {
-        self.entries.len()
+        self.len
     }
 
     /// True when nothing was added.
     pub fn is_empty(&self) -> bool {
-        self.entries.is_empty()
+        self.len == 0
     }
 
     /// Bytes the frame will have, without the watermark.
     pub fn encoded_len(&self) -> usize {
-        self.inner_len
+        self.buf.len().saturating_sub(HEADER_ROOM)
     }
 
     /// Writes the frame and empties the builder for reuse.
     pub fn finish(&mut self, watermark_us: u64) -> Frame {
-        let mut inner = self.inner_len;
-        if watermark_us != 0 {
-            inner += 1 + encoded_len_varint(watermark_us);
+        if self.buf.is_empty() {
+            self.buf.reserve(HEADER_ROOM + MAX_WATERMARK_FIELD);
+            self.buf.put_bytes(0, HEADER_ROOM);
         }
-        let mut buf = BytesMut::with_capacity(1 + encoded_len_varint(inner as u64) + inner);
-        encode_key(RESPONSE_EVENTS, WireType::LengthDelimited, &mut buf);
-        encode_varint(inner as u64, &mut buf);
-        for e in self.entries.drain(..) {
-            buf.put_slice(&e);
+        put_varint_field(BATCH_WATERMARK, watermark_us, &mut self.buf);
+        let inner = self.buf.len() - HEADER_ROOM;
+        let start = HEADER_ROOM - 1 - encoded_len_varint(inner as u64);
+        let mut header = &mut self.buf[start..HEADER_ROOM];
+        encode_key(RESPONSE_EVENTS, WireType::LengthDelimited, &mut header);
+        encode_varint(inner as u64, &mut header);
+        self.hint = self.buf.len();
+        if let Some(per_entry) = inner.checked_div(self.len) {
+            self.hint_entry = per_entry;
         }
-        if watermark_us != 0 {
-            encode_key(BATCH_WATERMARK, WireType::Varint, &mut buf);
-            encode_varint(watermark_us, &mut buf);
+        self.len = 0;
+        let buf = std::mem::take(&mut self.buf);
+        if buf.capacity() > SHRINK_ABOVE && buf.capacity() > 4 * buf.len() {
+            // A small frame after large ones: do not let it pin their room.
+            return Frame(Bytes::copy_from_slice(&buf[start..]));
         }
-        self.inner_len = 0;
-        Frame(buf.freeze())
+        let mut frame = buf.freeze();
+        bytes::Buf::advance(&mut frame, start);
+        Frame(frame)
     }
 }
+
+/// The watermark field at its largest: a key and a ten-byte varint.
+const MAX_WATERMARK_FIELD: usize = 11;
+
+/// A frame holds its whole buffer until HTTP/2 has written it, so a frame
+/// that fills less than a quarter of a buffer larger than this (a small one
+/// right after large ones) is copied into one of its own size.
+const SHRINK_ABOVE: usize = 16 * 1024;
 
 #[cfg(test)]
 mod tests {
@@ -354,6 +508,79 @@ mod tests {
                 pb::EventBatch::default()
             ))
         );
+    }
+
+    #[test]
+    fn reused_builder_writes_headers_of_every_length() {
+        // Inner lengths with one-, two- and three-byte varints, a large frame
+        // followed by small ones (the size hint), and empty frames between.
+        let mut b = BatchBuilder::new();
+        for (count, payload) in [
+            (1, 0),
+            (3, 200),
+            (2, 20_000),
+            (1, 0),
+            (0, 0),
+            (400, 100),
+            (1, 1),
+        ] {
+            let events: Vec<pb::DeliveredEvent> = (0..count)
+                .map(|i| pb::DeliveredEvent {
+                    shard: i % 3,
+                    seq: u64::from(i),
+                    event: Some(pb::Event {
+                        payload: Bytes::from(vec![7u8; payload]),
+                        ..event("user:1", u64::from(i) + 1)
+                    }),
+                })
+                .collect();
+            for d in &events {
+                b.push(&encode_event_entry(
+                    d.shard,
+                    d.seq,
+                    d.event.as_ref().unwrap(),
+                ));
+            }
+            assert_eq!(b.len(), count as usize);
+            let frame = b.finish(u64::from(count) * 1_000_000);
+            let want = pb::SubscribeResponse {
+                kind: Some(pb::subscribe_response::Kind::Events(pb::EventBatch {
+                    events,
+                    watermark_us: u64::from(count) * 1_000_000,
+                })),
+            };
+            assert_eq!(
+                frame.0,
+                want.encode_to_vec(),
+                "{count} events of {payload} bytes"
+            );
+            assert!(b.is_empty());
+            assert_eq!(b.encoded_len(), 0);
+        }
+    }
+
+    /// Every field set, so that every hand-written key is compared with
+    /// prost's (which writes the fields in tag order).
+    #[test]
+    fn hand_written_field_numbers_match_the_generated_code() {
+        let d = pb::DeliveredEvent {
+            shard: 1,
+            seq: 1,
+            event: Some(pb::Event {
+                entity: "a".into(),
+                version: 1,
+                origin: "b".into(),
+                publish_time_us: 1,
+                payload: Bytes::from_static(b"c"),
+                traceparent: "d".into(),
+                tracestate: "e".into(),
+            }),
+        };
+        let mut want = Vec::new();
+        d.encode_length_delimited(&mut want).unwrap();
+        let got = encode_event_entry(1, 1, d.event.as_ref().unwrap());
+        assert_eq!(got[0], (BATCH_EVENTS << 3 | 2) as u8);
+        assert_eq!(&got[1..], &want[..]);
     }
 
     #[test]

@@ -32,8 +32,8 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 
 use bytes::Bytes;
-use freshness::wire::encode_event_entry;
-use freshness::{Entity, Version, pb};
+use freshness::wire::{EventFields, encode_event_entry};
+use freshness::{Entity, Version};
 use opentelemetry::trace::{SpanContext, TraceContextExt};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::task::TaskTracker;
@@ -309,21 +309,25 @@ impl Actor {
         let seq = self.head;
         let local = e.origin.is_none();
         let publish_time_us = e.publish_time_us.unwrap_or(now);
-        let wire = pb::Event {
-            entity: e.entity.as_str().to_owned(),
-            version: e.version.get(),
-            origin: e.origin.as_deref().unwrap_or(&self.ctx.region).to_owned(),
-            publish_time_us,
-            payload: e.payload,
-            traceparent: e.traceparent,
-            tracestate: e.tracestate,
-        };
+        let bytes = encode_event_entry(
+            self.id,
+            seq,
+            EventFields {
+                entity: e.entity.as_str(),
+                version: e.version.get(),
+                origin: e.origin.as_deref().unwrap_or(&self.ctx.region),
+                publish_time_us,
+                payload: &e.payload,
+                traceparent: &e.traceparent,
+                tracestate: &e.tracestate,
+            },
+        );
         appended.push(LogEntry {
             entity: e.entity.clone(),
             local,
             publish_time_us,
             gap: false,
-            bytes: encode_event_entry(self.id, seq, &wire),
+            bytes,
         });
         self.versions.insert(
             e.entity,
