@@ -372,27 +372,12 @@ pub struct BatchBuilder {
     /// room than that, so a stream whose frames are large does not grow each
     /// one from scratch (see [`SHRINK_ABOVE`] for the other way).
     hint: usize,
-    /// The last frame's bytes per entry, for [`Self::reserve_for`].
-    hint_entry: usize,
 }
 
 impl BatchBuilder {
     /// An empty builder.
     pub fn new() -> Self {
         Self::default()
-    }
-
-    /// Makes room for about `events` entries, sized by the entries of the
-    /// frames before (at most `max_bytes`), so that a large frame is not
-    /// grown by copying it several times. Optional: [`Self::push`] grows the
-    /// buffer when it has to.
-    pub fn reserve_for(&mut self, events: usize, max_bytes: usize) {
-        let per_entry = self.hint_entry.max(16);
-        let want = (events.saturating_mul(per_entry) + HEADER_ROOM + MAX_WATERMARK_FIELD)
-            .min(max_bytes + HEADER_ROOM + MAX_WATERMARK_FIELD);
-        if self.buf.is_empty() && want > self.buf.capacity() {
-            self.buf.reserve(want);
-        }
     }
 
     /// Adds one entry made by [`encode_event_entry`].
@@ -435,9 +420,6 @@ impl BatchBuilder {
         encode_key(RESPONSE_EVENTS, WireType::LengthDelimited, &mut header);
         encode_varint(inner as u64, &mut header);
         self.hint = self.buf.len();
-        if let Some(per_entry) = inner.checked_div(self.len) {
-            self.hint_entry = per_entry;
-        }
         self.len = 0;
         let buf = std::mem::take(&mut self.buf);
         if buf.capacity() > SHRINK_ABOVE && buf.capacity() > 4 * buf.len() {

@@ -713,19 +713,6 @@ impl Session {
         // scan for events finds them too.
         let mut gaps: Vec<u32> = Vec::new();
         let mut complete = true;
-        let unsent: u64 = self
-            .hub
-            .logs
-            .iter()
-            .zip(&self.sent)
-            .map(|(log, sent)| log.head().saturating_sub(*sent))
-            .sum();
-        self.builder.reserve_for(
-            usize::try_from(unsent)
-                .unwrap_or(usize::MAX)
-                .min(budget as usize),
-            self.frame_limit,
-        );
         let from = self.scan_from;
         for s in (from..n).chain(0..from) {
             let shared_log = &self.hub.logs[s];
