@@ -343,7 +343,8 @@ pub fn encode_event_entry<'a>(shard: u32, seq: u64, event: impl Into<EventFields
         + 1
         + encoded_len_varint(event_len as u64)
         + event_len;
-    let mut buf = BytesMut::with_capacity(1 + encoded_len_varint(len as u64) + len);
+    let total = 1 + encoded_len_varint(len as u64) + len;
+    let mut buf = BytesMut::with_capacity(total);
     encode_key(BATCH_EVENTS, WireType::LengthDelimited, &mut buf);
     encode_varint(len as u64, &mut buf);
     put_varint_field(DELIVERED_SHARD, u64::from(shard), &mut buf);
@@ -351,7 +352,7 @@ pub fn encode_event_entry<'a>(shard: u32, seq: u64, event: impl Into<EventFields
     encode_key(DELIVERED_EVENT, WireType::LengthDelimited, &mut buf);
     encode_varint(event_len as u64, &mut buf);
     event.encode_raw(&mut buf);
-    debug_assert_eq!(buf.len(), buf.capacity());
+    debug_assert_eq!(buf.len(), total);
     buf.freeze()
 }
 

@@ -118,13 +118,17 @@ async fn serve(proto: Proto, addr: SocketAddr, rate: u64) -> Result<()> {
             }
         });
     }
-    // The driver's control connection starts publishing.
+    // The driver's control connection: its first byte starts publishing,
+    // and the server exits when it closes, so that a driver that died does
+    // not leave a server behind.
     let (mut control, _) = listener.accept().await?;
     tokio::spawn(async move {
         let mut b = [0u8; 1];
         if control.read_exact(&mut b).await.is_ok() {
             start.notify_one();
+            while matches!(control.read(&mut b).await, Ok(n) if n > 0) {}
         }
+        std::process::exit(0);
     });
     loop {
         let (tcp, _) = listener.accept().await?;
