@@ -15,7 +15,7 @@
 # have work, and the kernel's RT throttling (95 % of each second) still
 # leaves the other processes room. PRIO=none runs them at normal priority.
 #
-#   scripts/bench.sh                 # everything (about 20 minutes)
+#   scripts/bench.sh                 # everything (10 to 20 minutes)
 #   ONLY="b1 b2" scripts/bench.sh    # a subset
 #   REPEAT=3 scripts/bench.sh        # more interleaved repetitions of B1
 #   B5_PAIRS=5 scripts/bench.sh      # more B5 pairs (default 3; judged by their median)
