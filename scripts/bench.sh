@@ -130,7 +130,9 @@ for n, rate in confs:
         ack = med(rs, "ack_p99_us")
         print(f"| {n} | {rate} | {t} | {med(rs, 'completion_p50_us'):.0f} | {p99:.0f} | {med(rs, 'completion_p999_us'):.0f} | "
               f"{'' if ack is None else f'{ack:.0f}'} | {sum(r['lost'] for r in rs)} | {'' if cpu is None else f'{cpu:.0f}'} | "
-              f"{med(rs, 'loadgen_cpu_cores') or 0:.2f} | {ratio} |")
+              f"{med(rs, 'loadgen_cpu_cores') or 0:.2f}{' ‡' if any(r.get('generator_bound', (r.get('loadgen_cpu_cores') or 0) >= 0.9) for r in rs) else ''} | {ratio} |")
+print()
+print("‡ the generator used at least 90 % of its core in a run (`generator_bound`): the row measures it as much as the server.")
 print()
 print("## B2: highest deliveries/s with zero loss and completion p99 within the objective")
 print()
@@ -159,7 +161,7 @@ for r in rows:
             "convergence_after_end_ms", "entities_not_converged", "publish_retries", "baseline_completion_p99_us",
             "pair", "p99_ratio", "isolation_met", "p99_ratios", "median_p99_ratio", "median_isolation_met", "stalled_status", "storm_live_ms", "storm_caught_up_ms",
             "storm_not_resumed", "hub_bytes_per_idle_node", "server_cpu_cores", "idle_server_cpu_cores",
-            "loadgen_cpu_cores", "publish_retries", "not_applied")}
+            "loadgen_cpu_cores", "generator_bound", "publish_retries", "not_applied")}
         print("- " + ", ".join(f"{k}={r.get(k)}" for k in keys) + (", " + json.dumps(extra) if extra else ""))
 EOF
 cat "$OUT/summary.md"

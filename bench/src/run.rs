@@ -91,6 +91,10 @@ pub struct Storm {
     pub up: Duration,
 }
 
+/// Share of its cores above which the load generator, not the server, is
+/// taken to bound a run.
+pub const GENERATOR_BOUND: f64 = 0.9;
+
 /// What to run.
 #[derive(Debug, Clone)]
 pub struct Spec {
@@ -187,6 +191,9 @@ pub struct RunResult {
     /// Load generator CPU use, in cores (2 would mean it was the limit on
     /// this machine; 1 when pinned to one core).
     pub loadgen_cpu_cores: Option<f64>,
+    /// The generator used at least [`GENERATOR_BOUND`] of the cores it may
+    /// run on: the run measured the generator as much as the server.
+    pub generator_bound: bool,
     /// How server and generator were placed.
     pub placement: String,
     /// Workload-specific figures.
@@ -395,7 +402,11 @@ async fn run_on(env: &Env, spec: &Spec, server: &Server) -> Result<RunResult> {
         }
     }
     if let (Some(a), Some(b)) = (self0, self1) {
-        r.loadgen_cpu_cores = Some(b.saturating_sub(a) as f64 / 1e9 / wall);
+        let cores = b.saturating_sub(a) as f64 / 1e9 / wall;
+        r.loadgen_cpu_cores = Some(cores);
+        // Cores this process may run on (its affinity, e.g. one under taskset).
+        let allowed = std::thread::available_parallelism().map_or(1, usize::from);
+        r.generator_bound = cores >= GENERATOR_BOUND * allowed as f64;
     }
     r.hub_peak_rss_bytes = if server.fresh {
         hwm
