@@ -21,6 +21,7 @@ mod server;
 pub mod session;
 pub mod shard;
 pub mod telemetry;
+mod transport;
 
 pub use config::{Args, Config, ConfigError, LogFormat};
 pub use server::{RunError, run};

@@ -1,14 +1,10 @@
 //! Runs a hub on a listener until shutdown: the tonic server, its layers,
 //! health and reflection, and the orderly stop.
 
-use std::time::Duration;
-
 use freshness::pb;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tonic::transport::Server;
-use tonic::transport::server::TcpIncoming;
 
 use freshness::pb::raw::hub_server::HubServer;
 
@@ -22,9 +18,6 @@ pub enum RunError {
     /// The configuration is invalid.
     #[error(transparent)]
     Config(#[from] crate::config::ConfigError),
-    /// The gRPC server failed.
-    #[error("grpc server: {0}")]
-    Transport(#[from] tonic::transport::Error),
     /// Reflection could not load the protocol descriptors.
     #[error("reflection: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
@@ -88,39 +81,41 @@ pub async fn run(
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()?;
     let service = HubService::new(hub.clone());
-    let hub_service = SplitLimits {
-        subscribe: HubServer::new(service.clone())
-            .max_decoding_message_size(subscribe_message_limit(hub.shard_count()).min(max_message))
-            .max_encoding_message_size(max_message),
-        other: HubServer::new(service)
-            .max_decoding_message_size(max_message)
-            .max_encoding_message_size(max_message),
-    };
+    let subscribe_limit = subscribe_message_limit(hub.shard_count()).min(max_message);
+    let hub_service = HubServer::new(service.clone())
+        .max_decoding_message_size(max_message)
+        .max_encoding_message_size(max_message);
 
-    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
     // Layers, outermost first: SPEC §4 status mapping. Limits live in the
-    // core as bounded queues, where a full one is an answer.
-    let server = Server::builder()
-        .http2_keepalive_interval(Some(Duration::from_secs(20)))
-        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+    // core as bounded queues, where a full one is an answer. `Subscribe`
+    // is served by the transport itself (see `transport.rs`).
+    let routes = tonic::service::Routes::new(health_service)
+        .add_service(reflection)
+        .add_service(hub_service)
+        .prepare();
+    let routes = tower::ServiceBuilder::new()
         .layer(tower::util::MapResponseLayer::new(
             decode_errors_to_spec_codes,
         ))
-        .add_service(health_service)
-        .add_service(reflection)
-        .add_service(hub_service)
-        .serve_with_incoming_shutdown(incoming, {
-            let shutdown = shutdown.clone();
-            let health = health.clone();
-            async move {
-                shutdown.cancelled().await;
-                health
-                    .set_not_serving::<pb::raw::hub_server::HubServer<HubService>>()
-                    .await;
-                tracing::info!("shutting down: refusing new calls, ending streams");
-            }
-        });
-
+        .service(routes);
+    let services = std::sync::Arc::new(crate::transport::Services {
+        hub: service,
+        subscribe_limit,
+        routes,
+        map_status: decode_errors_to_spec_codes::<()>,
+    });
+    let drain = CancellationToken::new();
+    let accepting = crate::transport::accept(listener, services, shutdown.clone(), drain.clone());
+    let server = async move {
+        let connections = accepting.await;
+        health
+            .set_not_serving::<pb::raw::hub_server::HubServer<HubService>>()
+            .await;
+        tracing::info!("shutting down: refusing new calls, ending streams");
+        drain.cancel();
+        connections.close();
+        connections.wait().await;
+    };
     let server = tokio::spawn(server);
     shutdown.cancelled().await;
     drop(hub);
@@ -131,7 +126,7 @@ pub async fn run(
         served
     };
     match tokio::time::timeout(grace, drained).await {
-        Ok(Ok(result)) => result?,
+        Ok(Ok(())) => {}
         Ok(Err(join)) => tracing::error!(error = %join, "grpc server task failed"),
         Err(_) => tracing::warn!(
             ?grace,
@@ -153,51 +148,4 @@ pub async fn run(
 /// 4 MiB hello took a hub from 16 to 86 MiB.
 pub fn subscribe_message_limit(shards: u32) -> usize {
     256 * 1024 + 2 * 11 * shards as usize
-}
-
-/// The hub service with its own decode limit for `Subscribe` streams
-/// ([`subscribe_message_limit`]) and the configured one for everything
-/// else; tonic sets one limit per service, so two copies of the service
-/// share one name and this routes between them by method.
-#[derive(Clone)]
-struct SplitLimits {
-    subscribe: HubServer<HubService>,
-    other: HubServer<HubService>,
-}
-
-impl tonic::server::NamedService for SplitLimits {
-    const NAME: &'static str = <HubServer<HubService> as tonic::server::NamedService>::NAME;
-}
-
-impl<B> tower::Service<http::Request<B>> for SplitLimits
-where
-    HubServer<HubService>: tower::Service<http::Request<B>>,
-{
-    type Response = <HubServer<HubService> as tower::Service<http::Request<B>>>::Response;
-    type Error = <HubServer<HubService> as tower::Service<http::Request<B>>>::Error;
-    type Future = <HubServer<HubService> as tower::Service<http::Request<B>>>::Future;
-
-    fn poll_ready(
-        &mut self,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Result<(), Self::Error>> {
-        // The generated service is always ready; ask both anyway.
-        match self.subscribe.poll_ready(cx) {
-            std::task::Poll::Ready(Ok(())) => self.other.poll_ready(cx),
-            other => other,
-        }
-    }
-
-    fn call(&mut self, req: http::Request<B>) -> Self::Future {
-        let method = req
-            .uri()
-            .path()
-            .strip_prefix('/')
-            .and_then(|p| p.strip_prefix(<Self as tonic::server::NamedService>::NAME));
-        if method == Some("/Subscribe") {
-            self.subscribe.call(req)
-        } else {
-            self.other.call(req)
-        }
-    }
 }
