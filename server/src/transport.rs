@@ -5,15 +5,18 @@
 //! with HTTP/2 flow control, as hyper would. `Subscribe` streams, which
 //! carry all of the fan-out, skip hyper and tonic's response path: the
 //! session's frames go straight to h2 behind their five-byte gRPC prefix,
-//! and the status goes out in the trailers. Measured against the same
-//! fan-out on bare h2 (`transport-floor`, BENCHMARKS.md), the layers
-//! between h2 and the session were a third of the hub's CPU per frame.
+//! and the status goes out in the trailers. The same fan-out on bare h2
+//! (`transport-floor`) cost two-thirds of the hub's CPU per frame; going
+//! around hyper and tonic took 5.5 % of the hub's instructions per delivery
+//! at light load and 13–15 % of its CPU where frames are large
+//! (BENCHMARKS.md).
 //!
 //! Bounds: at most [`MAX_STREAMS`] streams per connection; h2 buffers at
-//! most a stream's receive window (1 MiB) of unread request data and at
-//! most [`MAX_SEND_BUFFER`] of unsent response data per stream, and a
-//! session is asked for its next frame only once the stream has send
-//! capacity again (a node that stopped reading is not polled).
+//! most a stream's receive window (1 MiB) of unread request data; a
+//! response (or a session) is asked for its next frame only once the stream
+//! has send capacity, and h2 grants capacity only while less than
+//! [`MAX_SEND_BUFFER`] is queued, so a stream queues at most that plus one
+//! frame (a node that stopped reading is not polled).
 
 use std::convert::Infallible;
 use std::pin::Pin;
@@ -48,7 +51,9 @@ const WINDOW: u32 = 1024 * 1024;
 /// Request headers larger than this are refused (hyper's default).
 const MAX_HEADER_LIST: u32 = 16 * 1024;
 /// HTTP/2 keep-alive: a ping this often, and the connection is closed
-/// when its answer takes longer than [`KEEPALIVE_TIMEOUT`].
+/// when its answer takes longer than [`KEEPALIVE_TIMEOUT`]. Busy
+/// connections are pinged too (hyper pinged only idle ones): 10,000
+/// connections cost 500 pings a second.
 const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(20);
 const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
 /// A connection that has not sent its preface by then is dropped.
