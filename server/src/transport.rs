@@ -8,7 +8,7 @@
 //! and the status goes out in the trailers. The same fan-out on bare h2
 //! (`transport-floor`) cost two-thirds of the hub's CPU per frame; going
 //! around hyper and tonic took 5.5 % of the hub's instructions per delivery
-//! at light load and 13–15 % of its CPU where frames are large
+//! at light load and 9–16 % of its CPU where frames are large
 //! (BENCHMARKS.md).
 //!
 //! Bounds: at most [`MAX_STREAMS`] streams per connection; h2 buffers at
