@@ -64,6 +64,34 @@ const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
 
 const SUBSCRIBE_PATH: &str = "/freshness.v1.Hub/Subscribe";
 
+/// What every call but `Subscribe` is handed to: tonic's routes with their
+/// layers, shared by every connection.
+pub trait Routes:
+    tower::Service<
+        http::Request<tonic::body::Body>,
+        Response = http::Response<tonic::body::Body>,
+        Error = Infallible,
+        Future: Send + 'static,
+    > + Clone
+    + Send
+    + Sync
+    + 'static
+{
+}
+
+impl<S> Routes for S where
+    S: tower::Service<
+            http::Request<tonic::body::Body>,
+            Response = http::Response<tonic::body::Body>,
+            Error = Infallible,
+            Future: Send + 'static,
+        > + Clone
+        + Send
+        + Sync
+        + 'static
+{
+}
+
 /// The services behind the listener.
 pub struct Services<S> {
     /// The hub, whose `Subscribe` is served here.
@@ -88,15 +116,7 @@ pub async fn accept<S>(
     drain: CancellationToken,
 ) -> TaskTracker
 where
-    S: tower::Service<
-            http::Request<tonic::body::Body>,
-            Response = http::Response<tonic::body::Body>,
-            Error = Infallible,
-        > + Clone
-        + Send
-        + Sync
-        + 'static,
-    S::Future: Send + 'static,
+    S: Routes,
 {
     let connections = TaskTracker::new();
     loop {
@@ -129,15 +149,7 @@ async fn connection<S>(
     services: Arc<Services<S>>,
     drain: CancellationToken,
 ) where
-    S: tower::Service<
-            http::Request<tonic::body::Body>,
-            Response = http::Response<tonic::body::Body>,
-            Error = Infallible,
-        > + Clone
-        + Send
-        + Sync
-        + 'static,
-    S::Future: Send + 'static,
+    S: Routes,
 {
     let handshake = h2::server::Builder::new()
         .initial_window_size(WINDOW)
@@ -261,13 +273,7 @@ async fn call<S>(
     info: TcpConnectInfo,
     routes: S,
 ) where
-    S: tower::Service<
-            http::Request<tonic::body::Body>,
-            Response = http::Response<tonic::body::Body>,
-            Error = Infallible,
-        > + Send
-        + 'static,
-    S::Future: Send + 'static,
+    S: Routes,
 {
     let (mut parts, body) = req.into_parts();
     parts.extensions.insert(info);
