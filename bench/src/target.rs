@@ -257,6 +257,7 @@ async fn hub_session(
     // `ack_interval`, else at that age, covering everything received since.
     let mut last_ack: Option<Instant> = None;
     let mut ack_at: Option<Instant> = None;
+    let mut received = Vec::new();
     let end = loop {
         let msg = tokio::select! {
             biased;
@@ -277,14 +278,16 @@ async fn hub_session(
         };
         match kind {
             Some(RespKind::Events(b)) => {
+                received.clear();
                 for d in b.events {
                     if let Some(s) = cur.seqs.get_mut(d.shard as usize) {
                         *s = (*s).max(d.seq);
                     }
                     if let Some(e) = d.event {
-                        rec.on_event(key_of(&e.entity), e.version);
+                        received.push((key_of(&e.entity), e.version));
                     }
                 }
+                rec.on_events(&received);
             }
             Some(RespKind::Progress(p)) => {
                 if let Some(c) = &p.cursor {
@@ -360,7 +363,7 @@ pub fn encode_event(key: u32, version: u64) -> Bytes {
 
 fn on_payload(rec: &mut Recorder, payload: &[u8]) {
     match pb::Event::decode(payload) {
-        Ok(e) => rec.on_event(key_of(&e.entity), e.version),
+        Ok(e) => rec.on_events(&[(key_of(&e.entity), e.version)]),
         Err(_) => rec.foreign += 1,
     }
 }

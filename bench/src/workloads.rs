@@ -111,6 +111,12 @@ pub fn passes(r: &RunResult, objective_us: u64) -> bool {
         && r.completion_p99_us <= objective_us
 }
 
+/// A failed step that lost nothing, was refused nothing and published its
+/// rate: only its latency missed.
+fn only_latency_missed(r: &RunResult, objective_us: u64) -> bool {
+    !passes(r, objective_us) && passes(r, u64::MAX)
+}
+
 /// Searches the highest rate meeting the objective; returns its run.
 async fn search(
     env: &Env,
@@ -128,17 +134,30 @@ async fn search(
         let mut spec = base("b2", kind, n, rate, o.step, o);
         spec.warmup = o.warmup.min(o.step / 4);
         spec.drain = Duration::from_secs(3);
-        let r = run(env, &spec).await?;
-        let ok = passes(&r, objective);
+        let mut r = run(env, &spec).await?;
+        let mut ok = passes(&r, objective);
+        let mut tries = 1;
+        // A step that lost nothing and kept up but missed the objective is
+        // run once more: one scheduling stall of the VM (5-10 ms, a few
+        // times a minute in a noisy hour) puts a 2 s step's p99 over the
+        // objective whatever the server; a saturated server fails twice.
+        if !ok && only_latency_missed(&r, objective) {
+            let again = run(env, &spec).await?;
+            tries = 2;
+            ok = passes(&again, objective);
+            if ok {
+                r = again;
+            }
+        }
         sink.note(&format!(
-            "  b2 {} n={n} rate={rate}: p99={}us lost={} refused={} -> {}",
+            "  b2 {} n={n} rate={rate}: p99={}us lost={} refused={} tries={tries} -> {}",
             kind.name(),
             r.completion_p99_us,
             r.lost,
             r.refused,
             if ok { "pass" } else { "fail" }
         ));
-        steps.push(serde_json::json!({"rate": rate, "pass": ok, "completion_p99_us": r.completion_p99_us, "lost": r.lost}));
+        steps.push(serde_json::json!({"rate": rate, "pass": ok, "tries": tries, "completion_p99_us": r.completion_p99_us, "lost": r.lost}));
         s.record(rate, ok);
         if ok && best.as_ref().is_none_or(|b| b.rate < rate) {
             best = Some(r);
@@ -339,8 +358,43 @@ pub async fn b7(env: &Env, o: &Opts, sink: &mut dyn Sink) -> Result<()> {
                 );
             }
             r.put("nodes_per_conn", env.nodes_per_conn);
+            // The trickle shares the generator's one core with every node
+            // it holds; at 10,000 nodes that core is full, and the publisher
+            // can be starved for the whole run. Memory is still measured,
+            // but then no event showed the nodes live.
+            let live_checked = r.published > 0;
+            if !live_checked {
+                eprintln!(
+                    "b7: no event was published (the generator was starved by its {n} nodes): \
+                     the memory figure stands, the nodes' liveness was not checked"
+                );
+            }
+            r.put("liveness_checked", live_checked);
             sink.emit(&r);
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_step_that_kept_up_and_lost_nothing_is_tried_again() {
+        let step = |p99, lost, published| RunResult {
+            rate: 1000,
+            duration_s: 2.0,
+            published,
+            lost,
+            completion_p99_us: p99,
+            ..Default::default()
+        };
+        assert!(passes(&step(4_000, 0, 2_000), 5_000));
+        assert!(!only_latency_missed(&step(4_000, 0, 2_000), 5_000));
+        assert!(only_latency_missed(&step(9_000, 0, 2_000), 5_000));
+        // A loss, or a publisher that fell behind, is a real failure.
+        assert!(!only_latency_missed(&step(9_000, 1, 2_000), 5_000));
+        assert!(!only_latency_missed(&step(9_000, 0, 1_000), 5_000));
+    }
 }
