@@ -24,7 +24,16 @@ install() {
     command -v redis-server >/dev/null || missing+=(redis-server)
     [ ${#missing[@]} -eq 0 ] && return
     apt-get update -qq
-    apt-cache policy "${missing[@]}" | grep -q Candidate
+    # The policy is read whole before it is searched: `apt-cache ... | grep
+    # -q` under pipefail fails when grep stops reading early.
+    local p policy
+    for p in "${missing[@]}"; do
+        policy=$(apt-cache policy "$p")
+        if ! grep -q 'Candidate: [^(]' <<<"$policy"; then
+            echo "bench-peers: Debian has no installable package $p" >&2
+            exit 1
+        fi
+    done
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
 }
 
