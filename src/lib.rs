@@ -9,10 +9,12 @@
 //! - [`validate`]: wire → domain conversions that reject bad input with an
 //!   error naming the event index and field;
 //! - [`wire`]: encode-once helpers the hub uses to share event bytes between
-//!   streams.
+//!   streams;
+//! - [`ack`]: when a node acks (the delayed-ack rule, acks on request).
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod ack;
 mod cursor;
 mod entity;
 mod shard;
@@ -22,6 +24,7 @@ pub mod wire;
 #[cfg(test)]
 mod props;
 
+pub use ack::AckPacer;
 pub use cursor::{Cursor, CursorError};
 pub use entity::{Entity, EntityError, Version, validate_namespace};
 pub use shard::{HASH_NAME, ShardId, fnv1a64, shard};

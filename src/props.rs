@@ -406,12 +406,13 @@ proptest! {
     fn encoded_once_batches_decode_as_the_events_they_carry(
         events in proptest::collection::vec((any::<u32>(), any::<u64>(), any_event()), 0..8),
         watermark_us in prop_oneof![Just(0u64), any::<u64>()],
+        ack_requested in any::<bool>(),
     ) {
         let mut b = BatchBuilder::new();
         for (shard, seq, e) in &events {
             b.push(&encode_event_entry(*shard, *seq, e));
         }
-        let frame = b.finish(watermark_us);
+        let frame = b.finish(watermark_us, ack_requested);
         let want = pb::SubscribeResponse {
             kind: Some(pb::subscribe_response::Kind::Events(pb::EventBatch {
                 events: events
@@ -419,6 +420,7 @@ proptest! {
                     .map(|(shard, seq, e)| pb::DeliveredEvent { shard, seq, event: Some(e) })
                     .collect(),
                 watermark_us,
+                ack_requested,
             })),
         };
         prop_assert_eq!(&frame.0[..], &want.encode_to_vec()[..]);

@@ -18,6 +18,7 @@ use crate::pb;
 const RESPONSE_EVENTS: u32 = 2;
 const BATCH_EVENTS: u32 = 1;
 const BATCH_WATERMARK: u32 = 2;
+const BATCH_ACK_REQUESTED: u32 = 3;
 
 /// An already encoded `SubscribeResponse`.
 #[derive(Clone, Default, Debug, PartialEq)]
@@ -385,7 +386,7 @@ impl BatchBuilder {
     pub fn push(&mut self, entry: &[u8]) {
         if self.buf.is_empty() {
             self.buf.reserve(
-                (self.hint + self.hint / 4).max(HEADER_ROOM + entry.len() + MAX_WATERMARK_FIELD),
+                (self.hint + self.hint / 4).max(HEADER_ROOM + entry.len() + MAX_TRAILER_FIELDS),
             );
             self.buf.put_bytes(0, HEADER_ROOM);
         }
@@ -403,18 +404,20 @@ impl BatchBuilder {
         self.len == 0
     }
 
-    /// Bytes the frame will have, without the watermark.
+    /// Bytes the frame will have, without the watermark and ack request.
     pub fn encoded_len(&self) -> usize {
         self.buf.len().saturating_sub(HEADER_ROOM)
     }
 
-    /// Writes the frame and empties the builder for reuse.
-    pub fn finish(&mut self, watermark_us: u64) -> Frame {
+    /// Writes the frame and empties the builder for reuse. `ack_requested`
+    /// asks the node to ack this batch at once (`EventBatch.ack_requested`).
+    pub fn finish(&mut self, watermark_us: u64, ack_requested: bool) -> Frame {
         if self.buf.is_empty() {
-            self.buf.reserve(HEADER_ROOM + MAX_WATERMARK_FIELD);
+            self.buf.reserve(HEADER_ROOM + MAX_TRAILER_FIELDS);
             self.buf.put_bytes(0, HEADER_ROOM);
         }
         put_varint_field(BATCH_WATERMARK, watermark_us, &mut self.buf);
+        put_varint_field(BATCH_ACK_REQUESTED, u64::from(ack_requested), &mut self.buf);
         let inner = self.buf.len() - HEADER_ROOM;
         let start = HEADER_ROOM - 1 - encoded_len_varint(inner as u64);
         let mut header = &mut self.buf[start..HEADER_ROOM];
@@ -433,8 +436,9 @@ impl BatchBuilder {
     }
 }
 
-/// The watermark field at its largest: a key and a ten-byte varint.
-const MAX_WATERMARK_FIELD: usize = 11;
+/// The fields after the events at their largest: the watermark (a key and a
+/// ten-byte varint) and `ack_requested` (a key and a byte).
+const MAX_TRAILER_FIELDS: usize = 11 + 2;
 
 /// A frame holds its whole buffer until HTTP/2 has written it, so a frame
 /// that fills less than a quarter of a buffer larger than this (a small one
@@ -461,7 +465,7 @@ mod tests {
         let mut b = BatchBuilder::new();
         b.push(&encode_event_entry(3, 10, &event("user:1", 5)));
         b.push(&encode_event_entry(4, 11, &event("post:2", 6)));
-        let frame = b.finish(999);
+        let frame = b.finish(999, true);
         let decoded = pb::SubscribeResponse::decode(frame.0.clone()).unwrap();
         let want = pb::SubscribeResponse {
             kind: Some(pb::subscribe_response::Kind::Events(pb::EventBatch {
@@ -478,13 +482,14 @@ mod tests {
                     },
                 ],
                 watermark_us: 999,
+                ack_requested: true,
             })),
         };
         assert_eq!(decoded, want);
         // Byte-identical to what prost would have encoded.
         assert_eq!(frame.0, want.encode_to_vec());
         assert!(b.is_empty());
-        let empty = b.finish(0);
+        let empty = b.finish(0, false);
         assert_eq!(
             pb::SubscribeResponse::decode(empty.0).unwrap().kind,
             Some(pb::subscribe_response::Kind::Events(
@@ -525,11 +530,12 @@ mod tests {
                 ));
             }
             assert_eq!(b.len(), count as usize);
-            let frame = b.finish(u64::from(count) * 1_000_000);
+            let frame = b.finish(u64::from(count) * 1_000_000, count % 2 == 1);
             let want = pb::SubscribeResponse {
                 kind: Some(pb::subscribe_response::Kind::Events(pb::EventBatch {
                     events,
                     watermark_us: u64::from(count) * 1_000_000,
+                    ack_requested: count % 2 == 1,
                 })),
             };
             assert_eq!(

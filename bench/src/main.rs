@@ -100,6 +100,11 @@ struct Cli {
     /// message). The client library's default.
     #[arg(long, default_value = "2ms", value_parser = humantime::parse_duration)]
     ack_interval: Duration,
+    /// Longest wait before a hub node acks a batch the hub did not ask to
+    /// have acked at once (acks on request; 0: every batch promptly, as
+    /// before them). The client library's default.
+    #[arg(long, default_value = "50ms", value_parser = humantime::parse_duration)]
+    lazy_ack_interval: Duration,
     /// Hub nodes sharing one HTTP/2 connection (1: each its own).
     #[arg(long, default_value_t = 1)]
     nodes_per_conn: usize,
@@ -225,6 +230,7 @@ async fn main_async(cli: Cli) -> anyhow::Result<()> {
         redis_pid: cli.redis_pid,
         nodes_per_conn: cli.nodes_per_conn.max(1),
         ack_interval: cli.ack_interval,
+        lazy_ack_interval: cli.lazy_ack_interval,
         placement: cli.placement.clone(),
     };
     let opts = Opts {

@@ -52,6 +52,9 @@ pub struct Env {
     pub nodes_per_conn: usize,
     /// Least time between two acks of a hub node.
     pub ack_interval: Duration,
+    /// Longest wait before a hub node acks a batch the hub did not ask to
+    /// have acked at once.
+    pub lazy_ack_interval: Duration,
     /// Written into every result: how server and generator were placed.
     pub placement: String,
 }
@@ -240,7 +243,7 @@ async fn run_on(env: &Env, spec: &Spec, server: &Server) -> Result<RunResult> {
     let rss_before = server.pid.and_then(procfs::rss).map(|r| r.0);
 
     // Nodes, in waves so the listen backlog never overflows.
-    let ctl = NodeCtl::new(env.ack_interval);
+    let ctl = NodeCtl::new(env.ack_interval, env.lazy_ack_interval);
     let total = spec.nodes + spec.stalled;
     let mut shared: Option<HubConn> = None;
     let mut handles = Vec::with_capacity(total);
@@ -372,6 +375,10 @@ async fn run_on(env: &Env, spec: &Spec, server: &Server) -> Result<RunResult> {
     };
     if spec.kind == Kind::Hub {
         r.put("ack_interval_us", env.ack_interval.as_micros() as u64);
+        r.put(
+            "lazy_ack_interval_us",
+            env.lazy_ack_interval.as_micros() as u64,
+        );
     }
     for rec in recs.iter().take(spec.nodes) {
         add(&mut completion, &rec.completion);

@@ -19,6 +19,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow, bail};
 use bytes::Bytes;
+use freshness::AckPacer;
 use freshness::pb::subscribe_request::Kind as ReqKind;
 use freshness::pb::subscribe_response::Kind as RespKind;
 use freshness::pb::{self, hub_client::HubClient};
@@ -79,19 +80,23 @@ pub struct NodeCtl {
     /// ... and open it again, from the cursor, when this fires.
     pub up: CancellationToken,
     /// Least time between two acks of a hub node (the client library's
-    /// delayed-ack rule): an ack goes out at once if the last one is older,
-    /// else when this much time has passed since it.
+    /// delayed-ack rule, `freshness::ack`): an ack goes out at once if the
+    /// last one is older, else when this much time has passed since it.
     pub ack_interval: Duration,
+    /// Longest wait before acking a batch the hub did not ask to have acked
+    /// at once (acks on request, `freshness::ack`).
+    pub lazy_ack_interval: Duration,
 }
 
 impl NodeCtl {
     /// Controls with no storm planned.
-    pub fn new(ack_interval: Duration) -> Self {
+    pub fn new(ack_interval: Duration, lazy_ack_interval: Duration) -> Self {
         Self {
             stop: CancellationToken::new(),
             down: CancellationToken::new(),
             up: CancellationToken::new(),
             ack_interval,
+            lazy_ack_interval,
         }
     }
 }
@@ -253,30 +258,33 @@ async fn hub_session(
         stop_now().await;
         return Ok(());
     }
-    // The delayed-ack rule: at once when the last ack is older than
-    // `ack_interval`, else at that age, covering everything received since.
-    let mut last_ack: Option<Instant> = None;
-    let mut ack_at: Option<Instant> = None;
+    // The client library's rule (`freshness::ack`): delayed acks, and acks
+    // on request when the hub's welcome says so.
+    let mut pacer = AckPacer::new(
+        ctl.ack_interval,
+        ctl.lazy_ack_interval,
+        welcome.acks_on_request,
+    );
     let mut received = Vec::new();
     let end = loop {
         let msg = tokio::select! {
             biased;
             () = stop_now() => break Ok(()),
-            () = sleep_until_opt(ack_at) => {
-                ack_at = None;
-                last_ack = Some(Instant::now());
+            () = sleep_until_opt(pacer.due()) => {
+                pacer.sent(Instant::now());
                 ack_tx.send_replace(Some(cur.clone()));
                 rec.on_acked();
                 continue;
             }
             m = stream.message() => m,
         };
-        let kind = match msg {
-            Ok(Some(m)) => m.kind,
+        let msg = match msg {
+            Ok(Some(m)) => m,
             Ok(None) => break Err(anyhow!("stream ended")),
             Err(s) => break Err(anyhow!("stream failed: {s}")),
         };
-        match kind {
+        let may_wait = pacer.may_wait(&msg);
+        match msg.kind {
             Some(RespKind::Events(b)) => {
                 received.clear();
                 for d in b.events {
@@ -313,16 +321,9 @@ async fn hub_session(
             Some(RespKind::Goodbye(g)) => break Err(anyhow!("goodbye: {}", g.message)),
             Some(RespKind::Welcome(_)) | None => continue,
         }
-        let now = Instant::now();
-        match last_ack.map(|t| t + ctl.ack_interval) {
-            Some(due) if due > now => {
-                ack_at.get_or_insert(due);
-            }
-            _ => {
-                last_ack = Some(now);
-                ack_tx.send_replace(Some(cur.clone()));
-                rec.on_acked();
-            }
+        if pacer.owe(Instant::now(), may_wait) {
+            ack_tx.send_replace(Some(cur.clone()));
+            rec.on_acked();
         }
     };
     *cursor = Some(cur);

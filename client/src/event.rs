@@ -279,6 +279,7 @@ mod tests {
                 },
             ],
             watermark_us: 0,
+            ack_requested: false,
         };
         let (b, bad) = batch_from_wire(batch);
         assert_eq!(b.events.len(), 1);

@@ -221,6 +221,25 @@ impl Hub {
 
     /// Orders and appends a validated publish, then waits for the ack level.
     pub async fn publish(&self, req: ValidPublish) -> Result<Published, HubError> {
+        let (applied, note) = match req.ack {
+            AckLevel::Global if self.config.peers.is_empty() => (
+                AckLevel::Region,
+                "this hub has no peer regions: GLOBAL was applied as REGION".to_owned(),
+            ),
+            other => (other, String::new()),
+        };
+        let awaited = applied != AckLevel::Accepted;
+        // A call that would wait is refused before anything is applied.
+        let _permit = if awaited {
+            Some(self.ack_waiters.try_acquire().map_err(|_| {
+                HubError::ResourceExhausted(format!(
+                    "more than {} publishes are waiting for acks; use ack level ACCEPTED or retry",
+                    self.config.max_ack_waiters
+                ))
+            })?)
+        } else {
+            None
+        };
         let namespaces: Vec<Arc<str>> = req
             .events
             .iter()
@@ -237,6 +256,7 @@ impl Hub {
                 tracestate: e.tracestate,
                 origin: None,
                 publish_time_us: None,
+                awaited,
             })
             .collect();
         let results = self
@@ -255,14 +275,7 @@ impl Hub {
             }
         }
 
-        let (applied, note) = match req.ack {
-            AckLevel::Global if self.config.peers.is_empty() => (
-                AckLevel::Region,
-                "this hub has no peer regions: GLOBAL was applied as REGION".to_owned(),
-            ),
-            other => (other, String::new()),
-        };
-        if applied == AckLevel::Accepted {
+        if !awaited {
             return Ok(Published {
                 results,
                 complete: true,
@@ -272,12 +285,6 @@ impl Hub {
                 note,
             });
         }
-        let _permit = self.ack_waiters.try_acquire().map_err(|_| {
-            HubError::ResourceExhausted(format!(
-                "more than {} publishes are waiting for acks; use ack level ACCEPTED or retry",
-                self.config.max_ack_waiters
-            ))
-        })?;
         let targets: Vec<(ShardId, u64, &str)> = results
             .iter()
             .zip(&namespaces)

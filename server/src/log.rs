@@ -29,6 +29,10 @@ pub struct LogEntry {
     /// from a peer region were lost here, so every node reading past this
     /// entry is reset for the shard (`REPLICATION_GAP`). Never forwarded.
     pub gap: bool,
+    /// A publish may wait for nodes to ack this event ([`Incoming::awaited`]).
+    ///
+    /// [`Incoming::awaited`]: crate::shard::Incoming::awaited
+    pub awaited: bool,
     /// The encoded `EventBatch.events` element.
     pub bytes: Bytes,
 }
@@ -182,6 +186,7 @@ mod tests {
             local: true,
             publish_time_us: 0,
             gap: false,
+            awaited: false,
             bytes: Bytes::from(vec![0u8; n]),
         }
     }

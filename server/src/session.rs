@@ -44,6 +44,14 @@ pub const MAX_FRAME_BYTES: usize = 1 << 20;
 /// three.
 pub const PENDING_FRAMES: usize = 3;
 
+/// Acks on request (`Welcome.acks_on_request`): a batch asks its node for a
+/// prompt ack (`EventBatch.ack_requested`) when a publish waits on one of
+/// its events, or when the node's unacked events reach this share of its
+/// in-flight budget (1/4); the node acks every other batch lazily. At light
+/// load that is one ack per node every few tens of milliseconds instead of
+/// one per frame (BENCHMARKS.md, "Acks on request").
+const PROMPT_ACK_SHARE: u32 = 4;
+
 /// Something sent and not yet acked.
 #[derive(Debug)]
 struct Sent {
@@ -110,6 +118,10 @@ pub struct Session {
     /// next fill starts with their reset.
     gaps_pending: bool,
     builder: BatchBuilder,
+    /// In flight at or above this (a quarter of the node's budget), every
+    /// batch asks for a prompt ack, so that lazy acks never park a node
+    /// that keeps up ([`PROMPT_ACK_SHARE`]).
+    prompt_ack_above: u32,
     frame_limit: usize,
     last_watermark: Instant,
     tally: crate::metrics::SessionTally,
@@ -282,6 +294,7 @@ pub fn open(
                 epoch: hub.epoch,
                 seqs: sent.clone(),
             }),
+            acks_on_request: true,
         })),
     };
     let mut pending = VecDeque::with_capacity(PENDING_FRAMES);
@@ -308,6 +321,7 @@ pub fn open(
         scan_from: 0,
         gaps_pending: false,
         builder: BatchBuilder::new(),
+        prompt_ack_above: (max_in_flight / PROMPT_ACK_SHARE).max(1),
         last_watermark: Instant::now(),
         tally: crate::metrics::SessionTally::default(),
     };
@@ -704,6 +718,7 @@ impl Session {
         let t = self.hub.clock.now_us();
         let n = self.sent.len();
         let mut count = 0u32;
+        let mut awaited = false;
         let mut oldest = u64::MAX;
         let mut positions = Vec::new();
         // Shards whose sent range may hold traced appends: (shard, after, upto).
@@ -750,6 +765,7 @@ impl Session {
                         break;
                     }
                     self.builder.push(&e.bytes);
+                    awaited |= e.awaited;
                     oldest = oldest.min(e.publish_time_us);
                     count += 1;
                     last = Some(seq);
@@ -798,6 +814,7 @@ impl Session {
         if complete {
             self.last_watermark = Instant::now();
         }
+        let ack_requested = awaited || self.in_flight + count >= self.prompt_ack_above;
         self.track(Sent {
             positions,
             count,
@@ -805,7 +822,7 @@ impl Session {
             oldest_publish_us: oldest,
         });
         self.tally.frame(count);
-        let frame = self.builder.finish(watermark_us);
+        let frame = self.builder.finish(watermark_us, ack_requested);
         if !traced.is_empty() {
             self.record_fanout(&traced, count, frame.len(), t.saturating_sub(oldest));
         }

@@ -87,6 +87,9 @@ pub struct Incoming {
     pub origin: Option<Arc<str>>,
     /// Origin hub time; `None` to stamp it now.
     pub publish_time_us: Option<u64>,
+    /// A publish may wait for nodes to ack this event (ack level `REGION`
+    /// or `GLOBAL`): the batches that carry it ask for a prompt ack.
+    pub awaited: bool,
 }
 
 /// A batch of events for one shard, answered in order.
@@ -219,6 +222,7 @@ impl Actor {
                     local: false,
                     publish_time_us: now,
                     gap: true,
+                    awaited: false,
                     bytes: Bytes::new(),
                 });
             }
@@ -327,6 +331,7 @@ impl Actor {
             local,
             publish_time_us,
             gap: false,
+            awaited: e.awaited,
             bytes,
         });
         self.versions.insert(

@@ -743,6 +743,48 @@ async fn acks_follow_the_delayed_ack_rule() {
     );
 }
 
+/// Acks on request: with a lazy interval no test outlives and no progress
+/// to ack (the hub's progress interval is a minute), the batches of REGION
+/// publishes are still acked at once, because the hub asks for it.
+#[tokio::test]
+async fn batches_a_publish_waits_on_are_acked_at_once_whatever_the_lazy_interval() {
+    let mut config = test_config();
+    config.progress_interval = Duration::from_secs(60);
+    let hub = TestHub::start_with(config).await;
+    let publisher = Publisher::builder(hub.url()).build().unwrap();
+    let rec = Recorder::new(VersionedCache::builder().build());
+    let handle = Subscriber::builder(hub.url(), "lazy")
+        .lazy_ack_interval(Duration::from_secs(3600))
+        .build(rec.clone())
+        .unwrap()
+        .spawn();
+    wait_for(|| async {
+        let s = hub.status().await;
+        s.nodes.iter().any(|n| n.node_id == "lazy").then_some(())
+    })
+    .await;
+    let mut pending = Vec::new();
+    for version in 1..=5 {
+        // An ACCEPTED publish in between: its batch may wait, and the next
+        // prompt ack covers it (acks are cumulative).
+        publish(&publisher, "user:9", version).await;
+        pending.extend(region_pending(&publisher, "user:2", version, WAIT).await);
+    }
+    rec.until("user:9 applied", |s| s.saw("user:9", 5)).await;
+    let acked = hub.status().await.nodes[0].acked.clone().unwrap();
+    handle.shutdown().await.unwrap();
+    hub.stop().await;
+    assert!(
+        pending.is_empty(),
+        "every REGION publish completes: {pending:?}"
+    );
+    let shard = shard("user:9", 64).index();
+    assert!(
+        acked.seqs[shard] >= 5,
+        "the ACCEPTED events before the last REGION one are acked: {acked:?}"
+    );
+}
+
 /// A handler that holds every batch until its gate opens and, before
 /// applying a batch that invalidates `watched`, records what the cache would
 /// serve for it at that moment.

@@ -624,3 +624,104 @@ async fn headers_larger_than_a_connections_buffers_arrive_whole() {
     );
     hub.stop().await;
 }
+
+/// The next event batch, skipping progress.
+async fn next_batch(node: &mut RawNode) -> pb::EventBatch {
+    match node.next_non_progress().await {
+        Kind::Events(b) => b,
+        other => panic!("expected events, got {other:?}"),
+    }
+}
+
+/// Acks on request: a batch asks for a prompt ack only when a REGION publish
+/// waits on one of its events; the others may be acked lazily.
+#[tokio::test]
+async fn a_batch_asks_for_a_prompt_ack_only_when_a_publish_waits_on_it() {
+    let hub = TestHub::start().await;
+    let (mut node, mut cursor) = subscribed(&hub, "n1").await;
+    assert!(node.welcome.acks_on_request);
+    let mut client = hub.client().await;
+
+    client
+        .publish(publish_request(&[("user:1", 1)]))
+        .await
+        .unwrap();
+    let b = next_batch(&mut node).await;
+    assert_eq!(b.events.len(), 1);
+    assert!(!b.ack_requested, "nobody waits on an ACCEPTED publish");
+    cursor.apply(&Kind::Events(b));
+    node.ack(cursor.cursor.clone()).await;
+
+    let mut req = publish_request(&[("user:2", 1)]);
+    req.ack = pb::AckLevel::Region as i32;
+    req.timeout_ms = 10_000;
+    let waiting = tokio::spawn(async move { client.publish(req).await.unwrap().into_inner() });
+    let b = next_batch(&mut node).await;
+    assert_eq!(entity_version(&b.events[0]), ("user:2".to_string(), 1));
+    assert!(b.ack_requested, "a REGION publish waits on this batch");
+    cursor.apply(&Kind::Events(b));
+    node.ack(cursor.cursor.clone()).await;
+    let resp = waiting.await.unwrap();
+    assert!(resp.complete, "{resp:?}");
+    hub.stop().await;
+}
+
+/// Lazy acks never park a node that keeps up: once a quarter of its
+/// in-flight budget is unacked, every batch asks for a prompt ack.
+#[tokio::test]
+async fn a_batch_asks_for_a_prompt_ack_once_a_quarter_of_the_budget_is_unacked() {
+    let hub = TestHub::start().await;
+    let mut h = hello("n1", &[], None);
+    h.max_in_flight = 8;
+    let mut node = RawNode::connect(&hub.url(), h).await.unwrap();
+    let mut client = hub.client().await;
+    let mut requested = Vec::new();
+    for i in 1..=3 {
+        client
+            .publish(publish_request(&[(&format!("user:{i}"), 1)]))
+            .await
+            .unwrap();
+        // Not acked: the unacked events grow by one per batch.
+        requested.push(next_batch(&mut node).await.ack_requested);
+    }
+    assert_eq!(requested, vec![false, true, true], "8 / 4 = 2 unacked");
+    hub.stop().await;
+}
+
+/// A REGION publish refused because too many publishes already wait applies
+/// nothing: the same event published again is applied, not a duplicate.
+#[tokio::test]
+async fn a_publish_refused_for_too_many_waiters_applies_nothing() {
+    let mut config = test_config();
+    config.max_ack_waiters = 1;
+    let hub = TestHub::start_with(config).await;
+    // A node that never acks keeps the first REGION publish waiting.
+    let _silent = RawNode::connect(&hub.url(), hello("silent", &[], None))
+        .await
+        .unwrap();
+    let mut first = publish_request(&[("user:1", 1)]);
+    first.ack = pb::AckLevel::Region as i32;
+    first.timeout_ms = 10_000;
+    let mut client = hub.client().await;
+    let waiting = tokio::spawn(async move { client.publish(first).await });
+    freshness_tests::wait_for(|| async {
+        let s = hub.status().await;
+        (s.shards.iter().map(|sh| sh.head_seq).sum::<u64>() == 1).then_some(())
+    })
+    .await;
+    let mut second = publish_request(&[("user:2", 1)]);
+    second.ack = pb::AckLevel::Region as i32;
+    let err = hub.client().await.publish(second).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::ResourceExhausted, "{err:?}");
+    assert!(err.message().contains("waiting for acks"), "{err:?}");
+    let resp = hub
+        .client()
+        .await
+        .publish(publish_request(&[("user:2", 1)]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(outcomes(&resp), vec![PublishOutcome::Applied]);
+    waiting.abort();
+    hub.stop().await;
+}

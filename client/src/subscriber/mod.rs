@@ -56,6 +56,10 @@ use tonic::transport::Endpoint;
 /// ([`SubscriberBuilder::ack_interval`]).
 pub const DEFAULT_ACK_INTERVAL: Duration = Duration::from_millis(2);
 
+/// Default longest wait before a batch nobody waits on is acked
+/// ([`SubscriberBuilder::lazy_ack_interval`]).
+pub const DEFAULT_LAZY_ACK_INTERVAL: Duration = Duration::from_millis(50);
+
 use crate::backoff::Backoff;
 use crate::cursor_store::{CursorStore, CursorStoreError};
 use crate::event::{EventBatch, Reset};
@@ -192,6 +196,7 @@ pub(crate) struct Config {
     pub(crate) persist_interval: Duration,
     pub(crate) connect_timeout: Duration,
     pub(crate) ack_interval: Duration,
+    pub(crate) lazy_ack_interval: Duration,
 }
 
 /// Builds a [`Subscriber`]; see [`Subscriber::builder`].
@@ -283,6 +288,22 @@ impl SubscriberBuilder {
         self
     }
 
+    /// Longest wait before acking a batch the hub did not ask to have acked
+    /// at once (50 ms by default). A hub that acks on request (its welcome
+    /// says so) marks every batch a `REGION` or `GLOBAL` publish waits on,
+    /// and every batch once a quarter of the node's in-flight budget is
+    /// unacked; those follow [`ack_interval`](Self::ack_interval). The
+    /// others are acked at most this long after they were applied, so at
+    /// light load a node acks a few times a second instead of once per
+    /// batch. The hub's view of this node (`Status`: acked cursor, lag) may
+    /// trail by up to this much; progress and resets are always acked
+    /// promptly. Zero acks every batch promptly, as with a hub that does
+    /// not ack on request.
+    pub fn lazy_ack_interval(mut self, d: Duration) -> Self {
+        self.config.lazy_ack_interval = d;
+        self
+    }
+
     /// How long one connection attempt (up to the hub's welcome) may take
     /// (5 s by default).
     pub fn connect_timeout(mut self, d: Duration) -> Self {
@@ -350,6 +371,7 @@ impl Subscriber<()> {
                 persist_interval: Duration::from_secs(1),
                 connect_timeout: Duration::from_secs(5),
                 ack_interval: DEFAULT_ACK_INTERVAL,
+                lazy_ack_interval: DEFAULT_LAZY_ACK_INTERVAL,
             },
         }
     }

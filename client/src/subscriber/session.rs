@@ -5,7 +5,7 @@
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use freshness::{Cursor, HASH_NAME, ShardId, pb};
+use freshness::{AckPacer, Cursor, HASH_NAME, ShardId, pb};
 use futures::StreamExt;
 use pb::subscribe_response::Kind;
 use tokio::sync::watch;
@@ -266,12 +266,13 @@ impl<H: Handler> Session<'_, H> {
                 .max(Duration::from_secs(1))
         });
         let mut persist_at: Option<Instant> = None;
-        // The delayed-ack rule (`SubscriberBuilder::ack_interval`): an ack is
-        // due once a message was applied; it goes out at once when the last
-        // one is older than the interval, else when it is that old.
-        let mut ack_due = false;
-        let mut last_ack: Option<Instant> = None;
-        let mut ack_at: Option<Instant> = None;
+        // When acks go out (`freshness::ack`): `SubscriberBuilder::ack_interval`
+        // and `lazy_ack_interval`, and whether this hub acks on request.
+        let mut pacer = AckPacer::new(
+            config.ack_interval,
+            config.lazy_ack_interval,
+            welcome.acks_on_request,
+        );
         let end = loop {
             let stale_at = match self.feed.state() {
                 FeedState::Live { .. } => self
@@ -293,30 +294,21 @@ impl<H: Handler> Session<'_, H> {
                     // the ack tells the hub which watermark this node holds,
                     // which is its view of the node's staleness.
                     let progress = matches!(msg.kind, Some(Kind::Progress(_)));
+                    let may_wait = pacer.may_wait(&msg);
                     if let Err(end) = self.on_message(msg).await {
                         break end;
                     }
-                    ack_due |= self
+                    let owed = self
                         .position
                         .ack()
                         .is_some_and(|c| progress || self.acked.as_ref() != Some(c));
-                    if ack_due && ack_at.is_none() {
-                        let now = Instant::now();
-                        match last_ack.map(|t| t + config.ack_interval) {
-                            Some(at) if at > now => ack_at = Some(at),
-                            _ => {
-                                self.send_ack(&ack_tx, &mut persist_at);
-                                ack_due = false;
-                                last_ack = Some(now);
-                            }
-                        }
+                    if owed && pacer.owe(Instant::now(), may_wait) {
+                        self.send_ack(&ack_tx, &mut persist_at);
                     }
                 }
-                () = sleep_until_opt(ack_at) => {
-                    ack_at = None;
+                () = sleep_until_opt(pacer.due()) => {
+                    pacer.sent(Instant::now());
                     self.send_ack(&ack_tx, &mut persist_at);
-                    ack_due = false;
-                    last_ack = Some(Instant::now());
                 }
                 () = sleep_until_opt(stale_at) => {
                     let staleness = self.feed.staleness().unwrap_or(stale_after);
