@@ -105,6 +105,12 @@ struct Cli {
     /// before them). The client library's default.
     #[arg(long, default_value = "50ms", value_parser = humantime::parse_duration)]
     lazy_ack_interval: Duration,
+    /// Ack level of the hub's publishes: `accepted` (fire and forget: nodes
+    /// ack lazily, so `ack_p99_us` is about the lazy-ack interval) or
+    /// `region` (every publish waits for every node's ack, which the hub
+    /// asks for promptly: `ack_p99_us` is what such a writer waits).
+    #[arg(long, default_value = "accepted", value_parser = parse_ack_level)]
+    ack_level: freshness::pb::AckLevel,
     /// Hub nodes sharing one HTTP/2 connection (1: each its own).
     #[arg(long, default_value_t = 1)]
     nodes_per_conn: usize,
@@ -231,6 +237,7 @@ async fn main_async(cli: Cli) -> anyhow::Result<()> {
         nodes_per_conn: cli.nodes_per_conn.max(1),
         ack_interval: cli.ack_interval,
         lazy_ack_interval: cli.lazy_ack_interval,
+        ack_level: cli.ack_level,
         placement: cli.placement.clone(),
     };
     let opts = Opts {
@@ -283,5 +290,17 @@ fn main() -> ExitCode {
             eprintln!("freshness-bench: {e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// `accepted`, `region` or `global` (case-insensitive).
+fn parse_ack_level(s: &str) -> Result<freshness::pb::AckLevel, String> {
+    match s.to_ascii_lowercase().as_str() {
+        "accepted" => Ok(freshness::pb::AckLevel::Accepted),
+        "region" => Ok(freshness::pb::AckLevel::Region),
+        "global" => Ok(freshness::pb::AckLevel::Global),
+        other => Err(format!(
+            "unknown ack level `{other}`: expected accepted, region or global"
+        )),
     }
 }

@@ -55,6 +55,8 @@ pub struct Env {
     /// Longest wait before a hub node acks a batch the hub did not ask to
     /// have acked at once.
     pub lazy_ack_interval: Duration,
+    /// Ack level of the hub's publishes.
+    pub ack_level: freshness::pb::AckLevel,
     /// Written into every result: how server and generator were placed.
     pub placement: String,
 }
@@ -232,6 +234,7 @@ async fn run_on(env: &Env, spec: &Spec, server: &Server) -> Result<RunResult> {
         kind: spec.kind,
         url: server.url.clone(),
         topic: format!("fresh.bench.{}.{run_no}", std::process::id()),
+        ack_level: env.ack_level,
     };
     let capacity = (spec.rate as f64 * secs_f(spec.duration)).ceil() as usize + 16;
     let tracker = Tracker::new(capacity, spec.nodes as u32);
@@ -379,6 +382,7 @@ async fn run_on(env: &Env, spec: &Spec, server: &Server) -> Result<RunResult> {
             "lazy_ack_interval_us",
             env.lazy_ack_interval.as_micros() as u64,
         );
+        r.put("ack_level", env.ack_level.as_str_name());
     }
     for rec in recs.iter().take(spec.nodes) {
         add(&mut completion, &rec.completion);

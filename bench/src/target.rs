@@ -65,6 +65,9 @@ pub struct Target {
     /// NATS subject or Redis channel of this run (a fresh one per run, so
     /// nothing of an earlier run arrives).
     pub topic: String,
+    /// The hub's publishes wait for this ack level (`ACCEPTED` by default;
+    /// `REGION` makes every batch ask its nodes for a prompt ack).
+    pub ack_level: pb::AckLevel,
 }
 
 /// How long connecting one node may take.
@@ -438,8 +441,8 @@ async fn redis_node(
 /// The writer side of a target.
 #[derive(Clone)]
 pub enum Publisher {
-    /// `Publish` calls at ack level ACCEPTED.
-    Hub(HubClient<Channel>),
+    /// `Publish` calls at the target's ack level.
+    Hub(HubClient<Channel>, pb::AckLevel),
     /// Core NATS publishes on one connection.
     Nats(async_nats::Client, String),
     /// `PUBLISH` commands, pipelined per batch, on one connection.
@@ -456,7 +459,7 @@ impl Publisher {
         Ok(match target.kind {
             Kind::Hub => {
                 let channel = hub_endpoint(&target.url)?.connect().await?;
-                Publisher::Hub(hub_client(channel))
+                Publisher::Hub(hub_client(channel), target.ack_level)
             }
             Kind::Nats => Publisher::Nats(
                 async_nats::ConnectOptions::new()
@@ -484,7 +487,7 @@ impl Publisher {
     /// (a delivery to every node is due).
     pub async fn send(&mut self, events: &[(u32, u64)]) -> Result<Vec<bool>, Refused> {
         match self {
-            Publisher::Hub(client) => {
+            Publisher::Hub(client, ack) => {
                 let req = pb::PublishRequest {
                     events: events
                         .iter()
@@ -494,7 +497,9 @@ impl Publisher {
                             ..Default::default()
                         })
                         .collect(),
-                    ack: pb::AckLevel::Accepted as i32,
+                    ack: *ack as i32,
+                    // The default (2 s): a publish that waits longer still
+                    // succeeds, its nodes counted by the ack histogram.
                     timeout_ms: 0,
                 };
                 let resp = client
