@@ -420,18 +420,30 @@ impl Hub {
                 (!need.is_empty()).then(|| (n.node_id.clone(), need.into_iter().collect()))
             })
             .collect();
+        let acked =
+            |nodes: &HashMap<String, Arc<SessionShared>>, id: &str, need: &[(ShardId, u64)]| {
+                // A node that went away has not acked (it may come back and do so).
+                nodes.get(id).is_some_and(|n| {
+                    let acked = n.acked.lock();
+                    need.iter()
+                        .all(|(s, seq)| acked.get(s.index()).is_some_and(|a| a >= seq))
+                })
+            };
         let mut changes = self.acks_changed.subscribe();
         loop {
             changes.mark_unchanged();
             {
+                // The call ends when its last node has acked, so a wake-up
+                // looks at one pending node until that one has: checking
+                // every pending node on every ack of every node (a lock
+                // each) cost nodes × acks per call.
                 let nodes = self.nodes.read();
-                pending.retain(|(id, need)| {
-                    let Some(n) = nodes.get(id) else { return true };
-                    let acked = n.acked.lock();
-                    !need
-                        .iter()
-                        .all(|(s, seq)| acked.get(s.index()).is_some_and(|a| a >= seq))
-                });
+                while let Some((id, need)) = pending.last() {
+                    if !acked(&nodes, id, need) {
+                        break;
+                    }
+                    pending.pop();
+                }
             }
             if pending.is_empty() {
                 return Vec::new();
@@ -442,7 +454,12 @@ impl Hub {
                 () = self.shutdown.cancelled() => false,
             };
             if !woke {
-                let mut ids: Vec<String> = pending.into_iter().map(|(id, _)| id).collect();
+                let nodes = self.nodes.read();
+                let mut ids: Vec<String> = pending
+                    .into_iter()
+                    .filter(|(id, need)| !acked(&nodes, id, need))
+                    .map(|(id, _)| id)
+                    .collect();
                 ids.sort();
                 return ids;
             }
