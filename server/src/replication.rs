@@ -260,8 +260,9 @@ impl Link {
                 origin: Some(Arc::from(e.origin.as_str())),
                 publish_time_us: Some(e.publish_time_us),
                 // The peer asks for a prompt ack of a batch a publish waits
-                // on; a GLOBAL publish there also waits on this region's
-                // nodes, so they are asked to ack these events promptly too.
+                // on (or when this link's in-flight budget fills up); a
+                // GLOBAL publish there also waits on this region's nodes, so
+                // they are asked to ack these events promptly too.
                 awaited: batch.ack_requested,
             });
         }

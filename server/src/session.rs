@@ -118,10 +118,6 @@ pub struct Session {
     /// next fill starts with their reset.
     gaps_pending: bool,
     builder: BatchBuilder,
-    /// In flight at or above this (a quarter of the node's budget), every
-    /// batch asks for a prompt ack, so that lazy acks never park a node
-    /// that keeps up ([`PROMPT_ACK_SHARE`]).
-    prompt_ack_above: u32,
     frame_limit: usize,
     last_watermark: Instant,
     tally: crate::metrics::SessionTally,
@@ -321,7 +317,6 @@ pub fn open(
         scan_from: 0,
         gaps_pending: false,
         builder: BatchBuilder::new(),
-        prompt_ack_above: (max_in_flight / PROMPT_ACK_SHARE).max(1),
         last_watermark: Instant::now(),
         tally: crate::metrics::SessionTally::default(),
     };
@@ -814,7 +809,10 @@ impl Session {
         if complete {
             self.last_watermark = Instant::now();
         }
-        let ack_requested = awaited || self.in_flight + count >= self.prompt_ack_above;
+        // From a quarter of the node's budget in flight on, every batch asks
+        // for a prompt ack, so that lazy acks never park a node that keeps up.
+        let prompt_above = (self.shared.max_in_flight / PROMPT_ACK_SHARE).max(1);
+        let ack_requested = awaited || self.in_flight + count >= prompt_above;
         self.track(Sent {
             positions,
             count,
