@@ -27,6 +27,7 @@ impl Hub {
             hub_id: "cli-test".into(),
             region: "eu".into(),
             shutdown_grace: Duration::from_secs(2),
+            ephemeral: true,
             ..freshness_hub::Config::default()
         };
         let shutdown = CancellationToken::new();

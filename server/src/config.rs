@@ -10,6 +10,8 @@ use clap::Parser;
 use freshness::limits;
 use serde::{Deserialize, Serialize};
 
+pub use crate::store::FsyncPolicy;
+
 /// Everything the hub can be told. Every field has a default (SPEC §5), so an
 /// empty file and no flags give a working hub on loopback.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -65,6 +67,24 @@ pub struct Config {
     /// the standard `OTEL_EXPORTER_OTLP_ENDPOINT` decides (see `telemetry`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub otlp_endpoint: Option<String>,
+    /// Where the durable log lives (epoch, every shard's events): a restart
+    /// on the same directory keeps the epoch, so no node is reset.
+    pub data_dir: PathBuf,
+    /// Keep the log in memory only: every start is a new epoch and resets
+    /// every node (tests and benchmarks).
+    pub ephemeral: bool,
+    /// When appended events are flushed to the disk: `always` (before a
+    /// publish is answered, one flush per shard-actor drain), `interval`
+    /// (at most `fsync_interval` later) or `never` (survives a process
+    /// crash, not a machine crash).
+    pub fsync: FsyncPolicy,
+    /// The flush period of `fsync = "interval"`.
+    #[serde(with = "humantime_serde")]
+    pub fsync_interval: Duration,
+    /// Start on a damaged log: keep each shard's longest valid prefix and
+    /// begin a new epoch. A flag only (`--repair`), never kept in a file.
+    #[serde(skip)]
+    pub repair: bool,
 }
 
 /// Log output format.
@@ -100,6 +120,11 @@ impl Default for Config {
             peers: BTreeMap::new(),
             log_format: LogFormat::Text,
             otlp_endpoint: None,
+            data_dir: PathBuf::from("freshness-data"),
+            ephemeral: false,
+            fsync: FsyncPolicy::Always,
+            fsync_interval: Duration::from_millis(100),
+            repair: false,
         }
     }
 }
@@ -245,7 +270,31 @@ impl Config {
         if let Some(url) = &self.otlp_endpoint {
             validate_url(url).map_err(|reason| invalid("otlp_endpoint", reason))?;
         }
+        if !self.ephemeral && self.data_dir.as_os_str().is_empty() {
+            return Err(invalid(
+                "data_dir",
+                "is empty; give a directory, or --ephemeral for a log in memory only",
+            ));
+        }
+        if self.fsync_interval < Duration::from_millis(1)
+            || self.fsync_interval > Duration::from_secs(60)
+        {
+            return Err(invalid("fsync_interval", "must be between 1ms and 60s"));
+        }
         Ok(())
+    }
+
+    /// How each shard's log on disk is bounded: the same share of
+    /// `log_max_events` and `log_max_bytes` as in memory, in segments of a
+    /// quarter of that (at least 64 KiB), so that retention drops a
+    /// quarter at a time.
+    pub fn retention(&self) -> crate::store::Retention {
+        let max_bytes = self.log_bytes_per_shard() as u64;
+        crate::store::Retention {
+            max_events: self.log_events_per_shard() as u64,
+            max_bytes,
+            segment_bytes: (max_bytes / 4).max(64 * 1024),
+        }
     }
 
     /// Retained events per shard.
@@ -336,6 +385,21 @@ pub struct Args {
     /// OTEL_EXPORTER_OTLP_ENDPOINT, else no export].
     #[arg(long, env = "FRESHNESS_OTLP_ENDPOINT")]
     pub otlp_endpoint: Option<String>,
+    /// Directory of the durable log [default: freshness-data].
+    #[arg(long, env = "FRESHNESS_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Keep the log in memory only (every start is a new epoch).
+    #[arg(long, env = "FRESHNESS_EPHEMERAL")]
+    pub ephemeral: bool,
+    /// When appends are flushed to disk: always, interval, never [default: always].
+    #[arg(long, env = "FRESHNESS_FSYNC")]
+    pub fsync: Option<FsyncPolicy>,
+    /// Flush period with --fsync interval, e.g. 100ms [default: 100ms].
+    #[arg(long, env = "FRESHNESS_FSYNC_INTERVAL", value_parser = humantime::parse_duration)]
+    pub fsync_interval: Option<Duration>,
+    /// Start on a damaged log: keep the valid prefix, begin a new epoch.
+    #[arg(long)]
+    pub repair: bool,
 }
 
 fn parse_peer(s: &str) -> Result<(String, String), String> {
@@ -370,8 +434,13 @@ impl Args {
             max_message_bytes,
             max_nodes,
             shutdown_grace,
-            log_format
+            log_format,
+            data_dir,
+            fsync,
+            fsync_interval
         );
+        c.ephemeral |= self.ephemeral;
+        c.repair = self.repair;
         if !self.peers.is_empty() {
             c.peers = self.peers.into_iter().collect();
         }

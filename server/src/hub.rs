@@ -19,6 +19,7 @@ use crate::config::Config;
 use crate::error::HubError;
 use crate::log::SharedLog;
 use crate::shard::{Append, EventOutcome, Incoming, ShardContext, ShardHandle};
+use crate::store::{DataDir, Opened};
 
 /// Why a session ended on purpose.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -118,6 +119,10 @@ pub struct Hub {
     pub shutdown: CancellationToken,
     /// What the replication links report, by peer region.
     peers: Mutex<BTreeMap<String, PeerInfo>>,
+    /// The durable log's directory; `None` for an ephemeral hub.
+    pub data_dir: Option<Arc<DataDir>>,
+    /// What the shard actors share (the fsync policy, failing writes).
+    shard_ctx: Arc<ShardContext>,
 }
 
 /// The state of one replication link, for status.
@@ -149,8 +154,15 @@ impl std::fmt::Debug for Hub {
 
 impl Hub {
     /// Builds a hub and spawns its shard actors on `tracker`. The actors stop
-    /// when the last `Hub` reference is dropped.
-    pub fn new(config: Config, shutdown: CancellationToken, tracker: &TaskTracker) -> Arc<Self> {
+    /// when the last `Hub` reference is dropped. With `opened` (a durable
+    /// log, see [`crate::store::open`]) the hub keeps its epoch and starts
+    /// from what the disk held; without, it starts empty in a new epoch.
+    pub fn new(
+        config: Config,
+        opened: Option<Opened>,
+        shutdown: CancellationToken,
+        tracker: &TaskTracker,
+    ) -> Arc<Self> {
         let clock = Clock::new();
         let region: Arc<str> = Arc::from(config.region.as_str());
         let (appended, _) = watch::channel(0);
@@ -159,26 +171,45 @@ impl Hub {
             clock,
             appended: appended.clone(),
             remember_extra: config.log_events_per_shard(),
+            fsync: config.fsync,
+            fsync_interval: config.fsync_interval,
+            failing: Mutex::new(BTreeMap::new()),
         });
+        crate::metrics::set_log_writable(true);
+        let (epoch, data_dir, mut recovered) = match opened {
+            Some(o) => (o.epoch, Some(o.dir), o.shards.into_iter().map(Some).collect()),
+            None => (crate::store::new_epoch_value(), None, Vec::new()),
+        };
         let mut shards = Vec::with_capacity(config.shards as usize);
         let mut logs = Vec::with_capacity(config.shards as usize);
         for id in 0..config.shards {
-            let log = Arc::new(SharedLog::new(
+            let disk = recovered.get_mut(id as usize).and_then(Option::take);
+            let first_seq = disk.as_ref().map_or(1, |d| d.first_seq);
+            let log = Arc::new(SharedLog::starting_at(
+                first_seq,
                 config.log_events_per_shard(),
                 config.log_bytes_per_shard(),
             ));
+            let (store, records) = match disk {
+                Some(d) => (Some(d.store), d.records),
+                None => (None, Vec::new()),
+            };
             shards.push(ShardHandle::spawn(
                 id,
                 log.clone(),
                 ctx.clone(),
                 config.shard_queue,
                 tracker,
+                store,
+                records,
             ));
             logs.push(log);
         }
         let (acks_changed, _) = watch::channel(0);
         Arc::new(Self {
-            epoch: new_epoch(),
+            data_dir,
+            shard_ctx: ctx,
+            epoch,
             clock,
             region,
             shards,
@@ -383,7 +414,7 @@ impl Hub {
         }
         let mut out: Vec<Option<EventOutcome>> = vec![None; n];
         for (idx, rx) in waits {
-            let outcomes = rx.await.map_err(|_| HubError::ShuttingDown)?;
+            let outcomes = rx.await.map_err(|_| HubError::ShuttingDown)??;
             for (i, o) in idx.into_iter().zip(outcomes) {
                 out[i] = Some(o);
             }
@@ -678,6 +709,15 @@ impl Hub {
             retained_events,
             retained_bytes,
             now_us: now,
+            durable: self.data_dir.is_some(),
+            log_error: self
+                .shard_ctx
+                .failing
+                .lock()
+                .iter()
+                .next()
+                .map(|(shard, e)| format!("shard {shard}: {e}"))
+                .unwrap_or_default(),
         }
     }
 
@@ -686,16 +726,6 @@ impl Hub {
         Cursor {
             epoch: self.epoch,
             seqs: self.heads(),
-        }
-    }
-}
-
-/// A random, non-zero epoch.
-fn new_epoch() -> u64 {
-    loop {
-        let e: u64 = rand::random();
-        if e != 0 {
-            return e;
         }
     }
 }

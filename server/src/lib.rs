@@ -20,8 +20,9 @@ pub mod replication;
 mod server;
 pub mod session;
 pub mod shard;
+pub mod store;
 pub mod telemetry;
 mod transport;
 
 pub use config::{Args, Config, ConfigError, LogFormat};
-pub use server::{RunError, run};
+pub use server::{RunError, open_log, run, serve};

@@ -50,6 +50,15 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
+    // The log is opened and checked before any port is bound: a directory
+    // the hub cannot use exits 64, a damaged log 65 (unless --repair).
+    let opened = match freshness_hub::open_log(&config) {
+        Ok(o) => o,
+        Err(e) => {
+            eprintln!("freshness-hub: {e}");
+            return ExitCode::from(e.exit_code());
+        }
+    };
     runtime.block_on(async move {
         let listener = match tokio::net::TcpListener::bind(config.listen).await {
             Ok(l) => l,
@@ -64,7 +73,7 @@ fn main() -> ExitCode {
         }
         let shutdown = CancellationToken::new();
         tokio::spawn(signal_shutdown(shutdown.clone()));
-        match freshness_hub::run(config, listener, shutdown).await {
+        match freshness_hub::serve(config, opened, listener, shutdown).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("freshness-hub: {e}");

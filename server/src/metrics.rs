@@ -75,6 +75,13 @@ pub const PEER_LAG_SECONDS: &str = "freshness_peer_lag_seconds";
 /// 1 while a peer's link is up, per peer region.
 pub const PEER_CONNECTED: &str = "freshness_peer_connected";
 
+/// Log writes (one per shard-actor drain) that failed, refusing the
+/// drain's publishes.
+pub const LOG_WRITE_ERRORS: &str = "freshness_log_write_errors_total";
+/// 1 while every shard of the durable log can be written (always 1 for an
+/// ephemeral hub).
+pub const LOG_WRITABLE: &str = "freshness_log_writable";
+
 /// How often [`sample`] runs.
 pub const SAMPLE_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 
@@ -403,6 +410,16 @@ impl SessionTally {
 /// Records a reset.
 pub fn record_reset(reason: &'static str) {
     counter!(RESETS, "reason" => reason).increment(1);
+}
+
+/// Counts a failed log write.
+pub fn log_write_failed() {
+    counter!(LOG_WRITE_ERRORS).increment(1);
+}
+
+/// Sets the log-writable gauge.
+pub fn set_log_writable(ok: bool) {
+    gauge!(LOG_WRITABLE).set(if ok { 1.0 } else { 0.0 });
 }
 
 /// Sets the connected-streams gauge.

@@ -9,6 +9,7 @@ use tokio_util::task::TaskTracker;
 use freshness::pb::raw::hub_server::HubServer;
 
 use crate::config::Config;
+use crate::store::Opened;
 use crate::grpc::HubService;
 use crate::hub::Hub;
 
@@ -21,6 +22,38 @@ pub enum RunError {
     /// Reflection could not load the protocol descriptors.
     #[error("reflection: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
+    /// The durable log cannot be opened.
+    #[error(transparent)]
+    Log(#[from] crate::store::OpenError),
+    /// Opening the log did not finish (its task failed).
+    #[error("opening the log failed: {0}")]
+    LogTask(#[from] tokio::task::JoinError),
+}
+
+/// Opens the durable log `config` names and recovers it (blocking: it reads
+/// every retained record); `None` for an ephemeral hub. The binary calls it
+/// before it binds a port, so that a directory it cannot use or a damaged
+/// log stops it first.
+pub fn open_log(config: &Config) -> Result<Option<Opened>, crate::store::OpenError> {
+    if config.ephemeral {
+        return Ok(None);
+    }
+    let opened = crate::store::open(
+        &config.data_dir,
+        config.shards,
+        config.retention(),
+        config.repair,
+    )?;
+    let records: usize = opened.shards.iter().map(|s| s.records.len()).sum();
+    tracing::info!(
+        data_dir = %config.data_dir.display(),
+        epoch = opened.epoch,
+        new_epoch = opened.new_epoch,
+        records,
+        fsync = ?config.fsync,
+        "durable log opened"
+    );
+    Ok(Some(opened))
 }
 
 /// Rewrites tonic's answers to a request that does not decode into the codes
@@ -50,9 +83,23 @@ fn decode_errors_to_spec_codes<B>(mut resp: http::Response<B>) -> http::Response
 }
 
 /// Serves the hub on `listener` until `shutdown` is cancelled, then ends
-/// every stream with a goodbye and drains within the grace period.
+/// every stream with a goodbye and drains within the grace period. Opens
+/// the durable log first (see [`open_log`]).
 pub async fn run(
     config: Config,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> Result<(), RunError> {
+    config.validate()?;
+    let for_open = config.clone();
+    let opened = tokio::task::spawn_blocking(move || open_log(&for_open)).await??;
+    serve(config, opened, listener, shutdown).await
+}
+
+/// [`run`] on a log already opened with [`open_log`].
+pub async fn serve(
+    config: Config,
+    opened: Option<Opened>,
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> Result<(), RunError> {
@@ -60,7 +107,7 @@ pub async fn run(
     let tracker = TaskTracker::new();
     let grace = config.shutdown_grace;
     let max_message = config.max_message_bytes;
-    let hub = Hub::new(config, shutdown.clone(), &tracker);
+    let hub = Hub::new(config, opened, shutdown.clone(), &tracker);
     tracing::info!(
         region = %hub.config.region,
         hub_id = %hub.config.hub_id,

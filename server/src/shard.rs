@@ -43,6 +43,7 @@ use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use crate::clock::Clock;
 use crate::log::{LogEntry, SharedLog};
+use crate::store::{FsyncPolicy, Recovered, ShardStore, WriteFailed, encode_record};
 use crate::telemetry::{Adopt, AppendTraces, num};
 
 /// Most commands one wake-up of an actor takes from its queue.
@@ -98,8 +99,9 @@ pub struct Append {
     pub gap: bool,
     /// The events.
     pub events: Vec<Incoming>,
-    /// Where the outcomes go.
-    pub reply: oneshot::Sender<Vec<EventOutcome>>,
+    /// Where the outcomes go: one per event, or the log write that failed
+    /// (then nothing of the command was applied).
+    pub reply: oneshot::Sender<Result<Vec<EventOutcome>, WriteFailed>>,
     /// The span of the call that sent it (the publish), when traced; without
     /// one the events' own contexts are used.
     pub trace: Option<SpanContext>,
@@ -121,6 +123,13 @@ pub struct ShardContext {
     pub appended: watch::Sender<u64>,
     /// Entities remembered beyond those in the retained log, per shard.
     pub remember_extra: usize,
+    /// When a durable log's writes are flushed to the disk.
+    pub fsync: FsyncPolicy,
+    /// The flush period for [`FsyncPolicy::Interval`].
+    pub fsync_interval: std::time::Duration,
+    /// Shards whose last log write failed (status and the
+    /// `freshness_log_writable` gauge).
+    pub failing: parking_lot::Mutex<std::collections::BTreeMap<u32, String>>,
 }
 
 /// Handle to one shard actor.
@@ -131,27 +140,36 @@ pub struct ShardHandle {
 }
 
 impl ShardHandle {
-    /// Spawns the actor of shard `id` on `tracker`.
+    /// Spawns the actor of shard `id` on `tracker`. With a durable log,
+    /// `store` is where its appends go and `recovered` what the disk held:
+    /// the in-memory log and the newest-version memory are rebuilt from it
+    /// before the actor takes its first command.
     pub fn spawn(
         id: u32,
         log: Arc<SharedLog>,
         ctx: Arc<ShardContext>,
         queue: usize,
         tracker: &TaskTracker,
+        store: Option<ShardStore>,
+        recovered: Vec<Recovered>,
     ) -> Self {
         let (tx, rx) = mpsc::channel(queue);
         let traces = Arc::new(AppendTraces::default());
-        let actor = Actor {
+        let mut actor = Actor {
             id,
+            head: log.head(),
             log,
             ctx,
             traces: traces.clone(),
             versions: HashMap::new(),
             retired: VecDeque::new(),
-            head: 0,
             gap_entity: Entity::parse(GAP_ENTITY)
                 .unwrap_or_else(|_| unreachable!("valid constant")),
+            store,
+            sync_due: None,
+            record_buf: Vec::new(),
         };
+        actor.restore(recovered);
         tracker.spawn(actor.run(rx));
         Self { tx, traces }
     }
@@ -194,6 +212,14 @@ struct Actor {
     head: u64,
     /// Placeholder entity of gap markers (they concern a shard, not an entity).
     gap_entity: Entity,
+    /// The shard's segments on disk; `None` for an ephemeral hub (and,
+    /// briefly, while a blocking write has it).
+    store: Option<ShardStore>,
+    /// Records were written and not yet flushed (`fsync = interval`): when
+    /// they must be.
+    sync_due: Option<tokio::time::Instant>,
+    /// The records of one drain, reused.
+    record_buf: Vec<u8>,
 }
 
 /// Entity recorded on gap markers; never matched against versions.
@@ -202,18 +228,152 @@ const GAP_ENTITY: &str = "freshness.gap:marker";
 impl Actor {
     async fn run(mut self, mut rx: mpsc::Receiver<Append>) {
         let mut batch = Vec::with_capacity(DRAIN_MAX);
-        while rx.recv_many(&mut batch, DRAIN_MAX).await > 0 {
-            self.serve(&mut batch);
+        loop {
+            let received = if let Some(due) = self.sync_due {
+                tokio::select! {
+                    n = rx.recv_many(&mut batch, DRAIN_MAX) => n,
+                    () = tokio::time::sleep_until(due) => {
+                        self.flush().await;
+                        continue;
+                    }
+                }
+            } else {
+                rx.recv_many(&mut batch, DRAIN_MAX).await
+            };
+            if received == 0 {
+                break;
+            }
+            self.serve(&mut batch).await;
+        }
+        if self.sync_due.is_some() {
+            self.flush().await;
         }
         tracing::debug!(shard = self.id, "shard actor stopped");
     }
 
-    fn serve(&mut self, batch: &mut Vec<Append>) {
+    /// Rebuilds the in-memory log and the newest-version memory from what
+    /// the disk held, as if the events had just been appended.
+    fn restore(&mut self, recovered: Vec<Recovered>) {
+        if recovered.is_empty() {
+            return;
+        }
+        let mut entries = Vec::with_capacity(recovered.len());
+        for r in recovered {
+            if let Some(version) = Version::new(r.entry.version)
+                && !r.entry.gap
+            {
+                self.versions.insert(
+                    r.entry.entity.clone(),
+                    Remembered {
+                        version,
+                        seq: r.seq,
+                    },
+                );
+            }
+            self.head = r.seq;
+            entries.push(r.entry);
+        }
+        let evicted = self.log.append_all(entries);
+        self.forget(evicted);
+    }
+
+    /// Flushes what was written since the last flush (`fsync = interval`).
+    async fn flush(&mut self) {
+        self.sync_due = None;
+        let Some(store) = self.store.take() else {
+            return;
+        };
+        let (store, result) = match tokio::task::spawn_blocking(move || {
+            let r = store.sync();
+            (store, r)
+        })
+        .await
+        {
+            Ok(done) => done,
+            Err(e) => {
+                tracing::error!(shard = self.id, error = %e, "log flush task failed; the shard refuses writes");
+                return;
+            }
+        };
+        self.store = Some(store);
+        if let Err(e) = result {
+            tracing::error!(shard = self.id, error = %e, "log flush failed");
+            self.sync_due = Some(tokio::time::Instant::now() + self.ctx.fsync_interval);
+        }
+    }
+
+    /// Writes the records of `entries` (seqs from `first_seq`) under the
+    /// fsync policy. With `always`, the write and its flush run on the
+    /// blocking pool and the actor waits: commands that arrive meanwhile
+    /// make the next drain larger (group commit).
+    async fn persist(&mut self, first_seq: u64, entries: &[LogEntry]) -> Result<(), WriteFailed> {
+        let mut buf = std::mem::take(&mut self.record_buf);
+        buf.clear();
+        for (i, e) in entries.iter().enumerate() {
+            encode_record(&mut buf, first_seq + i as u64, e);
+        }
+        let count = entries.len() as u64;
+        let Some(mut store) = self.store.take() else {
+            return Err(WriteFailed(Arc::new(std::io::Error::other(
+                "an earlier write task of this shard failed; restart the hub",
+            ))));
+        };
+        let result = match self.ctx.fsync {
+            FsyncPolicy::Always => {
+                match tokio::task::spawn_blocking(move || {
+                    let r = store.append(&buf, count, true);
+                    (store, buf, r)
+                })
+                .await
+                {
+                    Ok((s, b, r)) => {
+                        self.store = Some(s);
+                        self.record_buf = b;
+                        r
+                    }
+                    Err(e) => Err(std::io::Error::other(format!("log write task failed: {e}"))),
+                }
+            }
+            FsyncPolicy::Interval | FsyncPolicy::Never => {
+                let r = store.append(&buf, count, false);
+                self.store = Some(store);
+                self.record_buf = buf;
+                if r.is_ok() && self.ctx.fsync == FsyncPolicy::Interval && self.sync_due.is_none()
+                {
+                    self.sync_due = Some(tokio::time::Instant::now() + self.ctx.fsync_interval);
+                }
+                r
+            }
+        };
+        let mut failing = self.ctx.failing.lock();
+        match result {
+            Ok(()) => {
+                if failing.remove(&self.id).is_some() {
+                    tracing::info!(shard = self.id, "log writes succeed again");
+                }
+                crate::metrics::set_log_writable(failing.is_empty());
+                Ok(())
+            }
+            Err(e) => {
+                if failing.insert(self.id, e.to_string()).is_none() {
+                    tracing::error!(shard = self.id, error = %e, "log write failed: publishes to this shard are refused until writes succeed");
+                }
+                crate::metrics::log_write_failed();
+                crate::metrics::set_log_writable(false);
+                Err(WriteFailed(Arc::new(e)))
+            }
+        }
+    }
+
+    async fn serve(&mut self, batch: &mut Vec<Append>) {
         let span = self.append_span(batch);
         let first_seq = self.head + 1;
         let now = self.ctx.clock.now_us();
         let mut appended = Vec::new();
         let mut replies = Vec::with_capacity(batch.len());
+        // What each appended event replaced in the version memory, to undo
+        // the drain if the log write fails.
+        let mut undo: Vec<Option<Remembered>> = Vec::new();
         for cmd in batch.drain(..) {
             if cmd.gap {
                 self.head += 1;
@@ -223,15 +383,37 @@ impl Actor {
                     publish_time_us: now,
                     gap: true,
                     awaited: false,
+                    version: 0,
                     bytes: Bytes::new(),
                 });
+                undo.push(None);
             }
             let outcomes = cmd
                 .events
                 .into_iter()
-                .map(|e| self.accept(e, now, &mut appended))
+                .map(|e| self.accept(e, now, &mut appended, &mut undo))
                 .collect();
             replies.push((cmd.reply, outcomes));
+        }
+        if !appended.is_empty()
+            && self.store.is_some()
+            && let Err(failed) = self.persist(first_seq, &appended).await
+        {
+            // Nothing of this drain happened: the seqs and versions go back.
+            self.head = first_seq - 1;
+            for (e, prev) in appended.iter().zip(undo).rev() {
+                if e.gap {
+                    continue;
+                }
+                match prev {
+                    Some(r) => self.versions.insert(e.entity.clone(), r),
+                    None => self.versions.remove(&e.entity),
+                };
+            }
+            for (reply, _) in replies {
+                let _ = reply.send(Err(failed.clone()));
+            }
+            return;
         }
         crate::metrics::record_drain(replies.len());
         if let Some(span) = &span {
@@ -253,7 +435,7 @@ impl Actor {
         }
         for (reply, outcomes) in replies {
             // The caller may have given up (client went away): nothing to do.
-            let _ = reply.send(outcomes);
+            let _ = reply.send(Ok(outcomes));
         }
     }
 
@@ -294,7 +476,13 @@ impl Actor {
         Some(span)
     }
 
-    fn accept(&mut self, e: Incoming, now: u64, appended: &mut Vec<LogEntry>) -> EventOutcome {
+    fn accept(
+        &mut self,
+        e: Incoming,
+        now: u64,
+        appended: &mut Vec<LogEntry>,
+        undo: &mut Vec<Option<Remembered>>,
+    ) -> EventOutcome {
         if let Some(r) = self.versions.get(&e.entity)
             && r.version >= e.version
         {
@@ -332,15 +520,17 @@ impl Actor {
             publish_time_us,
             gap: false,
             awaited: e.awaited,
+            version: e.version.get(),
             bytes,
         });
-        self.versions.insert(
+        let prev = self.versions.insert(
             e.entity,
             Remembered {
                 version: e.version,
                 seq,
             },
         );
+        undo.push(prev);
         EventOutcome {
             outcome: Outcome::Applied,
             seq,
