@@ -177,7 +177,11 @@ impl Hub {
         });
         crate::metrics::set_log_writable(true);
         let (epoch, data_dir, mut recovered) = match opened {
-            Some(o) => (o.epoch, Some(o.dir), o.shards.into_iter().map(Some).collect()),
+            Some(o) => (
+                o.epoch,
+                Some(o.dir),
+                o.shards.into_iter().map(Some).collect(),
+            ),
             None => (crate::store::new_epoch_value(), None, Vec::new()),
         };
         let mut shards = Vec::with_capacity(config.shards as usize);

@@ -9,9 +9,9 @@ use tokio_util::task::TaskTracker;
 use freshness::pb::raw::hub_server::HubServer;
 
 use crate::config::Config;
-use crate::store::Opened;
 use crate::grpc::HubService;
 use crate::hub::Hub;
+use crate::store::Opened;
 
 /// Why the hub stopped with an error.
 #[derive(Debug, thiserror::Error)]

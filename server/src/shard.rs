@@ -338,8 +338,7 @@ impl Actor {
                 let r = store.append(&buf, count, false);
                 self.store = Some(store);
                 self.record_buf = buf;
-                if r.is_ok() && self.ctx.fsync == FsyncPolicy::Interval && self.sync_due.is_none()
-                {
+                if r.is_ok() && self.ctx.fsync == FsyncPolicy::Interval && self.sync_due.is_none() {
                     self.sync_due = Some(tokio::time::Instant::now() + self.ctx.fsync_interval);
                 }
                 r

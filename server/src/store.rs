@@ -82,7 +82,9 @@ pub enum OpenError {
         path: PathBuf,
     },
     /// The directory holds a log of another shape.
-    #[error("data_dir {path} holds a log of {found} shards; this hub has shards = {configured} (use a new data_dir)")]
+    #[error(
+        "data_dir {path} holds a log of {found} shards; this hub has shards = {configured} (use a new data_dir)"
+    )]
     ShardMismatch {
         /// The directory.
         path: PathBuf,
@@ -100,7 +102,9 @@ pub enum OpenError {
         reason: String,
     },
     /// A record before the tail is damaged.
-    #[error("corrupt log: {file} at offset {offset}: {reason}; start with --repair to keep the valid prefix and begin a new epoch")]
+    #[error(
+        "corrupt log: {file} at offset {offset}: {reason}; start with --repair to keep the valid prefix and begin a new epoch"
+    )]
     Corrupt {
         /// The segment file.
         file: PathBuf,
@@ -217,11 +221,14 @@ impl DataDir {
 
     /// Reads the cursor persisted for a peer region's link.
     pub fn peer_cursor(&self, region: &str) -> Option<(u64, Vec<u64>)> {
-        let text = fs::read_to_string(self.path.join("peers").join(format!("{region}.cursor")))
-            .ok()?;
+        let text =
+            fs::read_to_string(self.path.join("peers").join(format!("{region}.cursor"))).ok()?;
         let mut words = text.split_whitespace();
         let epoch = words.next()?.parse().ok()?;
-        let seqs = words.map(str::parse).collect::<Result<Vec<u64>, _>>().ok()?;
+        let seqs = words
+            .map(str::parse)
+            .collect::<Result<Vec<u64>, _>>()
+            .ok()?;
         Some((epoch, seqs))
     }
 
@@ -238,7 +245,11 @@ impl DataDir {
             text.push_str(&s.to_string());
         }
         text.push('\n');
-        write_atomically(&dir.join(format!("{region}.cursor")), text.as_bytes(), false)
+        write_atomically(
+            &dir.join(format!("{region}.cursor")),
+            text.as_bytes(),
+            false,
+        )
     }
 }
 
@@ -333,13 +344,14 @@ fn parse_meta(text: &str) -> Result<(u64, u32), String> {
         fields
             .get(k)
             .ok_or_else(|| format!("no `{k}`"))
-            .and_then(|v| v.parse::<u64>().map_err(|_| format!("`{k}` is not a number")))
+            .and_then(|v| {
+                v.parse::<u64>()
+                    .map_err(|_| format!("`{k}` is not a number"))
+            })
     };
     let format = get("format")?;
     if format != u64::from(FORMAT) {
-        return Err(format!(
-            "format {format}; this hub reads format {FORMAT}"
-        ));
+        return Err(format!("format {format}; this hub reads format {FORMAT}"));
     }
     let epoch = get("epoch")?;
     let shards = u32::try_from(get("shards")?).map_err(|_| "`shards` is out of range")?;
@@ -409,7 +421,10 @@ fn recover_shard(
         let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
             continue;
         };
-        if let Some(first) = name.strip_suffix(".seg").and_then(|n| n.parse::<u64>().ok()) {
+        if let Some(first) = name
+            .strip_suffix(".seg")
+            .and_then(|n| n.parse::<u64>().ok())
+        {
             found.push((first, path));
         }
     }
@@ -428,7 +443,10 @@ fn recover_shard(
             let err = OpenError::Corrupt {
                 file: path.clone(),
                 offset: 0,
-                reason: format!("segment starts at seq {first}, the one before ended at {}", expected - 1),
+                reason: format!(
+                    "segment starts at seq {first}, the one before ended at {}",
+                    expected - 1
+                ),
             };
             if !repair {
                 return Err(err);
@@ -495,7 +513,8 @@ fn recover_shard(
     }
     let first_seq = segments.front().map_or(1, |s| s.first_seq);
     let head = next_seq.map_or(0, |n| n - 1);
-    let store = ShardStore::open(dir.to_owned(), segments, head, retention).map_err(unusable(dir))?;
+    let store =
+        ShardStore::open(dir.to_owned(), segments, head, retention).map_err(unusable(dir))?;
     Ok((
         RecoveredShard {
             first_seq,
@@ -701,13 +720,9 @@ impl ShardStore {
             return Err(io::Error::other("no active segment"));
         };
         let at = seg.bytes;
-        let written = file.write_all_at(buf, at).and_then(|()| {
-            if sync {
-                file.sync_data()
-            } else {
-                Ok(())
-            }
-        });
+        let written = file
+            .write_all_at(buf, at)
+            .and_then(|()| if sync { file.sync_data() } else { Ok(()) });
         if let Err(e) = written {
             // Cut back whatever part of the buffer reached the file; the
             // next write goes to the same offset anyway.
@@ -817,7 +832,11 @@ mod tests {
     fn write(store: &mut ShardStore, from: u64, n: u64) {
         let mut buf = Vec::new();
         for i in 0..n {
-            encode_record(&mut buf, from + i, &entry(&format!("user:{}", from + i), from + i));
+            encode_record(
+                &mut buf,
+                from + i,
+                &entry(&format!("user:{}", from + i), from + i),
+            );
         }
         store.append(&buf, n, true).unwrap();
     }
@@ -837,10 +856,20 @@ mod tests {
         assert_eq!((again.epoch, again.new_epoch), (epoch, false));
         let s = &again.shards[1];
         assert_eq!(s.records.len(), 60);
-        assert!(s.records.iter().enumerate().all(|(i, r)| r.seq == i as u64 + 1));
+        assert!(
+            s.records
+                .iter()
+                .enumerate()
+                .all(|(i, r)| r.seq == i as u64 + 1)
+        );
         assert_eq!(s.records[59].entry.version, 60);
         assert!(again.shards[0].records.is_empty());
-        assert!(fs::read_dir(tmp.path().join("shard-00001")).unwrap().count() > 1);
+        assert!(
+            fs::read_dir(tmp.path().join("shard-00001"))
+                .unwrap()
+                .count()
+                > 1
+        );
     }
 
     #[test]
@@ -858,7 +887,14 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         drop(open(tmp.path(), 4, retention(), false).unwrap());
         let err = open(tmp.path(), 8, retention(), false).unwrap_err();
-        assert!(matches!(err, OpenError::ShardMismatch { found: 4, configured: 8, .. }));
+        assert!(matches!(
+            err,
+            OpenError::ShardMismatch {
+                found: 4,
+                configured: 8,
+                ..
+            }
+        ));
         assert_eq!(err.exit_code(), 64);
     }
 
@@ -874,7 +910,11 @@ mod tests {
             write(&mut opened.shards[0].store, 1 + i * 10, 10);
         }
         let store = &opened.shards[0].store;
-        assert!(store.events >= 50 && store.events < 50 + 40, "{}", store.events);
+        assert!(
+            store.events >= 50 && store.events < 50 + 40,
+            "{}",
+            store.events
+        );
         assert!(store.first_seq() > 1);
     }
 }
