@@ -8,9 +8,12 @@
 //!
 //! ## Remembered versions are bounded
 //! The actor remembers `(version, seq)` for every entity that has an event in
-//! the retained log, plus up to `remember_extra` entities whose events have
+//! the in-memory log, plus up to `remember_extra` entities whose events have
 //! all left it (the most recently retired ones). So the map holds at most
-//! `retained events + remember_extra` entries per shard.
+//! `events in memory + remember_extra` entries per shard. `remember_extra`
+//! is the shard's share of the whole retained log (`log_max_events / S`), so
+//! with a durable log, whose memory holds only its newest part, the map
+//! still covers what a node can be replayed from disk.
 //!
 //! Forgetting is safe for SPEC G3: a forgotten entity's newest event is older
 //! than the whole retained log. A publish of an older version of it can only
