@@ -50,9 +50,15 @@ fn free_port() -> u16 {
 
 fn hub_command(data_dir: &Path, port: u16, extra: &[&str]) -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_freshness-hub"));
+    let shards = SHARDS.to_string();
+    let shards = if extra.contains(&"--shards") {
+        &[][..]
+    } else {
+        &["--shards", shards.as_str()][..]
+    };
     cmd.args(["--listen", &format!("127.0.0.1:{port}")])
         .args(["--metrics-listen", "127.0.0.1:0"])
-        .args(["--shards", &SHARDS.to_string()])
+        .args(shards)
         .args(["--hub-id", "crash-test"])
         .arg("--data-dir")
         .arg(data_dir)
@@ -68,8 +74,17 @@ impl HubProcess {
     /// Starts the hub and waits until it answers Status.
     async fn start(data_dir: &Path, extra: &[&str]) -> (Self, HubClient<Channel>) {
         let port = free_port();
+        Self::start_command(data_dir, port, hub_command(data_dir, port, extra)).await
+    }
+
+    /// Starts `cmd` (the hub on `port`, maybe wrapped) and waits until it
+    /// answers Status.
+    async fn start_command(
+        data_dir: &Path,
+        port: u16,
+        mut cmd: Command,
+    ) -> (Self, HubClient<Channel>) {
         let stderr = data_dir.with_extension(format!("stderr-{port}"));
-        let mut cmd = hub_command(data_dir, port, extra);
         cmd.stderr(std::fs::File::create(&stderr).expect("stderr file"));
         let child = cmd.spawn().expect("start freshness-hub");
         let mut hub = Self {
@@ -476,4 +491,96 @@ async fn a_second_hub_on_the_same_data_dir_is_refused() {
     assert_eq!(out.status.code(), Some(64), "{stderr}");
     assert!(stderr.contains("in use by another hub"), "{stderr}");
     hub.stop();
+}
+
+/// A hub whose files may not grow past 64 KiB (`RLIMIT_FSIZE`, with
+/// `SIGXFSZ` ignored: writes fail with `EFBIG`, as on a full disk): the
+/// publish whose write fails is refused `UNAVAILABLE` with a retry hint and
+/// applies nothing; once the limit is lifted, the same publish succeeds
+/// with no restart, and the log is whole after a crash.
+#[tokio::test]
+async fn a_failed_write_refuses_the_publish_and_the_hub_recovers_by_itself() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let port = free_port();
+    let hub = hub_command(&data, port, &["--shards", "1"]);
+    let mut cmd = Command::new("sh");
+    cmd.arg("-c")
+        .arg("trap '' XFSZ; exec prlimit --fsize=65536:unlimited -- \"$0\" \"$@\"")
+        .arg(hub.get_program())
+        .args(hub.get_args())
+        .env("NO_COLOR", "1")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null());
+    let (proc, mut client) = HubProcess::start_command(&data, port, cmd).await;
+    let batch = |round: u64| pb::PublishRequest {
+        events: (0..100)
+            .map(|i| event(&format!("user:{round}-{i}"), 1))
+            .collect(),
+        ..Default::default()
+    };
+    let mut answered = Vec::new();
+    let mut refused = None;
+    for round in 0..100 {
+        match client.publish(batch(round)).await {
+            Ok(_) => answered.push(round),
+            Err(status) => {
+                refused = Some((round, status));
+                break;
+            }
+        }
+    }
+    let (round, status) = refused.expect("a write past the file size limit fails");
+    assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+    assert!(
+        status.metadata().get("retry-after-ms").is_some(),
+        "{status:?}"
+    );
+    assert!(status.message().contains("log"), "{status:?}");
+    let s = client
+        .status(pb::StatusRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!s.log_error.is_empty(), "status shows the failing log");
+    let head = s.shards[0].head_seq;
+    assert_eq!(
+        head,
+        answered.len() as u64 * 100,
+        "the refused publish applied nothing"
+    );
+
+    let pid = proc.child.id().to_string();
+    let lifted = Command::new("prlimit")
+        .args(["--pid", &pid, "--fsize=unlimited:unlimited"])
+        .status()
+        .unwrap();
+    assert!(lifted.success());
+    let resp = client
+        .publish(batch(round))
+        .await
+        .expect("writes succeed again");
+    assert!(
+        resp.into_inner()
+            .results
+            .iter()
+            .all(|r| outcome_name(r.outcome) == "APPLIED"),
+        "nothing of the refused publish had been applied"
+    );
+    let s = client
+        .status(pb::StatusRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(s.log_error.is_empty(), "recovered: {}", s.log_error);
+    proc.kill();
+
+    let (proc, mut client) = HubProcess::start(&data, &["--shards", "1"]).await;
+    let all: Vec<(String, u64)> = answered
+        .iter()
+        .chain([&round])
+        .flat_map(|r| (0..100).map(move |i| (format!("user:{r}-{i}"), 1)))
+        .collect();
+    assert_known(&mut client, &all, "after the write failures and a crash").await;
+    proc.stop();
 }

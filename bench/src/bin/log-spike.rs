@@ -96,7 +96,13 @@ fn fsync_probe(dir: &Path, each: Duration) -> anyhow::Result<()> {
         lat.push(t.elapsed().as_micros() as u64);
         at += buf.len() as u64;
     }
-    report("fsync_probe_256B", 1, &mut lat, lat.len() as u64, start.elapsed());
+    report(
+        "fsync_probe_256B",
+        1,
+        &mut lat,
+        lat.len() as u64,
+        start.elapsed(),
+    );
     Ok(())
 }
 
@@ -140,7 +146,13 @@ fn segments_append(dir: &Path, batch: usize, each: Duration) -> anyhow::Result<(
         lat.push(t.elapsed().as_micros() as u64);
         seq += batch as u64;
     }
-    report("segments_append_fsync", batch, &mut lat, seq - 1, start.elapsed());
+    report(
+        "segments_append_fsync",
+        batch,
+        &mut lat,
+        seq - 1,
+        start.elapsed(),
+    );
     Ok(())
 }
 
@@ -166,7 +178,13 @@ fn redb_append(dir: &Path, batch: usize, each: Duration) -> anyhow::Result<()> {
         lat.push(t.elapsed().as_micros() as u64);
         seq += batch as u64;
     }
-    report("redb_append_commit", batch, &mut lat, seq - 1, start.elapsed());
+    report(
+        "redb_append_commit",
+        batch,
+        &mut lat,
+        seq - 1,
+        start.elapsed(),
+    );
     Ok(())
 }
 
@@ -269,7 +287,11 @@ fn walk_bytes(dir: &Path) -> anyhow::Result<u64> {
     for e in std::fs::read_dir(dir)? {
         let e = e?;
         let m = e.metadata()?;
-        total += if m.is_dir() { walk_bytes(&e.path())? } else { m.len() };
+        total += if m.is_dir() {
+            walk_bytes(&e.path())?
+        } else {
+            m.len()
+        };
     }
     Ok(total)
 }
