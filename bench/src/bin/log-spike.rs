@@ -96,13 +96,8 @@ fn fsync_probe(dir: &Path, each: Duration) -> anyhow::Result<()> {
         lat.push(t.elapsed().as_micros() as u64);
         at += buf.len() as u64;
     }
-    report(
-        "fsync_probe_256B",
-        1,
-        &mut lat,
-        lat.len() as u64,
-        start.elapsed(),
-    );
+    let n = lat.len() as u64;
+    report("fsync_probe_256B", 1, &mut lat, n, start.elapsed());
     Ok(())
 }
 
