@@ -54,6 +54,8 @@ struct Args {
 enum Mode {
     Agent,
     Naive,
+    /// Applies nothing: the feed's own ceiling in this process.
+    Noop,
 }
 
 impl Mode {
@@ -61,6 +63,7 @@ impl Mode {
         match self {
             Mode::Agent => "agent (pipelined FCALL)",
             Mode::Naive => "naive (one DEL per event)",
+            Mode::Noop => "no Redis (feed ceiling)",
         }
     }
 }
@@ -107,6 +110,17 @@ impl Handler for Naive {
     }
 }
 
+struct Noop;
+
+impl Handler for Noop {
+    async fn on_events(&self, _: &EventBatch) -> Result<(), HandlerError> {
+        Ok(())
+    }
+    async fn on_reset(&self, _: &Reset) -> Result<(), HandlerError> {
+        Ok(())
+    }
+}
+
 struct OwnRedis {
     port: u16,
     _child: tokio::process::Child,
@@ -131,7 +145,10 @@ impl OwnRedis {
         };
         for _ in 0..100 {
             if let Ok(mut c) = r.conn(0).await
-                && redis::cmd("PING").query_async::<String>(&mut c).await.is_ok()
+                && redis::cmd("PING")
+                    .query_async::<String>(&mut c)
+                    .await
+                    .is_ok()
             {
                 return Ok(r);
             }
@@ -156,7 +173,13 @@ struct Node {
     applied: Arc<AtomicU64>,
 }
 
-async fn node(mode: Mode, hub: &str, redis: &OwnRedis, db: u32, dir: &std::path::Path) -> Result<Node> {
+async fn node(
+    mode: Mode,
+    hub: &str,
+    redis: &OwnRedis,
+    db: u32,
+    dir: &std::path::Path,
+) -> Result<Node> {
     let applied = Arc::new(AtomicU64::new(0));
     let node_id = format!("bench-{db}");
     let builder = Subscriber::builder(hub, node_id.clone());
@@ -178,6 +201,13 @@ async fn node(mode: Mode, hub: &str, redis: &OwnRedis, db: u32, dir: &std::path:
                 })?
                 .spawn()
         }
+        Mode::Noop => builder
+            .cursor_file(dir.join(format!("noop-{db}.cursor")))
+            .build(Counting {
+                inner: Noop,
+                applied: applied.clone(),
+            })?
+            .spawn(),
         Mode::Naive => builder
             .cursor_file(dir.join(format!("naive-{db}.cursor")))
             .build(Counting {
@@ -216,19 +246,26 @@ async fn set_keys(c: &mut MultiplexedConnection, ids: std::ops::Range<u64>) -> R
     Ok(())
 }
 
+/// What every run shares: the hub (a client and its URL), the Redis and a
+/// directory for the file cursors.
+struct Ctx {
+    hub: HubClient<tonic::transport::Channel>,
+    url: String,
+    redis: OwnRedis,
+    dir: tempfile::TempDir,
+}
+
 /// Backlog replay: invalidations applied per second.
-async fn throughput(
-    mode: Mode,
-    hub: &mut HubClient<tonic::transport::Channel>,
-    url: &str,
-    redis: &OwnRedis,
-    db: u32,
-    ids: std::ops::Range<u64>,
-    dir: &std::path::Path,
-) -> Result<f64> {
+async fn throughput(mode: Mode, ctx: &mut Ctx, db: u32, ids: std::ops::Range<u64>) -> Result<f64> {
+    let (url, redis, dir) = (ctx.url.as_str(), &ctx.redis, ctx.dir.path());
+    let hub = &mut ctx.hub;
     let n = ids.end - ids.start;
     // A first run leaves the node's cursor at the head, then it stops.
-    node(mode, url, redis, db, dir).await?.handle.shutdown().await?;
+    node(mode, url, redis, db, dir)
+        .await?
+        .handle
+        .shutdown()
+        .await?;
     let all = events(ids.clone());
     for chunk in all.chunks(10_000) {
         hub.publish(pb::PublishRequest {
@@ -249,11 +286,15 @@ async fn throughput(
     }
     let elapsed = started.elapsed();
     node.handle.shutdown().await?;
-    let left: u64 = redis::cmd("EXISTS")
-        .arg(format!("cache:user:{}", ids.start))
-        .arg(format!("cache:user:{}", ids.end - 1))
-        .query_async(&mut c)
-        .await?;
+    let left: u64 = if mode == Mode::Noop {
+        0
+    } else {
+        redis::cmd("EXISTS")
+            .arg(format!("cache:user:{}", ids.start))
+            .arg(format!("cache:user:{}", ids.end - 1))
+            .query_async(&mut c)
+            .await?
+    };
     if left != 0 {
         bail!("{}: keys left after the backlog", mode.name());
     }
@@ -263,17 +304,17 @@ async fn throughput(
 /// Publish call start → key deleted, one event per call at `rate`/s.
 async fn latency(
     mode: Mode,
-    hub: &HubClient<tonic::transport::Channel>,
-    url: &str,
-    redis: &OwnRedis,
+    ctx: &Ctx,
     db: u32,
     ids: std::ops::Range<u64>,
     rate: u64,
-    dir: &std::path::Path,
 ) -> Result<Vec<Duration>> {
+    let (hub, url, redis, dir) = (&ctx.hub, ctx.url.as_str(), &ctx.redis, ctx.dir.path());
     let n = (ids.end - ids.start) as usize;
     let deleted: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
-    let mut pubsub = redis::Client::open(redis.url(db))?.get_async_pubsub().await?;
+    let mut pubsub = redis::Client::open(redis.url(db))?
+        .get_async_pubsub()
+        .await?;
     pubsub.subscribe(format!("__keyevent@{db}__:del")).await?;
     let listener = {
         let deleted = deleted.clone();
@@ -299,7 +340,8 @@ async fn latency(
         let mut hub = hub.clone();
         let sent = sent.clone();
         calls.push(tokio::spawn(async move {
-            sent.lock().insert(format!("cache:user:{i}"), Instant::now());
+            sent.lock()
+                .insert(format!("cache:user:{i}"), Instant::now());
             hub.publish(pb::PublishRequest {
                 events: events(i..i + 1),
                 ..Default::default()
@@ -351,22 +393,27 @@ async fn main() -> Result<()> {
     };
     let hub_task = tokio::spawn(freshness_hub::run(config, listener, shutdown.clone()));
     let url = format!("http://{addr}");
-    let mut hub = HubClient::connect(url.clone()).await?;
+    let hub = HubClient::connect(url.clone()).await?;
+    let mut ctx = Ctx {
+        hub,
+        url,
+        redis,
+        dir,
+    };
 
     let n = args.events;
-    let tp_agent = throughput(Mode::Agent, &mut hub, &url, &redis, 0, 0..n, dir.path()).await?;
-    let tp_naive = throughput(Mode::Naive, &mut hub, &url, &redis, 1, n..2 * n, dir.path()).await?;
+    let tp_agent = throughput(Mode::Agent, &mut ctx, 0, 0..n).await?;
+    let tp_naive = throughput(Mode::Naive, &mut ctx, 1, n..2 * n).await?;
+    let tp_noop = throughput(Mode::Noop, &mut ctx, 4, 2 * n..3 * n).await?;
     let m = args.rate * args.seconds;
-    let base = 2 * n;
-    let lat_agent = latency(Mode::Agent, &hub, &url, &redis, 2, base..base + m, args.rate, dir.path()).await?;
-    let lat_naive =
-        latency(Mode::Naive, &hub, &url, &redis, 3, base + m..base + 2 * m, args.rate, dir.path()).await?;
+    let base = 3 * n;
+    let lat_agent = latency(Mode::Agent, &ctx, 2, base..base + m, args.rate).await?;
+    let lat_naive = latency(Mode::Naive, &ctx, 3, base + m..base + 2 * m, args.rate).await?;
 
-    println!(
-        "throughput ({n} invalidations replayed, one templated key each):"
-    );
+    println!("throughput ({n} invalidations replayed, one templated key each):");
     println!("  {:<28} {:>10.0} /s", Mode::Agent.name(), tp_agent);
     println!("  {:<28} {:>10.0} /s", Mode::Naive.name(), tp_naive);
+    println!("  {:<28} {:>10.0} /s", Mode::Noop.name(), tp_noop);
     println!(
         "publish -> key deleted at {}/s for {} s ({m} events), ms:",
         args.rate, args.seconds

@@ -19,7 +19,7 @@
 -- Redis Lua numbers are doubles, so versions (u64) are compared as decimal
 -- strings, and the shard function fnv1a64 is computed on 16-bit limbs.
 
-local LIBRARY_VERSION = '1'
+local LIBRARY_VERSION = '3'
 local P = 'freshness:'
 local CONFIG = P .. 'config'
 local FEED = P .. 'feed'
@@ -129,6 +129,9 @@ local function fill(keys, args)
   if key == nil or #keys ~= 1 then
     return redis.error_reply('ERR freshness_fill: numkeys must be 1 (the cache key)')
   end
+  if string.sub(key, 1, #P) == P then
+    return redis.error_reply('ERR freshness_fill: keys under ' .. P .. ' are the library\'s own: ' .. key)
+  end
   local value, ttl = args[1], args[2]
   if value == nil or ttl == nil or not string.match(ttl, '^%d+$') then
     return redis.error_reply('ERR freshness_fill: TTL_MS must be a whole number of milliseconds (0 = no expiry), got ' .. tostring(ttl))
@@ -189,12 +192,13 @@ local function fill(keys, args)
   for _, d in ipairs(deps) do
     local entity, ns, shard = d[1], d[3], d[4]
     local dk = P .. 'd:' .. entity
-    redis.call('SADD', dk, key)
-    -- The dependency set lives as long as its longest-lived key.
+    -- The dependency set lives as long as its longest-lived key: -2 new,
+    -- -1 already without expiry (a key filled with TTL 0), else ms left.
     local left = redis.call('PTTL', dk)
+    redis.call('SADD', dk, key)
     if ttl_ms == 0 then
       redis.call('PERSIST', dk)
-    elseif left ~= -1 and left < ttl_ms then
+    elseif left == -2 or (left >= 0 and left < ttl_ms) then
       redis.call('PEXPIRE', dk, ttl_ms)
     end
     redis.call('SADD', P .. 's:' .. shard, entity)
@@ -235,7 +239,6 @@ local function freshness_apply(_, args)
       ignored = ignored + 1
     else
       redis.call('SET', tk, v, 'PX', tomb_ms)
-      deleted = deleted + drop_dependents(entity)
       if nk > 0 then
         local tkeys = {}
         for j = 1, nk do
@@ -243,10 +246,15 @@ local function freshness_apply(_, args)
         end
         deleted = deleted + del_all(tkeys)
       end
-      redis.call('SREM', P .. 's:' .. shard, entity)
-      local ns = string.match(entity, '^([^:]+):')
-      if ns then
-        redis.call('SREM', P .. 'n:' .. ns, entity)
+      -- An entity has dependents only if a fill put it in its shard's index
+      -- (fills and resets keep the two together), so most invalidations
+      -- stop here.
+      if redis.call('SREM', P .. 's:' .. shard, entity) == 1 then
+        deleted = deleted + drop_dependents(entity)
+        local ns = string.match(entity, '^([^:]+):')
+        if ns then
+          redis.call('SREM', P .. 'n:' .. ns, entity)
+        end
       end
       applied = applied + 1
     end

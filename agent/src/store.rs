@@ -33,7 +33,7 @@ use crate::metrics;
 /// The library's source, loaded with `FUNCTION LOAD REPLACE`.
 pub const LIBRARY: &str = include_str!("../lua/freshness.lua");
 /// Its version (`FCALL_RO freshness_version 0`); bump with any change.
-pub const LIBRARY_VERSION: &str = "1";
+pub const LIBRARY_VERSION: &str = "3";
 /// The agent's cursor (JSON `{"epoch":…,"seqs":[…]}`).
 pub const CURSOR_KEY: &str = "freshness:cursor";
 /// The library's configuration hash.
@@ -186,6 +186,19 @@ impl Store {
             .find_map(|l| l.strip_prefix("run_id:"))
             .map(|s| s.trim().to_owned())
             .unwrap_or_default();
+        // Evicting a tombstone or a dependency set would let a stale fill in
+        // or leave a dependent key behind; managed services may refuse
+        // CONFIG, which is no reason to stop.
+        let policy: redis::RedisResult<(String, String)> = redis::cmd("CONFIG")
+            .arg("GET")
+            .arg("maxmemory-policy")
+            .query_async(c)
+            .await;
+        if let Ok((_, policy)) = policy
+            && policy != "noeviction"
+        {
+            warn!(redis = %self.target, %policy, "Redis may evict the agent's tombstones and indexes: keys could be served stale after an eviction; use maxmemory-policy noeviction and TTLs on cached keys");
+        }
         let (shards, recorded): (Option<u32>, Option<String>) = redis::cmd("HMGET")
             .arg(CONFIG_KEY)
             .arg("shards")

@@ -161,6 +161,34 @@ async fn the_library_shards_like_the_hub_and_rejects_bad_fills() {
         assert!(e.contains(expect), "{args:?}: {e}");
     }
     assert!(!redis.exists("k").await, "nothing stored by a bad fill");
+    let e = redis
+        .try_fill("freshness:config", "v", &[("user:1", 1)])
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("the library's own"), "{e}");
+
+    // A key with a TTL: its dependency set expires with it, not before.
+    let stored: i64 = redis::cmd("FCALL")
+        .arg("freshness_fill")
+        .arg(1)
+        .arg("t:1")
+        .arg("v")
+        .arg(5000)
+        .arg("user:1")
+        .arg(1)
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    assert_eq!(stored, 1);
+    for key in ["t:1", "freshness:d:user:1"] {
+        let left: i64 = redis::cmd("PTTL")
+            .arg(key)
+            .query_async(&mut c)
+            .await
+            .unwrap();
+        assert!((1..=5000).contains(&left), "{key}: {left}");
+    }
 }
 
 #[tokio::test]
