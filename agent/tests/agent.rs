@@ -431,3 +431,41 @@ async fn invalid_configuration_exits_64_naming_the_setting() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("`map`") && err.contains("cache:user"), "{err}");
 }
+
+#[tokio::test]
+async fn metrics_count_what_the_agent_applied() {
+    let redis = Redis::shared(9).await;
+    let hub = TestHub::start().await;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let listen = format!("127.0.0.1:{port}");
+    let args = ["--map", "user=cache:user:{id}", "--metrics-listen", &listen];
+    let _agent = Agent::start(&hub.url(), &redis, "agent-metrics", &args).await;
+    redis.wait_ready().await;
+    redis.set("cache:user:1", "v").await;
+    publish(&hub, &[("user:1", 1)]).await;
+    redis.wait_gone("cache:user:1").await;
+    assert_eq!(redis.fill("p", "v", &[("user:1", 0)]).await.0, 0);
+    let scrape = || async {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut s = tokio::net::TcpStream::connect(&listen).await.ok()?;
+        s.write_all(b"GET /metrics HTTP/1.1\r\nhost: x\r\n\r\n")
+            .await
+            .ok()?;
+        let mut body = String::new();
+        s.read_to_string(&mut body).await.ok()?;
+        Some(body)
+    };
+    wait_for(|| async {
+        let body = scrape().await?;
+        (body.contains("freshness_agent_applied_total 1")
+            && body.contains("freshness_agent_deleted_keys_total 1")
+            && body.contains("freshness_agent_refused_fills 1")
+            && body.contains("freshness_agent_redis_seconds_bucket"))
+        .then_some(())
+    })
+    .await;
+}

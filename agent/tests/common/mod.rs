@@ -200,13 +200,12 @@ impl Agent {
     pub async fn start(hub: &str, redis: &Redis, node_id: &str, extra: &[&str]) -> Self {
         let child = Command::new(env!("CARGO_BIN_EXE_freshness-agent"))
             .args(["--hub", hub, "--redis", &redis.url, "--node-id", node_id])
-            .args([
-                "--no-metrics",
-                "--persist-interval",
-                "20ms",
-                "--feed-interval",
-                "50ms",
-            ])
+            .args(if extra.contains(&"--metrics-listen") {
+                &[][..]
+            } else {
+                &["--no-metrics"][..]
+            })
+            .args(["--persist-interval", "20ms", "--feed-interval", "50ms"])
             // Short fences after a clean start or a reset, so tests can fill
             // soon; a test that needs another value passes it again.
             .args(if extra.contains(&"--tombstone-ttl") {
