@@ -11,7 +11,8 @@ setting at once, ServiceMonitor included) it:
    ServiceMonitor, which are only required to render;
 4. checks what the hub needs from the chart: its freshness.toml parses and
    holds only keys the hub knows, native gRPC probes on 50051, the non-root
-   read-only security context, the Service ports.
+   read-only security context, the Service ports, and the durable log on the
+   data volume (a PersistentVolumeClaim per pod unless persistence is off).
 
 The three-region examples must form a full mesh with one shard count. Last,
 a few invalid value sets must be rejected; if one is accepted the check fails.
@@ -98,6 +99,7 @@ EVERY_OPTION = {
     "podAnnotations": {"a": "b"},
     "podLabels": {"team": "cache"},
     "podDisruptionBudget": {"minAvailable": 1},
+    "persistence": {"storageClassName": "fast-ssd", "size": "10Gi"},
     "serviceMonitor": {"enabled": True, "labels": {"release": "prometheus"}},
     "priorityClassName": "high",
     "nodeSelector": {"kubernetes.io/os": "linux"},
@@ -137,6 +139,9 @@ INVALID = [
     ("peer URL without port", {"hub": {"peers": {"us": "http://hub.us"}}}),
     ("peer is its own region", {"hub": {"region": "eu", "peers": {"eu": "http://a:50051"}}}),
     ("log smaller than one event per shard", {"hub": {"log": {"maxBytes": 1048576}}}),
+    ("fsync sometimes", {"hub": {"log": {"fsync": "sometimes"}}}),
+    ("memory tail smaller than one event per shard", {"hub": {"log": {"memoryMaxBytes": 1048576}}}),
+    ("persistence without a size", {"persistence": {"enabled": True, "size": None}}),
 ]
 
 
@@ -207,13 +212,13 @@ def check_hub_contract(
 ) -> dict[str, Any] | None:
     """Checks what the hub and the operability contract need; returns the
     parsed freshness.toml."""
-    deployments = by_kind(manifests, "Deployment")
+    sets = by_kind(manifests, "StatefulSet")
     config_maps = by_kind(manifests, "ConfigMap")
     services = by_kind(manifests, "Service")
-    if len(deployments) != 1 or len(config_maps) != 1 or len(services) != 1:
-        failures.add(name, "want one Deployment, one ConfigMap and one Service")
+    if len(sets) != 1 or len(config_maps) != 1 or len(services) != 1:
+        failures.add(name, "want one StatefulSet, one ConfigMap and one Service")
         return None
-    deployment, config_map, service = deployments[0], config_maps[0], services[0]
+    deployment, config_map, service = sets[0], config_maps[0], services[0]
 
     config_text = config_map.get("data", {}).get("freshness.toml")
     if config_text is None:
@@ -273,6 +278,39 @@ def check_hub_contract(
         failures.check(
             source == config_map["metadata"]["name"], name, "config volume is not the ConfigMap"
         )
+
+    # The durable log: --data-dir on the data volume, a claim per pod unless
+    # persistence is off.
+    data_dir = args[args.index("--data-dir") + 1] if "--data-dir" in args[:-1] else None
+    failures.check(data_dir is not None, name, "hub is not started with --data-dir")
+    data_mount = mounts.get("data")
+    failures.check(
+        data_mount is not None and data_mount["mountPath"] == data_dir,
+        name,
+        "--data-dir is not the data volume's mount",
+    )
+    claims = [
+        c["metadata"]["name"] for c in deployment["spec"].get("volumeClaimTemplates", [])
+    ]
+    if values.get("persistence", {}).get("enabled", True):
+        failures.check(claims == ["data"], name, "no PersistentVolumeClaim template `data`")
+        failures.check("data" not in volumes, name, "data is both a claim and a volume")
+    else:
+        failures.check(
+            not claims and "emptyDir" in volumes.get("data", {}),
+            name,
+            "persistence off: data should be an emptyDir",
+        )
+    failures.check(
+        deployment["spec"].get("serviceName") == service["metadata"]["name"],
+        name,
+        "the StatefulSet's serviceName is not the Service",
+    )
+    failures.check(
+        config.get("fsync") in ("always", "interval", "never"),
+        name,
+        f"fsync is {config.get('fsync')!r}",
+    )
 
     for probe in ("livenessProbe", "readinessProbe"):
         port = container.get(probe, {}).get("grpc", {}).get("port")
@@ -513,6 +551,15 @@ def main() -> int:
     value_sets: list[tuple[str, dict[str, Any]]] = [("defaults", {})]
     value_sets += [(str(p.relative_to(chart_dir)), load_values(p)) for p in examples]
     value_sets.append(("every option", EVERY_OPTION))
+    value_sets.append(
+        (
+            "no persistence, fsync interval",
+            {
+                "persistence": {"enabled": False},
+                "hub": {"log": {"fsync": "interval", "fsyncInterval": "50ms"}},
+            },
+        )
+    )
     known_keys = hub_keys(args.hub_config)
 
     failures = Failures()
