@@ -1,7 +1,8 @@
 //! The README's Python example (`examples/readthrough.py`, redis-py only)
 //! reads through a Redis kept fresh by the real agent: after every change,
-//! through an agent restart and while the agent is down, it never serves a
-//! stale value past its bound.
+//! through an agent restart, while the agent is down and through a reset of
+//! every shard (a hub that lost its log), it never serves a stale value past
+//! its bound.
 
 mod common;
 
@@ -134,5 +135,20 @@ async fn a_python_app_reads_through_a_redis_that_is_never_silently_stale() {
     assert_eq!(
         app.get("user:1").await,
         ("Countess of Lovelace".into(), "cache".into())
+    );
+
+    // The hub restarts without its log (a new epoch) while the row changes:
+    // the agent is reset, every key it manages goes, and the app caches the
+    // new row once the reset's fence is past.
+    let addr = hub.addr;
+    hub.stop().await;
+    app.commit("user:1", 4, "Ada, Countess of Lovelace");
+    let hub = TestHub::start_on(addr, freshness_tests::test_config()).await;
+    publish(&hub, &[("user:1", 4)]).await;
+    redis.wait_gone("cache:user:1").await;
+    wait_for(|| async { (app.get("user:1").await.1 == "source (stored)").then_some(()) }).await;
+    assert_eq!(
+        app.get("user:1").await,
+        ("Ada, Countess of Lovelace".into(), "cache".into())
     );
 }
