@@ -76,7 +76,11 @@ impl Hub {
             format!(
                 "listen = \"{listen}\"\nmetrics_listen = \"{metrics}\"\nhub_id = \"flood\"\n\
                  shards = {SHARDS}\nshard_queue = 1\nadmission_timeout = \"1ms\"\n\
-                 log_max_events = {LOG_EVENTS}\nlog_max_bytes = {LOG_BYTES}\nmax_in_flight = 1024\n"
+                 log_max_events = {LOG_EVENTS}\nlog_max_bytes = {LOG_BYTES}\nmax_in_flight = 1024\n\
+                 data_dir = \"{}\"\n",
+                // Its own log, not `freshness-data` in the working directory,
+                // which another test's hub of another shard count may hold.
+                dir.join("data").display()
             ),
         )
         .unwrap();
