@@ -636,6 +636,7 @@ impl Session {
                         break;
                     }
                     self.builder.push(&e.bytes);
+                    self.flow.on_send(s, *seq);
                     oldest = oldest.min(e.publish_time_us);
                     count += 1;
                     last = Some(*seq);
@@ -647,13 +648,14 @@ impl Session {
                 continue;
             }
             let prompt_above = (self.shared.max_in_flight / PROMPT_ACK_SHARE).max(1);
-            let ack_requested = self.in_flight + count >= prompt_above;
+            let ack_requested = self.flow.in_flight() >= prompt_above;
             self.track(Sent {
                 positions: last.map(|seq| (s as u32, seq)).into_iter().collect(),
                 count,
                 watermark_us: 0,
                 oldest_publish_us: oldest,
             });
+            self.publish_flow();
             self.tally.frame(count);
             self.caught_up = false;
             return Some(self.builder.finish(0, ack_requested));
