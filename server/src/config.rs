@@ -272,6 +272,14 @@ const KEYS: &[(&str, &str)] = &[
         "log_max_bytes",
         "a number of bytes, at least 65 KiB per shard",
     ),
+    (
+        "memory_max_events",
+        "a whole number of events, at least one per shard",
+    ),
+    (
+        "memory_max_bytes",
+        "a number of bytes, at least 65 KiB per shard",
+    ),
     ("max_in_flight", "a whole number of events, at least 1"),
     ("max_events_per_publish", "a whole number from 1 to 1000000"),
     ("max_payload_bytes", "a number of bytes, at most 16 MiB"),
@@ -590,18 +598,15 @@ impl Config {
         if self.memory_max_events < s {
             return Err(invalid(
                 "memory_max_events",
-                format!(
-                    "{} is fewer than one event per shard ({s} shards)",
-                    self.memory_max_events
-                ),
+                format!("at least one event per shard: {s} or more"),
             ));
         }
         if self.memory_max_bytes / s < 64 * 1024 + 1024 {
             return Err(invalid(
                 "memory_max_bytes",
                 format!(
-                    "{} leaves less than one maximal event (65 KiB) per shard",
-                    self.memory_max_bytes
+                    "room for one maximal event (65 KiB) per shard: {} or more",
+                    (64 * 1024 + 1024) * s
                 ),
             ));
         }
