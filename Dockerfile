@@ -14,6 +14,10 @@
 FROM rust:1-bookworm AS build
 WORKDIR /src
 COPY . .
+# .git is not in the context: freshness_build_info{revision} comes from
+# `docker build --build-arg FRESHNESS_REVISION=$(git rev-parse --short=12 HEAD)`.
+ARG FRESHNESS_REVISION=unknown
+ENV FRESHNESS_REVISION=${FRESHNESS_REVISION}
 # The registry and target caches survive between builds (BuildKit); the
 # binaries are copied out of the cached target dir in the same step.
 RUN --mount=type=cache,target=/usr/local/cargo/registry \

@@ -3,7 +3,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
 
 use freshness::validate::{AckLevel, ValidPublish};
@@ -67,6 +67,15 @@ pub struct SessionShared {
     pub max_in_flight: u32,
     /// True while the in-flight limit holds the session back.
     pub parked: AtomicBool,
+    /// True while the stream has no HTTP/2 send capacity (set by the
+    /// transport before it waits for room, cleared when room comes).
+    pub blocked: AtomicBool,
+    /// True while a reset is sent or waiting to go and not acked yet.
+    pub resetting: AtomicBool,
+    /// The last [`NodeState`] computed, as its wire number.
+    state: AtomicU8,
+    /// Hub time since which the node is in that state.
+    state_since_us: AtomicU64,
     /// Newest watermark the node has acked.
     pub acked_watermark_us: AtomicU64,
     /// Ends the session.
@@ -75,7 +84,62 @@ pub struct SessionShared {
     pub end_reason: Mutex<Option<EndReason>>,
 }
 
+/// What a node is doing, for status (SPEC §3.4): the most telling state
+/// wins, in this order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NodeState {
+    /// The stream has no send capacity: the node does not read, so nothing
+    /// reaches it whatever else holds.
+    Blocked,
+    /// A reset was sent (or waits to go) that the node has not acked.
+    Resetting,
+    /// At its in-flight limit: nothing is sent until it acks.
+    Parked,
+    /// Receiving.
+    Live,
+}
+
+impl NodeState {
+    fn to_wire(self) -> pb::NodeState {
+        match self {
+            Self::Blocked => pb::NodeState::Blocked,
+            Self::Resetting => pb::NodeState::Resetting,
+            Self::Parked => pb::NodeState::Parked,
+            Self::Live => pb::NodeState::Live,
+        }
+    }
+}
+
 impl SessionShared {
+    /// The state its flags say now.
+    pub fn state(&self) -> NodeState {
+        if self.blocked.load(Ordering::Relaxed) {
+            NodeState::Blocked
+        } else if self.resetting.load(Ordering::Relaxed) {
+            NodeState::Resetting
+        } else if self.parked.load(Ordering::Relaxed) {
+            NodeState::Parked
+        } else {
+            NodeState::Live
+        }
+    }
+
+    /// Recomputes the state after a flag changed; a new state starts its
+    /// clock at `now_us`. Only the stream's own task calls it.
+    pub fn refresh_state(&self, now_us: u64) {
+        let state = self.state().to_wire() as u8;
+        if self.state.swap(state, Ordering::Relaxed) != state {
+            self.state_since_us.store(now_us, Ordering::Relaxed);
+        }
+    }
+
+    /// The state and since when, as the last refresh left them.
+    pub fn state_since(&self) -> (pb::NodeState, u64) {
+        let state = pb::NodeState::try_from(i32::from(self.state.load(Ordering::Relaxed)))
+            .unwrap_or(pb::NodeState::Unspecified);
+        (state, self.state_since_us.load(Ordering::Relaxed))
+    }
+
     /// True when the node's filter lets this namespace through.
     pub fn wants(&self, namespace: &str) -> bool {
         self.filter.is_empty()
@@ -603,6 +667,10 @@ impl Hub {
             in_flight: AtomicU32::new(0),
             max_in_flight,
             parked: AtomicBool::new(false),
+            blocked: AtomicBool::new(false),
+            resetting: AtomicBool::new(false),
+            state: AtomicU8::new(pb::NodeState::Live as u8),
+            state_since_us: AtomicU64::new(self.clock.now_us()),
             acked_watermark_us: AtomicU64::new(self.clock.now_us()),
             cancel: self.shutdown.child_token(),
             end_reason: Mutex::new(None),
@@ -687,6 +755,7 @@ impl Hub {
                     .zip(&acked)
                     .map(|(h, a)| h.saturating_sub(*a))
                     .sum();
+                let (state, since) = n.state_since();
                 pb::NodeStatus {
                     node_id: n.node_id.clone(),
                     namespaces: n.filter.clone(),
@@ -703,6 +772,8 @@ impl Hub {
                     replication: n.replication,
                     peer: n.peer.clone(),
                     connected_at_us: n.connected_at_us,
+                    state: state as i32,
+                    state_since_us: since,
                 }
             })
             .collect();

@@ -12,6 +12,7 @@
 pub mod clock;
 pub mod config;
 pub mod error;
+pub mod flow;
 pub mod grpc;
 pub mod hub;
 pub mod log;

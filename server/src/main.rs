@@ -2,7 +2,6 @@
 
 use std::process::ExitCode;
 
-use clap::Parser;
 use freshness_hub::{Args, telemetry};
 use tokio_util::sync::CancellationToken;
 
@@ -10,22 +9,15 @@ use tokio_util::sync::CancellationToken;
 const EXIT_CONFIG: u8 = 64;
 
 fn main() -> ExitCode {
-    let args = match Args::try_parse() {
-        Ok(a) => a,
-        Err(e) if !e.use_stderr() => {
+    // Every config error is one line naming its source, key, value and
+    // what is expected (SPEC §4), before anything is bound.
+    let config = match Args::load(std::env::args_os()) {
+        Ok(Ok(c)) => c,
+        Ok(Err(help)) => {
             // --help and --version.
-            let _ = e.print();
+            let _ = help.print();
             return ExitCode::SUCCESS;
         }
-        Err(e) => {
-            let first = e.to_string();
-            let line = first.lines().next().unwrap_or("invalid arguments");
-            eprintln!("freshness-hub: {}", line.trim_start_matches("error: "));
-            return ExitCode::from(EXIT_CONFIG);
-        }
-    };
-    let config = match args.into_config() {
-        Ok(c) => c,
         Err(e) => {
             eprintln!("freshness-hub: {e}");
             return ExitCode::from(EXIT_CONFIG);

@@ -468,15 +468,23 @@ impl Actor {
                 }
             }
         }
-        if !appended.is_empty() {
+        let wake = !appended.is_empty();
+        if wake {
             metrics::counter!(crate::metrics::EVENTS_APPENDED).increment(appended.len() as u64);
             let evicted = self.mem.log.append_all(appended);
             self.mem.forget(evicted);
-            self.ctx.appended.send_modify(|g| *g = g.wrapping_add(1));
         }
+        // The callers first: `ACCEPTED` promises the append, not the
+        // fan-out. Their tasks are woken, then this one yields so that they
+        // run (and hand their answers to HTTP/2) before the sessions this
+        // append wakes fill the run queue ahead of them.
         for (reply, outcomes) in replies {
             // The caller may have given up (client went away): nothing to do.
             let _ = reply.send(Ok(outcomes));
+        }
+        if wake {
+            tokio::task::yield_now().await;
+            self.ctx.appended.send_modify(|g| *g = g.wrapping_add(1));
         }
     }
 
@@ -576,6 +584,62 @@ impl Actor {
             outcome: Outcome::Applied,
             seq,
             current_version: e.version,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn incoming(entity: &str) -> Incoming {
+        Incoming {
+            entity: Entity::parse(entity).unwrap(),
+            version: Version::new(1).unwrap(),
+            payload: Bytes::new(),
+            traceparent: String::new(),
+            tracestate: String::new(),
+            origin: None,
+            publish_time_us: None,
+            awaited: false,
+        }
+    }
+
+    /// On one thread, the task that sent an append runs with its answer
+    /// before the sessions are told of the append: the answer does not
+    /// queue behind the fan-out it causes.
+    #[tokio::test]
+    async fn the_caller_is_answered_before_the_sessions_are_woken() {
+        let (appended, mut sessions) = watch::channel(0u64);
+        let ctx = Arc::new(ShardContext {
+            region: Arc::from("local"),
+            clock: Clock::new(),
+            appended,
+            fsync: FsyncPolicy::Never,
+            fsync_interval: std::time::Duration::from_millis(100),
+            failing: parking_lot::Mutex::new(std::collections::BTreeMap::new()),
+        });
+        let memory = ShardMemory::new(1, 1024, 1 << 20, 16);
+        let log = memory.log().clone();
+        let tracker = TaskTracker::new();
+        let shard = ShardHandle::spawn(0, memory, ctx, 8, &tracker, None);
+        for round in 1..=3u64 {
+            let (reply, rx) = oneshot::channel();
+            shard.reserve().await.unwrap().send(Append {
+                gap: false,
+                events: vec![incoming(&format!("user:{round}"))],
+                reply,
+                trace: None,
+            });
+            let outcomes = rx.await.unwrap().unwrap();
+            assert_eq!(outcomes[0].seq, round);
+            assert_eq!(log.head(), round, "appended before the answer");
+            assert!(
+                !sessions.has_changed().unwrap(),
+                "round {round}: the sessions were woken before the caller ran"
+            );
+            sessions.changed().await.unwrap();
+            assert_eq!(*sessions.borrow_and_update(), round);
         }
     }
 }

@@ -395,12 +395,17 @@ async fn status(hub: &str, json: bool) -> anyhow::Result<()> {
         s.hub_id, s.region, s.epoch, s.shard_count, heads, s.retained_events, s.retained_bytes
     )?;
     writeln!(out)?;
-    let rows: Vec<[String; 5]> = s
+    let rows: Vec<[String; 6]> = s
         .nodes
         .iter()
         .map(|n| {
             [
                 n.node_id.clone(),
+                format!(
+                    "{} {:.1}s",
+                    node_state(n),
+                    state_for_ms(&s, n) as f64 / 1000.0
+                ),
                 if n.namespaces.is_empty() {
                     "*".into()
                 } else {
@@ -421,6 +426,7 @@ async fn status(hub: &str, json: bool) -> anyhow::Result<()> {
         &mut out,
         [
             "NODE",
+            "STATE (for)",
             "NAMESPACES",
             "LAG (events)",
             "STALENESS",
@@ -452,6 +458,23 @@ async fn status(hub: &str, json: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A node's state as status shows it: `live`, `parked`, `blocked`,
+/// `resetting` (`unknown` from a hub that does not report it).
+fn node_state(n: &pb::NodeStatus) -> &'static str {
+    match pb::NodeState::try_from(n.state) {
+        Ok(pb::NodeState::Live) => "live",
+        Ok(pb::NodeState::Parked) => "parked",
+        Ok(pb::NodeState::Blocked) => "blocked",
+        Ok(pb::NodeState::Resetting) => "resetting",
+        _ => "unknown",
+    }
+}
+
+/// How long the node has been in its state, on the hub's clock.
+fn state_for_ms(s: &pb::StatusResponse, n: &pb::NodeStatus) -> u64 {
+    s.now_us.saturating_sub(n.state_since_us) / 1000
+}
+
 fn status_json(s: &pb::StatusResponse) -> serde_json::Value {
     json!({
         "hub_id": s.hub_id,
@@ -468,6 +491,9 @@ fn status_json(s: &pb::StatusResponse) -> serde_json::Value {
             "staleness_ms": n.staleness_ms,
             "in_flight": n.in_flight,
             "parked": n.parked,
+            "state": node_state(n),
+            "state_since_us": n.state_since_us,
+            "state_for_ms": state_for_ms(s, n),
             "replication": n.replication,
         })).collect::<Vec<_>>(),
         "peers": s.peers.iter().map(|p| json!({
