@@ -148,7 +148,11 @@ impl Config {
             .parse::<tokio_postgres::Config>()
             .map_err(|e| invalid("database_url", "(hidden)", e.to_string()))?;
         if !(self.hub.starts_with("http://") || self.hub.starts_with("https://")) {
-            return Err(invalid("hub", &self.hub, "must start with http:// or https://"));
+            return Err(invalid(
+                "hub",
+                &self.hub,
+                "must start with http:// or https://",
+            ));
         }
         if self.batch == 0 || self.batch > MAX_EVENTS_PER_PUBLISH {
             return Err(invalid(

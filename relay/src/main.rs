@@ -38,24 +38,22 @@ fn main() -> ExitCode {
         }
     };
     match args.command {
-        Command::Migrate { database_url } => {
-            runtime.block_on(async move {
-                match freshness_relay::migrate(&database_url).await {
-                    Ok(()) => {
-                        println!("freshness-relay: the outbox is in place");
-                        ExitCode::SUCCESS
-                    }
-                    Err(e @ freshness_relay::MigrateError::Url(_)) => {
-                        eprintln!("freshness-relay: flag --database-url: {e}");
-                        ExitCode::from(EXIT_CONFIG)
-                    }
-                    Err(e) => {
-                        eprintln!("freshness-relay: {e}");
-                        ExitCode::FAILURE
-                    }
+        Command::Migrate { database_url } => runtime.block_on(async move {
+            match freshness_relay::migrate(&database_url).await {
+                Ok(()) => {
+                    println!("freshness-relay: the outbox is in place");
+                    ExitCode::SUCCESS
                 }
-            })
-        }
+                Err(e @ freshness_relay::MigrateError::Url(_)) => {
+                    eprintln!("freshness-relay: flag --database-url: {e}");
+                    ExitCode::from(EXIT_CONFIG)
+                }
+                Err(e) => {
+                    eprintln!("freshness-relay: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }),
         Command::Run(run) => {
             let config = match run.into_config() {
                 Ok(c) => c,

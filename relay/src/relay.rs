@@ -237,7 +237,10 @@ impl Relay {
                 event: pb::Event {
                     entity: r.try_get(1)?,
                     version: 0,
-                    payload: r.try_get::<_, Option<Vec<u8>>>(3)?.unwrap_or_default().into(),
+                    payload: r
+                        .try_get::<_, Option<Vec<u8>>>(3)?
+                        .unwrap_or_default()
+                        .into(),
                     traceparent: r.try_get::<_, Option<String>>(4)?.unwrap_or_default(),
                     tracestate: r.try_get::<_, Option<String>>(5)?.unwrap_or_default(),
                     ..Default::default()
@@ -512,7 +515,6 @@ impl Backoff {
         let half = d / 2;
         half + half.mul_f64(rand::rng().random::<f64>())
     }
-
 }
 
 #[cfg(test)]

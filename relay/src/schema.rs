@@ -31,8 +31,11 @@ pub async fn migrate(database_url: &str) -> Result<(), MigrateError> {
     let tx = client.transaction().await?;
     // Two concurrent `CREATE TABLE IF NOT EXISTS` can still collide in the
     // catalog; one lock per database makes them take turns.
-    tx.execute("SELECT pg_advisory_xact_lock(hashtext('freshness_outbox'))", &[])
-        .await?;
+    tx.execute(
+        "SELECT pg_advisory_xact_lock(hashtext('freshness_outbox'))",
+        &[],
+    )
+    .await?;
     tx.batch_execute(OUTBOX_SQL).await?;
     tx.commit().await?;
     drop(client);
