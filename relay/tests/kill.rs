@@ -8,6 +8,7 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use common::*;
+use freshness_client::{Entity, Version, outbox};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use tokio_util::sync::CancellationToken;
@@ -50,12 +51,14 @@ async fn sigkill_at_random_moments_loses_nothing() {
                         (true, true) => format!("hot:{w}-{}", version % 8),
                         (true, false) => format!("row:{w}-{version}"),
                     };
-                    tx.execute(
-                        "INSERT INTO freshness_outbox (entity, version) VALUES ($1, $2)",
-                        &[&entity, &version],
+                    // The client library's own call, as a writer makes it.
+                    outbox::enqueue(
+                        &tx,
+                        &Entity::parse(&entity).expect("valid entity"),
+                        Version::new(version as u64).expect("versions start at 1"),
                     )
                     .await
-                    .expect("insert");
+                    .expect("enqueue");
                     rows.push((entity, version as u64));
                 }
                 if commit {
