@@ -347,3 +347,45 @@ async fn postgres_restart_under_the_relay() {
     drop(db);
     drop(pg);
 }
+
+/// A row's payload and W3C trace context travel with its event to the
+/// node (the trace continues the writer's); the client's
+/// `enqueue_with_payload` writes the same row as the plain INSERT.
+#[tokio::test]
+async fn payload_and_trace_context_reach_the_node() {
+    let db = TestDb::create().await;
+    let hub = TestHub::start().await;
+    let node = Node::start(&hub.url()).await;
+    let relay = RelayProcess::start(&db.url(), &hub.url(), &[]);
+    let mut client = db.client().await;
+    let traceparent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    client
+        .execute(
+            "INSERT INTO freshness_outbox (entity, version, payload, traceparent) \
+             VALUES ('user:1', 4, 'new name'::bytea, $1)",
+            &[&traceparent],
+        )
+        .await
+        .unwrap();
+    let tx = client.transaction().await.unwrap();
+    freshness_client::outbox::enqueue_with_payload(
+        &tx,
+        &freshness_client::Entity::parse("user:2").unwrap(),
+        freshness_client::Version::new(9).unwrap(),
+        b"refreshed",
+    )
+    .await
+    .unwrap();
+    tx.commit().await.unwrap();
+    let want: HashSet<_> = [("user:1".to_owned(), 4), ("user:2".to_owned(), 9)].into();
+    node.wait_all(&want).await;
+    let details = node.seen.details.lock().clone();
+    assert_eq!(
+        details["user:1"],
+        (Some(b"new name".to_vec()), Some(traceparent.to_owned()))
+    );
+    assert_eq!(details["user:2"], (Some(b"refreshed".to_vec()), None));
+    relay.kill().await;
+    node.stop().await;
+    hub.stop().await;
+}

@@ -210,18 +210,31 @@ async fn scrape(addr: SocketAddr) -> Option<String> {
     Some(body.split_once("\r\n\r\n")?.1.to_owned())
 }
 
+/// An event's payload and traceparent, as the node received them.
+pub type Details = (Option<Vec<u8>>, Option<String>);
+
 /// What a node applied: every `(entity, version)` and every reset.
 #[derive(Default)]
 pub struct Seen {
     pub events: Mutex<HashSet<(String, u64)>>,
+    /// Payload and traceparent of the last event per entity.
+    pub details: Mutex<std::collections::HashMap<String, Details>>,
     pub resets: Mutex<u32>,
 }
 
 impl Handler for Seen {
     async fn on_events(&self, batch: &EventBatch) -> Result<(), HandlerError> {
         let mut seen = self.events.lock();
+        let mut details = self.details.lock();
         for e in &batch.events {
             seen.insert((e.entity.as_str().to_owned(), e.version.get()));
+            details.insert(
+                e.entity.as_str().to_owned(),
+                (
+                    e.payload.as_ref().map(|p| p.to_vec()),
+                    e.traceparent.clone(),
+                ),
+            );
         }
         Ok(())
     }
