@@ -82,7 +82,7 @@ pub enum RunError {
 
 /// What went wrong in one connection's life; the relay reconnects.
 #[derive(Debug, thiserror::Error)]
-enum SessionError {
+enum ConnectionError {
     #[error("database: {0}")]
     Db(#[from] tokio_postgres::Error),
     #[error("database connection closed")]
@@ -122,7 +122,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
     let sampler = tokio::spawn(relay.clone_for_sampler().sample());
     let mut backoff = Backoff::new(relay.config.max_backoff);
     loop {
-        match relay.session(&mut backoff).await {
+        match relay.serve_connection(&mut backoff).await {
             Ok(()) => break,
             Err(e) => {
                 gauge!(m::DATABASE_CONNECTED).set(0.0);
@@ -164,7 +164,7 @@ impl Relay {
 
     /// Connects, and forwards notifications to the returned `Notify`. The
     /// token is cancelled when the connection ends.
-    async fn connect(&self) -> Result<(Client, Arc<Notify>, CancellationToken), SessionError> {
+    async fn connect(&self) -> Result<(Client, Arc<Notify>, CancellationToken), ConnectionError> {
         let (client, mut connection) = self.db.connect(NoTls).await?;
         let notify = Arc::new(Notify::new());
         let closed = CancellationToken::new();
@@ -188,7 +188,7 @@ impl Relay {
 
     /// One connection's life: `LISTEN`, then claim until shutdown (`Ok`) or
     /// a database error.
-    async fn session(&self, backoff: &mut Backoff) -> Result<(), SessionError> {
+    async fn serve_connection(&self, backoff: &mut Backoff) -> Result<(), ConnectionError> {
         let (mut client, notify, closed) = tokio::select! {
             r = self.connect() => r?,
             () = self.shutdown.cancelled() => return Ok(()),
@@ -200,7 +200,7 @@ impl Relay {
         loop {
             let claimed = tokio::select! {
                 r = self.claim(&mut client) => r?,
-                () = closed.cancelled() => return Err(SessionError::Closed),
+                () = closed.cancelled() => return Err(ConnectionError::Closed),
             };
             let Some(claimed) = claimed else {
                 return Ok(()); // shutdown mid-claim: the rows stay for the next relay
@@ -211,14 +211,14 @@ impl Relay {
             tokio::select! {
                 () = notify.notified() => {}
                 () = tokio::time::sleep(self.config.poll_interval) => {}
-                () = closed.cancelled() => return Err(SessionError::Closed),
+                () = closed.cancelled() => return Err(ConnectionError::Closed),
                 () = self.shutdown.cancelled() => return Ok(()),
             }
         }
     }
 
     /// One claim: rows claimed, or `None` on shutdown (nothing deleted).
-    async fn claim(&self, client: &mut Client) -> Result<Option<usize>, SessionError> {
+    async fn claim(&self, client: &mut Client) -> Result<Option<usize>, ConnectionError> {
         let tx = client.transaction().await?;
         let limit = i64::try_from(self.config.batch).unwrap_or(i64::MAX);
         let found = tx.query(CLAIM, &[&limit]).await?;
