@@ -20,16 +20,21 @@ COPY . .
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/usr/local/cargo/git \
     --mount=type=cache,target=/src/target \
-    cargo build --release --locked -p freshness-hub -p freshness-client -p freshness-relay \
-    && mkdir -p /out \
-    && cp target/release/freshness-hub target/release/freshctl target/release/freshness-relay /out/
+    cargo build --release --locked -p freshness-hub -p freshness-client -p freshness-agent -p freshness-relay \
+    && mkdir -p /out /data/var/lib/freshness \
+    && cp target/release/freshness-hub target/release/freshctl target/release/freshness-agent target/release/freshness-relay /out/
 
 # glibc and libgcc, no shell, no package manager; user nonroot is 65532.
 FROM gcr.io/distroless/cc-debian12:nonroot
 LABEL org.opencontainers.image.title="freshness-hub" \
       org.opencontainers.image.description="Freshness regional hub: event-driven cache invalidation" \
       org.opencontainers.image.licenses="Apache-2.0"
-COPY --from=build /out/freshness-hub /out/freshctl /out/freshness-relay /usr/local/bin/
+COPY --from=build /out/freshness-hub /out/freshctl /out/freshness-agent /out/freshness-relay /usr/local/bin/
+# The durable log (epoch, events, replication cursors): mount a volume here so
+# that a new container keeps the epoch and no cache is flushed.
+COPY --from=build --chown=65532:65532 /data/var/lib/freshness /var/lib/freshness
+ENV FRESHNESS_DATA_DIR=/var/lib/freshness
+VOLUME ["/var/lib/freshness"]
 USER 65532:65532
 # gRPC (Hub, grpc.health.v1, reflection) and Prometheus metrics (/metrics).
 EXPOSE 50051 9464

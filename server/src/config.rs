@@ -73,6 +73,13 @@ pub struct Config {
     /// Keep the log in memory only: every start is a new epoch and resets
     /// every node (tests and benchmarks).
     pub ephemeral: bool,
+    /// With a durable log: most events of the log's newest part kept in
+    /// memory too (split evenly over the shards), from which sessions read;
+    /// a node further behind is replayed from disk. At most `log_max_events`.
+    pub memory_max_events: u64,
+    /// With a durable log: most bytes kept in memory (see
+    /// `memory_max_events`). At most `log_max_bytes`.
+    pub memory_max_bytes: u64,
     /// When appended events are flushed to the disk: `always` (before a
     /// publish is answered, one flush per shard-actor drain), `interval`
     /// (at most `fsync_interval` later) or `never` (survives a process
@@ -122,6 +129,8 @@ impl Default for Config {
             otlp_endpoint: None,
             data_dir: PathBuf::from("freshness-data"),
             ephemeral: false,
+            memory_max_events: 1 << 18,
+            memory_max_bytes: 64 << 20,
             fsync: FsyncPolicy::Always,
             fsync_interval: Duration::from_millis(100),
             repair: false,
@@ -276,6 +285,24 @@ impl Config {
                 "is empty; give a directory, or --ephemeral for a log in memory only",
             ));
         }
+        if self.memory_max_events < s {
+            return Err(invalid(
+                "memory_max_events",
+                format!(
+                    "{} is fewer than one event per shard ({s} shards)",
+                    self.memory_max_events
+                ),
+            ));
+        }
+        if self.memory_max_bytes / s < 64 * 1024 + 1024 {
+            return Err(invalid(
+                "memory_max_bytes",
+                format!(
+                    "{} leaves less than one maximal event (65 KiB) per shard",
+                    self.memory_max_bytes
+                ),
+            ));
+        }
         if self.fsync_interval < Duration::from_millis(1)
             || self.fsync_interval > Duration::from_secs(60)
         {
@@ -305,6 +332,40 @@ impl Config {
     /// Retained bytes per shard.
     pub fn log_bytes_per_shard(&self) -> usize {
         usize::try_from(self.log_max_bytes / u64::from(self.shards)).unwrap_or(usize::MAX)
+    }
+
+    /// An empty shard's memory whose next seq is `first_seq`: its in-memory
+    /// log bounded as configured, and its newest-version memory covering
+    /// the retained log (in memory, or on disk) plus as many entities again
+    /// (see `shard`).
+    pub fn shard_memory(&self, first_seq: u64) -> crate::shard::ShardMemory {
+        crate::shard::ShardMemory::new(
+            first_seq,
+            self.memory_events_per_shard(),
+            self.memory_bytes_per_shard(),
+            self.log_events_per_shard(),
+        )
+    }
+
+    /// Events per shard kept in memory: the whole retained log when
+    /// ephemeral, its newest part when durable.
+    pub fn memory_events_per_shard(&self) -> usize {
+        let events = if self.ephemeral {
+            self.log_max_events
+        } else {
+            self.memory_max_events.min(self.log_max_events)
+        };
+        usize::try_from(events / u64::from(self.shards)).unwrap_or(usize::MAX)
+    }
+
+    /// Bytes per shard kept in memory (see [`Self::memory_events_per_shard`]).
+    pub fn memory_bytes_per_shard(&self) -> usize {
+        let bytes = if self.ephemeral {
+            self.log_max_bytes
+        } else {
+            self.memory_max_bytes.min(self.log_max_bytes)
+        };
+        usize::try_from(bytes / u64::from(self.shards)).unwrap_or(usize::MAX)
     }
 }
 
@@ -391,6 +452,12 @@ pub struct Args {
     /// Keep the log in memory only (every start is a new epoch).
     #[arg(long, env = "FRESHNESS_EPHEMERAL")]
     pub ephemeral: bool,
+    /// Events of a durable log also kept in memory [default: 262144].
+    #[arg(long, env = "FRESHNESS_MEMORY_MAX_EVENTS")]
+    pub memory_max_events: Option<u64>,
+    /// Bytes of a durable log also kept in memory [default: 67108864].
+    #[arg(long, env = "FRESHNESS_MEMORY_MAX_BYTES")]
+    pub memory_max_bytes: Option<u64>,
     /// When appends are flushed to disk: always, interval, never [default: always].
     #[arg(long, env = "FRESHNESS_FSYNC")]
     pub fsync: Option<FsyncPolicy>,
@@ -437,7 +504,9 @@ impl Args {
             log_format,
             data_dir,
             fsync,
-            fsync_interval
+            fsync_interval,
+            memory_max_events,
+            memory_max_bytes
         );
         c.ephemeral |= self.ephemeral;
         c.repair = self.repair;

@@ -18,8 +18,18 @@ use crate::clock::Clock;
 use crate::config::Config;
 use crate::error::HubError;
 use crate::log::SharedLog;
-use crate::shard::{Append, EventOutcome, Incoming, ShardContext, ShardHandle};
-use crate::store::{DataDir, Opened};
+use crate::shard::{Append, EventOutcome, Incoming, ShardContext, ShardHandle, ShardMemory};
+use crate::store::{DataDir, DiskReader, Opened};
+
+/// A durable log as opened at start-up: the stores, and every shard's
+/// memory rebuilt from what the disk held.
+#[derive(Debug)]
+pub struct Durable {
+    /// The data directory's stores and readers.
+    pub opened: Opened,
+    /// Every shard's in-memory log and version memory, by index.
+    pub memories: Vec<ShardMemory>,
+}
 
 /// Why a session ended on purpose.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -105,8 +115,11 @@ pub struct Hub {
     pub region: Arc<str>,
     /// Actor handles, indexed by shard.
     pub(crate) shards: Vec<ShardHandle>,
-    /// Logs, indexed by shard.
+    /// Logs in memory, indexed by shard.
     pub(crate) logs: Vec<Arc<SharedLog>>,
+    /// The durable log's readers, indexed by shard (empty when ephemeral):
+    /// what left memory but is still on disk.
+    pub(crate) disk: Vec<DiskReader>,
     /// Bumped after every append.
     pub(crate) appended: watch::Sender<u64>,
     /// Bumped after every ack, for REGION waiters.
@@ -154,12 +167,12 @@ impl std::fmt::Debug for Hub {
 
 impl Hub {
     /// Builds a hub and spawns its shard actors on `tracker`. The actors stop
-    /// when the last `Hub` reference is dropped. With `opened` (a durable
-    /// log, see [`crate::store::open`]) the hub keeps its epoch and starts
-    /// from what the disk held; without, it starts empty in a new epoch.
+    /// when the last `Hub` reference is dropped. With `durable` (see
+    /// [`crate::open_log`]) the hub keeps its epoch and starts from what the
+    /// disk held; without, it starts empty in a new epoch.
     pub fn new(
         config: Config,
-        opened: Option<Opened>,
+        durable: Option<Durable>,
         shutdown: CancellationToken,
         tracker: &TaskTracker,
     ) -> Arc<Self> {
@@ -170,44 +183,44 @@ impl Hub {
             region: region.clone(),
             clock,
             appended: appended.clone(),
-            remember_extra: config.log_events_per_shard(),
             fsync: config.fsync,
             fsync_interval: config.fsync_interval,
             failing: Mutex::new(BTreeMap::new()),
         });
         crate::metrics::set_log_writable(true);
-        let (epoch, data_dir, mut recovered) = match opened {
-            Some(o) => (o.epoch, Some(o.dir), o.shards.into_iter().map(Some).collect()),
-            None => (crate::store::new_epoch_value(), None, Vec::new()),
+        let (epoch, data_dir, memories, stores, disk) = match durable {
+            Some(d) => (
+                d.opened.epoch,
+                Some(d.opened.dir),
+                d.memories,
+                d.opened.stores.into_iter().map(Some).collect(),
+                d.opened.readers,
+            ),
+            None => (
+                crate::store::new_epoch_value(),
+                None,
+                (0..config.shards).map(|_| config.shard_memory(1)).collect(),
+                (0..config.shards).map(|_| None).collect::<Vec<_>>(),
+                Vec::new(),
+            ),
         };
         let mut shards = Vec::with_capacity(config.shards as usize);
         let mut logs = Vec::with_capacity(config.shards as usize);
-        for id in 0..config.shards {
-            let disk = recovered.get_mut(id as usize).and_then(Option::take);
-            let first_seq = disk.as_ref().map_or(1, |d| d.first_seq);
-            let log = Arc::new(SharedLog::starting_at(
-                first_seq,
-                config.log_events_per_shard(),
-                config.log_bytes_per_shard(),
-            ));
-            let (store, records) = match disk {
-                Some(d) => (Some(d.store), d.records),
-                None => (None, Vec::new()),
-            };
+        for (id, (memory, store)) in (0..config.shards).zip(memories.into_iter().zip(stores)) {
+            logs.push(memory.log().clone());
             shards.push(ShardHandle::spawn(
                 id,
-                log.clone(),
+                memory,
                 ctx.clone(),
                 config.shard_queue,
                 tracker,
                 store,
-                records,
             ));
-            logs.push(log);
         }
         let (acks_changed, _) = watch::channel(0);
         Arc::new(Self {
             data_dir,
+            disk,
             shard_ctx: ctx,
             epoch,
             clock,
@@ -243,6 +256,15 @@ impl Hub {
     /// Shard count.
     pub fn shard_count(&self) -> u32 {
         self.config.shards
+    }
+
+    /// The oldest seq of shard `s` a session can still send: on disk for a
+    /// durable hub, in memory for an ephemeral one.
+    pub fn retained_first(&self, s: usize) -> u64 {
+        match self.disk.get(s) {
+            Some(d) => d.first_seq().min(self.logs[s].first_seq()),
+            None => self.logs[s].first_seq(),
+        }
     }
 
     /// Current head seq of every shard.
@@ -650,7 +672,7 @@ impl Hub {
                 pb::ShardStatus {
                     shard: i as u32,
                     head_seq: log.head(),
-                    first_seq: log.first_seq(),
+                    first_seq: self.retained_first(i).min(log.first_seq()),
                 }
             })
             .collect();

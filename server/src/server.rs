@@ -9,9 +9,10 @@ use tokio_util::task::TaskTracker;
 use freshness::pb::raw::hub_server::HubServer;
 
 use crate::config::Config;
-use crate::store::Opened;
 use crate::grpc::HubService;
+use crate::hub::Durable;
 use crate::hub::Hub;
+use crate::shard::ShardMemory;
 
 /// Why the hub stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -31,29 +32,53 @@ pub enum RunError {
 }
 
 /// Opens the durable log `config` names and recovers it (blocking: it reads
-/// every retained record); `None` for an ephemeral hub. The binary calls it
-/// before it binds a port, so that a directory it cannot use or a damaged
-/// log stops it first.
-pub fn open_log(config: &Config) -> Result<Option<Opened>, crate::store::OpenError> {
+/// every retained record, one segment at a time, into the shards' memory);
+/// `None` for an ephemeral hub. The binary calls it before it binds a port,
+/// so that a directory it cannot use or a damaged log stops it first.
+pub fn open_log(config: &Config) -> Result<Option<Durable>, crate::store::OpenError> {
     if config.ephemeral {
         return Ok(None);
     }
+    struct Rebuild<'a> {
+        config: &'a Config,
+        memories: Vec<ShardMemory>,
+        records: u64,
+    }
+    impl crate::store::Restore for Rebuild<'_> {
+        fn begin(&mut self, _shard: u32, first_seq: u64) {
+            self.memories.push(self.config.shard_memory(first_seq));
+        }
+        fn record(&mut self, _shard: u32, r: crate::store::Recovered) {
+            self.records += 1;
+            if let Some(m) = self.memories.last_mut() {
+                m.restore(r.seq, r.entry);
+            }
+        }
+    }
+    let mut rebuild = Rebuild {
+        config,
+        memories: Vec::with_capacity(config.shards as usize),
+        records: 0,
+    };
     let opened = crate::store::open(
         &config.data_dir,
         config.shards,
         config.retention(),
         config.repair,
+        &mut rebuild,
     )?;
-    let records: usize = opened.shards.iter().map(|s| s.records.len()).sum();
     tracing::info!(
         data_dir = %config.data_dir.display(),
         epoch = opened.epoch,
         new_epoch = opened.new_epoch,
-        records,
+        records = rebuild.records,
         fsync = ?config.fsync,
         "durable log opened"
     );
-    Ok(Some(opened))
+    Ok(Some(Durable {
+        opened,
+        memories: rebuild.memories,
+    }))
 }
 
 /// Rewrites tonic's answers to a request that does not decode into the codes
@@ -99,7 +124,7 @@ pub async fn run(
 /// [`run`] on a log already opened with [`open_log`].
 pub async fn serve(
     config: Config,
-    opened: Option<Opened>,
+    opened: Option<Durable>,
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> Result<(), RunError> {

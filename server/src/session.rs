@@ -242,7 +242,8 @@ pub fn open(
                         log.head()
                     )));
                 }
-                if at + 1 < log.first_seq() {
+                // Retained on disk counts: the session replays from there.
+                if at + 1 < hub.retained_first(s) {
                     expired.push(s as u32);
                     sent[s] = log.head();
                 } else {
@@ -558,16 +559,109 @@ impl Session {
         !e.gap && (!self.shared.replication || e.local) && self.shared.wants(e.entity.namespace())
     }
 
-    /// Shards whose unsent entries the log no longer holds.
+    /// Shards whose unsent entries the log (in memory or on disk) no
+    /// longer holds.
     fn gaps(&self) -> Vec<u32> {
-        self.hub
-            .logs
+        self.sent
             .iter()
-            .zip(&self.sent)
             .enumerate()
-            .filter(|(_, (log, sent))| **sent + 1 < log.first_seq())
+            .filter(|(s, sent)| **sent + 1 < self.hub.retained_first(*s))
             .map(|(s, _)| s as u32)
             .collect()
+    }
+
+    /// A frame replayed from the durable log for the first shard whose
+    /// cursor is older than the in-memory tail but still on disk (one shard
+    /// per frame; the next fill takes the next part). `None` when no shard
+    /// is there, or what was read held nothing for this node.
+    ///
+    /// The read is a synchronous file read on this stream's task: segments
+    /// are small and usually in the page cache, and only nodes that fell
+    /// that far behind take this path.
+    fn fill_from_disk(&mut self, budget: u32) -> Option<Frame> {
+        /// Segment reads one fill may make for a node whose filter skips
+        /// what it reads; the progress tick's fill goes on from there.
+        const MAX_READS: usize = 16;
+        if self.hub.disk.is_empty() {
+            return None;
+        }
+        let n = self.sent.len();
+        let mut reads = 0;
+        let mut s = 0;
+        while s < n && reads < MAX_READS {
+            let mem_first = self.hub.logs[s].first_seq();
+            if self.sent[s] + 1 >= mem_first || self.sent[s] + 1 < self.hub.disk[s].first_seq() {
+                s += 1;
+                continue;
+            }
+            reads += 1;
+            let read =
+                self.hub.disk[s].read(self.sent[s], mem_first, budget as usize, self.frame_limit);
+            let entries = match read {
+                Ok(Some(entries)) if !entries.is_empty() => entries,
+                // Retention dropped the segment meanwhile: the main fill
+                // resets the shard.
+                Ok(_) => {
+                    s += 1;
+                    continue;
+                }
+                Err(e) => {
+                    tracing::error!(node_id = %self.shared.node_id, shard = s, error = %e, "cannot replay from the durable log; the shard is reset");
+                    let at = mem_first - 1;
+                    return Some(self.reset_to(
+                        vec![s as u32],
+                        false,
+                        pb::ResetReason::CursorExpired,
+                        vec![(s as u32, at)],
+                    ));
+                }
+            };
+            let mut count = 0u32;
+            let mut oldest = u64::MAX;
+            let mut last = None;
+            for (seq, e) in &entries {
+                if e.gap && !self.shared.replication {
+                    if count == 0 {
+                        return Some(self.reset_to(
+                            vec![s as u32],
+                            false,
+                            pb::ResetReason::ReplicationGap,
+                            vec![(s as u32, *seq)],
+                        ));
+                    }
+                    break;
+                }
+                if self.wants(e) {
+                    if count == budget
+                        || (count > 0
+                            && self.builder.encoded_len() + e.bytes.len() > self.frame_limit)
+                    {
+                        break;
+                    }
+                    self.builder.push(&e.bytes);
+                    oldest = oldest.min(e.publish_time_us);
+                    count += 1;
+                    last = Some(*seq);
+                }
+                self.sent[s] = *seq;
+            }
+            if count == 0 {
+                // Nothing in this part for this node's filter: read on.
+                continue;
+            }
+            let prompt_above = (self.shared.max_in_flight / PROMPT_ACK_SHARE).max(1);
+            let ack_requested = self.in_flight + count >= prompt_above;
+            self.track(Sent {
+                positions: last.map(|seq| (s as u32, seq)).into_iter().collect(),
+                count,
+                watermark_us: 0,
+                oldest_publish_us: oldest,
+            });
+            self.tally.frame(count);
+            self.caught_up = false;
+            return Some(self.builder.finish(0, ack_requested));
+        }
+        None
     }
 
     /// Moves the given shards to their head and builds the reset for them.
@@ -710,6 +804,9 @@ impl Session {
                 return Fill::Blocked;
             }
         }
+        if let Some(frame) = self.fill_from_disk(budget) {
+            return Fill::Frame(frame);
+        }
         let t = self.hub.clock.now_us();
         let n = self.sent.len();
         let mut count = 0u32;
@@ -731,9 +828,12 @@ impl Session {
             }
             let log = shared_log.read();
             if self.sent[s] + 1 < log.first_seq() {
-                // The reset goes before any event of this fill, or in the
-                // next one.
-                gaps.push(s as u32);
+                // Still on disk: the next fill replays it from there.
+                // Otherwise the reset goes before any event of this fill,
+                // or in the next one.
+                if self.sent[s] + 1 < self.hub.retained_first(s) {
+                    gaps.push(s as u32);
+                }
                 complete = false;
                 continue;
             }

@@ -8,9 +8,12 @@
 //!
 //! ## Remembered versions are bounded
 //! The actor remembers `(version, seq)` for every entity that has an event in
-//! the retained log, plus up to `remember_extra` entities whose events have
+//! the in-memory log, plus up to `remember_extra` entities whose events have
 //! all left it (the most recently retired ones). So the map holds at most
-//! `retained events + remember_extra` entries per shard.
+//! `events in memory + remember_extra` entries per shard. `remember_extra`
+//! is the shard's share of the whole retained log (`log_max_events / S`), so
+//! with a durable log, whose memory holds only its newest part, the map
+//! still covers what a node can be replayed from disk.
 //!
 //! Forgetting is safe for SPEC G3: a forgotten entity's newest event is older
 //! than the whole retained log. A publish of an older version of it can only
@@ -43,7 +46,7 @@ use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use crate::clock::Clock;
 use crate::log::{LogEntry, SharedLog};
-use crate::store::{FsyncPolicy, Recovered, ShardStore, WriteFailed, encode_record};
+use crate::store::{FsyncPolicy, ShardStore, WriteFailed, encode_record};
 use crate::telemetry::{Adopt, AppendTraces, num};
 
 /// Most commands one wake-up of an actor takes from its queue.
@@ -121,8 +124,6 @@ pub struct ShardContext {
     pub clock: Clock,
     /// Bumped after every append, to wake the sessions.
     pub appended: watch::Sender<u64>,
-    /// Entities remembered beyond those in the retained log, per shard.
-    pub remember_extra: usize,
     /// When a durable log's writes are flushed to the disk.
     pub fsync: FsyncPolicy,
     /// The flush period for [`FsyncPolicy::Interval`].
@@ -140,36 +141,31 @@ pub struct ShardHandle {
 }
 
 impl ShardHandle {
-    /// Spawns the actor of shard `id` on `tracker`. With a durable log,
-    /// `store` is where its appends go and `recovered` what the disk held:
-    /// the in-memory log and the newest-version memory are rebuilt from it
-    /// before the actor takes its first command.
+    /// Spawns the actor of shard `id` on `tracker`, starting from `memory`
+    /// (empty, or rebuilt from the durable log). With a durable log, `store`
+    /// is where its appends go.
     pub fn spawn(
         id: u32,
-        log: Arc<SharedLog>,
+        memory: ShardMemory,
         ctx: Arc<ShardContext>,
         queue: usize,
         tracker: &TaskTracker,
         store: Option<ShardStore>,
-        recovered: Vec<Recovered>,
     ) -> Self {
         let (tx, rx) = mpsc::channel(queue);
         let traces = Arc::new(AppendTraces::default());
-        let mut actor = Actor {
+        let actor = Actor {
             id,
-            head: log.head(),
-            log,
+            head: memory.log.head(),
+            mem: memory,
             ctx,
             traces: traces.clone(),
-            versions: HashMap::new(),
-            retired: VecDeque::new(),
             gap_entity: Entity::parse(GAP_ENTITY)
                 .unwrap_or_else(|_| unreachable!("valid constant")),
             store,
             sync_due: None,
             record_buf: Vec::new(),
         };
-        actor.restore(recovered);
         tracker.spawn(actor.run(rx));
         Self { tx, traces }
     }
@@ -201,14 +197,86 @@ struct Remembered {
     seq: u64,
 }
 
+/// A shard's log in memory and its newest-version memory: what its actor
+/// owns, built before the actor runs (empty, or rebuilt from the durable
+/// log by [`ShardMemory::restore`]).
+#[derive(Debug)]
+pub struct ShardMemory {
+    log: Arc<SharedLog>,
+    versions: HashMap<Entity, Remembered>,
+    /// Entities whose newest event left the in-memory log, oldest first.
+    retired: VecDeque<(Entity, u64)>,
+    /// Entities remembered beyond those in the in-memory log.
+    remember_extra: usize,
+}
+
+impl ShardMemory {
+    /// An empty shard whose next seq is `first_seq`, with an in-memory log
+    /// of these bounds.
+    pub fn new(first_seq: u64, max_events: usize, max_bytes: usize, remember_extra: usize) -> Self {
+        Self {
+            log: Arc::new(SharedLog::starting_at(first_seq, max_events, max_bytes)),
+            versions: HashMap::new(),
+            retired: VecDeque::new(),
+            remember_extra,
+        }
+    }
+
+    /// The shard's log, shared with the sessions.
+    pub fn log(&self) -> &Arc<SharedLog> {
+        &self.log
+    }
+
+    /// Takes one record of the durable log back, in seq order, as if it had
+    /// just been appended: the in-memory log keeps the newest within its
+    /// bounds, the version memory within its own.
+    pub fn restore(&mut self, seq: u64, entry: LogEntry) {
+        if !entry.gap
+            && let Some(version) = Version::new(entry.version)
+        {
+            self.versions
+                .insert(entry.entity.clone(), Remembered { version, seq });
+        }
+        let evicted = self.log.append_all([entry]);
+        self.forget(evicted);
+    }
+
+    fn is_newest(&self, entity: &Entity, seq: u64) -> bool {
+        self.versions.get(entity).is_some_and(|r| r.seq == seq)
+    }
+
+    /// Entities whose newest event left the log become candidates, oldest
+    /// first; the oldest are forgotten while the map is over its bound.
+    fn forget(&mut self, evicted: Vec<(u64, LogEntry)>) {
+        for (seq, entry) in evicted {
+            if self.is_newest(&entry.entity, seq) {
+                self.retired.push_back((entry.entity, seq));
+            }
+        }
+        let bound = self.log.read().len() + self.remember_extra;
+        while self.versions.len() > bound {
+            let Some((entity, seq)) = self.retired.pop_front() else {
+                break;
+            };
+            if self.is_newest(&entity, seq) {
+                self.versions.remove(&entity);
+            }
+        }
+        // Candidates whose entity was published again since are stale; drop
+        // them before they outnumber the map.
+        if self.retired.len() > self.versions.len() {
+            let versions = &self.versions;
+            self.retired
+                .retain(|(e, seq)| versions.get(e).is_some_and(|r| r.seq == *seq));
+        }
+    }
+}
+
 struct Actor {
     id: u32,
-    log: Arc<SharedLog>,
+    mem: ShardMemory,
     ctx: Arc<ShardContext>,
     traces: Arc<AppendTraces>,
-    versions: HashMap<Entity, Remembered>,
-    /// Entities whose newest event left the log, oldest first.
-    retired: VecDeque<(Entity, u64)>,
     head: u64,
     /// Placeholder entity of gap markers (they concern a shard, not an entity).
     gap_entity: Entity,
@@ -249,32 +317,6 @@ impl Actor {
             self.flush().await;
         }
         tracing::debug!(shard = self.id, "shard actor stopped");
-    }
-
-    /// Rebuilds the in-memory log and the newest-version memory from what
-    /// the disk held, as if the events had just been appended.
-    fn restore(&mut self, recovered: Vec<Recovered>) {
-        if recovered.is_empty() {
-            return;
-        }
-        let mut entries = Vec::with_capacity(recovered.len());
-        for r in recovered {
-            if let Some(version) = Version::new(r.entry.version)
-                && !r.entry.gap
-            {
-                self.versions.insert(
-                    r.entry.entity.clone(),
-                    Remembered {
-                        version,
-                        seq: r.seq,
-                    },
-                );
-            }
-            self.head = r.seq;
-            entries.push(r.entry);
-        }
-        let evicted = self.log.append_all(entries);
-        self.forget(evicted);
     }
 
     /// Flushes what was written since the last flush (`fsync = interval`).
@@ -338,8 +380,7 @@ impl Actor {
                 let r = store.append(&buf, count, false);
                 self.store = Some(store);
                 self.record_buf = buf;
-                if r.is_ok() && self.ctx.fsync == FsyncPolicy::Interval && self.sync_due.is_none()
-                {
+                if r.is_ok() && self.ctx.fsync == FsyncPolicy::Interval && self.sync_due.is_none() {
                     self.sync_due = Some(tokio::time::Instant::now() + self.ctx.fsync_interval);
                 }
                 r
@@ -406,8 +447,8 @@ impl Actor {
                     continue;
                 }
                 match prev {
-                    Some(r) => self.versions.insert(e.entity.clone(), r),
-                    None => self.versions.remove(&e.entity),
+                    Some(r) => self.mem.versions.insert(e.entity.clone(), r),
+                    None => self.mem.versions.remove(&e.entity),
                 };
             }
             for (reply, _) in replies {
@@ -429,8 +470,8 @@ impl Actor {
         }
         if !appended.is_empty() {
             metrics::counter!(crate::metrics::EVENTS_APPENDED).increment(appended.len() as u64);
-            let evicted = self.log.append_all(appended);
-            self.forget(evicted);
+            let evicted = self.mem.log.append_all(appended);
+            self.mem.forget(evicted);
             self.ctx.appended.send_modify(|g| *g = g.wrapping_add(1));
         }
         for (reply, outcomes) in replies {
@@ -483,7 +524,7 @@ impl Actor {
         appended: &mut Vec<LogEntry>,
         undo: &mut Vec<Option<Remembered>>,
     ) -> EventOutcome {
-        if let Some(r) = self.versions.get(&e.entity)
+        if let Some(r) = self.mem.versions.get(&e.entity)
             && r.version >= e.version
         {
             let outcome = if r.version == e.version {
@@ -523,7 +564,7 @@ impl Actor {
             version: e.version.get(),
             bytes,
         });
-        let prev = self.versions.insert(
+        let prev = self.mem.versions.insert(
             e.entity,
             Remembered {
                 version: e.version,
@@ -535,36 +576,6 @@ impl Actor {
             outcome: Outcome::Applied,
             seq,
             current_version: e.version,
-        }
-    }
-
-    fn is_newest(&self, entity: &Entity, seq: u64) -> bool {
-        self.versions.get(entity).is_some_and(|r| r.seq == seq)
-    }
-
-    /// Entities whose newest event left the log become candidates, oldest
-    /// first; the oldest are forgotten while the map is over its bound.
-    fn forget(&mut self, evicted: Vec<(u64, LogEntry)>) {
-        for (seq, entry) in evicted {
-            if self.is_newest(&entry.entity, seq) {
-                self.retired.push_back((entry.entity, seq));
-            }
-        }
-        let bound = self.log.read().len() + self.ctx.remember_extra;
-        while self.versions.len() > bound {
-            let Some((entity, seq)) = self.retired.pop_front() else {
-                break;
-            };
-            if self.is_newest(&entity, seq) {
-                self.versions.remove(&entity);
-            }
-        }
-        // Candidates whose entity was published again since are stale; drop
-        // them before they outnumber the map.
-        if self.retired.len() > self.versions.len() {
-            let versions = &self.versions;
-            self.retired
-                .retain(|(e, seq)| versions.get(e).is_some_and(|r| r.seq == *seq));
         }
     }
 }

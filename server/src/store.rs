@@ -44,6 +44,7 @@ use std::io::{self, Read, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use bytes::Bytes;
 use freshness::{Entity, Version};
@@ -82,7 +83,9 @@ pub enum OpenError {
         path: PathBuf,
     },
     /// The directory holds a log of another shape.
-    #[error("data_dir {path} holds a log of {found} shards; this hub has shards = {configured} (use a new data_dir)")]
+    #[error(
+        "data_dir {path} holds a log of {found} shards; this hub has shards = {configured} (use a new data_dir)"
+    )]
     ShardMismatch {
         /// The directory.
         path: PathBuf,
@@ -100,7 +103,9 @@ pub enum OpenError {
         reason: String,
     },
     /// A record before the tail is damaged.
-    #[error("corrupt log: {file} at offset {offset}: {reason}; start with --repair to keep the valid prefix and begin a new epoch")]
+    #[error(
+        "corrupt log: {file} at offset {offset}: {reason}; start with --repair to keep the valid prefix and begin a new epoch"
+    )]
     Corrupt {
         /// The segment file.
         file: PathBuf,
@@ -178,15 +183,14 @@ pub struct Recovered {
     pub entry: LogEntry,
 }
 
-/// A shard as found on disk.
-#[derive(Debug)]
-pub struct RecoveredShard {
-    /// Seq the shard's first retained record has (head + 1 when empty).
-    pub first_seq: u64,
-    /// Its records, oldest first, seqs without a gap from `first_seq`.
-    pub records: Vec<Recovered>,
-    /// Where its appends go.
-    pub store: ShardStore,
+/// Where [`open`] hands the records it reads back, shard by shard, in seq
+/// order, so that recovery holds one segment at a time, not the log.
+pub trait Restore {
+    /// Shard `shard` starts at `first_seq` (its oldest record on disk, or
+    /// the seq its next record gets when it has none).
+    fn begin(&mut self, shard: u32, first_seq: u64);
+    /// The next valid record of `shard`.
+    fn record(&mut self, shard: u32, record: Recovered);
 }
 
 /// An opened data directory.
@@ -196,8 +200,10 @@ pub struct Opened {
     pub epoch: u64,
     /// True when the epoch is new (empty directory or `--repair`).
     pub new_epoch: bool,
-    /// Every shard, by index.
-    pub shards: Vec<RecoveredShard>,
+    /// Every shard's store, by index: where its appends go.
+    pub stores: Vec<ShardStore>,
+    /// Every shard's reader, by index: how sessions replay what left memory.
+    pub readers: Vec<DiskReader>,
     /// The directory, held until the hub stops.
     pub dir: Arc<DataDir>,
 }
@@ -217,11 +223,14 @@ impl DataDir {
 
     /// Reads the cursor persisted for a peer region's link.
     pub fn peer_cursor(&self, region: &str) -> Option<(u64, Vec<u64>)> {
-        let text = fs::read_to_string(self.path.join("peers").join(format!("{region}.cursor")))
-            .ok()?;
+        let text =
+            fs::read_to_string(self.path.join("peers").join(format!("{region}.cursor"))).ok()?;
         let mut words = text.split_whitespace();
         let epoch = words.next()?.parse().ok()?;
-        let seqs = words.map(str::parse).collect::<Result<Vec<u64>, _>>().ok()?;
+        let seqs = words
+            .map(str::parse)
+            .collect::<Result<Vec<u64>, _>>()
+            .ok()?;
         Some((epoch, seqs))
     }
 
@@ -238,7 +247,11 @@ impl DataDir {
             text.push_str(&s.to_string());
         }
         text.push('\n');
-        write_atomically(&dir.join(format!("{region}.cursor")), text.as_bytes(), false)
+        write_atomically(
+            &dir.join(format!("{region}.cursor")),
+            text.as_bytes(),
+            false,
+        )
     }
 }
 
@@ -250,6 +263,7 @@ pub fn open(
     shards: u32,
     retention: Retention,
     repair: bool,
+    restore: &mut dyn Restore,
 ) -> Result<Opened, OpenError> {
     let unusable = |p: &Path| {
         let p = p.to_owned();
@@ -291,12 +305,14 @@ pub fn open(
         });
     }
     let mut repaired = false;
-    let mut recovered = Vec::with_capacity(shards as usize);
+    let mut stores = Vec::with_capacity(shards as usize);
+    let mut readers = Vec::with_capacity(shards as usize);
     for s in 0..shards {
         let dir = path.join(format!("shard-{s:05}"));
-        let (shard, fixed) = recover_shard(&dir, retention, repair || meta.is_none())?;
+        let (store, fixed) = recover_shard(s, &dir, retention, repair || meta.is_none(), restore)?;
         repaired |= fixed;
-        recovered.push(shard);
+        readers.push(store.reader());
+        stores.push(store);
     }
     let (epoch, new_epoch) = match meta {
         Some((epoch, _)) if !repaired => (epoch, false),
@@ -313,7 +329,8 @@ pub fn open(
     Ok(Opened {
         epoch,
         new_epoch,
-        shards: recovered,
+        stores,
+        readers,
         dir: Arc::new(DataDir {
             path: path.to_owned(),
             _lock: lock,
@@ -333,13 +350,14 @@ fn parse_meta(text: &str) -> Result<(u64, u32), String> {
         fields
             .get(k)
             .ok_or_else(|| format!("no `{k}`"))
-            .and_then(|v| v.parse::<u64>().map_err(|_| format!("`{k}` is not a number")))
+            .and_then(|v| {
+                v.parse::<u64>()
+                    .map_err(|_| format!("`{k}` is not a number"))
+            })
     };
     let format = get("format")?;
     if format != u64::from(FORMAT) {
-        return Err(format!(
-            "format {format}; this hub reads format {FORMAT}"
-        ));
+        return Err(format!("format {format}; this hub reads format {FORMAT}"));
     }
     let epoch = get("epoch")?;
     let shards = u32::try_from(get("shards")?).map_err(|_| "`shards` is out of range")?;
@@ -393,10 +411,12 @@ fn segment_path(dir: &Path, first_seq: u64) -> PathBuf {
 /// Reads and checks one shard's segments. Returns the shard and whether
 /// anything beyond a torn tail was cut (which needs a new epoch).
 fn recover_shard(
+    shard: u32,
     dir: &Path,
     retention: Retention,
     repair: bool,
-) -> Result<(RecoveredShard, bool), OpenError> {
+    restore: &mut dyn Restore,
+) -> Result<(ShardStore, bool), OpenError> {
     let unusable = |p: &Path| {
         let p = p.to_owned();
         move |source| OpenError::Unusable { path: p, source }
@@ -409,12 +429,15 @@ fn recover_shard(
         let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
             continue;
         };
-        if let Some(first) = name.strip_suffix(".seg").and_then(|n| n.parse::<u64>().ok()) {
+        if let Some(first) = name
+            .strip_suffix(".seg")
+            .and_then(|n| n.parse::<u64>().ok())
+        {
             found.push((first, path));
         }
     }
     found.sort();
-    let mut records = Vec::new();
+    restore.begin(shard, found.first().map_or(1, |(first, _)| *first));
     let mut segments: VecDeque<Segment> = VecDeque::new();
     let mut repaired = false;
     let mut next_seq: Option<u64> = None;
@@ -428,7 +451,10 @@ fn recover_shard(
             let err = OpenError::Corrupt {
                 file: path.clone(),
                 offset: 0,
-                reason: format!("segment starts at seq {first}, the one before ended at {}", expected - 1),
+                reason: format!(
+                    "segment starts at seq {first}, the one before ended at {}",
+                    expected - 1
+                ),
             };
             if !repair {
                 return Err(err);
@@ -483,7 +509,9 @@ fn recover_shard(
             events,
             bytes: valid_len,
         });
-        records.extend(scan.records);
+        for r in scan.records {
+            restore.record(shard, r);
+        }
         if cut_from.is_some() {
             break;
         }
@@ -493,17 +521,10 @@ fn recover_shard(
             fs::remove_file(path).map_err(unusable(path))?;
         }
     }
-    let first_seq = segments.front().map_or(1, |s| s.first_seq);
     let head = next_seq.map_or(0, |n| n - 1);
-    let store = ShardStore::open(dir.to_owned(), segments, head, retention).map_err(unusable(dir))?;
-    Ok((
-        RecoveredShard {
-            first_seq,
-            records,
-            store,
-        },
-        repaired,
-    ))
+    let store =
+        ShardStore::open(dir.to_owned(), segments, head, retention).map_err(unusable(dir))?;
+    Ok((store, repaired))
 }
 
 fn read_file(path: &Path) -> io::Result<Vec<u8>> {
@@ -648,10 +669,81 @@ pub fn encode_record(buf: &mut Vec<u8>, seq: u64, e: &LogEntry) {
     buf[start + 4..start + 8].copy_from_slice(&crc.to_le_bytes());
 }
 
+/// Which segments a shard has, shared by its store (which changes it when
+/// it starts or drops a segment) and its readers.
+#[derive(Debug, Default)]
+struct SegmentIndex {
+    /// `(first seq, path)`, oldest first.
+    segments: parking_lot::RwLock<VecDeque<(u64, PathBuf)>>,
+    /// Seq of the oldest record on disk (head + 1 when there is none).
+    first_seq: AtomicU64,
+}
+
+/// Reads one shard's records back from disk, for sessions whose cursor is
+/// older than the in-memory tail but still retained on disk.
+#[derive(Debug, Clone)]
+pub struct DiskReader {
+    index: Arc<SegmentIndex>,
+}
+
+impl DiskReader {
+    /// Seq of the oldest record on disk.
+    pub fn first_seq(&self) -> u64 {
+        self.index.first_seq.load(Ordering::Acquire)
+    }
+
+    /// The records with seqs after `after` and before `before`, from the
+    /// one segment that holds `after + 1`, oldest first: at most `max`
+    /// records and about `max_bytes` of events. Fewer (or none) when the
+    /// segment ends first; the caller asks again from where it got to.
+    /// `Ok(None)` when the segment is gone (retention dropped it).
+    pub fn read(
+        &self,
+        after: u64,
+        before: u64,
+        max: usize,
+        max_bytes: usize,
+    ) -> io::Result<Option<Vec<(u64, LogEntry)>>> {
+        let want = after + 1;
+        let path = {
+            let segments = self.index.segments.read();
+            match segments.iter().rev().find(|(first, _)| *first <= want) {
+                Some((_, p)) => p.clone(),
+                None => return Ok(None),
+            }
+        };
+        let data = match read_file(&path) {
+            Ok(d) => d,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        let mut out = Vec::new();
+        let mut bytes = 0;
+        let mut at = 0;
+        while at < data.len() && out.len() < max && bytes < max_bytes {
+            // Only seqs below the in-memory head are read, which were fully
+            // written long before: a bad record here is real damage.
+            let (rec, next) = read_record(&data, at, 0).map_err(|reason| {
+                io::Error::other(format!("{}: offset {at}: {reason}", path.display()))
+            })?;
+            at = next;
+            if rec.seq >= before {
+                break;
+            }
+            if rec.seq > after {
+                bytes += rec.entry.bytes.len();
+                out.push((rec.seq, rec.entry));
+            }
+        }
+        Ok(Some(out))
+    }
+}
+
 /// One shard's segments on disk: where its appends go.
 #[derive(Debug)]
 pub struct ShardStore {
     dir: PathBuf,
+    index: Arc<SegmentIndex>,
     /// Oldest first; the last is the active one.
     segments: VecDeque<Segment>,
     active: Option<File>,
@@ -675,15 +767,38 @@ impl ShardStore {
         };
         let events = segments.iter().map(|s| s.events).sum();
         let bytes = segments.iter().map(|s| s.bytes).sum();
-        Ok(Self {
+        let index = Arc::new(SegmentIndex::default());
+        let store = Self {
             dir,
+            index,
             segments,
             active,
             head,
             retention,
             events,
             bytes,
-        })
+        };
+        store.publish_index();
+        Ok(store)
+    }
+
+    /// A reader of this shard for sessions.
+    pub fn reader(&self) -> DiskReader {
+        DiskReader {
+            index: self.index.clone(),
+        }
+    }
+
+    /// Hands the segment list to the readers.
+    fn publish_index(&self) {
+        *self.index.segments.write() = self
+            .segments
+            .iter()
+            .map(|s| (s.first_seq, s.path.clone()))
+            .collect();
+        self.index
+            .first_seq
+            .store(self.first_seq(), Ordering::Release);
     }
 
     /// Writes the records of `count` entries (seqs `head + 1 ..= head +
@@ -701,13 +816,9 @@ impl ShardStore {
             return Err(io::Error::other("no active segment"));
         };
         let at = seg.bytes;
-        let written = file.write_all_at(buf, at).and_then(|()| {
-            if sync {
-                file.sync_data()
-            } else {
-                Ok(())
-            }
-        });
+        let written = file
+            .write_all_at(buf, at)
+            .and_then(|()| if sync { file.sync_data() } else { Ok(()) });
         if let Err(e) = written {
             // Cut back whatever part of the buffer reached the file; the
             // next write goes to the same offset anyway.
@@ -755,10 +866,12 @@ impl ShardStore {
             bytes: 0,
         });
         self.active = Some(file);
+        self.publish_index();
         Ok(())
     }
 
     /// Drops the oldest segments while the others still hold the bounds.
+    /// Readers learn first, so none opens a segment that is going.
     fn trim(&mut self) {
         while self.segments.len() > 1 {
             let Some(oldest) = self.segments.front() else {
@@ -769,19 +882,24 @@ impl ShardStore {
             if !over {
                 break;
             }
-            if let Err(e) = fs::remove_file(&oldest.path) {
-                tracing::warn!(file = %oldest.path.display(), error = %e, "cannot remove an expired segment");
+            let Some(oldest) = self.segments.pop_front() else {
                 break;
-            }
+            };
             self.events -= oldest.events;
             self.bytes -= oldest.bytes;
-            self.segments.pop_front();
+            self.publish_index();
+            if let Err(e) = fs::remove_file(&oldest.path) {
+                tracing::warn!(file = %oldest.path.display(), error = %e, "cannot remove an expired segment");
+            }
         }
     }
 
     /// Seq of the oldest record on disk.
     pub fn first_seq(&self) -> u64 {
-        self.segments.front().map_or(self.head + 1, |s| s.first_seq)
+        match self.segments.front() {
+            Some(s) if s.events > 0 || self.segments.len() > 1 => s.first_seq,
+            _ => self.head + 1,
+        }
     }
 
     /// Bytes on disk.
@@ -802,6 +920,31 @@ mod tests {
         }
     }
 
+    /// Collects what recovery hands back.
+    #[derive(Default)]
+    struct Collect {
+        first: BTreeMap<u32, u64>,
+        records: BTreeMap<u32, Vec<Recovered>>,
+    }
+
+    impl Restore for Collect {
+        fn begin(&mut self, shard: u32, first_seq: u64) {
+            self.first.insert(shard, first_seq);
+        }
+        fn record(&mut self, shard: u32, record: Recovered) {
+            self.records.entry(shard).or_default().push(record);
+        }
+    }
+
+    fn open_collect(
+        path: &Path,
+        shards: u32,
+        r: Retention,
+    ) -> (Result<Opened, OpenError>, Collect) {
+        let mut c = Collect::default();
+        (open(path, shards, r, false, &mut c), c)
+    }
+
     fn entry(entity: &str, version: u64) -> LogEntry {
         LogEntry {
             entity: Entity::parse(entity).unwrap(),
@@ -817,7 +960,11 @@ mod tests {
     fn write(store: &mut ShardStore, from: u64, n: u64) {
         let mut buf = Vec::new();
         for i in 0..n {
-            encode_record(&mut buf, from + i, &entry(&format!("user:{}", from + i), from + i));
+            encode_record(
+                &mut buf,
+                from + i,
+                &entry(&format!("user:{}", from + i), from + i),
+            );
         }
         store.append(&buf, n, true).unwrap();
     }
@@ -825,30 +972,61 @@ mod tests {
     #[test]
     fn records_survive_a_reopen_across_segments() {
         let tmp = tempfile::tempdir().unwrap();
-        let opened = open(tmp.path(), 2, retention(), false).unwrap();
+        let (opened, _) = open_collect(tmp.path(), 2, retention());
+        let mut opened = opened.unwrap();
         assert!(opened.new_epoch);
         let epoch = opened.epoch;
-        let mut shards = opened.shards;
-        write(&mut shards[1].store, 1, 30);
-        write(&mut shards[1].store, 31, 30);
-        drop(shards);
-        drop(opened.dir);
-        let again = open(tmp.path(), 2, retention(), false).unwrap();
+        write(&mut opened.stores[1], 1, 30);
+        write(&mut opened.stores[1], 31, 30);
+        drop(opened);
+        let (again, got) = open_collect(tmp.path(), 2, retention());
+        let again = again.unwrap();
         assert_eq!((again.epoch, again.new_epoch), (epoch, false));
-        let s = &again.shards[1];
-        assert_eq!(s.records.len(), 60);
-        assert!(s.records.iter().enumerate().all(|(i, r)| r.seq == i as u64 + 1));
-        assert_eq!(s.records[59].entry.version, 60);
-        assert!(again.shards[0].records.is_empty());
-        assert!(fs::read_dir(tmp.path().join("shard-00001")).unwrap().count() > 1);
+        let s = &got.records[&1];
+        assert_eq!(s.len(), 60);
+        assert!(s.iter().enumerate().all(|(i, r)| r.seq == i as u64 + 1));
+        assert_eq!(s[59].entry.version, 60);
+        assert!(!got.records.contains_key(&0));
+        assert_eq!((got.first[&0], got.first[&1]), (1, 1));
+        assert!(
+            fs::read_dir(tmp.path().join("shard-00001"))
+                .unwrap()
+                .count()
+                > 1
+        );
+    }
+
+    #[test]
+    fn a_reader_replays_a_range_segment_by_segment() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (opened, _) = open_collect(tmp.path(), 1, retention());
+        let mut opened = opened.unwrap();
+        for i in 0..10 {
+            write(&mut opened.stores[0], 1 + i * 10, 10);
+        }
+        let reader = opened.readers[0].clone();
+        assert_eq!(reader.first_seq(), 1);
+        let mut after = 4;
+        let mut seen = Vec::new();
+        while after < 89 {
+            let chunk = reader.read(after, 90, 7, usize::MAX).unwrap().unwrap();
+            assert!(!chunk.is_empty() && chunk.len() <= 7);
+            for (seq, e) in chunk {
+                assert_eq!(e.version, seq);
+                seen.push(seq);
+                after = seq;
+            }
+        }
+        assert_eq!(seen, (5..90).collect::<Vec<_>>());
     }
 
     #[test]
     fn a_second_hub_cannot_take_the_directory() {
         let tmp = tempfile::tempdir().unwrap();
-        let _held = open(tmp.path(), 1, retention(), false).unwrap();
+        let (_held, _) = open_collect(tmp.path(), 1, retention());
+        let _held = _held.unwrap();
         assert!(matches!(
-            open(tmp.path(), 1, retention(), false),
+            open_collect(tmp.path(), 1, retention()).0,
             Err(OpenError::Locked { .. })
         ));
     }
@@ -856,9 +1034,16 @@ mod tests {
     #[test]
     fn another_shard_count_is_refused() {
         let tmp = tempfile::tempdir().unwrap();
-        drop(open(tmp.path(), 4, retention(), false).unwrap());
-        let err = open(tmp.path(), 8, retention(), false).unwrap_err();
-        assert!(matches!(err, OpenError::ShardMismatch { found: 4, configured: 8, .. }));
+        drop(open_collect(tmp.path(), 4, retention()).0.unwrap());
+        let err = open_collect(tmp.path(), 8, retention()).0.unwrap_err();
+        assert!(matches!(
+            err,
+            OpenError::ShardMismatch {
+                found: 4,
+                configured: 8,
+                ..
+            }
+        ));
         assert_eq!(err.exit_code(), 64);
     }
 
@@ -869,12 +1054,25 @@ mod tests {
             max_events: 50,
             ..retention()
         };
-        let mut opened = open(tmp.path(), 1, r, false).unwrap();
+        let (opened, _) = open_collect(tmp.path(), 1, r);
+        let mut opened = opened.unwrap();
         for i in 0..20 {
-            write(&mut opened.shards[0].store, 1 + i * 10, 10);
+            write(&mut opened.stores[0], 1 + i * 10, 10);
         }
-        let store = &opened.shards[0].store;
-        assert!(store.events >= 50 && store.events < 50 + 40, "{}", store.events);
+        let store = &opened.stores[0];
+        assert!(
+            store.events >= 50 && store.events < 50 + 40,
+            "{}",
+            store.events
+        );
         assert!(store.first_seq() > 1);
+        assert_eq!(opened.readers[0].first_seq(), store.first_seq());
+        // What retention dropped cannot be read back.
+        assert!(
+            opened.readers[0]
+                .read(0, 1000, 10, usize::MAX)
+                .unwrap()
+                .is_none()
+        );
     }
 }
