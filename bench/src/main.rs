@@ -13,6 +13,7 @@
 //! BENCHMARKS.md for what each workload measures.
 #![forbid(unsafe_code)]
 
+mod peers;
 mod procfs;
 mod run;
 mod server;
@@ -32,6 +33,10 @@ use crate::run::{Env, RunResult};
 use crate::server::{HubLauncher, default_hub_bin};
 use crate::target::Kind;
 use crate::workloads::{Opts, Sink};
+
+/// Name of the runtime's threads, where every node runs: their CPU is the
+/// subscribers'.
+pub const WORKER_THREAD: &str = "bench-worker";
 
 /// Workload names.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -133,6 +138,12 @@ struct Cli {
     /// were placed (e.g. "server pinned cpu0, generator cpu1").
     #[arg(long, default_value = "unpinned")]
     placement: String,
+    /// Events per publish call, for every target alike: one `Publish`, one
+    /// write of that many NATS `PUB`s, one pipeline of that many Redis
+    /// `PUBLISH`es; calls go out when that many events are owed [default:
+    /// every event owed at each 1 ms tick, in one call].
+    #[arg(long, default_value_t = 0)]
+    batch: usize,
     /// One JSON object per run on stdout instead of a table.
     #[arg(long)]
     json: bool,
@@ -250,6 +261,7 @@ async fn main_async(cli: Cli) -> anyhow::Result<()> {
         step: cli.step,
         objective_us: cli.objective_us,
         entities: cli.entities,
+        batch: cli.batch,
     };
     let mut out = Out {
         json: cli.json,
@@ -275,7 +287,7 @@ fn main() -> ExitCode {
     // pinned to one core runs one worker.
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
-        .thread_name("bench-worker")
+        .thread_name(WORKER_THREAD)
         .build()
     {
         Ok(r) => r,
