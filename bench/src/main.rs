@@ -179,7 +179,7 @@ impl Sink for Out {
             self.header = true;
             let _ = writeln!(
                 out,
-                "{:<4} {:<5} {:>6} {:>7} {:>9} {:>10} {:>5} {:>8} {:>8} {:>8} {:>8} {:>11} {:>8} {:>8} {:>7} {:>7}",
+                "{:<4} {:<5} {:>6} {:>7} {:>9} {:>10} {:>5} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>11} {:>8} {:>8} {:>7} {:>7} {:>7} {:>7}",
                 "wl",
                 "tgt",
                 "nodes",
@@ -191,16 +191,20 @@ impl Sink for Out {
                 "p99_us",
                 "p999_us",
                 "ack99_us",
+                "call50us",
+                "call99us",
                 "deliv/s",
                 "cpu_ns/d",
                 "rss_MiB",
                 "srv_cpu",
-                "gen_cpu"
+                "gen_cpu",
+                "sub_cpu",
+                "pub_cpu"
             );
         }
         let _ = writeln!(
             out,
-            "{:<4} {:<5} {:>6} {:>7} {:>9} {:>10} {:>5} {:>8} {:>8} {:>8} {:>8} {:>11.0} {:>8} {:>8} {:>7} {:>7}",
+            "{:<4} {:<5} {:>6} {:>7} {:>9} {:>10} {:>5} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>11.0} {:>8} {:>8} {:>7} {:>7} {:>7} {:>7}{}",
             r.workload,
             r.target,
             r.nodes,
@@ -212,12 +216,22 @@ impl Sink for Out {
             r.completion_p99_us,
             r.completion_p999_us,
             r.ack_p99_us.map_or("-".into(), |v| v.to_string()),
+            r.publish_call_p50_us.map_or("-".into(), |v| v.to_string()),
+            r.publish_call_p99_us.map_or("-".into(), |v| v.to_string()),
             r.deliveries_per_s,
             r.hub_cpu_ns_per_delivery
                 .map_or("-".into(), |v| format!("{v:.0}")),
             mib(r.hub_peak_rss_bytes),
             cores(r.server_cpu_cores),
-            cores(r.loadgen_cpu_cores)
+            cores(r.loadgen_cpu_cores),
+            cores(r.subscriber_cpu_cores),
+            cores(r.publisher_cpu_cores),
+            // The client, not the server, may have been the bound.
+            if r.generator_bound {
+                " client-bound"
+            } else {
+                ""
+            }
         );
         if !r.extra.is_empty() {
             let extra: Vec<String> = r
@@ -261,7 +275,7 @@ async fn main_async(cli: Cli) -> anyhow::Result<()> {
         step: cli.step,
         objective_us: cli.objective_us,
         entities: cli.entities,
-        batch: cli.batch,
+        batch: cli.batch.min(run::MAX_BATCH),
     };
     let mut out = Out {
         json: cli.json,

@@ -675,9 +675,9 @@ async fn publish(
     'ticks: loop {
         tick.tick().await;
         let el = start.elapsed();
-        if el >= spec.duration {
-            break;
-        }
+        // The last tick sends what the whole duration owes, a short call
+        // included, so a batch size loses no event of the plan.
+        let last = el >= spec.duration;
         if let Some(storm) = spec.storm {
             if !downed && el >= storm.down {
                 downed = true;
@@ -691,13 +691,14 @@ async fn publish(
                 storm_monitor = Some(tokio::spawn(watch_storm(tracker.clone(), spec.nodes, owed)));
             }
         }
-        let mut owed = due(spec.rate, el.as_secs_f64()).saturating_sub(sent);
+        let mut owed = due(spec.rate, el.min(spec.duration).as_secs_f64()).saturating_sub(sent);
         // One call of everything owed, or (with a batch size) as many calls
         // of exactly that many events as are owed.
         loop {
             let want = match spec.batch {
                 0 => (owed as usize).min(MAX_BATCH),
                 b if owed >= b as u64 => b,
+                _ if last => owed as usize,
                 _ => 0,
             };
             if want == 0 {
@@ -775,6 +776,9 @@ async fn publish(
             if spec.batch == 0 {
                 break;
             }
+        }
+        if last {
+            break;
         }
     }
     // Wait for the calls still in flight (bounded: they fail or answer).
