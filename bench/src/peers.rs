@@ -267,14 +267,6 @@ fn put_event(out: &mut Vec<u8>, key: u32, version: u64) {
     let _ = prost::Message::encode(&e, out);
 }
 
-fn event_len(key: u32, version: u64) -> usize {
-    prost::Message::encoded_len(&freshness::pb::Event {
-        entity: entity(key),
-        version,
-        ..Default::default()
-    })
-}
-
 /// Splits `host:port` out of `nats://host:port` or `redis://host:port`.
 fn addr_of(url: &str) -> Result<&str> {
     let rest = url
@@ -546,9 +538,12 @@ impl NatsPublisher {
             bail!(e);
         }
         let mut buf = Vec::with_capacity(events.len() * (self.subject.len() + 48));
+        let mut body = Vec::with_capacity(32);
         for &(k, v) in events {
-            buf.put_slice(format!("PUB {} {}\r\n", self.subject, event_len(k, v)).as_bytes());
-            put_event(&mut buf, k, v);
+            body.clear();
+            put_event(&mut body, k, v);
+            buf.put_slice(format!("PUB {} {}\r\n", self.subject, body.len()).as_bytes());
+            buf.put_slice(&body);
             buf.put_slice(b"\r\n");
         }
         self.wr.lock().await.write_all(&buf).await?;
@@ -728,7 +723,6 @@ mod tests {
             let mut out = Vec::new();
             put_event(&mut out, k, v);
             assert_eq!(out, encode_event(k, v).as_ref());
-            assert_eq!(event_len(k, v), out.len());
         }
         // Other fields are skipped; a foreign entity has no key.
         let e = freshness::pb::Event {
