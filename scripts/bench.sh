@@ -21,6 +21,7 @@
 #   B5_PAIRS=5 scripts/bench.sh      # more B5 pairs (default 3; judged by their median)
 #   B2_BATCH=100 scripts/bench.sh    # events per publish call in B2, every target alike (default 100)
 #   B2_NODES=16,64,256 scripts/bench.sh  # B2's node counts (default: the workload's, 16,64,256)
+#   HUB_ARGS=--ephemeral scripts/bench.sh # flags for every started hub (here: no durable log)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -63,6 +64,10 @@ PREFIX=()
 BENCH=("${PREFIX[@]}" taskset -c "$BENCH_CPU" target/release/freshness-bench --json
     --hub-cpus "$SERVER_CPU" --nats-pid "$NATS_PID" --redis-pid "$REDIS_PID"
     --placement "server pinned to cpu$SERVER_CPU, load generator to cpu$BENCH_CPU, priority $PRIO")
+
+# Extra flags for every started hub, e.g. HUB_ARGS=--ephemeral (memory-only
+# log, as the peers keep nothing).
+for a in ${HUB_ARGS:-}; do BENCH+=("--hub-arg=$a"); done
 
 run() { # name, then bench flags
     local name=$1
