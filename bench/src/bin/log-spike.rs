@@ -43,6 +43,11 @@ struct Args {
     /// How long each append measurement runs.
     #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
     each: Duration,
+    /// Instead of measuring: write a hub data directory of this many bytes
+    /// of events into `--dir` (4 KiB payloads over 10,000 entities, 64
+    /// shards, the hub's own format) and stop, for a hub to be started on it.
+    #[arg(long)]
+    fill_bytes: Option<u64>,
 }
 
 fn percentile(sorted: &[u64], p: f64) -> u64 {
@@ -380,6 +385,56 @@ fn open_full(dir: &Path, events: u64) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A hub data directory holding `bytes` of events: what a hub that kept a
+/// large log on disk starts from.
+fn fill(dir: &Path, bytes: u64) -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread().build()?;
+    let mut r = retention(FsyncPolicy::Never);
+    r.segment_bytes = 64 << 20;
+    let opened = store::open(dir, SHARDS, r, false, &mut Nothing)?;
+    let payload = Bytes::from(vec![0x5a; 4096]);
+    let mut seqs = vec![0u64; SHARDS as usize];
+    let mut written = 0u64;
+    let mut i = 0u64;
+    while written < bytes {
+        let mut bufs: Vec<Vec<u8>> = vec![Vec::new(); SHARDS as usize];
+        let mut counts = vec![0u64; SHARDS as usize];
+        for _ in 0..4096 {
+            i += 1;
+            let entity = format!("user:{}", i % 10_000);
+            let shard = freshness::shard(&entity, SHARDS).0;
+            let s = shard as usize;
+            let e = LogEntry {
+                entity: Entity::parse(&entity).expect("valid entity"),
+                local: true,
+                publish_time_us: i,
+                gap: false,
+                awaited: false,
+                version: i,
+                bytes: payload.clone(),
+            };
+            encode_record(&mut bufs[s], shard, seqs[s] + counts[s] + 1, &e);
+            counts[s] += 1;
+        }
+        for s in 0..SHARDS as usize {
+            if counts[s] == 0 {
+                continue;
+            }
+            written += bufs[s].len() as u64;
+            let buf = std::mem::take(&mut bufs[s]);
+            rt.block_on(opened.wal.append(s as u32, seqs[s] + 1, counts[s], buf))
+                .1?;
+            seqs[s] += counts[s];
+        }
+    }
+    drop(opened);
+    println!(
+        "{}",
+        json!({"what": "fill", "events": i, "bytes": walk_bytes(dir)?})
+    );
+    Ok(())
+}
+
 fn walk_bytes(dir: &Path) -> anyhow::Result<u64> {
     let mut total = 0;
     for e in std::fs::read_dir(dir)? {
@@ -398,6 +453,9 @@ fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let _ = std::fs::remove_dir_all(&args.dir);
     std::fs::create_dir_all(&args.dir)?;
+    if let Some(bytes) = args.fill_bytes {
+        return fill(&args.dir, bytes);
+    }
     fsync_probe(&args.dir, args.each)?;
     for batch in [1, 4, 32] {
         wal_rounds(&args.dir, batch, args.each)?;

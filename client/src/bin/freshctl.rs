@@ -391,9 +391,27 @@ async fn status(hub: &str, json: bool) -> anyhow::Result<()> {
     let heads: u64 = s.shards.iter().map(|x| x.head_seq).sum();
     writeln!(
         out,
-        "hub {}  region {}  epoch {}  shards {}  events appended {}  retained {} ({} bytes)",
-        s.hub_id, s.region, s.epoch, s.shard_count, heads, s.retained_events, s.retained_bytes
+        "hub {}  region {}  epoch {}  shards {}  events appended {}  in memory {} ({} bytes)  log {}",
+        s.hub_id,
+        s.region,
+        s.epoch,
+        s.shard_count,
+        heads,
+        s.retained_events,
+        s.retained_bytes,
+        if s.durable {
+            "on disk"
+        } else {
+            "in memory only"
+        }
     )?;
+    if !s.log_error.is_empty() {
+        writeln!(
+            out,
+            "LOG WRITES FAILING (publishes refused until they succeed): {}",
+            s.log_error
+        )?;
+    }
     writeln!(out)?;
     let rows: Vec<[String; 6]> = s
         .nodes
@@ -484,6 +502,8 @@ fn status_json(s: &pb::StatusResponse) -> serde_json::Value {
         "head_seqs": s.shards.iter().map(|x| x.head_seq).collect::<Vec<_>>(),
         "retained_events": s.retained_events,
         "retained_bytes": s.retained_bytes,
+        "durable": s.durable,
+        "log_error": s.log_error,
         "nodes": s.nodes.iter().map(|n| json!({
             "node_id": n.node_id,
             "namespaces": n.namespaces,
