@@ -118,6 +118,8 @@ pub struct Hub {
     pub shutdown: CancellationToken,
     /// What the replication links report, by peer region.
     peers: Mutex<BTreeMap<String, PeerInfo>>,
+    /// Running totals for the status page.
+    pub stats: crate::stats::HubStats,
 }
 
 /// The state of one replication link, for status.
@@ -205,6 +207,7 @@ impl Hub {
                     })
                     .collect(),
             ),
+            stats: crate::stats::HubStats::new(clock.now_us()),
             config,
         })
     }
@@ -266,6 +269,7 @@ impl Hub {
         for (o, _) in &results {
             counts[o.outcome as usize] += 1;
         }
+        self.stats.published(results.len() as u64);
         for (result, n) in ["applied", "duplicate", "superseded"]
             .into_iter()
             .zip(counts)

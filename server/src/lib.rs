@@ -20,8 +20,11 @@ pub mod replication;
 mod server;
 pub mod session;
 pub mod shard;
+pub mod stats;
+pub mod status_json;
 pub mod telemetry;
 mod transport;
+mod web;
 
 pub use config::{Args, Config, ConfigError, LogFormat};
-pub use server::{RunError, run};
+pub use server::{RunError, run, run_with_http};

@@ -58,13 +58,23 @@ fn main() -> ExitCode {
                 return ExitCode::FAILURE;
             }
         };
-        if let Err(e) = freshness_hub::metrics::install(config.metrics_listen) {
+        let http = match tokio::net::TcpListener::bind(config.metrics_listen).await {
+            Ok(l) => l,
+            Err(e) => {
+                eprintln!(
+                    "freshness-hub: cannot serve metrics and the status page on {}: {e}",
+                    config.metrics_listen
+                );
+                return ExitCode::FAILURE;
+            }
+        };
+        if let Err(e) = freshness_hub::metrics::install_recorder() {
             eprintln!("freshness-hub: {e}");
             return ExitCode::FAILURE;
         }
         let shutdown = CancellationToken::new();
         tokio::spawn(signal_shutdown(shutdown.clone()));
-        match freshness_hub::run(config, listener, shutdown).await {
+        match freshness_hub::run_with_http(config, listener, Some(http), shutdown).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("freshness-hub: {e}");

@@ -56,6 +56,17 @@ pub async fn run(
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> Result<(), RunError> {
+    run_with_http(config, listener, None, shutdown).await
+}
+
+/// [`run`], and the HTTP listener (`metrics_listen`: `/metrics`, the status
+/// page at `/`, `/status.json`) on `http` when given.
+pub async fn run_with_http(
+    config: Config,
+    listener: TcpListener,
+    http: Option<TcpListener>,
+    shutdown: CancellationToken,
+) -> Result<(), RunError> {
     config.validate()?;
     let tracker = TaskTracker::new();
     let grace = config.shutdown_grace;
@@ -72,6 +83,10 @@ pub async fn run(
 
     crate::replication::spawn_links(&hub, &tracker);
     tracker.spawn(crate::metrics::sample(hub.clone()));
+    tracker.spawn(crate::stats::sample_every_second(hub.clone()));
+    if let Some(http) = http {
+        tracker.spawn(crate::web::serve(http, hub.clone()));
+    }
     let (health, health_service) = tonic_health::server::health_reporter();
     health
         .set_serving::<pb::raw::hub_server::HubServer<HubService>>()
