@@ -61,6 +61,8 @@ pub const SHARD_QUEUE_MAX: &str = "freshness_shard_queue_depth_max";
 pub const NODE_LAG: &str = "freshness_node_lag_events";
 /// The largest lag of any connected node, sampled every second.
 pub const NODE_LAG_MAX: &str = "freshness_node_lag_events_max";
+/// Connected nodes parked at their in-flight limit, sampled every second.
+pub const NODES_PARKED: &str = "freshness_nodes_parked";
 /// Age of the newest watermark the slowest node acked, sampled every second.
 pub const NODE_STALENESS_MAX: &str = "freshness_node_staleness_seconds_max";
 /// Replication lag per peer region, in events (from the peer's heads).
@@ -89,13 +91,15 @@ pub async fn sample(hub: std::sync::Arc<crate::hub::Hub>) {
         gauge!(SHARD_QUEUE_MAX).set(depths.iter().copied().max().unwrap_or(0) as f64);
         let status = hub.status();
         let lag = histogram!(NODE_LAG);
-        let (mut max_lag, mut max_stale) = (0u64, 0u64);
+        let (mut max_lag, mut max_stale, mut parked) = (0u64, 0u64, 0usize);
         for n in status.nodes.iter().filter(|n| !n.replication) {
+            parked += usize::from(n.parked);
             lag.record(n.lag_events as f64);
             max_lag = max_lag.max(n.lag_events);
             max_stale = max_stale.max(n.staleness_ms);
         }
         gauge!(NODE_LAG_MAX).set(max_lag as f64);
+        gauge!(NODES_PARKED).set(parked as f64);
         gauge!(NODE_STALENESS_MAX).set(max_stale as f64 / 1000.0);
         for p in &status.peers {
             let region = p.region.clone();
