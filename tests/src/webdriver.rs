@@ -21,6 +21,9 @@ use serde_json::{Value, json};
 pub const CHROMIUM: &str = "/usr/bin/chromium";
 /// Debian's chromedriver (package `chromium-driver`).
 pub const CHROMEDRIVER: &str = "/usr/bin/chromedriver";
+/// The longest one WebDriver command may take (starting the browser on a
+/// busy machine is the slowest).
+const COMMAND_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// One HTTP/1.1 request on a fresh connection: the status and the body.
 pub async fn http(
@@ -56,6 +59,7 @@ pub struct Browser {
     addr: SocketAddr,
     session: String,
     profile: PathBuf,
+    log: PathBuf,
 }
 
 impl Browser {
@@ -72,8 +76,10 @@ impl Browser {
             l.local_addr()?.port()
         };
         let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        let log = scratch.join(format!("chromedriver-{}.log", std::process::id()));
         let mut cmd = Command::new(CHROMEDRIVER);
         cmd.arg(format!("--port={port}"))
+            .arg(format!("--log-path={}", log.display()))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null());
@@ -87,11 +93,15 @@ impl Browser {
             addr,
             session: String::new(),
             profile,
+            log,
         };
         // chromedriver answers /status once it listens.
         let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
         loop {
-            if let Ok((StatusCode::OK, body)) = http(addr, Method::GET, "/status", None).await {
+            let probe = http(addr, Method::GET, "/status", None);
+            if let Ok(Ok((StatusCode::OK, body))) =
+                tokio::time::timeout(Duration::from_secs(5), probe).await
+            {
                 let v: Value = serde_json::from_slice(&body)?;
                 if v["value"]["ready"] == json!(true) {
                     break;
@@ -140,17 +150,33 @@ impl Browser {
         path: &str,
         body: Option<&Value>,
     ) -> anyhow::Result<Value> {
-        let (status, bytes) = http(self.addr, method, path, body).await?;
+        let answer = tokio::time::timeout(COMMAND_TIMEOUT, http(self.addr, method, path, body))
+            .await
+            .map_err(|_| {
+                anyhow!(
+                    "webdriver {path}: no answer within {COMMAND_TIMEOUT:?}; chromedriver's log ends:\n{}",
+                    self.log_tail()
+                )
+            })?;
+        let (status, bytes) = answer?;
         let v: Value = serde_json::from_slice(&bytes)
             .with_context(|| format!("webdriver {path}: not JSON: {bytes:?}"))?;
         if !status.is_success() {
             bail!(
-                "webdriver {path}: {status}: {} {}",
+                "webdriver {path}: {status}: {} {}; chromedriver's log ends:\n{}",
                 v["value"]["error"],
-                v["value"]["message"]
+                v["value"]["message"],
+                self.log_tail()
             );
         }
         Ok(v["value"].clone())
+    }
+
+    /// The last lines of chromedriver's log, for failure messages.
+    fn log_tail(&self) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(30)..].join("\n")
     }
 
     fn path(&self, tail: &str) -> String {
@@ -237,5 +263,6 @@ impl Drop for Browser {
         }
         let _ = self.driver.wait();
         let _ = std::fs::remove_dir_all(&self.profile);
+        let _ = std::fs::remove_file(&self.log);
     }
 }
