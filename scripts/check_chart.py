@@ -16,7 +16,8 @@ setting at once, ServiceMonitor included) it:
    ConfigMap (its label, its JSON) and the PrometheusRule, whose rules must
    pass `promtool check rules` (scripts/install-promtool.sh installs it);
    every metric the dashboard and the rules name must be one the hub
-   defines in server/src/metrics.rs.
+   defines in server/src/metrics.rs; `promtool test rules` feeds the rules
+   series that must fire each alert, and healthy ones that must fire none.
 
 The three-region examples must form a full mesh with one shard count. Last,
 a few invalid value sets must be rejected; if one is accepted the check fails.
@@ -432,6 +433,92 @@ def check_monitoring(
     return passed
 
 
+# `promtool test rules` cases for the rules rendered with the default
+# thresholds: series that must fire each alert at 10m, and healthy series
+# that must fire none. Labels as a ServiceMonitor scrape gives them.
+SERIES = 'job="freshness-hub",namespace="freshness",pod="hub-0"'
+WHERE = {"namespace": "freshness", "pod": "hub-0"}
+FIRING = [
+    (f"freshness_deliveries_acked_total{{{SERIES}}}", "0+1000x20"),
+    (f"freshness_deliveries_acked_within_1s_total{{{SERIES}}}", "0+990x20"),
+    (f'freshness_peer_lag_seconds{{{SERIES},peer="us"}}', "0.2x3 5x17"),
+    (f'freshness_peer_connected{{{SERIES},peer="us"}}', "1x3 0x17"),
+    (f'freshness_resets_total{{{SERIES},reason="RESET_REASON_SLOW_CONSUMER"}}', "0x5 0+5x15"),
+    (f"freshness_nodes_parked{{{SERIES}}}", "0x2 3x18"),
+    (f"up{{{SERIES}}}", "1x2 0x18"),
+]
+HEALTHY = [
+    (f"freshness_deliveries_acked_total{{{SERIES}}}", "0+1000x20"),
+    (f"freshness_deliveries_acked_within_1s_total{{{SERIES}}}", "0+1000x20"),
+    (f'freshness_peer_lag_seconds{{{SERIES},peer="us"}}', "0.2x20"),
+    (f'freshness_peer_connected{{{SERIES},peer="us"}}', "1x20"),
+    (f'freshness_resets_total{{{SERIES},reason="RESET_REASON_SLOW_CONSUMER"}}', "0+1x20"),
+    (f"freshness_nodes_parked{{{SERIES}}}", "0x20"),
+    (f"up{{{SERIES}}}", "1x20"),
+]
+EXPECTED = {
+    "FreshnessSLIBurn": {"severity": "critical", **WHERE},
+    "FreshnessPeerLagging": {"severity": "warning", "peer": "us", **WHERE},
+    "FreshnessPeerDisconnected": {"severity": "warning", "peer": "us", **WHERE},
+    "FreshnessSlowConsumerResets": {"severity": "warning", **WHERE},
+    "FreshnessNodesParked": {"severity": "warning", **WHERE},
+    "FreshnessHubNotScraped": {"severity": "critical", "job": "freshness-hub", **WHERE},
+}
+
+
+def test_rules(chart: helm.Chart, failures: Failures) -> int:
+    """Runs promtool's unit tests on the rules rendered with the default
+    thresholds; returns how many alert cases passed."""
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        failures.add("rules", "promtool is missing: run scripts/install-promtool.sh")
+        return 0
+    manifests = render(chart, {"prometheusRule": {"enabled": True}})
+    rules = by_kind(manifests, "PrometheusRule")
+    if len(rules) != 1:
+        failures.add("rules", "prometheusRule.enabled rendered no PrometheusRule")
+        return 0
+    groups = rules[0]["spec"]["groups"]
+    # promtool compares annotations too; the cases test expressions,
+    # durations and labels.
+    for group in groups:
+        for rule in group.get("rules", []):
+            rule.pop("annotations", None)
+
+    def case(series: list[tuple[str, str]], firing: bool) -> dict[str, Any]:
+        return {
+            "interval": "1m",
+            "input_series": [{"series": s, "values": v} for s, v in series],
+            "alert_rule_test": [
+                {
+                    "eval_time": "10m",
+                    "alertname": alert,
+                    "exp_alerts": [{"exp_labels": labels}] if firing else [],
+                }
+                for alert, labels in EXPECTED.items()
+            ],
+        }
+
+    with tempfile.TemporaryDirectory() as tmp:
+        Path(tmp, "rules.yaml").write_text(yaml.safe_dump({"groups": groups}))
+        Path(tmp, "test.yaml").write_text(
+            yaml.safe_dump(
+                {
+                    "rule_files": ["rules.yaml"],
+                    "evaluation_interval": "1m",
+                    "tests": [case(FIRING, True), case(HEALTHY, False)],
+                }
+            )
+        )
+        run = subprocess.run(
+            [promtool, "test", "rules", "test.yaml"], cwd=tmp, capture_output=True, text=True
+        )
+    if run.returncode != 0:
+        failures.add("rules", f"promtool test rules: {(run.stdout + run.stderr).strip()}")
+        return 0
+    return 2 * len(EXPECTED)
+
+
 def validate(
     name: str,
     manifests: list[tuple[str, dict[str, Any]]],
@@ -544,6 +631,7 @@ def main() -> int:
         failures.check(rule_files >= 1, "every option", "no rules passed promtool")
         check_mesh(example_configs, failures)
         rejected = check_invalid(chart, failures)
+        alert_cases = test_rules(chart, failures)
 
     if failures.lines:
         for line in failures.lines:
@@ -554,7 +642,8 @@ def main() -> int:
     print(
         f"chart: {len(value_sets)} value sets, {validated} manifests valid "
         f"(Kubernetes {versions}), {custom} custom resource(s) rendered, "
-        f"{rule_files} rule file(s) passed promtool, {rejected} invalid value sets rejected"
+        f"{rule_files} rule file(s) passed promtool, {alert_cases} alert cases passed "
+        f"promtool test rules, {rejected} invalid value sets rejected"
     )
     return 0
 
