@@ -14,21 +14,30 @@
 FROM rust:1-bookworm AS build
 WORKDIR /src
 COPY . .
+# .git is not in the context: freshness_build_info{revision} comes from
+# `docker build --build-arg FRESHNESS_REVISION=$(git rev-parse --short=12 HEAD)`.
+ARG FRESHNESS_REVISION=unknown
+ENV FRESHNESS_REVISION=${FRESHNESS_REVISION}
 # The registry and target caches survive between builds (BuildKit); the
 # binaries are copied out of the cached target dir in the same step.
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/usr/local/cargo/git \
     --mount=type=cache,target=/src/target \
-    cargo build --release --locked -p freshness-hub -p freshness-client \
-    && mkdir -p /out \
-    && cp target/release/freshness-hub target/release/freshctl /out/
+    cargo build --release --locked -p freshness-hub -p freshness-client -p freshness-agent \
+    && mkdir -p /out /data/var/lib/freshness \
+    && cp target/release/freshness-hub target/release/freshctl target/release/freshness-agent /out/
 
 # glibc and libgcc, no shell, no package manager; user nonroot is 65532.
 FROM gcr.io/distroless/cc-debian12:nonroot
 LABEL org.opencontainers.image.title="freshness-hub" \
       org.opencontainers.image.description="Freshness regional hub: event-driven cache invalidation" \
       org.opencontainers.image.licenses="Apache-2.0"
-COPY --from=build /out/freshness-hub /out/freshctl /usr/local/bin/
+COPY --from=build /out/freshness-hub /out/freshctl /out/freshness-agent /usr/local/bin/
+# The durable log (epoch, events, replication cursors): mount a volume here so
+# that a new container keeps the epoch and no cache is flushed.
+COPY --from=build --chown=65532:65532 /data/var/lib/freshness /var/lib/freshness
+ENV FRESHNESS_DATA_DIR=/var/lib/freshness
+VOLUME ["/var/lib/freshness"]
 USER 65532:65532
 # gRPC (Hub, grpc.health.v1, reflection) and Prometheus metrics (/metrics).
 EXPOSE 50051 9464

@@ -11,7 +11,8 @@ setting at once, ServiceMonitor included) it:
    ServiceMonitor, which are only required to render;
 4. checks what the hub needs from the chart: its freshness.toml parses and
    holds only keys the hub knows, native gRPC probes on 50051, the non-root
-   read-only security context, the Service ports;
+   read-only security context, the Service ports, and the durable log on the
+   data volume (a PersistentVolumeClaim per pod unless persistence is off);
 5. checks the monitoring it ships, off by default: the Grafana dashboard
    ConfigMap (its label, its JSON) and the PrometheusRule, whose rules must
    pass `promtool check rules` (scripts/install-promtool.sh installs it);
@@ -21,6 +22,10 @@ setting at once, ServiceMonitor included) it:
 
 The three-region examples must form a full mesh with one shard count. Last,
 a few invalid value sets must be rejected; if one is accepted the check fails.
+
+The freshness-agent chart (helm/freshness-agent, beside the hub's) goes through
+the same lint, render and schema validation, and its agent.toml must parse and
+hold only keys the agent knows (agent/src/config.rs).
 """
 
 from __future__ import annotations
@@ -116,6 +121,7 @@ EVERY_OPTION = {
     "podAnnotations": {"a": "b"},
     "podLabels": {"team": "cache"},
     "podDisruptionBudget": {"minAvailable": 1},
+    "persistence": {"storageClassName": "fast-ssd", "size": "10Gi"},
     "serviceMonitor": {"enabled": True, "labels": {"release": "prometheus"}},
     "grafanaDashboard": {
         "enabled": True,
@@ -166,6 +172,9 @@ INVALID = [
     ("peer URL without port", {"hub": {"peers": {"us": "http://hub.us"}}}),
     ("peer is its own region", {"hub": {"region": "eu", "peers": {"eu": "http://a:50051"}}}),
     ("log smaller than one event per shard", {"hub": {"log": {"maxBytes": 1048576}}}),
+    ("fsync sometimes", {"hub": {"log": {"fsync": "sometimes"}}}),
+    ("memory tail smaller than one event per shard", {"hub": {"log": {"memoryMaxBytes": 1048576}}}),
+    ("persistence without a size", {"persistence": {"enabled": True, "size": None}}),
 ]
 
 
@@ -209,8 +218,10 @@ def lint(chart_dir: Path, name: str, values: dict[str, Any], failures: Failures)
             failures.add(f"{name}: lint", error.strip())
 
 
-def render(chart: helm.Chart, values: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
-    rendered = chart.render(values, name=RELEASE, namespace=NAMESPACE, is_install=True)
+def render(
+    chart: helm.Chart, values: dict[str, Any], release: str = RELEASE
+) -> list[tuple[str, dict[str, Any]]]:
+    rendered = chart.render(values, name=release, namespace=NAMESPACE, is_install=True)
     manifests = []
     for template, text in sorted(rendered.items()):
         if template.endswith("NOTES.txt"):
@@ -234,15 +245,15 @@ def check_hub_contract(
 ) -> dict[str, Any] | None:
     """Checks what the hub and the operability contract need; returns the
     parsed freshness.toml."""
-    deployments = by_kind(manifests, "Deployment")
+    sets = by_kind(manifests, "StatefulSet")
     config_maps = [
         cm for cm in by_kind(manifests, "ConfigMap") if "freshness.toml" in cm.get("data", {})
     ]
     services = by_kind(manifests, "Service")
-    if len(deployments) != 1 or len(config_maps) != 1 or len(services) != 1:
-        failures.add(name, "want one Deployment, one ConfigMap and one Service")
+    if len(sets) != 1 or len(config_maps) != 1 or len(services) != 1:
+        failures.add(name, "want one StatefulSet, one ConfigMap and one Service")
         return None
-    deployment, config_map, service = deployments[0], config_maps[0], services[0]
+    deployment, config_map, service = sets[0], config_maps[0], services[0]
 
     config_text = config_map.get("data", {}).get("freshness.toml")
     if config_text is None:
@@ -302,6 +313,39 @@ def check_hub_contract(
         failures.check(
             source == config_map["metadata"]["name"], name, "config volume is not the ConfigMap"
         )
+
+    # The durable log: --data-dir on the data volume, a claim per pod unless
+    # persistence is off.
+    data_dir = args[args.index("--data-dir") + 1] if "--data-dir" in args[:-1] else None
+    failures.check(data_dir is not None, name, "hub is not started with --data-dir")
+    data_mount = mounts.get("data")
+    failures.check(
+        data_mount is not None and data_mount["mountPath"] == data_dir,
+        name,
+        "--data-dir is not the data volume's mount",
+    )
+    claims = [
+        c["metadata"]["name"] for c in deployment["spec"].get("volumeClaimTemplates", [])
+    ]
+    if values.get("persistence", {}).get("enabled", True):
+        failures.check(claims == ["data"], name, "no PersistentVolumeClaim template `data`")
+        failures.check("data" not in volumes, name, "data is both a claim and a volume")
+    else:
+        failures.check(
+            not claims and "emptyDir" in volumes.get("data", {}),
+            name,
+            "persistence off: data should be an emptyDir",
+        )
+    failures.check(
+        deployment["spec"].get("serviceName") == service["metadata"]["name"],
+        name,
+        "the StatefulSet's serviceName is not the Service",
+    )
+    failures.check(
+        config.get("fsync") in ("always", "interval", "never"),
+        name,
+        f"fsync is {config.get('fsync')!r}",
+    )
 
     for probe in ("livenessProbe", "readinessProbe"):
         port = container.get(probe, {}).get("grpc", {}).get("port")
@@ -547,6 +591,103 @@ def validate(
     return validated, custom
 
 
+# The agent chart: every optional setting at once, and value sets it must refuse.
+AGENT_RELEASE = "web-cache"
+AGENT_METRICS_PORT = 9465
+AGENT_EVERY_OPTION = {
+    "image": {"digest": "sha256:" + "0" * 64},
+    "imagePullSecrets": [{"name": "registry"}],
+    "agent": {
+        "hub": "http://freshness-hub.freshness:50051",
+        "redis": "redis://web-cache-redis:6379/2",
+        "nodeId": "web-cache-agent",
+        "map": {"user": ["cache:user:{id}", "cache:user:{id}:profile"], "post": ["p:{id}"]},
+        "namespaces": ["user", "post", "price"],
+        "failClosed": {"price": "2s"},
+        "tombstoneTtl": "5s",
+    },
+    "otel": {"endpoint": "http://otel-collector.observability:4317"},
+    "extraEnv": [{"name": "FRESHNESS_AGENT_REDIS", "value": "redis://:pw@r:6379/0"}],
+    "podAnnotations": {"a": "b"},
+    "podLabels": {"team": "cache"},
+    "priorityClassName": "high",
+    "nodeSelector": {"kubernetes.io/os": "linux"},
+    "tolerations": [{"key": "dedicated", "operator": "Exists", "effect": "NoSchedule"}],
+}
+AGENT_INVALID = [
+    ("shards 0", {"agent": {"shards": 0}}),
+    ("unknown agent key", {"agent": {"tombstone": "1s"}}),
+    ("template without {id}", {"agent": {"map": {"user": ["cache:user"]}}}),
+    ("namespace with capitals", {"agent": {"map": {"User": ["u:{id}"]}}}),
+    ("hub URL without port", {"agent": {"hub": "http://hub"}}),
+]
+
+
+def agent_keys(config_source: Path) -> set[str]:
+    """The fields of the agent's `struct Config`."""
+    match = re.search(r"pub struct Config \{(.*?)\n\}", config_source.read_text(), re.DOTALL)
+    return set(re.findall(r"^\s*pub (\w+):", match.group(1), re.MULTILINE)) if match else set()
+
+
+def check_agent_chart(
+    chart_dir: Path, config_source: Path, kube_versions: list[str], failures: Failures
+) -> tuple[int, int, int]:
+    """Lints, renders and validates the agent chart; returns (value sets,
+    manifests validated, invalid value sets rejected)."""
+    known = agent_keys(config_source)
+    failures.check(bool(known), "agent chart", f"no struct Config in {config_source}")
+    value_sets = [("agent defaults", {}), ("agent every option", AGENT_EVERY_OPTION)]
+    validated = 0
+    with helm.Chart.load(chart_dir) as chart:
+        for name, values in value_sets:
+            lint(chart_dir, name, values, failures)
+            try:
+                manifests = render(chart, values, AGENT_RELEASE)
+            except helm.HelmError as error:
+                failures.add(f"{name}: render", str(error).strip())
+                continue
+            validated += validate(name, manifests, kube_versions, failures)[0]
+            deployments = by_kind(manifests, "Deployment")
+            config_maps = by_kind(manifests, "ConfigMap")
+            if len(deployments) != 1 or len(config_maps) != 1:
+                failures.add(name, "want one Deployment and one ConfigMap")
+                continue
+            try:
+                config = tomllib.loads(config_maps[0].get("data", {}).get("agent.toml", ""))
+            except tomllib.TOMLDecodeError as error:
+                failures.add(name, f"agent.toml is not TOML: {error}")
+                continue
+            unknown = set(config) - known
+            failures.check(not unknown, name, f"agent.toml has keys the agent rejects: {sorted(unknown)}")
+            want_map = values.get("agent", {}).get("map", {})
+            failures.check(config.get("map") == want_map, name, f"map is {config.get('map')!r}")
+            spec = deployments[0]["spec"]
+            failures.check(spec.get("replicas") == 1, name, "the agent must run one replica")
+            failures.check(
+                spec.get("strategy", {}).get("type") == "Recreate",
+                name,
+                "two agents with one node id would overlap in a rolling update",
+            )
+            container = spec["template"]["spec"]["containers"][0]
+            ports = {p.get("containerPort") for p in container.get("ports", [])}
+            failures.check(AGENT_METRICS_PORT in ports, name, "metrics port 9465 not exposed")
+            failures.check(
+                config.get("metrics_listen") == f"0.0.0.0:{AGENT_METRICS_PORT}",
+                name,
+                "metrics_listen is not 0.0.0.0:9465",
+            )
+            sc = container.get("securityContext", {})
+            failures.check(sc.get("readOnlyRootFilesystem") is True, name, "root filesystem is writable")
+            failures.check(sc.get("runAsNonRoot") is True, name, "runAsNonRoot is not set")
+        for what, values in AGENT_INVALID:
+            try:
+                chart.render(values, name=AGENT_RELEASE, namespace=NAMESPACE, is_install=True)
+            except (helm.HelmValuesError, helm.HelmRenderError):
+                continue
+            failures.add("agent negative check", f"values with {what} were accepted")
+    return len(value_sets), validated, len(AGENT_INVALID)
+
+
 def check_mesh(configs: dict[str, dict[str, Any]], failures: Failures) -> None:
     """The three-region examples: one shard count, every hub peers with all others."""
     regions = {config.get("region") for config in configs.values()}
@@ -593,6 +734,17 @@ def main() -> int:
         default=Path(__file__).resolve().parent.parent / "server" / "src" / "config.rs",
         help="the hub's config source, to read the keys it accepts from",
     )
+    parser.add_argument(
+        "--agent-chart",
+        type=Path,
+        help="the freshness-agent chart [default: freshness-agent beside CHART]",
+    )
+    parser.add_argument(
+        "--agent-config",
+        type=Path,
+        default=Path(__file__).resolve().parent.parent / "agent" / "src" / "config.rs",
+        help="the agent's config source, to read the keys it accepts from",
+    )
     args = parser.parse_args()
     chart_dir: Path = args.chart.resolve()
     kube_versions = args.kube_versions or ["1.30.0", kubernetes_validate.utils.latest_version()]
@@ -601,6 +753,15 @@ def main() -> int:
     value_sets: list[tuple[str, dict[str, Any]]] = [("defaults", {})]
     value_sets += [(str(p.relative_to(chart_dir)), load_values(p)) for p in examples]
     value_sets.append(("every option", EVERY_OPTION))
+    value_sets.append(
+        (
+            "no persistence, fsync interval",
+            {
+                "persistence": {"enabled": False},
+                "hub": {"log": {"fsync": "interval", "fsyncInterval": "50ms"}},
+            },
+        )
+    )
     known_keys = hub_keys(args.hub_config)
     metrics = hub_metrics(args.hub_config.parent / "metrics.rs")
 
@@ -632,6 +793,10 @@ def main() -> int:
         check_mesh(example_configs, failures)
         rejected = check_invalid(chart, failures)
         alert_cases = test_rules(chart, failures)
+    agent_dir = (args.agent_chart or chart_dir.parent / "freshness-agent").resolve()
+    agent_sets, agent_valid, agent_rejected = check_agent_chart(
+        agent_dir, args.agent_config, kube_versions, failures
+    )
 
     if failures.lines:
         for line in failures.lines:
@@ -644,6 +809,10 @@ def main() -> int:
         f"(Kubernetes {versions}), {custom} custom resource(s) rendered, "
         f"{rule_files} rule file(s) passed promtool, {alert_cases} alert cases passed "
         f"promtool test rules, {rejected} invalid value sets rejected"
+    )
+    print(
+        f"agent chart: {agent_sets} value sets, {agent_valid} manifests valid, "
+        f"{agent_rejected} invalid value sets rejected"
     )
     return 0
 

@@ -21,7 +21,7 @@ stamp=$(date +%Y%m%d-%H%M%S)
 cg="$out/cg.$stamp.out"
 port=$((47000 + RANDOM % 1000))
 FRESHNESS_LOG=error valgrind --tool=callgrind --callgrind-out-file="$cg" \
-    target/release/freshness-hub --listen "127.0.0.1:$port" \
+    target/release/freshness-hub --ephemeral --listen "127.0.0.1:$port" \
     --metrics-listen "127.0.0.1:$((port + 1000))" 2>"$out/valgrind.$stamp.log" &
 hub=$!
 trap 'kill $hub 2>/dev/null || true' EXIT

@@ -25,7 +25,7 @@ for r in eu us ap; do
   for p in eu us ap; do
     [ "$p" = "$r" ] || peers+=(--peer "$p=http://127.0.0.1:${port[$p]}")
   done
-  "$bin/freshness-hub" --region "$r" --hub-id "hub-$r" \
+  "$bin/freshness-hub" --region "$r" --hub-id "hub-$r" --data-dir "$work/data-$r" \
     --listen "127.0.0.1:${port[$r]}" --metrics-listen "127.0.0.1:${metrics[$r]}" \
     "${peers[@]}" 2>"$work/hub-$r.log" &
   pids+=($!)

@@ -23,7 +23,8 @@ pub enum FaultKind {
     /// A node with its cursor in memory is killed (or stopped) and restarted
     /// with an empty cache.
     NodeRestartMemory,
-    /// A hub is stopped and started again on the same address: a new epoch.
+    /// A hub is stopped and started again on the same address and data
+    /// directory: the same epoch, so no node may be reset `EPOCH_CHANGED`.
     HubRestart,
     /// Both replication links between two regions are cut.
     RegionPartition,
@@ -39,11 +40,14 @@ pub enum FaultKind {
     ReorderedPublish,
     /// A node's handler blocks until the hub parks the node and resets it.
     NodeStall,
+    /// A hub is stopped, its data directory deleted, and started again: a
+    /// new epoch, so its nodes are reset `EPOCH_CHANGED`.
+    HubDataLost,
 }
 
 impl FaultKind {
     /// Every kind, in a fixed order.
-    pub const ALL: [FaultKind; 10] = [
+    pub const ALL: [FaultKind; 11] = [
         Self::NodeRestartPersisted,
         Self::NodeRestartMemory,
         Self::HubRestart,
@@ -54,6 +58,7 @@ impl FaultKind {
         Self::DuplicatePublish,
         Self::ReorderedPublish,
         Self::NodeStall,
+        Self::HubDataLost,
     ];
 
     /// The snake-case name used in summaries.
@@ -69,6 +74,7 @@ impl FaultKind {
             Self::DuplicatePublish => "duplicate_publish",
             Self::ReorderedPublish => "reordered_publish",
             Self::NodeStall => "node_stall",
+            Self::HubDataLost => "hub_data_lost",
         }
     }
 }
@@ -86,7 +92,7 @@ pub enum Action {
     /// node, keep it down for the hold, start it again.
     RestartNode { node: usize, crash: bool },
     /// Stop the region's hub, keep it down for the hold, start it again.
-    RestartHub { region: usize },
+    RestartHub { region: usize, lose_data: bool },
     /// Cut both links between two regions for the hold.
     PartitionRegions { a: usize, b: usize },
     /// Delay both links between two regions for the hold.
@@ -221,7 +227,7 @@ impl Plan {
         let count = ((secs / 3.0 * 4.0).round() as usize).max(3) + rng.random_range(0..=1usize);
         let mut busy: HashMap<String, Duration> = HashMap::new();
         let end = self.duration.mul_f64(0.85);
-        for _ in 0..count * 4 {
+        for _ in 0..count * 8 {
             if self.faults.len() >= count {
                 break;
             }
@@ -300,7 +306,13 @@ impl Plan {
                     },
                 )
             }
-            FaultKind::HubRestart => (format!("hub-{region}"), Action::RestartHub { region }),
+            FaultKind::HubRestart | FaultKind::HubDataLost => (
+                format!("hub-{region}"),
+                Action::RestartHub {
+                    region,
+                    lose_data: kind == FaultKind::HubDataLost,
+                },
+            ),
             FaultKind::RegionPartition => {
                 let (a, b) = pair(rng);
                 (format!("link-{a}-{b}"), Action::PartitionRegions { a, b })
@@ -372,7 +384,14 @@ impl Plan {
                     "memory"
                 }
             ),
-            Action::RestartHub { region: r } => format!("restart hub {}", region(*r)),
+            Action::RestartHub {
+                region: r,
+                lose_data: false,
+            } => format!("restart hub {}", region(*r)),
+            Action::RestartHub {
+                region: r,
+                lose_data: true,
+            } => format!("restart hub {} with its data lost", region(*r)),
             Action::PartitionRegions { a, b } => {
                 format!("partition {} <-> {}", region(*a), region(*b))
             }

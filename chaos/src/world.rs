@@ -138,6 +138,10 @@ pub(crate) struct World {
     /// checker's own test).
     drop_one_in: Option<u64>,
     dropped: AtomicU64,
+    /// Data directories of the hubs, one per region, removed with the world.
+    _data: tempfile::TempDir,
+    /// `hub_data_lost` faults injected (each allows `EPOCH_CHANGED` resets).
+    epochs_lost: AtomicU64,
 }
 
 fn new_cache(name: &str) -> Cache {
@@ -239,6 +243,10 @@ impl World {
                 region_links.insert((to, from), FaultProxy::start(addrs[from]).await);
             }
         }
+        let data = tempfile::Builder::new()
+            .prefix("freshness-chaos-")
+            .tempdir()
+            .context("a data directory for the hubs")?;
         let mut region_list = Vec::new();
         for (r, listener) in listeners.into_iter().enumerate() {
             let mut config = test_config();
@@ -247,6 +255,9 @@ impl World {
             config.shards = SHARDS;
             config.progress_interval = PROGRESS_INTERVAL;
             config.shutdown_grace = Duration::from_secs(2);
+            // Durable, so that a hub restart keeps the epoch.
+            config.ephemeral = false;
+            config.data_dir = data.path().join(&plan.regions[r]);
             if plan.small_log {
                 config.log_max_events = u64::from(SHARDS) * SMALL_LOG_PER_SHARD;
             }
@@ -299,6 +310,8 @@ impl World {
             violations: Mutex::new(Vec::new()),
             drop_one_in,
             dropped: AtomicU64::new(0),
+            _data: data,
+            epochs_lost: AtomicU64::new(0),
         });
         let up = async {
             world.wait_links_up().await?;
@@ -635,7 +648,7 @@ impl World {
                 self.start_node(node, !self.nodes[node].plan.persisted)
                     .await?;
             }
-            Action::RestartHub { region } => {
+            Action::RestartHub { region, lose_data } => {
                 let others: Vec<(usize, Instant)> = (0..self.regions.len())
                     .filter(|r| *r != region)
                     .map(|r| (r, self.links.down(region, r)))
@@ -644,6 +657,11 @@ impl World {
                 let hub = r.hub.lock().await.take();
                 if let Some(hub) = hub {
                     hub.stop().await;
+                }
+                if lose_data {
+                    self.epochs_lost.fetch_add(1, Ordering::Relaxed);
+                    std::fs::remove_dir_all(&r.config.data_dir)
+                        .context("delete the hub's data directory")?;
                 }
                 sleep(f.hold).await;
                 let hub = TestHub::start_on(r.addr, r.config.clone()).await;
@@ -913,5 +931,23 @@ pub(crate) async fn run(plan: Plan, drop_one_in: Option<u64>) -> anyhow::Result<
             .map(|f| world.plan.describe_fault(f))
             .collect(),
     };
+    let mut report = report;
+    // The hubs keep their log on disk: only a hub whose data was lost may
+    // start a new epoch, so any other EPOCH_CHANGED reset is a failure.
+    let epoch_resets = report.resets.get("epoch_changed").copied().unwrap_or(0);
+    if epoch_resets > 0 && world.epochs_lost.load(Ordering::Relaxed) == 0 {
+        report.violations += epoch_resets;
+        let mut trace = report.schedule.clone();
+        trace.push(format!(
+            "{epoch_resets} EPOCH_CHANGED resets, and no hub lost its data"
+        ));
+        report.violation_reports.push(Violation {
+            seed,
+            kind: "epoch",
+            node: "*".into(),
+            entity: "*".into(),
+            trace,
+        });
+    }
     Ok(report)
 }

@@ -12,10 +12,10 @@ use freshness_chaos::{FaultKind, Options, Summary, run_seed, run_seed_with};
 /// Traffic and faults per seed.
 const PER_SEED: Duration = Duration::from_secs(3);
 
-/// 370, 497 and 428 between them inject every kind of fault (see
-/// `chaos/README.md` for how to find such a set); the others add
-/// multi-node regions, stalls and persisted restarts.
-const SEEDS: [u64; 8] = [370, 497, 428, 0, 1, 7, 9, 10];
+/// Together they inject every kind of fault (see `chaos/README.md` for how
+/// to find such a set): 3 adds the stall, 497, 428, 0 and 9 lose a hub's
+/// data; the others add multi-node regions and persisted restarts.
+const SEEDS: [u64; 8] = [370, 497, 428, 0, 1, 7, 9, 3];
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fixed_seeds_cover_every_fault_and_keep_caches_fresh() {

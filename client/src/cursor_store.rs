@@ -11,9 +11,17 @@
 //! cursor or the new one. The subscriber only ever saves a cursor it has
 //! applied, so the saved cursor is never ahead of the cache: at worst a
 //! restart replays a few events (which handlers take idempotently).
+//!
+//! A node whose cache lives elsewhere (a Redis, a database) keeps the cursor
+//! beside it with a [`CursorBackend`], so that the cursor and the cache are
+//! lost together or not at all.
 
+use std::fmt;
+use std::future::Future;
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::Arc;
 
 use freshness::Cursor;
 use serde::{Deserialize, Serialize};
@@ -38,17 +46,71 @@ pub enum CursorStoreError {
         /// What is wrong with it.
         reason: String,
     },
+    /// A [`CursorBackend`] failed.
+    #[error("cursor store {store}: {reason}")]
+    Backend {
+        /// The backend's name ([`CursorBackend::name`]).
+        store: String,
+        /// What failed, on one line.
+        reason: String,
+    },
+}
+
+/// A future returned by a [`CursorBackend`].
+pub type BackendFuture<'a, T> =
+    Pin<Box<dyn Future<Output = Result<T, CursorStoreError>> + Send + 'a>>;
+
+/// A cursor kept beside a cache that outlives the node's process, for
+/// example in the same Redis as the cached values.
+///
+/// `save` must be atomic (a reader sees the old cursor or the new one), and
+/// `load` must return `None` when the cache behind it may have lost data
+/// since the cursor was saved, since the node then starts clean.
+pub trait CursorBackend: Send + Sync + 'static {
+    /// A short name for errors and logs (`redis://host:6379/0`).
+    fn name(&self) -> String;
+    /// The saved cursor, `None` when there is none.
+    fn load(&self) -> BackendFuture<'_, Option<Cursor>>;
+    /// Replaces the saved cursor.
+    fn save<'a>(&'a self, cursor: &'a Cursor) -> BackendFuture<'a, ()>;
+    /// Forgets the saved cursor.
+    fn clear(&self) -> BackendFuture<'_, ()>;
 }
 
 /// Where the cursor lives.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Clone, Default)]
 pub enum CursorStore {
     /// Only in memory: a restart starts at the hub's head.
     #[default]
     Memory,
     /// In this file, written atomically.
     File(PathBuf),
+    /// In a store of the node's own.
+    Backend(Arc<dyn CursorBackend>),
 }
+
+impl fmt::Debug for CursorStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Memory => f.write_str("Memory"),
+            Self::File(p) => f.debug_tuple("File").field(p).finish(),
+            Self::Backend(b) => f.debug_tuple("Backend").field(&b.name()).finish(),
+        }
+    }
+}
+
+impl PartialEq for CursorStore {
+    fn eq(&self, other: &Self) -> bool {
+        match (self, other) {
+            (Self::Memory, Self::Memory) => true,
+            (Self::File(a), Self::File(b)) => a == b,
+            (Self::Backend(a), Self::Backend(b)) => Arc::ptr_eq(a, b),
+            _ => false,
+        }
+    }
+}
+
+impl Eq for CursorStore {}
 
 #[derive(Serialize, Deserialize)]
 struct OnDisk {
@@ -60,8 +122,10 @@ impl CursorStore {
     /// Loads the saved cursor: `None` in memory or when the file does not
     /// exist yet.
     pub async fn load(&self) -> Result<Option<Cursor>, CursorStoreError> {
-        let Self::File(path) = self else {
-            return Ok(None);
+        let path = match self {
+            Self::Memory => return Ok(None),
+            Self::Backend(b) => return b.load().await,
+            Self::File(path) => path,
         };
         let bytes = match tokio::fs::read(path).await {
             Ok(b) => b,
@@ -89,8 +153,10 @@ impl CursorStore {
 
     /// Saves `cursor` (a no-op in memory).
     pub async fn save(&self, cursor: &Cursor) -> Result<(), CursorStoreError> {
-        let Self::File(path) = self else {
-            return Ok(());
+        let path = match self {
+            Self::Memory => return Ok(()),
+            Self::Backend(b) => return b.save(cursor).await,
+            Self::File(path) => path,
         };
         let body = serde_json::to_vec(&OnDisk {
             epoch: cursor.epoch,
@@ -115,8 +181,10 @@ impl CursorStore {
 
     /// Forgets the saved cursor (after the hub refused it).
     pub async fn clear(&self) -> Result<(), CursorStoreError> {
-        let Self::File(path) = self else {
-            return Ok(());
+        let path = match self {
+            Self::Memory => return Ok(()),
+            Self::Backend(b) => return b.clear().await,
+            Self::File(path) => path,
         };
         match tokio::fs::remove_file(path).await {
             Ok(()) => Ok(()),

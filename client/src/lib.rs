@@ -33,7 +33,7 @@ pub use cache::{
     CacheStats, Dep, FillRefused, FreshnessPolicy, Loaded, Ticket, VersionedCache,
     VersionedCacheBuilder,
 };
-pub use cursor_store::{CursorStore, CursorStoreError};
+pub use cursor_store::{BackendFuture, CursorBackend, CursorStore, CursorStoreError};
 pub use event::{EventBatch, Invalidation, Reset, ResetReason, ResetScope};
 pub use feed::{Feed, FeedClosed, FeedState};
 pub use freshness::validate::AckLevel;

@@ -54,6 +54,7 @@ const SCOPE: &str = "freshness-client";
 pub fn init(service_name: &str, default_filter: &str) -> Result<Telemetry, TelemetryError> {
     let provider = tracer_provider(service_name)?;
     let logs = tracing_subscriber::fmt::layer()
+        .with_ansi(freshness_telemetry::stderr_colors())
         .with_writer(std::io::stderr)
         .with_filter(freshness_telemetry::log_filter(default_filter));
     freshness_telemetry::install(logs, provider, SCOPE)

@@ -27,6 +27,7 @@ impl Hub {
             hub_id: "cli-test".into(),
             region: "eu".into(),
             shutdown_grace: Duration::from_secs(2),
+            ephemeral: true,
             ..freshness_hub::Config::default()
         };
         let shutdown = CancellationToken::new();
@@ -177,12 +178,20 @@ async fn watch_prints_one_json_object_per_event_of_its_namespaces() {
     assert_eq!(node["node_id"], "cli-watch");
     assert_eq!(node["namespaces"], serde_json::json!(["user"]));
     assert!(node["lag_events"].is_u64() && node["staleness_ms"].is_u64());
+    // A watching node reads its stream: live (or parked for a moment).
+    assert!(
+        ["live", "parked"].contains(&node["state"].as_str().unwrap()),
+        "{node}"
+    );
+    assert!(node["state_since_us"].as_u64().unwrap() > 0);
+    assert!(node["state_for_ms"].is_u64());
 
     let table = run(&hub.url(), &["status"]).await;
     assert_eq!(table.code, Some(0));
     assert!(table.stdout.contains("region eu"), "{}", table.stdout);
     assert!(table.stdout.contains("cli-watch"), "{}", table.stdout);
     assert!(table.stdout.contains("STALENESS"), "{}", table.stdout);
+    assert!(table.stdout.contains("STATE (for)"), "{}", table.stdout);
 
     child.kill().await.unwrap();
     hub.stop().await;

@@ -1,5 +1,10 @@
 //! The hub's configuration: one typed struct, layered defaults < TOML file <
 //! environment (`FRESHNESS_*`) < flags, validated before any port is bound.
+//!
+//! Every error names where the value came from ([`Origin`]: the file and
+//! line, the environment variable or the flag), the key, the value and what
+//! is expected, on one line (SPEC §4); an unknown key names the nearest known
+//! one.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -9,6 +14,8 @@ use std::time::Duration;
 use clap::Parser;
 use freshness::limits;
 use serde::{Deserialize, Serialize};
+
+pub use crate::store::FsyncPolicy;
 
 /// Everything the hub can be told. Every field has a default (SPEC §5), so an
 /// empty file and no flags give a working hub on loopback.
@@ -65,6 +72,31 @@ pub struct Config {
     /// the standard `OTEL_EXPORTER_OTLP_ENDPOINT` decides (see `telemetry`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub otlp_endpoint: Option<String>,
+    /// Where the durable log lives (epoch, every shard's events): a restart
+    /// on the same directory keeps the epoch, so no node is reset.
+    pub data_dir: PathBuf,
+    /// Keep the log in memory only: every start is a new epoch and resets
+    /// every node (tests and benchmarks).
+    pub ephemeral: bool,
+    /// With a durable log: most events of the log's newest part kept in
+    /// memory too (split evenly over the shards), from which sessions read;
+    /// a node further behind is replayed from disk. At most `log_max_events`.
+    pub memory_max_events: u64,
+    /// With a durable log: most bytes kept in memory (see
+    /// `memory_max_events`). At most `log_max_bytes`.
+    pub memory_max_bytes: u64,
+    /// When appended events are flushed to the disk: `always` (before a
+    /// publish is answered, one flush per shard-actor drain), `interval`
+    /// (at most `fsync_interval` later) or `never` (survives a process
+    /// crash, not a machine crash).
+    pub fsync: FsyncPolicy,
+    /// The flush period of `fsync = "interval"`.
+    #[serde(with = "humantime_serde")]
+    pub fsync_interval: Duration,
+    /// Start on a damaged log: keep each shard's longest valid prefix and
+    /// begin a new epoch. A flag only (`--repair`), never kept in a file.
+    #[serde(skip)]
+    pub repair: bool,
 }
 
 /// Log output format.
@@ -100,6 +132,13 @@ impl Default for Config {
             peers: BTreeMap::new(),
             log_format: LogFormat::Text,
             otlp_endpoint: None,
+            data_dir: PathBuf::from("freshness-data"),
+            ephemeral: false,
+            memory_max_events: 1 << 18,
+            memory_max_bytes: 64 << 20,
+            fsync: FsyncPolicy::Always,
+            fsync_interval: Duration::from_millis(100),
+            repair: false,
         }
     }
 }
@@ -117,6 +156,35 @@ fn default_hub_id() -> String {
         .unwrap_or_else(|| "freshness-hub".into())
 }
 
+/// Where a setting's value came from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Origin {
+    /// The built-in default.
+    Default,
+    /// A line of the TOML file.
+    File {
+        /// The file.
+        path: PathBuf,
+        /// Its line, from 1.
+        line: usize,
+    },
+    /// An environment variable.
+    Env(String),
+    /// A command-line flag.
+    Flag(String),
+}
+
+impl std::fmt::Display for Origin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Default => f.write_str("default setting"),
+            Self::File { path, line } => write!(f, "config file {}, line {line}", path.display()),
+            Self::Env(var) => write!(f, "environment variable {var}"),
+            Self::Flag(flag) => write!(f, "flag {flag}"),
+        }
+    }
+}
+
 /// A configuration the hub refuses to start with.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -128,94 +196,370 @@ pub enum ConfigError {
         /// Why.
         source: std::io::Error,
     },
-    /// The file is not valid TOML for this struct (unknown key, bad value).
-    #[error("invalid config file {path}: {message}")]
-    Parse {
+    /// The file is not TOML at all (no key to name).
+    #[error("config file {path}, line {line}: {message}")]
+    Syntax {
         /// The file.
         path: PathBuf,
+        /// The line, from 1.
+        line: usize,
         /// The parser's words, on one line.
         message: String,
     },
-    /// A value is out of range.
-    #[error("invalid setting `{key}`: {reason}")]
-    Invalid {
-        /// The setting.
-        key: &'static str,
-        /// Why.
-        reason: String,
+    /// A key the hub does not know.
+    #[error("{origin}: {key} = {value}: unknown key{}", nearest.map(|n| format!(" (did you mean {n}?)")).unwrap_or_default())]
+    Unknown {
+        /// Where it was given.
+        origin: Origin,
+        /// The key.
+        key: String,
+        /// Its value as given.
+        value: String,
+        /// The known key nearest to it, if any is near.
+        nearest: Option<&'static str>,
     },
+    /// A value of the wrong type or out of range.
+    #[error("{}{key} = {value}: expected {expected}", origin.as_ref().map(|o| format!("{o}: ")).unwrap_or_else(|| "invalid setting ".into()))]
+    Invalid {
+        /// Where it came from (`None` for a config built in code).
+        origin: Option<Origin>,
+        /// The setting.
+        key: String,
+        /// Its value, as TOML.
+        value: String,
+        /// What is expected.
+        expected: String,
+    },
+    /// Command-line arguments that name no setting (an unknown flag).
+    #[error("{0}")]
+    Args(String),
 }
 
-fn invalid(key: &'static str, reason: impl Into<String>) -> ConfigError {
+/// A value that fails validation; the value and its origin are filled in
+/// by [`Config::validate`] and [`Args::into_config`].
+fn invalid(key: &str, expected: impl Into<String>) -> ConfigError {
     ConfigError::Invalid {
-        key,
-        reason: reason.into(),
+        origin: None,
+        key: key.to_owned(),
+        value: String::new(),
+        expected: expected.into(),
+    }
+}
+
+/// Every key of the file, with what its value must be (also the words of
+/// a type error from any source).
+const KEYS: &[(&str, &str)] = &[
+    ("listen", "an address like 127.0.0.1:50051"),
+    ("metrics_listen", "an address like 127.0.0.1:9464"),
+    (
+        "region",
+        "a region name like eu-west: [a-z0-9][a-z0-9_.-]{0,62}",
+    ),
+    (
+        "hub_id",
+        "a name of 1 to 256 bytes without control characters",
+    ),
+    ("shards", "a whole number from 1 to 65536"),
+    (
+        "progress_interval",
+        "a duration from 1ms to 60s, like 250ms",
+    ),
+    (
+        "log_max_events",
+        "a whole number of events, at least one per shard",
+    ),
+    (
+        "log_max_bytes",
+        "a number of bytes, at least 65 KiB per shard",
+    ),
+    (
+        "memory_max_events",
+        "a whole number of events, at least one per shard",
+    ),
+    (
+        "memory_max_bytes",
+        "a number of bytes, at least 65 KiB per shard",
+    ),
+    ("max_in_flight", "a whole number of events, at least 1"),
+    ("max_events_per_publish", "a whole number from 1 to 1000000"),
+    ("max_payload_bytes", "a number of bytes, at most 16 MiB"),
+    ("max_message_bytes", "a number of bytes, at least 64 KiB"),
+    ("max_nodes", "a whole number, at least 1"),
+    ("max_ack_waiters", "a whole number, at least 1"),
+    ("shard_queue", "a whole number, at least 1"),
+    ("admission_timeout", "a duration like 250ms"),
+    ("shutdown_grace", "a duration like 10s"),
+    ("peers", "a table of region = \"http://host:port\" entries"),
+    ("log_format", "text or json"),
+    ("otlp_endpoint", "a URL like http://localhost:4317"),
+    ("data_dir", "a directory path"),
+    ("ephemeral", "true or false"),
+    ("fsync", "always, interval or never"),
+    ("fsync_interval", "a duration from 1ms to 60s, like 100ms"),
+];
+
+/// What `key`'s value must be.
+fn expected(key: &str) -> &'static str {
+    let top = key.split('.').next().unwrap_or(key);
+    KEYS.iter()
+        .find(|(k, _)| *k == top)
+        .map_or("a valid value", |(_, e)| e)
+}
+
+/// The known key nearest to `key` (edit distance at most a third of its
+/// length, at least 2), for a misspelt key.
+fn nearest_key(key: &str) -> Option<&'static str> {
+    let limit = (key.len() / 3).max(2);
+    KEYS.iter()
+        .map(|(k, _)| (edit_distance(key, k), *k))
+        .filter(|(d, _)| *d <= limit)
+        .min()
+        .map(|(_, k)| k)
+}
+
+/// Levenshtein distance over bytes.
+fn edit_distance(a: &str, b: &str) -> usize {
+    let (a, b) = (a.as_bytes(), b.as_bytes());
+    let mut prev: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.iter().enumerate() {
+        let mut cur = vec![i + 1; b.len() + 1];
+        for (j, cb) in b.iter().enumerate() {
+            let sub = prev[j] + usize::from(ca != cb);
+            cur[j + 1] = sub.min(prev[j + 1] + 1).min(cur[j] + 1);
+        }
+        prev = cur;
+    }
+    prev[b.len()]
+}
+
+/// Where each top-level key of a TOML file is given: its line (a table's
+/// header line for the table). A line scan, enough for a flat config file.
+fn key_lines(text: &str) -> BTreeMap<String, usize> {
+    let mut lines = BTreeMap::new();
+    let mut in_table = false;
+    for (i, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.starts_with('#') || line.is_empty() {
+            continue;
+        }
+        let key = if let Some(header) = line.strip_prefix('[') {
+            in_table = true;
+            header.trim_start_matches('[').split([']', '.']).next()
+        } else if in_table {
+            None
+        } else {
+            line.split(['=', '.']).next()
+        };
+        if let Some(key) = key {
+            let key = key.trim().trim_matches(['"', '\'']).to_owned();
+            lines.entry(key).or_insert(i + 1);
+        }
+    }
+    lines
+}
+
+/// The line (from 1) of byte `offset` in `text`.
+fn line_of(text: &str, offset: usize) -> usize {
+    text[..offset.min(text.len())].matches('\n').count() + 1
+}
+
+/// The key a TOML parse error is about: from an `unknown field` message,
+/// else the `key =` in front of the value the error points at (under the
+/// table whose header is above it).
+fn key_at(text: &str, message: &str, span: &std::ops::Range<usize>) -> Option<String> {
+    if let Some(rest) = message.strip_prefix("unknown field `") {
+        return rest.split('`').next().map(str::to_owned);
+    }
+    let start = span.start.min(text.len());
+    let line_start = text[..start].rfind('\n').map_or(0, |i| i + 1);
+    let before = &text[line_start..start];
+    let key = before.split('=').next()?.trim().trim_matches(['"', '\'']);
+    if key.is_empty() || !before.contains('=') {
+        return None;
+    }
+    let table = text[..line_start]
+        .lines()
+        .rev()
+        .map(str::trim)
+        .find_map(|l| l.strip_prefix('[').map(|h| h.trim_end_matches(']').trim()));
+    Some(match table {
+        Some(t) => format!("{t}.{key}"),
+        None => key.to_owned(),
+    })
+}
+
+/// The text of the value a TOML parse error points at, on one line.
+fn value_at(text: &str, span: &std::ops::Range<usize>) -> String {
+    let v = text.get(span.clone()).unwrap_or_default().trim();
+    let v = v.lines().next().unwrap_or_default();
+    if v.is_empty() {
+        "?".into()
+    } else {
+        v.to_owned()
+    }
+}
+
+impl ConfigError {
+    /// Fills in the value of an [`Invalid`](Self::Invalid) error from the
+    /// configuration that failed.
+    fn with_value(mut self, config: &Config) -> Self {
+        if let Self::Invalid { key, value, .. } = &mut self
+            && value.is_empty()
+        {
+            *value = config.value_of(key);
+        }
+        self
+    }
+
+    /// Names where the offending value came from.
+    fn with_origin(mut self, origins: &BTreeMap<String, Origin>) -> Self {
+        if let Self::Invalid { origin, key, .. } = &mut self
+            && origin.is_none()
+        {
+            let top = key.split('.').next().unwrap_or(key);
+            *origin = Some(origins.get(top).cloned().unwrap_or(Origin::Default));
+        }
+        self
     }
 }
 
 impl Config {
     /// Reads a TOML file over the defaults.
     pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        Self::from_file_with_lines(path).map(|(c, _)| c)
+    }
+
+    /// Reads a TOML file over the defaults; also where each key is given.
+    fn from_file_with_lines(path: &Path) -> Result<(Self, BTreeMap<String, usize>), ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             path: path.to_owned(),
             source,
         })?;
-        toml::from_str(&text).map_err(|e| ConfigError::Parse {
-            path: path.to_owned(),
-            message: e.message().replace('\n', " "),
+        Self::from_toml(&text, path).map(|c| (c, key_lines(&text)))
+    }
+
+    /// Parses TOML text (read from `path`) over the defaults.
+    pub fn from_toml(text: &str, path: &Path) -> Result<Self, ConfigError> {
+        // Syntax first: a file that is not TOML has no key to name.
+        if let Err(e) = text.parse::<toml::Table>() {
+            return Err(ConfigError::Syntax {
+                path: path.to_owned(),
+                line: e.span().map_or(1, |s| line_of(text, s.start)),
+                message: e.message().trim().replace('\n', " "),
+            });
+        }
+        toml::from_str(text).map_err(|e| {
+            let message = e.message().replace('\n', " ");
+            let Some(span) = e.span() else {
+                return ConfigError::Syntax {
+                    path: path.to_owned(),
+                    line: 1,
+                    message,
+                };
+            };
+            let origin = Origin::File {
+                path: path.to_owned(),
+                line: line_of(text, span.start),
+            };
+            let Some(key) = key_at(text, &message, &span) else {
+                return ConfigError::Syntax {
+                    path: path.to_owned(),
+                    line: line_of(text, span.start),
+                    message,
+                };
+            };
+            if message.starts_with("unknown field") {
+                // The error points at the key; its value follows the `=`.
+                let line_end = text[span.end..]
+                    .find('\n')
+                    .map_or(text.len(), |i| span.end + i);
+                let value = text[span.end..line_end]
+                    .split_once('=')
+                    .map_or("?", |(_, v)| v.trim())
+                    .to_owned();
+                return ConfigError::Unknown {
+                    origin,
+                    nearest: nearest_key(&key),
+                    key,
+                    value,
+                };
+            }
+            ConfigError::Invalid {
+                origin: Some(origin),
+                value: value_at(text, &span),
+                expected: expected(&key).to_owned(),
+                key,
+            }
         })
+    }
+
+    /// `key`'s value as TOML (`peers.eu` for one peer), for error messages.
+    fn value_of(&self, key: &str) -> String {
+        let Ok(toml::Value::Table(table)) = toml::Value::try_from(self) else {
+            return "?".into();
+        };
+        let mut parts = key.split('.');
+        let mut value = parts.next().and_then(|k| table.get(k));
+        for p in parts {
+            value = value.and_then(|v| v.get(p));
+        }
+        match value {
+            Some(toml::Value::Table(t)) => toml::to_string(t)
+                .map(|s| format!("{{ {} }}", s.trim().replace('\n', ", ")))
+                .unwrap_or_else(|_| "?".into()),
+            Some(v) => v.to_string(),
+            None => "(unset)".into(),
+        }
     }
 
     /// Checks every value; the hub binds nothing before this passed.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        if self.shards == 0 || self.shards > 65_536 {
-            return Err(invalid(
-                "shards",
-                format!("{} is not in 1..=65536", self.shards),
-            ));
+        self.check().map_err(|e| e.with_value(self))
+    }
+
+    fn check(&self) -> Result<(), ConfigError> {
+        let s = u64::from(self.shards);
+        if s == 0 || s > 65_536 {
+            return Err(invalid("shards", expected("shards")));
         }
-        freshness::validate_namespace(&self.region).map_err(|_| {
-            invalid(
-                "region",
-                format!("{:?} must match [a-z0-9][a-z0-9_.-]{{0,62}}", self.region),
-            )
-        })?;
-        freshness::validate::node_id(&self.hub_id).map_err(|e| invalid("hub_id", e.to_string()))?;
+        freshness::validate_namespace(&self.region)
+            .map_err(|_| invalid("region", expected("region")))?;
+        freshness::validate::node_id(&self.hub_id)
+            .map_err(|_| invalid("hub_id", expected("hub_id")))?;
         if self.progress_interval < Duration::from_millis(1)
             || self.progress_interval > Duration::from_secs(60)
         {
-            return Err(invalid("progress_interval", "must be between 1ms and 60s"));
+            return Err(invalid("progress_interval", expected("progress_interval")));
         }
-        let s = u64::from(self.shards);
         if self.log_max_events < s {
             return Err(invalid(
                 "log_max_events",
-                format!(
-                    "{} is fewer than one event per shard ({s} shards)",
-                    self.log_max_events
-                ),
+                format!("at least one event per shard: {s} or more"),
             ));
         }
         if self.log_max_bytes / s < 64 * 1024 + 1024 {
             return Err(invalid(
                 "log_max_bytes",
                 format!(
-                    "{} leaves less than one maximal event (65 KiB) per shard",
-                    self.log_max_bytes
+                    "room for one maximal event (65 KiB) per shard: {} or more",
+                    (64 * 1024 + 1024) * s
                 ),
             ));
         }
         if self.max_in_flight == 0 {
-            return Err(invalid("max_in_flight", "must be at least 1"));
+            return Err(invalid("max_in_flight", expected("max_in_flight")));
         }
         if self.max_events_per_publish == 0 || self.max_events_per_publish > 1_000_000 {
-            return Err(invalid("max_events_per_publish", "must be in 1..=1000000"));
+            return Err(invalid(
+                "max_events_per_publish",
+                expected("max_events_per_publish"),
+            ));
         }
         if self.max_payload_bytes > 16 << 20 {
-            return Err(invalid("max_payload_bytes", "must be at most 16 MiB"));
+            return Err(invalid("max_payload_bytes", expected("max_payload_bytes")));
         }
         if self.max_message_bytes < 64 * 1024 {
-            return Err(invalid("max_message_bytes", "must be at least 64 KiB"));
+            return Err(invalid("max_message_bytes", expected("max_message_bytes")));
         }
         for (key, v) in [
             ("max_nodes", self.max_nodes),
@@ -223,29 +567,68 @@ impl Config {
             ("shard_queue", self.shard_queue),
         ] {
             if v == 0 {
-                return Err(invalid(key, "must be at least 1"));
+                return Err(invalid(key, expected(key)));
             }
         }
         for (region, url) in &self.peers {
+            let key = format!("peers.{region}");
             freshness::validate_namespace(region).map_err(|_| {
                 invalid(
-                    "peers",
-                    format!("peer region {region:?} is not a valid name"),
+                    &key,
+                    format!("a peer region name like eu-west, not {region:?}"),
                 )
             })?;
             if region == &self.region {
                 return Err(invalid(
-                    "peers",
-                    format!("peer {region:?} is this hub's own region"),
+                    &key,
+                    format!("a region other than this hub's own ({region})"),
                 ));
             }
-            validate_url(url)
-                .map_err(|reason| invalid("peers", format!("peer {region}: {reason}")))?;
+            validate_url(url).map_err(|reason| invalid(&key, reason))?;
         }
         if let Some(url) = &self.otlp_endpoint {
             validate_url(url).map_err(|reason| invalid("otlp_endpoint", reason))?;
         }
+        if !self.ephemeral && self.data_dir.as_os_str().is_empty() {
+            return Err(invalid(
+                "data_dir",
+                "a directory (or --ephemeral for a log in memory only)",
+            ));
+        }
+        if self.memory_max_events < s {
+            return Err(invalid(
+                "memory_max_events",
+                format!("at least one event per shard: {s} or more"),
+            ));
+        }
+        if self.memory_max_bytes / s < 64 * 1024 + 1024 {
+            return Err(invalid(
+                "memory_max_bytes",
+                format!(
+                    "room for one maximal event (65 KiB) per shard: {} or more",
+                    (64 * 1024 + 1024) * s
+                ),
+            ));
+        }
+        if self.fsync_interval < Duration::from_millis(1)
+            || self.fsync_interval > Duration::from_secs(60)
+        {
+            return Err(invalid("fsync_interval", expected("fsync_interval")));
+        }
         Ok(())
+    }
+
+    /// How each shard's log on disk is bounded: the same share of
+    /// `log_max_events` and `log_max_bytes` as in memory, in segments of a
+    /// quarter of that (at least 64 KiB), so that retention drops a
+    /// quarter at a time.
+    pub fn retention(&self) -> crate::store::Retention {
+        let max_bytes = self.log_bytes_per_shard() as u64;
+        crate::store::Retention {
+            max_events: self.log_events_per_shard() as u64,
+            max_bytes,
+            segment_bytes: (max_bytes / 4).max(64 * 1024),
+        }
     }
 
     /// Retained events per shard.
@@ -257,22 +640,56 @@ impl Config {
     pub fn log_bytes_per_shard(&self) -> usize {
         usize::try_from(self.log_max_bytes / u64::from(self.shards)).unwrap_or(usize::MAX)
     }
+
+    /// An empty shard's memory whose next seq is `first_seq`: its in-memory
+    /// log bounded as configured, and its newest-version memory covering
+    /// the retained log (in memory, or on disk) plus as many entities again
+    /// (see `shard`).
+    pub fn shard_memory(&self, first_seq: u64) -> crate::shard::ShardMemory {
+        crate::shard::ShardMemory::new(
+            first_seq,
+            self.memory_events_per_shard(),
+            self.memory_bytes_per_shard(),
+            self.log_events_per_shard(),
+        )
+    }
+
+    /// Events per shard kept in memory: the whole retained log when
+    /// ephemeral, its newest part when durable.
+    pub fn memory_events_per_shard(&self) -> usize {
+        let events = if self.ephemeral {
+            self.log_max_events
+        } else {
+            self.memory_max_events.min(self.log_max_events)
+        };
+        usize::try_from(events / u64::from(self.shards)).unwrap_or(usize::MAX)
+    }
+
+    /// Bytes per shard kept in memory (see [`Self::memory_events_per_shard`]).
+    pub fn memory_bytes_per_shard(&self) -> usize {
+        let bytes = if self.ephemeral {
+            self.log_max_bytes
+        } else {
+            self.memory_max_bytes.min(self.log_max_bytes)
+        };
+        usize::try_from(bytes / u64::from(self.shards)).unwrap_or(usize::MAX)
+    }
 }
 
+/// Checks a URL; the error says what is expected.
 fn validate_url(url: &str) -> Result<(), String> {
+    const WANT: &str =
+        "a URL like http://host:port (starting with http:// or https://, with a host and a port)";
     let rest = url
         .strip_prefix("http://")
         .or_else(|| url.strip_prefix("https://"))
-        .ok_or_else(|| format!("address {url:?} must start with http:// or https://"))?;
+        .ok_or(WANT)?;
     let authority = rest.split('/').next().unwrap_or_default();
-    let (host, port) = authority
-        .rsplit_once(':')
-        .ok_or_else(|| format!("address {url:?} has no port"))?;
+    let (host, port) = authority.rsplit_once(':').ok_or(WANT)?;
     if host.is_empty() {
-        return Err(format!("address {url:?} has no host"));
+        return Err(WANT.into());
     }
-    port.parse::<u16>()
-        .map_err(|_| format!("address {url:?} has an invalid port"))?;
+    port.parse::<u16>().map_err(|_| WANT)?;
     Ok(())
 }
 
@@ -336,6 +753,27 @@ pub struct Args {
     /// OTEL_EXPORTER_OTLP_ENDPOINT, else no export].
     #[arg(long, env = "FRESHNESS_OTLP_ENDPOINT")]
     pub otlp_endpoint: Option<String>,
+    /// Directory of the durable log [default: freshness-data].
+    #[arg(long, env = "FRESHNESS_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Keep the log in memory only (every start is a new epoch).
+    #[arg(long, env = "FRESHNESS_EPHEMERAL")]
+    pub ephemeral: bool,
+    /// Events of a durable log also kept in memory [default: 262144].
+    #[arg(long, env = "FRESHNESS_MEMORY_MAX_EVENTS")]
+    pub memory_max_events: Option<u64>,
+    /// Bytes of a durable log also kept in memory [default: 67108864].
+    #[arg(long, env = "FRESHNESS_MEMORY_MAX_BYTES")]
+    pub memory_max_bytes: Option<u64>,
+    /// When appends are flushed to disk: always, interval, never [default: always].
+    #[arg(long, env = "FRESHNESS_FSYNC")]
+    pub fsync: Option<FsyncPolicy>,
+    /// Flush period with --fsync interval, e.g. 100ms [default: 100ms].
+    #[arg(long, env = "FRESHNESS_FSYNC_INTERVAL", value_parser = humantime::parse_duration)]
+    pub fsync_interval: Option<Duration>,
+    /// Start on a damaged log: keep the valid prefix, begin a new epoch.
+    #[arg(long)]
+    pub repair: bool,
 }
 
 fn parse_peer(s: &str) -> Result<(String, String), String> {
@@ -346,14 +784,77 @@ fn parse_peer(s: &str) -> Result<(String, String), String> {
 }
 
 impl Args {
-    /// Layers defaults < file < environment and flags, then validates.
+    /// Parses `argv` (the program name first) and the environment, then
+    /// layers and validates as [`into_config`](Self::into_config), naming
+    /// each bad value's flag or variable. `Ok(Err(..))` is `--help` or
+    /// `--version`: print it and exit 0.
+    pub fn load<I, T>(argv: I) -> Result<Result<Config, clap::Error>, ConfigError>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<std::ffi::OsString> + Clone,
+    {
+        let argv: Vec<std::ffi::OsString> = argv.into_iter().map(Into::into).collect();
+        let command = <Self as clap::CommandFactory>::command();
+        let matches = match command.clone().try_get_matches_from(&argv) {
+            Ok(m) => m,
+            Err(e) if !e.use_stderr() => return Ok(Err(e)),
+            Err(e) => return Err(clap_error(&command, &e, &argv)),
+        };
+        let args = <Self as clap::FromArgMatches>::from_arg_matches(&matches)
+            .map_err(|e| clap_error(&command, &e, &argv))?;
+        let mut origins = BTreeMap::new();
+        for arg in command.get_arguments() {
+            let id = arg.get_id().as_str();
+            let origin = match matches.value_source(id) {
+                Some(clap::parser::ValueSource::CommandLine) => {
+                    arg.get_long().map(|l| Origin::Flag(format!("--{l}")))
+                }
+                Some(clap::parser::ValueSource::EnvVariable) => arg
+                    .get_env()
+                    .map(|v| Origin::Env(v.to_string_lossy().into_owned())),
+                _ => None,
+            };
+            if let Some(origin) = origin {
+                origins.insert(id.to_owned(), origin);
+            }
+        }
+        args.layer(origins).map(Ok)
+    }
+
+    /// Layers defaults < file < environment and flags, then validates. An
+    /// invalid value set here is said to come from its flag.
     pub fn into_config(self) -> Result<Config, ConfigError> {
+        self.layer(BTreeMap::new())
+    }
+
+    /// [`into_config`](Self::into_config), with where each flag's value
+    /// came from (flag or environment variable), by setting.
+    fn layer(self, mut origins: BTreeMap<String, Origin>) -> Result<Config, ConfigError> {
         let mut c = match &self.config {
-            Some(path) => Config::from_file(path)?,
+            Some(path) => {
+                let (c, lines) = Config::from_file_with_lines(path)?;
+                for (key, line) in lines {
+                    origins.entry(key).or_insert(Origin::File {
+                        path: path.clone(),
+                        line,
+                    });
+                }
+                c
+            }
             None => Config::default(),
         };
+        // A value given here came from its flag or its variable (`load`
+        // knows which; without it, the flag is named).
+        let mut given = |key: &str, flag: &str| {
+            if !matches!(origins.get(key), Some(Origin::Flag(_) | Origin::Env(_))) {
+                origins.insert(key.to_owned(), Origin::Flag(flag.to_owned()));
+            }
+        };
         macro_rules! over {
-            ($($f:ident),*) => { $( if let Some(v) = self.$f { c.$f = v; } )* };
+            ($($f:ident),*) => { $( if let Some(v) = self.$f {
+                given(stringify!($f), &format!("--{}", stringify!($f).replace('_', "-")));
+                c.$f = v;
+            } )* };
         }
         over!(
             listen,
@@ -370,16 +871,88 @@ impl Args {
             max_message_bytes,
             max_nodes,
             shutdown_grace,
-            log_format
+            log_format,
+            data_dir,
+            fsync,
+            fsync_interval,
+            memory_max_events,
+            memory_max_bytes
         );
+        if !self.peers.is_empty() {
+            given("peers", "--peer");
+        }
+        if self.otlp_endpoint.is_some() {
+            given("otlp_endpoint", "--otlp-endpoint");
+        }
+        if self.ephemeral {
+            given("ephemeral", "--ephemeral");
+        }
+        c.ephemeral |= self.ephemeral;
+        c.repair = self.repair;
         if !self.peers.is_empty() {
             c.peers = self.peers.into_iter().collect();
         }
         if let Some(e) = self.otlp_endpoint.filter(|e| !e.trim().is_empty()) {
             c.otlp_endpoint = Some(e);
         }
-        c.validate()?;
+        c.validate().map_err(|e| e.with_origin(&origins))?;
         Ok(c)
+    }
+}
+
+/// A command-line or environment value clap refused, as one line naming
+/// its flag or variable, the setting, the value and what is expected.
+fn clap_error(
+    command: &clap::Command,
+    e: &clap::Error,
+    argv: &[std::ffi::OsString],
+) -> ConfigError {
+    use clap::error::{ContextKind, ContextValue};
+    let context = |kind| match e.get(kind) {
+        Some(ContextValue::String(s)) => Some(s.clone()),
+        _ => None,
+    };
+    let first_line = || {
+        let text = e.to_string();
+        let line = text
+            .lines()
+            .next()
+            .unwrap_or("invalid arguments")
+            .to_owned();
+        ConfigError::Args(line.trim_start_matches("error: ").to_owned())
+    };
+    let (Some(flag), Some(value)) = (
+        context(ContextKind::InvalidArg),
+        context(ContextKind::InvalidValue),
+    ) else {
+        return first_line();
+    };
+    let long = flag
+        .split([' ', '='])
+        .next()
+        .unwrap_or_default()
+        .trim_start_matches('-')
+        .to_owned();
+    let Some(arg) = command
+        .get_arguments()
+        .find(|a| a.get_long() == Some(long.as_str()))
+    else {
+        return first_line();
+    };
+    let key = arg.get_id().as_str().to_owned();
+    let on_command_line = argv.iter().any(|a| {
+        a.to_str()
+            .is_some_and(|a| a == format!("--{long}") || a.starts_with(&format!("--{long}=")))
+    });
+    let origin = match arg.get_env() {
+        Some(var) if !on_command_line => Origin::Env(var.to_string_lossy().into_owned()),
+        _ => Origin::Flag(format!("--{long}")),
+    };
+    ConfigError::Invalid {
+        origin: Some(origin),
+        value: format!("{value:?}"),
+        expected: expected(&key).to_owned(),
+        key,
     }
 }
 
@@ -418,25 +991,88 @@ mod tests {
     }
 
     #[test]
-    fn invalid_values_name_the_key() {
+    fn invalid_values_name_the_key_the_value_and_what_is_expected() {
         let bad = |f: fn(&mut Config)| {
             let mut c = Config::default();
             f(&mut c);
             c.validate().unwrap_err().to_string()
         };
-        assert!(bad(|c| c.shards = 0).starts_with("invalid setting `shards`"));
-        assert!(bad(|c| c.region = "EU".into()).starts_with("invalid setting `region`"));
+        assert_eq!(
+            bad(|c| c.shards = 0),
+            "invalid setting shards = 0: expected a whole number from 1 to 65536"
+        );
+        assert!(bad(|c| c.region = "EU".into()).starts_with("invalid setting region = \"EU\""));
         assert!(
             bad(|c| {
                 c.peers.insert("eu".into(), "localhost:1".into());
             })
-            .contains("must start with http://")
+            .starts_with("invalid setting peers.eu = \"localhost:1\": expected a URL")
         );
-        assert!(bad(|c| c.log_max_events = 1).starts_with("invalid setting `log_max_events`"));
+        assert!(bad(|c| c.log_max_events = 1).starts_with("invalid setting log_max_events = 1"));
         assert!(
             bad(|c| c.otlp_endpoint = Some("collector:4317".into()))
-                .starts_with("invalid setting `otlp_endpoint`")
+                .starts_with("invalid setting otlp_endpoint = \"collector:4317\"")
         );
+    }
+
+    #[test]
+    fn file_errors_name_the_line_the_key_and_the_nearest_known_key() {
+        let err = |text: &str| {
+            Config::from_toml(text, Path::new("hub.toml"))
+                .unwrap_err()
+                .to_string()
+        };
+        assert_eq!(
+            err("shards = 8\n\nmetrics_listen = \"nowhere\"\n"),
+            "config file hub.toml, line 3: metrics_listen = \"nowhere\": expected an address like 127.0.0.1:9464"
+        );
+        assert_eq!(
+            err("shards = \"x\""),
+            "config file hub.toml, line 1: shards = \"x\": expected a whole number from 1 to 65536"
+        );
+        assert_eq!(
+            err("# hub\nmax_in_flite = 10\n"),
+            "config file hub.toml, line 2: max_in_flite = 10: unknown key (did you mean max_in_flight?)"
+        );
+        assert_eq!(
+            err("zzz = 1"),
+            "config file hub.toml, line 1: zzz = 1: unknown key"
+        );
+        assert!(err("shards = [\n").starts_with("config file hub.toml, line 1: "));
+        assert_eq!(
+            err("[peers]\neu = 5\n"),
+            "config file hub.toml, line 2: peers.eu = 5: expected a table of region = \"http://host:port\" entries"
+        );
+    }
+
+    #[test]
+    fn layered_values_name_their_flag_or_file_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("hub.toml");
+        std::fs::write(&file, "region = \"eu\"\nshards = 0\n").unwrap();
+        let path = file.to_str().unwrap();
+        let e = Args::load(["freshness-hub", "--config", path, "--ephemeral"]).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            format!(
+                "config file {path}, line 2: shards = 0: expected a whole number from 1 to 65536"
+            )
+        );
+        let e = Args::load(["freshness-hub", "--config", path, "--shards", "70000"]).unwrap_err();
+        assert!(
+            e.to_string()
+                .starts_with("flag --shards: shards = 70000: expected"),
+            "{e}"
+        );
+        let e = Args::load(["freshness-hub", "--max-in-flight", "lots"]).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "flag --max-in-flight: max_in_flight = \"lots\": expected a whole number of events, at least 1"
+        );
+        assert!(matches!(
+            Args::load(["freshness-hub", "--version"]),
+            Ok(Err(_))
+        ));
     }
 
     #[test]

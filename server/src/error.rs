@@ -37,6 +37,10 @@ pub enum HubError {
     /// The hub is shutting down.
     #[error("hub is shutting down")]
     ShuttingDown,
+    /// The durable log cannot be written (disk full, I/O error): the
+    /// shards concerned applied nothing; retry after the hint.
+    #[error(transparent)]
+    LogUnavailable(#[from] crate::store::WriteFailed),
 }
 
 impl From<HubError> for Status {
@@ -63,6 +67,14 @@ impl From<HubError> for Status {
                 s
             }
             HubError::ShuttingDown => Status::unavailable(msg),
+            HubError::LogUnavailable(_) => {
+                let mut s = Status::unavailable(msg);
+                s.metadata_mut().insert(
+                    RETRY_AFTER_MS,
+                    tonic::metadata::MetadataValue::from_static("1000"),
+                );
+                s
+            }
         }
     }
 }

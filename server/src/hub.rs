@@ -3,7 +3,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
 
 use freshness::validate::{AckLevel, ValidPublish};
@@ -18,7 +18,18 @@ use crate::clock::Clock;
 use crate::config::Config;
 use crate::error::HubError;
 use crate::log::SharedLog;
-use crate::shard::{Append, EventOutcome, Incoming, ShardContext, ShardHandle};
+use crate::shard::{Append, EventOutcome, Incoming, ShardContext, ShardHandle, ShardMemory};
+use crate::store::{DataDir, DiskReader, Opened};
+
+/// A durable log as opened at start-up: the stores, and every shard's
+/// memory rebuilt from what the disk held.
+#[derive(Debug)]
+pub struct Durable {
+    /// The data directory's stores and readers.
+    pub opened: Opened,
+    /// Every shard's in-memory log and version memory, by index.
+    pub memories: Vec<ShardMemory>,
+}
 
 /// Why a session ended on purpose.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -56,6 +67,15 @@ pub struct SessionShared {
     pub max_in_flight: u32,
     /// True while the in-flight limit holds the session back.
     pub parked: AtomicBool,
+    /// True while the stream has no HTTP/2 send capacity (set by the
+    /// transport before it waits for room, cleared when room comes).
+    pub blocked: AtomicBool,
+    /// True while a reset is sent or waiting to go and not acked yet.
+    pub resetting: AtomicBool,
+    /// The last [`NodeState`] computed, as its wire number.
+    state: AtomicU8,
+    /// Hub time since which the node is in that state.
+    state_since_us: AtomicU64,
     /// Newest watermark the node has acked.
     pub acked_watermark_us: AtomicU64,
     /// Ends the session.
@@ -64,7 +84,62 @@ pub struct SessionShared {
     pub end_reason: Mutex<Option<EndReason>>,
 }
 
+/// What a node is doing, for status (SPEC §3.4): the most telling state
+/// wins, in this order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NodeState {
+    /// The stream has no send capacity: the node does not read, so nothing
+    /// reaches it whatever else holds.
+    Blocked,
+    /// A reset was sent (or waits to go) that the node has not acked.
+    Resetting,
+    /// At its in-flight limit: nothing is sent until it acks.
+    Parked,
+    /// Receiving.
+    Live,
+}
+
+impl NodeState {
+    fn to_wire(self) -> pb::NodeState {
+        match self {
+            Self::Blocked => pb::NodeState::Blocked,
+            Self::Resetting => pb::NodeState::Resetting,
+            Self::Parked => pb::NodeState::Parked,
+            Self::Live => pb::NodeState::Live,
+        }
+    }
+}
+
 impl SessionShared {
+    /// The state its flags say now.
+    pub fn state(&self) -> NodeState {
+        if self.blocked.load(Ordering::Relaxed) {
+            NodeState::Blocked
+        } else if self.resetting.load(Ordering::Relaxed) {
+            NodeState::Resetting
+        } else if self.parked.load(Ordering::Relaxed) {
+            NodeState::Parked
+        } else {
+            NodeState::Live
+        }
+    }
+
+    /// Recomputes the state after a flag changed; a new state starts its
+    /// clock at `now_us`. Only the stream's own task calls it.
+    pub fn refresh_state(&self, now_us: u64) {
+        let state = self.state().to_wire() as u8;
+        if self.state.swap(state, Ordering::Relaxed) != state {
+            self.state_since_us.store(now_us, Ordering::Relaxed);
+        }
+    }
+
+    /// The state and since when, as the last refresh left them.
+    pub fn state_since(&self) -> (pb::NodeState, u64) {
+        let state = pb::NodeState::try_from(i32::from(self.state.load(Ordering::Relaxed)))
+            .unwrap_or(pb::NodeState::Unspecified);
+        (state, self.state_since_us.load(Ordering::Relaxed))
+    }
+
     /// True when the node's filter lets this namespace through.
     pub fn wants(&self, namespace: &str) -> bool {
         self.filter.is_empty()
@@ -104,8 +179,11 @@ pub struct Hub {
     pub region: Arc<str>,
     /// Actor handles, indexed by shard.
     pub(crate) shards: Vec<ShardHandle>,
-    /// Logs, indexed by shard.
+    /// Logs in memory, indexed by shard.
     pub(crate) logs: Vec<Arc<SharedLog>>,
+    /// The durable log's readers, indexed by shard (empty when ephemeral):
+    /// what left memory but is still on disk.
+    pub(crate) disk: Vec<DiskReader>,
     /// Bumped after every append.
     pub(crate) appended: watch::Sender<u64>,
     /// Bumped after every ack, for REGION waiters.
@@ -120,6 +198,10 @@ pub struct Hub {
     peers: Mutex<BTreeMap<String, PeerInfo>>,
     /// Running totals for the status page.
     pub stats: crate::stats::HubStats,
+    /// The durable log's directory; `None` for an ephemeral hub.
+    pub data_dir: Option<Arc<DataDir>>,
+    /// What the shard actors share (the fsync policy, failing writes).
+    shard_ctx: Arc<ShardContext>,
 }
 
 /// The state of one replication link, for status.
@@ -151,8 +233,15 @@ impl std::fmt::Debug for Hub {
 
 impl Hub {
     /// Builds a hub and spawns its shard actors on `tracker`. The actors stop
-    /// when the last `Hub` reference is dropped.
-    pub fn new(config: Config, shutdown: CancellationToken, tracker: &TaskTracker) -> Arc<Self> {
+    /// when the last `Hub` reference is dropped. With `durable` (see
+    /// [`crate::open_log`]) the hub keeps its epoch and starts from what the
+    /// disk held; without, it starts empty in a new epoch.
+    pub fn new(
+        config: Config,
+        durable: Option<Durable>,
+        shutdown: CancellationToken,
+        tracker: &TaskTracker,
+    ) -> Arc<Self> {
         let clock = Clock::new();
         let region: Arc<str> = Arc::from(config.region.as_str());
         let (appended, _) = watch::channel(0);
@@ -160,27 +249,46 @@ impl Hub {
             region: region.clone(),
             clock,
             appended: appended.clone(),
-            remember_extra: config.log_events_per_shard(),
+            fsync: config.fsync,
+            fsync_interval: config.fsync_interval,
+            failing: Mutex::new(BTreeMap::new()),
         });
+        crate::metrics::set_log_writable(true);
+        let (epoch, data_dir, memories, stores, disk) = match durable {
+            Some(d) => (
+                d.opened.epoch,
+                Some(d.opened.dir),
+                d.memories,
+                d.opened.stores.into_iter().map(Some).collect(),
+                d.opened.readers,
+            ),
+            None => (
+                crate::store::new_epoch_value(),
+                None,
+                (0..config.shards).map(|_| config.shard_memory(1)).collect(),
+                (0..config.shards).map(|_| None).collect::<Vec<_>>(),
+                Vec::new(),
+            ),
+        };
         let mut shards = Vec::with_capacity(config.shards as usize);
         let mut logs = Vec::with_capacity(config.shards as usize);
-        for id in 0..config.shards {
-            let log = Arc::new(SharedLog::new(
-                config.log_events_per_shard(),
-                config.log_bytes_per_shard(),
-            ));
+        for (id, (memory, store)) in (0..config.shards).zip(memories.into_iter().zip(stores)) {
+            logs.push(memory.log().clone());
             shards.push(ShardHandle::spawn(
                 id,
-                log.clone(),
+                memory,
                 ctx.clone(),
                 config.shard_queue,
                 tracker,
+                store,
             ));
-            logs.push(log);
         }
         let (acks_changed, _) = watch::channel(0);
         Arc::new(Self {
-            epoch: new_epoch(),
+            data_dir,
+            disk,
+            shard_ctx: ctx,
+            epoch,
             clock,
             region,
             shards,
@@ -215,6 +323,15 @@ impl Hub {
     /// Shard count.
     pub fn shard_count(&self) -> u32 {
         self.config.shards
+    }
+
+    /// The oldest seq of shard `s` a session can still send: on disk for a
+    /// durable hub, in memory for an ephemeral one.
+    pub fn retained_first(&self, s: usize) -> u64 {
+        match self.disk.get(s) {
+            Some(d) => d.first_seq().min(self.logs[s].first_seq()),
+            None => self.logs[s].first_seq(),
+        }
     }
 
     /// Current head seq of every shard.
@@ -387,7 +504,7 @@ impl Hub {
         }
         let mut out: Vec<Option<EventOutcome>> = vec![None; n];
         for (idx, rx) in waits {
-            let outcomes = rx.await.map_err(|_| HubError::ShuttingDown)?;
+            let outcomes = rx.await.map_err(|_| HubError::ShuttingDown)??;
             for (i, o) in idx.into_iter().zip(outcomes) {
                 out[i] = Some(o);
             }
@@ -554,6 +671,10 @@ impl Hub {
             in_flight: AtomicU32::new(0),
             max_in_flight,
             parked: AtomicBool::new(false),
+            blocked: AtomicBool::new(false),
+            resetting: AtomicBool::new(false),
+            state: AtomicU8::new(pb::NodeState::Live as u8),
+            state_since_us: AtomicU64::new(self.clock.now_us()),
             acked_watermark_us: AtomicU64::new(self.clock.now_us()),
             cancel: self.shutdown.child_token(),
             end_reason: Mutex::new(None),
@@ -623,7 +744,7 @@ impl Hub {
                 pb::ShardStatus {
                     shard: i as u32,
                     head_seq: log.head(),
-                    first_seq: log.first_seq(),
+                    first_seq: self.retained_first(i).min(log.first_seq()),
                 }
             })
             .collect();
@@ -638,6 +759,7 @@ impl Hub {
                     .zip(&acked)
                     .map(|(h, a)| h.saturating_sub(*a))
                     .sum();
+                let (state, since) = n.state_since();
                 pb::NodeStatus {
                     node_id: n.node_id.clone(),
                     namespaces: n.filter.clone(),
@@ -654,6 +776,8 @@ impl Hub {
                     replication: n.replication,
                     peer: n.peer.clone(),
                     connected_at_us: n.connected_at_us,
+                    state: state as i32,
+                    state_since_us: since,
                 }
             })
             .collect();
@@ -682,6 +806,15 @@ impl Hub {
             retained_events,
             retained_bytes,
             now_us: now,
+            durable: self.data_dir.is_some(),
+            log_error: self
+                .shard_ctx
+                .failing
+                .lock()
+                .iter()
+                .next()
+                .map(|(shard, e)| format!("shard {shard}: {e}"))
+                .unwrap_or_default(),
         }
     }
 
@@ -690,16 +823,6 @@ impl Hub {
         Cursor {
             epoch: self.epoch,
             seqs: self.heads(),
-        }
-    }
-}
-
-/// A random, non-zero epoch.
-fn new_epoch() -> u64 {
-    loop {
-        let e: u64 = rand::random();
-        if e != 0 {
-            return e;
         }
     }
 }

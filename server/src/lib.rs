@@ -12,6 +12,7 @@
 pub mod clock;
 pub mod config;
 pub mod error;
+pub mod flow;
 pub mod grpc;
 pub mod hub;
 pub mod log;
@@ -22,9 +23,10 @@ pub mod session;
 pub mod shard;
 pub mod stats;
 pub mod status_json;
+pub mod store;
 pub mod telemetry;
 mod transport;
 mod web;
 
 pub use config::{Args, Config, ConfigError, LogFormat};
-pub use server::{RunError, run, run_with_http};
+pub use server::{RunError, open_log, run, run_with_http, serve, serve_with_http};

@@ -33,6 +33,9 @@ pub struct LogEntry {
     ///
     /// [`Incoming::awaited`]: crate::shard::Incoming::awaited
     pub awaited: bool,
+    /// The event's version (0 for gap markers): what the shard actor's
+    /// newest-version memory is rebuilt from after a restart.
+    pub version: u64,
     /// The encoded `EventBatch.events` element.
     pub bytes: Bytes,
 }
@@ -60,9 +63,15 @@ pub type Evicted = Vec<(u64, LogEntry)>;
 impl ShardLog {
     /// An empty log starting at seq 1.
     pub fn new(max_events: usize, max_bytes: usize) -> Self {
+        Self::starting_at(1, max_events, max_bytes)
+    }
+
+    /// An empty log whose next entry gets `first_seq` (a log recovered
+    /// from disk, before its records are appended again).
+    pub fn starting_at(first_seq: u64, max_events: usize, max_bytes: usize) -> Self {
         Self {
             entries: VecDeque::new(),
-            first_seq: 1,
+            first_seq: first_seq.max(1),
             bytes: 0,
             max_events: max_events.max(1),
             max_bytes,
@@ -141,10 +150,16 @@ pub struct SharedLog {
 impl SharedLog {
     /// An empty shared log.
     pub fn new(max_events: usize, max_bytes: usize) -> Self {
+        Self::starting_at(1, max_events, max_bytes)
+    }
+
+    /// An empty shared log whose next entry gets `first_seq`.
+    pub fn starting_at(first_seq: u64, max_events: usize, max_bytes: usize) -> Self {
+        let log = ShardLog::starting_at(first_seq, max_events, max_bytes);
         Self {
-            log: RwLock::new(ShardLog::new(max_events, max_bytes)),
-            head: AtomicU64::new(0),
-            first: AtomicU64::new(1),
+            head: AtomicU64::new(log.head()),
+            first: AtomicU64::new(log.first_seq()),
+            log: RwLock::new(log),
         }
     }
 
@@ -187,6 +202,7 @@ mod tests {
             publish_time_us: 0,
             gap: false,
             awaited: false,
+            version: 1,
             bytes: Bytes::from(vec![0u8; n]),
         }
     }

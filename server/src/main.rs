@@ -2,7 +2,6 @@
 
 use std::process::ExitCode;
 
-use clap::Parser;
 use freshness_hub::{Args, telemetry};
 use tokio_util::sync::CancellationToken;
 
@@ -10,22 +9,15 @@ use tokio_util::sync::CancellationToken;
 const EXIT_CONFIG: u8 = 64;
 
 fn main() -> ExitCode {
-    let args = match Args::try_parse() {
-        Ok(a) => a,
-        Err(e) if !e.use_stderr() => {
+    // Every config error is one line naming its source, key, value and
+    // what is expected (SPEC §4), before anything is bound.
+    let config = match Args::load(std::env::args_os()) {
+        Ok(Ok(c)) => c,
+        Ok(Err(help)) => {
             // --help and --version.
-            let _ = e.print();
+            let _ = help.print();
             return ExitCode::SUCCESS;
         }
-        Err(e) => {
-            let first = e.to_string();
-            let line = first.lines().next().unwrap_or("invalid arguments");
-            eprintln!("freshness-hub: {}", line.trim_start_matches("error: "));
-            return ExitCode::from(EXIT_CONFIG);
-        }
-    };
-    let config = match args.into_config() {
-        Ok(c) => c,
         Err(e) => {
             eprintln!("freshness-hub: {e}");
             return ExitCode::from(EXIT_CONFIG);
@@ -48,6 +40,15 @@ fn main() -> ExitCode {
         Err(e) => {
             eprintln!("freshness-hub: {e}");
             return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    // The log is opened and checked before any port is bound: a directory
+    // the hub cannot use exits 64, a damaged log 65 (unless --repair).
+    let opened = match freshness_hub::open_log(&config) {
+        Ok(o) => o,
+        Err(e) => {
+            eprintln!("freshness-hub: {e}");
+            return ExitCode::from(e.exit_code());
         }
     };
     runtime.block_on(async move {
@@ -74,7 +75,7 @@ fn main() -> ExitCode {
         }
         let shutdown = CancellationToken::new();
         tokio::spawn(signal_shutdown(shutdown.clone()));
-        match freshness_hub::run_with_http(config, listener, Some(http), shutdown).await {
+        match freshness_hub::serve_with_http(config, opened, listener, Some(http), shutdown).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("freshness-hub: {e}");

@@ -15,13 +15,21 @@
 //! Names follow Prometheus conventions (`_total` counters, base units).
 //! Label values come from closed sets (results, reasons, ack levels), so
 //! cardinality is bounded; per-node figures live in `Status`, not in labels.
+//!
+//! Every family is on the page from the first scrape, with `# HELP` and
+//! `# TYPE`: [`install`] describes the recorder's families and sets each
+//! of their series (every value of a closed label set) to zero, so that an
+//! alert on the freshness SLI sees zero on a quiet hub, not "no data". Per
+//! peer series start when the hub starts ([`sample`]). The page also
+//! carries the standard process metrics (read from `/proc`) and
+//! `freshness_build_info{version, revision}`.
 
 use std::fmt::Write as _;
 use std::sync::LazyLock;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use metrics::{counter, gauge, histogram};
+use metrics::{counter, describe_counter, describe_gauge, gauge};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 
 /// Events answered by publish, by `result` (applied, duplicate, superseded).
@@ -72,6 +80,170 @@ pub const PEER_LAG_SECONDS: &str = "freshness_peer_lag_seconds";
 /// 1 while a peer's link is up, per peer region.
 pub const PEER_CONNECTED: &str = "freshness_peer_connected";
 
+/// Log writes (one per shard-actor drain) that failed, refusing the
+/// drain's publishes.
+pub const LOG_WRITE_ERRORS: &str = "freshness_log_write_errors_total";
+/// 1 while every shard of the durable log can be written (always 1 for an
+/// ephemeral hub).
+pub const LOG_WRITABLE: &str = "freshness_log_writable";
+
+/// Build information: always 1, labelled with the version and the git
+/// revision the binary was built from.
+pub const BUILD_INFO: &str = "freshness_build_info";
+
+/// Result label values of [`PUBLISH_EVENTS`].
+const PUBLISH_RESULTS: [&str; 3] = ["applied", "duplicate", "superseded"];
+/// Code label values of [`PUBLISH_REFUSED`] (see `grpc::refused`).
+const REFUSED_CODES: [&str; 4] = [
+    "invalid_argument",
+    "unavailable",
+    "resource_exhausted",
+    "other",
+];
+/// Reason label values of [`RESETS`].
+const RESET_REASONS: [freshness::pb::ResetReason; 4] = [
+    freshness::pb::ResetReason::CursorExpired,
+    freshness::pb::ResetReason::EpochChanged,
+    freshness::pb::ResetReason::SlowConsumer,
+    freshness::pb::ResetReason::ReplicationGap,
+];
+
+/// A label and every value it takes.
+type LabelSet = (&'static str, &'static [&'static str]);
+
+/// Every counter the recorder keeps, with its help, and the label and its
+/// values if it has one.
+const COUNTERS: [(&str, &str, Option<LabelSet>); 8] = [
+    (
+        PUBLISH_EVENTS,
+        "Events answered by publish calls, by result.",
+        Some(("result", &PUBLISH_RESULTS)),
+    ),
+    (
+        PUBLISH_REFUSED,
+        "Publish calls refused, by gRPC code.",
+        Some(("code", &REFUSED_CODES)),
+    ),
+    (EVENTS_APPENDED, "Events appended to the log.", None),
+    (
+        EVENTS_DELIVERED,
+        "Event deliveries written to node streams.",
+        None,
+    ),
+    (
+        ACKED,
+        "Deliveries acked by nodes (the freshness SLI's denominator).",
+        None,
+    ),
+    (
+        ACKED_100MS,
+        "Deliveries acked within 100 ms of their publish.",
+        None,
+    ),
+    (
+        ACKED_1S,
+        "Deliveries acked within 1 s of their publish.",
+        None,
+    ),
+    (
+        LOG_WRITE_ERRORS,
+        "Durable log writes that failed, refusing their publishes.",
+        None,
+    ),
+];
+
+/// Every gauge the recorder keeps without labels, with its help.
+const GAUGES: [(&str, &str); 9] = [
+    (NODES_CONNECTED, "Connected subscribe streams."),
+    (LOG_EVENTS, "Events retained in the log."),
+    (SHARD_QUEUE_DEPTH, "Commands waiting in all shard queues."),
+    (
+        SHARD_QUEUE_MAX,
+        "Commands waiting in the fullest shard queue.",
+    ),
+    (NODE_LAG_MAX, "Largest lag of a connected node, in events."),
+    (
+        NODES_PARKED,
+        "Connected nodes parked at their in-flight limit.",
+    ),
+    (
+        NODE_STALENESS_MAX,
+        "Age of the newest watermark the slowest node acked.",
+    ),
+    (
+        LOG_WRITABLE,
+        "1 while every shard of the log can be written.",
+    ),
+    (
+        BUILD_INFO,
+        "Version and git revision of this build; always 1.",
+    ),
+];
+
+/// Per-peer gauges, with their help.
+const PEER_GAUGES: [(&str, &str); 3] = [
+    (
+        PEER_LAG_EVENTS,
+        "Replication lag per peer region, in events.",
+    ),
+    (
+        PEER_LAG_SECONDS,
+        "Replication lag per peer region: age of its last watermark.",
+    ),
+    (
+        PEER_CONNECTED,
+        "1 while the replication link to the peer is up.",
+    ),
+];
+
+/// Every family on the page and its type, for checks of the page: the
+/// recorder's, the hub's own histograms and the process metrics.
+pub fn families() -> Vec<(&'static str, &'static str)> {
+    let mut out: Vec<(&str, &str)> = COUNTERS.iter().map(|c| (c.0, "counter")).collect();
+    out.extend(GAUGES.iter().map(|g| (g.0, "gauge")));
+    out.extend(PEER_GAUGES.iter().map(|g| (g.0, "gauge")));
+    out.extend(histograms().iter().map(|h| (h.name, "histogram")));
+    out.extend(PROCESS.iter().map(|p| (p.0, p.1)));
+    out
+}
+
+/// The version and revision `freshness_build_info` carries.
+pub fn build_info() -> (&'static str, &'static str) {
+    (env!("CARGO_PKG_VERSION"), env!("FRESHNESS_REVISION"))
+}
+
+/// Describes every family of the recorder and sets each series to zero
+/// (build info to 1), so the first scrape shows them all.
+fn register_families() {
+    for (name, help, labels) in COUNTERS {
+        describe_counter!(name, help);
+        match labels {
+            Some((label, values)) => {
+                for v in values {
+                    counter!(name, label => *v).increment(0);
+                }
+            }
+            None => counter!(name).increment(0),
+        }
+    }
+    for reason in RESET_REASONS {
+        counter!(RESETS, "reason" => reason.as_str_name()).increment(0);
+    }
+    describe_counter!(RESETS, "Resets sent to nodes, by reason.");
+    for (name, help) in GAUGES {
+        describe_gauge!(name, help);
+        if name != BUILD_INFO {
+            // Gauges a hub sets when it starts keep their value.
+            gauge!(name).increment(0.0);
+        }
+    }
+    for (name, help) in PEER_GAUGES {
+        describe_gauge!(name, help);
+    }
+    let (version, revision) = build_info();
+    gauge!(BUILD_INFO, "version" => version, "revision" => revision).set(1.0);
+}
+
 /// How often [`sample`] runs.
 pub const SAMPLE_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 
@@ -79,6 +251,12 @@ pub const SAMPLE_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 /// per-node lag (folded over the nodes), per-peer replication lag, the log.
 /// Runs until the hub shuts down; costs one status snapshot a second.
 pub async fn sample(hub: std::sync::Arc<crate::hub::Hub>) {
+    // Every configured peer's series exist before its link reports.
+    for region in hub.config.peers.keys() {
+        for (name, _) in PEER_GAUGES {
+            gauge!(name, "peer" => region.clone()).increment(0.0);
+        }
+    }
     let mut tick = tokio::time::interval(SAMPLE_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -90,11 +268,10 @@ pub async fn sample(hub: std::sync::Arc<crate::hub::Hub>) {
         gauge!(SHARD_QUEUE_DEPTH).set(depths.iter().sum::<usize>() as f64);
         gauge!(SHARD_QUEUE_MAX).set(depths.iter().copied().max().unwrap_or(0) as f64);
         let status = hub.status();
-        let lag = histogram!(NODE_LAG);
         let (mut max_lag, mut max_stale, mut parked) = (0u64, 0u64, 0usize);
         for n in status.nodes.iter().filter(|n| !n.replication) {
             parked += usize::from(n.parked);
-            lag.record(n.lag_events as f64);
+            NODE_LAG_HISTOGRAM.observe(n.lag_events as f64);
             max_lag = max_lag.max(n.lag_events);
             max_stale = max_stale.max(n.staleness_ms);
         }
@@ -121,12 +298,14 @@ const FRAME_BUCKETS: [f64; 9] = [1.0, 2.0, 4.0, 8.0, 16.0, 64.0, 256.0, 1024.0, 
 static PROMETHEUS: std::sync::OnceLock<PrometheusHandle> = std::sync::OnceLock::new();
 
 /// Installs the process-wide Prometheus recorder, whose text the hub's
-/// HTTP listener serves at `/metrics` (see `web.rs`). Must be called inside
-/// a tokio runtime; a second call fails.
+/// HTTP listener serves at `/metrics` (see `web.rs`), with every family
+/// registered at zero. Must be called inside a tokio runtime; a second call
+/// fails.
 pub fn install_recorder() -> Result<(), String> {
     let handle = PrometheusBuilder::new()
         .install_recorder()
         .map_err(|e| format!("cannot install the metrics recorder: {e}"))?;
+    register_families();
     tokio::spawn(upkeep(handle.clone()));
     // The recorder install above succeeds once per process, so this slot
     // is still empty.
@@ -134,8 +313,8 @@ pub fn install_recorder() -> Result<(), String> {
     Ok(())
 }
 
-/// How often the recorder's own histograms (only [`NODE_LAG`], a sample
-/// per node a second) are drained.
+/// How often the recorder runs its upkeep (it keeps no histogram: every
+/// histogram is the hub's own).
 const UPKEEP_EVERY: Duration = Duration::from_secs(5);
 
 async fn upkeep(handle: PrometheusHandle) {
@@ -147,17 +326,15 @@ async fn upkeep(handle: PrometheusHandle) {
     }
 }
 
-/// The `/metrics` text: the recorder's, then the hub's own histograms.
-/// `None` when no recorder is installed (a hub run by a test).
+/// The `/metrics` text: the recorder's, the hub's own histograms, the
+/// process metrics. `None` when no recorder is installed (a hub run by a
+/// test).
 pub fn render() -> Option<String> {
     let mut text = PROMETHEUS.get()?.render();
-    for h in [
-        &*PROPAGATION_HISTOGRAM,
-        &*FRAME_HISTOGRAM,
-        &*DRAIN_HISTOGRAM,
-    ] {
+    for h in histograms() {
         h.render(&mut text);
     }
+    render_process(&mut text);
     Some(text)
 }
 
@@ -253,6 +430,134 @@ static DRAIN_HISTOGRAM: LazyLock<Histogram> = LazyLock::new(|| {
         &DRAIN_BUCKETS,
     )
 });
+/// [`NODE_LAG`].
+static NODE_LAG_HISTOGRAM: LazyLock<Histogram> = LazyLock::new(|| {
+    Histogram::new(
+        NODE_LAG,
+        "Lag of each connected node in events, sampled every second.",
+        &NODE_LAG_BUCKETS,
+    )
+});
+/// Bucket bounds of [`NODE_LAG`].
+const NODE_LAG_BUCKETS: [f64; 8] = [
+    0.0,
+    10.0,
+    100.0,
+    1_000.0,
+    10_000.0,
+    100_000.0,
+    1_000_000.0,
+    10_000_000.0,
+];
+
+/// The hub's own histograms, in page order.
+fn histograms() -> [&'static Histogram; 4] {
+    [
+        &PROPAGATION_HISTOGRAM,
+        &FRAME_HISTOGRAM,
+        &DRAIN_HISTOGRAM,
+        &NODE_LAG_HISTOGRAM,
+    ]
+}
+
+/// The standard process metrics: name, type, help.
+const PROCESS: [(&str, &str, &str); 6] = [
+    (
+        "process_cpu_seconds_total",
+        "counter",
+        "Total user and system CPU time spent in seconds.",
+    ),
+    (
+        "process_resident_memory_bytes",
+        "gauge",
+        "Resident memory size in bytes.",
+    ),
+    (
+        "process_virtual_memory_bytes",
+        "gauge",
+        "Virtual memory size in bytes.",
+    ),
+    (
+        "process_open_fds",
+        "gauge",
+        "Number of open file descriptors.",
+    ),
+    (
+        "process_max_fds",
+        "gauge",
+        "Maximum number of open file descriptors.",
+    ),
+    (
+        "process_start_time_seconds",
+        "gauge",
+        "Start time of the process since unix epoch in seconds.",
+    ),
+];
+
+/// Clock ticks per second of `/proc/self/stat` (`USER_HZ`, 100 on every
+/// Linux architecture the hub builds for).
+const TICKS_PER_SECOND: f64 = 100.0;
+
+/// The process metrics' values from `/proc` (Linux); a figure that cannot
+/// be read is 0, so that every family is always on the page.
+fn process_values() -> [f64; 6] {
+    let read = |p: &str| std::fs::read_to_string(p).unwrap_or_default();
+    let stat = read("/proc/self/stat");
+    // Fields after the command name, which may hold spaces: field 3 first.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest.split_whitespace().collect())
+        .unwrap_or_default();
+    let field = |n: usize| -> f64 {
+        fields
+            .get(n - 3)
+            .and_then(|f| f.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    let cpu = (field(14) + field(15)) / TICKS_PER_SECOND;
+    let kib = |status: &str, key: &str| -> f64 {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(key))
+            .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
+            .map_or(0.0, |k| k * 1024.0)
+    };
+    let status = read("/proc/self/status");
+    let boot = read("/proc/stat")
+        .lines()
+        .find_map(|l| l.strip_prefix("btime "))
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .unwrap_or(0.0);
+    let start = if boot > 0.0 {
+        boot + field(22) / TICKS_PER_SECOND
+    } else {
+        0.0
+    };
+    let open_fds = std::fs::read_dir("/proc/self/fd").map_or(0, Iterator::count) as f64;
+    let max_fds = read("/proc/self/limits")
+        .lines()
+        .find_map(|l| l.strip_prefix("Max open files"))
+        .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
+        .unwrap_or(0.0);
+    [
+        cpu,
+        kib(&status, "VmRSS:"),
+        kib(&status, "VmSize:"),
+        open_fds,
+        max_fds,
+        start,
+    ]
+}
+
+/// Appends the process metrics in the Prometheus text format.
+fn render_process(out: &mut String) {
+    for ((name, kind, help), value) in PROCESS.iter().zip(process_values()) {
+        let _ = writeln!(out, "# HELP {name} {help}");
+        let _ = writeln!(out, "# TYPE {name} {kind}");
+        let _ = writeln!(out, "{name} {value}");
+    }
+}
+
 /// Bucket bounds of [`SHARD_DRAIN`].
 const DRAIN_BUCKETS: [f64; 7] = [1.0, 2.0, 4.0, 8.0, 16.0, 64.0, 256.0];
 
@@ -363,6 +668,16 @@ impl SessionTally {
 /// Records a reset.
 pub fn record_reset(reason: &'static str) {
     counter!(RESETS, "reason" => reason).increment(1);
+}
+
+/// Counts a failed log write.
+pub fn log_write_failed() {
+    counter!(LOG_WRITE_ERRORS).increment(1);
+}
+
+/// Sets the log-writable gauge.
+pub fn set_log_writable(ok: bool) {
+    gauge!(LOG_WRITABLE).set(if ok { 1.0 } else { 0.0 });
 }
 
 /// Sets the connected-streams gauge.

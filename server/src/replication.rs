@@ -39,6 +39,10 @@ const APPLIED_EVERY: Duration = Duration::from_millis(5);
 const LINK_IN_FLIGHT: u32 = 65_536;
 /// How often a link reads its peer's heads for status.
 const HEADS_EVERY: Duration = Duration::from_secs(1);
+/// How often a link's cursor is written to the data directory (when it
+/// moved): a restart resumes from at most this far back, and what comes
+/// again is answered as duplicates by the shard actors.
+const PERSIST_EVERY: Duration = Duration::from_millis(100);
 const BACKOFF_MIN: Duration = Duration::from_millis(50);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
 
@@ -46,13 +50,23 @@ const BACKOFF_MAX: Duration = Duration::from_secs(5);
 /// hub shuts down.
 pub fn spawn_links(hub: &Arc<Hub>, tracker: &TaskTracker) {
     for (region, url) in &hub.config.peers {
+        // A durable hub resumes each link where it stood before a restart,
+        // so neither side sees a gap.
+        let cursor = hub
+            .data_dir
+            .as_ref()
+            .and_then(|d| d.peer_cursor(region))
+            .filter(|(_, seqs)| seqs.len() == hub.shard_count() as usize)
+            .map(|(epoch, seqs)| pb::Cursor { epoch, seqs });
         let link = Link {
             hub: hub.clone(),
             region: region.clone(),
             url: url.clone(),
-            cursor: None,
+            persisted: cursor.clone(),
+            cursor,
             pending: vec![VecDeque::new(); hub.shard_count() as usize],
             reported: Vec::new(),
+            persisted_at: None,
         };
         tracker.spawn(link.run());
     }
@@ -69,6 +83,9 @@ struct Link {
     pending: Vec<VecDeque<(u64, u64)>>,
     /// The `applied` cursor last sent.
     reported: Vec<u64>,
+    /// The cursor last written to the data directory.
+    persisted: Option<pb::Cursor>,
+    persisted_at: Option<tokio::time::Instant>,
 }
 
 /// Why a link's stream ended.
@@ -86,6 +103,7 @@ impl Link {
         let mut backoff = BACKOFF_MIN;
         loop {
             let end = self.stream().await;
+            self.persist(true);
             self.hub.update_peer(&self.region, |p| p.connected = false);
             match end {
                 End::Shutdown => return,
@@ -209,6 +227,7 @@ impl Link {
                 }
                 m = inbound.message() => m,
                 _ = tick.tick() => {
+                    self.persist(false);
                     if self.report_applied() && !self.send_ack(&tx).await {
                         return Self::failed("peer stream closed", true);
                     }
@@ -327,6 +346,33 @@ impl Link {
             }
         }
         Ok(())
+    }
+
+    /// Writes the cursor to the data directory when it moved, at most every
+    /// [`PERSIST_EVERY`] unless `now`. Every event it covers is in the log
+    /// already (the cursor moves only after the append was answered).
+    fn persist(&mut self, now: bool) {
+        let Some(dir) = &self.hub.data_dir else {
+            return;
+        };
+        if self.cursor == self.persisted {
+            return;
+        }
+        let t = tokio::time::Instant::now();
+        if !now && self.persisted_at.is_some_and(|at| t < at + PERSIST_EVERY) {
+            return;
+        }
+        let Some(c) = &self.cursor else { return };
+        match dir.save_peer_cursor(&self.region, c.epoch, &c.seqs) {
+            Ok(()) => {
+                self.persisted = self.cursor.clone();
+                self.persisted_at = Some(t);
+            }
+            Err(e) => {
+                tracing::warn!(peer = %self.region, error = %e, "cannot save the link's cursor");
+                self.persisted_at = Some(t);
+            }
+        }
     }
 
     /// Events in the peer's log this link has not passed yet.

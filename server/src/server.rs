@@ -10,7 +10,9 @@ use freshness::pb::raw::hub_server::HubServer;
 
 use crate::config::Config;
 use crate::grpc::HubService;
+use crate::hub::Durable;
 use crate::hub::Hub;
+use crate::shard::ShardMemory;
 
 /// Why the hub stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -21,6 +23,62 @@ pub enum RunError {
     /// Reflection could not load the protocol descriptors.
     #[error("reflection: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
+    /// The durable log cannot be opened.
+    #[error(transparent)]
+    Log(#[from] crate::store::OpenError),
+    /// Opening the log did not finish (its task failed).
+    #[error("opening the log failed: {0}")]
+    LogTask(#[from] tokio::task::JoinError),
+}
+
+/// Opens the durable log `config` names and recovers it (blocking: it reads
+/// every retained record, one segment at a time, into the shards' memory);
+/// `None` for an ephemeral hub. The binary calls it before it binds a port,
+/// so that a directory it cannot use or a damaged log stops it first.
+pub fn open_log(config: &Config) -> Result<Option<Durable>, crate::store::OpenError> {
+    if config.ephemeral {
+        return Ok(None);
+    }
+    struct Rebuild<'a> {
+        config: &'a Config,
+        memories: Vec<ShardMemory>,
+        records: u64,
+    }
+    impl crate::store::Restore for Rebuild<'_> {
+        fn begin(&mut self, _shard: u32, first_seq: u64) {
+            self.memories.push(self.config.shard_memory(first_seq));
+        }
+        fn record(&mut self, _shard: u32, r: crate::store::Recovered) {
+            self.records += 1;
+            if let Some(m) = self.memories.last_mut() {
+                m.restore(r.seq, r.entry);
+            }
+        }
+    }
+    let mut rebuild = Rebuild {
+        config,
+        memories: Vec::with_capacity(config.shards as usize),
+        records: 0,
+    };
+    let opened = crate::store::open(
+        &config.data_dir,
+        config.shards,
+        config.retention(),
+        config.repair,
+        &mut rebuild,
+    )?;
+    tracing::info!(
+        data_dir = %config.data_dir.display(),
+        epoch = opened.epoch,
+        new_epoch = opened.new_epoch,
+        records = rebuild.records,
+        fsync = ?config.fsync,
+        "durable log opened"
+    );
+    Ok(Some(Durable {
+        opened,
+        memories: rebuild.memories,
+    }))
 }
 
 /// Rewrites tonic's answers to a request that does not decode into the codes
@@ -50,7 +108,8 @@ fn decode_errors_to_spec_codes<B>(mut resp: http::Response<B>) -> http::Response
 }
 
 /// Serves the hub on `listener` until `shutdown` is cancelled, then ends
-/// every stream with a goodbye and drains within the grace period.
+/// every stream with a goodbye and drains within the grace period. Opens
+/// the durable log first (see [`open_log`]).
 pub async fn run(
     config: Config,
     listener: TcpListener,
@@ -68,10 +127,35 @@ pub async fn run_with_http(
     shutdown: CancellationToken,
 ) -> Result<(), RunError> {
     config.validate()?;
+    let for_open = config.clone();
+    let opened = tokio::task::spawn_blocking(move || open_log(&for_open)).await??;
+    serve_with_http(config, opened, listener, http, shutdown).await
+}
+
+/// [`run`] on a log already opened with [`open_log`].
+pub async fn serve(
+    config: Config,
+    opened: Option<Durable>,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> Result<(), RunError> {
+    serve_with_http(config, opened, listener, None, shutdown).await
+}
+
+/// [`serve`], and the HTTP listener (`metrics_listen`: `/metrics`, the
+/// status page at `/`, `/status.json`) on `http` when given.
+pub async fn serve_with_http(
+    config: Config,
+    opened: Option<Durable>,
+    listener: TcpListener,
+    http: Option<TcpListener>,
+    shutdown: CancellationToken,
+) -> Result<(), RunError> {
+    config.validate()?;
     let tracker = TaskTracker::new();
     let grace = config.shutdown_grace;
     let max_message = config.max_message_bytes;
-    let hub = Hub::new(config, shutdown.clone(), &tracker);
+    let hub = Hub::new(config, opened, shutdown.clone(), &tracker);
     tracing::info!(
         region = %hub.config.region,
         hub_id = %hub.config.hub_id,

@@ -31,6 +31,7 @@ use tokio_util::sync::WaitForCancellationFutureOwned;
 use tonic::Status;
 
 use crate::error::{HubError, map_decode_status};
+use crate::flow::FlowState;
 use crate::hub::{EndReason, Hub, SessionShared};
 use crate::log::LogEntry;
 use crate::telemetry::{Adopt, num};
@@ -52,7 +53,9 @@ pub const PENDING_FRAMES: usize = 3;
 /// one per frame (BENCHMARKS.md, "Acks on request").
 const PROMPT_ACK_SHARE: u32 = 4;
 
-/// Something sent and not yet acked.
+/// A frame sent and not yet wholly acked: what its ack credits (the
+/// watermark, the SLI tallies). The in-flight budget is not kept here but
+/// in [`FlowState`], per event: a frame acked in part frees that part.
 #[derive(Debug)]
 struct Sent {
     /// Highest seq per shard in it; acked once the node's cursor covers all.
@@ -72,7 +75,7 @@ enum Fill {
     /// Nothing to send and caught up: everything appended before this time
     /// was sent.
     Idle(u64),
-    /// The in-flight limit is reached.
+    /// The in-flight limit is reached, or a frame is full.
     Blocked,
 }
 
@@ -108,11 +111,14 @@ pub struct Session {
     state: State,
     /// Per shard: every entry up to here was sent or skipped by the filter.
     sent: Vec<u64>,
-    acked: Vec<u64>,
+    /// What is in flight per shard, the node's acked cursor, parked or not.
+    flow: FlowState,
+    /// Frames not wholly acked, for their watermarks and tallies.
     unacked: VecDeque<Sent>,
-    in_flight: u32,
+    /// Where the resets sent and not yet acked move each shard to: the
+    /// node is `resetting` until its cursor covers them.
+    resets: Vec<(u32, u64)>,
     caught_up: bool,
-    blocked: bool,
     scan_from: usize,
     /// A fill found shards the log left behind but sent events first: the
     /// next fill starts with their reset.
@@ -242,7 +248,8 @@ pub fn open(
                         log.head()
                     )));
                 }
-                if at + 1 < log.first_seq() {
+                // Retained on disk counts: the session replays from there.
+                if at + 1 < hub.retained_first(s) {
                     expired.push(s as u32);
                     sent[s] = log.head();
                 } else {
@@ -299,7 +306,7 @@ pub fn open(
     tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let mut session = Session {
         frame_limit: MAX_FRAME_BYTES.min(hub.config.max_message_bytes / 2),
-        acked: sent.clone(),
+        flow: FlowState::new(sent.clone(), max_in_flight),
         appended: WatchStream::from_changes(hub.appended.subscribe()),
         cancelled: Box::pin(shared.cancel.clone().cancelled_owned()),
         wakers: SourceWakers::new(),
@@ -311,9 +318,8 @@ pub fn open(
         inbound,
         sent,
         unacked: VecDeque::new(),
-        in_flight: 0,
+        resets: Vec::new(),
         caught_up: false,
-        blocked: false,
         scan_from: 0,
         gaps_pending: false,
         builder: BatchBuilder::new(),
@@ -340,7 +346,7 @@ impl Stream for Session {
                     return Poll::Ready(Some(Ok(frame)));
                 }
                 if !this.caught_up
-                    && !this.blocked
+                    && !this.flow.parked()
                     && let Fill::Frame(frame) = this.fill()
                 {
                     return Poll::Ready(Some(Ok(frame)));
@@ -409,7 +415,7 @@ impl Session {
                     return Err(Ok(()));
                 }
                 self.caught_up = false;
-                if self.blocked {
+                if self.flow.parked() {
                     self.reset_gaps_now();
                 }
             }
@@ -513,42 +519,34 @@ impl Session {
                 }
             }
         }
-        for (mine, theirs) in self.acked.iter_mut().zip(&c.seqs) {
-            if theirs > mine {
-                *mine = *theirs;
-                advanced = true;
-            }
-        }
+        advanced |= c.seqs.iter().zip(self.flow.acked()).any(|(t, m)| t > m);
+        // Frees exactly the events the cursor covers, shard by shard.
+        self.flow.on_ack(&c.seqs);
+        let acked = self.flow.acked();
+        self.resets.retain(|(s, at)| acked[*s as usize] < *at);
         let mut watermark = 0;
         let now = self.hub.clock.now_us();
         while let Some(front) = self.unacked.front() {
             if !front
                 .positions
                 .iter()
-                .all(|(s, q)| self.acked[*s as usize] >= *q)
+                .all(|(s, q)| acked[*s as usize] >= *q)
             {
                 break;
             }
-            self.in_flight -= front.count;
             self.tally
                 .acked(front.count, now.saturating_sub(front.oldest_publish_us));
             watermark = watermark.max(front.watermark_us);
             self.unacked.pop_front();
         }
-        if self.in_flight < self.shared.max_in_flight && self.blocked {
-            self.blocked = false;
-            self.shared.parked.store(false, Ordering::Relaxed);
-        }
-        self.shared
-            .in_flight
-            .store(self.in_flight, Ordering::Relaxed);
+        self.publish_flow();
         if watermark != 0 {
             self.shared
                 .acked_watermark_us
                 .fetch_max(watermark, Ordering::Relaxed);
         }
         if advanced {
-            self.shared.acked.lock().clone_from(&self.acked);
+            self.shared.acked.lock().clone_from_slice(self.flow.acked());
             self.hub.acks_changed();
         }
         Ok(())
@@ -558,16 +556,111 @@ impl Session {
         !e.gap && (!self.shared.replication || e.local) && self.shared.wants(e.entity.namespace())
     }
 
-    /// Shards whose unsent entries the log no longer holds.
+    /// Shards whose unsent entries the log (in memory or on disk) no
+    /// longer holds.
     fn gaps(&self) -> Vec<u32> {
-        self.hub
-            .logs
+        self.sent
             .iter()
-            .zip(&self.sent)
             .enumerate()
-            .filter(|(_, (log, sent))| **sent + 1 < log.first_seq())
+            .filter(|(s, sent)| **sent + 1 < self.hub.retained_first(*s))
             .map(|(s, _)| s as u32)
             .collect()
+    }
+
+    /// A frame replayed from the durable log for the first shard whose
+    /// cursor is older than the in-memory tail but still on disk (one shard
+    /// per frame; the next fill takes the next part). `None` when no shard
+    /// is there, or what was read held nothing for this node.
+    ///
+    /// The read is a synchronous file read on this stream's task: segments
+    /// are small and usually in the page cache, and only nodes that fell
+    /// that far behind take this path.
+    fn fill_from_disk(&mut self, budget: u32) -> Option<Frame> {
+        /// Segment reads one fill may make for a node whose filter skips
+        /// what it reads; the progress tick's fill goes on from there.
+        const MAX_READS: usize = 16;
+        if self.hub.disk.is_empty() {
+            return None;
+        }
+        let n = self.sent.len();
+        let mut reads = 0;
+        let mut s = 0;
+        while s < n && reads < MAX_READS {
+            let mem_first = self.hub.logs[s].first_seq();
+            if self.sent[s] + 1 >= mem_first || self.sent[s] + 1 < self.hub.disk[s].first_seq() {
+                s += 1;
+                continue;
+            }
+            reads += 1;
+            let read =
+                self.hub.disk[s].read(self.sent[s], mem_first, budget as usize, self.frame_limit);
+            let entries = match read {
+                Ok(Some(entries)) if !entries.is_empty() => entries,
+                // Retention dropped the segment meanwhile: the main fill
+                // resets the shard.
+                Ok(_) => {
+                    s += 1;
+                    continue;
+                }
+                Err(e) => {
+                    tracing::error!(node_id = %self.shared.node_id, shard = s, error = %e, "cannot replay from the durable log; the shard is reset");
+                    let at = mem_first - 1;
+                    return Some(self.reset_to(
+                        vec![s as u32],
+                        false,
+                        pb::ResetReason::CursorExpired,
+                        vec![(s as u32, at)],
+                    ));
+                }
+            };
+            let mut count = 0u32;
+            let mut oldest = u64::MAX;
+            let mut last = None;
+            for (seq, e) in &entries {
+                if e.gap && !self.shared.replication {
+                    if count == 0 {
+                        return Some(self.reset_to(
+                            vec![s as u32],
+                            false,
+                            pb::ResetReason::ReplicationGap,
+                            vec![(s as u32, *seq)],
+                        ));
+                    }
+                    break;
+                }
+                if self.wants(e) {
+                    if count == budget
+                        || (count > 0
+                            && self.builder.encoded_len() + e.bytes.len() > self.frame_limit)
+                    {
+                        break;
+                    }
+                    self.builder.push(&e.bytes);
+                    self.flow.on_send(s, *seq);
+                    oldest = oldest.min(e.publish_time_us);
+                    count += 1;
+                    last = Some(*seq);
+                }
+                self.sent[s] = *seq;
+            }
+            if count == 0 {
+                // Nothing in this part for this node's filter: read on.
+                continue;
+            }
+            let prompt_above = (self.shared.max_in_flight / PROMPT_ACK_SHARE).max(1);
+            let ack_requested = self.flow.in_flight() >= prompt_above;
+            self.track(Sent {
+                positions: last.map(|seq| (s as u32, seq)).into_iter().collect(),
+                count,
+                watermark_us: 0,
+                oldest_publish_us: oldest,
+            });
+            self.publish_flow();
+            self.tally.frame(count);
+            self.caught_up = false;
+            return Some(self.builder.finish(0, ack_requested));
+        }
+        None
     }
 
     /// Moves the given shards to their head and builds the reset for them.
@@ -597,6 +690,12 @@ impl Session {
             *sent = (*sent).max(*at);
             *at = *sent;
         }
+        for &(s, at) in &positions {
+            match self.resets.iter_mut().find(|(rs, _)| *rs == s) {
+                Some(r) => r.1 = r.1.max(at),
+                None => self.resets.push((s, at)),
+            }
+        }
         tracing::info!(node_id = %self.shared.node_id, ?reason, shards = ?shards, all, "reset");
         crate::metrics::record_reset(reason.as_str_name());
         self.hub.stats.reset(reason);
@@ -606,6 +705,7 @@ impl Session {
             watermark_us: 0,
             oldest_publish_us: 0,
         });
+        self.publish_flow();
         Frame::from_message(&pb::SubscribeResponse {
             kind: Some(RespKind::Reset(pb::Reset {
                 shards,
@@ -623,8 +723,31 @@ impl Session {
         }
     }
 
-    /// Remembers something sent; progress and resets (count 0) at the back
-    /// are merged, so a node that never acks costs a bounded queue.
+    /// Shows the flow state to status: events in flight, parked,
+    /// resetting.
+    fn publish_flow(&self) {
+        let shared = &self.shared;
+        shared
+            .in_flight
+            .store(self.flow.in_flight(), Ordering::Relaxed);
+        shared.parked.store(self.flow.parked(), Ordering::Relaxed);
+        shared
+            .resetting
+            .store(!self.resets.is_empty(), Ordering::Relaxed);
+        shared.refresh_state(self.hub.clock.now_us());
+    }
+
+    /// The transport found the stream without send capacity (`true`: the
+    /// node does not read, so it is not polled) or with room again.
+    pub fn set_blocked(&self, blocked: bool) {
+        self.shared.blocked.store(blocked, Ordering::Relaxed);
+        self.shared.refresh_state(self.hub.clock.now_us());
+    }
+
+    /// Remembers a frame sent; progress and resets (count 0) at the back
+    /// are merged, so a node that never acks costs a bounded queue (frames
+    /// with events are at most its in-flight limit: each holds one unacked
+    /// event at least).
     fn track(&mut self, sent: Sent) {
         if sent.count == 0
             && let Some(back) = self.unacked.back_mut().filter(|b| b.count == 0)
@@ -638,10 +761,6 @@ impl Session {
             back.watermark_us = back.watermark_us.max(sent.watermark_us);
             return;
         }
-        self.in_flight += sent.count;
-        self.shared
-            .in_flight
-            .store(self.in_flight, Ordering::Relaxed);
         self.unacked.push_back(sent);
     }
 
@@ -660,7 +779,7 @@ impl Session {
 
     fn on_tick(&mut self) {
         self.tally.flush(&self.hub.stats);
-        if self.blocked || !self.pending.is_empty() {
+        if self.flow.parked() || !self.pending.is_empty() {
             return;
         }
         match self.fill() {
@@ -672,7 +791,7 @@ impl Session {
                 let positions = self
                     .sent
                     .iter()
-                    .zip(&self.acked)
+                    .zip(self.flow.acked())
                     .enumerate()
                     .filter(|(_, (s, a))| s > a)
                     .map(|(i, (s, _))| (i as u32, *s))
@@ -699,17 +818,19 @@ impl Session {
     /// One look at the logs: a reset if the log left the node behind, else
     /// one frame of what the node's filter wants, up to its in-flight budget.
     fn fill(&mut self) -> Fill {
-        let budget = self.shared.max_in_flight.saturating_sub(self.in_flight);
+        let budget = self.flow.budget();
         if budget == 0 || std::mem::take(&mut self.gaps_pending) {
             let gaps = self.gaps();
             if !gaps.is_empty() {
                 return Fill::Frame(self.reset_frame(gaps, false, pb::ResetReason::SlowConsumer));
             }
             if budget == 0 {
-                self.blocked = true;
-                self.shared.parked.store(true, Ordering::Relaxed);
+                self.publish_flow();
                 return Fill::Blocked;
             }
+        }
+        if let Some(frame) = self.fill_from_disk(budget) {
+            return Fill::Frame(frame);
         }
         let t = self.hub.clock.now_us();
         let n = self.sent.len();
@@ -732,9 +853,12 @@ impl Session {
             }
             let log = shared_log.read();
             if self.sent[s] + 1 < log.first_seq() {
-                // The reset goes before any event of this fill, or in the
-                // next one.
-                gaps.push(s as u32);
+                // Still on disk: the next fill replays it from there.
+                // Otherwise the reset goes before any event of this fill,
+                // or in the next one.
+                if self.sent[s] + 1 < self.hub.retained_first(s) {
+                    gaps.push(s as u32);
+                }
                 complete = false;
                 continue;
             }
@@ -761,6 +885,7 @@ impl Session {
                         break;
                     }
                     self.builder.push(&e.bytes);
+                    self.flow.on_send(s, seq);
                     awaited |= e.awaited;
                     oldest = oldest.min(e.publish_time_us);
                     count += 1;
@@ -813,13 +938,14 @@ impl Session {
         // From a quarter of the node's budget in flight on, every batch asks
         // for a prompt ack, so that lazy acks never park a node that keeps up.
         let prompt_above = (self.shared.max_in_flight / PROMPT_ACK_SHARE).max(1);
-        let ack_requested = awaited || self.in_flight + count >= prompt_above;
+        let ack_requested = awaited || self.flow.in_flight() >= prompt_above;
         self.track(Sent {
             positions,
             count,
             watermark_us,
             oldest_publish_us: oldest,
         });
+        self.publish_flow();
         self.tally.frame(count);
         let frame = self.builder.finish(watermark_us, ack_requested);
         if !traced.is_empty() {

@@ -8,9 +8,12 @@
 //!
 //! ## Remembered versions are bounded
 //! The actor remembers `(version, seq)` for every entity that has an event in
-//! the retained log, plus up to `remember_extra` entities whose events have
+//! the in-memory log, plus up to `remember_extra` entities whose events have
 //! all left it (the most recently retired ones). So the map holds at most
-//! `retained events + remember_extra` entries per shard.
+//! `events in memory + remember_extra` entries per shard. `remember_extra`
+//! is the shard's share of the whole retained log (`log_max_events / S`), so
+//! with a durable log, whose memory holds only its newest part, the map
+//! still covers what a node can be replayed from disk.
 //!
 //! Forgetting is safe for SPEC G3: a forgotten entity's newest event is older
 //! than the whole retained log. A publish of an older version of it can only
@@ -43,6 +46,7 @@ use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use crate::clock::Clock;
 use crate::log::{LogEntry, SharedLog};
+use crate::store::{FsyncPolicy, ShardStore, WriteFailed, encode_record};
 use crate::telemetry::{Adopt, AppendTraces, num};
 
 /// Most commands one wake-up of an actor takes from its queue.
@@ -98,8 +102,9 @@ pub struct Append {
     pub gap: bool,
     /// The events.
     pub events: Vec<Incoming>,
-    /// Where the outcomes go.
-    pub reply: oneshot::Sender<Vec<EventOutcome>>,
+    /// Where the outcomes go: one per event, or the log write that failed
+    /// (then nothing of the command was applied).
+    pub reply: oneshot::Sender<Result<Vec<EventOutcome>, WriteFailed>>,
     /// The span of the call that sent it (the publish), when traced; without
     /// one the events' own contexts are used.
     pub trace: Option<SpanContext>,
@@ -119,8 +124,13 @@ pub struct ShardContext {
     pub clock: Clock,
     /// Bumped after every append, to wake the sessions.
     pub appended: watch::Sender<u64>,
-    /// Entities remembered beyond those in the retained log, per shard.
-    pub remember_extra: usize,
+    /// When a durable log's writes are flushed to the disk.
+    pub fsync: FsyncPolicy,
+    /// The flush period for [`FsyncPolicy::Interval`].
+    pub fsync_interval: std::time::Duration,
+    /// Shards whose last log write failed (status and the
+    /// `freshness_log_writable` gauge).
+    pub failing: parking_lot::Mutex<std::collections::BTreeMap<u32, String>>,
 }
 
 /// Handle to one shard actor.
@@ -131,26 +141,30 @@ pub struct ShardHandle {
 }
 
 impl ShardHandle {
-    /// Spawns the actor of shard `id` on `tracker`.
+    /// Spawns the actor of shard `id` on `tracker`, starting from `memory`
+    /// (empty, or rebuilt from the durable log). With a durable log, `store`
+    /// is where its appends go.
     pub fn spawn(
         id: u32,
-        log: Arc<SharedLog>,
+        memory: ShardMemory,
         ctx: Arc<ShardContext>,
         queue: usize,
         tracker: &TaskTracker,
+        store: Option<ShardStore>,
     ) -> Self {
         let (tx, rx) = mpsc::channel(queue);
         let traces = Arc::new(AppendTraces::default());
         let actor = Actor {
             id,
-            log,
+            head: memory.log.head(),
+            mem: memory,
             ctx,
             traces: traces.clone(),
-            versions: HashMap::new(),
-            retired: VecDeque::new(),
-            head: 0,
             gap_entity: Entity::parse(GAP_ENTITY)
                 .unwrap_or_else(|_| unreachable!("valid constant")),
+            store,
+            sync_due: None,
+            record_buf: Vec::new(),
         };
         tracker.spawn(actor.run(rx));
         Self { tx, traces }
@@ -183,17 +197,97 @@ struct Remembered {
     seq: u64,
 }
 
+/// A shard's log in memory and its newest-version memory: what its actor
+/// owns, built before the actor runs (empty, or rebuilt from the durable
+/// log by [`ShardMemory::restore`]).
+#[derive(Debug)]
+pub struct ShardMemory {
+    log: Arc<SharedLog>,
+    versions: HashMap<Entity, Remembered>,
+    /// Entities whose newest event left the in-memory log, oldest first.
+    retired: VecDeque<(Entity, u64)>,
+    /// Entities remembered beyond those in the in-memory log.
+    remember_extra: usize,
+}
+
+impl ShardMemory {
+    /// An empty shard whose next seq is `first_seq`, with an in-memory log
+    /// of these bounds.
+    pub fn new(first_seq: u64, max_events: usize, max_bytes: usize, remember_extra: usize) -> Self {
+        Self {
+            log: Arc::new(SharedLog::starting_at(first_seq, max_events, max_bytes)),
+            versions: HashMap::new(),
+            retired: VecDeque::new(),
+            remember_extra,
+        }
+    }
+
+    /// The shard's log, shared with the sessions.
+    pub fn log(&self) -> &Arc<SharedLog> {
+        &self.log
+    }
+
+    /// Takes one record of the durable log back, in seq order, as if it had
+    /// just been appended: the in-memory log keeps the newest within its
+    /// bounds, the version memory within its own.
+    pub fn restore(&mut self, seq: u64, entry: LogEntry) {
+        if !entry.gap
+            && let Some(version) = Version::new(entry.version)
+        {
+            self.versions
+                .insert(entry.entity.clone(), Remembered { version, seq });
+        }
+        let evicted = self.log.append_all([entry]);
+        self.forget(evicted);
+    }
+
+    fn is_newest(&self, entity: &Entity, seq: u64) -> bool {
+        self.versions.get(entity).is_some_and(|r| r.seq == seq)
+    }
+
+    /// Entities whose newest event left the log become candidates, oldest
+    /// first; the oldest are forgotten while the map is over its bound.
+    fn forget(&mut self, evicted: Vec<(u64, LogEntry)>) {
+        for (seq, entry) in evicted {
+            if self.is_newest(&entry.entity, seq) {
+                self.retired.push_back((entry.entity, seq));
+            }
+        }
+        let bound = self.log.read().len() + self.remember_extra;
+        while self.versions.len() > bound {
+            let Some((entity, seq)) = self.retired.pop_front() else {
+                break;
+            };
+            if self.is_newest(&entity, seq) {
+                self.versions.remove(&entity);
+            }
+        }
+        // Candidates whose entity was published again since are stale; drop
+        // them before they outnumber the map.
+        if self.retired.len() > self.versions.len() {
+            let versions = &self.versions;
+            self.retired
+                .retain(|(e, seq)| versions.get(e).is_some_and(|r| r.seq == *seq));
+        }
+    }
+}
+
 struct Actor {
     id: u32,
-    log: Arc<SharedLog>,
+    mem: ShardMemory,
     ctx: Arc<ShardContext>,
     traces: Arc<AppendTraces>,
-    versions: HashMap<Entity, Remembered>,
-    /// Entities whose newest event left the log, oldest first.
-    retired: VecDeque<(Entity, u64)>,
     head: u64,
     /// Placeholder entity of gap markers (they concern a shard, not an entity).
     gap_entity: Entity,
+    /// The shard's segments on disk; `None` for an ephemeral hub (and,
+    /// briefly, while a blocking write has it).
+    store: Option<ShardStore>,
+    /// Records were written and not yet flushed (`fsync = interval`): when
+    /// they must be.
+    sync_due: Option<tokio::time::Instant>,
+    /// The records of one drain, reused.
+    record_buf: Vec<u8>,
 }
 
 /// Entity recorded on gap markers; never matched against versions.
@@ -202,18 +296,125 @@ const GAP_ENTITY: &str = "freshness.gap:marker";
 impl Actor {
     async fn run(mut self, mut rx: mpsc::Receiver<Append>) {
         let mut batch = Vec::with_capacity(DRAIN_MAX);
-        while rx.recv_many(&mut batch, DRAIN_MAX).await > 0 {
-            self.serve(&mut batch);
+        loop {
+            let received = if let Some(due) = self.sync_due {
+                tokio::select! {
+                    n = rx.recv_many(&mut batch, DRAIN_MAX) => n,
+                    () = tokio::time::sleep_until(due) => {
+                        self.flush().await;
+                        continue;
+                    }
+                }
+            } else {
+                rx.recv_many(&mut batch, DRAIN_MAX).await
+            };
+            if received == 0 {
+                break;
+            }
+            self.serve(&mut batch).await;
+        }
+        if self.sync_due.is_some() {
+            self.flush().await;
         }
         tracing::debug!(shard = self.id, "shard actor stopped");
     }
 
-    fn serve(&mut self, batch: &mut Vec<Append>) {
+    /// Flushes what was written since the last flush (`fsync = interval`).
+    async fn flush(&mut self) {
+        self.sync_due = None;
+        let Some(store) = self.store.take() else {
+            return;
+        };
+        let (store, result) = match tokio::task::spawn_blocking(move || {
+            let r = store.sync();
+            (store, r)
+        })
+        .await
+        {
+            Ok(done) => done,
+            Err(e) => {
+                tracing::error!(shard = self.id, error = %e, "log flush task failed; the shard refuses writes");
+                return;
+            }
+        };
+        self.store = Some(store);
+        if let Err(e) = result {
+            tracing::error!(shard = self.id, error = %e, "log flush failed");
+            self.sync_due = Some(tokio::time::Instant::now() + self.ctx.fsync_interval);
+        }
+    }
+
+    /// Writes the records of `entries` (seqs from `first_seq`) under the
+    /// fsync policy. With `always`, the write and its flush run on the
+    /// blocking pool and the actor waits: commands that arrive meanwhile
+    /// make the next drain larger (group commit).
+    async fn persist(&mut self, first_seq: u64, entries: &[LogEntry]) -> Result<(), WriteFailed> {
+        let mut buf = std::mem::take(&mut self.record_buf);
+        buf.clear();
+        for (i, e) in entries.iter().enumerate() {
+            encode_record(&mut buf, first_seq + i as u64, e);
+        }
+        let count = entries.len() as u64;
+        let Some(mut store) = self.store.take() else {
+            return Err(WriteFailed(Arc::new(std::io::Error::other(
+                "an earlier write task of this shard failed; restart the hub",
+            ))));
+        };
+        let result = match self.ctx.fsync {
+            FsyncPolicy::Always => {
+                match tokio::task::spawn_blocking(move || {
+                    let r = store.append(&buf, count, true);
+                    (store, buf, r)
+                })
+                .await
+                {
+                    Ok((s, b, r)) => {
+                        self.store = Some(s);
+                        self.record_buf = b;
+                        r
+                    }
+                    Err(e) => Err(std::io::Error::other(format!("log write task failed: {e}"))),
+                }
+            }
+            FsyncPolicy::Interval | FsyncPolicy::Never => {
+                let r = store.append(&buf, count, false);
+                self.store = Some(store);
+                self.record_buf = buf;
+                if r.is_ok() && self.ctx.fsync == FsyncPolicy::Interval && self.sync_due.is_none() {
+                    self.sync_due = Some(tokio::time::Instant::now() + self.ctx.fsync_interval);
+                }
+                r
+            }
+        };
+        let mut failing = self.ctx.failing.lock();
+        match result {
+            Ok(()) => {
+                if failing.remove(&self.id).is_some() {
+                    tracing::info!(shard = self.id, "log writes succeed again");
+                }
+                crate::metrics::set_log_writable(failing.is_empty());
+                Ok(())
+            }
+            Err(e) => {
+                if failing.insert(self.id, e.to_string()).is_none() {
+                    tracing::error!(shard = self.id, error = %e, "log write failed: publishes to this shard are refused until writes succeed");
+                }
+                crate::metrics::log_write_failed();
+                crate::metrics::set_log_writable(false);
+                Err(WriteFailed(Arc::new(e)))
+            }
+        }
+    }
+
+    async fn serve(&mut self, batch: &mut Vec<Append>) {
         let span = self.append_span(batch);
         let first_seq = self.head + 1;
         let now = self.ctx.clock.now_us();
         let mut appended = Vec::new();
         let mut replies = Vec::with_capacity(batch.len());
+        // What each appended event replaced in the version memory, to undo
+        // the drain if the log write fails.
+        let mut undo: Vec<Option<Remembered>> = Vec::new();
         for cmd in batch.drain(..) {
             if cmd.gap {
                 self.head += 1;
@@ -223,15 +424,37 @@ impl Actor {
                     publish_time_us: now,
                     gap: true,
                     awaited: false,
+                    version: 0,
                     bytes: Bytes::new(),
                 });
+                undo.push(None);
             }
             let outcomes = cmd
                 .events
                 .into_iter()
-                .map(|e| self.accept(e, now, &mut appended))
+                .map(|e| self.accept(e, now, &mut appended, &mut undo))
                 .collect();
             replies.push((cmd.reply, outcomes));
+        }
+        if !appended.is_empty()
+            && self.store.is_some()
+            && let Err(failed) = self.persist(first_seq, &appended).await
+        {
+            // Nothing of this drain happened: the seqs and versions go back.
+            self.head = first_seq - 1;
+            for (e, prev) in appended.iter().zip(undo).rev() {
+                if e.gap {
+                    continue;
+                }
+                match prev {
+                    Some(r) => self.mem.versions.insert(e.entity.clone(), r),
+                    None => self.mem.versions.remove(&e.entity),
+                };
+            }
+            for (reply, _) in replies {
+                let _ = reply.send(Err(failed.clone()));
+            }
+            return;
         }
         crate::metrics::record_drain(replies.len());
         if let Some(span) = &span {
@@ -245,15 +468,23 @@ impl Actor {
                 }
             }
         }
-        if !appended.is_empty() {
+        let wake = !appended.is_empty();
+        if wake {
             metrics::counter!(crate::metrics::EVENTS_APPENDED).increment(appended.len() as u64);
-            let evicted = self.log.append_all(appended);
-            self.forget(evicted);
-            self.ctx.appended.send_modify(|g| *g = g.wrapping_add(1));
+            let evicted = self.mem.log.append_all(appended);
+            self.mem.forget(evicted);
         }
+        // The callers first: `ACCEPTED` promises the append, not the
+        // fan-out. Their tasks are woken, then this one yields so that they
+        // run (and hand their answers to HTTP/2) before the sessions this
+        // append wakes fill the run queue ahead of them.
         for (reply, outcomes) in replies {
             // The caller may have given up (client went away): nothing to do.
-            let _ = reply.send(outcomes);
+            let _ = reply.send(Ok(outcomes));
+        }
+        if wake {
+            tokio::task::yield_now().await;
+            self.ctx.appended.send_modify(|g| *g = g.wrapping_add(1));
         }
     }
 
@@ -294,8 +525,14 @@ impl Actor {
         Some(span)
     }
 
-    fn accept(&mut self, e: Incoming, now: u64, appended: &mut Vec<LogEntry>) -> EventOutcome {
-        if let Some(r) = self.versions.get(&e.entity)
+    fn accept(
+        &mut self,
+        e: Incoming,
+        now: u64,
+        appended: &mut Vec<LogEntry>,
+        undo: &mut Vec<Option<Remembered>>,
+    ) -> EventOutcome {
+        if let Some(r) = self.mem.versions.get(&e.entity)
             && r.version >= e.version
         {
             let outcome = if r.version == e.version {
@@ -332,49 +569,77 @@ impl Actor {
             publish_time_us,
             gap: false,
             awaited: e.awaited,
+            version: e.version.get(),
             bytes,
         });
-        self.versions.insert(
+        let prev = self.mem.versions.insert(
             e.entity,
             Remembered {
                 version: e.version,
                 seq,
             },
         );
+        undo.push(prev);
         EventOutcome {
             outcome: Outcome::Applied,
             seq,
             current_version: e.version,
         }
     }
+}
 
-    fn is_newest(&self, entity: &Entity, seq: u64) -> bool {
-        self.versions.get(entity).is_some_and(|r| r.seq == seq)
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn incoming(entity: &str) -> Incoming {
+        Incoming {
+            entity: Entity::parse(entity).unwrap(),
+            version: Version::new(1).unwrap(),
+            payload: Bytes::new(),
+            traceparent: String::new(),
+            tracestate: String::new(),
+            origin: None,
+            publish_time_us: None,
+            awaited: false,
+        }
     }
 
-    /// Entities whose newest event left the log become candidates, oldest
-    /// first; the oldest are forgotten while the map is over its bound.
-    fn forget(&mut self, evicted: Vec<(u64, LogEntry)>) {
-        for (seq, entry) in evicted {
-            if self.is_newest(&entry.entity, seq) {
-                self.retired.push_back((entry.entity, seq));
-            }
-        }
-        let bound = self.log.read().len() + self.ctx.remember_extra;
-        while self.versions.len() > bound {
-            let Some((entity, seq)) = self.retired.pop_front() else {
-                break;
-            };
-            if self.is_newest(&entity, seq) {
-                self.versions.remove(&entity);
-            }
-        }
-        // Candidates whose entity was published again since are stale; drop
-        // them before they outnumber the map.
-        if self.retired.len() > self.versions.len() {
-            let versions = &self.versions;
-            self.retired
-                .retain(|(e, seq)| versions.get(e).is_some_and(|r| r.seq == *seq));
+    /// On one thread, the task that sent an append runs with its answer
+    /// before the sessions are told of the append: the answer does not
+    /// queue behind the fan-out it causes.
+    #[tokio::test]
+    async fn the_caller_is_answered_before_the_sessions_are_woken() {
+        let (appended, mut sessions) = watch::channel(0u64);
+        let ctx = Arc::new(ShardContext {
+            region: Arc::from("local"),
+            clock: Clock::new(),
+            appended,
+            fsync: FsyncPolicy::Never,
+            fsync_interval: std::time::Duration::from_millis(100),
+            failing: parking_lot::Mutex::new(std::collections::BTreeMap::new()),
+        });
+        let memory = ShardMemory::new(1, 1024, 1 << 20, 16);
+        let log = memory.log().clone();
+        let tracker = TaskTracker::new();
+        let shard = ShardHandle::spawn(0, memory, ctx, 8, &tracker, None);
+        for round in 1..=3u64 {
+            let (reply, rx) = oneshot::channel();
+            shard.reserve().await.unwrap().send(Append {
+                gap: false,
+                events: vec![incoming(&format!("user:{round}"))],
+                reply,
+                trace: None,
+            });
+            let outcomes = rx.await.unwrap().unwrap();
+            assert_eq!(outcomes[0].seq, round);
+            assert_eq!(log.head(), round, "appended before the answer");
+            assert!(
+                !sessions.has_changed().unwrap(),
+                "round {round}: the sessions were woken before the caller ran"
+            );
+            sessions.changed().await.unwrap();
+            assert_eq!(*sessions.borrow_and_update(), round);
         }
     }
 }

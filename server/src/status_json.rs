@@ -84,6 +84,10 @@ pub struct StatusJson {
     pub retained_events: u64,
     /// Bytes in the retained log.
     pub retained_bytes: u64,
+    /// The log is kept on disk (false: in memory only).
+    pub durable: bool,
+    /// Why the durable log cannot be written now; empty while it can.
+    pub log_error: String,
     /// Sum of the shards' head seqs: events appended this epoch.
     pub head_events: u64,
     /// Per shard: head and first retained seq.
@@ -92,7 +96,7 @@ pub struct StatusJson {
     pub nodes_total: usize,
     /// Those that match the filter.
     pub nodes_matched: usize,
-    /// Nodes that are not live (parked today).
+    /// Nodes that are not live (parked, blocked or resetting).
     pub nodes_not_live: usize,
     /// The nodes: all in node id order, or the worst first.
     pub nodes: Vec<NodeJson>,
@@ -145,6 +149,10 @@ pub struct NodeJson {
     pub max_in_flight: u32,
     /// Held back by its in-flight limit.
     pub parked: bool,
+    /// `live`, `parked`, `blocked` or `resetting` (see [`node_state`]).
+    pub state: &'static str,
+    /// Hub time since which the node has been in `state`.
+    pub state_since_us: u64,
     /// A replicating hub rather than a cache node.
     pub replication: bool,
     /// Remote address.
@@ -223,10 +231,18 @@ pub struct Rates {
     pub ack_per_s: f64,
 }
 
-/// The state a node is shown in: `parked` while its in-flight limit holds
-/// it back, else `live`.
+/// The state a node is shown in: the Status RPC's `state` in lower case;
+/// where it is unspecified, `parked` while its in-flight limit holds it
+/// back, else `live`.
 pub fn node_state(n: &pb::NodeStatus) -> &'static str {
-    if n.parked { "parked" } else { "live" }
+    match pb::NodeState::try_from(n.state) {
+        Ok(pb::NodeState::Live) => "live",
+        Ok(pb::NodeState::Parked) => "parked",
+        Ok(pb::NodeState::Blocked) => "blocked",
+        Ok(pb::NodeState::Resetting) => "resetting",
+        Ok(pb::NodeState::Unspecified) | Err(_) if n.parked => "parked",
+        Ok(pb::NodeState::Unspecified) | Err(_) => "live",
+    }
 }
 
 /// Builds the document from a status snapshot and the hub's totals.
@@ -276,6 +292,8 @@ pub fn build(status: pb::StatusResponse, stats: &StatsView, query: &Query) -> St
         uptime_s: stats.since_start.at_us as f64 / 1e6,
         retained_events: status.retained_events,
         retained_bytes: status.retained_bytes,
+        durable: status.durable,
+        log_error: status.log_error,
         head_events: status.shards.iter().map(|s| s.head_seq).sum(),
         shards: status
             .shards
@@ -328,6 +346,7 @@ fn matches(n: &pb::NodeStatus, filter: &str) -> bool {
 }
 
 fn node(n: pb::NodeStatus) -> NodeJson {
+    let state = node_state(&n);
     NodeJson {
         acked: n.acked.map(|c| CursorJson {
             epoch: c.epoch.to_string(),
@@ -340,6 +359,8 @@ fn node(n: pb::NodeStatus) -> NodeJson {
         in_flight: n.in_flight,
         max_in_flight: n.max_in_flight,
         parked: n.parked,
+        state,
+        state_since_us: n.state_since_us,
         replication: n.replication,
         peer: n.peer,
         connected_at_us: n.connected_at_us,

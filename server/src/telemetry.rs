@@ -85,11 +85,13 @@ pub fn init(config: &Config) -> Result<Telemetry, TelemetryError> {
     let filter = freshness_telemetry::log_filter("info");
     let logs = match config.log_format {
         LogFormat::Text => tracing_subscriber::fmt::layer()
+            .with_ansi(freshness_telemetry::stderr_colors())
             .with_writer(std::io::stderr)
             .with_filter(filter)
             .boxed(),
         LogFormat::Json => tracing_subscriber::fmt::layer()
             .json()
+            .with_ansi(false)
             .with_writer(std::io::stderr)
             .with_filter(filter)
             .boxed(),

@@ -468,7 +468,15 @@ async fn pump(
     send: &mut SendStream<Bytes>,
 ) -> Result<(), h2::Error> {
     loop {
-        ready_to_send(send).await?;
+        // A stream without room is not polled: status shows it `blocked`
+        // (its node does not read) until room comes.
+        send.reserve_capacity(1);
+        if send.capacity() == 0 {
+            session.set_blocked(true);
+            let ready = ready_to_send(send).await;
+            session.set_blocked(false);
+            ready?;
+        }
         let item = tokio::select! {
             item = session.next() => item,
             reset = std::future::poll_fn(|cx| send.poll_reset(cx)) => {

@@ -76,7 +76,8 @@ impl Hub {
             format!(
                 "listen = \"{listen}\"\nmetrics_listen = \"{metrics}\"\nhub_id = \"flood\"\n\
                  shards = {SHARDS}\nshard_queue = 1\nadmission_timeout = \"1ms\"\n\
-                 log_max_events = {LOG_EVENTS}\nlog_max_bytes = {LOG_BYTES}\nmax_in_flight = 1024\n"
+                 log_max_events = {LOG_EVENTS}\nlog_max_bytes = {LOG_BYTES}\nmax_in_flight = 1024\n\
+                 ephemeral = true\n"
             ),
         )
         .unwrap();

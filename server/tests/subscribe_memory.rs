@@ -36,10 +36,14 @@ async fn subscribe_messages_have_their_own_limit_so_no_stream_pins_megabytes() {
     let (listen, metrics) = (free_port(), free_port());
     let mut child = Command::new(env!("CARGO_BIN_EXE_freshness-hub"))
         .args([
+            "--ephemeral",
             "--listen",
             &listen.to_string(),
             "--metrics-listen",
             &metrics.to_string(),
+            // No `freshness-data` in the working directory, which another
+            // test's hub of another shard count may hold.
+            "--ephemeral",
         ])
         .env("FRESHNESS_LOG", "error")
         .stdout(Stdio::null())

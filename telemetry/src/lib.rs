@@ -137,6 +137,22 @@ fn env_var(key: &str) -> Option<String> {
     std::env::var(key).ok().filter(|v| !v.trim().is_empty())
 }
 
+/// Whether logs on stderr get ANSI colours: only when stderr is a terminal
+/// and `NO_COLOR` is unset or empty (<https://no-color.org>). A file or a
+/// pipe never gets escape sequences.
+pub fn stderr_colors() -> bool {
+    use std::io::IsTerminal;
+    colors(
+        std::io::stderr().is_terminal(),
+        std::env::var_os("NO_COLOR").as_deref(),
+    )
+}
+
+/// [`stderr_colors`] for a given terminal test and `NO_COLOR` value.
+pub fn colors(terminal: bool, no_color: Option<&std::ffi::OsStr>) -> bool {
+    terminal && no_color.is_none_or(|v| v.is_empty())
+}
+
 /// The log filter: `FRESHNESS_LOG` when set and valid, else `default`.
 pub fn log_filter(default: &str) -> EnvFilter {
     EnvFilter::try_from_env("FRESHNESS_LOG").unwrap_or_else(|_| EnvFilter::new(default))
@@ -448,6 +464,15 @@ mod tests {
     use super::*;
 
     const TRACEPARENT: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+
+    #[test]
+    fn colors_only_on_a_terminal_without_no_color() {
+        use std::ffi::OsStr;
+        assert!(colors(true, None));
+        assert!(colors(true, Some(OsStr::new(""))));
+        assert!(!colors(true, Some(OsStr::new("1"))));
+        assert!(!colors(false, None));
+    }
 
     fn choose(endpoint: Option<&str>, vars: &[(&str, &str)]) -> Result<Export, TelemetryError> {
         let vars: HashMap<String, String> = vars

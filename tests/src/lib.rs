@@ -42,12 +42,14 @@ pub struct TestHub {
     task: JoinHandle<Result<(), freshness_hub::RunError>>,
 }
 
-/// A config for tests: loopback on an ephemeral port, short grace.
+/// A config for tests: loopback on an ephemeral port, short grace, the log
+/// in memory (tests of the durable log set `data_dir` and `ephemeral`).
 pub fn test_config() -> Config {
     Config {
         listen: SocketAddr::from(([127, 0, 0, 1], 0)),
         hub_id: "test-hub".into(),
         shutdown_grace: Duration::from_secs(5),
+        ephemeral: true,
         ..Config::default()
     }
 }

@@ -1,12 +1,76 @@
-//! The Prometheus endpoint over a real socket: the recorder's counters and
-//! the hub's own histograms (propagation, events per frame, actor drains)
-//! with cumulative buckets, `_sum` and `_count`; other paths and methods
-//! get clear answers. The recorder is process-wide, so this file holds the
-//! one test that installs it.
+//! The Prometheus endpoint over a real socket: every family from the first
+//! scrape with HELP and TYPE, the page accepted by Prometheus' own parser
+//! (`promtool check metrics`, installed by `scripts/install-promtool.sh`)
+//! before and after traffic, the recorder's counters and the hub's own
+//! histograms (propagation, events per frame, actor drains, node lag) with
+//! cumulative buckets, `_sum` and `_count`; other paths and methods get
+//! clear answers. The recorder is process-wide, so this file holds the one
+//! test that installs it.
+
+use std::io::Write;
+use std::process::{Command, Stdio};
 
 use freshness::pb::subscribe_response::Kind;
-use freshness_tests::{NodeCursor, RawNode, TestHub, hello, publish_request, wait_for};
+use freshness_tests::{
+    NodeCursor, RawNode, TestHub, hello, publish_request, test_config, wait_for,
+};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// Runs `promtool check metrics` on the page: Prometheus' parser and its
+/// naming lint. A missing promtool fails the test (never a skip).
+fn promtool_check(page: &str) {
+    let mut child = match Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+    {
+        Ok(c) => c,
+        Err(e) => panic!(
+            "promtool is missing ({e}): run scripts/install-promtool.sh (Debian package prometheus)"
+        ),
+    };
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(page.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "promtool check metrics refused the page:\n{}{}\n--- page ---\n{page}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Every family the hub declares is on the page with HELP and TYPE.
+fn assert_every_family(page: &str) {
+    for (name, kind) in freshness_hub::metrics::families() {
+        assert!(
+            page.lines()
+                .any(|l| l.starts_with(&format!("# HELP {name} "))),
+            "no HELP for {name}:\n{page}"
+        );
+        assert!(
+            page.lines().any(|l| l == format!("# TYPE {name} {kind}")),
+            "no TYPE {kind} for {name}:\n{page}"
+        );
+        let sample = if kind == "histogram" {
+            format!("{name}_count")
+        } else {
+            name.to_owned()
+        };
+        assert!(
+            page.lines()
+                .any(|l| l.starts_with(&format!("{sample} "))
+                    || l.starts_with(&format!("{sample}{{"))),
+            "no sample of {name}:\n{page}"
+        );
+    }
+}
 
 /// One HTTP/1.1 request; the status code and the body.
 async fn http(addr: std::net::SocketAddr, method: &str, path: &str) -> (u16, String) {
@@ -36,8 +100,47 @@ fn sample(text: &str, name: &str) -> Option<f64> {
 #[tokio::test]
 async fn metrics_show_counters_and_the_hubs_own_histograms() {
     freshness_hub::metrics::install_recorder().unwrap();
-    let hub = TestHub::start_with_http(freshness_tests::test_config()).await;
+    let mut config = test_config();
+    // A peer that never answers: its series exist from the start too.
+    config
+        .peers
+        .insert("eu".into(), "http://127.0.0.1:9".into());
+    let hub = TestHub::start_with_http(config).await;
     let addr = hub.http.unwrap();
+
+    // Before any traffic (the hub serves: its start-up ran): every family,
+    // at zero, and a valid page.
+    assert!(hub.status().await.nodes.is_empty());
+    let (code, fresh) = http(addr, "GET", "/metrics").await;
+    assert_eq!(code, 200);
+    promtool_check(&fresh);
+    assert_every_family(&fresh);
+    for sli in [
+        "freshness_deliveries_acked_total",
+        "freshness_deliveries_acked_within_100ms_total",
+        "freshness_deliveries_acked_within_1s_total",
+    ] {
+        assert_eq!(sample(&fresh, sli), Some(0.0), "{sli} at zero:\n{fresh}");
+    }
+    assert_eq!(
+        sample(
+            &fresh,
+            "freshness_resets_total{reason=\"RESET_REASON_SLOW_CONSUMER\"}"
+        ),
+        Some(0.0)
+    );
+    let (version, revision) = freshness_hub::metrics::build_info();
+    assert_eq!(
+        sample(
+            &fresh,
+            &format!("freshness_build_info{{version=\"{version}\",revision=\"{revision}\"}}")
+        ),
+        Some(1.0),
+        "{fresh}"
+    );
+    assert!(sample(&fresh, "process_resident_memory_bytes").unwrap() > 0.0);
+    assert!(sample(&fresh, "process_open_fds").unwrap() > 0.0);
+    assert!(sample(&fresh, "process_start_time_seconds").unwrap() > 1.0e9);
     let mut node = RawNode::connect(&hub.url(), hello("m1", &[], None))
         .await
         .unwrap();
@@ -101,6 +204,8 @@ async fn metrics_show_counters_and_the_hubs_own_histograms() {
             assert!(total >= 1.0, "{name}: {total}");
         }
     }
+    promtool_check(&text);
+    assert_every_family(&text);
     // One frame carried the three events: its `_sum` counts them.
     assert_eq!(sample(&text, "freshness_frame_events_sum"), Some(3.0));
     let propagation = sample(&text, "freshness_propagation_seconds_sum").unwrap();

@@ -54,6 +54,13 @@ fn assert_node_agrees(j: &Value, n: &pb::NodeStatus) {
     assert_eq!(j["in_flight"], n.in_flight, "{id}");
     assert_eq!(j["max_in_flight"], n.max_in_flight, "{id}");
     assert_eq!(j["parked"], n.parked, "{id}");
+    let state = freshness::pb::NodeState::try_from(n.state).unwrap();
+    let want = state
+        .as_str_name()
+        .trim_start_matches("NODE_STATE_")
+        .to_lowercase();
+    assert_eq!(j["state"], want.as_str(), "{id}");
+    assert_eq!(j["state_since_us"], n.state_since_us, "{id}");
     assert_eq!(j["replication"], n.replication, "{id}");
     assert_eq!(j["peer"], n.peer.as_str(), "{id}");
     assert_eq!(j["connected_at_us"], n.connected_at_us, "{id}");
@@ -113,6 +120,8 @@ async fn status_json_agrees_with_the_status_rpc() {
         assert_eq!(j["shard_count"], rpc.shard_count);
         assert_eq!(j["retained_events"], rpc.retained_events);
         assert_eq!(j["retained_bytes"], rpc.retained_bytes);
+        assert_eq!(j["durable"], rpc.durable);
+        assert_eq!(j["log_error"], rpc.log_error.as_str());
         let shards = j["shards"].as_array().unwrap();
         assert_eq!(shards.len(), rpc.shards.len());
         for (js, s) in shards.iter().zip(&rpc.shards) {

@@ -473,13 +473,13 @@ async fn status_watch(hub: &str, json: bool, interval: Duration, top: usize) -> 
                     let mut worst = s.clone();
                     worst.nodes.sort_by(|a, b| {
                         (
-                            !a.parked,
+                            node_state(a) == "live",
                             std::cmp::Reverse(a.lag_events),
                             std::cmp::Reverse(a.staleness_ms),
                             &a.node_id,
                         )
                             .cmp(&(
-                                !b.parked,
+                                node_state(b) == "live",
                                 std::cmp::Reverse(b.lag_events),
                                 std::cmp::Reverse(b.staleness_ms),
                                 &b.node_id,
@@ -544,12 +544,17 @@ fn status_tables(out: &mut impl Write, s: &pb::StatusResponse) -> anyhow::Result
         s.hub_id, s.region, s.epoch, s.shard_count, heads, s.retained_events, s.retained_bytes
     )?;
     writeln!(out)?;
-    let rows: Vec<[String; 5]> = s
+    let rows: Vec<[String; 6]> = s
         .nodes
         .iter()
         .map(|n| {
             [
                 n.node_id.clone(),
+                format!(
+                    "{} {:.1}s",
+                    node_state(n),
+                    state_for_ms(s, n) as f64 / 1000.0
+                ),
                 if n.namespaces.is_empty() {
                     "*".into()
                 } else {
@@ -570,6 +575,7 @@ fn status_tables(out: &mut impl Write, s: &pb::StatusResponse) -> anyhow::Result
         out,
         [
             "NODE",
+            "STATE (for)",
             "NAMESPACES",
             "LAG (events)",
             "STALENESS",
@@ -601,6 +607,23 @@ fn status_tables(out: &mut impl Write, s: &pb::StatusResponse) -> anyhow::Result
     Ok(())
 }
 
+/// A node's state as status shows it: `live`, `parked`, `blocked`,
+/// `resetting` (`unknown` from a hub that does not report it).
+fn node_state(n: &pb::NodeStatus) -> &'static str {
+    match pb::NodeState::try_from(n.state) {
+        Ok(pb::NodeState::Live) => "live",
+        Ok(pb::NodeState::Parked) => "parked",
+        Ok(pb::NodeState::Blocked) => "blocked",
+        Ok(pb::NodeState::Resetting) => "resetting",
+        _ => "unknown",
+    }
+}
+
+/// How long the node has been in its state, on the hub's clock.
+fn state_for_ms(s: &pb::StatusResponse, n: &pb::NodeStatus) -> u64 {
+    s.now_us.saturating_sub(n.state_since_us) / 1000
+}
+
 fn status_json(s: &pb::StatusResponse) -> serde_json::Value {
     json!({
         "hub_id": s.hub_id,
@@ -617,6 +640,9 @@ fn status_json(s: &pb::StatusResponse) -> serde_json::Value {
             "staleness_ms": n.staleness_ms,
             "in_flight": n.in_flight,
             "parked": n.parked,
+            "state": node_state(n),
+            "state_since_us": n.state_since_us,
+            "state_for_ms": state_for_ms(s, n),
             "replication": n.replication,
         })).collect::<Vec<_>>(),
         "peers": s.peers.iter().map(|p| json!({

@@ -57,6 +57,11 @@ Where the ConfigMap is mounted in the container.
 /etc/freshness
 {{- end }}
 
+{{/* Where the durable log lives in the container (the data volume). */}}
+{{- define "freshness-hub.dataDir" -}}
+/var/lib/freshness
+{{- end }}
+
 {{/*
 The hub's freshness.toml. Keys are the hub's own (snake_case); the hub rejects
 unknown keys, so add one here only when the hub knows it. Strings go through
@@ -74,6 +79,12 @@ because Helm reads every YAML number as a float.
 {{- end }}
 {{- if lt (div (int64 $hub.log.maxBytes) (int64 $hub.shards)) 66560 }}
 {{- fail "hub.log.maxBytes must leave room for one maximal event (65 KiB) per shard" }}
+{{- end }}
+{{- if lt (int64 $hub.log.memoryMaxEvents) (int64 $hub.shards) }}
+{{- fail "hub.log.memoryMaxEvents must be at least hub.shards (one event per shard)" }}
+{{- end }}
+{{- if lt (div (int64 $hub.log.memoryMaxBytes) (int64 $hub.shards)) 66560 }}
+{{- fail "hub.log.memoryMaxBytes must leave room for one maximal event (65 KiB) per shard" }}
 {{- end -}}
 # Rendered by the freshness-hub chart from its values; edit those instead.
 listen = "0.0.0.0:50051"
@@ -88,6 +99,12 @@ shutdown_grace = {{ $hub.shutdownGrace | toJson }}
 log_format = {{ $hub.logFormat | toJson }}
 log_max_events = {{ int64 $hub.log.maxEvents }}
 log_max_bytes = {{ int64 $hub.log.maxBytes }}
+memory_max_events = {{ int64 $hub.log.memoryMaxEvents }}
+memory_max_bytes = {{ int64 $hub.log.memoryMaxBytes }}
+fsync = {{ $hub.log.fsync | toJson }}
+{{- with $hub.log.fsyncInterval }}
+fsync_interval = {{ . | toJson }}
+{{- end }}
 max_in_flight = {{ int64 $hub.limits.maxInFlight }}
 max_events_per_publish = {{ int64 $hub.limits.maxEventsPerPublish }}
 max_payload_bytes = {{ int64 $hub.limits.maxPayloadBytes }}

@@ -81,6 +81,10 @@
     setText("shard-count", String(s.shard_count));
     setText("head-events", int(s.head_events));
     setText("retained", int(s.retained_events) + " (" + bytes(s.retained_bytes) + ")");
+    setText("log-kind", s.durable ? "on disk" : "in memory");
+    const err = $("log-error");
+    err.hidden = !s.log_error;
+    setText("log-error", s.log_error ? "The log cannot be written: " + s.log_error : "");
     document.title = "Freshness hub " + s.region;
   }
 

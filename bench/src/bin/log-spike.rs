@@ -1,0 +1,307 @@
+//! The storage spike behind the durable log's design (ARCHITECTURE.md,
+//! "A durable log of segment files"): on this machine's disk, the same
+//! appends through the hub's segment store and through `redb`, an embedded
+//! B-tree store, with group commit (one flush per batch), and the time to
+//! open each with a full default log (256 MiB).
+//!
+//! ```sh
+//! cargo run --release -p freshness-bench --bin log-spike -- --dir /var/tmp/spike
+//! ```
+//!
+//! Prints one JSON object per measurement. Nothing here is asserted.
+
+use std::fs::OpenOptions;
+use std::io::Write;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use anyhow::Context;
+use bytes::Bytes;
+use clap::Parser;
+use freshness::Entity;
+use freshness_hub::log::LogEntry;
+use freshness_hub::store::{self, Recovered, Restore, Retention, encode_record};
+use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
+use serde_json::json;
+
+const EVENTS: TableDefinition<u64, &[u8]> = TableDefinition::new("events");
+
+#[derive(Parser)]
+#[command(about = "Segment files against redb for the hub's durable log, on this disk")]
+struct Args {
+    /// A directory on the disk to measure (emptied first).
+    #[arg(long, default_value = "target/log-spike")]
+    dir: PathBuf,
+    /// Events in the full log for the open-time measurement.
+    #[arg(long, default_value_t = 1 << 20)]
+    full_events: u64,
+    /// How long each append measurement runs.
+    #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+    each: Duration,
+}
+
+fn percentile(sorted: &[u64], p: f64) -> u64 {
+    if sorted.is_empty() {
+        return 0;
+    }
+    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
+}
+
+fn entry(i: u64) -> LogEntry {
+    LogEntry {
+        entity: Entity::parse(&format!("user:{}", i % 100_000)).expect("valid entity"),
+        local: true,
+        publish_time_us: i,
+        gap: false,
+        awaited: false,
+        version: i + 1,
+        // About what an event with a trace context takes on the wire.
+        bytes: Bytes::from(vec![0x5a; 180]),
+    }
+}
+
+fn report(what: &str, batch: usize, lat_us: &mut [u64], events: u64, elapsed: Duration) {
+    lat_us.sort_unstable();
+    println!(
+        "{}",
+        json!({
+            "what": what,
+            "batch_events": batch,
+            "batches": lat_us.len(),
+            "events_per_s": (events as f64 / elapsed.as_secs_f64()).round(),
+            "flush_p50_us": percentile(lat_us, 0.5),
+            "flush_p99_us": percentile(lat_us, 0.99),
+        })
+    );
+}
+
+fn fsync_probe(dir: &Path, each: Duration) -> anyhow::Result<()> {
+    let path = dir.join("probe");
+    let f = OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .write(true)
+        .open(&path)?;
+    let buf = [0u8; 256];
+    let mut lat = Vec::new();
+    let mut at = 0;
+    let start = Instant::now();
+    while start.elapsed() < each {
+        let t = Instant::now();
+        f.write_all_at(&buf, at)?;
+        f.sync_data()?;
+        lat.push(t.elapsed().as_micros() as u64);
+        at += buf.len() as u64;
+    }
+    let n = lat.len() as u64;
+    report("fsync_probe_256B", 1, &mut lat, n, start.elapsed());
+    Ok(())
+}
+
+struct Nothing;
+impl Restore for Nothing {
+    fn begin(&mut self, _: u32, _: u64) {}
+    fn record(&mut self, _: u32, _: Recovered) {}
+}
+
+struct Count(u64);
+impl Restore for Count {
+    fn begin(&mut self, _: u32, _: u64) {}
+    fn record(&mut self, _: u32, _: Recovered) {
+        self.0 += 1;
+    }
+}
+
+fn retention() -> Retention {
+    Retention {
+        max_events: u64::MAX,
+        max_bytes: u64::MAX,
+        segment_bytes: 1 << 20,
+    }
+}
+
+fn segments_append(dir: &Path, batch: usize, each: Duration) -> anyhow::Result<()> {
+    let path = dir.join(format!("seg-{batch}"));
+    let mut opened = store::open(&path, 1, retention(), false, &mut Nothing)?;
+    let store = &mut opened.stores[0];
+    let mut seq = 1;
+    let mut buf = Vec::new();
+    let mut lat = Vec::new();
+    let start = Instant::now();
+    while start.elapsed() < each {
+        buf.clear();
+        for i in 0..batch as u64 {
+            encode_record(&mut buf, seq + i, &entry(seq + i));
+        }
+        let t = Instant::now();
+        store.append(&buf, batch as u64, true)?;
+        lat.push(t.elapsed().as_micros() as u64);
+        seq += batch as u64;
+    }
+    report(
+        "segments_append_fsync",
+        batch,
+        &mut lat,
+        seq - 1,
+        start.elapsed(),
+    );
+    Ok(())
+}
+
+fn redb_append(dir: &Path, batch: usize, each: Duration) -> anyhow::Result<()> {
+    let db = Database::create(dir.join(format!("redb-{batch}.db")))?;
+    let mut seq = 1u64;
+    let mut buf = Vec::new();
+    let mut lat = Vec::new();
+    let start = Instant::now();
+    while start.elapsed() < each {
+        let t = Instant::now();
+        let mut tx = db.begin_write()?;
+        tx.set_durability(Durability::Immediate)?;
+        {
+            let mut table = tx.open_table(EVENTS)?;
+            for i in 0..batch as u64 {
+                buf.clear();
+                encode_record(&mut buf, seq + i, &entry(seq + i));
+                table.insert(seq + i, buf.as_slice())?;
+            }
+        }
+        tx.commit()?;
+        lat.push(t.elapsed().as_micros() as u64);
+        seq += batch as u64;
+    }
+    report(
+        "redb_append_commit",
+        batch,
+        &mut lat,
+        seq - 1,
+        start.elapsed(),
+    );
+    Ok(())
+}
+
+fn open_full(dir: &Path, events: u64) -> anyhow::Result<()> {
+    // The segment store: 64 shards, written without flushes (this measures
+    // reading back, not writing).
+    let path = dir.join("full-segments");
+    let shards = 64u32;
+    {
+        let mut opened = store::open(&path, shards, retention(), false, &mut Nothing)?;
+        let per_shard = events / u64::from(shards);
+        let mut buf = Vec::new();
+        for (s, store) in opened.stores.iter_mut().enumerate() {
+            let mut seq = 1;
+            while seq <= per_shard {
+                buf.clear();
+                let n = 1024.min(per_shard - seq + 1);
+                for i in 0..n {
+                    encode_record(&mut buf, seq + i, &entry(seq + i + s as u64));
+                }
+                store.append(&buf, n, false)?;
+                seq += n;
+            }
+        }
+    }
+    let bytes: u64 = walk_bytes(&path)?;
+    let t = Instant::now();
+    let mut count = Count(0);
+    store::open(&path, shards, retention(), false, &mut count)?;
+    let scan = t.elapsed();
+    let mut config = freshness_hub::Config {
+        data_dir: path.clone(),
+        shards,
+        ..freshness_hub::Config::default()
+    };
+    config.log_max_bytes = 1 << 40;
+    config.log_max_events = 1 << 40;
+    let t = Instant::now();
+    let durable = freshness_hub::open_log(&config)?.context("a durable log")?;
+    let rebuild = t.elapsed();
+    drop(durable);
+    println!(
+        "{}",
+        json!({
+            "what": "segments_open_full",
+            "events": count.0,
+            "bytes": bytes,
+            "check_only_ms": scan.as_millis() as u64,
+            "open_and_rebuild_memory_ms": rebuild.as_millis() as u64,
+        })
+    );
+
+    let db_path = dir.join("full.db");
+    {
+        let db = Database::create(&db_path)?;
+        let mut seq = 1u64;
+        let mut buf = Vec::new();
+        while seq <= events {
+            let mut tx = db.begin_write()?;
+            tx.set_durability(Durability::None)?;
+            {
+                let mut table = tx.open_table(EVENTS)?;
+                for i in 0..10_000.min(events - seq + 1) {
+                    buf.clear();
+                    encode_record(&mut buf, seq + i, &entry(seq + i));
+                    table.insert(seq + i, buf.as_slice())?;
+                }
+            }
+            tx.commit()?;
+            seq += 10_000;
+        }
+        let mut tx = db.begin_write()?;
+        tx.set_durability(Durability::Immediate)?;
+        tx.commit()?;
+    }
+    let db_bytes = std::fs::metadata(&db_path)?.len();
+    let t = Instant::now();
+    let db = Database::create(&db_path)?;
+    let read = db.begin_read()?;
+    let table = read.open_table(EVENTS)?;
+    let mut n = 0u64;
+    for row in table.iter()? {
+        let (_, v) = row?;
+        n += u64::from(!v.value().is_empty());
+    }
+    println!(
+        "{}",
+        json!({
+            "what": "redb_open_full",
+            "events": n,
+            "bytes": db_bytes,
+            "open_and_scan_ms": t.elapsed().as_millis() as u64,
+        })
+    );
+    Ok(())
+}
+
+fn walk_bytes(dir: &Path) -> anyhow::Result<u64> {
+    let mut total = 0;
+    for e in std::fs::read_dir(dir)? {
+        let e = e?;
+        let m = e.metadata()?;
+        total += if m.is_dir() {
+            walk_bytes(&e.path())?
+        } else {
+            m.len()
+        };
+    }
+    Ok(total)
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let _ = std::fs::remove_dir_all(&args.dir);
+    std::fs::create_dir_all(&args.dir)?;
+    fsync_probe(&args.dir, args.each)?;
+    for batch in [1, 16, 256] {
+        segments_append(&args.dir, batch, args.each)?;
+        redb_append(&args.dir, batch, args.each)?;
+    }
+    open_full(&args.dir, args.full_events)?;
+    std::io::stdout().flush()?;
+    std::fs::remove_dir_all(&args.dir)?;
+    Ok(())
+}
