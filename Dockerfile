@@ -1,7 +1,8 @@
 # syntax=docker/dockerfile:1
 #
 # The Freshness hub image: freshness-hub as the entrypoint, freshctl beside it
-# for `kubectl exec ... freshctl status`. No protoc is needed: the protocol
+# for `kubectl exec ... freshctl status`, and freshness-relay (the outbox
+# relay; the Helm chart runs it with its own command). No protoc is needed: the protocol
 # crate compiles proto/ with protox.
 #
 #   docker build -t freshness-hub .
@@ -23,16 +24,16 @@ ENV FRESHNESS_REVISION=${FRESHNESS_REVISION}
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/usr/local/cargo/git \
     --mount=type=cache,target=/src/target \
-    cargo build --release --locked -p freshness-hub -p freshness-client -p freshness-agent \
+    cargo build --release --locked -p freshness-hub -p freshness-client -p freshness-agent -p freshness-relay \
     && mkdir -p /out /data/var/lib/freshness \
-    && cp target/release/freshness-hub target/release/freshctl target/release/freshness-agent /out/
+    && cp target/release/freshness-hub target/release/freshctl target/release/freshness-agent target/release/freshness-relay /out/
 
 # glibc and libgcc, no shell, no package manager; user nonroot is 65532.
 FROM gcr.io/distroless/cc-debian12:nonroot
 LABEL org.opencontainers.image.title="freshness-hub" \
       org.opencontainers.image.description="Freshness regional hub: event-driven cache invalidation" \
       org.opencontainers.image.licenses="Apache-2.0"
-COPY --from=build /out/freshness-hub /out/freshctl /out/freshness-agent /usr/local/bin/
+COPY --from=build /out/freshness-hub /out/freshctl /out/freshness-agent /out/freshness-relay /usr/local/bin/
 # The durable log (epoch, events, replication cursors): mount a volume here so
 # that a new container keeps the epoch and no cache is flushed.
 COPY --from=build --chown=65532:65532 /data/var/lib/freshness /var/lib/freshness

@@ -19,6 +19,9 @@
 #   ONLY="b1 b2" scripts/bench.sh    # a subset
 #   REPEAT=3 scripts/bench.sh        # more interleaved repetitions of B1
 #   B5_PAIRS=5 scripts/bench.sh      # more B5 pairs (default 3; judged by their median)
+#   B2_BATCH=100 scripts/bench.sh    # events per publish call in B2, every target alike (default 100)
+#   B2_NODES=16,64,256 scripts/bench.sh  # B2's node counts (default: the workload's, 16,64,256)
+#   HUB_ARGS=--ephemeral scripts/bench.sh # flags for every started hub (here: no durable log)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -62,6 +65,10 @@ BENCH=("${PREFIX[@]}" taskset -c "$BENCH_CPU" target/release/freshness-bench --j
     --hub-cpus "$SERVER_CPU" --nats-pid "$NATS_PID" --redis-pid "$REDIS_PID"
     --placement "server pinned to cpu$SERVER_CPU, load generator to cpu$BENCH_CPU, priority $PRIO")
 
+# Extra flags for every started hub, e.g. HUB_ARGS=--ephemeral (memory-only
+# log, as the peers keep nothing).
+for a in ${HUB_ARGS:-}; do BENCH+=("--hub-arg=$a"); done
+
 run() { # name, then bench flags
     local name=$1
     shift
@@ -73,7 +80,10 @@ want() { [[ " $ONLY " == *" $1 "* ]]; }
 
 # Side by side, runs interleaved hub, nats, redis, hub, ...
 want b1 && run b1 --workload b1 --target hub,nats,redis --repeat "$REPEAT" --duration 3s
-want b2 && run b2 --workload b2 --target hub,nats,redis --step 2s
+# B2 publishes the same batches to every target: one Publish, one write of
+# that many NATS PUBs, one pipeline of that many Redis PUBLISHes.
+want b2 && run b2 --workload b2 --target hub,nats,redis --step 2s --batch "${B2_BATCH:-100}" \
+    ${B2_NODES:+--nodes "$B2_NODES"}
 
 # The sustainable hub rate at 16 nodes, from B2 when it ran.
 RATE16=$(python3 - "$OUT/b2.jsonl" <<'EOF' 2>/dev/null || true
@@ -108,14 +118,21 @@ for r in rows:
     if r["workload"] in ("b1", "b2"):
         by[(r["workload"], r["nodes"], r["rate"] if r["workload"] == "b1" else 0, r["target"])].append(r)
 
+def fmt(v, digits=0):
+    return "" if v is None else f"{v:.{digits}f}"
+
+def bound(r):
+    # Older results carry only the generator's total.
+    return r.get("generator_bound", (r.get("loadgen_cpu_cores") or 0) >= 0.9)
+
 def med(rs, k):
     vals = [r[k] for r in rs if r.get(k) is not None]
     return statistics.median(vals) if vals else None
 
 print("## B1: completion latency (median of runs), µs")
 print()
-print("| nodes | rate/s | target | p50 | p99 | p99.9 | ack p99 | lost | server CPU ns/delivery | gen_cpu | hub p99 / best peer p99 |")
-print("|---|---|---|---|---|---|---|---|---|---|---|")
+print("| nodes | rate/s | target | p50 | p99 | p99.9 | ack p99 | publish call p50 | publish call p99 | lost | server CPU ns/delivery | gen_cpu | sub_cpu | pub_cpu | hub p99 / best peer p99 |")
+print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
 confs = sorted({(n, rate) for (w, n, rate, t) in by if w == "b1"})
 for n, rate in confs:
     peers = [med(by[("b1", n, rate, t)], "completion_p99_us") for t in ("nats", "redis") if by.get(("b1", n, rate, t))]
@@ -128,28 +145,41 @@ for n, rate in confs:
         ratio = f"{p99 / best:.2f}" if t == "hub" and best else ""
         cpu = med(rs, "hub_cpu_ns_per_delivery")
         ack = med(rs, "ack_p99_us")
+        c50, c99 = med(rs, "publish_call_p50_us"), med(rs, "publish_call_p99_us")
         print(f"| {n} | {rate} | {t} | {med(rs, 'completion_p50_us'):.0f} | {p99:.0f} | {med(rs, 'completion_p999_us'):.0f} | "
-              f"{'' if ack is None else f'{ack:.0f}'} | {sum(r['lost'] for r in rs)} | {'' if cpu is None else f'{cpu:.0f}'} | "
-              f"{med(rs, 'loadgen_cpu_cores') or 0:.2f}{' ‡' if any(r.get('generator_bound', (r.get('loadgen_cpu_cores') or 0) >= 0.9) for r in rs) else ''} | {ratio} |")
+              f"{'' if ack is None else f'{ack:.0f}'} | {fmt(c50)} | {fmt(c99)} | {sum(r['lost'] for r in rs)} | {fmt(cpu)} | "
+              f"{med(rs, 'loadgen_cpu_cores') or 0:.2f}{' ‡' if any(bound(r) for r in rs) else ''} | "
+              f"{fmt(med(rs, 'subscriber_cpu_cores'), 2)} | {fmt(med(rs, 'publisher_cpu_cores'), 2)} | {ratio} |")
 print()
-print("‡ the generator used at least 90 % of its core in a run (`generator_bound`): the row measures it as much as the server.")
+print("‡ the client used at least 90 % of its core in a run, as a whole, its subscribers or its publisher (`generator_bound`): the row measures it as much as the server.")
+print("Publish call: Publish → its answer (hub, at the run's ack level); Redis: the call's last PUBLISH reply; NATS answers nothing: the write.")
 print()
 print("## B2: highest deliveries/s with zero loss and completion p99 within the objective")
 print()
-print("| nodes | objective µs | target | events/s | deliveries/s | p99 µs | server CPU ns/delivery | hub / best peer |")
-print("|---|---|---|---|---|---|---|---|")
+print("| nodes | objective µs | target | events/publish | events/s | deliveries/s | p99 µs | server CPU ns/delivery | server cores | gen_cpu | sub_cpu | pub_cpu | hub / best peer |")
+print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
 for n in sorted({n for (w, n, _, _) in by if w == "b2"}):
-    peers = [by[("b2", n, 0, t)][0]["deliveries_per_s"] for t in ("nats", "redis") if by.get(("b2", n, 0, t))]
-    best = max(peers) if peers else None
+    peers = [by[("b2", n, 0, t)][0] for t in ("nats", "redis") if by.get(("b2", n, 0, t))]
+    top = max(peers, key=lambda r: r["deliveries_per_s"]) if peers else None
+    best = top["deliveries_per_s"] if top else None
     for t in ("hub", "nats", "redis"):
         rs = by.get(("b2", n, 0, t))
         if not rs:
             continue
         r = rs[0]
-        ratio = f"{r['deliveries_per_s'] / best:.2f}" if t == "hub" and best else ""
+        ratio = ""
+        if t == "hub" and best:
+            # A client-bound row is a lower bound of its server: the hub's
+            # ratio is then at least (hub bound) or at most (peer bound) this.
+            hb, pb = bound(r), bound(top)
+            ratio = ("≈ " if hb and pb else "≥ " if hb else "≤ " if pb else "") + f"{r['deliveries_per_s'] / best:.2f}"
         cpu = r.get("hub_cpu_ns_per_delivery")
-        print(f"| {n} | {r.get('objective_us')} | {t} | {r['rate']} | {r['deliveries_per_s']:.0f} | {r['completion_p99_us']} | "
-              f"{'' if cpu is None else f'{cpu:.0f}'} | {ratio} |")
+        print(f"| {n} | {r.get('objective_us')} | {t} | {r.get('events_per_publish') or 'per tick'} | {r['rate']} | "
+              f"{r['deliveries_per_s']:.0f} | {r['completion_p99_us']}{' ‡' if bound(r) else ''} | {fmt(cpu)} | "
+              f"{fmt(r.get('server_cpu_cores'), 2)} | {fmt(r.get('loadgen_cpu_cores'), 2)} | "
+              f"{fmt(r.get('subscriber_cpu_cores'), 2)} | {fmt(r.get('publisher_cpu_cores'), 2)} | {ratio} |")
+print()
+print("‡ client-bound (see B1): the row's rate is a lower bound of what its server holds.")
 print()
 print("## B3-B7 (hub)")
 print()

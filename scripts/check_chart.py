@@ -19,6 +19,8 @@ setting at once, ServiceMonitor included) it:
    every metric the dashboard and the rules name must be one the hub
    defines in server/src/metrics.rs; `promtool test rules` feeds the rules
    series that must fire each alert, and healthy ones that must fire none.
+6. with relay.enabled, checks the outbox relay's Deployment (the database URL
+   from the Secret, the hub, its own selector) and its PodDisruptionBudget.
 
 The three-region examples must form a full mesh with one shard count. Last,
 a few invalid value sets must be rejected; if one is accepted the check fails.
@@ -161,7 +163,24 @@ EVERY_OPTION = {
             "whenUnsatisfiable": "ScheduleAnyway",
         }
     ],
+    "relay": {
+        "enabled": True,
+        "replicas": 3,
+        "database": {"secretName": "app-db", "secretKey": "url"},
+        "migrate": False,
+        "hub": "http://hub.eu.example.com:50051",
+        "batch": 5000,
+        "ackLevel": "region",
+        "pollInterval": "500ms",
+        "podDisruptionBudget": {"enabled": True, "maxUnavailable": "50%"},
+        "extraEnv": [{"name": "FRESHNESS_LOG", "value": "debug"}],
+    },
 }
+
+# The outbox relay with its defaults.
+RELAY = {"relay": {"enabled": True, "database": {"secretName": "app-db"}}}
+RELAY_TEMPLATE = "templates/relay.yaml"
+RELAY_METRICS_PORT = 9465
 
 # Value sets that must be refused, with what makes them wrong.
 INVALID = [
@@ -175,6 +194,9 @@ INVALID = [
     ("fsync sometimes", {"hub": {"log": {"fsync": "sometimes"}}}),
     ("memory tail smaller than one event per shard", {"hub": {"log": {"memoryMaxBytes": 1048576}}}),
     ("persistence without a size", {"persistence": {"enabled": True, "size": None}}),
+    ("relay without a database Secret", {"relay": {"enabled": True}}),
+    ("relay batch over 10000", {"relay": {"enabled": True, "batch": 20000}}),
+    ("relay ack level all", {"relay": {"enabled": True, "ackLevel": "all"}}),
 ]
 
 
@@ -561,6 +583,73 @@ def test_rules(chart: helm.Chart, failures: Failures) -> int:
         failures.add("rules", f"promtool test rules: {(run.stdout + run.stderr).strip()}")
         return 0
     return 2 * len(EXPECTED)
+def check_relay(
+    name: str,
+    values: dict[str, Any],
+    manifests: list[tuple[str, dict[str, Any]]],
+    hub_service: str | None,
+    failures: Failures,
+) -> None:
+    """What the outbox relay needs: the database URL from the Secret (never
+    inline), the hub, its own pods, a PodDisruptionBudget."""
+    relay = values.get("relay", {})
+    deployments = by_kind(manifests, "Deployment")
+    if len(deployments) != 1:
+        failures.add(name, "relay.enabled rendered no relay Deployment")
+        return
+    deployment = deployments[0]
+    pod = deployment["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    failures.check(
+        container.get("command") == ["/usr/local/bin/freshness-relay", "run"],
+        name,
+        "relay container does not run freshness-relay run",
+    )
+    env = {e["name"]: e for e in container.get("env", [])}
+    url = env.get("FRESHNESS_RELAY_DATABASE_URL", {})
+    ref = url.get("valueFrom", {}).get("secretKeyRef", {})
+    database = relay.get("database", {})
+    failures.check(
+        "value" not in url
+        and ref.get("name") == database.get("secretName")
+        and ref.get("key") == database.get("secretKey", "database-url"),
+        name,
+        "relay database URL does not come from relay.database's Secret",
+    )
+    want_hub = relay.get("hub") or hub_service
+    failures.check(
+        env.get("FRESHNESS_RELAY_HUB", {}).get("value") == want_hub,
+        name,
+        f"relay does not publish to {want_hub}",
+    )
+    failures.check(
+        env.get("FRESHNESS_RELAY_METRICS_LISTEN", {}).get("value")
+        == f"0.0.0.0:{RELAY_METRICS_PORT}",
+        name,
+        f"relay metrics are not served on 0.0.0.0:{RELAY_METRICS_PORT}",
+    )
+    failures.check(
+        deployment["spec"].get("replicas") == relay.get("replicas", 2),
+        name,
+        "relay replicas differ from relay.replicas",
+    )
+    init = [c for c in pod.get("initContainers", []) if c.get("name") == "migrate"]
+    failures.check(
+        bool(init) == relay.get("migrate", True), name, "migrate init container does not follow relay.migrate"
+    )
+    selector = deployment["spec"]["selector"]["matchLabels"]
+    failures.check(
+        selector.get("app.kubernetes.io/name", "").endswith("-relay"),
+        name,
+        "relay pods could be selected by the hub's Service",
+    )
+    pdbs = by_kind(manifests, "PodDisruptionBudget")
+    if relay.get("podDisruptionBudget", {}).get("enabled", True):
+        failures.check(
+            len(pdbs) == 1 and pdbs[0]["spec"]["selector"]["matchLabels"] == selector,
+            name,
+            "no PodDisruptionBudget for the relay",
+        )
 
 
 def validate(
@@ -762,6 +851,7 @@ def main() -> int:
             },
         )
     )
+    value_sets.append(("relay", RELAY))
     known_keys = hub_keys(args.hub_config)
     metrics = hub_metrics(args.hub_config.parent / "metrics.rs")
 
@@ -779,7 +869,17 @@ def main() -> int:
             except helm.HelmError as error:
                 failures.add(f"{name}: render", str(error).strip())
                 continue
-            config = check_hub_contract(name, values, known_keys, manifests, failures)
+            relay = [(t, d) for t, d in manifests if t == RELAY_TEMPLATE]
+            hub = [(t, d) for t, d in manifests if t != RELAY_TEMPLATE]
+            config = check_hub_contract(name, values, known_keys, hub, failures)
+            if values.get("relay", {}).get("enabled"):
+                services = by_kind(hub, "Service")
+                hub_service = (
+                    f"http://{services[0]['metadata']['name']}:{GRPC_PORT}" if services else None
+                )
+                check_relay(name, values, relay, hub_service, failures)
+            else:
+                failures.check(not relay, name, "relay rendered while relay.enabled is false")
             if config is not None and name.startswith("examples/"):
                 example_configs[name] = config
             rule_files += check_monitoring(name, values, manifests, metrics, failures)

@@ -13,6 +13,7 @@
 //! BENCHMARKS.md for what each workload measures.
 #![forbid(unsafe_code)]
 
+mod peers;
 mod procfs;
 mod run;
 mod server;
@@ -32,6 +33,10 @@ use crate::run::{Env, RunResult};
 use crate::server::{HubLauncher, default_hub_bin};
 use crate::target::Kind;
 use crate::workloads::{Opts, Sink};
+
+/// Name of the runtime's threads, where every node runs: their CPU is the
+/// subscribers'.
+pub const WORKER_THREAD: &str = "bench-worker";
 
 /// Workload names.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -133,6 +138,12 @@ struct Cli {
     /// were placed (e.g. "server pinned cpu0, generator cpu1").
     #[arg(long, default_value = "unpinned")]
     placement: String,
+    /// Events per publish call, for every target alike: one `Publish`, one
+    /// write of that many NATS `PUB`s, one pipeline of that many Redis
+    /// `PUBLISH`es; calls go out when that many events are owed [default:
+    /// every event owed at each 1 ms tick, in one call].
+    #[arg(long, default_value_t = 0)]
+    batch: usize,
     /// One JSON object per run on stdout instead of a table.
     #[arg(long)]
     json: bool,
@@ -168,7 +179,7 @@ impl Sink for Out {
             self.header = true;
             let _ = writeln!(
                 out,
-                "{:<4} {:<5} {:>6} {:>7} {:>9} {:>10} {:>5} {:>8} {:>8} {:>8} {:>8} {:>11} {:>8} {:>8} {:>7} {:>7}",
+                "{:<4} {:<5} {:>6} {:>7} {:>9} {:>10} {:>5} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>11} {:>8} {:>8} {:>7} {:>7} {:>7} {:>7}",
                 "wl",
                 "tgt",
                 "nodes",
@@ -180,16 +191,20 @@ impl Sink for Out {
                 "p99_us",
                 "p999_us",
                 "ack99_us",
+                "call50us",
+                "call99us",
                 "deliv/s",
                 "cpu_ns/d",
                 "rss_MiB",
                 "srv_cpu",
-                "gen_cpu"
+                "gen_cpu",
+                "sub_cpu",
+                "pub_cpu"
             );
         }
         let _ = writeln!(
             out,
-            "{:<4} {:<5} {:>6} {:>7} {:>9} {:>10} {:>5} {:>8} {:>8} {:>8} {:>8} {:>11.0} {:>8} {:>8} {:>7} {:>7}",
+            "{:<4} {:<5} {:>6} {:>7} {:>9} {:>10} {:>5} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>11.0} {:>8} {:>8} {:>7} {:>7} {:>7} {:>7}{}",
             r.workload,
             r.target,
             r.nodes,
@@ -201,12 +216,22 @@ impl Sink for Out {
             r.completion_p99_us,
             r.completion_p999_us,
             r.ack_p99_us.map_or("-".into(), |v| v.to_string()),
+            r.publish_call_p50_us.map_or("-".into(), |v| v.to_string()),
+            r.publish_call_p99_us.map_or("-".into(), |v| v.to_string()),
             r.deliveries_per_s,
             r.hub_cpu_ns_per_delivery
                 .map_or("-".into(), |v| format!("{v:.0}")),
             mib(r.hub_peak_rss_bytes),
             cores(r.server_cpu_cores),
-            cores(r.loadgen_cpu_cores)
+            cores(r.loadgen_cpu_cores),
+            cores(r.subscriber_cpu_cores),
+            cores(r.publisher_cpu_cores),
+            // The client, not the server, may have been the bound.
+            if r.generator_bound {
+                " client-bound"
+            } else {
+                ""
+            }
         );
         if !r.extra.is_empty() {
             let extra: Vec<String> = r
@@ -250,6 +275,7 @@ async fn main_async(cli: Cli) -> anyhow::Result<()> {
         step: cli.step,
         objective_us: cli.objective_us,
         entities: cli.entities,
+        batch: cli.batch.min(run::MAX_BATCH),
     };
     let mut out = Out {
         json: cli.json,
@@ -275,7 +301,7 @@ fn main() -> ExitCode {
     // pinned to one core runs one worker.
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
-        .thread_name("bench-worker")
+        .thread_name(WORKER_THREAD)
         .build()
     {
         Ok(r) => r,

@@ -59,6 +59,37 @@ pub fn rss(pid: u32) -> Option<(u64, u64)> {
     Some((field("VmRSS:")?, field("VmHWM:")?))
 }
 
+/// CPU time of this process's threads named `name` (`comm`), in
+/// nanoseconds.
+pub fn self_threads_cpu_ns(name: &str) -> Option<u64> {
+    let mut total = 0u64;
+    let mut any = false;
+    for t in fs::read_dir("/proc/self/task").ok()?.flatten() {
+        let comm = fs::read_to_string(t.path().join("comm")).unwrap_or_default();
+        if comm.trim_end() != name {
+            continue;
+        }
+        if let Some(ns) = fs::read_to_string(t.path().join("schedstat"))
+            .ok()
+            .and_then(|s| s.split_whitespace().next()?.parse::<u64>().ok())
+        {
+            total += ns;
+            any = true;
+        }
+    }
+    any.then_some(total)
+}
+
+/// CPU time of the calling thread, in nanoseconds.
+pub fn thread_self_cpu_ns() -> Option<u64> {
+    fs::read_to_string("/proc/thread-self/schedstat")
+        .ok()?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
 /// CPU time of this process (the load generator), in nanoseconds.
 pub fn self_cpu_ns() -> Option<u64> {
     cpu_ns(std::process::id())
@@ -79,5 +110,11 @@ mod tests {
         let (rss, hwm) = rss(std::process::id()).unwrap();
         assert!(rss > 0 && hwm >= rss);
         assert!(self_cpu_ns().is_some());
+        assert!(thread_self_cpu_ns().is_some());
+        let me = std::thread::current();
+        // The test harness names its threads after the test.
+        let name: String = me.name().unwrap_or("").chars().take(15).collect();
+        assert!(name.is_empty() || self_threads_cpu_ns(&name).is_some());
+        assert_eq!(self_threads_cpu_ns("no-such-thread"), None);
     }
 }

@@ -132,6 +132,10 @@ pub struct Spec {
     /// Before publishing, measure the server's CPU with every node
     /// connected and nothing published for this long (B7).
     pub idle: Duration,
+    /// Events per publish call (one `Publish`, one write of that many NATS
+    /// `PUB`s or pipelined Redis `PUBLISH`es); 0: every event owed at the
+    /// millisecond tick, in one call.
+    pub batch: usize,
 }
 
 /// One run's results: one JSON object, one table row.
@@ -197,8 +201,22 @@ pub struct RunResult {
     /// this machine; 1 when pinned to one core).
     pub loadgen_cpu_cores: Option<f64>,
     /// The generator used at least [`GENERATOR_BOUND`] of the cores it may
-    /// run on: the run measured the generator as much as the server.
+    /// run on, or its subscribers or its publisher alone did of theirs: the
+    /// run measured the client as much as the server.
     pub generator_bound: bool,
+    /// CPU of the subscribers (the runtime's worker threads, where every
+    /// node runs), in cores, over publishing and drain.
+    pub subscriber_cpu_cores: Option<f64>,
+    /// CPU of the publisher (its own thread), in cores, over publishing.
+    pub publisher_cpu_cores: Option<f64>,
+    /// Events per publish call (absent: all owed at each 1 ms tick).
+    pub events_per_publish: Option<usize>,
+    /// Publish call → its answer (hub: the `Publish` reply at the run's ack
+    /// level; Redis: the call's last `PUBLISH` reply; NATS, which answers
+    /// nothing: the write).
+    pub publish_call_p50_us: Option<u64>,
+    /// See `publish_call_p50_us`.
+    pub publish_call_p99_us: Option<u64>,
     /// How server and generator were placed.
     pub placement: String,
     /// Workload-specific figures.
@@ -309,13 +327,14 @@ async fn run_on(env: &Env, spec: &Spec, server: &Server) -> Result<RunResult> {
 
     let cpu0 = server.pid.and_then(procfs::cpu_ns);
     let self0 = procfs::self_cpu_ns();
+    let subs0 = procfs::self_threads_cpu_ns(crate::WORKER_THREAD);
     let t0 = Instant::now();
     tracker.measure_from_us.store(
         tracker.now_us() + spec.warmup.as_micros() as u64,
         Ordering::Relaxed,
     );
 
-    let published = publish(spec, &target, &tracker, &ctl).await?;
+    let published = publish_on_own_thread(spec, &target, &tracker, &ctl).await?;
     let publish_end = Instant::now();
 
     // Drain: wait for every delivery (and, on the hub, every ack) owed.
@@ -337,6 +356,7 @@ async fn run_on(env: &Env, spec: &Spec, server: &Server) -> Result<RunResult> {
     let t1 = Instant::now();
     let cpu1 = server.pid.and_then(procfs::cpu_ns);
     let self1 = procfs::self_cpu_ns();
+    let subs1 = procfs::self_threads_cpu_ns(crate::WORKER_THREAD);
     let wall = secs_f(t1 - t0);
 
     let status = if spec.kind == Kind::Hub && spec.stalled > 0 {
@@ -412,13 +432,24 @@ async fn run_on(env: &Env, spec: &Spec, server: &Server) -> Result<RunResult> {
             r.hub_cpu_ns_per_delivery = Some(ns / r.delivered as f64);
         }
     }
+    // Cores this process may run on (its affinity, e.g. one under taskset);
+    // the runtime has as many worker threads.
+    let allowed = std::thread::available_parallelism().map_or(1, usize::from) as f64;
     if let (Some(a), Some(b)) = (self0, self1) {
         let cores = b.saturating_sub(a) as f64 / 1e9 / wall;
         r.loadgen_cpu_cores = Some(cores);
-        // Cores this process may run on (its affinity, e.g. one under taskset).
-        let allowed = std::thread::available_parallelism().map_or(1, usize::from);
-        r.generator_bound = cores >= GENERATOR_BOUND * allowed as f64;
+        r.generator_bound = cores >= GENERATOR_BOUND * allowed;
     }
+    if let (Some(a), Some(b)) = (subs0, subs1) {
+        let cores = b.saturating_sub(a) as f64 / 1e9 / wall;
+        r.subscriber_cpu_cores = Some(cores);
+        r.generator_bound |= cores >= GENERATOR_BOUND * allowed;
+    }
+    if let Some(cores) = published.cpu_cores {
+        r.publisher_cpu_cores = Some(cores);
+        r.generator_bound |= cores >= GENERATOR_BOUND;
+    }
+    r.events_per_publish = (spec.batch > 0).then_some(spec.batch);
     r.hub_peak_rss_bytes = if server.fresh {
         hwm
     } else {
@@ -443,8 +474,10 @@ async fn run_on(env: &Env, spec: &Spec, server: &Server) -> Result<RunResult> {
         r.put("publish_retries", retries);
     }
     let calls = Summary::of(&published.call_latency.lock());
-    r.put("publish_call_p50_us", calls.p50);
-    r.put("publish_call_p99_us", calls.p99);
+    if calls.count > 0 {
+        r.publish_call_p50_us = Some(calls.p50);
+        r.publish_call_p99_us = Some(calls.p99);
+    }
     r.put("publish_tail_ms", secs_f(t1 - publish_end) * 1e3);
     if let Some(status) = status {
         let stalled: Vec<_> = status
@@ -547,6 +580,8 @@ struct Published {
     /// When the last event was handed to the server (µs since origin): the
     /// end of the burst.
     last_sent_us: u64,
+    /// CPU of the publisher's thread over its life, in cores.
+    cpu_cores: Option<f64>,
 }
 
 impl Published {
@@ -560,6 +595,46 @@ struct StormResult {
     live_ms: Option<f64>,
     caught_up_ms: Option<f64>,
 }
+
+/// Runs [`publish`] on a thread of its own (a current-thread runtime), so
+/// that its CPU is measured apart from the subscribers' and it competes
+/// with them only through the kernel's scheduler, for every target alike.
+async fn publish_on_own_thread(
+    spec: &Spec,
+    target: &Target,
+    tracker: &Arc<Tracker>,
+    ctl: &NodeCtl,
+) -> Result<Published> {
+    let (spec, target, tracker, ctl) = (spec.clone(), target.clone(), tracker.clone(), ctl.clone());
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name(PUBLISHER_THREAD.into())
+        .spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build();
+            let result = match rt {
+                Ok(rt) => {
+                    let cpu0 = procfs::thread_self_cpu_ns();
+                    let t0 = Instant::now();
+                    let mut result = rt.block_on(publish(&spec, &target, &tracker, &ctl));
+                    let cpu1 = procfs::thread_self_cpu_ns();
+                    if let (Ok(p), Some(a), Some(b)) = (result.as_mut(), cpu0, cpu1) {
+                        p.cpu_cores =
+                            Some(b.saturating_sub(a) as f64 / 1e9 / secs_f(t0.elapsed()).max(1e-9));
+                    }
+                    result
+                }
+                Err(e) => Err(e.into()),
+            };
+            let _ = tx.send(result);
+        })?;
+    rx.await
+        .map_err(|_| anyhow::anyhow!("the publisher thread ended without a result"))?
+}
+
+/// Name of the publisher's thread.
+const PUBLISHER_THREAD: &str = "bench-publisher";
 
 /// The open-loop publisher (see the module docs).
 async fn publish(
@@ -582,6 +657,7 @@ async fn publish(
         storm: None,
         call_latency: Arc::new(parking_lot::Mutex::new(histogram())),
         last_sent_us: 0,
+        cpu_cores: None,
     };
     let mut last_sent_us = 0;
     let zipf = match spec.dist {
@@ -596,12 +672,12 @@ async fn publish(
     let mut sent = 0u64;
     let mut storm_monitor = None;
     let (mut downed, mut upped) = (false, false);
-    loop {
+    'ticks: loop {
         tick.tick().await;
         let el = start.elapsed();
-        if el >= spec.duration {
-            break;
-        }
+        // The last tick sends what the whole duration owes, a short call
+        // included, so a batch size loses no event of the plan.
+        let last = el >= spec.duration;
         if let Some(storm) = spec.storm {
             if !downed && el >= storm.down {
                 downed = true;
@@ -615,80 +691,96 @@ async fn publish(
                 storm_monitor = Some(tokio::spawn(watch_storm(tracker.clone(), spec.nodes, owed)));
             }
         }
-        let owed = due(spec.rate, el.as_secs_f64()).saturating_sub(sent);
-        if owed == 0 {
-            continue;
-        }
-        // At the limit of calls in flight the owed events wait for the next
-        // tick: the server is not keeping up.
-        let Ok(permit) = p.calls.clone().try_acquire_owned() else {
-            continue;
-        };
-        let (first, n) = tracker.take((owed as usize).min(MAX_BATCH));
-        if n == 0 {
-            break;
-        }
-        last_sent_us = tracker.now_us();
-        sent += n as u64;
-        let events: Vec<(u32, u64)> = (first..first + n)
-            .map(|i| {
-                let k = match (spec.dist, &zipf) {
-                    (Dist::Zipf(_), Some(z)) => z.sample(rng.next_f64()) as u64,
-                    (Dist::Uniform, _) => rng.next_u64() % entities,
-                    _ => i as u64 % entities,
-                };
-                (k as u32, i as u64 + 1)
-            })
-            .collect();
-        let mut publisher = publisher.clone();
-        let tracker = tracker.clone();
-        let applied = p.applied.clone();
-        let refused = p.refused.clone();
-        let retries = p.retries.clone();
-        let finals = p.final_versions.clone();
-        let call_latency = p.call_latency.clone();
-        let retry = spec.retry_refused;
-        tokio::spawn(async move {
-            let _permit = permit;
-            let sent_at = tracker.now_us();
-            loop {
-                match publisher.send(&events).await {
-                    Ok(outcomes) => {
-                        record(
-                            &mut call_latency.lock(),
-                            tracker.now_us().saturating_sub(sent_at),
-                        );
-                        let mut a = 0;
-                        for (j, ok) in outcomes.iter().enumerate() {
-                            tracker.settle(first + j, *ok);
-                            if *ok {
-                                a += 1;
-                                if let Some(f) = finals.get(events[j].0 as usize) {
-                                    f.fetch_max(events[j].1, Ordering::AcqRel);
+        let mut owed = due(spec.rate, el.min(spec.duration).as_secs_f64()).saturating_sub(sent);
+        // One call of everything owed, or (with a batch size) as many calls
+        // of exactly that many events as are owed.
+        loop {
+            let want = match spec.batch {
+                0 => (owed as usize).min(MAX_BATCH),
+                b if owed >= b as u64 => b,
+                _ if last => owed as usize,
+                _ => 0,
+            };
+            if want == 0 {
+                break;
+            }
+            // At the limit of calls in flight the owed events wait for the
+            // next tick: the server is not keeping up.
+            let Ok(permit) = p.calls.clone().try_acquire_owned() else {
+                break;
+            };
+            let (first, n) = tracker.take(want);
+            if n == 0 {
+                break 'ticks;
+            }
+            owed = owed.saturating_sub(n as u64);
+            last_sent_us = tracker.now_us();
+            sent += n as u64;
+            let events: Vec<(u32, u64)> = (first..first + n)
+                .map(|i| {
+                    let k = match (spec.dist, &zipf) {
+                        (Dist::Zipf(_), Some(z)) => z.sample(rng.next_f64()) as u64,
+                        (Dist::Uniform, _) => rng.next_u64() % entities,
+                        _ => i as u64 % entities,
+                    };
+                    (k as u32, i as u64 + 1)
+                })
+                .collect();
+            let mut publisher = publisher.clone();
+            let tracker = tracker.clone();
+            let applied = p.applied.clone();
+            let refused = p.refused.clone();
+            let retries = p.retries.clone();
+            let finals = p.final_versions.clone();
+            let call_latency = p.call_latency.clone();
+            let retry = spec.retry_refused;
+            tokio::spawn(async move {
+                let _permit = permit;
+                let sent_at = tracker.now_us();
+                loop {
+                    match publisher.send(&events).await {
+                        Ok(outcomes) => {
+                            record(
+                                &mut call_latency.lock(),
+                                tracker.now_us().saturating_sub(sent_at),
+                            );
+                            let mut a = 0;
+                            for (j, ok) in outcomes.iter().enumerate() {
+                                tracker.settle(first + j, *ok);
+                                if *ok {
+                                    a += 1;
+                                    if let Some(f) = finals.get(events[j].0 as usize) {
+                                        f.fetch_max(events[j].1, Ordering::AcqRel);
+                                    }
                                 }
                             }
+                            applied.fetch_add(a, Ordering::AcqRel);
+                            return;
                         }
-                        applied.fetch_add(a, Ordering::AcqRel);
-                        return;
-                    }
-                    Err(_) if retry => {
-                        retries.fetch_add(1, Ordering::Relaxed);
-                        tokio::time::sleep(Duration::from_millis(10)).await;
-                    }
-                    Err(e) => {
-                        if refused.fetch_add(n as u64, Ordering::AcqRel) == 0 {
-                            eprintln!("publish refused: {}", e.0);
+                        Err(_) if retry => {
+                            retries.fetch_add(1, Ordering::Relaxed);
+                            tokio::time::sleep(Duration::from_millis(10)).await;
                         }
-                        for j in 0..n {
-                            tracker.settle(first + j, false);
+                        Err(e) => {
+                            if refused.fetch_add(n as u64, Ordering::AcqRel) == 0 {
+                                eprintln!("publish refused: {}", e.0);
+                            }
+                            for j in 0..n {
+                                tracker.settle(first + j, false);
+                            }
+                            return;
                         }
-                        return;
                     }
                 }
+            });
+            if spec.batch == 0 {
+                break;
             }
-        });
+        }
+        if last {
+            break;
+        }
     }
-    publisher.flush().await;
     // Wait for the calls still in flight (bounded: they fail or answer).
     let _all = tokio::time::timeout(
         Duration::from_secs(30),

@@ -26,6 +26,8 @@ pub struct Server {
     /// True when this run started it (so its peak RSS is this run's).
     pub fresh: bool,
     child: Option<tokio::process::Child>,
+    /// The started hub's own log directory, removed when it stops.
+    data_dir: Option<PathBuf>,
 }
 
 /// How to start hubs.
@@ -60,6 +62,7 @@ impl Server {
             pid,
             fresh: false,
             child: None,
+            data_dir: None,
         }
     }
 
@@ -72,6 +75,23 @@ impl Server {
             );
         }
         let port = free_port()?;
+        // Every started hub gets an empty log directory of its own: a hub
+        // started on an earlier run's log would answer this run's versions
+        // as duplicates. Unless the flags choose the log already.
+        let data_dir = if l
+            .args
+            .iter()
+            .any(|a| a.starts_with("--data-dir") || a == "--ephemeral")
+        {
+            None
+        } else {
+            static STARTED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+            let n = STARTED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let dir =
+                std::env::temp_dir().join(format!("freshness-bench-{}-{n}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&dir);
+            Some(dir)
+        };
         let mut cmd = match &l.cpus {
             Some(cpus) => {
                 let mut c = tokio::process::Command::new("taskset");
@@ -86,6 +106,11 @@ impl Server {
             .arg("127.0.0.1:0")
             .arg("--hub-id")
             .arg("bench-hub")
+            .args(
+                data_dir
+                    .iter()
+                    .flat_map(|d| [std::ffi::OsString::from("--data-dir"), d.into()]),
+            )
             .args(&l.args)
             .env("FRESHNESS_LOG", "error")
             .stdin(Stdio::null())
@@ -98,6 +123,7 @@ impl Server {
             pid: child.id(),
             fresh: true,
             child: Some(child),
+            data_dir,
         };
         let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
         loop {
@@ -126,6 +152,9 @@ impl Server {
         if let Some(mut child) = self.child.take() {
             let _ = child.start_kill();
             let _ = child.wait().await;
+        }
+        if let Some(dir) = self.data_dir.take() {
+            let _ = std::fs::remove_dir_all(dir);
         }
     }
 }

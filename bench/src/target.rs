@@ -18,13 +18,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow, bail};
-use bytes::Bytes;
 use freshness::AckPacer;
 use freshness::pb::subscribe_request::Kind as ReqKind;
 use freshness::pb::subscribe_response::Kind as RespKind;
 use freshness::pb::{self, hub_client::HubClient};
 use futures::StreamExt;
-use prost::Message;
 use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -334,11 +332,11 @@ async fn hub_session(
 }
 
 /// Decrements the live-node count when a stream ends.
-struct LiveGuard(Arc<Tracker>);
+pub(crate) struct LiveGuard(Arc<Tracker>);
 
 impl LiveGuard {
     /// Counts one more live node until the guard is dropped.
-    fn enter(tracker: &Arc<Tracker>) -> Self {
+    pub(crate) fn enter(tracker: &Arc<Tracker>) -> Self {
         tracker
             .live
             .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
@@ -355,21 +353,14 @@ impl Drop for LiveGuard {
 }
 
 /// The bench message, as NATS and Redis carry it.
-pub fn encode_event(key: u32, version: u64) -> Bytes {
-    pb::Event {
+#[cfg(test)]
+pub fn encode_event(key: u32, version: u64) -> bytes::Bytes {
+    prost::Message::encode_to_vec(&pb::Event {
         entity: entity(key),
         version,
         ..Default::default()
-    }
-    .encode_to_vec()
+    })
     .into()
-}
-
-fn on_payload(rec: &mut Recorder, payload: &[u8]) {
-    match pb::Event::decode(payload) {
-        Ok(e) => rec.on_events(&[(key_of(&e.entity), e.version)]),
-        Err(_) => rec.foreign += 1,
-    }
 }
 
 async fn nats_node(
@@ -378,32 +369,7 @@ async fn nats_node(
     stalled: bool,
     ctl: &NodeCtl,
 ) -> Result<()> {
-    let client = async_nats::ConnectOptions::new()
-        .connection_timeout(CONNECT_TIMEOUT)
-        .connect(target.url.as_str())
-        .await
-        .context("nats connect")?;
-    let mut sub = client.subscribe(target.topic.clone()).await?;
-    // The server has registered the subscription once a flush returns.
-    client.flush().await?;
-    let _live = LiveGuard::enter(rec.tracker());
-    if stalled {
-        ctl.stop.cancelled().await;
-        return Ok(());
-    }
-    loop {
-        tokio::select! {
-            biased;
-            () = ctl.stop.cancelled() => return Ok(()),
-            m = sub.next() => match m {
-                Some(m) => {
-                    on_payload(rec, &m.payload);
-                    rec.no_acks();
-                }
-                None => bail!("nats subscription ended"),
-            },
-        }
-    }
+    crate::peers::nats_node(&target.url, &target.topic, rec, stalled, &ctl.stop).await
 }
 
 async fn redis_node(
@@ -412,30 +378,7 @@ async fn redis_node(
     stalled: bool,
     ctl: &NodeCtl,
 ) -> Result<()> {
-    let client = redis::Client::open(target.url.as_str())?;
-    let mut pubsub = tokio::time::timeout(CONNECT_TIMEOUT, client.get_async_pubsub())
-        .await
-        .context("redis connect timed out")??;
-    pubsub.subscribe(&target.topic).await?;
-    let _live = LiveGuard::enter(rec.tracker());
-    if stalled {
-        ctl.stop.cancelled().await;
-        return Ok(());
-    }
-    let mut messages = pubsub.into_on_message();
-    loop {
-        tokio::select! {
-            biased;
-            () = ctl.stop.cancelled() => return Ok(()),
-            m = messages.next() => match m {
-                Some(m) => {
-                    on_payload(rec, m.get_payload_bytes());
-                    rec.no_acks();
-                }
-                None => bail!("redis subscription ended"),
-            },
-        }
-    }
+    crate::peers::redis_node(&target.url, &target.topic, rec, stalled, &ctl.stop).await
 }
 
 /// The writer side of a target.
@@ -443,10 +386,10 @@ async fn redis_node(
 pub enum Publisher {
     /// `Publish` calls at the target's ack level.
     Hub(HubClient<Channel>, pb::AckLevel),
-    /// Core NATS publishes on one connection.
-    Nats(async_nats::Client, String),
-    /// `PUBLISH` commands, pipelined per batch, on one connection.
-    Redis(redis::aio::MultiplexedConnection, String),
+    /// Core NATS publishes on one connection, one write per call.
+    Nats(crate::peers::NatsPublisher),
+    /// `PUBLISH` commands, pipelined per call, on one connection.
+    Redis(crate::peers::RedisPublisher),
 }
 
 /// A publish the system refused (overload), or a transport failure.
@@ -462,24 +405,11 @@ impl Publisher {
                 Publisher::Hub(hub_client(channel), target.ack_level)
             }
             Kind::Nats => Publisher::Nats(
-                async_nats::ConnectOptions::new()
-                    .client_capacity(1 << 16)
-                    .connect(target.url.as_str())
-                    .await?,
-                target.topic.clone(),
+                crate::peers::NatsPublisher::connect(&target.url, &target.topic).await?,
             ),
-            Kind::Redis => {
-                let client = redis::Client::open(target.url.as_str())?;
-                let config = redis::AsyncConnectionConfig::new()
-                    .set_response_timeout(None)
-                    .set_connection_timeout(Some(CONNECT_TIMEOUT));
-                Publisher::Redis(
-                    client
-                        .get_multiplexed_async_connection_with_config(&config)
-                        .await?,
-                    target.topic.clone(),
-                )
-            }
+            Kind::Redis => Publisher::Redis(
+                crate::peers::RedisPublisher::connect(&target.url, &target.topic).await?,
+            ),
         })
     }
 
@@ -513,39 +443,21 @@ impl Publisher {
                     .map(|r| r.outcome == pb::PublishOutcome::Applied as i32)
                     .collect())
             }
-            Publisher::Nats(client, subject) => {
-                for (k, v) in events {
-                    client
-                        .publish(subject.clone(), encode_event(*k, *v))
-                        .await
-                        .map_err(|e| Refused(e.to_string()))?;
-                }
-                Ok(vec![true; events.len()])
-            }
-            Publisher::Redis(conn, channel) => {
-                let mut pipe = redis::pipe();
-                for (k, v) in events {
-                    pipe.cmd("PUBLISH")
-                        .arg(channel.as_str())
-                        .arg(encode_event(*k, *v).as_ref())
-                        .ignore();
-                }
-                pipe.query_async::<()>(conn)
+            Publisher::Nats(p) => {
+                p.send(events)
                     .await
-                    .map_err(|e| Refused(e.to_string()))?;
+                    .map_err(|e| Refused(format!("{e:#}")))?;
                 Ok(vec![true; events.len()])
             }
-        }
-    }
-
-    /// Waits until what was sent has left the client (NATS buffers).
-    pub async fn flush(&self) {
-        if let Publisher::Nats(client, _) = self {
-            let _ = client.flush().await;
+            Publisher::Redis(p) => {
+                p.send(events)
+                    .await
+                    .map_err(|e| Refused(format!("{e:#}")))?;
+                Ok(vec![true; events.len()])
+            }
         }
     }
 }
-
 /// Sleeps until `at`, or forever without one.
 async fn sleep_until_opt(at: Option<Instant>) {
     match at {

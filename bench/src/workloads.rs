@@ -30,6 +30,8 @@ pub struct Opts {
     pub objective_us: Option<u64>,
     /// Entities, overriding the workload's default.
     pub entities: Option<u32>,
+    /// Events per publish call (0: all owed at each tick).
+    pub batch: usize,
 }
 
 /// Where results go as they come.
@@ -58,6 +60,7 @@ fn base(workload: &str, kind: Kind, nodes: usize, rate: u64, duration: Duration,
         drain: Duration::from_secs(5),
         storm: None,
         idle: Duration::ZERO,
+        batch: o.batch,
     }
 }
 

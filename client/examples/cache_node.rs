@@ -4,9 +4,14 @@
 //!
 //! ```text
 //! cargo run -p freshness-hub                                   # a hub
+//! cargo run -p freshness-relay -- run --database-url "host=127.0.0.1 user=postgres dbname=test"
 //! cargo run -p freshness-client --example cache_node           # this node
-//! cargo run -p freshness-client --example writer -- --demo 20  # changes
+//! cargo run -p freshness-client --features outbox --example writer -- --demo 20
 //! ```
+//!
+//! The store is the `freshness_demo_users` table of `--database-url`
+//! (`DATABASE_URL`), or with `--store FILE` a JSON file (for a writer run
+//! with `--direct --store FILE`, without PostgreSQL).
 //!
 //! Every 300 ms the node reads `profile:1..=5`; a profile depends on
 //! `user:N`, read at the version the store reports. Loads are made slow on
@@ -34,9 +39,17 @@ struct Args {
     /// The hub.
     #[arg(long, env = "FRESHNESS_HUB", default_value = "http://127.0.0.1:50051")]
     hub: String,
-    /// The shared store file.
-    #[arg(long, default_value = "freshness-demo-store.json")]
-    store: String,
+    /// The database holding the shared store (the writer's).
+    #[arg(
+        long,
+        env = "DATABASE_URL",
+        default_value = "host=127.0.0.1 user=postgres dbname=test"
+    )]
+    database_url: String,
+    /// Read the store from this JSON file instead (a writer run with
+    /// `--direct --store`).
+    #[arg(long)]
+    store: Option<String>,
     /// This node's id.
     #[arg(long, default_value = "demo-node")]
     node_id: String,
@@ -64,7 +77,7 @@ impl Handler for Printing {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let store = store::Store::new(&args.store);
+    let store = store::Store::open(args.store.as_deref(), &args.database_url).await?;
     let cache: Profiles = VersionedCache::builder()
         .name("profiles")
         .max_capacity(1_000)
@@ -91,7 +104,7 @@ async fn main() -> anyhow::Result<()> {
     });
     println!(
         "reading profile:1..=5 from {} through the cache; ctrl-c to stop",
-        store.path().display()
+        store.describe()
     );
 
     let mut tick = tokio::time::interval(Duration::from_millis(300));
@@ -133,7 +146,7 @@ async fn read_profile(cache: &Profiles, store: &store::Store, id: u32) -> anyhow
     // Take the ticket before reading the source of truth.
     let ticket = cache.ticket();
     let entity = format!("user:{id}");
-    let Some(row) = store.read(&entity)? else {
+    let Some(row) = store.read(&entity).await? else {
         println!("miss    {key}: no {entity} in the store yet");
         return Ok(());
     };

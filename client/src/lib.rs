@@ -11,6 +11,10 @@
 //! - [`Publisher`]: the writer side: batching, retrying, idempotent
 //!   publishing, called after the writer's transaction commits.
 //!
+//! - [`outbox`] (feature `outbox`): the writer's invalidation as a row in
+//!   its own PostgreSQL transaction, published by `freshness-relay` after
+//!   the commit.
+//!
 //! - [`telemetry`]: the W3C trace context on events (the publisher writes
 //!   it, the subscriber joins it) and a logs-and-traces set-up for programs.
 //!
@@ -23,6 +27,8 @@ pub mod cache;
 mod cursor_store;
 mod event;
 mod feed;
+#[cfg(feature = "outbox")]
+pub mod outbox;
 pub mod publisher;
 pub mod subscriber;
 pub mod telemetry;

@@ -618,16 +618,16 @@ impl Config {
         Ok(())
     }
 
-    /// How each shard's log on disk is bounded: the same share of
-    /// `log_max_events` and `log_max_bytes` as in memory, in segments of a
-    /// quarter of that (at least 64 KiB), so that retention drops a
-    /// quarter at a time.
+    /// How the log on disk is bounded and flushed: `log_max_events` and
+    /// `log_max_bytes` in all, in segments of an eighth of the bytes (at
+    /// least 256 KiB), so that retention drops an eighth at a time.
     pub fn retention(&self) -> crate::store::Retention {
-        let max_bytes = self.log_bytes_per_shard() as u64;
         crate::store::Retention {
-            max_events: self.log_events_per_shard() as u64,
-            max_bytes,
-            segment_bytes: (max_bytes / 4).max(64 * 1024),
+            max_events: self.log_max_events,
+            max_bytes: self.log_max_bytes,
+            segment_bytes: (self.log_max_bytes / 8).max(256 * 1024),
+            fsync: self.fsync,
+            fsync_interval: self.fsync_interval,
         }
     }
 

@@ -21,11 +21,11 @@ use crate::log::SharedLog;
 use crate::shard::{Append, EventOutcome, Incoming, ShardContext, ShardHandle, ShardMemory};
 use crate::store::{DataDir, DiskReader, Opened};
 
-/// A durable log as opened at start-up: the stores, and every shard's
-/// memory rebuilt from what the disk held.
+/// A durable log as opened at start-up: its writer and readers, and every
+/// shard's memory rebuilt from what the disk held.
 #[derive(Debug)]
 pub struct Durable {
-    /// The data directory's stores and readers.
+    /// The data directory's log writer and readers.
     pub opened: Opened,
     /// Every shard's in-memory log and version memory, by index.
     pub memories: Vec<ShardMemory>,
@@ -200,7 +200,7 @@ pub struct Hub {
     pub stats: crate::stats::HubStats,
     /// The durable log's directory; `None` for an ephemeral hub.
     pub data_dir: Option<Arc<DataDir>>,
-    /// What the shard actors share (the fsync policy, failing writes).
+    /// What the shard actors share (failing writes, for status).
     shard_ctx: Arc<ShardContext>,
 }
 
@@ -249,30 +249,28 @@ impl Hub {
             region: region.clone(),
             clock,
             appended: appended.clone(),
-            fsync: config.fsync,
-            fsync_interval: config.fsync_interval,
             failing: Mutex::new(BTreeMap::new()),
         });
         crate::metrics::set_log_writable(true);
-        let (epoch, data_dir, memories, stores, disk) = match durable {
+        let (epoch, data_dir, memories, wal, disk) = match durable {
             Some(d) => (
                 d.opened.epoch,
                 Some(d.opened.dir),
                 d.memories,
-                d.opened.stores.into_iter().map(Some).collect(),
+                Some(d.opened.wal),
                 d.opened.readers,
             ),
             None => (
                 crate::store::new_epoch_value(),
                 None,
                 (0..config.shards).map(|_| config.shard_memory(1)).collect(),
-                (0..config.shards).map(|_| None).collect::<Vec<_>>(),
+                None,
                 Vec::new(),
             ),
         };
         let mut shards = Vec::with_capacity(config.shards as usize);
         let mut logs = Vec::with_capacity(config.shards as usize);
-        for (id, (memory, store)) in (0..config.shards).zip(memories.into_iter().zip(stores)) {
+        for (id, memory) in (0..config.shards).zip(memories) {
             logs.push(memory.log().clone());
             shards.push(ShardHandle::spawn(
                 id,
@@ -280,7 +278,7 @@ impl Hub {
                 ctx.clone(),
                 config.shard_queue,
                 tracker,
-                store,
+                wal.clone(),
             ));
         }
         let (acks_changed, _) = watch::channel(0);

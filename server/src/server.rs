@@ -41,23 +41,24 @@ pub fn open_log(config: &Config) -> Result<Option<Durable>, crate::store::OpenEr
     }
     struct Rebuild<'a> {
         config: &'a Config,
-        memories: Vec<ShardMemory>,
+        /// Made at each shard's first record, which sets where its
+        /// in-memory log starts.
+        memories: Vec<Option<ShardMemory>>,
         records: u64,
     }
     impl crate::store::Restore for Rebuild<'_> {
-        fn begin(&mut self, _shard: u32, first_seq: u64) {
-            self.memories.push(self.config.shard_memory(first_seq));
-        }
-        fn record(&mut self, _shard: u32, r: crate::store::Recovered) {
+        fn record(&mut self, shard: u32, r: crate::store::Recovered) {
             self.records += 1;
-            if let Some(m) = self.memories.last_mut() {
-                m.restore(r.seq, r.entry);
+            let config = self.config;
+            if let Some(slot) = self.memories.get_mut(shard as usize) {
+                slot.get_or_insert_with(|| config.shard_memory(r.seq))
+                    .restore(r.seq, r.entry);
             }
         }
     }
     let mut rebuild = Rebuild {
         config,
-        memories: Vec::with_capacity(config.shards as usize),
+        memories: (0..config.shards).map(|_| None).collect(),
         records: 0,
     };
     let opened = crate::store::open(
@@ -67,6 +68,13 @@ pub fn open_log(config: &Config) -> Result<Option<Durable>, crate::store::OpenEr
         config.repair,
         &mut rebuild,
     )?;
+    // A shard with nothing on disk starts after its head.
+    let memories = rebuild
+        .memories
+        .into_iter()
+        .zip(&opened.heads)
+        .map(|(m, head)| m.unwrap_or_else(|| config.shard_memory(head + 1)))
+        .collect();
     tracing::info!(
         data_dir = %config.data_dir.display(),
         epoch = opened.epoch,
@@ -75,10 +83,7 @@ pub fn open_log(config: &Config) -> Result<Option<Durable>, crate::store::OpenEr
         fsync = ?config.fsync,
         "durable log opened"
     );
-    Ok(Some(Durable {
-        opened,
-        memories: rebuild.memories,
-    }))
+    Ok(Some(Durable { opened, memories }))
 }
 
 /// Rewrites tonic's answers to a request that does not decode into the codes

@@ -562,7 +562,11 @@ impl Session {
         self.sent
             .iter()
             .enumerate()
-            .filter(|(s, sent)| **sent + 1 < self.hub.retained_first(*s))
+            // Memory first: the disk is only asked about shards that left it.
+            .filter(|(s, sent)| {
+                **sent + 1 < self.hub.logs[*s].first_seq()
+                    && **sent + 1 < self.hub.retained_first(*s)
+            })
             .map(|(s, _)| s as u32)
             .collect()
     }

@@ -46,7 +46,7 @@ use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use crate::clock::Clock;
 use crate::log::{LogEntry, SharedLog};
-use crate::store::{FsyncPolicy, ShardStore, WriteFailed, encode_record};
+use crate::store::{Wal, WriteFailed, encode_record};
 use crate::telemetry::{Adopt, AppendTraces, num};
 
 /// Most commands one wake-up of an actor takes from its queue.
@@ -124,10 +124,6 @@ pub struct ShardContext {
     pub clock: Clock,
     /// Bumped after every append, to wake the sessions.
     pub appended: watch::Sender<u64>,
-    /// When a durable log's writes are flushed to the disk.
-    pub fsync: FsyncPolicy,
-    /// The flush period for [`FsyncPolicy::Interval`].
-    pub fsync_interval: std::time::Duration,
     /// Shards whose last log write failed (status and the
     /// `freshness_log_writable` gauge).
     pub failing: parking_lot::Mutex<std::collections::BTreeMap<u32, String>>,
@@ -150,7 +146,7 @@ impl ShardHandle {
         ctx: Arc<ShardContext>,
         queue: usize,
         tracker: &TaskTracker,
-        store: Option<ShardStore>,
+        wal: Option<Wal>,
     ) -> Self {
         let (tx, rx) = mpsc::channel(queue);
         let traces = Arc::new(AppendTraces::default());
@@ -162,8 +158,7 @@ impl ShardHandle {
             traces: traces.clone(),
             gap_entity: Entity::parse(GAP_ENTITY)
                 .unwrap_or_else(|_| unreachable!("valid constant")),
-            store,
-            sync_due: None,
+            wal,
             record_buf: Vec::new(),
         };
         tracker.spawn(actor.run(rx));
@@ -280,12 +275,8 @@ struct Actor {
     head: u64,
     /// Placeholder entity of gap markers (they concern a shard, not an entity).
     gap_entity: Entity,
-    /// The shard's segments on disk; `None` for an ephemeral hub (and,
-    /// briefly, while a blocking write has it).
-    store: Option<ShardStore>,
-    /// Records were written and not yet flushed (`fsync = interval`): when
-    /// they must be.
-    sync_due: Option<tokio::time::Instant>,
+    /// The durable log's writer; `None` for an ephemeral hub.
+    wal: Option<Wal>,
     /// The records of one drain, reused.
     record_buf: Vec<u8>,
 }
@@ -296,96 +287,29 @@ const GAP_ENTITY: &str = "freshness.gap:marker";
 impl Actor {
     async fn run(mut self, mut rx: mpsc::Receiver<Append>) {
         let mut batch = Vec::with_capacity(DRAIN_MAX);
-        loop {
-            let received = if let Some(due) = self.sync_due {
-                tokio::select! {
-                    n = rx.recv_many(&mut batch, DRAIN_MAX) => n,
-                    () = tokio::time::sleep_until(due) => {
-                        self.flush().await;
-                        continue;
-                    }
-                }
-            } else {
-                rx.recv_many(&mut batch, DRAIN_MAX).await
-            };
-            if received == 0 {
-                break;
-            }
+        while rx.recv_many(&mut batch, DRAIN_MAX).await > 0 {
             self.serve(&mut batch).await;
-        }
-        if self.sync_due.is_some() {
-            self.flush().await;
         }
         tracing::debug!(shard = self.id, "shard actor stopped");
     }
 
-    /// Flushes what was written since the last flush (`fsync = interval`).
-    async fn flush(&mut self) {
-        self.sync_due = None;
-        let Some(store) = self.store.take() else {
-            return;
-        };
-        let (store, result) = match tokio::task::spawn_blocking(move || {
-            let r = store.sync();
-            (store, r)
-        })
-        .await
-        {
-            Ok(done) => done,
-            Err(e) => {
-                tracing::error!(shard = self.id, error = %e, "log flush task failed; the shard refuses writes");
-                return;
-            }
-        };
-        self.store = Some(store);
-        if let Err(e) = result {
-            tracing::error!(shard = self.id, error = %e, "log flush failed");
-            self.sync_due = Some(tokio::time::Instant::now() + self.ctx.fsync_interval);
-        }
-    }
-
-    /// Writes the records of `entries` (seqs from `first_seq`) under the
-    /// fsync policy. With `always`, the write and its flush run on the
-    /// blocking pool and the actor waits: commands that arrive meanwhile
-    /// make the next drain larger (group commit).
+    /// Writes the records of `entries` (seqs from `first_seq`) to the
+    /// durable log and waits for its writer (which flushes under the fsync
+    /// policy, once for every drain waiting with this one): commands that
+    /// arrive meanwhile make the next drain larger (group commit).
     async fn persist(&mut self, first_seq: u64, entries: &[LogEntry]) -> Result<(), WriteFailed> {
+        let Some(wal) = &self.wal else {
+            return Ok(());
+        };
         let mut buf = std::mem::take(&mut self.record_buf);
         buf.clear();
         for (i, e) in entries.iter().enumerate() {
-            encode_record(&mut buf, first_seq + i as u64, e);
+            encode_record(&mut buf, self.id, first_seq + i as u64, e);
         }
-        let count = entries.len() as u64;
-        let Some(mut store) = self.store.take() else {
-            return Err(WriteFailed(Arc::new(std::io::Error::other(
-                "an earlier write task of this shard failed; restart the hub",
-            ))));
-        };
-        let result = match self.ctx.fsync {
-            FsyncPolicy::Always => {
-                match tokio::task::spawn_blocking(move || {
-                    let r = store.append(&buf, count, true);
-                    (store, buf, r)
-                })
-                .await
-                {
-                    Ok((s, b, r)) => {
-                        self.store = Some(s);
-                        self.record_buf = b;
-                        r
-                    }
-                    Err(e) => Err(std::io::Error::other(format!("log write task failed: {e}"))),
-                }
-            }
-            FsyncPolicy::Interval | FsyncPolicy::Never => {
-                let r = store.append(&buf, count, false);
-                self.store = Some(store);
-                self.record_buf = buf;
-                if r.is_ok() && self.ctx.fsync == FsyncPolicy::Interval && self.sync_due.is_none() {
-                    self.sync_due = Some(tokio::time::Instant::now() + self.ctx.fsync_interval);
-                }
-                r
-            }
-        };
+        let (buf, result) = wal
+            .append(self.id, first_seq, entries.len() as u64, buf)
+            .await;
+        self.record_buf = buf;
         let mut failing = self.ctx.failing.lock();
         match result {
             Ok(()) => {
@@ -437,7 +361,7 @@ impl Actor {
             replies.push((cmd.reply, outcomes));
         }
         if !appended.is_empty()
-            && self.store.is_some()
+            && self.wal.is_some()
             && let Err(failed) = self.persist(first_seq, &appended).await
         {
             // Nothing of this drain happened: the seqs and versions go back.
@@ -615,8 +539,6 @@ mod tests {
             region: Arc::from("local"),
             clock: Clock::new(),
             appended,
-            fsync: FsyncPolicy::Never,
-            fsync_interval: std::time::Duration::from_millis(100),
             failing: parking_lot::Mutex::new(std::collections::BTreeMap::new()),
         });
         let memory = ShardMemory::new(1, 1024, 1 << 20, 16);

@@ -8,35 +8,38 @@
 //!   LOCK                  held (flock) while a hub uses the directory
 //!   hub.meta              format, epoch, shard count (written once, atomically)
 //!   peers/REGION.cursor   how far this hub appended each peer's events
-//!   shard-00000/
-//!     00000000000000000001.seg   records with seqs 1, 2, ... (name = first seq)
-//!     00000000000000004711.seg
+//!   wal/
+//!     00000000000000000000.wal   segment 0: a heads record, then records
+//!     00000000000000000001.wal   segment 1, and so on
 //! ```
 //!
-//! A segment is a run of records, each `len u32 | crc32 u32 | body`, little
-//! endian, the checksum over the body; the body holds the seq, flags, origin
-//! publish time, version, entity and the event exactly as it goes on the
-//! wire (the same bytes the in-memory log keeps). Seqs run without a gap
-//! from the segment's name, and each segment starts where the one before it
-//! ended. The shape is Kafka's and the NATS file store's: appends only, one
-//! file per shard and retention by whole segments.
+//! One write-ahead log for every shard, cut into segments. A record is
+//! `len u32 | crc32 u32 | body`, little endian, the checksum over the body;
+//! the body holds the shard, seq, flags, origin publish time, version,
+//! entity and the event exactly as it goes on the wire (the bytes the
+//! in-memory log keeps). Every segment starts with a heads record: each
+//! shard's newest seq when the segment began, so a shard whose records all
+//! left with older segments still knows where it stands. Within a shard,
+//! seqs follow each other with no gap across the whole log.
+//!
+//! ## Writes: one writer, one flush per group
+//! Shard actors hand their drain's records to the log's writer thread
+//! ([`Wal::append`]) and wait. The thread takes everything waiting (every
+//! shard's drain), writes it at the end of the active segment and, with
+//! `fsync = always`, flushes once: a publish touching 64 shards costs one
+//! flush, not 64. A failed write or flush leaves nothing behind: the file
+//! is cut back to where the group began and every drain of the group is
+//! refused, so a failure never leaves a bad record in the middle of the log.
 //!
 //! ## Recovery
-//! Every record is checked (length, checksum, seq). A bad record in the last
-//! segment of a shard after which nothing valid follows is a torn tail (a
-//! write the crash cut short, never answered): it is truncated with one log
-//! line. Anything else — a bad record with valid ones after it, a bad record
-//! in an older segment, segments that do not follow each other — is
-//! corruption: [`open`] refuses with the file and offset, unless `repair` is
-//! set, which keeps the longest valid prefix of each shard and starts a new
-//! epoch (continuity can no longer be proven, SPEC §6).
-//!
-//! ## Writes
-//! The shard actor encodes the records of one drain into one buffer and
-//! writes it at the end of its active segment ([`ShardStore::append`]). A
-//! failed write leaves nothing behind: the file is cut back to its previous
-//! length and the next write goes to the same offset, so a failure never
-//! leaves a bad record in the middle of the log.
+//! Every record is checked (length, checksum, the shard's next seq). A bad
+//! record in the last segment after which nothing valid follows is a torn
+//! tail (a write the crash cut short, never answered): it is truncated with
+//! one log line. Anything else — a bad record with valid ones after it, a
+//! bad record in an older segment, segments that do not follow each other —
+//! is corruption: [`open`] refuses with the file and offset, unless `repair`
+//! is set, which keeps the longest valid prefix and starts a new epoch
+//! (continuity can no longer be proven, SPEC §6).
 
 use std::collections::{BTreeMap, VecDeque};
 use std::fs::{self, File, OpenOptions};
@@ -44,10 +47,13 @@ use std::io::{self, Read, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError};
+use std::time::Duration;
 
 use bytes::Bytes;
 use freshness::{Entity, Version};
+use parking_lot::RwLock;
+use tokio::sync::oneshot;
 
 use crate::log::LogEntry;
 
@@ -55,12 +61,14 @@ use crate::log::LogEntry;
 const FORMAT: u32 = 1;
 /// Record header: length and checksum.
 const HEADER: usize = 8;
-/// Fixed part of a record body: seq, flags, publish time, version, entity
-/// length, event length.
-const FIXED: usize = 8 + 1 + 8 + 8 + 2 + 4;
+/// Fixed part of an event record's body: shard, seq, flags, publish time,
+/// version, entity length, event length.
+const FIXED: usize = 4 + 8 + 1 + 8 + 8 + 2 + 4;
+/// The shard field of a segment's heads record.
+const HEADS: u32 = u32::MAX;
 /// No record is larger (an event is at most a 64 KiB payload, a 512-byte
 /// entity and its trace context; the limit leaves room for configured
-/// payload limits up to 16 MiB).
+/// payload limits up to 16 MiB, and for the heads of 65,536 shards).
 const MAX_RECORD: usize = 17 << 20;
 const FLAG_LOCAL: u8 = 1;
 const FLAG_GAP: u8 = 2;
@@ -137,9 +145,8 @@ pub struct WriteFailed(pub Arc<io::Error>);
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum FsyncPolicy {
-    /// After every drain of a shard actor, before its publishes are
-    /// answered (group commit): an answered publish survives a machine
-    /// crash.
+    /// After every group of drains, before their publishes are answered
+    /// (group commit): an answered publish survives a machine crash.
     #[default]
     Always,
     /// At most `fsync_interval` after a write: a machine crash loses at
@@ -163,15 +170,19 @@ impl std::str::FromStr for FsyncPolicy {
     }
 }
 
-/// How one shard's store is bounded.
+/// How the log is bounded and flushed.
 #[derive(Debug, Clone, Copy)]
 pub struct Retention {
-    /// Events kept per shard (at least; whole segments are dropped).
+    /// Events kept (at least; whole segments are dropped).
     pub max_events: u64,
-    /// Bytes kept per shard (at least).
+    /// Bytes kept (at least).
     pub max_bytes: u64,
     /// A segment is closed and a new one started past this size.
     pub segment_bytes: u64,
+    /// When writes are flushed.
+    pub fsync: FsyncPolicy,
+    /// The flush period of [`FsyncPolicy::Interval`].
+    pub fsync_interval: Duration,
 }
 
 /// One record read back at start-up.
@@ -183,12 +194,10 @@ pub struct Recovered {
     pub entry: LogEntry,
 }
 
-/// Where [`open`] hands the records it reads back, shard by shard, in seq
-/// order, so that recovery holds one segment at a time, not the log.
+/// Where [`open`] hands the records it reads back, in log order (each
+/// shard's in seq order), one segment at a time, so that recovery holds one
+/// segment, not the log.
 pub trait Restore {
-    /// Shard `shard` starts at `first_seq` (its oldest record on disk, or
-    /// the seq its next record gets when it has none).
-    fn begin(&mut self, shard: u32, first_seq: u64);
     /// The next valid record of `shard`.
     fn record(&mut self, shard: u32, record: Recovered);
 }
@@ -200,8 +209,10 @@ pub struct Opened {
     pub epoch: u64,
     /// True when the epoch is new (empty directory or `--repair`).
     pub new_epoch: bool,
-    /// Every shard's store, by index: where its appends go.
-    pub stores: Vec<ShardStore>,
+    /// Every shard's newest seq on disk.
+    pub heads: Vec<u64>,
+    /// Where the shard actors' appends go.
+    pub wal: Wal,
     /// Every shard's reader, by index: how sessions replay what left memory.
     pub readers: Vec<DiskReader>,
     /// The directory, held until the hub stops.
@@ -255,9 +266,10 @@ impl DataDir {
     }
 }
 
-/// Opens (creating if needed) the data directory, checks and recovers every
-/// shard, and returns what the hub starts from. Blocking: call it before
-/// the runtime serves anything, or from a blocking task.
+/// Opens (creating if needed) the data directory, checks and recovers the
+/// log, starts its writer thread, and returns what the hub starts from.
+/// Blocking: call it before the runtime serves anything, or from a blocking
+/// task.
 pub fn open(
     path: &Path,
     shards: u32,
@@ -265,10 +277,6 @@ pub fn open(
     repair: bool,
     restore: &mut dyn Restore,
 ) -> Result<Opened, OpenError> {
-    let unusable = |p: &Path| {
-        let p = p.to_owned();
-        move |source| OpenError::Unusable { path: p, source }
-    };
     fs::create_dir_all(path).map_err(unusable(path))?;
     let lock_path = path.join("LOCK");
     let lock = OpenOptions::new()
@@ -304,38 +312,49 @@ pub fn open(
             configured: shards,
         });
     }
-    let mut repaired = false;
-    let mut stores = Vec::with_capacity(shards as usize);
-    let mut readers = Vec::with_capacity(shards as usize);
-    for s in 0..shards {
-        let dir = path.join(format!("shard-{s:05}"));
-        let (store, fixed) = recover_shard(s, &dir, retention, repair || meta.is_none(), restore)?;
-        repaired |= fixed;
-        readers.push(store.reader());
-        stores.push(store);
-    }
+    let wal_dir = path.join("wal");
+    fs::create_dir_all(&wal_dir).map_err(unusable(&wal_dir))?;
+    let recovered = recover(&wal_dir, shards, repair || meta.is_none(), restore)?;
     let (epoch, new_epoch) = match meta {
-        Some((epoch, _)) if !repaired => (epoch, false),
+        Some((epoch, _)) if !recovered.repaired => (epoch, false),
         _ => {
             let epoch = new_epoch_value();
             let text = format!("format {FORMAT}\nepoch {epoch}\nshards {shards}\n");
             write_atomically(&meta_path, text.as_bytes(), true).map_err(unusable(&meta_path))?;
-            if repaired {
+            if recovered.repaired {
                 tracing::warn!(data_dir = %path.display(), epoch, "log repaired: a new epoch begins, nodes and peers are reset");
             }
             (epoch, true)
         }
     };
+    let heads = recovered.heads.clone();
+    let index = Arc::new(RwLock::new(Index {
+        segments: recovered.segments.iter().map(|s| s.meta.clone()).collect(),
+        heads: heads.clone(),
+    }));
+    let readers = (0..shards)
+        .map(|shard| DiskReader {
+            shard,
+            index: index.clone(),
+        })
+        .collect();
+    let wal = Wal::start(wal_dir, recovered, index, retention).map_err(unusable(path))?;
     Ok(Opened {
         epoch,
         new_epoch,
-        stores,
+        heads,
+        wal,
         readers,
         dir: Arc::new(DataDir {
             path: path.to_owned(),
             _lock: lock,
         }),
     })
+}
+
+fn unusable(p: &Path) -> impl FnOnce(io::Error) -> OpenError + use<> {
+    let p = p.to_owned();
+    move |source| OpenError::Unusable { path: p, source }
 }
 
 fn parse_meta(text: &str) -> Result<(u64, u32), String> {
@@ -395,67 +414,81 @@ fn write_atomically(path: &Path, data: &[u8], sync: bool) -> io::Result<()> {
     Ok(())
 }
 
-/// One segment's place in a shard.
+/// What readers know of one segment.
 #[derive(Debug, Clone)]
-struct Segment {
+struct SegmentMeta {
     path: PathBuf,
-    first_seq: u64,
+    /// Per shard: the first and last seq the segment holds (0, 0: none).
+    first: Vec<u64>,
+    last: Vec<u64>,
+}
+
+/// The segments as the readers see them, and every shard's head on disk.
+#[derive(Debug)]
+struct Index {
+    segments: VecDeque<SegmentMeta>,
+    heads: Vec<u64>,
+}
+
+/// A segment as the writer keeps it.
+#[derive(Debug)]
+struct Segment {
+    meta: SegmentMeta,
+    number: u64,
     events: u64,
     bytes: u64,
 }
 
-fn segment_path(dir: &Path, first_seq: u64) -> PathBuf {
-    dir.join(format!("{first_seq:020}.seg"))
+fn segment_path(dir: &Path, number: u64) -> PathBuf {
+    dir.join(format!("{number:020}.wal"))
 }
 
-/// Reads and checks one shard's segments. Returns the shard and whether
-/// anything beyond a torn tail was cut (which needs a new epoch).
-fn recover_shard(
-    shard: u32,
+/// What recovery found.
+struct Recovery {
+    segments: VecDeque<Segment>,
+    heads: Vec<u64>,
+    repaired: bool,
+}
+
+/// Reads and checks every segment, handing the records to `restore`.
+fn recover(
     dir: &Path,
-    retention: Retention,
+    shards: u32,
     repair: bool,
     restore: &mut dyn Restore,
-) -> Result<(ShardStore, bool), OpenError> {
-    let unusable = |p: &Path| {
-        let p = p.to_owned();
-        move |source| OpenError::Unusable { path: p, source }
-    };
-    fs::create_dir_all(dir).map_err(unusable(dir))?;
+) -> Result<Recovery, OpenError> {
     let mut found: Vec<(u64, PathBuf)> = Vec::new();
     for entry in fs::read_dir(dir).map_err(unusable(dir))? {
-        let entry = entry.map_err(unusable(dir))?;
-        let path = entry.path();
+        let path = entry.map_err(unusable(dir))?.path();
         let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
             continue;
         };
-        if let Some(first) = name
-            .strip_suffix(".seg")
+        if let Some(n) = name
+            .strip_suffix(".wal")
             .and_then(|n| n.parse::<u64>().ok())
         {
-            found.push((first, path));
+            found.push((n, path));
         }
     }
     found.sort();
-    restore.begin(shard, found.first().map_or(1, |(first, _)| *first));
-    let mut segments: VecDeque<Segment> = VecDeque::new();
+    let n = shards as usize;
+    let mut heads: Vec<u64> = vec![0; n];
+    let mut segments = VecDeque::new();
     let mut repaired = false;
-    let mut next_seq: Option<u64> = None;
-    let count = found.len();
     let mut cut_from: Option<usize> = None;
-    for (i, (first, path)) in found.iter().enumerate() {
+    let count = found.len();
+    for (i, (number, path)) in found.iter().enumerate() {
         let last_segment = i + 1 == count;
-        if let Some(expected) = next_seq
-            && *first != expected
-        {
-            let err = OpenError::Corrupt {
-                file: path.clone(),
-                offset: 0,
-                reason: format!(
-                    "segment starts at seq {first}, the one before ended at {}",
-                    expected - 1
-                ),
-            };
+        let corrupt = |offset: u64, reason: String| OpenError::Corrupt {
+            file: path.clone(),
+            offset,
+            reason,
+        };
+        if i > 0 && *number != found[i - 1].0 + 1 {
+            let err = corrupt(
+                0,
+                format!("segment {number} follows segment {}", found[i - 1].0),
+            );
             if !repair {
                 return Err(err);
             }
@@ -465,66 +498,118 @@ fn recover_shard(
             break;
         }
         let data = read_file(path).map_err(unusable(path))?;
-        let scan = scan_segment(&data, *first);
-        let mut events = scan.records.len() as u64;
-        if let Some(bad) = &scan.bad {
-            let torn = last_segment && !valid_record_after(&data, bad.offset, *first + events);
+        let mut meta = SegmentMeta {
+            path: path.clone(),
+            first: vec![0; n],
+            last: vec![0; n],
+        };
+        let mut at = 0usize;
+        let mut events = 0u64;
+        let mut bad: Option<(u64, String)> = None;
+        // The heads record opens every segment.
+        match read_any(&data, 0, n) {
+            Ok((Record::Heads(h), next)) => {
+                if i == 0 {
+                    heads = h;
+                } else if h != heads {
+                    bad = Some((0, "its heads do not continue the segment before".into()));
+                }
+                at = next;
+            }
+            Ok(_) => bad = Some((0, "no heads record first".into())),
+            Err(reason) => bad = Some((0, reason)),
+        }
+        while bad.is_none() && at < data.len() {
+            match read_any(&data, at, n) {
+                Ok((Record::Event(shard, rec), next)) => {
+                    let s = shard as usize;
+                    if rec.seq != heads[s] + 1 {
+                        bad = Some((
+                            at as u64,
+                            format!(
+                                "shard {shard} seq {} where {} was due",
+                                rec.seq,
+                                heads[s] + 1
+                            ),
+                        ));
+                        break;
+                    }
+                    heads[s] = rec.seq;
+                    if meta.first[s] == 0 {
+                        meta.first[s] = rec.seq;
+                    }
+                    meta.last[s] = rec.seq;
+                    events += 1;
+                    restore.record(shard, rec);
+                    at = next;
+                }
+                Ok((Record::Heads(_), _)) => {
+                    bad = Some((at as u64, "a heads record inside a segment".into()));
+                }
+                Err(reason) => bad = Some((at as u64, reason)),
+            }
+        }
+        let mut valid_len = data.len() as u64;
+        if let Some((offset, reason)) = bad {
+            // A crash can cut the last segment anywhere, its heads record
+            // (a roll that did not finish) included.
+            let torn = last_segment && !valid_record_after(&data, offset, n);
             if torn {
                 tracing::warn!(
                     file = %path.display(),
-                    offset = bad.offset,
-                    bytes = data.len() as u64 - bad.offset,
-                    reason = %bad.reason,
+                    offset,
+                    bytes = data.len() as u64 - offset,
+                    reason = %reason,
                     "truncating a torn tail left by a crash"
                 );
             } else if repair {
                 tracing::warn!(
                     file = %path.display(),
-                    offset = bad.offset,
-                    reason = %bad.reason,
-                    "repair: keeping the valid prefix, dropping the rest of the shard"
+                    offset,
+                    reason = %reason,
+                    "repair: keeping the valid prefix, dropping the rest of the log"
                 );
                 repaired = true;
                 cut_from = Some(i + 1);
             } else {
-                return Err(OpenError::Corrupt {
-                    file: path.clone(),
-                    offset: bad.offset,
-                    reason: bad.reason.clone(),
-                });
+                return Err(corrupt(offset, reason));
+            }
+            if offset == 0 {
+                // Not even its heads record is valid: the segment goes.
+                fs::remove_file(path).map_err(unusable(path))?;
+                cut_from = Some(i + 1);
+                break;
             }
             let f = OpenOptions::new()
                 .write(true)
                 .open(path)
                 .map_err(unusable(path))?;
-            f.set_len(bad.offset).map_err(unusable(path))?;
+            f.set_len(offset).map_err(unusable(path))?;
             f.sync_all().map_err(unusable(path))?;
+            valid_len = offset;
         }
-        let valid_len = scan.bad.as_ref().map_or(data.len() as u64, |b| b.offset);
-        events = events.min(scan.records.len() as u64);
-        next_seq = Some(first + events);
         segments.push_back(Segment {
-            path: path.clone(),
-            first_seq: *first,
+            meta,
+            number: *number,
             events,
             bytes: valid_len,
         });
-        for r in scan.records {
-            restore.record(shard, r);
-        }
         if cut_from.is_some() {
             break;
         }
     }
     if let Some(from) = cut_from {
-        for (_, path) in &found[from..] {
-            fs::remove_file(path).map_err(unusable(path))?;
+        for (_, path) in found.iter().skip(from) {
+            if path.exists() {
+                fs::remove_file(path).map_err(unusable(path))?;
+            }
         }
     }
-    let head = next_seq.map_or(0, |n| n - 1);
-    let store =
-        ShardStore::open(dir.to_owned(), segments, head, retention).map_err(unusable(dir))?;
-    Ok((store, repaired))
+    Ok(Recovery {
+        segments,
+        heads,
+        repaired,
+    })
 }
 
 fn read_file(path: &Path) -> io::Result<Vec<u8>> {
@@ -534,71 +619,32 @@ fn read_file(path: &Path) -> io::Result<Vec<u8>> {
     Ok(data)
 }
 
-struct Bad {
-    offset: u64,
-    reason: String,
-}
-
-struct Scan {
-    records: Vec<Recovered>,
-    bad: Option<Bad>,
-}
-
-/// Reads records from the start of a segment until the end or the first
-/// bad one.
-fn scan_segment(data: &[u8], first_seq: u64) -> Scan {
-    let mut records = Vec::new();
-    let mut at = 0usize;
-    let mut expected = first_seq;
-    while at < data.len() {
-        match read_record(data, at, expected) {
-            Ok((rec, next)) => {
-                records.push(rec);
-                expected += 1;
-                at = next;
-            }
-            Err(reason) => {
-                return Scan {
-                    records,
-                    bad: Some(Bad {
-                        offset: at as u64,
-                        reason,
-                    }),
-                };
-            }
-        }
-    }
-    Scan { records, bad: None }
-}
-
-/// True when a valid record with a seq at or past `seq` starts anywhere
-/// after `offset`: then a bad record is not a torn tail but damage in the
-/// middle.
-fn valid_record_after(data: &[u8], offset: u64, seq: u64) -> bool {
+/// True when a valid event record starts anywhere after `offset`: then a
+/// bad record is not a torn tail but damage in the middle.
+fn valid_record_after(data: &[u8], offset: u64, shards: usize) -> bool {
     let start = offset as usize + 1;
     (start..data.len().saturating_sub(HEADER + FIXED)).any(|at| {
-        let Some(len) = data
-            .get(at..at + 4)
-            .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize)
-        else {
-            return false;
-        };
-        if !(FIXED..=MAX_RECORD).contains(&len) || at + HEADER + len > data.len() {
-            return false;
-        }
-        read_record(data, at, 0).is_ok_and(|(r, _)| r.seq >= seq)
+        let len = u32::from_le_bytes([data[at], data[at + 1], data[at + 2], data[at + 3]]) as usize;
+        (FIXED..=MAX_RECORD).contains(&len)
+            && at + HEADER + len <= data.len()
+            && matches!(read_any(data, at, shards), Ok((Record::Event(..), _)))
     })
 }
 
-/// Decodes the record at `at`; with `expected` non-zero, its seq must be
-/// that. Returns it and where the next one starts.
-fn read_record(data: &[u8], at: usize, expected: u64) -> Result<(Recovered, usize), String> {
+/// A decoded record.
+enum Record {
+    Heads(Vec<u64>),
+    Event(u32, Recovered),
+}
+
+/// Decodes the record at `at`; returns it and where the next one starts.
+fn read_any(data: &[u8], at: usize, shards: usize) -> Result<(Record, usize), String> {
     let header = data
         .get(at..at + HEADER)
         .ok_or("a record header cut short")?;
     let len = u32::from_le_bytes([header[0], header[1], header[2], header[3]]) as usize;
     let crc = u32::from_le_bytes([header[4], header[5], header[6], header[7]]);
-    if !(FIXED..=MAX_RECORD).contains(&len) {
+    if !(4..=MAX_RECORD).contains(&len) {
         return Err(format!("a record length of {len} bytes"));
     }
     let body = data
@@ -607,20 +653,31 @@ fn read_record(data: &[u8], at: usize, expected: u64) -> Result<(Recovered, usiz
     if crc32fast::hash(body) != crc {
         return Err("checksum mismatch".into());
     }
+    let next = at + HEADER + len;
+    let shard = u32::from_le_bytes([body[0], body[1], body[2], body[3]]);
     let u64_at = |o: usize| {
         let mut b = [0u8; 8];
         b.copy_from_slice(&body[o..o + 8]);
         u64::from_le_bytes(b)
     };
-    let seq = u64_at(0);
-    if expected != 0 && seq != expected {
-        return Err(format!("seq {seq} where {expected} was due"));
+    if shard == HEADS {
+        if len != 4 + 8 * shards {
+            return Err(format!("a heads record for {} shards", (len - 4) / 8));
+        }
+        return Ok((
+            Record::Heads((0..shards).map(|s| u64_at(4 + 8 * s)).collect()),
+            next,
+        ));
     }
-    let flags = body[8];
-    let publish_time_us = u64_at(9);
-    let version = u64_at(17);
-    let entity_len = u16::from_le_bytes([body[25], body[26]]) as usize;
-    let event_len = u32::from_le_bytes([body[27], body[28], body[29], body[30]]) as usize;
+    if shard as usize >= shards || len < FIXED {
+        return Err(format!("a record of shard {shard}"));
+    }
+    let seq = u64_at(4);
+    let flags = body[12];
+    let publish_time_us = u64_at(13);
+    let version = u64_at(21);
+    let entity_len = u16::from_le_bytes([body[29], body[30]]) as usize;
+    let event_len = u32::from_le_bytes([body[31], body[32], body[33], body[34]]) as usize;
     if FIXED + entity_len + event_len != len {
         return Err("record lengths do not add up".into());
     }
@@ -633,29 +690,33 @@ fn read_record(data: &[u8], at: usize, expected: u64) -> Result<(Recovered, usiz
     }
     let bytes = Bytes::copy_from_slice(&body[FIXED + entity_len..]);
     Ok((
-        Recovered {
-            seq,
-            entry: LogEntry {
-                entity,
-                local: flags & FLAG_LOCAL != 0,
-                publish_time_us,
-                gap,
-                awaited: false,
-                version,
-                bytes,
+        Record::Event(
+            shard,
+            Recovered {
+                seq,
+                entry: LogEntry {
+                    entity,
+                    local: flags & FLAG_LOCAL != 0,
+                    publish_time_us,
+                    gap,
+                    awaited: false,
+                    version,
+                    bytes,
+                },
             },
-        },
-        at + HEADER + len,
+        ),
+        next,
     ))
 }
 
-/// Appends the record of one entry with its seq to `buf`.
-pub fn encode_record(buf: &mut Vec<u8>, seq: u64, e: &LogEntry) {
+/// Appends the record of one entry of `shard` with its seq to `buf`.
+pub fn encode_record(buf: &mut Vec<u8>, shard: u32, seq: u64, e: &LogEntry) {
     let entity = e.entity.as_str().as_bytes();
     let len = FIXED + entity.len() + e.bytes.len();
     let start = buf.len();
     buf.extend_from_slice(&(len as u32).to_le_bytes());
     buf.extend_from_slice(&[0; 4]);
+    buf.extend_from_slice(&shard.to_le_bytes());
     buf.extend_from_slice(&seq.to_le_bytes());
     let flags = if e.local { FLAG_LOCAL } else { 0 } | if e.gap { FLAG_GAP } else { 0 };
     buf.push(flags);
@@ -665,38 +726,51 @@ pub fn encode_record(buf: &mut Vec<u8>, seq: u64, e: &LogEntry) {
     buf.extend_from_slice(&(e.bytes.len() as u32).to_le_bytes());
     buf.extend_from_slice(entity);
     buf.extend_from_slice(&e.bytes);
-    let crc = crc32fast::hash(&buf[start + HEADER..]);
-    buf[start + 4..start + 8].copy_from_slice(&crc.to_le_bytes());
+    seal(buf, start);
 }
 
-/// Which segments a shard has, shared by its store (which changes it when
-/// it starts or drops a segment) and its readers.
-#[derive(Debug, Default)]
-struct SegmentIndex {
-    /// `(first seq, path)`, oldest first.
-    segments: parking_lot::RwLock<VecDeque<(u64, PathBuf)>>,
-    /// Seq of the oldest record on disk (head + 1 when there is none).
-    first_seq: AtomicU64,
+fn encode_heads(buf: &mut Vec<u8>, heads: &[u64]) {
+    let start = buf.len();
+    buf.extend_from_slice(&((4 + 8 * heads.len()) as u32).to_le_bytes());
+    buf.extend_from_slice(&[0; 4]);
+    buf.extend_from_slice(&HEADS.to_le_bytes());
+    for h in heads {
+        buf.extend_from_slice(&h.to_le_bytes());
+    }
+    seal(buf, start);
+}
+
+fn seal(buf: &mut [u8], start: usize) {
+    let crc = crc32fast::hash(&buf[start + HEADER..]);
+    buf[start + 4..start + 8].copy_from_slice(&crc.to_le_bytes());
 }
 
 /// Reads one shard's records back from disk, for sessions whose cursor is
 /// older than the in-memory tail but still retained on disk.
 #[derive(Debug, Clone)]
 pub struct DiskReader {
-    index: Arc<SegmentIndex>,
+    shard: u32,
+    index: Arc<RwLock<Index>>,
 }
 
 impl DiskReader {
-    /// Seq of the oldest record on disk.
+    /// Seq of the shard's oldest record on disk (its head + 1 when none).
     pub fn first_seq(&self) -> u64 {
-        self.index.first_seq.load(Ordering::Acquire)
+        let index = self.index.read();
+        let s = self.shard as usize;
+        index
+            .segments
+            .iter()
+            .map(|m| m.first[s])
+            .find(|f| *f != 0)
+            .unwrap_or(index.heads[s] + 1)
     }
 
-    /// The records with seqs after `after` and before `before`, from the
-    /// one segment that holds `after + 1`, oldest first: at most `max`
-    /// records and about `max_bytes` of events. Fewer (or none) when the
-    /// segment ends first; the caller asks again from where it got to.
-    /// `Ok(None)` when the segment is gone (retention dropped it).
+    /// The shard's records with seqs after `after` and before `before`,
+    /// oldest first, from the one segment that holds `after + 1`: at most
+    /// `max` records and about `max_bytes` of events. Fewer when the segment
+    /// ends first; the caller asks again from where it got to. `Ok(None)`
+    /// when no segment holds it any more (retention dropped it).
     pub fn read(
         &self,
         after: u64,
@@ -704,11 +778,15 @@ impl DiskReader {
         max: usize,
         max_bytes: usize,
     ) -> io::Result<Option<Vec<(u64, LogEntry)>>> {
-        let want = after + 1;
-        let path = {
-            let segments = self.index.segments.read();
-            match segments.iter().rev().find(|(first, _)| *first <= want) {
-                Some((_, p)) => p.clone(),
+        let s = self.shard as usize;
+        let (path, shards) = {
+            let index = self.index.read();
+            let found = index
+                .segments
+                .iter()
+                .find(|m| m.last[s] > after && m.first[s] != 0);
+            match found {
+                Some(m) => (m.path.clone(), m.first.len()),
                 None => return Ok(None),
             }
         };
@@ -721,152 +799,264 @@ impl DiskReader {
         let mut bytes = 0;
         let mut at = 0;
         while at < data.len() && out.len() < max && bytes < max_bytes {
-            // Only seqs below the in-memory head are read, which were fully
-            // written long before: a bad record here is real damage.
-            let (rec, next) = read_record(&data, at, 0).map_err(|reason| {
+            // Only seqs below the in-memory head are asked for, and they
+            // were written before it: a bad record before them is damage.
+            let (rec, next) = read_any(&data, at, shards).map_err(|reason| {
                 io::Error::other(format!("{}: offset {at}: {reason}", path.display()))
             })?;
             at = next;
-            if rec.seq >= before {
-                break;
-            }
-            if rec.seq > after {
-                bytes += rec.entry.bytes.len();
-                out.push((rec.seq, rec.entry));
+            if let Record::Event(shard, rec) = rec
+                && shard == self.shard
+            {
+                if rec.seq >= before {
+                    break;
+                }
+                if rec.seq > after {
+                    bytes += rec.entry.bytes.len();
+                    out.push((rec.seq, rec.entry));
+                }
             }
         }
         Ok(Some(out))
     }
 }
 
-/// One shard's segments on disk: where its appends go.
-#[derive(Debug)]
-pub struct ShardStore {
+/// One drain handed to the writer.
+struct Request {
+    shard: u32,
+    /// Its records, encoded; handed back for reuse.
+    buf: Vec<u8>,
+    /// Seq of its first record and how many it holds.
+    first_seq: u64,
+    count: u64,
+    reply: oneshot::Sender<(Vec<u8>, io::Result<()>)>,
+}
+
+/// The log's writer: shard actors hand it their drains
+/// ([`Wal::append`]); its thread writes and flushes them in groups.
+#[derive(Debug, Clone)]
+pub struct Wal {
+    tx: SyncSender<Request>,
+}
+
+impl Wal {
+    fn start(
+        dir: PathBuf,
+        recovered: Recovery,
+        index: Arc<RwLock<Index>>,
+        retention: Retention,
+    ) -> io::Result<Self> {
+        let shards = recovered.heads.len();
+        // Each actor has at most one drain outstanding.
+        let (tx, rx) = std::sync::mpsc::sync_channel(shards + 1);
+        let mut writer = Writer {
+            active: None,
+            dir,
+            segments: recovered.segments,
+            heads: recovered.heads,
+            index,
+            retention,
+            events: 0,
+            bytes: 0,
+            buf: Vec::new(),
+        };
+        writer.events = writer.segments.iter().map(|s| s.events).sum();
+        writer.bytes = writer.segments.iter().map(|s| s.bytes).sum();
+        if let Some(last) = writer.segments.back() {
+            writer.active = Some(OpenOptions::new().write(true).open(&last.meta.path)?);
+        }
+        std::thread::Builder::new()
+            .name("freshness-wal".into())
+            .spawn(move || writer.run(rx))?;
+        Ok(Self { tx })
+    }
+
+    /// Writes the records in `buf` (`count` records of `shard`, seqs from
+    /// `first_seq`) under the fsync policy; answers when they are written
+    /// (and flushed, with `always`). The buffer comes back for reuse. On
+    /// error nothing of `buf` is in the log.
+    pub async fn append(
+        &self,
+        shard: u32,
+        first_seq: u64,
+        count: u64,
+        buf: Vec<u8>,
+    ) -> (Vec<u8>, io::Result<()>) {
+        let (reply, answer) = oneshot::channel();
+        let req = Request {
+            shard,
+            buf,
+            first_seq,
+            count,
+            reply,
+        };
+        match self.tx.try_send(req) {
+            Ok(()) => {}
+            Err(TrySendError::Full(r) | TrySendError::Disconnected(r)) => {
+                return (
+                    r.buf,
+                    Err(io::Error::other("the log writer is not running")),
+                );
+            }
+        }
+        match answer.await {
+            Ok(done) => done,
+            Err(_) => (Vec::new(), Err(io::Error::other("the log writer stopped"))),
+        }
+    }
+}
+
+struct Writer {
     dir: PathBuf,
-    index: Arc<SegmentIndex>,
-    /// Oldest first; the last is the active one.
     segments: VecDeque<Segment>,
     active: Option<File>,
-    /// Seq of the newest record written.
-    head: u64,
+    heads: Vec<u64>,
+    index: Arc<RwLock<Index>>,
     retention: Retention,
     events: u64,
     bytes: u64,
+    buf: Vec<u8>,
 }
 
-impl ShardStore {
-    fn open(
-        dir: PathBuf,
-        segments: VecDeque<Segment>,
-        head: u64,
-        retention: Retention,
-    ) -> io::Result<Self> {
-        let active = match segments.back() {
-            Some(s) => Some(OpenOptions::new().write(true).open(&s.path)?),
-            None => None,
-        };
-        let events = segments.iter().map(|s| s.events).sum();
-        let bytes = segments.iter().map(|s| s.bytes).sum();
-        let index = Arc::new(SegmentIndex::default());
-        let store = Self {
-            dir,
-            index,
-            segments,
-            active,
-            head,
-            retention,
-            events,
-            bytes,
-        };
-        store.publish_index();
-        Ok(store)
-    }
-
-    /// A reader of this shard for sessions.
-    pub fn reader(&self) -> DiskReader {
-        DiskReader {
-            index: self.index.clone(),
+impl Writer {
+    fn run(mut self, rx: Receiver<Request>) {
+        let mut group: Vec<Request> = Vec::new();
+        let mut unsynced = false;
+        loop {
+            let first = if unsynced {
+                match rx.recv_timeout(self.retention.fsync_interval) {
+                    Ok(r) => r,
+                    Err(RecvTimeoutError::Timeout) => {
+                        unsynced = self.sync().is_err();
+                        continue;
+                    }
+                    Err(RecvTimeoutError::Disconnected) => break,
+                }
+            } else {
+                match rx.recv() {
+                    Ok(r) => r,
+                    Err(_) => break,
+                }
+            };
+            group.push(first);
+            while let Ok(r) = rx.try_recv() {
+                group.push(r);
+            }
+            let result = self.write_group(&group);
+            match self.retention.fsync {
+                FsyncPolicy::Interval if result.is_ok() => unsynced = true,
+                _ => {}
+            }
+            for req in group.drain(..) {
+                let r = match &result {
+                    Ok(()) => Ok(()),
+                    Err(e) => Err(io::Error::new(e.kind(), e.to_string())),
+                };
+                let _ = req.reply.send((req.buf, r));
+            }
         }
-    }
-
-    /// Hands the segment list to the readers.
-    fn publish_index(&self) {
-        *self.index.segments.write() = self
-            .segments
-            .iter()
-            .map(|s| (s.first_seq, s.path.clone()))
-            .collect();
-        self.index
-            .first_seq
-            .store(self.first_seq(), Ordering::Release);
-    }
-
-    /// Writes the records of `count` entries (seqs `head + 1 ..= head +
-    /// count`, already encoded in `buf`) and, with `sync`, flushes them to
-    /// the disk. On error nothing of `buf` is kept.
-    pub fn append(&mut self, buf: &[u8], count: u64, sync: bool) -> io::Result<()> {
-        let needs_new = match self.segments.back() {
-            None => true,
-            Some(s) => s.bytes > 0 && s.bytes + buf.len() as u64 > self.retention.segment_bytes,
-        };
-        if needs_new {
-            self.roll(sync)?;
+        if unsynced {
+            let _ = self.sync();
         }
-        let (Some(file), Some(seg)) = (self.active.as_ref(), self.segments.back_mut()) else {
-            return Err(io::Error::other("no active segment"));
-        };
-        let at = seg.bytes;
-        let written = file
-            .write_all_at(buf, at)
-            .and_then(|()| if sync { file.sync_data() } else { Ok(()) });
-        if let Err(e) = written {
-            // Cut back whatever part of the buffer reached the file; the
-            // next write goes to the same offset anyway.
-            let _ = file.set_len(at);
-            return Err(e);
-        }
-        seg.bytes += buf.len() as u64;
-        seg.events += count;
-        self.head += count;
-        self.events += count;
-        self.bytes += buf.len() as u64;
-        self.trim();
-        Ok(())
+        tracing::debug!("log writer stopped");
     }
 
-    /// Flushes the active segment (for `fsync = interval`).
-    pub fn sync(&self) -> io::Result<()> {
+    fn sync(&self) -> io::Result<()> {
         match &self.active {
             Some(f) => f.sync_data(),
             None => Ok(()),
         }
     }
 
-    /// Closes the active segment and starts one at `head + 1`.
-    fn roll(&mut self, sync: bool) -> io::Result<()> {
+    /// Writes every drain of the group in one write and, with `always`,
+    /// one flush. On error the file is cut back to where the group began.
+    fn write_group(&mut self, group: &[Request]) -> io::Result<()> {
+        let size: u64 = group.iter().map(|r| r.buf.len() as u64).sum();
+        let needs_new = match self.segments.back() {
+            None => true,
+            Some(s) => s.events > 0 && s.bytes + size > self.retention.segment_bytes,
+        };
+        if needs_new {
+            self.roll()?;
+        }
+        let sync = self.retention.fsync == FsyncPolicy::Always;
+        self.buf.clear();
+        for r in group {
+            self.buf.extend_from_slice(&r.buf);
+        }
+        let (Some(file), Some(seg)) = (self.active.as_ref(), self.segments.back_mut()) else {
+            return Err(io::Error::other("no active segment"));
+        };
+        let at = seg.bytes;
+        let written = file
+            .write_all_at(&self.buf, at)
+            .and_then(|()| if sync { file.sync_data() } else { Ok(()) });
+        if let Err(e) = written {
+            let _ = file.set_len(at);
+            return Err(e);
+        }
+        seg.bytes += size;
+        self.bytes += size;
+        for r in group {
+            let s = r.shard as usize;
+            let last = r.first_seq + r.count - 1;
+            if seg.meta.first[s] == 0 {
+                seg.meta.first[s] = r.first_seq;
+            }
+            seg.meta.last[s] = last;
+            self.heads[s] = last;
+            seg.events += r.count;
+            self.events += r.count;
+        }
+        {
+            let mut index = self.index.write();
+            if let Some(m) = index.segments.back_mut() {
+                m.first.clone_from(&seg.meta.first);
+                m.last.clone_from(&seg.meta.last);
+            }
+            index.heads.clone_from(&self.heads);
+        }
+        self.trim();
+        Ok(())
+    }
+
+    /// Closes the active segment and starts the next, with the heads record.
+    fn roll(&mut self) -> io::Result<()> {
+        let sync = self.retention.fsync != FsyncPolicy::Never;
         if let Some(f) = &self.active
             && sync
         {
             f.sync_data()?;
         }
-        let first_seq = self.head + 1;
-        let path = segment_path(&self.dir, first_seq);
+        let number = self.segments.back().map_or(0, |s| s.number + 1);
+        let path = segment_path(&self.dir, number);
         let file = OpenOptions::new()
             .create(true)
             .truncate(true)
             .write(true)
             .open(&path)?;
+        let mut heads = Vec::new();
+        encode_heads(&mut heads, &self.heads);
+        file.write_all_at(&heads, 0)?;
         if sync {
+            file.sync_data()?;
             File::open(&self.dir)?.sync_all()?;
         }
-        self.segments.push_back(Segment {
+        let n = self.heads.len();
+        let meta = SegmentMeta {
             path,
-            first_seq,
+            first: vec![0; n],
+            last: vec![0; n],
+        };
+        self.index.write().segments.push_back(meta.clone());
+        self.segments.push_back(Segment {
+            meta,
+            number,
             events: 0,
-            bytes: 0,
+            bytes: heads.len() as u64,
         });
+        self.bytes += heads.len() as u64;
         self.active = Some(file);
-        self.publish_index();
         Ok(())
     }
 
@@ -887,24 +1077,11 @@ impl ShardStore {
             };
             self.events -= oldest.events;
             self.bytes -= oldest.bytes;
-            self.publish_index();
-            if let Err(e) = fs::remove_file(&oldest.path) {
-                tracing::warn!(file = %oldest.path.display(), error = %e, "cannot remove an expired segment");
+            self.index.write().segments.pop_front();
+            if let Err(e) = fs::remove_file(&oldest.meta.path) {
+                tracing::warn!(file = %oldest.meta.path.display(), error = %e, "cannot remove an expired segment");
             }
         }
-    }
-
-    /// Seq of the oldest record on disk.
-    pub fn first_seq(&self) -> u64 {
-        match self.segments.front() {
-            Some(s) if s.events > 0 || self.segments.len() > 1 => s.first_seq,
-            _ => self.head + 1,
-        }
-    }
-
-    /// Bytes on disk.
-    pub fn bytes(&self) -> u64 {
-        self.bytes
     }
 }
 
@@ -917,20 +1094,18 @@ mod tests {
             max_events: 1_000,
             max_bytes: 1 << 20,
             segment_bytes: 4096,
+            fsync: FsyncPolicy::Always,
+            fsync_interval: Duration::from_millis(10),
         }
     }
 
     /// Collects what recovery hands back.
     #[derive(Default)]
     struct Collect {
-        first: BTreeMap<u32, u64>,
         records: BTreeMap<u32, Vec<Recovered>>,
     }
 
     impl Restore for Collect {
-        fn begin(&mut self, shard: u32, first_seq: u64) {
-            self.first.insert(shard, first_seq);
-        }
         fn record(&mut self, shard: u32, record: Recovered) {
             self.records.entry(shard).or_default().push(record);
         }
@@ -957,52 +1132,54 @@ mod tests {
         }
     }
 
-    fn write(store: &mut ShardStore, from: u64, n: u64) {
+    fn write(wal: &Wal, shard: u32, from: u64, n: u64) {
         let mut buf = Vec::new();
         for i in 0..n {
             encode_record(
                 &mut buf,
+                shard,
                 from + i,
                 &entry(&format!("user:{}", from + i), from + i),
             );
         }
-        store.append(&buf, n, true).unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let (_, r) = rt.block_on(wal.append(shard, from, n, buf));
+        r.unwrap();
     }
 
     #[test]
     fn records_survive_a_reopen_across_segments() {
         let tmp = tempfile::tempdir().unwrap();
         let (opened, _) = open_collect(tmp.path(), 2, retention());
-        let mut opened = opened.unwrap();
+        let opened = opened.unwrap();
         assert!(opened.new_epoch);
         let epoch = opened.epoch;
-        write(&mut opened.stores[1], 1, 30);
-        write(&mut opened.stores[1], 31, 30);
+        write(&opened.wal, 1, 1, 30);
+        write(&opened.wal, 0, 1, 5);
+        write(&opened.wal, 1, 31, 30);
         drop(opened);
         let (again, got) = open_collect(tmp.path(), 2, retention());
         let again = again.unwrap();
         assert_eq!((again.epoch, again.new_epoch), (epoch, false));
+        assert_eq!(again.heads, vec![5, 60]);
         let s = &got.records[&1];
         assert_eq!(s.len(), 60);
         assert!(s.iter().enumerate().all(|(i, r)| r.seq == i as u64 + 1));
         assert_eq!(s[59].entry.version, 60);
-        assert!(!got.records.contains_key(&0));
-        assert_eq!((got.first[&0], got.first[&1]), (1, 1));
-        assert!(
-            fs::read_dir(tmp.path().join("shard-00001"))
-                .unwrap()
-                .count()
-                > 1
-        );
+        assert_eq!(got.records[&0].len(), 5);
+        assert!(fs::read_dir(tmp.path().join("wal")).unwrap().count() > 1);
     }
 
     #[test]
     fn a_reader_replays_a_range_segment_by_segment() {
         let tmp = tempfile::tempdir().unwrap();
-        let (opened, _) = open_collect(tmp.path(), 1, retention());
-        let mut opened = opened.unwrap();
+        let (opened, _) = open_collect(tmp.path(), 2, retention());
+        let opened = opened.unwrap();
         for i in 0..10 {
-            write(&mut opened.stores[0], 1 + i * 10, 10);
+            write(&opened.wal, 0, 1 + i * 10, 10);
+            write(&opened.wal, 1, 1 + i * 3, 3);
         }
         let reader = opened.readers[0].clone();
         assert_eq!(reader.first_seq(), 1);
@@ -1023,8 +1200,8 @@ mod tests {
     #[test]
     fn a_second_hub_cannot_take_the_directory() {
         let tmp = tempfile::tempdir().unwrap();
-        let (_held, _) = open_collect(tmp.path(), 1, retention());
-        let _held = _held.unwrap();
+        let (held, _) = open_collect(tmp.path(), 1, retention());
+        let _held = held.unwrap();
         assert!(matches!(
             open_collect(tmp.path(), 1, retention()).0,
             Err(OpenError::Locked { .. })
@@ -1048,31 +1225,35 @@ mod tests {
     }
 
     #[test]
-    fn retention_drops_whole_old_segments() {
+    fn retention_drops_whole_old_segments_and_heads_survive_it() {
         let tmp = tempfile::tempdir().unwrap();
         let r = Retention {
             max_events: 50,
             ..retention()
         };
-        let (opened, _) = open_collect(tmp.path(), 1, r);
-        let mut opened = opened.unwrap();
+        let (opened, _) = open_collect(tmp.path(), 2, r);
+        let opened = opened.unwrap();
+        // Shard 1's only records go out with the oldest segments.
+        write(&opened.wal, 1, 1, 3);
         for i in 0..20 {
-            write(&mut opened.stores[0], 1 + i * 10, 10);
+            write(&opened.wal, 0, 1 + i * 10, 10);
         }
-        let store = &opened.stores[0];
-        assert!(
-            store.events >= 50 && store.events < 50 + 40,
-            "{}",
-            store.events
-        );
-        assert!(store.first_seq() > 1);
-        assert_eq!(opened.readers[0].first_seq(), store.first_seq());
+        assert!(opened.readers[0].first_seq() > 1);
+        assert_eq!(opened.readers[1].first_seq(), 4, "nothing left: head + 1");
         // What retention dropped cannot be read back.
         assert!(
-            opened.readers[0]
+            opened.readers[1]
                 .read(0, 1000, 10, usize::MAX)
                 .unwrap()
                 .is_none()
         );
+        drop(opened);
+        let (again, got) = open_collect(tmp.path(), 2, r);
+        assert_eq!(
+            again.unwrap().heads,
+            vec![200, 3],
+            "heads come from the heads record"
+        );
+        assert!(!got.records.contains_key(&1));
     }
 }

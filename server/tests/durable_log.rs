@@ -349,18 +349,12 @@ async fn answered_publishes_survive_sigkill_and_nodes_resume_without_reset() {
 }
 
 fn segments(data: &Path) -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    for shard in std::fs::read_dir(data).unwrap().flatten() {
-        if shard.path().is_dir() && shard.file_name().to_string_lossy().starts_with("shard-") {
-            for seg in std::fs::read_dir(shard.path()).unwrap().flatten() {
-                if seg.path().extension().is_some_and(|e| e == "seg")
-                    && seg.metadata().unwrap().len() > 0
-                {
-                    out.push(seg.path());
-                }
-            }
-        }
-    }
+    let mut out: Vec<PathBuf> = std::fs::read_dir(data.join("wal"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|e| e == "wal"))
+        .collect();
     out.sort();
     out
 }

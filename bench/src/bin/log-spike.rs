@@ -1,8 +1,10 @@
 //! The storage spike behind the durable log's design (ARCHITECTURE.md,
-//! "A durable log of segment files"): on this machine's disk, the same
-//! appends through the hub's segment store and through `redb`, an embedded
-//! B-tree store, with group commit (one flush per batch), and the time to
-//! open each with a full default log (256 MiB).
+//! "One write-ahead log for every shard"): on this machine's disk, rounds
+//! in which all 64 shards append at once (a publish spread over every
+//! shard), through the hub's one log (one flush per round), through one
+//! file per shard (64 flushes at once), and through `redb`, an embedded
+//! B-tree store (one commit per round); then the time to open the hub's
+//! log and redb with a full default log (256 MiB).
 //!
 //! ```sh
 //! cargo run --release -p freshness-bench --bin log-spike -- --dir /var/tmp/spike
@@ -23,7 +25,7 @@ use bytes::Bytes;
 use clap::Parser;
 use freshness::Entity;
 use freshness_hub::log::LogEntry;
-use freshness_hub::store::{self, Recovered, Restore, Retention, encode_record};
+use freshness_hub::store::{self, FsyncPolicy, Recovered, Restore, Retention, encode_record};
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
 use serde_json::json;
 
@@ -103,55 +105,143 @@ fn fsync_probe(dir: &Path, each: Duration) -> anyhow::Result<()> {
 
 struct Nothing;
 impl Restore for Nothing {
-    fn begin(&mut self, _: u32, _: u64) {}
     fn record(&mut self, _: u32, _: Recovered) {}
 }
 
 struct Count(u64);
 impl Restore for Count {
-    fn begin(&mut self, _: u32, _: u64) {}
     fn record(&mut self, _: u32, _: Recovered) {
         self.0 += 1;
     }
 }
 
-fn retention() -> Retention {
+const SHARDS: u32 = 64;
+
+fn retention(fsync: FsyncPolicy) -> Retention {
     Retention {
         max_events: u64::MAX,
         max_bytes: u64::MAX,
-        segment_bytes: 1 << 20,
+        segment_bytes: 32 << 20,
+        fsync,
+        fsync_interval: Duration::from_millis(100),
     }
 }
 
-fn segments_append(dir: &Path, batch: usize, each: Duration) -> anyhow::Result<()> {
-    let path = dir.join(format!("seg-{batch}"));
-    let mut opened = store::open(&path, 1, retention(), false, &mut Nothing)?;
-    let store = &mut opened.stores[0];
-    let mut seq = 1;
-    let mut buf = Vec::new();
+/// One round: every one of the 64 shards appends `batch` events at once
+/// (a publish spread over every shard), through the hub's log.
+fn wal_rounds(dir: &Path, batch: u64, each: Duration) -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .build()?;
+    let opened = store::open(
+        &dir.join(format!("wal-{batch}")),
+        SHARDS,
+        retention(FsyncPolicy::Always),
+        false,
+        &mut Nothing,
+    )?;
+    let wal = opened.wal.clone();
     let mut lat = Vec::new();
+    let mut seq = 1;
     let start = Instant::now();
     while start.elapsed() < each {
-        buf.clear();
-        for i in 0..batch as u64 {
-            encode_record(&mut buf, seq + i, &entry(seq + i));
-        }
         let t = Instant::now();
-        store.append(&buf, batch as u64, true)?;
+        rt.block_on(async {
+            let mut tasks = Vec::new();
+            for shard in 0..SHARDS {
+                let wal = wal.clone();
+                tasks.push(tokio::spawn(async move {
+                    let mut buf = Vec::new();
+                    for i in 0..batch {
+                        encode_record(&mut buf, shard, seq + i, &entry(seq + i));
+                    }
+                    wal.append(shard, seq, batch, buf).await.1
+                }));
+            }
+            for t in tasks {
+                t.await??;
+            }
+            anyhow::Ok(())
+        })?;
         lat.push(t.elapsed().as_micros() as u64);
-        seq += batch as u64;
+        seq += batch;
     }
+    let events = (seq - 1) * u64::from(SHARDS);
     report(
-        "segments_append_fsync",
-        batch,
+        "one_log_64_shards_round",
+        batch as usize,
         &mut lat,
-        seq - 1,
+        events,
+        start.elapsed(),
+    );
+    drop(opened);
+    Ok(())
+}
+
+/// The same rounds with one file per shard, each written and flushed by
+/// its own thread at once (the design the log replaced).
+fn files_rounds(dir: &Path, batch: u64, each: Duration) -> anyhow::Result<()> {
+    use std::sync::{Arc, Barrier};
+    let d = dir.join(format!("files-{batch}"));
+    std::fs::create_dir_all(&d)?;
+    let start_round = Arc::new(Barrier::new(SHARDS as usize + 1));
+    let end_round = Arc::new(Barrier::new(SHARDS as usize + 1));
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut threads = Vec::new();
+    for shard in 0..SHARDS {
+        let f = OpenOptions::new()
+            .create(true)
+            .truncate(true)
+            .write(true)
+            .open(d.join(format!("{shard}.seg")))?;
+        let (s, e, stop) = (start_round.clone(), end_round.clone(), stop.clone());
+        threads.push(std::thread::spawn(move || {
+            let mut at = 0u64;
+            let mut seq = 1;
+            loop {
+                s.wait();
+                if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    return;
+                }
+                let mut buf = Vec::new();
+                for i in 0..batch {
+                    encode_record(&mut buf, shard, seq + i, &entry(seq + i));
+                }
+                f.write_all_at(&buf, at).expect("write");
+                f.sync_data().expect("sync");
+                at += buf.len() as u64;
+                seq += batch;
+                e.wait();
+            }
+        }));
+    }
+    let mut lat = Vec::new();
+    let mut rounds = 0u64;
+    let start = Instant::now();
+    while start.elapsed() < each {
+        let t = Instant::now();
+        start_round.wait();
+        end_round.wait();
+        lat.push(t.elapsed().as_micros() as u64);
+        rounds += 1;
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    start_round.wait();
+    for t in threads {
+        let _ = t.join();
+    }
+    let events = rounds * batch * u64::from(SHARDS);
+    report(
+        "files_per_shard_64_round",
+        batch as usize,
+        &mut lat,
+        events,
         start.elapsed(),
     );
     Ok(())
 }
 
-fn redb_append(dir: &Path, batch: usize, each: Duration) -> anyhow::Result<()> {
+fn redb_rounds(dir: &Path, batch: u64, each: Duration) -> anyhow::Result<()> {
     let db = Database::create(dir.join(format!("redb-{batch}.db")))?;
     let mut seq = 1u64;
     let mut buf = Vec::new();
@@ -163,56 +253,69 @@ fn redb_append(dir: &Path, batch: usize, each: Duration) -> anyhow::Result<()> {
         tx.set_durability(Durability::Immediate)?;
         {
             let mut table = tx.open_table(EVENTS)?;
-            for i in 0..batch as u64 {
-                buf.clear();
-                encode_record(&mut buf, seq + i, &entry(seq + i));
-                table.insert(seq + i, buf.as_slice())?;
+            for shard in 0..SHARDS {
+                for i in 0..batch {
+                    buf.clear();
+                    encode_record(&mut buf, shard, seq + i, &entry(seq + i));
+                    table.insert((u64::from(shard) << 48) | (seq + i), buf.as_slice())?;
+                }
             }
         }
         tx.commit()?;
         lat.push(t.elapsed().as_micros() as u64);
-        seq += batch as u64;
+        seq += batch;
     }
+    let events = (seq - 1) * u64::from(SHARDS);
     report(
-        "redb_append_commit",
-        batch,
+        "redb_64_shards_round",
+        batch as usize,
         &mut lat,
-        seq - 1,
+        events,
         start.elapsed(),
     );
     Ok(())
 }
 
 fn open_full(dir: &Path, events: u64) -> anyhow::Result<()> {
-    // The segment store: 64 shards, written without flushes (this measures
-    // reading back, not writing).
-    let path = dir.join("full-segments");
-    let shards = 64u32;
+    // The hub's log, written without flushes (this measures reading back).
+    let path = dir.join("full-log");
     {
-        let mut opened = store::open(&path, shards, retention(), false, &mut Nothing)?;
-        let per_shard = events / u64::from(shards);
-        let mut buf = Vec::new();
-        for (s, store) in opened.stores.iter_mut().enumerate() {
-            let mut seq = 1;
-            while seq <= per_shard {
-                buf.clear();
-                let n = 1024.min(per_shard - seq + 1);
+        let rt = tokio::runtime::Builder::new_current_thread().build()?;
+        let opened = store::open(
+            &path,
+            SHARDS,
+            retention(FsyncPolicy::Never),
+            false,
+            &mut Nothing,
+        )?;
+        let per_shard = events / u64::from(SHARDS);
+        let mut seq = 1;
+        while seq <= per_shard {
+            let n = 256.min(per_shard - seq + 1);
+            for shard in 0..SHARDS {
+                let mut buf = Vec::new();
                 for i in 0..n {
-                    encode_record(&mut buf, seq + i, &entry(seq + i + s as u64));
+                    encode_record(&mut buf, shard, seq + i, &entry(seq + i + u64::from(shard)));
                 }
-                store.append(&buf, n, false)?;
-                seq += n;
+                rt.block_on(opened.wal.append(shard, seq, n, buf)).1?;
             }
+            seq += n;
         }
     }
     let bytes: u64 = walk_bytes(&path)?;
     let t = Instant::now();
     let mut count = Count(0);
-    store::open(&path, shards, retention(), false, &mut count)?;
+    drop(store::open(
+        &path,
+        SHARDS,
+        retention(FsyncPolicy::Never),
+        false,
+        &mut count,
+    )?);
     let scan = t.elapsed();
     let mut config = freshness_hub::Config {
         data_dir: path.clone(),
-        shards,
+        shards: SHARDS,
         ..freshness_hub::Config::default()
     };
     config.log_max_bytes = 1 << 40;
@@ -224,7 +327,7 @@ fn open_full(dir: &Path, events: u64) -> anyhow::Result<()> {
     println!(
         "{}",
         json!({
-            "what": "segments_open_full",
+            "what": "one_log_open_full",
             "events": count.0,
             "bytes": bytes,
             "check_only_ms": scan.as_millis() as u64,
@@ -244,7 +347,7 @@ fn open_full(dir: &Path, events: u64) -> anyhow::Result<()> {
                 let mut table = tx.open_table(EVENTS)?;
                 for i in 0..10_000.min(events - seq + 1) {
                     buf.clear();
-                    encode_record(&mut buf, seq + i, &entry(seq + i));
+                    encode_record(&mut buf, 0, seq + i, &entry(seq + i));
                     table.insert(seq + i, buf.as_slice())?;
                 }
             }
@@ -296,9 +399,10 @@ fn main() -> anyhow::Result<()> {
     let _ = std::fs::remove_dir_all(&args.dir);
     std::fs::create_dir_all(&args.dir)?;
     fsync_probe(&args.dir, args.each)?;
-    for batch in [1, 16, 256] {
-        segments_append(&args.dir, batch, args.each)?;
-        redb_append(&args.dir, batch, args.each)?;
+    for batch in [1, 4, 32] {
+        wal_rounds(&args.dir, batch, args.each)?;
+        files_rounds(&args.dir, batch, args.each)?;
+        redb_rounds(&args.dir, batch, args.each)?;
     }
     open_full(&args.dir, args.full_events)?;
     std::io::stdout().flush()?;

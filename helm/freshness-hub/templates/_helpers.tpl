@@ -129,3 +129,21 @@ admission_timeout = {{ . | toJson }}
 {{- end }}
 {{- end }}
 {{- end }}
+
+{{/*
+The relay's pods: their own selector, so that the hub's Service and PDB never
+select them.
+*/}}
+{{- define "freshness-hub.relaySelectorLabels" -}}
+app.kubernetes.io/name: {{ include "freshness-hub.name" . }}-relay
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{- define "freshness-hub.relayLabels" -}}
+helm.sh/chart: {{ include "freshness-hub.chart" . }}
+{{ include "freshness-hub.relaySelectorLabels" . }}
+app.kubernetes.io/version: {{ .Values.image.tag | default .Chart.AppVersion | quote }}
+app.kubernetes.io/component: relay
+app.kubernetes.io/part-of: freshness
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+{{- end }}
