@@ -13,7 +13,13 @@ setting at once, ServiceMonitor included) it:
    holds only keys the hub knows, native gRPC probes on 50051, the non-root
    read-only security context, the Service ports, and the durable log on the
    data volume (a PersistentVolumeClaim per pod unless persistence is off);
-5. with relay.enabled, checks the outbox relay's Deployment (the database URL
+5. checks the monitoring it ships, off by default: the Grafana dashboard
+   ConfigMap (its label, its JSON) and the PrometheusRule, whose rules must
+   pass `promtool check rules` (scripts/install-promtool.sh installs it);
+   every metric the dashboard and the rules name must be one the hub
+   defines in server/src/metrics.rs; `promtool test rules` feeds the rules
+   series that must fire each alert, and healthy ones that must fire none.
+6. with relay.enabled, checks the outbox relay's Deployment (the database URL
    from the Secret, the hub, its own selector) and its PodDisruptionBudget.
 
 The three-region examples must form a full mesh with one shard count. Last,
@@ -27,8 +33,12 @@ hold only keys the agent knows (agent/src/config.rs).
 from __future__ import annotations
 
 import argparse
+import json
 import re
+import shutil
+import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +57,19 @@ NAMESPACE = "freshness"
 LINT_KUBE_VERSION = "v1.30.0"
 # Custom resources: no schema ships with kubernetes-validate, so they are
 # rendered and checked by hand but not schema-validated.
-CUSTOM_KINDS = {("monitoring.coreos.com/v1", "ServiceMonitor")}
+CUSTOM_KINDS = {
+    ("monitoring.coreos.com/v1", "ServiceMonitor"),
+    ("monitoring.coreos.com/v1", "PrometheusRule"),
+}
+# The alerts the PrometheusRule must carry (runbooks in the chart's README).
+ALERTS = {
+    "FreshnessSLIBurn",
+    "FreshnessPeerLagging",
+    "FreshnessPeerDisconnected",
+    "FreshnessSlowConsumerResets",
+    "FreshnessNodesParked",
+    "FreshnessHubNotScraped",
+}
 # The hub's config keys (deny_unknown_fields): a key the chart renders that
 # is not one of them makes the hub exit 64 at start. Read from the hub's
 # source when it is there (see hub_keys), else this list.
@@ -103,6 +125,17 @@ EVERY_OPTION = {
     "podDisruptionBudget": {"minAvailable": 1},
     "persistence": {"storageClassName": "fast-ssd", "size": "10Gi"},
     "serviceMonitor": {"enabled": True, "labels": {"release": "prometheus"}},
+    "grafanaDashboard": {
+        "enabled": True,
+        "namespace": "monitoring",
+        "annotations": {"grafana_folder": "Freshness"},
+    },
+    "prometheusRule": {
+        "enabled": True,
+        "labels": {"release": "prometheus"},
+        "alertLabels": {"team": "cache"},
+        "sliTarget": 0.995,
+    },
     "priorityClassName": "high",
     "nodeSelector": {"kubernetes.io/os": "linux"},
     "tolerations": [
@@ -235,7 +268,9 @@ def check_hub_contract(
     """Checks what the hub and the operability contract need; returns the
     parsed freshness.toml."""
     sets = by_kind(manifests, "StatefulSet")
-    config_maps = by_kind(manifests, "ConfigMap")
+    config_maps = [
+        cm for cm in by_kind(manifests, "ConfigMap") if "freshness.toml" in cm.get("data", {})
+    ]
     services = by_kind(manifests, "Service")
     if len(sets) != 1 or len(config_maps) != 1 or len(services) != 1:
         failures.add(name, "want one StatefulSet, one ConfigMap and one Service")
@@ -383,6 +418,171 @@ def check_hub_contract(
     return config
 
 
+def hub_metrics(metrics_source: Path) -> set[str]:
+    """The metric names the hub defines (string constants in metrics.rs)."""
+    if not metrics_source.is_file():
+        return set()
+    return set(re.findall(r'"(freshness_[a-z0-9_]+)"', metrics_source.read_text()))
+
+
+def unknown_metrics(text: str, known: set[str]) -> set[str]:
+    """Metric names in PromQL `text` that the hub does not define (a
+    histogram's _bucket, _sum and _count count as its own)."""
+    used = set(re.findall(r"\b(freshness_[a-z0-9_]+)", text))
+    suffixes = ("_bucket", "_sum", "_count")
+    return {
+        m
+        for m in used
+        if m not in known and not any(m.endswith(x) and m[: -len(x)] in known for x in suffixes)
+    }
+
+
+def check_monitoring(
+    name: str,
+    values: dict[str, Any],
+    manifests: list[tuple[str, dict[str, Any]]],
+    metrics: set[str],
+    failures: Failures,
+) -> int:
+    """The dashboard ConfigMap and the PrometheusRule, when enabled (and
+    only then); returns how many rule files promtool passed."""
+    dashboards = [
+        cm for cm in by_kind(manifests, "ConfigMap") if "freshness-hub.json" in cm.get("data", {})
+    ]
+    rules = by_kind(manifests, "PrometheusRule")
+    want_dashboard = values.get("grafanaDashboard", {}).get("enabled", False)
+    want_rules = values.get("prometheusRule", {}).get("enabled", False)
+    failures.check(
+        len(dashboards) == int(want_dashboard), name, f"{len(dashboards)} dashboard ConfigMaps"
+    )
+    failures.check(len(rules) == int(want_rules), name, f"{len(rules)} PrometheusRules")
+    for cm in dashboards:
+        labels = cm["metadata"].get("labels", {})
+        failures.check(
+            labels.get("grafana_dashboard") == "1", name, "dashboard lacks grafana_dashboard: '1'"
+        )
+        try:
+            dashboard = json.loads(cm["data"]["freshness-hub.json"])
+        except json.JSONDecodeError as error:
+            failures.add(name, f"dashboard is not JSON: {error}")
+            continue
+        exprs = [
+            t.get("expr", "")
+            for p in dashboard.get("panels", [])
+            for t in p.get("targets", [])
+        ]
+        failures.check(len(exprs) >= 10, name, f"dashboard has {len(exprs)} queries")
+        missing = unknown_metrics("\n".join(exprs), metrics) if metrics else set()
+        failures.check(not missing, name, f"dashboard queries unknown metrics {sorted(missing)}")
+    passed = 0
+    for rule in rules:
+        groups = rule.get("spec", {}).get("groups", [])
+        alerts = {r.get("alert") for g in groups for r in g.get("rules", [])}
+        failures.check(ALERTS <= alerts, name, f"alerts missing: {sorted(ALERTS - alerts)}")
+        exprs = "\n".join(r.get("expr", "") for g in groups for r in g.get("rules", []))
+        missing = unknown_metrics(exprs, metrics) if metrics else set()
+        failures.check(not missing, name, f"rules query unknown metrics {sorted(missing)}")
+        promtool = shutil.which("promtool")
+        if promtool is None:
+            failures.add(name, "promtool is missing: run scripts/install-promtool.sh")
+            continue
+        with tempfile.NamedTemporaryFile("w", suffix=".yaml") as f:
+            yaml.safe_dump({"groups": groups}, f)
+            f.flush()
+            run = subprocess.run(
+                [promtool, "check", "rules", f.name], capture_output=True, text=True
+            )
+        if run.returncode != 0:
+            failures.add(name, f"promtool check rules: {(run.stdout + run.stderr).strip()}")
+        else:
+            passed += 1
+    return passed
+
+
+# `promtool test rules` cases for the rules rendered with the default
+# thresholds: series that must fire each alert at 10m, and healthy series
+# that must fire none. Labels as a ServiceMonitor scrape gives them.
+SERIES = 'job="freshness-hub",namespace="freshness",pod="hub-0"'
+WHERE = {"namespace": "freshness", "pod": "hub-0"}
+FIRING = [
+    (f"freshness_deliveries_acked_total{{{SERIES}}}", "0+1000x20"),
+    (f"freshness_deliveries_acked_within_1s_total{{{SERIES}}}", "0+990x20"),
+    (f'freshness_peer_lag_seconds{{{SERIES},peer="us"}}', "0.2x3 5x17"),
+    (f'freshness_peer_connected{{{SERIES},peer="us"}}', "1x3 0x17"),
+    (f'freshness_resets_total{{{SERIES},reason="RESET_REASON_SLOW_CONSUMER"}}', "0x5 0+5x15"),
+    (f"freshness_nodes_parked{{{SERIES}}}", "0x2 3x18"),
+    (f"up{{{SERIES}}}", "1x2 0x18"),
+]
+HEALTHY = [
+    (f"freshness_deliveries_acked_total{{{SERIES}}}", "0+1000x20"),
+    (f"freshness_deliveries_acked_within_1s_total{{{SERIES}}}", "0+1000x20"),
+    (f'freshness_peer_lag_seconds{{{SERIES},peer="us"}}', "0.2x20"),
+    (f'freshness_peer_connected{{{SERIES},peer="us"}}', "1x20"),
+    (f'freshness_resets_total{{{SERIES},reason="RESET_REASON_SLOW_CONSUMER"}}', "0+1x20"),
+    (f"freshness_nodes_parked{{{SERIES}}}", "0x20"),
+    (f"up{{{SERIES}}}", "1x20"),
+]
+EXPECTED = {
+    "FreshnessSLIBurn": {"severity": "critical", **WHERE},
+    "FreshnessPeerLagging": {"severity": "warning", "peer": "us", **WHERE},
+    "FreshnessPeerDisconnected": {"severity": "warning", "peer": "us", **WHERE},
+    "FreshnessSlowConsumerResets": {"severity": "warning", **WHERE},
+    "FreshnessNodesParked": {"severity": "warning", **WHERE},
+    "FreshnessHubNotScraped": {"severity": "critical", "job": "freshness-hub", **WHERE},
+}
+
+
+def test_rules(chart: helm.Chart, failures: Failures) -> int:
+    """Runs promtool's unit tests on the rules rendered with the default
+    thresholds; returns how many alert cases passed."""
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        failures.add("rules", "promtool is missing: run scripts/install-promtool.sh")
+        return 0
+    manifests = render(chart, {"prometheusRule": {"enabled": True}})
+    rules = by_kind(manifests, "PrometheusRule")
+    if len(rules) != 1:
+        failures.add("rules", "prometheusRule.enabled rendered no PrometheusRule")
+        return 0
+    groups = rules[0]["spec"]["groups"]
+    # promtool compares annotations too; the cases test expressions,
+    # durations and labels.
+    for group in groups:
+        for rule in group.get("rules", []):
+            rule.pop("annotations", None)
+
+    def case(series: list[tuple[str, str]], firing: bool) -> dict[str, Any]:
+        return {
+            "interval": "1m",
+            "input_series": [{"series": s, "values": v} for s, v in series],
+            "alert_rule_test": [
+                {
+                    "eval_time": "10m",
+                    "alertname": alert,
+                    "exp_alerts": [{"exp_labels": labels}] if firing else [],
+                }
+                for alert, labels in EXPECTED.items()
+            ],
+        }
+
+    with tempfile.TemporaryDirectory() as tmp:
+        Path(tmp, "rules.yaml").write_text(yaml.safe_dump({"groups": groups}))
+        Path(tmp, "test.yaml").write_text(
+            yaml.safe_dump(
+                {
+                    "rule_files": ["rules.yaml"],
+                    "evaluation_interval": "1m",
+                    "tests": [case(FIRING, True), case(HEALTHY, False)],
+                }
+            )
+        )
+        run = subprocess.run(
+            [promtool, "test", "rules", "test.yaml"], cwd=tmp, capture_output=True, text=True
+        )
+    if run.returncode != 0:
+        failures.add("rules", f"promtool test rules: {(run.stdout + run.stderr).strip()}")
+        return 0
+    return 2 * len(EXPECTED)
 def check_relay(
     name: str,
     values: dict[str, Any],
@@ -653,12 +853,13 @@ def main() -> int:
     )
     value_sets.append(("relay", RELAY))
     known_keys = hub_keys(args.hub_config)
+    metrics = hub_metrics(args.hub_config.parent / "metrics.rs")
 
     failures = Failures()
     failures.check(
         len(examples) == 3, "examples", f"want 3 three-region values files, found {len(examples)}"
     )
-    validated = custom = 0
+    validated = custom = rule_files = 0
     example_configs: dict[str, dict[str, Any]] = {}
     with helm.Chart.load(chart_dir) as chart:
         for name, values in value_sets:
@@ -681,14 +882,17 @@ def main() -> int:
                 failures.check(not relay, name, "relay rendered while relay.enabled is false")
             if config is not None and name.startswith("examples/"):
                 example_configs[name] = config
+            rule_files += check_monitoring(name, values, manifests, metrics, failures)
             counts = validate(name, manifests, kube_versions, failures)
             validated += counts[0]
             custom += counts[1]
         failures.check(
-            custom >= 1, "every option", "serviceMonitor.enabled rendered no ServiceMonitor"
+            custom >= 2, "every option", "no ServiceMonitor and PrometheusRule rendered"
         )
+        failures.check(rule_files >= 1, "every option", "no rules passed promtool")
         check_mesh(example_configs, failures)
         rejected = check_invalid(chart, failures)
+        alert_cases = test_rules(chart, failures)
     agent_dir = (args.agent_chart or chart_dir.parent / "freshness-agent").resolve()
     agent_sets, agent_valid, agent_rejected = check_agent_chart(
         agent_dir, args.agent_config, kube_versions, failures
@@ -703,7 +907,8 @@ def main() -> int:
     print(
         f"chart: {len(value_sets)} value sets, {validated} manifests valid "
         f"(Kubernetes {versions}), {custom} custom resource(s) rendered, "
-        f"{rejected} invalid value sets rejected"
+        f"{rule_files} rule file(s) passed promtool, {alert_cases} alert cases passed "
+        f"promtool test rules, {rejected} invalid value sets rejected"
     )
     print(
         f"agent chart: {agent_sets} value sets, {agent_valid} manifests valid, "

@@ -223,3 +223,79 @@ async fn errors_are_one_line_and_a_failure_status() {
     assert_eq!(down.stderr.lines().count(), 1, "{}", down.stderr);
     assert!(!down.stderr.contains("panicked"));
 }
+
+#[tokio::test]
+async fn status_watch_refreshes_until_interrupted_then_exits_cleanly() {
+    let hub = Hub::start().await;
+    let mut child = freshctl(&hub.url())
+        .args(["status", "--watch", "--interval", "200ms"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    // A pipe gets one snapshot after another: wait for a second one.
+    let mut stdout = BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut frames = 0;
+    tokio::time::timeout(WAIT, async {
+        while frames < 2 {
+            let line = stdout
+                .next_line()
+                .await
+                .unwrap()
+                .expect("watch still running");
+            if line.starts_with("freshctl status --watch") {
+                assert!(line.contains("Ctrl-C to quit"), "{line}");
+            }
+            if line.contains("region eu") {
+                frames += 1;
+            }
+        }
+    })
+    .await
+    .expect("two refreshes in time");
+
+    // Ctrl-C: SIGINT to the process (a positive pid: this one only).
+    let pid = child.id().expect("running").to_string();
+    let sent = Command::new("kill")
+        .args(["-s", "INT", &pid])
+        .status()
+        .await
+        .unwrap();
+    assert!(sent.success());
+    let status = tokio::time::timeout(WAIT, child.wait())
+        .await
+        .expect("exits in time")
+        .unwrap();
+    assert_eq!(status.code(), Some(0), "a clean exit on Ctrl-C");
+    let mut stderr = String::new();
+    tokio::io::AsyncReadExt::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr)
+        .await
+        .unwrap();
+    assert_eq!(stderr, "", "nothing on stderr");
+
+    // A hub that goes away is shown as such, and the watch keeps going.
+    let addr = hub.addr;
+    hub.stop().await;
+    let mut child = freshctl(&format!("http://{addr}"))
+        .args(["status", "--watch", "--interval", "200ms", "--json"])
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut stdout = BufReader::new(child.stdout.take().unwrap()).lines();
+    for _ in 0..2 {
+        let line = tokio::time::timeout(WAIT, stdout.next_line())
+            .await
+            .expect("a line in time")
+            .unwrap()
+            .unwrap();
+        let obj: Value = serde_json::from_str(&line).unwrap();
+        assert!(
+            obj["error"].as_str().unwrap().contains("does not answer"),
+            "{line}"
+        );
+    }
+    assert_eq!(child.try_wait().unwrap(), None, "still watching");
+    child.kill().await.unwrap();
+}

@@ -196,6 +196,8 @@ pub struct Hub {
     pub shutdown: CancellationToken,
     /// What the replication links report, by peer region.
     peers: Mutex<BTreeMap<String, PeerInfo>>,
+    /// Running totals for the status page.
+    pub stats: crate::stats::HubStats,
     /// The durable log's directory; `None` for an ephemeral hub.
     pub data_dir: Option<Arc<DataDir>>,
     /// What the shard actors share (failing writes, for status).
@@ -311,6 +313,7 @@ impl Hub {
                     })
                     .collect(),
             ),
+            stats: crate::stats::HubStats::new(clock.now_us()),
             config,
         })
     }
@@ -381,6 +384,7 @@ impl Hub {
         for (o, _) in &results {
             counts[o.outcome as usize] += 1;
         }
+        self.stats.published(results.len() as u64);
         for (result, n) in ["applied", "duplicate", "superseded"]
             .into_iter()
             .zip(counts)

@@ -21,9 +21,12 @@ pub mod replication;
 mod server;
 pub mod session;
 pub mod shard;
+pub mod stats;
+pub mod status_json;
 pub mod store;
 pub mod telemetry;
 mod transport;
+mod web;
 
 pub use config::{Args, Config, ConfigError, LogFormat};
-pub use server::{RunError, open_log, run, serve};
+pub use server::{RunError, open_log, run, run_with_http, serve, serve_with_http};

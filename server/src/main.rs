@@ -59,13 +59,23 @@ fn main() -> ExitCode {
                 return ExitCode::FAILURE;
             }
         };
-        if let Err(e) = freshness_hub::metrics::install(config.metrics_listen) {
+        let http = match tokio::net::TcpListener::bind(config.metrics_listen).await {
+            Ok(l) => l,
+            Err(e) => {
+                eprintln!(
+                    "freshness-hub: cannot serve metrics and the status page on {}: {e}",
+                    config.metrics_listen
+                );
+                return ExitCode::FAILURE;
+            }
+        };
+        if let Err(e) = freshness_hub::metrics::install_recorder() {
             eprintln!("freshness-hub: {e}");
             return ExitCode::FAILURE;
         }
         let shutdown = CancellationToken::new();
         tokio::spawn(signal_shutdown(shutdown.clone()));
-        match freshness_hub::serve(config, opened, listener, shutdown).await {
+        match freshness_hub::serve_with_http(config, opened, listener, Some(http), shutdown).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("freshness-hub: {e}");

@@ -1,7 +1,7 @@
 //! Metric names and the few helpers that record them, through the `metrics`
-//! facade. The binary installs a Prometheus recorder and serves `/metrics`
-//! on `metrics_listen`; a hub run without one (tests) records into the
-//! no-op recorder.
+//! facade. The binary installs a Prometheus recorder, whose text the hub's
+//! HTTP listener (`web.rs`) serves at `/metrics` on `metrics_listen`; a hub
+//! run without one (tests) records into the no-op recorder.
 //!
 //! The three histograms of the hot paths (propagation per acked delivery,
 //! events per frame, commands per actor wake-up) are kept by the hub itself
@@ -24,16 +24,11 @@
 //! carries the standard process metrics (read from `/proc`) and
 //! `freshness_build_info{version, revision}`.
 
-use std::convert::Infallible;
 use std::fmt::Write as _;
-use std::net::SocketAddr;
 use std::sync::LazyLock;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use bytes::Bytes;
-use http_body_util::Full;
-use hyper::{Method, Request, Response, StatusCode};
 use metrics::{counter, describe_counter, describe_gauge, gauge};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 
@@ -74,6 +69,8 @@ pub const SHARD_QUEUE_MAX: &str = "freshness_shard_queue_depth_max";
 pub const NODE_LAG: &str = "freshness_node_lag_events";
 /// The largest lag of any connected node, sampled every second.
 pub const NODE_LAG_MAX: &str = "freshness_node_lag_events_max";
+/// Connected nodes parked at their in-flight limit, sampled every second.
+pub const NODES_PARKED: &str = "freshness_nodes_parked";
 /// Age of the newest watermark the slowest node acked, sampled every second.
 pub const NODE_STALENESS_MAX: &str = "freshness_node_staleness_seconds_max";
 /// Replication lag per peer region, in events (from the peer's heads).
@@ -156,7 +153,7 @@ const COUNTERS: [(&str, &str, Option<LabelSet>); 8] = [
 ];
 
 /// Every gauge the recorder keeps without labels, with its help.
-const GAUGES: [(&str, &str); 8] = [
+const GAUGES: [(&str, &str); 9] = [
     (NODES_CONNECTED, "Connected subscribe streams."),
     (LOG_EVENTS, "Events retained in the log."),
     (SHARD_QUEUE_DEPTH, "Commands waiting in all shard queues."),
@@ -165,6 +162,10 @@ const GAUGES: [(&str, &str); 8] = [
         "Commands waiting in the fullest shard queue.",
     ),
     (NODE_LAG_MAX, "Largest lag of a connected node, in events."),
+    (
+        NODES_PARKED,
+        "Connected nodes parked at their in-flight limit.",
+    ),
     (
         NODE_STALENESS_MAX,
         "Age of the newest watermark the slowest node acked.",
@@ -267,13 +268,15 @@ pub async fn sample(hub: std::sync::Arc<crate::hub::Hub>) {
         gauge!(SHARD_QUEUE_DEPTH).set(depths.iter().sum::<usize>() as f64);
         gauge!(SHARD_QUEUE_MAX).set(depths.iter().copied().max().unwrap_or(0) as f64);
         let status = hub.status();
-        let (mut max_lag, mut max_stale) = (0u64, 0u64);
+        let (mut max_lag, mut max_stale, mut parked) = (0u64, 0u64, 0usize);
         for n in status.nodes.iter().filter(|n| !n.replication) {
+            parked += usize::from(n.parked);
             NODE_LAG_HISTOGRAM.observe(n.lag_events as f64);
             max_lag = max_lag.max(n.lag_events);
             max_stale = max_stale.max(n.staleness_ms);
         }
         gauge!(NODE_LAG_MAX).set(max_lag as f64);
+        gauge!(NODES_PARKED).set(parked as f64);
         gauge!(NODE_STALENESS_MAX).set(max_stale as f64 / 1000.0);
         for p in &status.peers {
             let region = p.region.clone();
@@ -291,29 +294,28 @@ const PROPAGATION_BUCKETS: [f64; 14] = [
 /// Bucket bounds of [`FRAME_EVENTS`].
 const FRAME_BUCKETS: [f64; 9] = [1.0, 2.0, 4.0, 8.0, 16.0, 64.0, 256.0, 1024.0, 8192.0];
 
-/// Installs the Prometheus recorder and serves `/metrics` on `addr`. Must be
-/// called inside a tokio runtime.
-pub fn install(addr: SocketAddr) -> Result<(), String> {
-    let listener = std::net::TcpListener::bind(addr)
-        .and_then(|l| l.set_nonblocking(true).map(|()| l))
-        .and_then(tokio::net::TcpListener::from_std)
-        .map_err(|e| format!("cannot serve metrics on {addr}: {e}"))?;
+/// The process-wide recorder's handle, once [`install_recorder`] ran.
+static PROMETHEUS: std::sync::OnceLock<PrometheusHandle> = std::sync::OnceLock::new();
+
+/// Installs the process-wide Prometheus recorder, whose text the hub's
+/// HTTP listener serves at `/metrics` (see `web.rs`), with every family
+/// registered at zero. Must be called inside a tokio runtime; a second call
+/// fails.
+pub fn install_recorder() -> Result<(), String> {
     let handle = PrometheusBuilder::new()
         .install_recorder()
         .map_err(|e| format!("cannot install the metrics recorder: {e}"))?;
     register_families();
     tokio::spawn(upkeep(handle.clone()));
-    tokio::spawn(serve(listener, handle));
+    // The recorder install above succeeds once per process, so this slot
+    // is still empty.
+    let _ = PROMETHEUS.set(handle);
     Ok(())
 }
 
 /// How often the recorder runs its upkeep (it keeps no histogram: every
 /// histogram is the hub's own).
 const UPKEEP_EVERY: Duration = Duration::from_secs(5);
-/// Scrapes served at once; a further connection is closed at once.
-const MAX_SCRAPES: usize = 16;
-/// How long one scrape connection may stay open.
-const SCRAPE_TIMEOUT: Duration = Duration::from_secs(10);
 
 async fn upkeep(handle: PrometheusHandle) {
     let mut tick = tokio::time::interval(UPKEEP_EVERY);
@@ -324,59 +326,16 @@ async fn upkeep(handle: PrometheusHandle) {
     }
 }
 
-/// Serves `GET /metrics` over HTTP/1.1: the recorder's text, then the
-/// hub's own histograms.
-async fn serve(listener: tokio::net::TcpListener, handle: PrometheusHandle) {
-    let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_SCRAPES));
-    loop {
-        let (stream, _) = match listener.accept().await {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::warn!(error = %e, "metrics listener: accept failed");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
-            }
-        };
-        let Ok(slot) = slots.clone().try_acquire_owned() else {
-            continue;
-        };
-        let handle = handle.clone();
-        tokio::spawn(async move {
-            let _slot = slot;
-            let service = hyper::service::service_fn(move |req| {
-                let response = scrape(&req, &handle);
-                async move { Ok::<_, Infallible>(response) }
-            });
-            let conn = hyper::server::conn::http1::Builder::new()
-                .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
-            let _ = tokio::time::timeout(SCRAPE_TIMEOUT, conn).await;
-        });
+/// The `/metrics` text: the recorder's, the hub's own histograms, the
+/// process metrics. `None` when no recorder is installed (a hub run by a
+/// test).
+pub fn render() -> Option<String> {
+    let mut text = PROMETHEUS.get()?.render();
+    for h in histograms() {
+        h.render(&mut text);
     }
-}
-
-fn scrape<B>(req: &Request<B>, handle: &PrometheusHandle) -> Response<Full<Bytes>> {
-    let (status, body) = if req.uri().path() != "/metrics" {
-        (
-            StatusCode::NOT_FOUND,
-            "metrics are served at /metrics\n".to_owned(),
-        )
-    } else if req.method() != Method::GET && req.method() != Method::HEAD {
-        (StatusCode::METHOD_NOT_ALLOWED, "use GET\n".to_owned())
-    } else {
-        let mut text = handle.render();
-        for h in histograms() {
-            h.render(&mut text);
-        }
-        render_process(&mut text);
-        (StatusCode::OK, text)
-    };
-    let mut response = Response::new(Full::new(Bytes::from(body)));
-    *response.status_mut() = status;
-    response.headers_mut().insert(
-        hyper::header::CONTENT_TYPE,
-        hyper::header::HeaderValue::from_static("text/plain; version=0.0.4"),
-    );
-    response
+    render_process(&mut text);
+    Some(text)
 }
 
 /// A Prometheus histogram the hub keeps itself: a counter per bucket, a
@@ -683,8 +642,15 @@ impl SessionTally {
             .add(&PROPAGATION_BUCKETS, age_us as f64 / 1e6, n);
     }
 
-    /// Hands everything tallied since the last flush to the recorder.
-    pub fn flush(&mut self) {
+    /// Hands everything tallied since the last flush to the recorder and
+    /// to the hub's own totals (its status page).
+    pub fn flush(&mut self, stats: &crate::stats::HubStats) {
+        stats.flushed(
+            self.delivered,
+            self.acked,
+            self.within_100ms,
+            self.within_1s,
+        );
         if self.delivered > 0 {
             counter!(EVENTS_DELIVERED).increment(self.delivered);
             self.frames.flush(&FRAME_HISTOGRAM);

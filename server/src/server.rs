@@ -120,10 +120,21 @@ pub async fn run(
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> Result<(), RunError> {
+    run_with_http(config, listener, None, shutdown).await
+}
+
+/// [`run`], and the HTTP listener (`metrics_listen`: `/metrics`, the status
+/// page at `/`, `/status.json`) on `http` when given.
+pub async fn run_with_http(
+    config: Config,
+    listener: TcpListener,
+    http: Option<TcpListener>,
+    shutdown: CancellationToken,
+) -> Result<(), RunError> {
     config.validate()?;
     let for_open = config.clone();
     let opened = tokio::task::spawn_blocking(move || open_log(&for_open)).await??;
-    serve(config, opened, listener, shutdown).await
+    serve_with_http(config, opened, listener, http, shutdown).await
 }
 
 /// [`run`] on a log already opened with [`open_log`].
@@ -131,6 +142,18 @@ pub async fn serve(
     config: Config,
     opened: Option<Durable>,
     listener: TcpListener,
+    shutdown: CancellationToken,
+) -> Result<(), RunError> {
+    serve_with_http(config, opened, listener, None, shutdown).await
+}
+
+/// [`serve`], and the HTTP listener (`metrics_listen`: `/metrics`, the
+/// status page at `/`, `/status.json`) on `http` when given.
+pub async fn serve_with_http(
+    config: Config,
+    opened: Option<Durable>,
+    listener: TcpListener,
+    http: Option<TcpListener>,
     shutdown: CancellationToken,
 ) -> Result<(), RunError> {
     config.validate()?;
@@ -149,6 +172,10 @@ pub async fn serve(
 
     crate::replication::spawn_links(&hub, &tracker);
     tracker.spawn(crate::metrics::sample(hub.clone()));
+    tracker.spawn(crate::stats::sample_every_second(hub.clone()));
+    if let Some(http) = http {
+        tracker.spawn(crate::web::serve(http, hub.clone()));
+    }
     let (health, health_service) = tonic_health::server::health_reporter();
     health
         .set_serving::<pb::raw::hub_server::HubServer<HubService>>()

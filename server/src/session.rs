@@ -366,7 +366,7 @@ impl Stream for Session {
 
 impl Drop for Session {
     fn drop(&mut self) {
-        self.tally.flush();
+        self.tally.flush(&self.hub.stats);
         if let State::Open = self.state {
             tracing::info!(node_id = %self.shared.node_id, "stream ended: the node went away");
         }
@@ -432,7 +432,7 @@ impl Session {
 
     /// Starts ending the stream: a goodbye first when the hub ended it.
     fn close(&mut self, end: Result<(), Status>) {
-        self.tally.flush();
+        self.tally.flush(&self.hub.stats);
         if self.shared.cancel.is_cancelled() {
             let replaced = *self.shared.end_reason.lock() == Some(EndReason::Replaced);
             let (reason, message) = if replaced {
@@ -702,6 +702,7 @@ impl Session {
         }
         tracing::info!(node_id = %self.shared.node_id, ?reason, shards = ?shards, all, "reset");
         crate::metrics::record_reset(reason.as_str_name());
+        self.hub.stats.reset(reason);
         self.track(Sent {
             positions,
             count: 0,
@@ -781,7 +782,7 @@ impl Session {
     }
 
     fn on_tick(&mut self) {
-        self.tally.flush();
+        self.tally.flush(&self.hub.stats);
         if self.flow.parked() || !self.pending.is_empty() {
             return;
         }

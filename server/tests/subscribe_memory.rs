@@ -36,7 +36,6 @@ async fn subscribe_messages_have_their_own_limit_so_no_stream_pins_megabytes() {
     let (listen, metrics) = (free_port(), free_port());
     let mut child = Command::new(env!("CARGO_BIN_EXE_freshness-hub"))
         .args([
-            "--ephemeral",
             "--listen",
             &listen.to_string(),
             "--metrics-listen",

@@ -4,6 +4,7 @@
 //! sleeping.
 
 pub mod proxy;
+pub mod webdriver;
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -34,6 +35,9 @@ pub fn init_logging() {
 pub struct TestHub {
     /// Where it listens.
     pub addr: SocketAddr,
+    /// Where its HTTP listener (status page, `/status.json`, `/metrics`)
+    /// listens, when it has one ([`TestHub::start_with_http`]).
+    pub http: Option<SocketAddr>,
     shutdown: CancellationToken,
     task: JoinHandle<Result<(), freshness_hub::RunError>>,
 }
@@ -79,9 +83,44 @@ impl TestHub {
         let task = tokio::spawn(freshness_hub::run(config, listener, shutdown.clone()));
         Self {
             addr,
+            http: None,
             shutdown,
             task,
         }
+    }
+
+    /// A hub with this configuration on `127.0.0.1:0`, and its HTTP
+    /// listener (status page, `/status.json`, `/metrics`) on another
+    /// ephemeral port.
+    pub async fn start_with_http(config: Config) -> Self {
+        init_logging();
+        let listener = bind().await;
+        let http = bind().await;
+        let addr = listener
+            .local_addr()
+            .expect("bound listener has an address");
+        let http_addr = http.local_addr().expect("bound listener has an address");
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(freshness_hub::run_with_http(
+            config,
+            listener,
+            Some(http),
+            shutdown.clone(),
+        ));
+        Self {
+            addr,
+            http: Some(http_addr),
+            shutdown,
+            task,
+        }
+    }
+
+    /// `http://127.0.0.1:PORT/` of the status page.
+    pub fn page_url(&self) -> String {
+        format!(
+            "http://{}/",
+            self.http.expect("a hub started with start_with_http")
+        )
     }
 
     /// `http://127.0.0.1:PORT`.

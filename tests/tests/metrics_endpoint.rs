@@ -81,7 +81,7 @@ async fn http(addr: std::net::SocketAddr, method: &str, path: &str) -> (u16, Str
     s.read_to_string(&mut raw).await.unwrap();
     let (head, body) = raw.split_once("\r\n\r\n").expect("a complete response");
     let code = head.split(' ').nth(1).unwrap().parse().unwrap();
-    if code == 200 {
+    if code == 200 && path == "/metrics" {
         assert!(
             head.to_ascii_lowercase()
                 .contains("content-type: text/plain; version=0.0.4"),
@@ -99,17 +99,14 @@ fn sample(text: &str, name: &str) -> Option<f64> {
 
 #[tokio::test]
 async fn metrics_show_counters_and_the_hubs_own_histograms() {
-    let addr = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap()
-    };
-    freshness_hub::metrics::install(addr).unwrap();
+    freshness_hub::metrics::install_recorder().unwrap();
     let mut config = test_config();
     // A peer that never answers: its series exist from the start too.
     config
         .peers
         .insert("eu".into(), "http://127.0.0.1:9".into());
-    let hub = TestHub::start_with(config).await;
+    let hub = TestHub::start_with_http(config).await;
+    let addr = hub.http.unwrap();
 
     // Before any traffic (the hub serves: its start-up ran): every family,
     // at zero, and a valid page.
@@ -217,7 +214,7 @@ async fn metrics_show_counters_and_the_hubs_own_histograms() {
         "{propagation}"
     );
 
-    let (code, body) = http(addr, "GET", "/").await;
+    let (code, body) = http(addr, "GET", "/nowhere").await;
     assert_eq!(code, 404);
     assert!(body.contains("/metrics"), "{body}");
     let (code, _) = http(addr, "POST", "/metrics").await;

@@ -75,9 +75,19 @@ enum Command {
     },
     /// Show the hub's region, epoch, shards, nodes and peers.
     Status {
-        /// One JSON object.
+        /// One JSON object (with --watch, one per line and refresh).
         #[arg(long)]
         json: bool,
+        /// Refresh in place until interrupted (Ctrl-C), like `top`; the
+        /// nodes are shown laggards first.
+        #[arg(long)]
+        watch: bool,
+        /// How often --watch refreshes.
+        #[arg(long, default_value = "1s", value_parser = parse_interval)]
+        interval: Duration,
+        /// The most nodes --watch shows (the worst); the rest are counted.
+        #[arg(long, default_value_t = 20)]
+        nodes: usize,
     },
 }
 
@@ -167,7 +177,15 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             node_id,
             json,
         } => watch(&cli.hub, namespaces, node_id, json).await,
-        Command::Status { json } => status(&cli.hub, json).await,
+        Command::Status {
+            json, watch: false, ..
+        } => status(&cli.hub, json).await,
+        Command::Status {
+            json,
+            watch: true,
+            interval,
+            nodes,
+        } => status_watch(&cli.hub, json, interval, nodes).await,
     }
 }
 
@@ -388,6 +406,137 @@ async fn status(hub: &str, json: bool) -> anyhow::Result<()> {
         writeln!(out, "{}", status_json(&s))?;
         return Ok(());
     }
+    status_tables(&mut out, &s)
+}
+
+/// A --watch interval: at least 100 ms.
+fn parse_interval(s: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(s).map_err(|e| e.to_string())?;
+    if d < Duration::from_millis(100) {
+        return Err(format!("{s} is shorter than 100ms"));
+    }
+    Ok(d)
+}
+
+/// Clears a terminal line from the cursor to its end.
+const CLEAR_LINE: &str = "\x1b[K";
+
+/// `status --watch`: the status redrawn every `interval` until Ctrl-C. On a
+/// terminal it draws on the alternate screen (the shell's screen comes back
+/// at the end) from the top left, clearing what the last frame left;
+/// elsewhere (a pipe) it prints one snapshot after another. A hub that does
+/// not answer is shown as such and asked again at the next refresh.
+async fn status_watch(hub: &str, json: bool, interval: Duration, top: usize) -> anyhow::Result<()> {
+    use std::io::IsTerminal;
+    let publisher = publisher(hub)?;
+    let tty = !json && std::io::stdout().is_terminal();
+    let mut tick = tokio::time::interval(interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let ctrl_c = tokio::signal::ctrl_c();
+    tokio::pin!(ctrl_c);
+    if tty {
+        // Alternate screen, cursor hidden.
+        print!("\x1b[?1049h\x1b[?25l");
+    }
+    let result = async {
+        loop {
+            tokio::select! {
+                r = &mut ctrl_c => {
+                    r.context("cannot listen for ctrl-c")?;
+                    return Ok(());
+                }
+                _ = tick.tick() => {}
+            }
+            let answer = tokio::select! {
+                r = &mut ctrl_c => {
+                    r.context("cannot listen for ctrl-c")?;
+                    return Ok(());
+                }
+                a = publisher.status() => a,
+            };
+            let mut frame: Vec<u8> = Vec::new();
+            match (&answer, json) {
+                (Ok(s), true) => writeln!(frame, "{}", status_json(s))?,
+                (Err(e), true) => writeln!(
+                    frame,
+                    "{}",
+                    json!({ "error": format!("hub {hub} does not answer: {e}") })
+                )?,
+                (Ok(s), false) => {
+                    writeln!(
+                        frame,
+                        "freshctl status --watch  {hub}  every {}  {} UTC  (Ctrl-C to quit)",
+                        humantime::format_duration(interval),
+                        clock(s.now_us)
+                    )?;
+                    writeln!(frame)?;
+                    let mut worst = s.clone();
+                    worst.nodes.sort_by(|a, b| {
+                        (
+                            node_state(a) == "live",
+                            std::cmp::Reverse(a.lag_events),
+                            std::cmp::Reverse(a.staleness_ms),
+                            &a.node_id,
+                        )
+                            .cmp(&(
+                                node_state(b) == "live",
+                                std::cmp::Reverse(b.lag_events),
+                                std::cmp::Reverse(b.staleness_ms),
+                                &b.node_id,
+                            ))
+                    });
+                    let hidden = worst.nodes.len().saturating_sub(top);
+                    worst.nodes.truncate(top);
+                    status_tables(&mut frame, &worst)?;
+                    if hidden > 0 {
+                        writeln!(frame, "... and {hidden} more nodes (--nodes shows more)")?;
+                    }
+                }
+                (Err(e), false) => {
+                    writeln!(frame, "freshctl status --watch  {hub}  (Ctrl-C to quit)")?;
+                    writeln!(frame)?;
+                    writeln!(
+                        frame,
+                        "hub does not answer: {e}; asking again in {}",
+                        humantime::format_duration(interval)
+                    )?;
+                }
+            }
+            let text = String::from_utf8_lossy(&frame);
+            let mut out = std::io::stdout().lock();
+            if tty {
+                // Home, each line cleared past its end, the rest below cleared.
+                write!(out, "\x1b[H")?;
+                for line in text.lines() {
+                    write!(out, "{line}{CLEAR_LINE}\r\n")?;
+                }
+                write!(out, "\x1b[J")?;
+            } else {
+                write!(out, "{text}")?;
+                if !json {
+                    writeln!(out)?;
+                }
+            }
+            out.flush()?;
+        }
+    }
+    .await;
+    if tty {
+        // Cursor back, the shell's screen back.
+        print!("\x1b[?25h\x1b[?1049l");
+        let _ = std::io::stdout().flush();
+    }
+    result
+}
+
+/// `HH:MM:SS` of a hub timestamp (microseconds since the Unix epoch), UTC.
+fn clock(now_us: u64) -> String {
+    let s = now_us / 1_000_000 % 86_400;
+    format!("{:02}:{:02}:{:02}", s / 3600, s / 60 % 60, s % 60)
+}
+
+/// The human status: a summary line, then the nodes' and the peers' tables.
+fn status_tables(out: &mut impl Write, s: &pb::StatusResponse) -> anyhow::Result<()> {
     let heads: u64 = s.shards.iter().map(|x| x.head_seq).sum();
     writeln!(
         out,
@@ -422,7 +571,7 @@ async fn status(hub: &str, json: bool) -> anyhow::Result<()> {
                 format!(
                     "{} {:.1}s",
                     node_state(n),
-                    state_for_ms(&s, n) as f64 / 1000.0
+                    state_for_ms(s, n) as f64 / 1000.0
                 ),
                 if n.namespaces.is_empty() {
                     "*".into()
@@ -441,7 +590,7 @@ async fn status(hub: &str, json: bool) -> anyhow::Result<()> {
         })
         .collect();
     table(
-        &mut out,
+        out,
         [
             "NODE",
             "STATE (for)",
@@ -468,7 +617,7 @@ async fn status(hub: &str, json: bool) -> anyhow::Result<()> {
         })
         .collect();
     table(
-        &mut out,
+        out,
         ["PEER", "ADDRESS", "CONNECTED", "LAG", "LAST ERROR"],
         &rows,
         "no peers",

@@ -1,0 +1,160 @@
+//! The hub's HTTP listener (`metrics_listen`): Prometheus text at
+//! `/metrics`, the live status page at `/` with its stylesheet and script,
+//! and the page's data at `/status.json` (`status_json.rs`).
+//!
+//! The page is three files embedded in the binary (`server/assets/status/`):
+//! no CDN, no build step. It polls `/status.json?worst=100` once a second
+//! and redraws in place, so it stays small with 10,000 nodes.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::header::{CACHE_CONTROL, CONTENT_TYPE, HeaderValue};
+use hyper::{Method, Request, Response, StatusCode};
+use tokio::net::TcpListener;
+
+use crate::hub::Hub;
+
+const INDEX_HTML: &str = include_str!("../assets/status/index.html");
+const STATUS_CSS: &str = include_str!("../assets/status/status.css");
+const STATUS_JS: &str = include_str!("../assets/status/status.js");
+
+/// Connections served at once; a further one is closed at once.
+const MAX_CONNECTIONS: usize = 16;
+/// How long one connection may stay open; then it finishes the request in
+/// progress and closes (a browser opens a new one).
+const CONNECTION_LIFETIME: Duration = Duration::from_secs(10);
+/// How long a closing connection may take to finish its request.
+const CLOSE_GRACE: Duration = Duration::from_secs(1);
+
+/// Serves the listener until the hub shuts down. Each connection ends with
+/// the hub too, so an open browser tab never holds the hub up.
+pub(crate) async fn serve(listener: TcpListener, hub: Arc<Hub>) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let shutdown = hub.shutdown.clone();
+    loop {
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            () = shutdown.cancelled() => return,
+        };
+        let stream = match accepted {
+            Ok((s, _)) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "http listener: accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            continue;
+        };
+        let hub = hub.clone();
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            let _slot = slot;
+            let service = hyper::service::service_fn(move |req| {
+                let response = respond(&req, &hub);
+                async move { Ok::<_, Infallible>(response) }
+            });
+            let conn = hyper::server::conn::http1::Builder::new()
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+            let mut conn = std::pin::pin!(conn);
+            tokio::select! {
+                _ = conn.as_mut() => return,
+                () = tokio::time::sleep(CONNECTION_LIFETIME) => {}
+                () = shutdown.cancelled() => {}
+            }
+            conn.as_mut().graceful_shutdown();
+            let _ = tokio::time::timeout(CLOSE_GRACE, conn).await;
+        });
+    }
+}
+
+/// The answer to one request.
+fn respond<B>(req: &Request<B>, hub: &Hub) -> Response<Full<Bytes>> {
+    if req.method() != Method::GET && req.method() != Method::HEAD {
+        return text(StatusCode::METHOD_NOT_ALLOWED, "use GET\n".into());
+    }
+    match req.uri().path() {
+        "/metrics" => match crate::metrics::render() {
+            Some(body) => with_type(
+                Response::new(Full::new(Bytes::from(body))),
+                "text/plain; version=0.0.4",
+            ),
+            None => text(
+                StatusCode::NOT_FOUND,
+                "this process has no metrics recorder\n".into(),
+            ),
+        },
+        "/" | "/index.html" => page(INDEX_HTML, "text/html; charset=utf-8"),
+        "/status.css" => page(STATUS_CSS, "text/css; charset=utf-8"),
+        "/status.js" => page(STATUS_JS, "text/javascript; charset=utf-8"),
+        "/status.json" => status_json(req.uri().query(), hub),
+        _ => text(
+            StatusCode::NOT_FOUND,
+            "not found: the hub serves / (status page), /status.json and /metrics\n".into(),
+        ),
+    }
+}
+
+fn status_json(query: Option<&str>, hub: &Hub) -> Response<Full<Bytes>> {
+    let query = match crate::status_json::Query::parse(query) {
+        Ok(q) => q,
+        Err(e) => return text(StatusCode::BAD_REQUEST, format!("{e}\n")),
+    };
+    let status = hub.status();
+    let stats = hub.stats.view(status.now_us);
+    let doc = crate::status_json::build(status, &stats, &query);
+    match serde_json::to_vec(&doc) {
+        Ok(body) => {
+            let mut r = with_type(
+                Response::new(Full::new(Bytes::from(body))),
+                "application/json",
+            );
+            r.headers_mut()
+                .insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
+            r
+        }
+        Err(e) => text(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("cannot encode the status: {e}\n"),
+        ),
+    }
+}
+
+fn page(body: &'static str, content_type: &'static str) -> Response<Full<Bytes>> {
+    let mut r = with_type(
+        Response::new(Full::new(Bytes::from_static(body.as_bytes()))),
+        content_type,
+    );
+    let h = r.headers_mut();
+    // Everything the page loads comes from the hub itself.
+    h.insert(
+        "content-security-policy",
+        HeaderValue::from_static("default-src 'self'; frame-ancestors 'none'"),
+    );
+    h.insert(
+        "x-content-type-options",
+        HeaderValue::from_static("nosniff"),
+    );
+    h.insert(CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    r
+}
+
+fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
+    let mut r = with_type(
+        Response::new(Full::new(Bytes::from(body))),
+        "text/plain; charset=utf-8",
+    );
+    *r.status_mut() = status;
+    r
+}
+
+fn with_type(mut r: Response<Full<Bytes>>, content_type: &'static str) -> Response<Full<Bytes>> {
+    r.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+    r
+}
