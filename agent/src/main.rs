@@ -61,7 +61,13 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
         let shutdown = CancellationToken::new();
-        tokio::spawn(signal_shutdown(shutdown.clone()));
+        {
+            let shutdown = shutdown.clone();
+            tokio::spawn(async move {
+                freshness_telemetry::shutdown_signal().await;
+                shutdown.cancel();
+            });
+        }
         match freshness_agent::run(config, shutdown).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
@@ -70,30 +76,4 @@ fn main() -> ExitCode {
             }
         }
     })
-}
-
-/// Cancels `shutdown` on SIGTERM or Ctrl-C.
-async fn signal_shutdown(shutdown: CancellationToken) {
-    let ctrl_c = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
-        let mut term =
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(t) => t,
-                Err(e) => {
-                    tracing::warn!(error = %e, "cannot watch SIGTERM; Ctrl-C only");
-                    let _ = ctrl_c.await;
-                    shutdown.cancel();
-                    return;
-                }
-            };
-        tokio::select! {
-            _ = ctrl_c => {}
-            _ = term.recv() => {}
-        }
-    }
-    #[cfg(not(unix))]
-    let _ = ctrl_c.await;
-    tracing::info!("signal received");
-    shutdown.cancel();
 }

@@ -137,6 +137,32 @@ fn env_var(key: &str) -> Option<String> {
     std::env::var(key).ok().filter(|v| !v.trim().is_empty())
 }
 
+/// Waits for SIGTERM or Ctrl-C: how every Freshness binary learns to shut
+/// down gracefully. Without a SIGTERM handler (it cannot be installed),
+/// Ctrl-C alone, with a warning.
+pub async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(t) => t,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot watch SIGTERM; Ctrl-C only");
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+    tracing::info!("signal received");
+}
+
 /// Whether logs on stderr get ANSI colours: only when stderr is a terminal
 /// and `NO_COLOR` is unset or empty (<https://no-color.org>). A file or a
 /// pipe never gets escape sequences.
