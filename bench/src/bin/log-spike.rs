@@ -44,10 +44,15 @@ struct Args {
     #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
     each: Duration,
     /// Instead of measuring: write a hub data directory of this many bytes
-    /// of events into `--dir` (4 KiB payloads over 10,000 entities, 64
+    /// of events into `--dir` (`--fill-payload` bytes each, 10,000 entities, 64
     /// shards, the hub's own format) and stop, for a hub to be started on it.
     #[arg(long)]
     fill_bytes: Option<u64>,
+    /// Payload bytes of each event `--fill-bytes` writes: 4096 makes a log
+    /// of few large events (the memory measurement), 200 one of about a
+    /// million small ones (the restart-time measurement).
+    #[arg(long, default_value_t = 4096)]
+    fill_payload: usize,
 }
 
 fn percentile(sorted: &[u64], p: f64) -> u64 {
@@ -387,12 +392,12 @@ fn open_full(dir: &Path, events: u64) -> anyhow::Result<()> {
 
 /// A hub data directory holding `bytes` of events: what a hub that kept a
 /// large log on disk starts from.
-fn fill(dir: &Path, bytes: u64) -> anyhow::Result<()> {
+fn fill(dir: &Path, bytes: u64, payload: usize) -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_current_thread().build()?;
     let mut r = retention(FsyncPolicy::Never);
     r.segment_bytes = 64 << 20;
     let opened = store::open(dir, SHARDS, r, false, &mut Nothing)?;
-    let payload = Bytes::from(vec![0x5a; 4096]);
+    let payload = Bytes::from(vec![0x5a; payload]);
     let mut seqs = vec![0u64; SHARDS as usize];
     let mut written = 0u64;
     let mut i = 0u64;
@@ -454,7 +459,7 @@ fn main() -> anyhow::Result<()> {
     let _ = std::fs::remove_dir_all(&args.dir);
     std::fs::create_dir_all(&args.dir)?;
     if let Some(bytes) = args.fill_bytes {
-        return fill(&args.dir, bytes);
+        return fill(&args.dir, bytes, args.fill_payload);
     }
     fsync_probe(&args.dir, args.each)?;
     for batch in [1, 4, 32] {
