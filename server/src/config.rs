@@ -620,12 +620,13 @@ impl Config {
 
     /// How the log on disk is bounded and flushed: `log_max_events` and
     /// `log_max_bytes` in all, in segments of an eighth of the bytes (at
-    /// least 256 KiB), so that retention drops an eighth at a time.
+    /// least 256 KiB, at most 64 MiB), so that retention drops an eighth at
+    /// a time and a start holds one segment in memory at a time.
     pub fn retention(&self) -> crate::store::Retention {
         crate::store::Retention {
             max_events: self.log_max_events,
             max_bytes: self.log_max_bytes,
-            segment_bytes: (self.log_max_bytes / 8).max(256 * 1024),
+            segment_bytes: (self.log_max_bytes / 8).clamp(256 * 1024, 64 << 20),
             fsync: self.fsync,
             fsync_interval: self.fsync_interval,
         }

@@ -576,9 +576,10 @@ impl Session {
     /// per frame; the next fill takes the next part). `None` when no shard
     /// is there, or what was read held nothing for this node.
     ///
-    /// The read is a synchronous file read on this stream's task: segments
-    /// are small and usually in the page cache, and only nodes that fell
-    /// that far behind take this path.
+    /// The read is a synchronous file read on this stream's task, bounded
+    /// by the segment's marks (at most a MiB scanned, 256 KiB held: see
+    /// `DiskReader::read`), usually from the page cache; only nodes that
+    /// fell that far behind take this path.
     fn fill_from_disk(&mut self, budget: u32) -> Option<Frame> {
         /// Segment reads one fill may make for a node whose filter skips
         /// what it reads; the progress tick's fill goes on from there.
