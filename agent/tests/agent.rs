@@ -431,11 +431,7 @@ async fn invalid_configuration_exits_64_naming_the_setting() {
 async fn metrics_count_what_the_agent_applied() {
     let redis = Redis::shared(9).await;
     let hub = TestHub::start().await;
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = freshness_tests::free_port();
     let listen = format!("127.0.0.1:{port}");
     let args = ["--map", "user=cache:user:{id}", "--metrics-listen", &listen];
     let _agent = Agent::start(&hub.url(), &redis, "agent-metrics", &args).await;

@@ -41,12 +41,7 @@ struct HubProcess {
     stderr: PathBuf,
 }
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
-}
+use freshness_tests::free_port;
 
 fn hub_command(data_dir: &Path, port: u16, extra: &[&str]) -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_freshness-hub"));

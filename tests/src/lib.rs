@@ -60,9 +60,9 @@ impl TestHub {
         Self::start_with(test_config()).await
     }
 
-    /// A hub with this configuration, on `127.0.0.1:0`.
+    /// A hub with this configuration, on a free loopback port ([`bind`]).
     pub async fn start_with(config: Config) -> Self {
-        Self::start_on(SocketAddr::from(([127, 0, 0, 1], 0)), config).await
+        Self::start_with_listener(bind().await, config)
     }
 
     /// A hub on this address (to restart one on the same port).
@@ -165,9 +165,38 @@ impl TestHub {
 
 /// Binds a loopback listener on an ephemeral port.
 pub async fn bind() -> tokio::net::TcpListener {
-    tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind loopback")
+    let listener = bind_std();
+    listener
+        .set_nonblocking(true)
+        .expect("a non-blocking listener");
+    tokio::net::TcpListener::from_std(listener).expect("a tokio listener")
+}
+
+/// A free loopback port, for a server process that binds it itself.
+pub fn free_port() -> u16 {
+    bind_std().local_addr().expect("a bound address").port()
+}
+
+/// Loopback ports the harness hands out: below the kernel's ephemeral
+/// range (32768–60999 by default). A hub restarted on its port must find it
+/// free; one from `:0` lies in the ephemeral range, where under load some
+/// other connection can take it as its source port while the hub is down.
+const PORTS: std::ops::Range<u16> = 20_000..32_000;
+
+fn bind_std() -> std::net::TcpListener {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let span = u32::from(PORTS.end - PORTS.start);
+    // Test processes that run at once start at different places.
+    let start = std::process::id().wrapping_mul(7919);
+    for _ in 0..span {
+        let i = NEXT.fetch_add(1, Ordering::Relaxed);
+        let port = PORTS.start + (start.wrapping_add(i) % span) as u16;
+        if let Ok(listener) = std::net::TcpListener::bind(("127.0.0.1", port)) {
+            return listener;
+        }
+    }
+    panic!("no free loopback port in {PORTS:?}");
 }
 
 /// Connects a client, retrying until the server accepts.

@@ -130,13 +130,7 @@ pub async fn connect(url: &str) -> Client {
     .await
 }
 
-/// A free loopback port (bound and released).
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("bind an ephemeral port")
-        .port()
-}
+pub use freshness_tests::free_port;
 
 /// A `freshness-relay run` child process, killed (SIGKILL) when dropped.
 pub struct RelayProcess {
