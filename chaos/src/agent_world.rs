@@ -198,6 +198,9 @@ struct World {
     faults: Mutex<BTreeMap<FaultKind, u64>>,
     faults_log: Mutex<Vec<(Instant, String)>>,
     violations: Mutex<Vec<Violation>>,
+    /// Agents subscribe to `price` only: they never hear of `user` (a
+    /// misconfigured agent, for the checker's own test).
+    deaf_to_user: bool,
     _data: tempfile::TempDir,
 }
 
@@ -211,7 +214,7 @@ async fn redis_conn(url: &str) -> anyhow::Result<MultiplexedConnection> {
 }
 
 impl World {
-    async fn start(plan: AgentPlan) -> anyhow::Result<Arc<Self>> {
+    async fn start(plan: AgentPlan, deaf_to_user: bool) -> anyhow::Result<Arc<Self>> {
         let agent_bin = procs::binary("freshness-agent", "freshness-agent")?;
         let data = tempfile::Builder::new()
             .prefix("freshness-chaos-agent-")
@@ -258,6 +261,7 @@ impl World {
             faults: Mutex::new(BTreeMap::new()),
             faults_log: Mutex::new(Vec::new()),
             violations: Mutex::new(Vec::new()),
+            deaf_to_user,
             _data: data,
         });
         let up = async {
@@ -299,6 +303,11 @@ impl World {
                 "--fail-closed",
                 &format!("price={}ms", PRICE_BOUND.as_millis()),
             ])
+            .args(if self.deaf_to_user {
+                &["--namespace", "price"][..]
+            } else {
+                &[][..]
+            })
             .env("FRESHNESS_LOG", filter)
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::null())
@@ -732,9 +741,13 @@ impl World {
 }
 
 /// Runs the agent world of `seed`.
-pub(crate) async fn run(seed: u64, duration: Duration) -> anyhow::Result<SeedReport> {
+pub(crate) async fn run(
+    seed: u64,
+    duration: Duration,
+    deaf_to_user: bool,
+) -> anyhow::Result<SeedReport> {
     let started = Instant::now();
-    let world = World::start(AgentPlan::new(seed, duration)).await?;
+    let world = World::start(AgentPlan::new(seed, duration), deaf_to_user).await?;
     let result = drive(&world).await;
     world.stop().await;
     let (checked, stale, staleness) = result?;

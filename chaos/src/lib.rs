@@ -133,12 +133,36 @@ pub async fn run_world_seed(
     seed: u64,
     duration: Duration,
 ) -> anyhow::Result<SeedReport> {
+    run_world_seed_with(
+        world,
+        seed,
+        Options {
+            duration,
+            drop_one_in: None,
+        },
+    )
+    .await
+}
+
+/// Runs the scenario of `seed` in `world` with these options. In the relay
+/// world `drop_one_in` makes nodes lose one event in that many; in the
+/// agent world any value makes the agents subscribe to `price` only, deaf to
+/// `user` (a misconfigured agent).
+pub async fn run_world_seed_with(
+    world: WorldKind,
+    seed: u64,
+    options: Options,
+) -> anyhow::Result<SeedReport> {
+    let Options {
+        duration,
+        drop_one_in,
+    } = options;
     let limit = duration + SEED_OVERHEAD;
     let run = async {
         match world {
-            WorldKind::Hub => world::run(Plan::new(seed, duration), None).await,
-            WorldKind::Relay => relay_world::run(seed, duration).await,
-            WorldKind::Agent => agent_world::run(seed, duration).await,
+            WorldKind::Hub => world::run(Plan::new(seed, duration), drop_one_in).await,
+            WorldKind::Relay => relay_world::run(seed, duration, drop_one_in).await,
+            WorldKind::Agent => agent_world::run(seed, duration, drop_one_in.is_some()).await,
         }
     };
     match tokio::time::timeout(limit, run).await {

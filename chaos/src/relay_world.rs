@@ -159,16 +159,29 @@ struct NodeLog {
     resets: BTreeMap<String, u64>,
     /// When each `(entity, version)` was first applied.
     applied_at: HashMap<(String, u64), Instant>,
+    /// Events received (for a broken node that drops some).
+    seen: u64,
 }
 
+/// A node's handler: records what it applies; a broken one (for the
+/// checker's own test) loses one event in `drop_one_in`.
 #[derive(Clone)]
-struct Recorder(Arc<Mutex<NodeLog>>);
+struct Recorder {
+    log: Arc<Mutex<NodeLog>>,
+    drop_one_in: Option<u64>,
+}
 
 impl Handler for Recorder {
     async fn on_events(&self, batch: &EventBatch) -> Result<(), HandlerError> {
         let now = Instant::now();
-        let mut log = self.0.lock();
+        let mut log = self.log.lock();
         for e in &batch.events {
+            if let Some(n) = self.drop_one_in {
+                log.seen += 1;
+                if log.seen.is_multiple_of(n) {
+                    continue;
+                }
+            }
             // The payload is the writer's transaction id; no payload (which
             // no writer sends) is an id no transaction has.
             let tx = e
@@ -192,7 +205,7 @@ impl Handler for Recorder {
 
     async fn on_reset(&self, reset: &Reset) -> Result<(), HandlerError> {
         *self
-            .0
+            .log
             .lock()
             .resets
             .entry(reset.reason.as_str().to_owned())
@@ -247,7 +260,7 @@ async fn connect(url: &str) -> Result<(Client, JoinHandle<()>), tokio_postgres::
 }
 
 impl World {
-    async fn start(plan: RelayPlan) -> anyhow::Result<Arc<Self>> {
+    async fn start(plan: RelayPlan, drop_one_in: Option<u64>) -> anyhow::Result<Arc<Self>> {
         let relay_bin = procs::binary("freshness-relay", "freshness-relay")?;
         let pg = OwnPostgres::start().await?;
         let out = Command::new(&relay_bin)
@@ -294,7 +307,10 @@ impl World {
                     Duration::from_millis(500),
                 ))
                 .connect_timeout(Duration::from_secs(2))
-                .build(Recorder(log.clone()))
+                .build(Recorder {
+                    log: log.clone(),
+                    drop_one_in,
+                })
                 .context("build a subscriber")?;
             let mut feed = subscriber.feed();
             let token = CancellationToken::new();
@@ -615,10 +631,14 @@ struct Convergence {
 }
 
 /// Runs the relay world of `seed`.
-pub(crate) async fn run(seed: u64, duration: Duration) -> anyhow::Result<SeedReport> {
+pub(crate) async fn run(
+    seed: u64,
+    duration: Duration,
+    drop_one_in: Option<u64>,
+) -> anyhow::Result<SeedReport> {
     let started = Instant::now();
     let plan = RelayPlan::new(seed, duration);
-    let world = World::start(plan).await?;
+    let world = World::start(plan, drop_one_in).await?;
     let result = drive(&world).await;
     world.stop().await;
     for (_, token, _) in &world.nodes {
