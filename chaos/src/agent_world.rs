@@ -44,6 +44,7 @@ use tokio::process::{Child, Command};
 use tokio::time::{Instant, sleep, sleep_until, timeout};
 use tokio_util::sync::CancellationToken;
 
+use crate::Flaw;
 use crate::check::{self, Links, Verdict};
 use crate::plan::{self, FaultKind, ProcFault, SHARDS, schedule_procs};
 use crate::procs::{self, OwnRedis, child_log, poll_until};
@@ -198,9 +199,8 @@ struct World {
     faults: Mutex<BTreeMap<FaultKind, u64>>,
     faults_log: Mutex<Vec<(Instant, String)>>,
     violations: Mutex<Vec<Violation>>,
-    /// Agents subscribe to `price` only: they never hear of `user` (a
-    /// misconfigured agent, for the checker's own test).
-    deaf_to_user: bool,
+    /// Broken on purpose (the checker's own tests).
+    flaw: Option<Flaw>,
     _data: tempfile::TempDir,
 }
 
@@ -214,7 +214,10 @@ async fn redis_conn(url: &str) -> anyhow::Result<MultiplexedConnection> {
 }
 
 impl World {
-    async fn start(plan: AgentPlan, deaf_to_user: bool) -> anyhow::Result<Arc<Self>> {
+    async fn start(plan: AgentPlan, flaw: Option<Flaw>) -> anyhow::Result<Arc<Self>> {
+        if let Some(f @ (Flaw::NodesDrop(_) | Flaw::PublishBeforeRollback(_))) = flaw {
+            anyhow::bail!("{f:?} is not a flaw of the agent world");
+        }
         let agent_bin = procs::binary("freshness-agent", "freshness-agent")?;
         let data = tempfile::Builder::new()
             .prefix("freshness-chaos-agent-")
@@ -261,7 +264,7 @@ impl World {
             faults: Mutex::new(BTreeMap::new()),
             faults_log: Mutex::new(Vec::new()),
             violations: Mutex::new(Vec::new()),
-            deaf_to_user,
+            flaw,
             _data: data,
         });
         let up = async {
@@ -299,11 +302,14 @@ impl World {
                 "--map",
                 "user=cache:user:{id}",
             ])
-            .args([
-                "--fail-closed",
-                &format!("price={}ms", PRICE_BOUND.as_millis()),
-            ])
-            .args(if self.deaf_to_user {
+            .args(match self.flaw {
+                Some(Flaw::AgentsNeverFailClosed) => vec![],
+                _ => vec![
+                    "--fail-closed".to_owned(),
+                    format!("price={}ms", PRICE_BOUND.as_millis()),
+                ],
+            })
+            .args(if self.flaw == Some(Flaw::AgentsDeafToUser) {
                 &["--namespace", "price"][..]
             } else {
                 &[][..]
@@ -744,10 +750,10 @@ impl World {
 pub(crate) async fn run(
     seed: u64,
     duration: Duration,
-    deaf_to_user: bool,
+    flaw: Option<Flaw>,
 ) -> anyhow::Result<SeedReport> {
     let started = Instant::now();
-    let world = World::start(AgentPlan::new(seed, duration), deaf_to_user).await?;
+    let world = World::start(AgentPlan::new(seed, duration), flaw).await?;
     let result = drive(&world).await;
     world.stop().await;
     let (checked, stale, staleness) = result?;
@@ -841,4 +847,28 @@ async fn drive(world: &Arc<World>) -> anyhow::Result<Outcome> {
     result?;
     let (checked, stale) = world.converge().await?;
     Ok((checked, stale, staleness))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_seed_always_gives_the_same_plan_and_faults_end_in_time() {
+        let d = Duration::from_secs(3);
+        let mut seen = std::collections::BTreeSet::new();
+        for seed in 0..100 {
+            let plan = AgentPlan::new(seed, d);
+            assert_eq!(plan, AgentPlan::new(seed, d));
+            // One agent and the hub, with holds of up to 1.8 s, leave room
+            // for two faults in 3 s at times.
+            assert!(plan.faults.len() >= 2, "seed {seed}: {:?}", plan.faults);
+            for f in &plan.faults {
+                assert!(f.at + f.hold <= d, "{f:?}");
+                assert!(f.target < plan.agents);
+                seen.insert(f.kind);
+            }
+        }
+        assert_eq!(seen.len(), FaultKind::AGENT_WORLD.len(), "{seen:?}");
+    }
 }

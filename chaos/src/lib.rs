@@ -144,25 +144,56 @@ pub async fn run_world_seed(
     .await
 }
 
-/// Runs the scenario of `seed` in `world` with these options. In the relay
-/// world `drop_one_in` makes nodes lose one event in that many; in the
-/// agent world any value makes the agents subscribe to `price` only, deaf to
-/// `user` (a misconfigured agent).
+/// Runs the scenario of `seed` in `world` with these options;
+/// `drop_one_in` stands for [`Flaw::NodesDrop`] in the hub and relay
+/// worlds and for [`Flaw::AgentsDeafToUser`] in the agent world.
 pub async fn run_world_seed_with(
     world: WorldKind,
     seed: u64,
     options: Options,
 ) -> anyhow::Result<SeedReport> {
-    let Options {
-        duration,
-        drop_one_in,
-    } = options;
+    let flaw = options.drop_one_in.map(|n| match world {
+        WorldKind::Agent => Flaw::AgentsDeafToUser,
+        WorldKind::Hub | WorldKind::Relay => Flaw::NodesDrop(n),
+    });
+    run_flawed(world, seed, options.duration, flaw).await
+}
+
+/// A world broken on purpose, to show that its checker catches it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Flaw {
+    /// Hub and relay worlds: nodes lose one event in this many.
+    NodesDrop(u64),
+    /// Relay world: one rolled-back transaction in this many is published
+    /// straight to the hub before its rollback (a writer that publishes
+    /// before it knows the outcome).
+    PublishBeforeRollback(u64),
+    /// Agent world: agents subscribe to `price` only, deaf to `user`.
+    AgentsDeafToUser,
+    /// Agent world: agents run without `--fail-closed`.
+    AgentsNeverFailClosed,
+}
+
+/// Runs the scenario of `seed` in `world` for `duration`, broken by `flaw`.
+pub async fn run_flawed(
+    world: WorldKind,
+    seed: u64,
+    duration: Duration,
+    flaw: Option<Flaw>,
+) -> anyhow::Result<SeedReport> {
     let limit = duration + SEED_OVERHEAD;
     let run = async {
         match world {
-            WorldKind::Hub => world::run(Plan::new(seed, duration), drop_one_in).await,
-            WorldKind::Relay => relay_world::run(seed, duration, drop_one_in).await,
-            WorldKind::Agent => agent_world::run(seed, duration, drop_one_in.is_some()).await,
+            WorldKind::Hub => {
+                let drop_one_in = match flaw {
+                    Some(Flaw::NodesDrop(n)) => Some(n),
+                    None => None,
+                    Some(f) => anyhow::bail!("{f:?} is not a flaw of the hub world"),
+                };
+                world::run(Plan::new(seed, duration), drop_one_in).await
+            }
+            WorldKind::Relay => relay_world::run(seed, duration, flaw).await,
+            WorldKind::Agent => agent_world::run(seed, duration, flaw).await,
         }
     };
     match tokio::time::timeout(limit, run).await {

@@ -37,6 +37,10 @@ struct Args {
     /// Print each seed's fault schedule before running it.
     #[arg(long, short)]
     verbose: bool,
+    /// Print each seed's world and fault schedule, run nothing (to choose
+    /// seeds that inject given faults).
+    #[arg(long)]
+    dry_run: bool,
 }
 
 fn parse_range(s: &str) -> Result<(u64, u64), String> {
@@ -99,11 +103,14 @@ async fn run(args: Args) -> anyhow::Result<Summary> {
         if soak_until.is_some_and(|t| Instant::now() >= t) {
             break;
         }
-        if args.verbose {
+        if args.verbose || args.dry_run {
             let (world, schedule) = args.world.describe(seed, args.seed_duration);
             eprintln!("seed {seed}: {world}");
             for line in schedule {
                 eprintln!("  {line}");
+            }
+            if args.dry_run {
+                continue;
             }
         }
         let report = match run_world_seed(args.world, seed, args.seed_duration).await {
@@ -151,6 +158,9 @@ async fn run(args: Args) -> anyhow::Result<Summary> {
             }
         }
         summary.add(report);
+    }
+    if args.dry_run {
+        return Ok(summary);
     }
     if args.json {
         println!("{}", summary.json());

@@ -520,7 +520,7 @@ pub fn schedule_procs(
     let end = duration.mul_f64(0.85);
     let mut busy: HashMap<String, Duration> = HashMap::new();
     let mut faults = Vec::new();
-    for _ in 0..count * 8 {
+    for _ in 0..count * 32 {
         if faults.len() >= count {
             break;
         }

@@ -31,7 +31,8 @@ use std::time::Duration;
 use anyhow::Context;
 use freshness::{Entity, Version};
 use freshness_client::{
-    Backoff, EventBatch, Handler, HandlerError, Reset, Subscriber, SubscriberHandle, outbox,
+    Backoff, EventBatch, Handler, HandlerError, Publisher, Reset, Subscriber, SubscriberHandle,
+    outbox,
 };
 use freshness_tests::{TestHub, bind, test_config};
 use parking_lot::Mutex;
@@ -43,6 +44,7 @@ use tokio::time::{Instant, sleep, sleep_until};
 use tokio_postgres::{Client, NoTls};
 use tokio_util::sync::CancellationToken;
 
+use crate::Flaw;
 use crate::plan::{self, FaultKind, ProcFault, SHARDS, schedule_procs};
 use crate::procs::{self, OwnPostgres, PauseProxy, child_log, poll_until};
 use crate::report::{SeedReport, Violation, new_histogram};
@@ -247,6 +249,11 @@ struct World {
     faults: Mutex<BTreeMap<FaultKind, u64>>,
     start: Instant,
     events_log: Mutex<Vec<(Instant, String)>>,
+    /// A broken writer (the checker's own test) publishes one rolled-back
+    /// transaction in this many straight to the hub, before its rollback.
+    publish_before_rollback: Option<u64>,
+    /// Straight to the hub, for that broken writer.
+    publisher: Publisher,
     _data: tempfile::TempDir,
 }
 
@@ -260,7 +267,18 @@ async fn connect(url: &str) -> Result<(Client, JoinHandle<()>), tokio_postgres::
 }
 
 impl World {
-    async fn start(plan: RelayPlan, drop_one_in: Option<u64>) -> anyhow::Result<Arc<Self>> {
+    async fn start(plan: RelayPlan, flaw: Option<Flaw>) -> anyhow::Result<Arc<Self>> {
+        let drop_one_in = match flaw {
+            Some(Flaw::NodesDrop(n)) => Some(n),
+            Some(f @ (Flaw::AgentsDeafToUser | Flaw::AgentsNeverFailClosed)) => {
+                anyhow::bail!("{f:?} is not a flaw of the relay world")
+            }
+            _ => None,
+        };
+        let publish_before_rollback = match flaw {
+            Some(Flaw::PublishBeforeRollback(n)) => Some(n),
+            _ => None,
+        };
         let relay_bin = procs::binary("freshness-relay", "freshness-relay")?;
         let pg = OwnPostgres::start().await?;
         let out = Command::new(&relay_bin)
@@ -345,6 +363,10 @@ impl World {
             faults: Mutex::new(BTreeMap::new()),
             start: Instant::now(),
             events_log: Mutex::new(Vec::new()),
+            publish_before_rollback,
+            publisher: Publisher::builder(format!("http://{hub_addr}"))
+                .build()
+                .context("a publisher")?,
             _data: data,
         });
         for r in 0..world.relays.len() {
@@ -426,8 +448,18 @@ impl World {
                 }
                 match fate {
                     0..12 => {
+                        let n = self.counters.rolled_back.fetch_add(1, Ordering::Relaxed) + 1;
+                        if self
+                            .publish_before_rollback
+                            .is_some_and(|k| n.is_multiple_of(k))
+                        {
+                            for (entity, v) in &rows {
+                                let entity = Entity::parse(entity)?;
+                                let version = Version::new(*v).context("versions start at 1")?;
+                                let _ = self.publisher.publish(entity, version).await;
+                            }
+                        }
                         tx.rollback().await?;
-                        bump(&self.counters.rolled_back);
                     }
                     12..16 => {
                         // The writer dies mid-transaction: its connection
@@ -634,11 +666,11 @@ struct Convergence {
 pub(crate) async fn run(
     seed: u64,
     duration: Duration,
-    drop_one_in: Option<u64>,
+    flaw: Option<Flaw>,
 ) -> anyhow::Result<SeedReport> {
     let started = Instant::now();
     let plan = RelayPlan::new(seed, duration);
-    let world = World::start(plan, drop_one_in).await?;
+    let world = World::start(plan, flaw).await?;
     let result = drive(&world).await;
     world.stop().await;
     for (_, token, _) in &world.nodes {
@@ -856,5 +888,27 @@ fn report(world: &World, c: Convergence, started: Instant) -> SeedReport {
         staleness,
         violation_reports: reports,
         schedule: world.plan.schedule(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_seed_always_gives_the_same_plan_and_faults_end_in_time() {
+        let d = Duration::from_secs(3);
+        let mut seen = std::collections::BTreeSet::new();
+        for seed in 0..100 {
+            let plan = RelayPlan::new(seed, d);
+            assert_eq!(plan, RelayPlan::new(seed, d));
+            assert!(plan.faults.len() >= 3, "seed {seed}: {:?}", plan.faults);
+            for f in &plan.faults {
+                assert!(f.at + f.hold <= d, "{f:?}");
+                assert!(f.kind != FaultKind::RelayKill || f.target < plan.relays.len());
+                seen.insert(f.kind);
+            }
+        }
+        assert_eq!(seen.len(), FaultKind::RELAY_WORLD.len(), "{seen:?}");
     }
 }

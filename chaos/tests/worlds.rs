@@ -9,7 +9,9 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use freshness_chaos::report::violation_text;
-use freshness_chaos::{FaultKind, Options, SeedReport, Summary, WorldKind, run_world_seed_with};
+use freshness_chaos::{
+    FaultKind, Flaw, Options, SeedReport, Summary, WorldKind, run_flawed, run_world_seed_with,
+};
 
 /// Traffic and faults per seed.
 const PER_SEED: Duration = Duration::from_secs(3);
@@ -116,7 +118,7 @@ async fn agent_world_keeps_redis_fresh_and_fails_closed() {
     );
 }
 
-fn caught(world: WorldKind, r: &SeedReport) {
+fn caught(world: WorldKind, r: &SeedReport, kind: &str) {
     eprintln!(
         "{} world, seed {}: {} reads ({} hits, {} of the fail-closed namespace), {} entries checked at quiescence, faults {:?}",
         world.as_str(),
@@ -136,45 +138,46 @@ fn caught(world: WorldKind, r: &SeedReport) {
         world.as_str(),
         r.counters
     );
+    assert!(
+        r.violation_reports.iter().any(|v| v.kind == kind),
+        "no {kind} violation: {:#?}",
+        r.violation_reports
+    );
 }
 
 /// The relay world's checker has teeth: nodes that lose one event in ten
 /// are caught at quiescence.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_that_loses_outbox_events_is_caught() {
-    let r = run_world_seed_with(
+    let r = run_flawed(WorldKind::Relay, 0, PER_SEED, Some(Flaw::NodesDrop(10)))
+        .await
+        .expect("seed 0 runs");
+    caught(WorldKind::Relay, &r, "lost");
+}
+
+/// A writer that publishes before it knows its transaction's outcome leaks
+/// rolled-back versions to the nodes: caught.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_writer_that_publishes_before_rollback_is_caught() {
+    let r = run_flawed(
         WorldKind::Relay,
-        0,
-        Options {
-            duration: PER_SEED,
-            drop_one_in: Some(10),
-        },
+        1,
+        PER_SEED,
+        Some(Flaw::PublishBeforeRollback(5)),
     )
     .await
-    .expect("seed 0 runs");
-    caught(WorldKind::Relay, &r);
-    assert!(
-        r.violation_reports.iter().any(|v| v.kind == "lost"),
-        "{:#?}",
-        r.violation_reports
-    );
+    .expect("seed 1 runs");
+    caught(WorldKind::Relay, &r, "uncommitted");
 }
 
 /// The agent world's checker has teeth: agents that subscribe to `price`
 /// only never delete a `user` key, and are caught.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_agent_deaf_to_a_namespace_is_caught() {
-    let r = run_world_seed_with(
-        WorldKind::Agent,
-        17,
-        Options {
-            duration: PER_SEED,
-            drop_one_in: Some(1),
-        },
-    )
-    .await
-    .expect("seed 17 runs");
-    caught(WorldKind::Agent, &r);
+    let r = run_flawed(WorldKind::Agent, 17, PER_SEED, Some(Flaw::AgentsDeafToUser))
+        .await
+        .expect("seed 17 runs");
+    caught(WorldKind::Agent, &r, "quiescence");
     assert!(
         r.violation_reports
             .iter()
@@ -182,4 +185,19 @@ async fn an_agent_deaf_to_a_namespace_is_caught() {
         "{:#?}",
         r.violation_reports
     );
+}
+
+/// Agents without `--fail-closed` keep serving and storing `price` through
+/// the 1.6 s hub restart of seed 24: caught.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_that_never_fails_closed_is_caught() {
+    let r = run_flawed(
+        WorldKind::Agent,
+        24,
+        PER_SEED,
+        Some(Flaw::AgentsNeverFailClosed),
+    )
+    .await
+    .expect("seed 24 runs");
+    caught(WorldKind::Agent, &r, "fail_closed");
 }
