@@ -312,40 +312,44 @@ impl Summary {
                 self.errors.join("; ")
             );
         }
-        let _ = writeln!(
-            out,
-            "events     {} published ({} commits), {} applied by nodes, {} failed publish calls retried by writers",
-            t.events, t.commits, t.events_applied, t.publish_errors
-        );
-        let _ = writeln!(
-            out,
-            "reads      {} ({} hits, {:.1}%); fail-closed namespace {} ({} hits)",
-            t.reads,
-            t.hits,
-            pct(t.hits, t.reads),
-            t.fail_closed_reads,
-            t.fail_closed_hits
-        );
-        let _ = writeln!(
-            out,
-            "violations {}   (bound {} ms = max staleness {} ms + allowance {} ms)",
-            t.violations,
-            BOUND.as_millis(),
-            MAX_STALENESS.as_millis(),
-            ALLOWANCE.as_millis()
-        );
-        let _ = writeln!(
-            out,
-            "stale      {} served by policy (serve-stale namespace, feed not fresh), {} excused (publish held or region link down)",
-            t.stale_served_by_policy, t.stale_excused
-        );
-        let _ = writeln!(
-            out,
-            "staleness  p50 {} ms, p99 {} ms, max {} ms",
-            ms(t.staleness.value_at_quantile(0.5)),
-            ms(t.staleness.value_at_quantile(0.99)),
-            ms(t.staleness.max())
-        );
+        if self.world == "relay" {
+            self.relay_lines(&mut out);
+        } else {
+            let _ = writeln!(
+                out,
+                "events     {} published ({} commits), {} applied by nodes, {} failed publish calls retried by writers",
+                t.events, t.commits, t.events_applied, t.publish_errors
+            );
+            let _ = writeln!(
+                out,
+                "reads      {} ({} hits, {:.1}%); fail-closed namespace {} ({} hits)",
+                t.reads,
+                t.hits,
+                pct(t.hits, t.reads),
+                t.fail_closed_reads,
+                t.fail_closed_hits
+            );
+            let _ = writeln!(
+                out,
+                "violations {}   (bound {} ms = max staleness {} ms + allowance {} ms)",
+                t.violations,
+                BOUND.as_millis(),
+                MAX_STALENESS.as_millis(),
+                ALLOWANCE.as_millis()
+            );
+            let _ = writeln!(
+                out,
+                "stale      {} served by policy (serve-stale namespace, feed not fresh), {} excused (publish held or region link down)",
+                t.stale_served_by_policy, t.stale_excused
+            );
+            let _ = writeln!(
+                out,
+                "staleness  p50 {} ms, p99 {} ms, max {} ms",
+                ms(t.staleness.value_at_quantile(0.5)),
+                ms(t.staleness.value_at_quantile(0.99)),
+                ms(t.staleness.max())
+            );
+        }
         let list = |m: &mut dyn Iterator<Item = (String, u64)>| {
             let s: Vec<String> = m.map(|(k, v)| format!("{k} {v}")).collect();
             if s.is_empty() {
@@ -373,10 +377,17 @@ impl Summary {
         }
         let _ = writeln!(
             out,
-            "converged  {} cached entries equal to the source of truth after quiescence",
-            t.entries_checked
+            "converged  {} {} after quiescence",
+            t.entries_checked,
+            if self.world == "relay" {
+                "node and entity pairs at the newest committed version"
+            } else {
+                "cached entries equal to the source of truth"
+            }
         );
-        if lower {
+        if self.world == "relay" {
+            // No readers: nothing to count nines over.
+        } else if lower {
             let _ = writeln!(
                 out,
                 "nines      >= {nines:.2} (no violation in {} reads: the lower bound log10(reads))",
@@ -386,6 +397,30 @@ impl Summary {
             let _ = writeln!(out, "nines      {nines:.2} (-log10(violations / reads))");
         }
         out
+    }
+}
+
+impl Summary {
+    /// The relay world's lines: rows, delivery time, violations.
+    fn relay_lines(&self, out: &mut String) {
+        let t = &self.total;
+        let _ = writeln!(
+            out,
+            "rows       {} committed, {} events applied by nodes, {} writer transactions failed by faults",
+            t.commits, t.events_applied, t.publish_errors
+        );
+        let _ = writeln!(
+            out,
+            "violations {}   (uncommitted version seen, out of order, lost, left in the outbox or dead-lettered, epoch reset)",
+            t.violations
+        );
+        let _ = writeln!(
+            out,
+            "delivery   commit to node applied p50 {} ms, p99 {} ms, max {} ms",
+            ms(t.staleness.value_at_quantile(0.5)),
+            ms(t.staleness.value_at_quantile(0.99)),
+            ms(t.staleness.max())
+        );
     }
 }
 
