@@ -122,21 +122,28 @@ async fn run(args: Args) -> anyhow::Result<Summary> {
                 continue;
             }
         };
-        eprintln!(
-            "seed {seed}: {} regions, {} nodes, {} reads ({} hits), {} events, faults {}, {} violations",
-            report.regions,
-            report.nodes,
-            report.reads,
-            report.hits,
-            report.events,
-            report
-                .faults
-                .iter()
-                .map(|(k, v)| format!("{k}x{v}"))
-                .collect::<Vec<_>>()
-                .join(" "),
-            report.violations
-        );
+        let faults = report
+            .faults
+            .iter()
+            .map(|(k, v)| format!("{k}x{v}"))
+            .collect::<Vec<_>>()
+            .join(" ");
+        if args.world == WorldKind::Relay {
+            eprintln!(
+                "seed {seed}: {} nodes, {} rows committed, {} events applied, faults {faults}, {} violations",
+                report.nodes, report.commits, report.events_applied, report.violations
+            );
+        } else {
+            eprintln!(
+                "seed {seed}: {} regions, {} nodes, {} reads ({} hits), {} events, faults {faults}, {} violations",
+                report.regions,
+                report.nodes,
+                report.reads,
+                report.hits,
+                report.events,
+                report.violations
+            );
+        }
         if !report.counters.is_empty() {
             eprintln!(
                 "  {}",
