@@ -22,8 +22,11 @@
 //! reproduce the interleaving of those tasks.
 #![forbid(unsafe_code)]
 
+pub mod agent_world;
 pub mod check;
 pub mod plan;
+pub mod procs;
+pub mod relay_world;
 pub mod report;
 pub mod truth;
 mod world;
@@ -57,6 +60,146 @@ pub async fn run_seed(seed: u64, duration: Duration) -> anyhow::Result<SeedRepor
         },
     )
     .await
+}
+
+/// Which world a seed builds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum WorldKind {
+    /// Hubs of one to three regions, nodes running the client library,
+    /// writers that publish (the faults of [`FaultKind::ALL`]).
+    #[default]
+    Hub,
+    /// PostgreSQL as the source of truth, the outbox and `freshness-relay`
+    /// processes ([`relay_world`]).
+    Relay,
+    /// Redis servers kept fresh by `freshness-agent` processes
+    /// ([`agent_world`]).
+    Agent,
+}
+
+impl WorldKind {
+    /// `hub`, `relay` or `agent`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Hub => "hub",
+            Self::Relay => "relay",
+            Self::Agent => "agent",
+        }
+    }
+
+    /// The world's plan of `seed` in a line, and its fault schedule.
+    pub fn describe(self, seed: u64, duration: Duration) -> (String, Vec<String>) {
+        match self {
+            Self::Hub => {
+                let plan = Plan::new(seed, duration);
+                (
+                    format!(
+                        "hub world: regions {:?}, nodes {:?}",
+                        plan.regions,
+                        plan.nodes.iter().map(|n| &n.id).collect::<Vec<_>>()
+                    ),
+                    plan.faults.iter().map(|f| plan.describe_fault(f)).collect(),
+                )
+            }
+            Self::Relay => {
+                let plan = relay_world::RelayPlan::new(seed, duration);
+                (plan.describe(), plan.schedule())
+            }
+            Self::Agent => {
+                let plan = agent_world::AgentPlan::new(seed, duration);
+                (plan.describe(), plan.schedule())
+            }
+        }
+    }
+}
+
+impl std::str::FromStr for WorldKind {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "hub" => Ok(Self::Hub),
+            "relay" => Ok(Self::Relay),
+            "agent" => Ok(Self::Agent),
+            other => Err(format!("{other:?} is not a world: hub, relay or agent")),
+        }
+    }
+}
+
+/// Runs the scenario of `seed` in `world` with `duration` of traffic and
+/// faults.
+pub async fn run_world_seed(
+    world: WorldKind,
+    seed: u64,
+    duration: Duration,
+) -> anyhow::Result<SeedReport> {
+    run_world_seed_with(
+        world,
+        seed,
+        Options {
+            duration,
+            drop_one_in: None,
+        },
+    )
+    .await
+}
+
+/// Runs the scenario of `seed` in `world` with these options;
+/// `drop_one_in` stands for [`Flaw::NodesDrop`] in the hub and relay
+/// worlds and for [`Flaw::AgentsDeafToUser`] in the agent world.
+pub async fn run_world_seed_with(
+    world: WorldKind,
+    seed: u64,
+    options: Options,
+) -> anyhow::Result<SeedReport> {
+    let flaw = options.drop_one_in.map(|n| match world {
+        WorldKind::Agent => Flaw::AgentsDeafToUser,
+        WorldKind::Hub | WorldKind::Relay => Flaw::NodesDrop(n),
+    });
+    run_flawed(world, seed, options.duration, flaw).await
+}
+
+/// A world broken on purpose, to show that its checker catches it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Flaw {
+    /// Hub and relay worlds: nodes lose one event in this many.
+    NodesDrop(u64),
+    /// Relay world: one rolled-back transaction in this many is published
+    /// straight to the hub before its rollback (a writer that publishes
+    /// before it knows the outcome).
+    PublishBeforeRollback(u64),
+    /// Agent world: agents subscribe to `price` only, deaf to `user`.
+    AgentsDeafToUser,
+    /// Agent world: agents run without `--fail-closed`.
+    AgentsNeverFailClosed,
+}
+
+/// Runs the scenario of `seed` in `world` for `duration`, broken by `flaw`.
+pub async fn run_flawed(
+    world: WorldKind,
+    seed: u64,
+    duration: Duration,
+    flaw: Option<Flaw>,
+) -> anyhow::Result<SeedReport> {
+    let limit = duration + SEED_OVERHEAD;
+    let run = async {
+        match world {
+            WorldKind::Hub => {
+                let drop_one_in = match flaw {
+                    Some(Flaw::NodesDrop(n)) => Some(n),
+                    None => None,
+                    Some(f) => anyhow::bail!("{f:?} is not a flaw of the hub world"),
+                };
+                world::run(Plan::new(seed, duration), drop_one_in).await
+            }
+            WorldKind::Relay => relay_world::run(seed, duration, flaw).await,
+            WorldKind::Agent => agent_world::run(seed, duration, flaw).await,
+        }
+    };
+    match tokio::time::timeout(limit, run).await {
+        Ok(r) => r,
+        Err(_) => anyhow::bail!("seed {seed} did not finish within {limit:?}"),
+    }
 }
 
 /// Runs the scenario of `seed` with these options.

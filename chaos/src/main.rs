@@ -6,13 +6,18 @@ use std::time::Duration;
 
 use clap::Parser;
 use freshness_chaos::report::violation_text;
-use freshness_chaos::{Plan, Summary, run_seed};
+use freshness_chaos::{Summary, WorldKind, run_world_seed};
 use tokio::time::Instant;
 
 /// Seeded chaos scenarios against real hubs and cache nodes on loopback.
 #[derive(Debug, Parser)]
 #[command(name = "freshness-chaos", version)]
 struct Args {
+    /// The world: `hub` (hubs, client-library nodes, writers that publish),
+    /// `relay` (PostgreSQL outbox and `freshness-relay` processes) or
+    /// `agent` (Redis caches behind `freshness-agent` processes).
+    #[arg(long, default_value = "hub")]
+    world: WorldKind,
     /// Run this seed.
     #[arg(long, conflicts_with_all = ["seeds", "duration"])]
     seed: Option<u64>,
@@ -32,6 +37,10 @@ struct Args {
     /// Print each seed's fault schedule before running it.
     #[arg(long, short)]
     verbose: bool,
+    /// Print each seed's world and fault schedule, run nothing (to choose
+    /// seeds that inject given faults).
+    #[arg(long)]
+    dry_run: bool,
 }
 
 fn parse_range(s: &str) -> Result<(u64, u64), String> {
@@ -79,7 +88,10 @@ fn main() -> ExitCode {
 }
 
 async fn run(args: Args) -> anyhow::Result<Summary> {
-    let mut summary = Summary::default();
+    let mut summary = Summary {
+        world: args.world.as_str(),
+        ..Summary::default()
+    };
     let soak_until = args.duration.map(|d| Instant::now() + d);
     let seeds: Box<dyn Iterator<Item = u64>> = match (args.seed, args.seeds) {
         (Some(s), _) => Box::new(std::iter::once(s)),
@@ -91,18 +103,17 @@ async fn run(args: Args) -> anyhow::Result<Summary> {
         if soak_until.is_some_and(|t| Instant::now() >= t) {
             break;
         }
-        if args.verbose {
-            let plan = Plan::new(seed, args.seed_duration);
-            eprintln!(
-                "seed {seed}: regions {:?}, nodes {:?}",
-                plan.regions,
-                plan.nodes.iter().map(|n| &n.id).collect::<Vec<_>>()
-            );
-            for f in &plan.faults {
-                eprintln!("  {}", plan.describe_fault(f));
+        if args.verbose || args.dry_run {
+            let (world, schedule) = args.world.describe(seed, args.seed_duration);
+            eprintln!("seed {seed}: {world}");
+            for line in schedule {
+                eprintln!("  {line}");
+            }
+            if args.dry_run {
+                continue;
             }
         }
-        let report = match run_seed(seed, args.seed_duration).await {
+        let report = match run_world_seed(args.world, seed, args.seed_duration).await {
             Ok(r) => r,
             Err(e) => {
                 // A failed seed is a finding too: say which, and go on.
@@ -111,21 +122,39 @@ async fn run(args: Args) -> anyhow::Result<Summary> {
                 continue;
             }
         };
-        eprintln!(
-            "seed {seed}: {} regions, {} nodes, {} reads ({} hits), {} events, faults {}, {} violations",
-            report.regions,
-            report.nodes,
-            report.reads,
-            report.hits,
-            report.events,
-            report
-                .faults
-                .iter()
-                .map(|(k, v)| format!("{k}x{v}"))
-                .collect::<Vec<_>>()
-                .join(" "),
-            report.violations
-        );
+        let faults = report
+            .faults
+            .iter()
+            .map(|(k, v)| format!("{k}x{v}"))
+            .collect::<Vec<_>>()
+            .join(" ");
+        if args.world == WorldKind::Relay {
+            eprintln!(
+                "seed {seed}: {} nodes, {} rows committed, {} events applied, faults {faults}, {} violations",
+                report.nodes, report.commits, report.events_applied, report.violations
+            );
+        } else {
+            eprintln!(
+                "seed {seed}: {} regions, {} nodes, {} reads ({} hits), {} events, faults {faults}, {} violations",
+                report.regions,
+                report.nodes,
+                report.reads,
+                report.hits,
+                report.events,
+                report.violations
+            );
+        }
+        if !report.counters.is_empty() {
+            eprintln!(
+                "  {}",
+                report
+                    .counters
+                    .iter()
+                    .map(|(k, v)| format!("{k} {v}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+        }
         for v in &report.violation_reports {
             eprint!("{}", violation_text(v));
         }
@@ -136,6 +165,9 @@ async fn run(args: Args) -> anyhow::Result<Summary> {
             }
         }
         summary.add(report);
+    }
+    if args.dry_run {
+        return Ok(summary);
     }
     if args.json {
         println!("{}", summary.json());

@@ -43,10 +43,29 @@ pub enum FaultKind {
     /// A hub is stopped, its data directory deleted, and started again: a
     /// new epoch, so its nodes are reset `EPOCH_CHANGED`.
     HubDataLost,
+    /// Relay world: a `freshness-relay` process is killed with SIGKILL and
+    /// started again after the hold.
+    RelayKill,
+    /// Relay world: the world's PostgreSQL is stopped (fast shutdown) and
+    /// started again after the hold.
+    PostgresRestart,
+    /// Relay world: the hub stops answering (its connections stay open, as
+    /// with SIGSTOP) for the hold.
+    HubPause,
+    /// Agent world: a `freshness-agent` process is killed with SIGKILL and
+    /// started again after the hold.
+    AgentKill,
+    /// Agent world: an agent's Redis is killed (its data is gone) and
+    /// started again, empty, after the hold.
+    RedisRestart,
+    /// Agent world: an agent is stopped with SIGSTOP for the hold.
+    AgentPause,
+    /// Agent world: an agent's link to its hub is cut for the hold.
+    AgentPartition,
 }
 
 impl FaultKind {
-    /// Every kind, in a fixed order.
+    /// Every kind of the hub world, in a fixed order.
     pub const ALL: [FaultKind; 11] = [
         Self::NodeRestartPersisted,
         Self::NodeRestartMemory,
@@ -59,6 +78,23 @@ impl FaultKind {
         Self::ReorderedPublish,
         Self::NodeStall,
         Self::HubDataLost,
+    ];
+
+    /// Every kind of the relay world.
+    pub const RELAY_WORLD: [FaultKind; 4] = [
+        Self::RelayKill,
+        Self::HubRestart,
+        Self::PostgresRestart,
+        Self::HubPause,
+    ];
+
+    /// Every kind of the agent world.
+    pub const AGENT_WORLD: [FaultKind; 5] = [
+        Self::AgentKill,
+        Self::RedisRestart,
+        Self::HubRestart,
+        Self::AgentPause,
+        Self::AgentPartition,
     ];
 
     /// The snake-case name used in summaries.
@@ -75,6 +111,13 @@ impl FaultKind {
             Self::ReorderedPublish => "reordered_publish",
             Self::NodeStall => "node_stall",
             Self::HubDataLost => "hub_data_lost",
+            Self::RelayKill => "relay_kill",
+            Self::PostgresRestart => "postgres_restart",
+            Self::HubPause => "hub_pause",
+            Self::AgentKill => "agent_kill",
+            Self::RedisRestart => "redis_restart",
+            Self::AgentPause => "agent_pause",
+            Self::AgentPartition => "agent_partition",
         }
     }
 }
@@ -353,15 +396,20 @@ impl Plan {
                     back: rng.random_range(1..=3),
                 },
             ),
+            // Faults of the relay and agent worlds.
+            FaultKind::RelayKill
+            | FaultKind::PostgresRestart
+            | FaultKind::HubPause
+            | FaultKind::AgentKill
+            | FaultKind::RedisRestart
+            | FaultKind::AgentPause
+            | FaultKind::AgentPartition => return None,
         })
     }
 
     /// The entity names of the key space, by index: `price:i` then `user:i`.
     pub fn entity_names(&self) -> Vec<String> {
-        (0..self.ids)
-            .map(|i| format!("price:{i}"))
-            .chain((0..self.ids).map(|i| format!("user:{i}")))
-            .collect()
+        entity_names(self.ids)
     }
 
     /// A fault as a line of a schedule: its start, kind, what and hold.
@@ -421,6 +469,80 @@ impl Plan {
             f.hold.as_millis()
         )
     }
+}
+
+/// The key space of `ids` ids per namespace: `price:i` then `user:i`.
+pub fn entity_names(ids: usize) -> Vec<String> {
+    (0..ids)
+        .map(|i| format!("price:{i}"))
+        .chain((0..ids).map(|i| format!("user:{i}")))
+        .collect()
+}
+
+/// One scheduled fault of the relay or agent world: a kind and the index of
+/// its target (a relay or an agent; 0 for the hub and PostgreSQL).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ProcFault {
+    /// When it starts, from the start of traffic.
+    pub at: Duration,
+    /// How long it lasts.
+    pub hold: Duration,
+    /// Its kind.
+    pub kind: FaultKind,
+    /// Its target.
+    pub target: usize,
+}
+
+impl ProcFault {
+    /// The fault as a line of a schedule; `target` names the target.
+    pub fn describe(&self, target: &str) -> String {
+        format!(
+            "+{:>5}ms {:<22} {target} for {}ms",
+            self.at.as_millis(),
+            self.kind.as_str(),
+            self.hold.as_millis()
+        )
+    }
+}
+
+/// Draws the schedule of a relay or agent world: `kinds` with the number of
+/// targets each can hit and its hold range in ms, a few faults per 3 s of
+/// traffic, no two at once on the same target (`busy` names it), each over
+/// before 85 % of the traffic time.
+pub fn schedule_procs(
+    rng: &mut StdRng,
+    duration: Duration,
+    kinds: &[(FaultKind, usize, (u64, u64))],
+    busy_key: impl Fn(FaultKind, usize) -> String,
+) -> Vec<ProcFault> {
+    let secs = duration.as_secs_f64();
+    let count = ((secs / 3.0 * 4.0).round() as usize).max(3) + rng.random_range(0..=1usize);
+    let end = duration.mul_f64(0.85);
+    let mut busy: HashMap<String, Duration> = HashMap::new();
+    let mut faults = Vec::new();
+    for _ in 0..count * 32 {
+        if faults.len() >= count {
+            break;
+        }
+        let (kind, targets, (lo, hi)) = kinds[rng.random_range(0..kinds.len())];
+        let target = rng.random_range(0..targets.max(1));
+        let at = duration.mul_f64(rng.random_range(0.08..0.7));
+        let hold = ms(rng, lo, hi).min(end.saturating_sub(at));
+        let key = busy_key(kind, target);
+        if at < busy.get(&key).copied().unwrap_or_default() {
+            continue;
+        }
+        // Busy until the fault ends, plus time for a restart to finish.
+        busy.insert(key, at + hold + Duration::from_millis(500));
+        faults.push(ProcFault {
+            at,
+            hold,
+            kind,
+            target,
+        });
+    }
+    faults.sort_by_key(|f| f.at);
+    faults
 }
 
 #[cfg(test)]

@@ -78,7 +78,12 @@ pub struct SeedReport {
     pub resets: BTreeMap<String, u64>,
     /// Faults injected, by kind.
     pub faults: BTreeMap<FaultKind, u64>,
-    /// Staleness of every read, µs.
+    /// What a world counts besides the above (the relay world: transactions
+    /// rolled back, abandoned, in doubt; the agent world: fills refused), by
+    /// name.
+    pub counters: BTreeMap<String, u64>,
+    /// Staleness of every read, µs (the relay world, which has no readers:
+    /// commit to node applied, per node and committed row).
     pub staleness: Histogram<u64>,
     /// The first violations, in full.
     pub violation_reports: Vec<Violation>,
@@ -89,6 +94,8 @@ pub struct SeedReport {
 /// Seeds folded together.
 #[derive(Debug, Clone)]
 pub struct Summary {
+    /// The world the seeds ran in: `hub`, `relay` or `agent`.
+    pub world: &'static str,
     /// Seeds run, in order.
     pub seeds: Vec<u64>,
     /// Seeds whose run failed (the harness gave up: a node never went live,
@@ -104,6 +111,7 @@ pub struct Summary {
 impl Default for Summary {
     fn default() -> Self {
         Self {
+            world: "hub",
             seeds: Vec::new(),
             errors: Vec::new(),
             error_count: 0,
@@ -126,6 +134,7 @@ impl Default for Summary {
                 entries_checked: 0,
                 resets: BTreeMap::new(),
                 faults: BTreeMap::new(),
+                counters: BTreeMap::new(),
                 staleness: new_histogram(),
                 violation_reports: Vec::new(),
                 schedule: Vec::new(),
@@ -137,6 +146,7 @@ impl Default for Summary {
 /// The summary as JSON.
 #[derive(Debug, Serialize)]
 struct Json<'a> {
+    world: &'a str,
     seeds: &'a [u64],
     failed_seeds: u64,
     errors: &'a [String],
@@ -158,6 +168,7 @@ struct Json<'a> {
     staleness_max_ms: f64,
     resets: &'a BTreeMap<String, u64>,
     faults: BTreeMap<&'static str, u64>,
+    counters: &'a BTreeMap<String, u64>,
     nines: f64,
     nines_is_lower_bound: bool,
     bound_ms: u128,
@@ -203,6 +214,9 @@ impl Summary {
         for (k, v) in r.faults {
             *t.faults.entry(k).or_default() += v;
         }
+        for (k, v) in r.counters {
+            *t.counters.entry(k).or_default() += v;
+        }
         // Both have the same bounds, so adding cannot fail.
         let _ = t.staleness.add(&r.staleness);
         let room = KEPT_VIOLATIONS.saturating_sub(t.violation_reports.len());
@@ -229,6 +243,7 @@ impl Summary {
         let t = &self.total;
         let (nines, lower) = self.nines();
         let json = Json {
+            world: self.world,
             seeds: &self.seeds,
             failed_seeds: self.error_count,
             errors: &self.errors,
@@ -250,6 +265,7 @@ impl Summary {
             staleness_max_ms: ms(t.staleness.max()),
             resets: &t.resets,
             faults: t.faults.iter().map(|(k, v)| (k.as_str(), *v)).collect(),
+            counters: &t.counters,
             nines: (nines * 100.0).round() / 100.0,
             nines_is_lower_bound: lower,
             bound_ms: BOUND.as_millis(),
@@ -282,7 +298,12 @@ impl Summary {
                 a as f64 * 100.0 / b as f64
             }
         };
-        let _ = writeln!(out, "seeds      {seeds} ({:.1} s)", t.wall_ms as f64 / 1e3);
+        let _ = writeln!(
+            out,
+            "seeds      {seeds} ({} world, {:.1} s)",
+            self.world,
+            t.wall_ms as f64 / 1e3
+        );
         if self.error_count > 0 {
             let _ = writeln!(
                 out,
@@ -291,40 +312,44 @@ impl Summary {
                 self.errors.join("; ")
             );
         }
-        let _ = writeln!(
-            out,
-            "events     {} published ({} commits), {} applied by nodes, {} failed publish calls retried by writers",
-            t.events, t.commits, t.events_applied, t.publish_errors
-        );
-        let _ = writeln!(
-            out,
-            "reads      {} ({} hits, {:.1}%); fail-closed namespace {} ({} hits)",
-            t.reads,
-            t.hits,
-            pct(t.hits, t.reads),
-            t.fail_closed_reads,
-            t.fail_closed_hits
-        );
-        let _ = writeln!(
-            out,
-            "violations {}   (bound {} ms = max staleness {} ms + allowance {} ms)",
-            t.violations,
-            BOUND.as_millis(),
-            MAX_STALENESS.as_millis(),
-            ALLOWANCE.as_millis()
-        );
-        let _ = writeln!(
-            out,
-            "stale      {} served by policy (serve-stale namespace, feed not fresh), {} excused (publish held or region link down)",
-            t.stale_served_by_policy, t.stale_excused
-        );
-        let _ = writeln!(
-            out,
-            "staleness  p50 {} ms, p99 {} ms, max {} ms",
-            ms(t.staleness.value_at_quantile(0.5)),
-            ms(t.staleness.value_at_quantile(0.99)),
-            ms(t.staleness.max())
-        );
+        if self.world == "relay" {
+            self.relay_lines(&mut out);
+        } else {
+            let _ = writeln!(
+                out,
+                "events     {} published ({} commits), {} applied by nodes, {} failed publish calls retried by writers",
+                t.events, t.commits, t.events_applied, t.publish_errors
+            );
+            let _ = writeln!(
+                out,
+                "reads      {} ({} hits, {:.1}%); fail-closed namespace {} ({} hits)",
+                t.reads,
+                t.hits,
+                pct(t.hits, t.reads),
+                t.fail_closed_reads,
+                t.fail_closed_hits
+            );
+            let _ = writeln!(
+                out,
+                "violations {}   (bound {} ms = max staleness {} ms + allowance {} ms)",
+                t.violations,
+                BOUND.as_millis(),
+                MAX_STALENESS.as_millis(),
+                ALLOWANCE.as_millis()
+            );
+            let _ = writeln!(
+                out,
+                "stale      {} served by policy (serve-stale namespace, feed not fresh), {} excused (publish held or region link down)",
+                t.stale_served_by_policy, t.stale_excused
+            );
+            let _ = writeln!(
+                out,
+                "staleness  p50 {} ms, p99 {} ms, max {} ms",
+                ms(t.staleness.value_at_quantile(0.5)),
+                ms(t.staleness.value_at_quantile(0.99)),
+                ms(t.staleness.max())
+            );
+        }
         let list = |m: &mut dyn Iterator<Item = (String, u64)>| {
             let s: Vec<String> = m.map(|(k, v)| format!("{k} {v}")).collect();
             if s.is_empty() {
@@ -343,12 +368,26 @@ impl Summary {
             "faults     {}",
             list(&mut t.faults.iter().map(|(k, v)| (k.as_str().to_owned(), *v)))
         );
+        if !t.counters.is_empty() {
+            let _ = writeln!(
+                out,
+                "counters   {}",
+                list(&mut t.counters.iter().map(|(k, v)| (k.clone(), *v)))
+            );
+        }
         let _ = writeln!(
             out,
-            "converged  {} cached entries equal to the source of truth after quiescence",
-            t.entries_checked
+            "converged  {} {} after quiescence",
+            t.entries_checked,
+            if self.world == "relay" {
+                "node and entity pairs at the newest committed version"
+            } else {
+                "cached entries equal to the source of truth"
+            }
         );
-        if lower {
+        if self.world == "relay" {
+            // No readers: nothing to count nines over.
+        } else if lower {
             let _ = writeln!(
                 out,
                 "nines      >= {nines:.2} (no violation in {} reads: the lower bound log10(reads))",
@@ -358,6 +397,30 @@ impl Summary {
             let _ = writeln!(out, "nines      {nines:.2} (-log10(violations / reads))");
         }
         out
+    }
+}
+
+impl Summary {
+    /// The relay world's lines: rows, delivery time, violations.
+    fn relay_lines(&self, out: &mut String) {
+        let t = &self.total;
+        let _ = writeln!(
+            out,
+            "rows       {} committed, {} events applied by nodes, {} writer transactions failed by faults",
+            t.commits, t.events_applied, t.publish_errors
+        );
+        let _ = writeln!(
+            out,
+            "violations {}   (uncommitted version seen, out of order, lost, left in the outbox or dead-lettered, epoch reset)",
+            t.violations
+        );
+        let _ = writeln!(
+            out,
+            "delivery   commit to node applied p50 {} ms, p99 {} ms, max {} ms",
+            ms(t.staleness.value_at_quantile(0.5)),
+            ms(t.staleness.value_at_quantile(0.99)),
+            ms(t.staleness.max())
+        );
     }
 }
 

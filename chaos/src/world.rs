@@ -922,6 +922,7 @@ pub(crate) async fn run(plan: Plan, drop_one_in: Option<u64>) -> anyhow::Result<
         entries_checked: checked,
         resets: s.resets.lock().clone(),
         faults: s.faults.lock().clone(),
+        counters: BTreeMap::new(),
         staleness,
         violation_reports: std::mem::take(&mut *world.violations.lock()),
         schedule: world
