@@ -20,7 +20,7 @@ use std::time::Duration;
 use freshness::pb::subscribe_request::Kind as ReqKind;
 use freshness::pb::subscribe_response::Kind as RespKind;
 use freshness::pb::{self, hub_client::HubClient};
-use freshness::{Entity, Version};
+use freshness::validate::CheckedEvent;
 use tokio::sync::{mpsc, watch};
 use tokio::time::MissedTickBehavior;
 use tokio_stream::wrappers::ReceiverStream;
@@ -266,13 +266,12 @@ impl Link {
         let mut incoming = Vec::with_capacity(batch.events.len());
         for d in batch.events {
             let e = d.event.ok_or("replicated event without a body")?;
-            let entity =
-                Entity::parse(&e.entity).map_err(|err| format!("peer sent a bad entity: {err}"))?;
-            let version = Version::new(e.version).ok_or("peer sent version 0")?;
+            let e =
+                CheckedEvent::try_from(e).map_err(|err| format!("peer sent a bad event: {err}"))?;
             seqs.push((d.shard, d.seq));
             incoming.push(Incoming {
-                entity,
-                version,
+                entity: e.entity,
+                version: e.version,
                 payload: e.payload,
                 traceparent: e.traceparent,
                 tracestate: e.tracestate,
