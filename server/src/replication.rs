@@ -17,6 +17,7 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
 
+use freshness::backoff::{Attempts, Backoff};
 use freshness::pb::subscribe_request::Kind as ReqKind;
 use freshness::pb::subscribe_response::Kind as RespKind;
 use freshness::pb::{self, hub_client::HubClient};
@@ -157,7 +158,7 @@ pub enum LinkError {
 
 impl Link {
     async fn run(mut self) {
-        let mut backoff = BACKOFF_MIN;
+        let mut attempts = Attempts::new(Backoff::new(BACKOFF_MIN, BACKOFF_MAX));
         loop {
             let end = self.stream().await;
             self.persist(true);
@@ -169,16 +170,14 @@ impl Link {
                     self.hub
                         .update_peer(&self.region, |p| p.last_error = error.to_string());
                     if connected {
-                        backoff = BACKOFF_MIN;
+                        attempts.reset();
                     }
                 }
             }
-            let jitter = rand::random_range(0.5..1.0);
             tokio::select! {
-                () = tokio::time::sleep(backoff.mul_f64(jitter)) => {}
+                () = tokio::time::sleep(attempts.next_delay()) => {}
                 () = self.hub.shutdown.cancelled() => return,
             }
-            backoff = (backoff * 2).min(BACKOFF_MAX);
         }
     }
 
