@@ -39,8 +39,8 @@ use tokio::time::{Instant, sleep, sleep_until};
 use tonic::transport::Channel;
 use tracing::{Instrument, debug, info_span, warn};
 
-use crate::backoff::{Attempts, Backoff};
 use crate::transport::InvalidAddress;
+use freshness::backoff::{Attempts, Backoff};
 
 /// One change to publish.
 #[derive(Debug, Clone, PartialEq, Eq)]

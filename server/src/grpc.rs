@@ -13,9 +13,10 @@ use tonic::{Request, Response, Status, Streaming};
 use tracing::Instrument;
 use tracing::field::Empty;
 
-use crate::error::{HubError, map_decode_status};
-use crate::hub::Hub;
+use crate::error::{HubError, ProtocolError, map_decode_status};
+use crate::hub::{Hub, NodeState};
 use crate::shard::Outcome;
+use crate::status::{HubStatus, NodeStatus};
 use crate::telemetry::{Adopt, num};
 
 /// How long a new stream may take to send its hello.
@@ -165,21 +166,13 @@ impl pb::raw::hub_server::Hub for HubService {
             () = self.hub.shutdown.cancelled() => return Err(HubError::ShuttingDown.into()),
         };
         let hello = match first {
-            Err(_) => {
-                return Err(Status::failed_precondition(format!(
-                    "no hello within {HELLO_TIMEOUT:?} of opening the stream"
-                )));
-            }
-            Ok(None) => return Err(Status::failed_precondition("stream ended before its hello")),
+            Err(_) => return Err(HubError::from(ProtocolError::NoHello(HELLO_TIMEOUT)).into()),
+            Ok(None) => return Err(HubError::from(ProtocolError::EndedBeforeHello).into()),
             Ok(Some(Err(s))) => return Err(map_decode_status(s)),
             Ok(Some(Ok(wire::Request(pb::SubscribeRequest {
                 kind: Some(ReqKind::Hello(hello)),
             })))) => hello,
-            Ok(Some(Ok(_))) => {
-                return Err(Status::failed_precondition(
-                    "the first message of a subscribe stream must be a hello",
-                ));
-            }
+            Ok(Some(Ok(_))) => return Err(HubError::from(ProtocolError::HelloNotFirst).into()),
         };
         let session = crate::session::open(self.hub.clone(), hello, peer, inbound)?;
         Ok(Response::new(session))
@@ -189,6 +182,67 @@ impl pb::raw::hub_server::Hub for HubService {
         &self,
         _request: Request<pb::StatusRequest>,
     ) -> Result<Response<pb::StatusResponse>, Status> {
-        Ok(Response::new(self.hub.status()))
+        Ok(Response::new(self.hub.status().into()))
+    }
+}
+
+impl From<HubStatus> for pb::StatusResponse {
+    fn from(s: HubStatus) -> Self {
+        Self {
+            hub_id: s.hub_id,
+            region: s.region,
+            epoch: s.epoch,
+            shard_count: s.shard_count,
+            shards: s
+                .shards
+                .into_iter()
+                .map(|h| pb::ShardStatus {
+                    shard: h.shard,
+                    head_seq: h.head_seq,
+                    first_seq: h.first_seq,
+                })
+                .collect(),
+            nodes: s.nodes.into_iter().map(node_to_wire).collect(),
+            peers: s
+                .peers
+                .into_iter()
+                .map(|p| pb::PeerStatus {
+                    region: p.region,
+                    address: p.address,
+                    connected: p.connected,
+                    lag_events: p.lag_events,
+                    lag_ms: p.lag_ms,
+                    last_error: p.last_error,
+                })
+                .collect(),
+            retained_events: s.retained_events,
+            retained_bytes: s.retained_bytes,
+            now_us: s.now_us,
+            durable: s.durable,
+            log_error: s.log_error.unwrap_or_default(),
+        }
+    }
+}
+
+fn node_to_wire(n: NodeStatus) -> pb::NodeStatus {
+    pb::NodeStatus {
+        node_id: n.node_id,
+        namespaces: n.namespaces,
+        acked: Some(n.acked.to_wire()),
+        lag_events: n.lag_events,
+        staleness_ms: n.staleness_ms,
+        in_flight: n.in_flight,
+        max_in_flight: n.max_in_flight,
+        parked: n.parked,
+        replication: n.replication,
+        peer: n.peer,
+        connected_at_us: n.connected_at_us,
+        state: match n.state {
+            NodeState::Blocked => pb::NodeState::Blocked,
+            NodeState::Resetting => pb::NodeState::Resetting,
+            NodeState::Parked => pb::NodeState::Parked,
+            NodeState::Live => pb::NodeState::Live,
+        } as i32,
+        state_since_us: n.state_since_us,
     }
 }
