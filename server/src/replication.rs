@@ -140,6 +140,25 @@ impl Link {
                 .keep_alive_timeout(Duration::from_secs(10)),
             Err(e) => return Self::failed(format!("invalid peer address: {e}"), false),
         };
+        // An https:// peer: its CA, and this hub's certificate as the
+        // client certificate (read at each connect: a rotated one is used
+        // from the next connection on).
+        let endpoint = if self.url.starts_with("https://") {
+            let host = endpoint.uri().host().unwrap_or_default().to_owned();
+            let config = &self.hub.config;
+            let tls = crate::tls::peer_client_config(
+                config.peer_ca.as_deref(),
+                config.tls_files().as_ref(),
+                &host,
+            )
+            .and_then(|tls| endpoint.tls_config(tls).map_err(|e| e.to_string()));
+            match tls {
+                Ok(e) => e,
+                Err(e) => return Self::failed(format!("peer TLS: {e}"), false),
+            }
+        } else {
+            endpoint
+        };
         let channel = tokio::select! {
             c = endpoint.connect() => match c {
                 Ok(c) => c,
@@ -170,7 +189,10 @@ impl Link {
         let mut inbound = match opened {
             Ok(r) => r.into_inner(),
             Err(s) => {
-                return Self::failed(format!("peer refused the link: {}", s.message()), false);
+                return Self::failed(
+                    format!("peer refused the link: {:?}: {}", s.code(), s.message()),
+                    false,
+                );
             }
         };
         let welcome = match inbound.message().await {
@@ -179,7 +201,10 @@ impl Link {
             })) => w,
             Ok(_) => return Self::failed("peer did not send a welcome", false),
             Err(s) => {
-                return Self::failed(format!("peer refused the link: {}", s.message()), false);
+                return Self::failed(
+                    format!("peer refused the link: {:?}: {}", s.code(), s.message()),
+                    false,
+                );
             }
         };
         if welcome.shard_count != self.hub.shard_count() {

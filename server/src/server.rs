@@ -8,11 +8,16 @@ use tokio_util::task::TaskTracker;
 
 use freshness::pb::raw::hub_server::HubServer;
 
+use std::sync::Arc;
+
+use crate::auth::Auth;
+use crate::auth::layer::AuthLayer;
 use crate::config::Config;
 use crate::grpc::HubService;
 use crate::hub::Durable;
 use crate::hub::Hub;
 use crate::shard::ShardMemory;
+use crate::tls::TlsServer;
 
 /// Why the hub stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -29,6 +34,23 @@ pub enum RunError {
     /// Opening the log did not finish (its task failed).
     #[error("opening the log failed: {0}")]
     LogTask(#[from] tokio::task::JoinError),
+    /// A TLS or auth file cannot be used.
+    #[error("{0}")]
+    Security(String),
+}
+
+/// The listener's TLS (when configured) and the auth state, loaded from the
+/// files `config` names. The binary calls it before it binds a port, so
+/// that a missing or invalid file stops it first (exit 64).
+pub fn load_security(config: &Config) -> Result<(Option<Arc<TlsServer>>, Arc<Auth>), String> {
+    let tls = config.tls_files().map(TlsServer::load).transpose()?;
+    let sources = config.auth_sources();
+    let auth = if sources.enabled() || sources.policy.is_some() {
+        Auth::load(sources)?
+    } else {
+        Auth::disabled()
+    };
+    Ok((tls, auth))
 }
 
 /// Opens the durable log `config` names and recovers it (blocking: it reads
@@ -157,6 +179,7 @@ pub async fn serve_with_http(
     shutdown: CancellationToken,
 ) -> Result<(), RunError> {
     config.validate()?;
+    let (tls, auth) = load_security(&config).map_err(RunError::Security)?;
     let tracker = TaskTracker::new();
     let grace = config.shutdown_grace;
     let max_message = config.max_message_bytes;
@@ -167,8 +190,26 @@ pub async fn serve_with_http(
         epoch = hub.epoch,
         shards = hub.shard_count(),
         addr = ?listener.local_addr().ok(),
+        tls = tls.is_some(),
+        auth = auth.enabled(),
         "hub serving"
     );
+    {
+        let mut watched = Vec::new();
+        if let Some(tls) = &tls {
+            let t = tls.clone();
+            watched.push(crate::reload::Watched {
+                files: tls.files(),
+                reload: Arc::new(move || t.reload()),
+            });
+        }
+        let a = auth.clone();
+        watched.push(crate::reload::Watched {
+            files: auth.files(),
+            reload: Arc::new(move || a.reload()),
+        });
+        tracker.spawn(crate::reload::watch(watched, shutdown.clone()));
+    }
 
     crate::replication::spawn_links(&hub, &tracker);
     tracker.spawn(crate::metrics::sample(hub.clone()));
@@ -184,15 +225,18 @@ pub async fn serve_with_http(
         .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()?;
-    let service = HubService::new(hub.clone());
+    let service = HubService::with_auth(hub.clone(), auth.clone());
     let subscribe_limit = subscribe_message_limit(hub.shard_count()).min(max_message);
     let hub_service = HubServer::new(service.clone())
         .max_decoding_message_size(max_message)
         .max_encoding_message_size(max_message);
 
-    // Layers, outermost first: SPEC §4 status mapping. Limits live in the
-    // core as bounded queues, where a full one is an answer. `Subscribe`
-    // is served by the transport itself (see `transport.rs`).
+    // Layers, outermost first: SPEC §4 status mapping; authentication (the
+    // caller's principal into the request, or UNAUTHENTICATED; the handlers
+    // check its permissions). Limits live in the core as bounded queues,
+    // where a full one is an answer. TLS is the acceptor's, below every
+    // layer. `Subscribe` is served by the transport itself (see
+    // `transport.rs`), which authenticates it the same way.
     let routes = tonic::service::Routes::new(health_service)
         .add_service(reflection)
         .add_service(hub_service)
@@ -201,8 +245,11 @@ pub async fn serve_with_http(
         .layer(tower::util::MapResponseLayer::new(
             decode_errors_to_spec_codes,
         ))
+        .layer(AuthLayer::new(auth.clone()))
         .service(routes);
     let services = std::sync::Arc::new(crate::transport::Services {
+        tls,
+        auth,
         hub: service,
         subscribe_limit,
         routes,

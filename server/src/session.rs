@@ -127,6 +127,9 @@ pub struct Session {
     frame_limit: usize,
     last_watermark: Instant,
     tally: crate::metrics::SessionTally,
+    /// The caller's rights, rechecked at each tick when the auth files
+    /// were reloaded (`None`: a hub without authentication).
+    access: Option<Box<crate::auth::Access>>,
 }
 
 /// Where a session's stream is.
@@ -325,6 +328,7 @@ pub fn open(
         builder: BatchBuilder::new(),
         last_watermark: Instant::now(),
         tally: crate::metrics::SessionTally::default(),
+        access: None,
     };
     if let Some((shards, all, reason)) = reset {
         let frame = session.reset_frame(shards, all, reason);
@@ -425,6 +429,9 @@ impl Session {
             let mut cx = Context::from_waker(&waker);
             while self.tick.poll_tick(&mut cx).is_ready() {
                 self.on_tick();
+            }
+            if let Some(access) = &mut self.access {
+                access.recheck().map_err(Err)?;
             }
         }
         Ok(())
@@ -739,6 +746,12 @@ impl Session {
             .resetting
             .store(!self.resets.is_empty(), Ordering::Relaxed);
         shared.refresh_state(self.hub.clock.now_us());
+    }
+
+    /// Keeps the caller's rights: the stream ends with `PERMISSION_DENIED`
+    /// at the first tick after a reload that took them away.
+    pub fn set_access(&mut self, access: crate::auth::Access) {
+        self.access = Some(Box::new(access));
     }
 
     /// The transport found the stream without send capacity (`true`: the

@@ -94,6 +94,10 @@ impl<S> Routes for S where
 
 /// The services behind the listener.
 pub struct Services<S> {
+    /// TLS on every connection, when configured.
+    pub tls: Option<Arc<crate::tls::TlsServer>>,
+    /// Authenticates `Subscribe` streams (the routes have their own layer).
+    pub auth: Arc<crate::auth::Auth>,
     /// The hub, whose `Subscribe` is served here.
     pub hub: HubService,
     /// The largest `SubscribeRequest` a stream may send.
@@ -138,17 +142,42 @@ where
             local_addr: tcp.local_addr().ok(),
             remote_addr: Some(peer),
         };
-        connections.spawn(connection(tcp, info, services.clone(), drain.clone()));
+        connections.spawn(secure(tcp, info, services.clone(), drain.clone()));
     }
     connections
 }
 
-async fn connection<S>(
+/// The connection, behind its TLS handshake when the hub serves TLS. A
+/// handshake that fails (a plain-text client, a certificate the hub does
+/// not trust, garbage) ends this connection only.
+async fn secure<S>(
     tcp: TcpStream,
     info: TcpConnectInfo,
     services: Arc<Services<S>>,
     drain: CancellationToken,
 ) where
+    S: Routes,
+{
+    let Some(tls) = services.tls.clone() else {
+        return connection(tcp, info, None, services, drain).await;
+    };
+    match tls.accept(tcp).await {
+        Ok((stream, identity)) => connection(stream, info, identity, services, drain).await,
+        Err(e) => {
+            metrics::counter!(crate::metrics::TLS_HANDSHAKE_FAILURES).increment(1);
+            tracing::debug!(peer = ?info.remote_addr, error = %e, "TLS handshake failed");
+        }
+    }
+}
+
+async fn connection<IO, S>(
+    tcp: IO,
+    info: TcpConnectInfo,
+    identity: Option<crate::auth::CertificateIdentity>,
+    services: Arc<Services<S>>,
+    drain: CancellationToken,
+) where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
     S: Routes,
 {
     let handshake = h2::server::Builder::new()
@@ -182,10 +211,16 @@ async fn connection<S>(
                     // Each kind of stream is its own task, sized for itself:
                     // a subscribe stream lives for hours, a call for
                     // milliseconds.
+                    let (mut parts, body) = req.into_parts();
+                    parts.extensions.insert(info.clone());
+                    if let Some(identity) = &identity {
+                        parts.extensions.insert(identity.clone());
+                    }
+                    let req = http::Request::from_parts(parts, body);
                     if req.uri().path() == SUBSCRIBE_PATH {
-                        tokio::spawn(subscribe(req, respond, info.clone(), services.clone()));
+                        tokio::spawn(subscribe(req, respond, services.clone()));
                     } else {
-                        tokio::spawn(call(req, respond, info.clone(), services.routes.clone()));
+                        tokio::spawn(call(req, respond, services.routes.clone()));
                     }
                 }
                 Some(Err(e)) => {
@@ -266,16 +301,11 @@ impl Body for RecvBody {
 
 /// Any call but `Subscribe`: through tonic's services, the response written
 /// back with flow control.
-async fn call<S>(
-    req: http::Request<RecvStream>,
-    mut respond: SendResponse<Bytes>,
-    info: TcpConnectInfo,
-    routes: S,
-) where
+async fn call<S>(req: http::Request<RecvStream>, mut respond: SendResponse<Bytes>, routes: S)
+where
     S: Routes,
 {
-    let (mut parts, body) = req.into_parts();
-    parts.extensions.insert(info);
+    let (parts, body) = req.into_parts();
     let deadline = grpc_timeout(&parts.headers);
     let body = tonic::body::Body::new(RecvBody {
         inner: body,
@@ -388,13 +418,12 @@ async fn ready_to_send(send: &mut SendStream<Bytes>) -> Result<(), h2::Error> {
 fn subscribe<S>(
     req: http::Request<RecvStream>,
     respond: SendResponse<Bytes>,
-    info: TcpConnectInfo,
     services: Arc<Services<S>>,
 ) -> impl Future<Output = ()> + Send + 'static
 where
     S: Routes,
 {
-    let opening = Box::pin(open_subscribe(req, respond, info, services));
+    let opening = Box::pin(open_subscribe(req, respond, services));
     async move {
         let Some((session, mut send)) = opening.await else {
             return;
@@ -408,15 +437,19 @@ where
 /// Reads the hello and opens the session, then sends the response head.
 /// `None` when the stream was answered with an error (or went away).
 async fn open_subscribe<S>(
-    req: http::Request<RecvStream>,
+    mut req: http::Request<RecvStream>,
     mut respond: SendResponse<Bytes>,
-    info: TcpConnectInfo,
     services: Arc<Services<S>>,
 ) -> Option<(crate::session::Session, SendStream<Bytes>)>
 where
     S: Routes,
 {
-    let (mut parts, body) = req.into_parts();
+    // The same authentication as the routes' layer.
+    if let Err(status) = crate::auth::layer::authenticate_request(&services.auth, &mut req) {
+        let _ = respond.send_response((services.map_status)(status.into_http()), true);
+        return None;
+    }
+    let (parts, body) = req.into_parts();
     if parts
         .headers
         .get("grpc-encoding")
@@ -426,7 +459,6 @@ where
         let _ = respond.send_response(status.into_http(), true);
         return None;
     }
-    parts.extensions.insert(info);
     let decoder = wire::LeanCodec::<wire::Frame, wire::Request>::default().decoder();
     let inbound = tonic::Streaming::new_request(
         decoder,
