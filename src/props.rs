@@ -423,8 +423,10 @@ proptest! {
                 ack_requested,
             })),
         };
-        prop_assert_eq!(&frame.0[..], &want.encode_to_vec()[..]);
-        prop_assert_eq!(pb::SubscribeResponse::decode(frame.0).ok(), Some(want));
+        prop_assert_eq!(&frame.message()[..], &want.encode_to_vec()[..]);
+        prop_assert_eq!(pb::SubscribeResponse::decode(frame.message()).ok(), Some(want));
+        let grpc = frame.clone().into_grpc();
+        prop_assert_eq!(&grpc[..5], &[&[0u8][..], &(frame.len() as u32).to_be_bytes()[..]].concat()[..]);
     }
 
     #[test]

@@ -20,30 +20,64 @@ const BATCH_EVENTS: u32 = 1;
 const BATCH_WATERMARK: u32 = 2;
 const BATCH_ACK_REQUESTED: u32 = 3;
 
-/// An already encoded `SubscribeResponse`.
-#[derive(Clone, Default, Debug, PartialEq)]
-pub struct Frame(pub Bytes);
+/// The five bytes in front of every gRPC message on the wire: a
+/// compression flag (0) and the message length, big-endian.
+pub const GRPC_PREFIX: usize = 5;
+
+/// An already encoded `SubscribeResponse`, behind its gRPC message prefix:
+/// the bytes a stream sends as they are, one `Bytes` per message.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Frame(Bytes);
+
+impl Default for Frame {
+    fn default() -> Self {
+        Self(Bytes::from_static(&[0; GRPC_PREFIX]))
+    }
+}
+
+/// Writes the gRPC prefix of a message of `len` bytes.
+fn put_grpc_prefix(prefix: &mut [u8], len: usize) {
+    // Frames stay far below 4 GiB (the message limit is 4 MiB by default).
+    let len = u32::try_from(len).unwrap_or(u32::MAX);
+    prefix[0] = 0;
+    prefix[1..GRPC_PREFIX].copy_from_slice(&len.to_be_bytes());
+}
 
 impl Frame {
     /// Encodes a message built the ordinary way (welcome, progress, resets).
     pub fn from_message(msg: &pb::SubscribeResponse) -> Self {
-        Self(msg.encode_to_vec().into())
+        let len = msg.encoded_len();
+        let mut buf = BytesMut::with_capacity(GRPC_PREFIX + len);
+        buf.put_bytes(0, GRPC_PREFIX);
+        msg.encode_raw(&mut buf);
+        put_grpc_prefix(&mut buf[..GRPC_PREFIX], len);
+        Self(buf.freeze())
     }
 
-    /// Encoded size in bytes.
+    /// Encoded size of the message, without its prefix.
     pub fn len(&self) -> usize {
-        self.0.len()
+        self.0.len() - GRPC_PREFIX
     }
 
-    /// True for an empty frame.
+    /// True for an empty message.
     pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
+        self.len() == 0
+    }
+
+    /// The encoded message, without its prefix.
+    pub fn message(&self) -> Bytes {
+        self.0.slice(GRPC_PREFIX..)
+    }
+
+    /// The message behind its gRPC prefix, as it goes on the wire.
+    pub fn into_grpc(self) -> Bytes {
+        self.0
     }
 }
 
 impl Message for Frame {
     fn encode_raw(&self, buf: &mut impl BufMut) {
-        buf.put_slice(&self.0);
+        buf.put_slice(&self.0[GRPC_PREFIX..]);
     }
 
     fn merge_field(
@@ -58,11 +92,11 @@ impl Message for Frame {
     }
 
     fn encoded_len(&self) -> usize {
-        self.0.len()
+        self.len()
     }
 
     fn clear(&mut self) {
-        self.0.clear();
+        *self = Self::default();
     }
 }
 
@@ -357,10 +391,10 @@ pub fn encode_event_entry<'a>(shard: u32, seq: u64, event: impl Into<EventFields
     buf.freeze()
 }
 
-/// Room kept in front of a batch for its header: the `SubscribeResponse`
-/// key and a length varint of up to five bytes (frames stay far below
-/// 4 GiB: the message limit is 4 MiB by default).
-const HEADER_ROOM: usize = 6;
+/// Room kept in front of a batch for its headers: the gRPC prefix, then
+/// the `SubscribeResponse` key and a length varint of up to five bytes
+/// (frames stay far below 4 GiB: the message limit is 4 MiB by default).
+const HEADER_ROOM: usize = GRPC_PREFIX + 6;
 
 /// Builds one `SubscribeResponse { events: EventBatch }` frame out of
 /// pre-encoded entries, copied into the frame's own buffer as they come
@@ -423,6 +457,10 @@ impl BatchBuilder {
         let mut header = &mut self.buf[start..HEADER_ROOM];
         encode_key(RESPONSE_EVENTS, WireType::LengthDelimited, &mut header);
         encode_varint(inner as u64, &mut header);
+        // The gRPC prefix goes right in front of the message.
+        let start = start - GRPC_PREFIX;
+        let message = self.buf.len() - start - GRPC_PREFIX;
+        put_grpc_prefix(&mut self.buf[start..start + GRPC_PREFIX], message);
         self.hint = self.buf.len();
         self.len = 0;
         let buf = std::mem::take(&mut self.buf);
@@ -466,7 +504,7 @@ mod tests {
         b.push(&encode_event_entry(3, 10, &event("user:1", 5)));
         b.push(&encode_event_entry(4, 11, &event("post:2", 6)));
         let frame = b.finish(999, true);
-        let decoded = pb::SubscribeResponse::decode(frame.0.clone()).unwrap();
+        let decoded = pb::SubscribeResponse::decode(frame.message()).unwrap();
         let want = pb::SubscribeResponse {
             kind: Some(pb::subscribe_response::Kind::Events(pb::EventBatch {
                 events: vec![
@@ -487,11 +525,11 @@ mod tests {
         };
         assert_eq!(decoded, want);
         // Byte-identical to what prost would have encoded.
-        assert_eq!(frame.0, want.encode_to_vec());
+        assert_eq!(frame.message(), want.encode_to_vec());
         assert!(b.is_empty());
         let empty = b.finish(0, false);
         assert_eq!(
-            pb::SubscribeResponse::decode(empty.0).unwrap().kind,
+            pb::SubscribeResponse::decode(empty.message()).unwrap().kind,
             Some(pb::subscribe_response::Kind::Events(
                 pb::EventBatch::default()
             ))
@@ -539,10 +577,18 @@ mod tests {
                 })),
             };
             assert_eq!(
-                frame.0,
+                frame.message(),
                 want.encode_to_vec(),
                 "{count} events of {payload} bytes"
             );
+            let wire = frame.clone().into_grpc();
+            assert_eq!(wire[0], 0, "uncompressed");
+            assert_eq!(
+                u32::from_be_bytes(wire[1..5].try_into().unwrap()) as usize,
+                frame.len(),
+                "the gRPC prefix holds the message length"
+            );
+            assert_eq!(wire.len(), GRPC_PREFIX + frame.len());
             assert!(b.is_empty());
             assert_eq!(b.encoded_len(), 0);
         }

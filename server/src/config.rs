@@ -64,6 +64,14 @@ pub struct Config {
     /// How long shutdown waits for streams and calls to end.
     #[serde(with = "humantime_serde")]
     pub shutdown_grace: Duration,
+    /// HTTP/2 keep-alive: a connection the hub has heard nothing from for
+    /// this long is pinged...
+    #[serde(with = "humantime_serde")]
+    pub keepalive_interval: Duration,
+    /// ...and closed (its streams freed) when the ping's answer takes
+    /// longer than this.
+    #[serde(with = "humantime_serde")]
+    pub keepalive_timeout: Duration,
     /// Peer regions to replicate from: region name → hub URL.
     pub peers: BTreeMap<String, String>,
     /// `text` or `json` logs on stderr.
@@ -161,6 +169,8 @@ impl Default for Config {
             shard_queue: 1_024,
             admission_timeout: Duration::from_millis(250),
             shutdown_grace: Duration::from_secs(10),
+            keepalive_interval: Duration::from_secs(20),
+            keepalive_timeout: Duration::from_secs(10),
             peers: BTreeMap::new(),
             log_format: LogFormat::Text,
             otlp_endpoint: None,
@@ -340,6 +350,8 @@ const KEYS: &[(&str, &str)] = &[
     ("shard_queue", "a whole number, at least 1"),
     ("admission_timeout", "a duration like 250ms"),
     ("shutdown_grace", "a duration like 10s"),
+    ("keepalive_interval", "a duration from 10ms to 1h, like 20s"),
+    ("keepalive_timeout", "a duration from 10ms to 1h, like 10s"),
     ("peers", "a table of region = \"http://host:port\" entries"),
     ("log_format", "text or json"),
     ("otlp_endpoint", "a URL like http://localhost:4317"),
@@ -686,6 +698,14 @@ impl Config {
             || self.fsync_interval > Duration::from_secs(60)
         {
             return Err(invalid("fsync_interval", expected("fsync_interval")));
+        }
+        for (key, d) in [
+            ("keepalive_interval", self.keepalive_interval),
+            ("keepalive_timeout", self.keepalive_timeout),
+        ] {
+            if d < Duration::from_millis(10) || d > Duration::from_secs(3600) {
+                return Err(invalid(key, expected(key)));
+            }
         }
         self.check_security()
     }

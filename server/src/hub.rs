@@ -67,9 +67,12 @@ pub struct SessionShared {
     pub max_in_flight: u32,
     /// True while the in-flight limit holds the session back.
     pub parked: AtomicBool,
-    /// True while the stream has no HTTP/2 send capacity (set by the
-    /// transport before it waits for room, cleared when room comes).
-    pub blocked: AtomicBool,
+    /// Hub time at which the session last handed its stream a message and
+    /// was not asked for the next one since (0: it was asked, or has
+    /// nothing to send). HTTP/2 asks again as soon as the stream has send
+    /// capacity, so a message left waiting for longer than
+    /// [`BLOCKED_AFTER_US`] means the node does not read.
+    pub unpolled_since_us: AtomicU64,
     /// True while a reset is sent or waiting to go and not acked yet.
     pub resetting: AtomicBool,
     /// The last [`NodeState`] computed, as its wire number.
@@ -84,13 +87,12 @@ pub struct SessionShared {
     pub end_reason: Mutex<Option<EndReason>>,
 }
 
-/// What a node is doing, for status (SPEC §3.4): the most telling state
-/// wins, in this order.
+/// What a node is doing, as its session sees it, for status (SPEC §3.4):
+/// the most telling state wins, in this order. `blocked` (the stream has no
+/// send capacity: the node does not read) goes before all of them, and
+/// status finds it out itself ([`SessionShared::state_since`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum NodeState {
-    /// The stream has no send capacity: the node does not read, so nothing
-    /// reaches it whatever else holds.
-    Blocked,
     /// A reset was sent (or waits to go) that the node has not acked.
     Resetting,
     /// At its in-flight limit: nothing is sent until it acks.
@@ -102,7 +104,6 @@ pub enum NodeState {
 impl NodeState {
     fn to_wire(self) -> pb::NodeState {
         match self {
-            Self::Blocked => pb::NodeState::Blocked,
             Self::Resetting => pb::NodeState::Resetting,
             Self::Parked => pb::NodeState::Parked,
             Self::Live => pb::NodeState::Live,
@@ -110,12 +111,15 @@ impl NodeState {
     }
 }
 
+/// A stream not asked for its next message for this long shows `blocked`:
+/// HTTP/2 asks within microseconds while the stream has send capacity.
+pub const BLOCKED_AFTER_US: u64 = 500_000;
+
 impl SessionShared {
-    /// The state its flags say now.
+    /// The state its session's flags say now (status adds `blocked`, which
+    /// the session cannot see: see [`Self::state_since`]).
     pub fn state(&self) -> NodeState {
-        if self.blocked.load(Ordering::Relaxed) {
-            NodeState::Blocked
-        } else if self.resetting.load(Ordering::Relaxed) {
+        if self.resetting.load(Ordering::Relaxed) {
             NodeState::Resetting
         } else if self.parked.load(Ordering::Relaxed) {
             NodeState::Parked
@@ -133,8 +137,14 @@ impl SessionShared {
         }
     }
 
-    /// The state and since when, as the last refresh left them.
-    pub fn state_since(&self) -> (pb::NodeState, u64) {
+    /// The state at `now_us` and since when: `blocked` when the stream has
+    /// not asked for a message handed out [`BLOCKED_AFTER_US`] ago, else as
+    /// the session's last refresh left it.
+    pub fn state_since(&self, now_us: u64) -> (pb::NodeState, u64) {
+        let unpolled = self.unpolled_since_us.load(Ordering::Relaxed);
+        if unpolled != 0 && now_us.saturating_sub(unpolled) >= BLOCKED_AFTER_US {
+            return (pb::NodeState::Blocked, unpolled);
+        }
         let state = pb::NodeState::try_from(i32::from(self.state.load(Ordering::Relaxed)))
             .unwrap_or(pb::NodeState::Unspecified);
         (state, self.state_since_us.load(Ordering::Relaxed))
@@ -190,6 +200,8 @@ pub struct Hub {
     acks_changed: watch::Sender<u64>,
     /// Connected streams by node id.
     nodes: RwLock<HashMap<String, Arc<SessionShared>>>,
+    /// Told when the last stream leaves (shutdown waits for it).
+    nodes_gone: tokio::sync::Notify,
     next_session: AtomicU64,
     ack_waiters: Semaphore,
     /// Cancelled when the hub shuts down; sessions say goodbye.
@@ -294,6 +306,7 @@ impl Hub {
             appended,
             acks_changed,
             nodes: RwLock::new(HashMap::new()),
+            nodes_gone: tokio::sync::Notify::new(),
             next_session: AtomicU64::new(1),
             ack_waiters: Semaphore::new(config.max_ack_waiters),
             shutdown,
@@ -669,7 +682,7 @@ impl Hub {
             in_flight: AtomicU32::new(0),
             max_in_flight,
             parked: AtomicBool::new(false),
-            blocked: AtomicBool::new(false),
+            unpolled_since_us: AtomicU64::new(0),
             resetting: AtomicBool::new(false),
             state: AtomicU8::new(pb::NodeState::Live as u8),
             state_since_us: AtomicU64::new(self.clock.now_us()),
@@ -704,6 +717,22 @@ impl Hub {
             nodes.remove(&shared.node_id);
         }
         crate::metrics::set_nodes(nodes.len());
+        if nodes.is_empty() {
+            self.nodes_gone.notify_waiters();
+        }
+    }
+
+    /// Returns once no stream is connected.
+    pub async fn sessions_ended(&self) {
+        loop {
+            let gone = self.nodes_gone.notified();
+            let mut gone = std::pin::pin!(gone);
+            gone.as_mut().enable();
+            if self.nodes.read().is_empty() {
+                return;
+            }
+            gone.await;
+        }
     }
 
     /// Wakes REGION waiters after a node acked.
@@ -757,7 +786,7 @@ impl Hub {
                     .zip(&acked)
                     .map(|(h, a)| h.saturating_sub(*a))
                     .sum();
-                let (state, since) = n.state_since();
+                let (state, since) = n.state_since(now);
                 pb::NodeStatus {
                     node_id: n.node_id.clone(),
                     namespaces: n.filter.clone(),

@@ -19,6 +19,10 @@ use crate::hub::Hub;
 use crate::shard::ShardMemory;
 use crate::tls::TlsServer;
 
+/// How long the connections left at the end of the grace period get to
+/// close once dropped (they end at their next poll).
+const ABORT_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// Why the hub stopped with an error.
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
@@ -183,6 +187,7 @@ pub async fn serve_with_http(
     let tracker = TaskTracker::new();
     let grace = config.shutdown_grace;
     let max_message = config.max_message_bytes;
+    let keepalive = (config.keepalive_interval, config.keepalive_timeout);
     let hub = Hub::new(config, opened, shutdown.clone(), &tracker);
     tracing::info!(
         region = %hub.config.region,
@@ -215,7 +220,7 @@ pub async fn serve_with_http(
     tracker.spawn(crate::metrics::sample(hub.clone()));
     tracker.spawn(crate::stats::sample_every_second(hub.clone()));
     if let Some(http) = http {
-        tracker.spawn(crate::web::serve(http, hub.clone()));
+        tracker.spawn(crate::web::serve(http, hub.clone(), tracker.clone()));
     }
     let (health, health_service) = tonic_health::server::health_reporter();
     health
@@ -226,46 +231,88 @@ pub async fn serve_with_http(
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()?;
     let service = HubService::with_auth(hub.clone(), auth.clone());
-    let subscribe_limit = subscribe_message_limit(hub.shard_count()).min(max_message);
-    let hub_service = HubServer::new(service.clone())
-        .max_decoding_message_size(max_message)
-        .max_encoding_message_size(max_message);
-
-    // Layers, outermost first: SPEC §4 status mapping; authentication (the
-    // caller's principal into the request, or UNAUTHENTICATED; the handlers
-    // check its permissions). Limits live in the core as bounded queues,
-    // where a full one is an answer. TLS is the acceptor's, below every
-    // layer. `Subscribe` is served by the transport itself (see
-    // `transport.rs`), which authenticates it the same way.
+    let hub_routes = crate::transport::HubRoutes {
+        server: HubServer::new(service.clone())
+            .max_decoding_message_size(max_message)
+            .max_encoding_message_size(max_message),
+        hub: service,
+        subscribe_limit: subscribe_message_limit(hub.shard_count()).min(max_message),
+    };
     let routes = tonic::service::Routes::new(health_service)
         .add_service(reflection)
-        .add_service(hub_service)
+        .add_service(hub_routes)
         .prepare();
-    let routes = tower::ServiceBuilder::new()
+
+    // The one tower stack. Every call — Publish, Subscribe, Status, health,
+    // reflection — passes every layer, outermost first:
+    //
+    //   0. authentication (`auth::layer::AuthLayer`): the caller's
+    //      principal (bearer token, or the client certificate the TLS
+    //      acceptor verified) into the request's extensions, or
+    //      UNAUTHENTICATED before any handler runs; health is open. The
+    //      handlers check what the principal may do (PERMISSION_DENIED);
+    //   1. SPEC §4 status mapping of undecodable and oversized requests
+    //      (answers in the headers; streams map theirs where they read);
+    //   2. the client's deadline (`grpc-timeout`) on the call's answer;
+    //   3. the routes: health, reflection, and the hub (`Subscribe` opened
+    //      by `grpc.rs` and streamed by `transport::SessionBody`, the other
+    //      methods through tonic's generated server).
+    //
+    // Limits live in the core as bounded queues, where a full one is an
+    // answer; message limits in the codecs (`max_message_bytes`, and
+    // `subscribe_message_limit` for streams).
+    let stack = tower::ServiceBuilder::new()
+        .layer(AuthLayer::new(auth.clone()))
         .layer(tower::util::MapResponseLayer::new(
             decode_errors_to_spec_codes,
         ))
-        .layer(AuthLayer::new(auth.clone()))
+        .layer(crate::transport::DeadlineLayer)
         .service(routes);
-    let services = std::sync::Arc::new(crate::transport::Services {
-        tls,
-        auth,
-        hub: service,
-        subscribe_limit,
-        routes,
-        map_status: decode_errors_to_spec_codes::<()>,
-    });
-    let drain = CancellationToken::new();
-    let accepting = crate::transport::accept(listener, services, shutdown.clone(), drain.clone());
-    let server = async move {
-        let connections = accepting.await;
-        health
-            .set_not_serving::<pb::raw::hub_server::HubServer<HubService>>()
+
+    // The connections: accepted TCP, each behind its TLS handshake when the
+    // hub serves TLS (`tls.rs`; done in the connection's own task, so a slow
+    // or hostile handshake holds up no other), the verified client
+    // certificate's identity then in every request's extensions.
+    let incoming = crate::transport::tcp_incoming(listener);
+    let settings = crate::transport::Settings {
+        max_streams: crate::transport::MAX_STREAMS,
+        keepalive_interval: keepalive.0,
+        keepalive_timeout: keepalive.1,
+    };
+    // Connections and their streams; shutdown waits for every one, and
+    // drops what is left when the grace period is over.
+    let connections = TaskTracker::new();
+    let stopping = crate::transport::Stopping::default();
+    let abort = stopping.abort.clone();
+    let server = {
+        let shutdown = shutdown.clone();
+        let connections = connections.clone();
+        let hub = hub.clone();
+        async move {
+            crate::transport::serve(
+                incoming,
+                tls,
+                stack,
+                settings,
+                shutdown,
+                stopping.clone(),
+                connections.clone(),
+            )
             .await;
-        tracing::info!("shutting down: refusing new calls, ending streams");
-        drain.cancel();
-        connections.close();
-        connections.wait().await;
+            health
+                .set_not_serving::<pb::raw::hub_server::HubServer<HubService>>()
+                .await;
+            tracing::info!("shutting down: refusing new calls, ending streams");
+            // Goodbye first: every session was cancelled with the hub and
+            // sends its goodbye when its stream next has room. Then GOAWAY,
+            // once they all have, or half the grace period on (a node that
+            // does not read never gets its goodbye).
+            let _ = tokio::time::timeout(grace / 2, hub.sessions_ended()).await;
+            drop(hub);
+            stopping.drain.cancel();
+            connections.close();
+            connections.wait().await;
+        }
     };
     let server = tokio::spawn(server);
     shutdown.cancelled().await;
@@ -279,10 +326,20 @@ pub async fn serve_with_http(
     match tokio::time::timeout(grace, drained).await {
         Ok(Ok(())) => {}
         Ok(Err(join)) => tracing::error!(error = %join, "grpc server task failed"),
-        Err(_) => tracing::warn!(
-            ?grace,
-            "shutdown grace period expired; dropping what is left"
-        ),
+        Err(_) => {
+            tracing::warn!(
+                ?grace,
+                "shutdown grace period expired; dropping what is left"
+            );
+            abort.cancel();
+            connections.close();
+            if tokio::time::timeout(ABORT_WAIT, connections.wait())
+                .await
+                .is_err()
+            {
+                tracing::warn!("connections still open after they were dropped");
+            }
+        }
     }
     tracing::info!("hub stopped");
     Ok(())

@@ -81,15 +81,16 @@ enum Fill {
 
 /// A stream after its hello was accepted: the response stream itself.
 ///
-/// The session is what tonic encodes and hyper writes: the HTTP/2 stream's
-/// own task polls it when the stream has room, so there is no session task
-/// and no queue between a session and its stream (one task hop and one
-/// channel less per frame and node). Every poll handles what is ready first
-/// (cancellation, the acks already received, appends, the progress tick),
-/// then hands out at most one frame. A stream without room is not polled:
-/// it sends nothing, and its watermark stops, so its node sees its
-/// staleness grow. When hyper drops the stream (the node went away) the
-/// session unregisters in `Drop`.
+/// The session is the body of the `Subscribe` response
+/// (`transport::SessionBody` hands its messages to hyper as they are): the
+/// HTTP/2 stream's own task polls it when the stream has send capacity, so
+/// there is no session task and no queue between a session and its stream.
+/// Every poll handles what is ready first (cancellation, the acks already
+/// received, appends, the progress tick), then hands out at most one
+/// message. A stream without room is not polled: it sends nothing, its
+/// watermark stops, so its node sees its staleness grow, and status shows it
+/// `blocked`. When hyper drops the stream (the node went away or reset it)
+/// the session unregisters in `Drop`.
 ///
 /// The same holds for its end: a replaced stream, or every stream at
 /// shutdown, sends its goodbye when HTTP/2 next asks for a message. A node
@@ -130,6 +131,9 @@ pub struct Session {
     /// The caller's rights, rechecked at each tick when the auth files
     /// were reloaded (`None`: a hub without authentication).
     access: Option<Box<crate::auth::Access>>,
+    /// A message was handed out and the stream has not asked for the next
+    /// one since (`SessionShared::unpolled_since_us`).
+    handed_out: bool,
 }
 
 /// Where a session's stream is.
@@ -329,6 +333,7 @@ pub fn open(
         last_watermark: Instant::now(),
         tally: crate::metrics::SessionTally::default(),
         access: None,
+        handed_out: false,
     };
     if let Some((shards, all, reason)) = reset {
         let frame = session.reset_frame(shards, all, reason);
@@ -342,6 +347,26 @@ impl Stream for Session {
 
     fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         let this = self.get_mut();
+        // Asked again: what was handed out last has gone to HTTP/2.
+        if this.handed_out {
+            this.handed_out = false;
+            this.shared.unpolled_since_us.store(0, Ordering::Relaxed);
+        }
+        let item = this.poll_message(cx);
+        if let Poll::Ready(Some(_)) = item {
+            this.handed_out = true;
+            this.shared
+                .unpolled_since_us
+                .store(this.hub.clock.now_us().max(1), Ordering::Relaxed);
+        }
+        item
+    }
+}
+
+impl Session {
+    /// The next message: what is pending, else one fill; then the status.
+    fn poll_message(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame, Status>>> {
+        let this = self;
         if let State::Open = this.state {
             if let Err(end) = this.poll_sources(cx) {
                 this.close(end);
@@ -752,13 +777,6 @@ impl Session {
     /// at the first tick after a reload that took them away.
     pub fn set_access(&mut self, access: crate::auth::Access) {
         self.access = Some(Box::new(access));
-    }
-
-    /// The transport found the stream without send capacity (`true`: the
-    /// node does not read, so it is not polled) or with room again.
-    pub fn set_blocked(&self, blocked: bool) {
-        self.shared.blocked.store(blocked, Ordering::Relaxed);
-        self.shared.refresh_state(self.hub.clock.now_us());
     }
 
     /// Remembers a frame sent; progress and resets (count 0) at the back

@@ -1,62 +1,65 @@
-//! The hub's HTTP/2 serving layer, on the `h2` crate directly.
+//! The hub's HTTP/2 server: hyper's, under tonic's router.
 //!
-//! Every call but `Subscribe` is handed to tonic's services (hub, health,
-//! reflection) as an `http::Request`, and their response is written back
-//! with HTTP/2 flow control, as hyper would. `Subscribe` streams, which
-//! carry all of the fan-out, skip hyper and tonic's response path: the
-//! session's frames go straight to h2 behind their five-byte gRPC prefix,
-//! and the status goes out in the trailers. The same fan-out on bare h2
-//! (`transport-floor`) cost two-thirds of the hub's CPU per frame; going
-//! around hyper and tonic took 5.5 % of the hub's instructions per delivery
-//! at light load and 9–16 % of its CPU where frames are large
-//! (BENCHMARKS.md).
+//! [`serve`] takes a stream of accepted connections ([`tcp_incoming`]),
+//! puts each behind its TLS handshake when the hub serves TLS (in the
+//! connection's own task; the verified client certificate's identity goes
+//! into every request's extensions, for the authentication layer), and
+//! serves it with hyper's HTTP/2 server over one tower stack (composed in
+//! `server.rs`): every call, `Subscribe` included, goes through the same
+//! layers. Every task it starts — each connection, and
+//! each HTTP/2 stream hyper spawns — is tracked, so shutdown waits for all
+//! of them.
 //!
-//! Bounds: at most [`MAX_STREAMS`] streams per connection; h2 buffers at
-//! most a stream's receive window (1 MiB) of unread request data; a
-//! response (or a session) is asked for its next frame only once the stream
+//! `Subscribe` is routed here ([`HubRoutes`]) rather than through tonic's
+//! generated handler, for its response body only: the opening (hello,
+//! validation, registration) is `grpc.rs`'s, and the body is the session
+//! itself ([`SessionBody`]), which hands hyper each pre-encoded message as
+//! one `Bytes` with its gRPC prefix already in place, then the status in
+//! the trailers. Nothing is encoded or copied per stream.
+//!
+//! Bounds: at most [`Settings::max_streams`] streams per connection; h2
+//! buffers at most a stream's receive window (1 MiB) of unread request
+//! data; hyper asks a response body for its next frame only once the stream
 //! has send capacity, and h2 grants capacity only while less than
 //! [`MAX_SEND_BUFFER`] is queued, so a stream queues at most that plus one
-//! frame (a node that stopped reading is not polled).
+//! message (a node that stopped reading is not polled: status shows it
+//! `blocked`).
 
 use std::convert::Infallible;
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
-use bytes::{BufMut, Bytes, BytesMut};
-use futures::StreamExt;
-use h2::server::SendResponse;
-use h2::{RecvStream, SendStream};
+use bytes::Bytes;
+use futures::{Stream, StreamExt};
 use http_body::{Body, Frame};
-use http_body_util::BodyExt;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tonic::codec::Codec;
-use tonic::transport::server::TcpConnectInfo;
+use tonic::server::NamedService;
+use tonic::transport::server::Connected;
 use tower::ServiceExt;
 
-use freshness::pb::raw::hub_server::Hub;
+use freshness::pb::raw::hub_server::{Hub, HubServer};
 use freshness::wire;
 
 use crate::grpc::HubService;
+use crate::session::Session;
 
-/// Streams one connection may have open at once (hyper's default).
-pub const MAX_STREAMS: u32 = 200;
 /// Unsent response bytes h2 keeps per stream (hyper's default).
 pub const MAX_SEND_BUFFER: usize = 400 * 1024;
 /// Receive windows, per stream and per connection (hyper's defaults).
 const WINDOW: u32 = 1024 * 1024;
 /// Request headers larger than this are refused (hyper's default).
 const MAX_HEADER_LIST: u32 = 16 * 1024;
-/// HTTP/2 keep-alive: a ping this often, and the connection is closed
-/// when its answer takes longer than [`KEEPALIVE_TIMEOUT`]. Busy
-/// connections are pinged too (hyper pinged only idle ones): 10,000
-/// connections cost 500 pings a second.
-const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(20);
-const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
-/// A connection that has not sent its preface by then is dropped.
+/// A connection that has sent nothing by then (not even the HTTP/2
+/// preface) is dropped.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long the accept loop waits after a failed accept (out of file
 /// descriptors, say) before it tries again.
@@ -64,9 +67,24 @@ const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
 
 const SUBSCRIBE_PATH: &str = "/freshness.v1.Hub/Subscribe";
 
-/// What every call but `Subscribe` is handed to: tonic's routes with their
-/// layers, shared by every connection.
-pub trait Routes:
+/// How every connection is served.
+#[derive(Debug, Clone, Copy)]
+pub struct Settings {
+    /// Streams one connection may have open at once.
+    pub max_streams: u32,
+    /// An HTTP/2 ping goes out after this long without a frame from the
+    /// peer...
+    pub keepalive_interval: Duration,
+    /// ...and the connection is closed when its answer takes longer.
+    pub keepalive_timeout: Duration,
+}
+
+/// Streams one connection may have open at once (hyper's default).
+pub const MAX_STREAMS: u32 = 200;
+
+/// What every call is handed to: the tower stack, shared by every
+/// connection.
+pub trait Stack:
     tower::Service<
         http::Request<tonic::body::Body>,
         Response = http::Response<tonic::body::Body>,
@@ -79,7 +97,7 @@ pub trait Routes:
 {
 }
 
-impl<S> Routes for S where
+impl<S> Stack for S where
     S: tower::Service<
             http::Request<tonic::body::Body>,
             Response = http::Response<tonic::body::Body>,
@@ -92,249 +110,372 @@ impl<S> Routes for S where
 {
 }
 
-/// The services behind the listener.
-pub struct Services<S> {
-    /// TLS on every connection, when configured.
-    pub tls: Option<Arc<crate::tls::TlsServer>>,
-    /// Authenticates `Subscribe` streams (the routes have their own layer).
-    pub auth: Arc<crate::auth::Auth>,
-    /// The hub, whose `Subscribe` is served here.
-    pub hub: HubService,
-    /// The largest `SubscribeRequest` a stream may send.
-    pub subscribe_limit: usize,
-    /// Everything else (tonic's routes with their layers).
-    pub routes: S,
-    /// Applied to the headers of a `Subscribe` answered with an error.
-    pub map_status: fn(http::Response<()>) -> http::Response<()>,
-}
-
-/// Accepts connections until `shutdown`; each is one task, which starts its
-/// graceful shutdown (GOAWAY, then the open streams finish) when `drain`
-/// fires. Returns the tracker of those tasks; the listener is closed on
-/// return, so a client that connects meanwhile is refused, not left
-/// waiting.
-pub async fn accept<S>(
-    listener: TcpListener,
-    services: Arc<Services<S>>,
-    shutdown: CancellationToken,
-    drain: CancellationToken,
-) -> TaskTracker
-where
-    S: Routes,
-{
-    let connections = TaskTracker::new();
-    loop {
-        let (tcp, peer) = tokio::select! {
-            () = shutdown.cancelled() => break,
-            accepted = listener.accept() => match accepted {
-                Ok(a) => a,
+/// The accepted TCP connections of `listener`, with `TCP_NODELAY` set. A
+/// failed accept (out of file descriptors, say) is logged and retried after
+/// a pause rather than ending the stream.
+pub fn tcp_incoming(listener: TcpListener) -> impl Stream<Item = TcpStream> + Send + 'static {
+    futures::stream::unfold(listener, |listener| async move {
+        loop {
+            match listener.accept().await {
+                Ok((tcp, _)) => {
+                    if let Err(e) = tcp.set_nodelay(true) {
+                        tracing::debug!(error = %e, "TCP_NODELAY not set");
+                    }
+                    return Some((tcp, listener));
+                }
                 Err(e) => {
                     tracing::warn!(error = %e, "accepting a connection failed");
                     tokio::time::sleep(ACCEPT_BACKOFF).await;
-                    continue;
                 }
+            }
+        }
+    })
+}
+
+/// Spawns hyper's tasks (one per HTTP/2 stream) on a tracker.
+#[derive(Clone)]
+struct Tracked(TaskTracker);
+
+impl<F> hyper::rt::Executor<F> for Tracked
+where
+    F: Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    fn execute(&self, fut: F) {
+        self.0.spawn(fut);
+    }
+}
+
+/// When a running connection is told to stop.
+#[derive(Debug, Clone, Default)]
+pub struct Stopping {
+    /// Start the graceful shutdown: GOAWAY, then the open streams finish.
+    pub drain: CancellationToken,
+    /// Drop the connection now (the grace period is over).
+    pub abort: CancellationToken,
+}
+
+/// Serves every connection of `incoming` until `stop` fires, then drops
+/// `incoming` (a listener inside it closes, so a client that connects
+/// meanwhile is refused, not left waiting) and returns. Each connection is
+/// one task on `tasks`, as is each of its streams; `stopping` ends them.
+/// The caller waits for `tasks`.
+pub async fn serve<I, IO, S>(
+    incoming: I,
+    tls: Option<Arc<crate::tls::TlsServer>>,
+    stack: S,
+    settings: Settings,
+    stop: CancellationToken,
+    stopping: Stopping,
+    tasks: TaskTracker,
+) where
+    I: Stream<Item = IO>,
+    IO: AsyncRead + AsyncWrite + Connected + Unpin + Send + 'static,
+    S: Stack,
+{
+    let mut http2 = hyper::server::conn::http2::Builder::new(Tracked(tasks.clone()));
+    http2
+        .timer(TokioTimer::new())
+        .initial_stream_window_size(WINDOW)
+        .initial_connection_window_size(WINDOW)
+        .max_concurrent_streams(settings.max_streams)
+        .max_send_buf_size(MAX_SEND_BUFFER)
+        .max_header_list_size(MAX_HEADER_LIST)
+        .keep_alive_interval(settings.keepalive_interval)
+        .keep_alive_timeout(settings.keepalive_timeout);
+    let http2 = Arc::new(http2);
+    let mut incoming = std::pin::pin!(incoming);
+    loop {
+        let io = tokio::select! {
+            () = stop.cancelled() => break,
+            io = incoming.next() => match io {
+                Some(io) => io,
+                None => break,
             },
         };
-        if let Err(e) = tcp.set_nodelay(true) {
-            tracing::debug!(error = %e, "TCP_NODELAY not set");
-        }
-        let info = TcpConnectInfo {
-            local_addr: tcp.local_addr().ok(),
-            remote_addr: Some(peer),
-        };
-        connections.spawn(secure(tcp, info, services.clone(), drain.clone()));
+        tasks.spawn(secure(
+            io,
+            tls.clone(),
+            stack.clone(),
+            http2.clone(),
+            stopping.clone(),
+        ));
     }
-    connections
 }
 
 /// The connection, behind its TLS handshake when the hub serves TLS. A
 /// handshake that fails (a plain-text client, a certificate the hub does
-/// not trust, garbage) ends this connection only.
-async fn secure<S>(
-    tcp: TcpStream,
-    info: TcpConnectInfo,
-    services: Arc<Services<S>>,
-    drain: CancellationToken,
+/// not trust, garbage, a record cut short) ends this connection only.
+async fn secure<IO, S>(
+    io: IO,
+    tls: Option<Arc<crate::tls::TlsServer>>,
+    stack: S,
+    http2: Arc<hyper::server::conn::http2::Builder<Tracked>>,
+    stopping: Stopping,
 ) where
-    S: Routes,
+    IO: AsyncRead + AsyncWrite + Connected + Unpin + Send + 'static,
+    S: Stack,
 {
-    let Some(tls) = services.tls.clone() else {
-        return connection(tcp, info, None, services, drain).await;
+    let info = io.connect_info();
+    let Some(tls) = tls else {
+        return connection(io, info, None, stack, http2, stopping).await;
     };
-    match tls.accept(tcp).await {
-        Ok((stream, identity)) => connection(stream, info, identity, services, drain).await,
+    let handshake = tokio::select! {
+        h = tls.accept(io) => h,
+        () = stopping.drain.cancelled() => return,
+    };
+    match handshake {
+        Ok((stream, identity)) => {
+            connection(stream, info, identity, stack, http2, stopping).await;
+        }
         Err(e) => {
             metrics::counter!(crate::metrics::TLS_HANDSHAKE_FAILURES).increment(1);
-            tracing::debug!(peer = ?info.remote_addr, error = %e, "TLS handshake failed");
+            tracing::debug!(error = %e, "TLS handshake failed");
         }
     }
 }
 
-async fn connection<IO, S>(
-    tcp: IO,
-    info: TcpConnectInfo,
+/// One connection: hyper's HTTP/2 server over the stack, each call told
+/// the connection's peer (`tonic::Request::remote_addr`) and its client
+/// certificate's identity.
+async fn connection<IO, Info, S>(
+    io: IO,
+    info: Info,
     identity: Option<crate::auth::CertificateIdentity>,
-    services: Arc<Services<S>>,
-    drain: CancellationToken,
+    stack: S,
+    http2: Arc<hyper::server::conn::http2::Builder<Tracked>>,
+    stopping: Stopping,
 ) where
-    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
-    S: Routes,
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    Info: Clone + Send + Sync + 'static,
+    S: Stack,
 {
-    let handshake = h2::server::Builder::new()
-        .initial_window_size(WINDOW)
-        .initial_connection_window_size(WINDOW)
-        .max_concurrent_streams(MAX_STREAMS)
-        .max_send_buffer_size(MAX_SEND_BUFFER)
-        .max_header_list_size(MAX_HEADER_LIST)
-        .handshake::<_, Bytes>(tcp);
-    let mut conn = match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await {
-        Ok(Ok(c)) => c,
-        Ok(Err(e)) => {
-            tracing::debug!(error = %e, "HTTP/2 handshake failed");
-            return;
+    let service = hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+        let mut req = req.map(tonic::body::Body::new);
+        req.extensions_mut().insert(info.clone());
+        if let Some(identity) = &identity {
+            req.extensions_mut().insert(identity.clone());
         }
-        Err(_) => {
-            tracing::debug!("no HTTP/2 preface within {HANDSHAKE_TIMEOUT:?}");
-            return;
+        stack.clone().oneshot(req)
+    });
+    let heard = Arc::new(AtomicBool::new(false));
+    let io = Heard {
+        io,
+        heard: heard.clone(),
+    };
+    let conn = http2.serve_connection(TokioIo::new(io), service);
+    let mut conn = std::pin::pin!(conn);
+    let silent = async {
+        tokio::time::sleep(HANDSHAKE_TIMEOUT).await;
+        if heard.load(Ordering::Relaxed) {
+            std::future::pending::<()>().await;
         }
     };
-    let dead = CancellationToken::new();
-    if let Some(ping) = conn.ping_pong() {
-        tokio::spawn(keepalive(ping, dead.clone()));
+    tokio::select! {
+        ended = conn.as_mut() => {
+            if let Err(e) = ended {
+                tracing::debug!(error = %e, "connection ended with an error");
+            }
+            return;
+        }
+        () = silent => {
+            tracing::debug!("nothing received within {HANDSHAKE_TIMEOUT:?}; closing the connection");
+            return;
+        }
+        () = stopping.drain.cancelled() => {
+            if !heard.load(Ordering::Relaxed) {
+                // Not even a preface: nothing to finish.
+                return;
+            }
+        }
     }
-    let _stop_keepalive = dead.clone().drop_guard();
-    let mut draining = false;
-    loop {
-        tokio::select! {
-            accepted = conn.accept() => match accepted {
-                Some(Ok((req, respond))) => {
-                    // Each kind of stream is its own task, sized for itself:
-                    // a subscribe stream lives for hours, a call for
-                    // milliseconds.
-                    let (mut parts, body) = req.into_parts();
-                    parts.extensions.insert(info.clone());
-                    if let Some(identity) = &identity {
-                        parts.extensions.insert(identity.clone());
-                    }
-                    let req = http::Request::from_parts(parts, body);
-                    if req.uri().path() == SUBSCRIBE_PATH {
-                        tokio::spawn(subscribe(req, respond, services.clone()));
-                    } else {
-                        tokio::spawn(call(req, respond, services.routes.clone()));
-                    }
-                }
-                Some(Err(e)) => {
-                    tracing::debug!(error = %e, "connection ended with an error");
-                    break;
-                }
-                None => break,
-            },
-            () = drain.cancelled(), if !draining => {
-                draining = true;
-                conn.graceful_shutdown();
+    // GOAWAY, and a ping: h2 closes once the peer answered it and the open
+    // streams are done. A peer that answers nothing is dropped at the end
+    // of the grace period.
+    conn.as_mut().graceful_shutdown();
+    tokio::select! {
+        ended = conn => {
+            if let Err(e) = ended {
+                tracing::debug!(error = %e, "connection ended with an error while draining");
             }
-            () = dead.cancelled() => {
-                tracing::debug!("no answer to a keep-alive ping; closing the connection");
-                break;
-            }
+        }
+        () = stopping.abort.cancelled() => {
+            tracing::debug!("connection still open at the end of the grace period; dropped");
         }
     }
 }
 
-/// Pings every [`KEEPALIVE_INTERVAL`]; cancels `dead` when a pong does not
-/// come within [`KEEPALIVE_TIMEOUT`], and ends when `dead` is cancelled
-/// (the connection ended).
-async fn keepalive(mut ping: h2::PingPong, dead: CancellationToken) {
-    loop {
-        tokio::select! {
-            () = dead.cancelled() => return,
-            () = tokio::time::sleep(KEEPALIVE_INTERVAL) => {}
+/// A connection's I/O, noting that the peer sent something (for
+/// [`HANDSHAKE_TIMEOUT`]).
+struct Heard<IO> {
+    io: IO,
+    heard: Arc<AtomicBool>,
+}
+
+impl<IO: AsyncRead + Unpin> AsyncRead for Heard<IO> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let read = Pin::new(&mut self.io).poll_read(cx, buf);
+        if buf.filled().len() > before && !self.heard.load(Ordering::Relaxed) {
+            self.heard.store(true, Ordering::Relaxed);
         }
-        let pong = tokio::time::timeout(KEEPALIVE_TIMEOUT, ping.ping(h2::Ping::opaque()));
-        tokio::select! {
-            () = dead.cancelled() => return,
-            answered = pong => {
-                if !matches!(answered, Ok(Ok(_))) {
-                    dead.cancel();
-                    return;
-                }
-            }
+        read
+    }
+}
+
+impl<IO: AsyncWrite + Unpin> AsyncWrite for Heard<IO> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
+
+/// The `freshness.v1.Hub` service as the router sees it: `Subscribe` opened
+/// by the hub's handler and answered with a [`SessionBody`], every other
+/// method by tonic's generated server.
+#[derive(Clone)]
+pub struct HubRoutes {
+    /// The handlers.
+    pub hub: HubService,
+    /// The generated server over them (its message limits set).
+    pub server: HubServer<HubService>,
+    /// The largest `SubscribeRequest` a stream may send.
+    pub subscribe_limit: usize,
+}
+
+impl NamedService for HubRoutes {
+    const NAME: &'static str = <HubServer<HubService> as NamedService>::NAME;
+}
+
+type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
+
+impl tower::Service<http::Request<tonic::body::Body>> for HubRoutes {
+    type Response = http::Response<tonic::body::Body>;
+    type Error = Infallible;
+    type Future = BoxFuture<Result<Self::Response, Infallible>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        tower::Service::<http::Request<tonic::body::Body>>::poll_ready(&mut self.server, cx)
+    }
+
+    fn call(&mut self, req: http::Request<tonic::body::Body>) -> Self::Future {
+        if req.uri().path() == SUBSCRIBE_PATH {
+            Box::pin(subscribe(req, self.hub.clone(), self.subscribe_limit))
+        } else {
+            Box::pin(self.server.call(req))
         }
     }
 }
 
-/// A request body read from h2, releasing receive capacity as it goes.
-struct RecvBody {
-    inner: RecvStream,
-    data_done: bool,
+/// A `Subscribe` call: the hub's handler reads the hello and opens the
+/// session, whose messages are then the response body.
+async fn subscribe(
+    req: http::Request<tonic::body::Body>,
+    hub: HubService,
+    limit: usize,
+) -> Result<http::Response<tonic::body::Body>, Infallible> {
+    let (parts, body) = req.into_parts();
+    if parts
+        .headers
+        .get("grpc-encoding")
+        .is_some_and(|e| e != "identity")
+    {
+        let status = tonic::Status::unimplemented("compressed requests are not supported");
+        return Ok(status.into_http());
+    }
+    let decoder = wire::LeanCodec::<wire::Frame, wire::Request>::default().decoder();
+    let inbound = tonic::Streaming::new_request(decoder, body, None, Some(limit));
+    let request = tonic::Request::from_parts(
+        tonic::metadata::MetadataMap::from_headers(parts.headers),
+        parts.extensions,
+        inbound,
+    );
+    let session = match hub.subscribe(request).await {
+        Ok(response) => response.into_inner(),
+        Err(status) => return Ok(status.into_http()),
+    };
+    let mut head = http::Response::new(tonic::body::Body::new(SessionBody {
+        session,
+        done: false,
+    }));
+    head.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/grpc"),
+    );
+    Ok(head)
 }
 
-impl Body for RecvBody {
+/// The body of a `Subscribe` response: the session's messages, each one
+/// `Bytes` with its gRPC prefix, then its status in the trailers. hyper
+/// polls it only when the stream has send capacity.
+pub struct SessionBody {
+    session: Session,
+    done: bool,
+}
+
+impl Body for SessionBody {
     type Data = Bytes;
-    type Error = h2::Error;
+    type Error = Infallible;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, h2::Error>>> {
-        if !self.data_done {
-            match ready!(self.inner.poll_data(cx)) {
-                Some(Ok(data)) => {
-                    let _ = self.inner.flow_control().release_capacity(data.len());
-                    return Poll::Ready(Some(Ok(Frame::data(data))));
-                }
-                Some(Err(e)) => return Poll::Ready(Some(Err(e))),
-                None => self.data_done = true,
-            }
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        if self.done {
+            return Poll::Ready(None);
         }
-        match ready!(self.inner.poll_trailers(cx)) {
-            Ok(Some(trailers)) => Poll::Ready(Some(Ok(Frame::trailers(trailers)))),
-            Ok(None) => Poll::Ready(None),
-            Err(e) => Poll::Ready(Some(Err(e))),
-        }
+        let status = match ready!(self.session.poll_next_unpin(cx)) {
+            Some(Ok(message)) => return Poll::Ready(Some(Ok(Frame::data(message.into_grpc())))),
+            Some(Err(status)) => status,
+            None => tonic::Status::ok(""),
+        };
+        self.done = true;
+        Poll::Ready(Some(Ok(Frame::trailers(trailers(&status)))))
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        self.done
     }
 }
 
-/// Any call but `Subscribe`: through tonic's services, the response written
-/// back with flow control.
-async fn call<S>(req: http::Request<RecvStream>, mut respond: SendResponse<Bytes>, routes: S)
-where
-    S: Routes,
-{
-    let (parts, body) = req.into_parts();
-    let deadline = grpc_timeout(&parts.headers);
-    let body = tonic::body::Body::new(RecvBody {
-        inner: body,
-        data_done: false,
-    });
-    let call = routes.oneshot(http::Request::from_parts(parts, body));
-    // The call ends early when the client resets the stream (its future is
-    // dropped, as hyper drops it) or when the client's deadline passes.
-    let resp = tokio::select! {
-        Ok(resp) = call => resp,
-        _ = std::future::poll_fn(|cx| respond.poll_reset(cx)) => return,
-        () = sleep_opt(deadline) => tonic::Status::deadline_exceeded("Timeout expired").into_http(),
-    };
-    if let Err(e) = respond_with(respond, resp).await {
-        tracing::debug!(error = %e, "response not written");
+fn trailers(status: &tonic::Status) -> http::HeaderMap {
+    let mut map = http::HeaderMap::new();
+    if status.add_header(&mut map).is_err() {
+        map.insert("grpc-status", http::HeaderValue::from_static("13"));
     }
+    map
 }
 
-async fn sleep_opt(d: Option<Duration>) {
-    match d {
-        Some(d) => tokio::time::sleep(d).await,
-        None => std::future::pending().await,
-    }
-}
-
-/// The client's deadline (`grpc-timeout`: at most eight digits and a unit),
-/// which tonic's own server enforced on the call; a malformed value is
-/// ignored, as tonic does.
-fn grpc_timeout(headers: &http::HeaderMap) -> Option<Duration> {
+/// The client's deadline (`grpc-timeout`: at most eight digits and a unit);
+/// a malformed value is ignored, as tonic does.
+pub fn grpc_timeout(headers: &http::HeaderMap) -> Option<Duration> {
     let v = headers.get("grpc-timeout")?.to_str().ok()?;
     if v.len() < 2 || v.len() > 9 {
         return None;
@@ -352,194 +493,57 @@ fn grpc_timeout(headers: &http::HeaderMap) -> Option<Duration> {
     })
 }
 
-async fn respond_with(
-    mut respond: SendResponse<Bytes>,
-    resp: http::Response<tonic::body::Body>,
-) -> Result<(), h2::Error> {
-    let (parts, mut body) = resp.into_parts();
-    let end = body.is_end_stream();
-    let mut send = respond.send_response(http::Response::from_parts(parts, ()), end)?;
-    if end {
-        return Ok(());
-    }
-    loop {
-        ready_to_send(&mut send).await?;
-        let frame = tokio::select! {
-            frame = body.frame() => frame,
-            reset = std::future::poll_fn(|cx| send.poll_reset(cx)) => {
-                // The client gave up on the call; drop its body.
-                return reset.map(|_| ());
-            }
-        };
-        match frame {
-            None => return send.send_data(Bytes::new(), true),
-            Some(Err(e)) => {
-                tracing::debug!(error = %e, "response body failed");
-                send.send_reset(h2::Reason::INTERNAL_ERROR);
-                return Ok(());
-            }
-            Some(Ok(frame)) => match frame.into_data() {
-                Ok(data) => send.send_data(data, false)?,
-                Err(frame) => {
-                    if let Ok(trailers) = frame.into_trailers() {
-                        return send.send_trailers(trailers);
-                    }
-                }
-            },
-        }
+/// The tower layer that honours `grpc-timeout`: a call whose answer has not
+/// begun by the client's deadline is answered `DEADLINE_EXCEEDED` (and its
+/// handler dropped). A stream's deadline covers its opening only, as in
+/// tonic's own server.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct DeadlineLayer;
+
+impl<S> tower::Layer<S> for DeadlineLayer {
+    type Service = Deadline<S>;
+
+    fn layer(&self, inner: S) -> Deadline<S> {
+        Deadline { inner }
     }
 }
 
-/// Waits until the stream may send at least one byte, as hyper does before
-/// it asks a body for its next frame: a whole frame is then handed to h2,
-/// which buffers it (at most [`MAX_SEND_BUFFER`] more is given capacity)
-/// until the peer's window takes it.
-async fn ready_to_send(send: &mut SendStream<Bytes>) -> Result<(), h2::Error> {
-    loop {
-        send.reserve_capacity(1);
-        if send.capacity() > 0 {
-            return Ok(());
-        }
-        match std::future::poll_fn(|cx| send.poll_capacity(cx)).await {
-            Some(Ok(_)) => {}
-            Some(Err(e)) => return Err(e),
-            None => return Err(h2::Error::from(h2::Reason::CANCEL)),
-        }
-    }
+/// See [`DeadlineLayer`].
+#[derive(Debug, Clone)]
+pub struct Deadline<S> {
+    inner: S,
 }
 
-/// A `Subscribe` stream: the hub's handler reads the hello and opens the
-/// session; its frames go to h2 behind their gRPC prefix, the status in
-/// the trailers.
-///
-/// The opening runs in its own boxed future, freed once the stream is open,
-/// so the task a stream lives in for hours holds the session and its pump
-/// and not the request it started from (about a kilobyte less per node).
-fn subscribe<S>(
-    req: http::Request<RecvStream>,
-    respond: SendResponse<Bytes>,
-    services: Arc<Services<S>>,
-) -> impl Future<Output = ()> + Send + 'static
+impl<S, B> tower::Service<http::Request<B>> for Deadline<S>
 where
-    S: Routes,
+    S: tower::Service<
+            http::Request<B>,
+            Response = http::Response<tonic::body::Body>,
+            Error = Infallible,
+        >,
+    S::Future: Send + 'static,
 {
-    let opening = Box::pin(open_subscribe(req, respond, services));
-    async move {
-        let Some((session, mut send)) = opening.await else {
-            return;
+    type Response = http::Response<tonic::body::Body>;
+    type Error = Infallible;
+    type Future = BoxFuture<Result<Self::Response, Infallible>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: http::Request<B>) -> Self::Future {
+        let deadline = grpc_timeout(req.headers());
+        let call = self.inner.call(req);
+        let Some(deadline) = deadline else {
+            return Box::pin(call);
         };
-        if let Err(e) = pump(session, &mut send).await {
-            tracing::debug!(error = %e, "subscribe stream ended by HTTP/2");
-        }
-    }
-}
-
-/// Reads the hello and opens the session, then sends the response head.
-/// `None` when the stream was answered with an error (or went away).
-async fn open_subscribe<S>(
-    mut req: http::Request<RecvStream>,
-    mut respond: SendResponse<Bytes>,
-    services: Arc<Services<S>>,
-) -> Option<(crate::session::Session, SendStream<Bytes>)>
-where
-    S: Routes,
-{
-    // The same authentication as the routes' layer.
-    if let Err(status) = crate::auth::layer::authenticate_request(&services.auth, &mut req) {
-        let _ = respond.send_response((services.map_status)(status.into_http()), true);
-        return None;
-    }
-    let (parts, body) = req.into_parts();
-    if parts
-        .headers
-        .get("grpc-encoding")
-        .is_some_and(|e| e != "identity")
-    {
-        let status = tonic::Status::unimplemented("compressed requests are not supported");
-        let _ = respond.send_response(status.into_http(), true);
-        return None;
-    }
-    let decoder = wire::LeanCodec::<wire::Frame, wire::Request>::default().decoder();
-    let inbound = tonic::Streaming::new_request(
-        decoder,
-        RecvBody {
-            inner: body,
-            data_done: false,
-        },
-        None,
-        Some(services.subscribe_limit),
-    );
-    let request = tonic::Request::from_parts(
-        tonic::metadata::MetadataMap::from_headers(parts.headers),
-        parts.extensions,
-        inbound,
-    );
-    let session = match services.hub.subscribe(request).await {
-        Ok(response) => response.into_inner(),
-        Err(status) => {
-            let _ = respond.send_response((services.map_status)(status.into_http()), true);
-            return None;
-        }
-    };
-    let mut head = http::Response::new(());
-    head.headers_mut().insert(
-        http::header::CONTENT_TYPE,
-        http::HeaderValue::from_static("application/grpc"),
-    );
-    let send = respond.send_response(head, false).ok()?;
-    Some((session, send))
-}
-
-/// Frames smaller than this go out with their prefix in one buffer (h2
-/// copies small frames into its write buffer anyway); larger ones as two
-/// DATA frames, so their bytes are not copied.
-const COPY_BELOW: usize = 1024;
-
-async fn pump(
-    mut session: crate::session::Session,
-    send: &mut SendStream<Bytes>,
-) -> Result<(), h2::Error> {
-    loop {
-        // A stream without room is not polled: status shows it `blocked`
-        // (its node does not read) until room comes.
-        send.reserve_capacity(1);
-        if send.capacity() == 0 {
-            session.set_blocked(true);
-            let ready = ready_to_send(send).await;
-            session.set_blocked(false);
-            ready?;
-        }
-        let item = tokio::select! {
-            item = session.next() => item,
-            reset = std::future::poll_fn(|cx| send.poll_reset(cx)) => {
-                return reset.map(|_| ());
+        Box::pin(async move {
+            match tokio::time::timeout(deadline, call).await {
+                Ok(answer) => answer,
+                Err(_) => Ok(tonic::Status::deadline_exceeded("Timeout expired").into_http()),
             }
-        };
-        match item {
-            Some(Ok(wire::Frame(frame))) => {
-                let mut prefix = BytesMut::with_capacity(5 + frame.len().min(COPY_BELOW));
-                prefix.put_u8(0);
-                prefix.put_u32(frame.len() as u32);
-                if frame.len() < COPY_BELOW {
-                    prefix.put_slice(&frame);
-                    send.send_data(prefix.freeze(), false)?;
-                } else {
-                    send.send_data(prefix.freeze(), false)?;
-                    send.send_data(frame, false)?;
-                }
-            }
-            Some(Err(status)) => return send.send_trailers(trailers(&status)),
-            None => return send.send_trailers(trailers(&tonic::Status::ok(""))),
-        }
+        })
     }
-}
-
-fn trailers(status: &tonic::Status) -> http::HeaderMap {
-    let mut map = http::HeaderMap::new();
-    if status.add_header(&mut map).is_err() {
-        map.insert("grpc-status", http::HeaderValue::from_static("13"));
-    }
-    map
 }
 
 #[cfg(test)]

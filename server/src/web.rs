@@ -15,6 +15,7 @@ use http_body_util::Full;
 use hyper::header::{CACHE_CONTROL, CONTENT_TYPE, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
 use tokio::net::TcpListener;
+use tokio_util::task::TaskTracker;
 
 use crate::hub::Hub;
 
@@ -30,9 +31,10 @@ const CONNECTION_LIFETIME: Duration = Duration::from_secs(10);
 /// How long a closing connection may take to finish its request.
 const CLOSE_GRACE: Duration = Duration::from_secs(1);
 
-/// Serves the listener until the hub shuts down. Each connection ends with
-/// the hub too, so an open browser tab never holds the hub up.
-pub(crate) async fn serve(listener: TcpListener, hub: Arc<Hub>) {
+/// Serves the listener until the hub shuts down. Each connection is a task
+/// on `tasks` and ends with the hub too, so an open browser tab never holds
+/// the hub up.
+pub(crate) async fn serve(listener: TcpListener, hub: Arc<Hub>, tasks: TaskTracker) {
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     let shutdown = hub.shutdown.clone();
     loop {
@@ -53,7 +55,7 @@ pub(crate) async fn serve(listener: TcpListener, hub: Arc<Hub>) {
         };
         let hub = hub.clone();
         let shutdown = shutdown.clone();
-        tokio::spawn(async move {
+        tasks.spawn(async move {
             let _slot = slot;
             let service = hyper::service::service_fn(move |req| {
                 let response = respond(&req, &hub);

@@ -68,7 +68,7 @@ enum Next<B> {
 /// through `limited_write_buf!`, and `BytesMut` grows as it is written.
 /// Small frames are copied in until less than `min_buffer_capacity` is
 /// left, so a flush carries up to about fifteen of them instead of sixty.
-const DEFAULT_BUFFER_CAPACITY: usize = 4 * 1_024;
+const DEFAULT_BUFFER_CAPACITY: usize = 4 * 1_024; // Patched for Freshness
 
 /// Chain payloads bigger than this when vectored I/O is enabled. The remote
 /// will never advertise a max frame size less than this (well, the spec says

@@ -25,9 +25,6 @@ pub struct Codec<T, B> {
     inner: FramedRead<FramedWrite<T, B>>,
 }
 
-/// The initial capacity of a connection's read buffer (patched for Freshness).
-const READ_BUFFER_CAPACITY: usize = 1_024;
-
 impl<T, B> Codec<T, B>
 where
     T: AsyncRead + AsyncWrite + Unpin,
@@ -51,12 +48,13 @@ where
             .length_adjustment(9)
             .num_skip(0) // Don't skip the header
             .new_codec();
-        // Patched for Freshness (upstream: tokio-util's 8 KiB default): an
-        // idle connection's read buffer is per-connection memory that sits
-        // unused. A frame longer than the buffer is still read whole: the
-        // length-delimited codec reserves its length once the header is in.
+        // Patched for Freshness (upstream: `new_read`, tokio-util's 8 KiB
+        // read buffer): an idle connection's read buffer is per-connection
+        // memory that sits unused. A frame longer than the buffer is still
+        // read whole: the length-delimited codec reserves its length once
+        // the frame header is in.
         let delimited =
-            tokio_util::codec::FramedRead::with_capacity(framed_write, delimited, READ_BUFFER_CAPACITY);
+            tokio_util::codec::FramedRead::with_capacity(framed_write, delimited, 1_024); // Patched for Freshness
 
         let mut inner = FramedRead::new(delimited);
 

@@ -160,7 +160,7 @@ impl Decoder {
             table: Table::new(size),
             // Patched for Freshness (upstream: 4 KiB up front): allocated
             // when a Huffman-coded string is first decoded, sized to it.
-            buffer: BytesMut::new(),
+            buffer: BytesMut::new(), // Patched for Freshness
         }
     }
 
