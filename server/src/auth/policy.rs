@@ -281,4 +281,14 @@ mod tests {
         assert!(e.starts_with("principal \"n\""), "{e}");
         assert!(Policy::parse("[principal]\n", false).is_err());
     }
+
+    #[test]
+    fn the_policy_the_helm_chart_renders_parses() {
+        // helm/freshness-hub: `dict "principals" .Values.auth.policy | toYaml`.
+        let rendered = "principals:\n  node:\n  - subscribe:*\n  spiffe://example.org/hub/us:\n  - replicate\n  writer:\n  - publish:*\n";
+        let p = Policy::parse(rendered, true).unwrap();
+        assert!(p.grants("node").may_subscribe(None));
+        assert!(p.grants("spiffe://example.org/hub/us").may_replicate());
+        assert!(p.grants("writer").may_publish("price"));
+    }
 }
