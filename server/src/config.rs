@@ -137,6 +137,14 @@ pub struct Config {
     /// Serve on a non-loopback address without TLS or without an auth
     /// source. Without it such a hub refuses to start.
     pub insecure: bool,
+    /// The metrics listener's certificate chain (PEM): with
+    /// `metrics_tls_key`, `/metrics` and the status page are served over
+    /// TLS. Reloaded when the file changes.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub metrics_tls_cert: Option<PathBuf>,
+    /// The private key of `metrics_tls_cert` (PEM).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub metrics_tls_key: Option<PathBuf>,
 }
 
 /// Log output format.
@@ -190,6 +198,8 @@ impl Default for Config {
             auth_tokens: None,
             auth_policy: None,
             insecure: false,
+            metrics_tls_cert: None,
+            metrics_tls_key: None,
         }
     }
 }
@@ -380,6 +390,14 @@ const KEYS: &[(&str, &str)] = &[
         "a policy file (TOML, or YAML ending in .yaml)",
     ),
     ("insecure", "true or false"),
+    (
+        "metrics_tls_cert",
+        "a PEM certificate file, set together with metrics_tls_key",
+    ),
+    (
+        "metrics_tls_key",
+        "a PEM private key file, set together with metrics_tls_cert",
+    ),
 ];
 
 /// What `key`'s value must be.
@@ -717,6 +735,15 @@ impl Config {
             (None, Some(_)) => return Err(invalid("tls_cert", expected("tls_cert"))),
             _ => {}
         }
+        match (&self.metrics_tls_cert, &self.metrics_tls_key) {
+            (Some(_), None) => {
+                return Err(invalid("metrics_tls_key", expected("metrics_tls_key")));
+            }
+            (None, Some(_)) => {
+                return Err(invalid("metrics_tls_cert", expected("metrics_tls_cert")));
+            }
+            _ => {}
+        }
         if self.tls_client_ca.is_some() && self.tls_cert.is_none() {
             return Err(invalid("tls_client_ca", expected("tls_client_ca")));
         }
@@ -761,6 +788,15 @@ impl Config {
             audience: vec![self.auth_audience.clone()],
             client_certificates: self.tls_client_ca.is_some(),
         }
+    }
+
+    /// The metrics listener's TLS files, when it serves TLS.
+    pub fn metrics_tls_files(&self) -> Option<crate::tls::TlsFiles> {
+        Some(crate::tls::TlsFiles {
+            cert: self.metrics_tls_cert.clone()?,
+            key: self.metrics_tls_key.clone()?,
+            client_ca: None,
+        })
     }
 
     /// The listener's TLS files, when it serves TLS.
@@ -955,6 +991,12 @@ pub struct Args {
     /// Serve on a non-loopback address without TLS or an auth source.
     #[arg(long, env = "FRESHNESS_INSECURE")]
     pub insecure: bool,
+    /// Serve the metrics listener over TLS with this certificate (PEM).
+    #[arg(long, env = "FRESHNESS_METRICS_TLS_CERT")]
+    pub metrics_tls_cert: Option<PathBuf>,
+    /// The private key of --metrics-tls-cert (PEM).
+    #[arg(long, env = "FRESHNESS_METRICS_TLS_KEY")]
+    pub metrics_tls_key: Option<PathBuf>,
 }
 
 fn parse_peer(s: &str) -> Result<(String, String), String> {
@@ -1081,7 +1123,9 @@ impl Args {
             peer_ca,
             auth_jwks,
             auth_tokens,
-            auth_policy
+            auth_policy,
+            metrics_tls_cert,
+            metrics_tls_key
         );
         if let Some(a) = self.auth_audience {
             given("auth_audience", "--auth-audience");

@@ -32,4 +32,6 @@ mod transport;
 mod web;
 
 pub use config::{Args, Config, ConfigError, LogFormat};
-pub use server::{RunError, load_security, open_log, run, run_with_http, serve, serve_with_http};
+pub use server::{
+    RunError, Security, load_security, open_log, run, run_with_http, serve, serve_with_http,
+};

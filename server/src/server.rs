@@ -43,18 +43,38 @@ pub enum RunError {
     Security(String),
 }
 
-/// The listener's TLS (when configured) and the auth state, loaded from the
-/// files `config` names. The binary calls it before it binds a port, so
-/// that a missing or invalid file stops it first (exit 64).
-pub fn load_security(config: &Config) -> Result<(Option<Arc<TlsServer>>, Arc<Auth>), String> {
+/// The listeners' TLS and the auth state, loaded from the files a config
+/// names.
+#[derive(Debug)]
+pub struct Security {
+    /// The gRPC listener's TLS, when configured.
+    pub tls: Option<Arc<TlsServer>>,
+    /// The metrics listener's TLS, when configured.
+    pub metrics_tls: Option<Arc<TlsServer>>,
+    /// Who may do what.
+    pub auth: Arc<Auth>,
+}
+
+/// Loads [`Security`] from the files `config` names. The binary calls it
+/// before it binds a port, so that a missing or invalid file stops it first
+/// (exit 64).
+pub fn load_security(config: &Config) -> Result<Security, String> {
     let tls = config.tls_files().map(TlsServer::load).transpose()?;
+    let metrics_tls = config
+        .metrics_tls_files()
+        .map(TlsServer::load_http1)
+        .transpose()?;
     let sources = config.auth_sources();
     let auth = if sources.enabled() || sources.policy.is_some() {
         Auth::load(sources)?
     } else {
         Auth::disabled()
     };
-    Ok((tls, auth))
+    Ok(Security {
+        tls,
+        metrics_tls,
+        auth,
+    })
 }
 
 /// Opens the durable log `config` names and recovers it (blocking: it reads
@@ -183,7 +203,11 @@ pub async fn serve_with_http(
     shutdown: CancellationToken,
 ) -> Result<(), RunError> {
     config.validate()?;
-    let (tls, auth) = load_security(&config).map_err(RunError::Security)?;
+    let Security {
+        tls,
+        metrics_tls,
+        auth,
+    } = load_security(&config).map_err(RunError::Security)?;
     let tracker = TaskTracker::new();
     let grace = config.shutdown_grace;
     let max_message = config.max_message_bytes;
@@ -201,7 +225,7 @@ pub async fn serve_with_http(
     );
     {
         let mut watched = Vec::new();
-        if let Some(tls) = &tls {
+        for tls in [&tls, &metrics_tls].into_iter().flatten() {
             let t = tls.clone();
             watched.push(crate::reload::Watched {
                 files: tls.files(),
@@ -220,7 +244,12 @@ pub async fn serve_with_http(
     tracker.spawn(crate::metrics::sample(hub.clone()));
     tracker.spawn(crate::stats::sample_every_second(hub.clone()));
     if let Some(http) = http {
-        tracker.spawn(crate::web::serve(http, hub.clone(), tracker.clone()));
+        tracker.spawn(crate::web::serve(
+            http,
+            metrics_tls,
+            hub.clone(),
+            tracker.clone(),
+        ));
     }
     let (health, health_service) = tonic_health::server::health_reporter();
     health

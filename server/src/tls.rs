@@ -42,8 +42,15 @@ pub struct TlsFiles {
 #[derive(Debug)]
 pub struct TlsServer {
     files: TlsFiles,
+    /// The protocols offered by ALPN.
+    alpn: &'static [&'static [u8]],
     config: RwLock<Arc<rustls::ServerConfig>>,
 }
+
+/// gRPC is HTTP/2 only.
+const ALPN_GRPC: &[&[u8]] = &[b"h2"];
+/// The metrics listener speaks HTTP/1.1.
+const ALPN_HTTP1: &[&[u8]] = &[b"http/1.1"];
 
 /// rustls on ring, as tonic's `tls-ring` client: no C++ toolchain to
 /// build. rustls marks ring's provider deprecated for its lack of
@@ -70,7 +77,7 @@ fn read_key(path: &Path) -> Result<PrivateKeyDer<'static>, String> {
         .map_err(|e| format!("cannot read a private key from {}: {e}", path.display()))
 }
 
-fn build(files: &TlsFiles) -> Result<rustls::ServerConfig, String> {
+fn build(files: &TlsFiles, alpn: &[&[u8]]) -> Result<rustls::ServerConfig, String> {
     let provider = provider();
     let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
@@ -102,24 +109,33 @@ fn build(files: &TlsFiles) -> Result<rustls::ServerConfig, String> {
                 files.key.display()
             )
         })?;
-    // gRPC is HTTP/2 only.
-    config.alpn_protocols = vec![b"h2".to_vec()];
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
     Ok(config)
 }
 
 impl TlsServer {
     /// Loads the files; an error names the file (the hub does not start).
     pub fn load(files: TlsFiles) -> Result<Arc<Self>, String> {
-        let config = build(&files)?;
+        Self::load_with(files, ALPN_GRPC)
+    }
+
+    /// [`load`](Self::load) for the HTTP/1.1 metrics listener.
+    pub fn load_http1(files: TlsFiles) -> Result<Arc<Self>, String> {
+        Self::load_with(files, ALPN_HTTP1)
+    }
+
+    fn load_with(files: TlsFiles, alpn: &'static [&'static [u8]]) -> Result<Arc<Self>, String> {
+        let config = build(&files, alpn)?;
         Ok(Arc::new(Self {
             files,
+            alpn,
             config: RwLock::new(Arc::new(config)),
         }))
     }
 
     /// Reads the files again; new handshakes use them.
     pub fn reload(&self) {
-        match build(&self.files) {
+        match build(&self.files, self.alpn) {
             Ok(c) => {
                 *self.config.write() = Arc::new(c);
                 tracing::info!(cert = %self.files.cert.display(), "TLS certificate reloaded");

@@ -3,6 +3,7 @@
 //! TLS on loopback, clients connect as nodes, writers and peers would.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use base64::Engine;
 use freshness::pb::subscribe_request::Kind as ReqKind;
@@ -640,5 +641,53 @@ async fn health_is_open_and_reflection_needs_a_principal() {
         .server_reflection_info(with_token(futures::stream::iter([list()]), "t"))
         .await;
     assert!(ok.is_ok(), "{ok:?}");
+    hub.stop().await;
+}
+
+#[tokio::test]
+async fn the_metrics_listener_serves_tls_when_given_a_certificate() {
+    let s = Setup::new("[principals]\n", &token_line("x", "t"), false);
+    let mut config = s.config.clone();
+    config.metrics_tls_cert = config.tls_cert.clone();
+    config.metrics_tls_key = config.tls_key.clone();
+    let hub = TestHub::start_with_http(config).await;
+    let http = hub.http.unwrap();
+    let request = b"GET /status.json HTTP/1.1\r\nhost: hub\r\nconnection: close\r\n\r\n";
+
+    // Plain HTTP gets no answer.
+    let mut tcp = tokio::net::TcpStream::connect(http).await.unwrap();
+    tcp.write_all(request).await.unwrap();
+    let mut plain = Vec::new();
+    let _ = tokio::time::timeout(freshness_tests::WAIT, tcp.read_to_end(&mut plain)).await;
+    assert!(!plain.starts_with(b"HTTP/1.1"), "plain HTTP was answered");
+
+    // Over TLS, trusting the CA, the page's data.
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(rustls::pki_types::CertificateDer::from_pem_slice(s.ca.pem.as_bytes()).unwrap())
+        .unwrap();
+    #[allow(deprecated)]
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let tcp = tokio::net::TcpStream::connect(http).await.unwrap();
+    let mut stream = tokio_rustls::TlsConnector::from(Arc::new(tls))
+        .connect("localhost".try_into().unwrap(), tcp)
+        .await
+        .expect("TLS to the metrics listener");
+    stream.write_all(request).await.unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(freshness_tests::WAIT, stream.read_to_end(&mut answer))
+        .await
+        .unwrap()
+        .ok();
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(answer.contains("test-hub"), "{answer}");
     hub.stop().await;
 }
