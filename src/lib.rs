@@ -15,6 +15,7 @@
 #![warn(missing_docs)]
 
 pub mod ack;
+pub mod backoff;
 mod cursor;
 mod entity;
 mod shard;

@@ -118,10 +118,86 @@ pub struct ValidPublish {
     pub timeout: Duration,
 }
 
-fn check_trace_field(value: &str, index: usize, field: &'static str) -> Result<(), InvalidPublish> {
+/// An event as the wire carries it (`pb::Event`), its fields checked: the
+/// one conversion publish ([`CheckedEvent::check`], with the hub's payload
+/// limit), replication and the client (`TryFrom`) share.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CheckedEvent {
+    /// What changed.
+    pub entity: Entity,
+    /// Its version at the source of truth (at least 1).
+    pub version: Version,
+    /// Region it was first published in (set by a hub; empty in a publish).
+    pub origin: String,
+    /// When its first hub accepted it, µs since the Unix epoch (0 unset).
+    pub publish_time_us: u64,
+    /// Optional new value.
+    pub payload: Bytes,
+    /// W3C trace context (may be empty): printable ASCII, at most
+    /// [`MAX_TRACE_CONTEXT_BYTES`].
+    pub traceparent: String,
+    /// W3C trace state, as `traceparent`.
+    pub tracestate: String,
+}
+
+/// Why a `pb::Event` is not a [`CheckedEvent`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("field `{field}`: {reason}")]
+pub struct InvalidEvent {
+    /// The offending field.
+    pub field: &'static str,
+    /// What is wrong with it.
+    pub reason: String,
+}
+
+impl TryFrom<pb::Event> for CheckedEvent {
+    type Error = InvalidEvent;
+
+    /// The conversion without a payload limit (replicated and delivered
+    /// events: the hub they were published at held them to its own).
+    fn try_from(e: pb::Event) -> Result<Self, InvalidEvent> {
+        Self::check(e, usize::MAX)
+    }
+}
+
+impl CheckedEvent {
+    /// Checks every field, in field order, the payload against
+    /// `max_payload_bytes`.
+    pub fn check(e: pb::Event, max_payload_bytes: usize) -> Result<Self, InvalidEvent> {
+        let entity = Entity::parse(&e.entity).map_err(|err| InvalidEvent {
+            field: "entity",
+            reason: err.to_string(),
+        })?;
+        let version = Version::new(e.version).ok_or_else(|| InvalidEvent {
+            field: "version",
+            reason: "version must be at least 1".into(),
+        })?;
+        if e.payload.len() > max_payload_bytes {
+            return Err(InvalidEvent {
+                field: "payload",
+                reason: format!(
+                    "{} bytes, more than the limit of {max_payload_bytes}",
+                    e.payload.len(),
+                ),
+            });
+        }
+        check_trace_field(&e.traceparent, "traceparent")?;
+        check_trace_field(&e.tracestate, "tracestate")?;
+        Ok(Self {
+            entity,
+            version,
+            origin: e.origin,
+            publish_time_us: e.publish_time_us,
+            payload: e.payload,
+            traceparent: e.traceparent,
+            tracestate: e.tracestate,
+        })
+    }
+}
+
+fn check_trace_field(value: &str, field: &'static str) -> Result<(), InvalidEvent> {
     if value.len() > MAX_TRACE_CONTEXT_BYTES {
-        return Err(InvalidPublish::Event {
-            index,
+        return Err(InvalidEvent {
             field,
             reason: format!(
                 "{} bytes, more than the limit of {MAX_TRACE_CONTEXT_BYTES}",
@@ -130,8 +206,7 @@ fn check_trace_field(value: &str, index: usize, field: &'static str) -> Result<(
         });
     }
     if !value.bytes().all(|b| (0x20..0x7f).contains(&b)) {
-        return Err(InvalidPublish::Event {
-            index,
+        return Err(InvalidEvent {
             field,
             reason: "must be printable ASCII (W3C trace context)".into(),
         });
@@ -172,32 +247,16 @@ pub fn publish(
     };
     let mut events = Vec::with_capacity(n);
     for (index, e) in req.events.into_iter().enumerate() {
-        let entity = Entity::parse(&e.entity).map_err(|err| InvalidPublish::Event {
-            index,
-            field: "entity",
-            reason: err.to_string(),
-        })?;
-        let version = Version::new(e.version).ok_or_else(|| InvalidPublish::Event {
-            index,
-            field: "version",
-            reason: "version must be at least 1".into(),
-        })?;
-        if e.payload.len() > limits.max_payload_bytes {
-            return Err(InvalidPublish::Event {
+        let e = CheckedEvent::check(e, limits.max_payload_bytes).map_err(|err| {
+            InvalidPublish::Event {
                 index,
-                field: "payload",
-                reason: format!(
-                    "{} bytes, more than the limit of {}",
-                    e.payload.len(),
-                    limits.max_payload_bytes
-                ),
-            });
-        }
-        check_trace_field(&e.traceparent, index, "traceparent")?;
-        check_trace_field(&e.tracestate, index, "tracestate")?;
+                field: err.field,
+                reason: err.reason,
+            }
+        })?;
         events.push(NewEvent {
-            entity,
-            version,
+            entity: e.entity,
+            version: e.version,
             payload: e.payload,
             traceparent: e.traceparent,
             tracestate: e.tracestate,
@@ -294,6 +353,50 @@ mod tests {
         pb::PublishRequest {
             events,
             ..Default::default()
+        }
+    }
+
+    #[test]
+    fn one_conversion_checks_every_field_it_can_without_a_configuration() {
+        let mut e = ev("user:1", 3);
+        e.origin = "eu".into();
+        e.publish_time_us = 7;
+        e.traceparent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01".into();
+        let ok = CheckedEvent::try_from(e.clone()).unwrap();
+        assert_eq!(ok.entity.as_str(), "user:1");
+        assert_eq!(ok.version.get(), 3);
+        assert_eq!((ok.origin.as_str(), ok.publish_time_us), ("eu", 7));
+        for (bad, field) in [
+            (
+                pb::Event {
+                    entity: "nocolon".into(),
+                    ..e.clone()
+                },
+                "entity",
+            ),
+            (
+                pb::Event {
+                    version: 0,
+                    ..e.clone()
+                },
+                "version",
+            ),
+            (
+                pb::Event {
+                    traceparent: "x".repeat(MAX_TRACE_CONTEXT_BYTES + 1),
+                    ..e.clone()
+                },
+                "traceparent",
+            ),
+            (
+                pb::Event {
+                    tracestate: "caf\u{e9}".into(),
+                    ..e.clone()
+                },
+                "tracestate",
+            ),
+        ] {
+            assert_eq!(CheckedEvent::try_from(bad).unwrap_err().field, field);
         }
     }
 

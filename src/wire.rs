@@ -250,7 +250,7 @@ where
     type Encode = T;
     type Decode = U;
     type Encoder = tonic_prost::ProstEncoder<T>;
-    type Decoder = tonic_prost::ProstDecoder<U>;
+    type Decoder = LeanDecoder<U>;
 
     fn encoder(&mut self) -> Self::Encoder {
         tonic_prost::ProstEncoder::new(tonic::codec::BufferSettings::new(
@@ -260,10 +260,31 @@ where
     }
 
     fn decoder(&mut self) -> Self::Decoder {
-        tonic_prost::ProstDecoder::new(tonic::codec::BufferSettings::new(
-            STREAM_BUFFER_BYTES,
-            YIELD_THRESHOLD,
-        ))
+        LeanDecoder(std::marker::PhantomData)
+    }
+}
+
+/// [`LeanCodec`]'s decoder: prost's, with its starting buffers, and bytes
+/// that are not a valid message answered `INVALID_ARGUMENT` (the sender's
+/// fault, SPEC §4) where prost's says `INTERNAL`.
+#[derive(Debug, Clone, Copy)]
+pub struct LeanDecoder<U>(std::marker::PhantomData<U>);
+
+impl<U: Message + Default> tonic::codec::Decoder for LeanDecoder<U> {
+    type Item = U;
+    type Error = tonic::Status;
+
+    fn decode(
+        &mut self,
+        buf: &mut tonic::codec::DecodeBuf<'_>,
+    ) -> Result<Option<U>, tonic::Status> {
+        U::decode(buf)
+            .map(Some)
+            .map_err(|e| tonic::Status::invalid_argument(e.to_string()))
+    }
+
+    fn buffer_settings(&self) -> tonic::codec::BufferSettings {
+        tonic::codec::BufferSettings::new(STREAM_BUFFER_BYTES, YIELD_THRESHOLD)
     }
 }
 

@@ -7,6 +7,7 @@ use std::fmt;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
+use freshness::validate::CheckedEvent;
 use freshness::{Entity, ShardId, Version, pb};
 
 /// One invalidation as delivered to a node: `entity` changed to `version` at
@@ -203,14 +204,13 @@ pub(crate) fn batch_from_wire(batch: pb::EventBatch) -> (EventBatch, BTreeSet<Sh
             bad.insert(shard);
             continue;
         };
-        let (Ok(entity), Some(version)) = (Entity::parse(&e.entity), Version::new(e.version))
-        else {
+        let Ok(e) = CheckedEvent::try_from(e) else {
             bad.insert(shard);
             continue;
         };
         events.push(Invalidation {
-            entity,
-            version,
+            entity: e.entity,
+            version: e.version,
             shard,
             seq: d.seq,
             origin: e.origin,

@@ -22,7 +22,6 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
-mod backoff;
 pub mod cache;
 mod cursor_store;
 mod event;
@@ -34,7 +33,6 @@ pub mod subscriber;
 pub mod telemetry;
 mod transport;
 
-pub use backoff::Backoff;
 pub use cache::{
     CacheStats, Dep, FillRefused, FreshnessPolicy, Loaded, Ticket, VersionedCache,
     VersionedCacheBuilder,
@@ -42,6 +40,7 @@ pub use cache::{
 pub use cursor_store::{BackendFuture, CursorBackend, CursorStore, CursorStoreError};
 pub use event::{EventBatch, Invalidation, Reset, ResetReason, ResetScope};
 pub use feed::{Feed, FeedClosed, FeedState};
+pub use freshness::backoff::Backoff;
 pub use freshness::validate::AckLevel;
 pub use freshness::{Cursor, Entity, ShardId, Version};
 pub use publisher::{

@@ -38,8 +38,8 @@ use tokio::sync::{Semaphore, mpsc, oneshot};
 use tokio::time::{Instant, sleep, sleep_until};
 use tracing::{Instrument, debug, info_span, warn};
 
-use crate::backoff::{Attempts, Backoff};
 use crate::transport::InvalidAddress;
+use freshness::backoff::{Attempts, Backoff};
 
 /// One change to publish.
 #[derive(Debug, Clone, PartialEq, Eq)]

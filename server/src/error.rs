@@ -17,12 +17,15 @@ pub enum HubError {
     /// A hello failed validation.
     #[error("invalid hello: {0}")]
     InvalidHello(#[from] InvalidHello),
-    /// Any other malformed request (bad cursor, bad ack).
-    #[error("{0}")]
-    InvalidArgument(String),
-    /// Protocol misuse (no hello first, a second hello, shard count mismatch).
-    #[error("{0}")]
-    FailedPrecondition(String),
+    /// A hello's resume cursor cannot be resumed from.
+    #[error("field `resume`: {0}")]
+    InvalidResume(#[from] InvalidResume),
+    /// A message on an open stream is malformed (an ack, mostly).
+    #[error(transparent)]
+    InvalidMessage(#[from] InvalidMessage),
+    /// Protocol misuse: no hello first, a second hello, another shard count.
+    #[error(transparent)]
+    Protocol(#[from] ProtocolError),
     /// A bounded queue is full; retry after the hint.
     #[error("hub overloaded: {what}; retry in {retry_after:?}")]
     Overloaded {
@@ -32,8 +35,8 @@ pub enum HubError {
         retry_after: Duration,
     },
     /// A configured maximum is reached.
-    #[error("{0}")]
-    ResourceExhausted(String),
+    #[error(transparent)]
+    Exhausted(#[from] Exhausted),
     /// The hub is shutting down.
     #[error("hub is shutting down")]
     ShuttingDown,
@@ -43,14 +46,109 @@ pub enum HubError {
     LogUnavailable(#[from] crate::store::WriteFailed),
 }
 
+/// Why a hello's resume cursor is refused (`INVALID_ARGUMENT`).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum InvalidResume {
+    /// The cursor does not fit this hub.
+    #[error(transparent)]
+    Cursor(#[from] freshness::CursorError),
+    /// It is ahead of what the hub has.
+    #[error("shard {shard} is at seq {at}, beyond the hub's head {head}")]
+    BeyondHead {
+        /// The shard.
+        shard: usize,
+        /// The cursor's seq.
+        at: u64,
+        /// The hub's head.
+        head: u64,
+    },
+}
+
+/// A malformed message on an open stream (`INVALID_ARGUMENT`).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum InvalidMessage {
+    /// Neither hello nor ack.
+    #[error("empty subscribe request (neither hello nor ack)")]
+    Empty,
+    /// An ack without its cursor.
+    #[error("ack without a cursor")]
+    AckWithoutCursor,
+    /// An ack of another epoch.
+    #[error("ack for epoch {got}, this stream is in epoch {want}")]
+    AckEpoch {
+        /// The ack's.
+        got: u64,
+        /// The stream's.
+        want: u64,
+    },
+    /// An ack of another shard count.
+    #[error("ack cursor has {got} shards, the hub has {want}")]
+    AckShards {
+        /// The ack's.
+        got: usize,
+        /// The hub's.
+        want: usize,
+    },
+    /// An ack of more than was sent.
+    #[error("ack beyond what was sent: shard {shard} acked seq {acked}, only {sent} was sent")]
+    AckBeyondSent {
+        /// The shard.
+        shard: usize,
+        /// What it acked.
+        acked: u64,
+        /// What was sent.
+        sent: u64,
+    },
+    /// `applied` from a node, or not within the stream's epoch and sends.
+    #[error("`applied` is for replicating hubs, in this stream's epoch, within what was sent")]
+    Applied,
+}
+
+/// Protocol misuse (`FAILED_PRECONDITION`).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ProtocolError {
+    /// No hello in time.
+    #[error("no hello within {0:?} of opening the stream")]
+    NoHello(Duration),
+    /// The stream ended first.
+    #[error("stream ended before its hello")]
+    EndedBeforeHello,
+    /// Something else came first.
+    #[error("the first message of a subscribe stream must be a hello")]
+    HelloNotFirst,
+    /// A hello after the first.
+    #[error("a second hello on the same stream; open a new stream instead")]
+    SecondHello,
+    /// The subscriber's shard count is not the hub's.
+    #[error("shard count mismatch: the subscriber has {theirs}, this hub has {ours}")]
+    ShardCount {
+        /// The hello's.
+        theirs: u32,
+        /// The hub's.
+        ours: u32,
+    },
+}
+
+/// A configured maximum reached (`RESOURCE_EXHAUSTED`, retry in a second).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Exhausted {
+    /// `max_nodes` streams are connected.
+    #[error("{0} streams are connected, the limit of this hub")]
+    Streams(usize),
+    /// `max_ack_waiters` publishes wait for acks.
+    #[error("more than {0} publishes are waiting for acks; use ack level ACCEPTED or retry")]
+    AckWaiters(usize),
+}
+
 impl From<HubError> for Status {
     fn from(e: HubError) -> Self {
         let msg = e.to_string();
         match e {
             HubError::InvalidPublish(_)
             | HubError::InvalidHello(_)
-            | HubError::InvalidArgument(_) => Status::invalid_argument(msg),
-            HubError::FailedPrecondition(_) => Status::failed_precondition(msg),
+            | HubError::InvalidResume(_)
+            | HubError::InvalidMessage(_) => Status::invalid_argument(msg),
+            HubError::Protocol(_) => Status::failed_precondition(msg),
             HubError::Overloaded { retry_after, .. } => {
                 let mut s = Status::unavailable(msg);
                 if let Ok(v) = retry_after.as_millis().to_string().parse() {
@@ -58,7 +156,7 @@ impl From<HubError> for Status {
                 }
                 s
             }
-            HubError::ResourceExhausted(_) => {
+            HubError::Exhausted(_) => {
                 let mut s = Status::resource_exhausted(msg);
                 s.metadata_mut().insert(
                     RETRY_AFTER_MS,
@@ -79,19 +177,15 @@ impl From<HubError> for Status {
     }
 }
 
-/// What prost's decode errors start with; tonic answers them `INTERNAL`.
-pub const DECODE_ERROR_PREFIX: &str = "failed to decode Protobuf message";
-
-/// Maps tonic's answers to a request that does not decode onto the codes of
-/// the contract: a message over the decoding limit is `OUT_OF_RANGE` in
-/// tonic and `RESOURCE_EXHAUSTED` in SPEC §4; bytes that are not a valid
-/// message are `INTERNAL` in tonic, which would blame the hub for the
-/// client's input, and `INVALID_ARGUMENT` here.
+/// Maps what tonic answers a request that does not decode onto the codes of
+/// the contract, by code alone. Bytes that are not a valid message are
+/// `INVALID_ARGUMENT` already (`wire::LeanCodec`'s decoder says so); a
+/// message over the decoding limit is `OUT_OF_RANGE` in tonic, which is
+/// the only thing a request stream answers with that code, and
+/// `RESOURCE_EXHAUSTED` in SPEC §4.
 pub fn map_decode_status(s: Status) -> Status {
-    if s.code() == Code::OutOfRange && s.message().contains("too large") {
+    if s.code() == Code::OutOfRange {
         Status::resource_exhausted(s.message().to_owned())
-    } else if s.code() == Code::Internal && s.message().starts_with(DECODE_ERROR_PREFIX) {
-        Status::invalid_argument(s.message().to_owned())
     } else {
         s
     }

@@ -15,7 +15,7 @@ use tracing::field::Empty;
 
 use crate::auth::Auth;
 use crate::auth::layer::principal;
-use crate::error::{HubError, map_decode_status};
+use crate::error::{HubError, ProtocolError, map_decode_status};
 use crate::hub::Hub;
 use crate::shard::Outcome;
 use crate::telemetry::{Adopt, num};
@@ -181,21 +181,13 @@ impl pb::raw::hub_server::Hub for HubService {
             () = self.hub.shutdown.cancelled() => return Err(HubError::ShuttingDown.into()),
         };
         let hello = match first {
-            Err(_) => {
-                return Err(Status::failed_precondition(format!(
-                    "no hello within {HELLO_TIMEOUT:?} of opening the stream"
-                )));
-            }
-            Ok(None) => return Err(Status::failed_precondition("stream ended before its hello")),
+            Err(_) => return Err(HubError::from(ProtocolError::NoHello(HELLO_TIMEOUT)).into()),
+            Ok(None) => return Err(HubError::from(ProtocolError::EndedBeforeHello).into()),
             Ok(Some(Err(s))) => return Err(map_decode_status(s)),
             Ok(Some(Ok(wire::Request(pb::SubscribeRequest {
                 kind: Some(ReqKind::Hello(hello)),
             })))) => hello,
-            Ok(Some(Ok(_))) => {
-                return Err(Status::failed_precondition(
-                    "the first message of a subscribe stream must be a hello",
-                ));
-            }
+            Ok(Some(Ok(_))) => return Err(HubError::from(ProtocolError::HelloNotFirst).into()),
         };
         // A hello that is not valid is refused by `open` with its reason; a
         // valid one is checked against the caller's rights first, before

@@ -16,7 +16,7 @@ use tracing::Instrument;
 
 use crate::clock::Clock;
 use crate::config::Config;
-use crate::error::HubError;
+use crate::error::{Exhausted, HubError};
 use crate::log::SharedLog;
 use crate::shard::{Append, EventOutcome, Incoming, ShardContext, ShardHandle, ShardMemory};
 use crate::store::{DataDir, DiskReader, Opened};
@@ -361,16 +361,14 @@ impl Hub {
         };
         let awaited = applied != AckLevel::Accepted;
         // A call that would wait is refused before anything is applied.
-        let _permit = if awaited {
-            Some(self.ack_waiters.try_acquire().map_err(|_| {
-                HubError::ResourceExhausted(format!(
-                    "more than {} publishes are waiting for acks; use ack level ACCEPTED or retry",
-                    self.config.max_ack_waiters
-                ))
-            })?)
-        } else {
-            None
-        };
+        let _permit =
+            if awaited {
+                Some(self.ack_waiters.try_acquire().map_err(|_| {
+                    HubError::from(Exhausted::AckWaiters(self.config.max_ack_waiters))
+                })?)
+            } else {
+                None
+            };
         let namespaces: Vec<Arc<str>> = req
             .events
             .iter()
@@ -692,10 +690,7 @@ impl Hub {
         });
         let mut nodes = self.nodes.write();
         if !nodes.contains_key(&node_id) && nodes.len() >= self.config.max_nodes {
-            return Err(HubError::ResourceExhausted(format!(
-                "{} streams are connected, the limit of this hub",
-                self.config.max_nodes
-            )));
+            return Err(Exhausted::Streams(self.config.max_nodes).into());
         }
         let replaced = nodes.insert(node_id, shared.clone());
         crate::metrics::set_nodes(nodes.len());

@@ -304,6 +304,11 @@ const PROPAGATION_BUCKETS: [f64; 14] = [
 /// Bucket bounds of [`FRAME_EVENTS`].
 const FRAME_BUCKETS: [f64; 9] = [1.0, 2.0, 4.0, 8.0, 16.0, 64.0, 256.0, 1024.0, 8192.0];
 
+/// The metrics recorder could not be installed (one is already).
+#[derive(Debug, thiserror::Error)]
+#[error("cannot install the metrics recorder: {0}")]
+pub struct RecorderError(#[source] metrics_exporter_prometheus::BuildError);
+
 /// The process-wide recorder's handle, once [`install_recorder`] ran.
 static PROMETHEUS: std::sync::OnceLock<PrometheusHandle> = std::sync::OnceLock::new();
 
@@ -311,10 +316,10 @@ static PROMETHEUS: std::sync::OnceLock<PrometheusHandle> = std::sync::OnceLock::
 /// HTTP listener serves at `/metrics` (see `web.rs`), with every family
 /// registered at zero. Must be called inside a tokio runtime; a second call
 /// fails.
-pub fn install_recorder() -> Result<(), String> {
+pub fn install_recorder() -> Result<(), RecorderError> {
     let handle = PrometheusBuilder::new()
         .install_recorder()
-        .map_err(|e| format!("cannot install the metrics recorder: {e}"))?;
+        .map_err(RecorderError)?;
     register_families();
     tokio::spawn(upkeep(handle.clone()));
     // The recorder install above succeeds once per process, so this slot

@@ -17,16 +17,18 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
 
+use freshness::backoff::{Attempts, Backoff};
 use freshness::pb::subscribe_request::Kind as ReqKind;
 use freshness::pb::subscribe_response::Kind as RespKind;
 use freshness::pb::{self, hub_client::HubClient};
-use freshness::{Entity, Version};
+use freshness::validate::CheckedEvent;
 use tokio::sync::{mpsc, watch};
 use tokio::time::MissedTickBehavior;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::task::TaskTracker;
 use tonic::transport::Endpoint;
 
+use crate::error::HubError;
 use crate::hub::Hub;
 use crate::shard::Incoming;
 
@@ -93,14 +95,74 @@ enum End {
     Shutdown,
     /// Worth retrying; `connected` says whether it got as far as a welcome.
     Failed {
-        error: String,
+        error: LinkError,
         connected: bool,
     },
 }
 
+/// Why a replication link failed (shown in status as the peer's
+/// `last_error`).
+#[derive(Debug, thiserror::Error)]
+pub enum LinkError {
+    /// The configured URL is not one.
+    #[error("invalid peer address: {0}")]
+    Address(#[source] tonic::transport::Error),
+    /// No connection.
+    #[error("cannot connect: {0}")]
+    Connect(#[source] tonic::transport::Error),
+    /// The peer answered the stream with an error (its code shows in
+    /// status: `PermissionDenied` for a hub not granted `replicate`).
+    #[error("peer refused the link: {:?}: {}", .0.code(), .0.message())]
+    Refused(tonic::Status),
+    /// This hub's side of the peer's TLS cannot be set up.
+    #[error("peer TLS: {0}")]
+    Tls(#[source] crate::tls::PeerTlsError),
+    /// The peer's first message was not a welcome.
+    #[error("peer did not send a welcome")]
+    NoWelcome,
+    /// The welcome carries no cursor.
+    #[error("welcome without a cursor")]
+    WelcomeWithoutCursor,
+    /// The peer has another shard count.
+    #[error("shard count mismatch: peer has {peer}, this hub {ours}; link not used")]
+    ShardCount {
+        /// The peer's.
+        peer: u32,
+        /// This hub's.
+        ours: u32,
+    },
+    /// The stream failed.
+    #[error("stream error: {}", .0.message())]
+    Stream(tonic::Status),
+    /// The peer ended the stream.
+    #[error("peer ended the stream")]
+    Ended,
+    /// The peer said goodbye.
+    #[error("peer said goodbye: {0}")]
+    Goodbye(String),
+    /// A welcome in the middle of the stream, or an empty message.
+    #[error("unexpected message from peer")]
+    Unexpected,
+    /// An event without its body.
+    #[error("replicated event without a body")]
+    EventWithoutBody,
+    /// An event that is not one.
+    #[error("peer sent a bad event: {0}")]
+    BadEvent(#[from] freshness::validate::InvalidEvent),
+    /// A reset without the cursor it moves to.
+    #[error("reset without a cursor")]
+    ResetWithoutCursor,
+    /// This hub could not append what the peer sent.
+    #[error(transparent)]
+    Append(#[from] HubError),
+    /// This side of the stream closed.
+    #[error("peer stream closed")]
+    Closed,
+}
+
 impl Link {
     async fn run(mut self) {
-        let mut backoff = BACKOFF_MIN;
+        let mut attempts = Attempts::new(Backoff::new(BACKOFF_MIN, BACKOFF_MAX));
         loop {
             let end = self.stream().await;
             self.persist(true);
@@ -109,26 +171,22 @@ impl Link {
                 End::Shutdown => return,
                 End::Failed { error, connected } => {
                     tracing::warn!(peer = %self.region, url = %self.url, %error, "replication link down");
-                    self.hub.update_peer(&self.region, |p| p.last_error = error);
+                    self.hub
+                        .update_peer(&self.region, |p| p.last_error = error.to_string());
                     if connected {
-                        backoff = BACKOFF_MIN;
+                        attempts.reset();
                     }
                 }
             }
-            let jitter = rand::random_range(0.5..1.0);
             tokio::select! {
-                () = tokio::time::sleep(backoff.mul_f64(jitter)) => {}
+                () = tokio::time::sleep(attempts.next_delay()) => {}
                 () = self.hub.shutdown.cancelled() => return,
             }
-            backoff = (backoff * 2).min(BACKOFF_MAX);
         }
     }
 
-    fn failed(error: impl std::fmt::Display, connected: bool) -> End {
-        End::Failed {
-            error: error.to_string(),
-            connected,
-        }
+    fn failed(error: LinkError, connected: bool) -> End {
+        End::Failed { error, connected }
     }
 
     async fn stream(&mut self) -> End {
@@ -138,7 +196,7 @@ impl Link {
                 .tcp_nodelay(true)
                 .http2_keep_alive_interval(Duration::from_secs(10))
                 .keep_alive_timeout(Duration::from_secs(10)),
-            Err(e) => return Self::failed(format!("invalid peer address: {e}"), false),
+            Err(e) => return Self::failed(LinkError::Address(e), false),
         };
         // An https:// peer: its CA, and this hub's certificate as the
         // client certificate (read at each connect: a rotated one is used
@@ -151,10 +209,14 @@ impl Link {
                 config.tls_files().as_ref(),
                 &host,
             )
-            .and_then(|tls| endpoint.tls_config(tls).map_err(|e| e.to_string()));
+            .and_then(|tls| {
+                endpoint
+                    .tls_config(tls)
+                    .map_err(crate::tls::PeerTlsError::Config)
+            });
             match tls {
                 Ok(e) => e,
-                Err(e) => return Self::failed(format!("peer TLS: {e}"), false),
+                Err(e) => return Self::failed(LinkError::Tls(e), false),
             }
         } else {
             endpoint
@@ -162,7 +224,7 @@ impl Link {
         let channel = tokio::select! {
             c = endpoint.connect() => match c {
                 Ok(c) => c,
-                Err(e) => return Self::failed(format!("cannot connect: {e}"), false),
+                Err(e) => return Self::failed(LinkError::Connect(e), false),
             },
             () = self.hub.shutdown.cancelled() => return End::Shutdown,
         };
@@ -188,37 +250,26 @@ impl Link {
         };
         let mut inbound = match opened {
             Ok(r) => r.into_inner(),
-            Err(s) => {
-                return Self::failed(
-                    format!("peer refused the link: {:?}: {}", s.code(), s.message()),
-                    false,
-                );
-            }
+            Err(s) => return Self::failed(LinkError::Refused(s), false),
         };
         let welcome = match inbound.message().await {
             Ok(Some(pb::SubscribeResponse {
                 kind: Some(RespKind::Welcome(w)),
             })) => w,
-            Ok(_) => return Self::failed("peer did not send a welcome", false),
-            Err(s) => {
-                return Self::failed(
-                    format!("peer refused the link: {:?}: {}", s.code(), s.message()),
-                    false,
-                );
-            }
+            Ok(_) => return Self::failed(LinkError::NoWelcome, false),
+            Err(s) => return Self::failed(LinkError::Refused(s), false),
         };
         if welcome.shard_count != self.hub.shard_count() {
             return Self::failed(
-                format!(
-                    "shard count mismatch: peer has {}, this hub {}; link not used",
-                    welcome.shard_count,
-                    self.hub.shard_count()
-                ),
+                LinkError::ShardCount {
+                    peer: welcome.shard_count,
+                    ours: self.hub.shard_count(),
+                },
                 false,
             );
         }
         let Some(start) = welcome.cursor.clone() else {
-            return Self::failed("welcome without a cursor", false);
+            return Self::failed(LinkError::WelcomeWithoutCursor, false);
         };
         if !welcome.resumed {
             // No proof of continuity with this peer: reset every shard here.
@@ -254,15 +305,15 @@ impl Link {
                 _ = tick.tick() => {
                     self.persist(false);
                     if self.report_applied() && !self.send_ack(&tx).await {
-                        return Self::failed("peer stream closed", true);
+                        return Self::failed(LinkError::Closed, true);
                     }
                     continue;
                 }
             };
             let kind = match msg {
                 Ok(Some(m)) => m.kind,
-                Ok(None) => return Self::failed("peer ended the stream", true),
-                Err(s) => return Self::failed(format!("stream error: {}", s.message()), true),
+                Ok(None) => return Self::failed(LinkError::Ended, true),
+                Err(s) => return Self::failed(LinkError::Stream(s), true),
             };
             let handled = match kind {
                 Some(RespKind::Events(batch)) => self.on_events(batch).await,
@@ -273,31 +324,28 @@ impl Link {
                     Ok(())
                 }
                 Some(RespKind::Reset(r)) => self.on_reset(r, welcome.resumed).await,
-                Some(RespKind::Goodbye(g)) => Err(format!("peer said goodbye: {}", g.message)),
-                Some(RespKind::Welcome(_)) | None => Err("unexpected message from peer".into()),
+                Some(RespKind::Goodbye(g)) => Err(LinkError::Goodbye(g.message)),
+                Some(RespKind::Welcome(_)) | None => Err(LinkError::Unexpected),
             };
             if let Err(e) = handled {
                 return Self::failed(e, true);
             }
             self.report_applied();
             if !self.send_ack(&tx).await {
-                return Self::failed("peer stream closed", true);
+                return Self::failed(LinkError::Closed, true);
             }
         }
     }
 
-    async fn on_events(&mut self, batch: pb::EventBatch) -> Result<(), String> {
+    async fn on_events(&mut self, batch: pb::EventBatch) -> Result<(), LinkError> {
         let mut seqs = Vec::with_capacity(batch.events.len());
         let mut incoming = Vec::with_capacity(batch.events.len());
         for d in batch.events {
-            let e = d.event.ok_or("replicated event without a body")?;
-            let entity =
-                Entity::parse(&e.entity).map_err(|err| format!("peer sent a bad entity: {err}"))?;
-            let version = Version::new(e.version).ok_or("peer sent version 0")?;
+            let e = CheckedEvent::try_from(d.event.ok_or(LinkError::EventWithoutBody)?)?;
             seqs.push((d.shard, d.seq));
             incoming.push(Incoming {
-                entity,
-                version,
+                entity: e.entity,
+                version: e.version,
                 payload: e.payload,
                 traceparent: e.traceparent,
                 tracestate: e.tracestate,
@@ -310,11 +358,7 @@ impl Link {
                 awaited: batch.ack_requested,
             });
         }
-        let outcomes = self
-            .hub
-            .append(incoming, &[], None)
-            .await
-            .map_err(|e| e.to_string())?;
+        let outcomes = self.hub.append(incoming, &[], None).await?;
         for ((shard, peer_seq), (outcome, _)) in seqs.iter().zip(outcomes) {
             if let Some(q) = self.pending.get_mut(*shard as usize) {
                 let full = q.len() >= APPLIED_TRACK;
@@ -342,7 +386,7 @@ impl Link {
         Ok(())
     }
 
-    async fn on_reset(&mut self, r: pb::Reset, resumed: bool) -> Result<(), String> {
+    async fn on_reset(&mut self, r: pb::Reset, resumed: bool) -> Result<(), LinkError> {
         let shards: Vec<u32> = if r.all {
             (0..self.hub.shard_count()).collect()
         } else {
@@ -351,12 +395,9 @@ impl Link {
         // After a fresh start every shard already got its gap marker.
         if resumed {
             tracing::info!(peer = %self.region, reason = ?r.reason(), ?shards, "peer reset the link: replication gap");
-            self.hub
-                .append(Vec::new(), &shards, None)
-                .await
-                .map_err(|e| e.to_string())?;
+            self.hub.append(Vec::new(), &shards, None).await?;
         }
-        let target = r.cursor.ok_or("reset without a cursor")?;
+        let target = r.cursor.ok_or(LinkError::ResetWithoutCursor)?;
         if let Some(c) = &mut self.cursor {
             c.epoch = target.epoch;
             for s in shards {

@@ -132,28 +132,16 @@ pub fn open_log(config: &Config) -> Result<Option<Durable>, crate::store::OpenEr
     Ok(Some(Durable { opened, memories }))
 }
 
-/// Rewrites tonic's answers to a request that does not decode into the codes
-/// of SPEC §4 (see [`crate::error::map_decode_status`]), for answers given
-/// in the headers (unary calls; streams map them where they read): an
-/// oversized request is `RESOURCE_EXHAUSTED`, not `OUT_OF_RANGE`, and bytes
-/// that are not a valid message are `INVALID_ARGUMENT`, not `INTERNAL`.
+/// Rewrites tonic's answer to a request over its decoding limit, given in
+/// the headers (unary calls; streams map theirs where they read, with
+/// [`crate::error::map_decode_status`]), to the code of SPEC §4, by code
+/// alone: `OUT_OF_RANGE`, which no handler of the hub answers, becomes
+/// `RESOURCE_EXHAUSTED`. (Bytes that are not a valid message are
+/// `INVALID_ARGUMENT` at the decoder already, `wire::LeanDecoder`.)
 fn decode_errors_to_spec_codes<B>(mut resp: http::Response<B>) -> http::Response<B> {
     let h = resp.headers_mut();
-    let message = h
-        .get("grpc-message")
-        .and_then(|m| m.to_str().ok())
-        .unwrap_or_default();
-    let oversize = message.contains("too%20large") || message.contains("too large");
-    // `grpc-message` is percent-encoded on the wire.
-    let undecodable = message.starts_with("failed%20to%20decode%20Protobuf%20message")
-        || message.starts_with(crate::error::DECODE_ERROR_PREFIX);
-    let code = match h.get("grpc-status").and_then(|v| v.to_str().ok()) {
-        Some("11") if oversize => Some("8"),
-        Some("13") if undecodable => Some("3"),
-        _ => None,
-    };
-    if let Some(code) = code {
-        h.insert("grpc-status", http::HeaderValue::from_static(code));
+    if h.get("grpc-status").is_some_and(|v| v == "11") {
+        h.insert("grpc-status", http::HeaderValue::from_static("8"));
     }
     resp
 }

@@ -30,7 +30,7 @@ use tokio_stream::wrappers::WatchStream;
 use tokio_util::sync::WaitForCancellationFutureOwned;
 use tonic::Status;
 
-use crate::error::{HubError, map_decode_status};
+use crate::error::{HubError, InvalidMessage, InvalidResume, ProtocolError, map_decode_status};
 use crate::flow::FlowState;
 use crate::hub::{EndReason, Hub, SessionShared};
 use crate::log::LogEntry;
@@ -136,6 +136,24 @@ pub struct Session {
     handed_out: bool,
 }
 
+/// Why a message on an open stream ends it.
+#[derive(Debug, thiserror::Error)]
+enum StreamError {
+    #[error(transparent)]
+    Invalid(#[from] InvalidMessage),
+    #[error(transparent)]
+    Protocol(#[from] ProtocolError),
+}
+
+impl From<StreamError> for HubError {
+    fn from(e: StreamError) -> Self {
+        match e {
+            StreamError::Invalid(e) => e.into(),
+            StreamError::Protocol(e) => e.into(),
+        }
+    }
+}
+
 /// Where a session's stream is.
 enum State {
     Open,
@@ -225,10 +243,11 @@ pub fn open(
     let filter = validate::hello_filter(&hello)?;
     let shards = hub.shard_count();
     if hello.shard_count != 0 && hello.shard_count != shards {
-        return Err(HubError::FailedPrecondition(format!(
-            "shard count mismatch: the subscriber has {}, this hub has {shards}",
-            hello.shard_count
-        )));
+        return Err(ProtocolError::ShardCount {
+            theirs: hello.shard_count,
+            ours: shards,
+        }
+        .into());
     }
     let max_in_flight = match hello.max_in_flight {
         0 => hub.config.max_in_flight,
@@ -242,18 +261,19 @@ pub fn open(
         // Another epoch is reset whatever its shape (SPEC §3.2.3); only a
         // cursor of this epoch must match the hub's shards.
         if c.epoch == hub.epoch {
-            let cursor = Cursor::from_wire(c, shards)
-                .map_err(|e| HubError::InvalidArgument(format!("field `resume`: {e}")))?;
+            let cursor = Cursor::from_wire(c, shards).map_err(InvalidResume::from)?;
             resumed = true;
             let mut expired = Vec::new();
             for (s, log) in hub.logs.iter().enumerate() {
                 let log = log.read();
                 let at = cursor.seqs[s];
                 if at > log.head() {
-                    return Err(HubError::InvalidArgument(format!(
-                        "field `resume`: shard {s} is at seq {at}, beyond the hub's head {}",
-                        log.head()
-                    )));
+                    return Err(InvalidResume::BeyondHead {
+                        shard: s,
+                        at,
+                        head: log.head(),
+                    }
+                    .into());
                 }
                 // Retained on disk counts: the session replays from there.
                 if at + 1 < hub.retained_first(s) {
@@ -428,7 +448,8 @@ impl Session {
             loop {
                 match self.inbound.poll_next_unpin(&mut cx) {
                     Poll::Ready(Some(Ok(wire::Request(req)))) => {
-                        self.on_request(req).map_err(Err)?;
+                        self.on_request(req)
+                            .map_err(|e| Err(Status::from(HubError::from(e))))?;
                     }
                     Poll::Ready(Some(Err(s))) => return Err(Err(map_decode_status(s))),
                     Poll::Ready(None) => return Err(Ok(())),
@@ -492,34 +513,27 @@ impl Session {
         self.state = State::Closing(end.err());
     }
 
-    fn on_request(&mut self, req: pb::SubscribeRequest) -> Result<(), Status> {
+    fn on_request(&mut self, req: pb::SubscribeRequest) -> Result<(), StreamError> {
         match req.kind {
-            Some(ReqKind::Ack(ack)) => self.on_ack(ack),
-            Some(ReqKind::Hello(_)) => Err(Status::failed_precondition(
-                "a second hello on the same stream; open a new stream instead",
-            )),
-            None => Err(Status::invalid_argument(
-                "empty subscribe request (neither hello nor ack)",
-            )),
+            Some(ReqKind::Ack(ack)) => Ok(self.on_ack(ack)?),
+            Some(ReqKind::Hello(_)) => Err(ProtocolError::SecondHello.into()),
+            None => Err(InvalidMessage::Empty.into()),
         }
     }
 
-    fn on_ack(&mut self, ack: pb::Ack) -> Result<(), Status> {
-        let c = ack
-            .cursor
-            .ok_or_else(|| Status::invalid_argument("ack without a cursor"))?;
+    fn on_ack(&mut self, ack: pb::Ack) -> Result<(), InvalidMessage> {
+        let c = ack.cursor.ok_or(InvalidMessage::AckWithoutCursor)?;
         if c.epoch != self.hub.epoch {
-            return Err(Status::invalid_argument(format!(
-                "ack for epoch {}, this stream is in epoch {}",
-                c.epoch, self.hub.epoch
-            )));
+            return Err(InvalidMessage::AckEpoch {
+                got: c.epoch,
+                want: self.hub.epoch,
+            });
         }
         if c.seqs.len() != self.sent.len() {
-            return Err(Status::invalid_argument(format!(
-                "ack cursor has {} shards, the hub has {}",
-                c.seqs.len(),
-                self.sent.len()
-            )));
+            return Err(InvalidMessage::AckShards {
+                got: c.seqs.len(),
+                want: self.sent.len(),
+            });
         }
         if let Some((s, (a, sent))) = c
             .seqs
@@ -528,9 +542,11 @@ impl Session {
             .enumerate()
             .find(|(_, (a, sent))| a > sent)
         {
-            return Err(Status::invalid_argument(format!(
-                "ack beyond what was sent: shard {s} acked seq {a}, only {sent} was sent"
-            )));
+            return Err(InvalidMessage::AckBeyondSent {
+                shard: s,
+                acked: *a,
+                sent: *sent,
+            });
         }
         let mut advanced = false;
         if let Some(applied) = ack.applied {
@@ -539,9 +555,7 @@ impl Session {
                 || applied.seqs.len() != self.sent.len()
                 || applied.seqs.iter().zip(&self.sent).any(|(a, s)| a > s)
             {
-                return Err(Status::invalid_argument(
-                    "`applied` is for replicating hubs, in this stream's epoch, within what was sent",
-                ));
+                return Err(InvalidMessage::Applied);
             }
             let mut mine = self.shared.applied.lock();
             for (m, a) in mine.iter_mut().zip(&applied.seqs) {

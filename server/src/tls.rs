@@ -200,6 +200,22 @@ pub fn certificate_identity(der: &[u8]) -> Option<String> {
         })
 }
 
+/// Why a peer link's TLS cannot be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum PeerTlsError {
+    /// A file cannot be read.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The endpoint refused the configuration.
+    #[error("{0}")]
+    Config(#[source] tonic::transport::Error),
+}
+
 /// The client side of a peer link over `https://`: the peer's CA, and this
 /// hub's own certificate as its client certificate. Read at each connect,
 /// so a rotated certificate is used by the next connection.
@@ -207,19 +223,22 @@ pub fn peer_client_config(
     peer_ca: Option<&Path>,
     own: Option<&TlsFiles>,
     domain: &str,
-) -> Result<tonic::transport::ClientTlsConfig, String> {
+) -> Result<tonic::transport::ClientTlsConfig, PeerTlsError> {
+    let read = |path: &Path| {
+        std::fs::read(path).map_err(|source| PeerTlsError::Read {
+            path: path.to_owned(),
+            source,
+        })
+    };
     let mut tls = tonic::transport::ClientTlsConfig::new().domain_name(domain);
     if let Some(ca) = peer_ca {
-        let pem =
-            std::fs::read(ca).map_err(|e| format!("cannot read peer CA {}: {e}", ca.display()))?;
-        tls = tls.ca_certificate(tonic::transport::Certificate::from_pem(pem));
+        tls = tls.ca_certificate(tonic::transport::Certificate::from_pem(read(ca)?));
     }
     if let Some(own) = own {
-        let cert = std::fs::read(&own.cert)
-            .map_err(|e| format!("cannot read {}: {e}", own.cert.display()))?;
-        let key = std::fs::read(&own.key)
-            .map_err(|e| format!("cannot read {}: {e}", own.key.display()))?;
-        tls = tls.identity(tonic::transport::Identity::from_pem(cert, key));
+        tls = tls.identity(tonic::transport::Identity::from_pem(
+            read(&own.cert)?,
+            read(&own.key)?,
+        ));
     }
     Ok(tls)
 }

@@ -60,11 +60,11 @@ pub const DEFAULT_ACK_INTERVAL: Duration = Duration::from_millis(2);
 /// ([`SubscriberBuilder::lazy_ack_interval`]).
 pub const DEFAULT_LAZY_ACK_INTERVAL: Duration = Duration::from_millis(50);
 
-use crate::backoff::Backoff;
 use crate::cursor_store::{CursorStore, CursorStoreError};
 use crate::event::{EventBatch, Reset};
 use crate::feed::{Feed, FeedTx};
 use crate::transport::InvalidAddress;
+use freshness::backoff::Backoff;
 
 /// What a handler returns when it could not apply a batch or a reset.
 pub type HandlerError = Box<dyn std::error::Error + Send + Sync>;

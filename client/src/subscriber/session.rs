@@ -16,11 +16,11 @@ use tracing::{Instrument, debug, info, info_span, warn};
 
 use super::position::Position;
 use super::{Config, Handler, HandlerError, SubscriberError};
-use crate::backoff::Attempts;
 use crate::event::{EventBatch, Reset, ResetReason, ResetScope, batch_from_wire, hub_time};
 use crate::feed::{FeedState, FeedTx};
 use crate::publisher::status_message;
 use crate::telemetry::Adopt;
+use freshness::backoff::Attempts;
 
 /// How a stream ended.
 #[derive(Debug)]

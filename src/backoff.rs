@@ -1,5 +1,6 @@
-//! Jittered exponential backoff, shared by the subscriber's reconnect loop,
-//! the handler retries and the publisher's retries.
+//! Jittered exponential backoff: the one policy of every retry loop, the
+//! hub's replication links and the client's reconnects, handler retries
+//! and publish retries.
 
 use std::time::Duration;
 
@@ -52,13 +53,14 @@ impl Backoff {
 
 /// Counts attempts and hands out jittered delays.
 #[derive(Debug, Clone)]
-pub(crate) struct Attempts {
+pub struct Attempts {
     backoff: Backoff,
     attempt: u32,
 }
 
 impl Attempts {
-    pub(crate) fn new(backoff: Backoff) -> Self {
+    /// Attempts from the first delay on.
+    pub fn new(backoff: Backoff) -> Self {
         Self {
             backoff,
             attempt: 0,
@@ -66,14 +68,14 @@ impl Attempts {
     }
 
     /// The next delay; every call doubles the ceiling.
-    pub(crate) fn next_delay(&mut self) -> Duration {
+    pub fn next_delay(&mut self) -> Duration {
         let d = self.backoff.delay(self.attempt);
         self.attempt = self.attempt.saturating_add(1);
         d
     }
 
     /// Back to the first delay (after a success).
-    pub(crate) fn reset(&mut self) {
+    pub fn reset(&mut self) {
         self.attempt = 0;
     }
 }
