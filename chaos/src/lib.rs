@@ -45,6 +45,10 @@ pub struct Options {
     /// Makes every node's handler skip one in this many invalidations (a
     /// deliberately broken node), to show that the checker catches it.
     pub drop_one_in: Option<u64>,
+    /// Every link over TLS with authentication on: hubs with client
+    /// certificates required (mTLS), peers granted `replicate` by their
+    /// certificate, nodes and writers by theirs and a policy.
+    pub secure: bool,
 }
 
 /// Runs the scenario of `seed` with `duration` of traffic and faults.
@@ -54,6 +58,7 @@ pub async fn run_seed(seed: u64, duration: Duration) -> anyhow::Result<SeedRepor
         Options {
             duration,
             drop_one_in: None,
+            secure: false,
         },
     )
     .await
@@ -63,7 +68,7 @@ pub async fn run_seed(seed: u64, duration: Duration) -> anyhow::Result<SeedRepor
 pub async fn run_seed_with(seed: u64, options: Options) -> anyhow::Result<SeedReport> {
     let plan = Plan::new(seed, options.duration);
     let limit = options.duration + SEED_OVERHEAD;
-    match tokio::time::timeout(limit, world::run(plan, options.drop_one_in)).await {
+    match tokio::time::timeout(limit, world::run(plan, options.drop_one_in, options.secure)).await {
         Ok(r) => r,
         Err(_) => anyhow::bail!("seed {seed} did not finish within {limit:?}"),
     }

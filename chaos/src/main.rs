@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use clap::Parser;
 use freshness_chaos::report::violation_text;
-use freshness_chaos::{Plan, Summary, run_seed};
+use freshness_chaos::{Options, Plan, Summary, run_seed_with};
 use tokio::time::Instant;
 
 /// Seeded chaos scenarios against real hubs and cache nodes on loopback.
@@ -32,6 +32,9 @@ struct Args {
     /// Print each seed's fault schedule before running it.
     #[arg(long, short)]
     verbose: bool,
+    /// Every link over TLS with authentication on (mTLS, a policy).
+    #[arg(long)]
+    secure: bool,
 }
 
 fn parse_range(s: &str) -> Result<(u64, u64), String> {
@@ -102,7 +105,12 @@ async fn run(args: Args) -> anyhow::Result<Summary> {
                 eprintln!("  {}", plan.describe_fault(f));
             }
         }
-        let report = match run_seed(seed, args.seed_duration).await {
+        let options = Options {
+            duration: args.seed_duration,
+            drop_one_in: None,
+            secure: args.secure,
+        };
+        let report = match run_seed_with(seed, options).await {
             Ok(r) => r,
             Err(e) => {
                 // A failed seed is a finding too: say which, and go on.
