@@ -5,6 +5,7 @@
 # busy machine.
 #
 #   scripts/profile-hub.sh [NODES] [RATE] [DURATION]    # default 16 50 10s
+#   HUB_BIN=path/to/freshness-hub scripts/profile-hub.sh   # another hub binary
 #
 # Builds nothing: run `cargo build --release -p freshness-hub -p
 # freshness-bench` first. Prints the bench's summary, the hub's total
@@ -21,7 +22,7 @@ stamp=$(date +%Y%m%d-%H%M%S)
 cg="$out/cg.$stamp.out"
 port=$((47000 + RANDOM % 1000))
 FRESHNESS_LOG=error valgrind --tool=callgrind --callgrind-out-file="$cg" \
-    target/release/freshness-hub --ephemeral --listen "127.0.0.1:$port" \
+    "${HUB_BIN:-target/release/freshness-hub}" --ephemeral --listen "127.0.0.1:$port" \
     --metrics-listen "127.0.0.1:$((port + 1000))" 2>"$out/valgrind.$stamp.log" &
 hub=$!
 trap 'kill $hub 2>/dev/null || true' EXIT

@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
 
 use freshness::validate::{AckLevel, ValidPublish};
-use freshness::{Cursor, ShardId, pb};
+use freshness::{Cursor, ShardId};
 use parking_lot::{Mutex, RwLock};
 use tokio::sync::{Semaphore, oneshot, watch};
 use tokio_util::sync::CancellationToken;
@@ -19,6 +19,7 @@ use crate::config::Config;
 use crate::error::{Exhausted, HubError};
 use crate::log::SharedLog;
 use crate::shard::{Append, EventOutcome, Incoming, ShardContext, ShardHandle, ShardMemory};
+use crate::status::{HubStatus, NodeStatus, PeerStatus, ShardStatus};
 use crate::store::{DataDir, DiskReader, Opened};
 
 /// A durable log as opened at start-up: its writer and readers, and every
@@ -87,26 +88,31 @@ pub struct SessionShared {
     pub end_reason: Mutex<Option<EndReason>>,
 }
 
-/// What a node is doing, as its session sees it, for status (SPEC §3.4):
-/// the most telling state wins, in this order. `blocked` (the stream has no
-/// send capacity: the node does not read) goes before all of them, and
-/// status finds it out itself ([`SessionShared::state_since`]).
+/// What a node is doing, for status (SPEC §3.4): the most telling state
+/// wins, in this order. The session sets the last three from its flags;
+/// `Blocked` (the stream has no send capacity: the node does not read)
+/// status finds out itself ([`SessionShared::state_since`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
 pub enum NodeState {
+    /// Its HTTP/2 stream has no send capacity: nothing reaches it, whatever
+    /// else holds.
+    Blocked = 1,
     /// A reset was sent (or waits to go) that the node has not acked.
-    Resetting,
+    Resetting = 2,
     /// At its in-flight limit: nothing is sent until it acks.
-    Parked,
+    Parked = 3,
     /// Receiving.
-    Live,
+    Live = 4,
 }
 
 impl NodeState {
-    fn to_wire(self) -> pb::NodeState {
-        match self {
-            Self::Resetting => pb::NodeState::Resetting,
-            Self::Parked => pb::NodeState::Parked,
-            Self::Live => pb::NodeState::Live,
+    fn from_u8(v: u8) -> Self {
+        match v {
+            1 => Self::Blocked,
+            2 => Self::Resetting,
+            3 => Self::Parked,
+            _ => Self::Live,
         }
     }
 }
@@ -131,7 +137,7 @@ impl SessionShared {
     /// Recomputes the state after a flag changed; a new state starts its
     /// clock at `now_us`. Only the stream's own task calls it.
     pub fn refresh_state(&self, now_us: u64) {
-        let state = self.state().to_wire() as u8;
+        let state = self.state() as u8;
         if self.state.swap(state, Ordering::Relaxed) != state {
             self.state_since_us.store(now_us, Ordering::Relaxed);
         }
@@ -140,13 +146,12 @@ impl SessionShared {
     /// The state at `now_us` and since when: `blocked` when the stream has
     /// not asked for a message handed out [`BLOCKED_AFTER_US`] ago, else as
     /// the session's last refresh left it.
-    pub fn state_since(&self, now_us: u64) -> (pb::NodeState, u64) {
+    pub fn state_since(&self, now_us: u64) -> (NodeState, u64) {
         let unpolled = self.unpolled_since_us.load(Ordering::Relaxed);
         if unpolled != 0 && now_us.saturating_sub(unpolled) >= BLOCKED_AFTER_US {
-            return (pb::NodeState::Blocked, unpolled);
+            return (NodeState::Blocked, unpolled);
         }
-        let state = pb::NodeState::try_from(i32::from(self.state.load(Ordering::Relaxed)))
-            .unwrap_or(pb::NodeState::Unspecified);
+        let state = NodeState::from_u8(self.state.load(Ordering::Relaxed));
         (state, self.state_since_us.load(Ordering::Relaxed))
     }
 
@@ -682,7 +687,7 @@ impl Hub {
             parked: AtomicBool::new(false),
             unpolled_since_us: AtomicU64::new(0),
             resetting: AtomicBool::new(false),
-            state: AtomicU8::new(pb::NodeState::Live as u8),
+            state: AtomicU8::new(NodeState::Live as u8),
             state_since_us: AtomicU64::new(self.clock.now_us()),
             acked_watermark_us: AtomicU64::new(self.clock.now_us()),
             cancel: self.shutdown.child_token(),
@@ -748,8 +753,8 @@ impl Hub {
         self.nodes.read().len()
     }
 
-    /// The status snapshot.
-    pub fn status(&self) -> pb::StatusResponse {
+    /// The status snapshot (`grpc.rs` makes the wire answer of it).
+    pub fn status(&self) -> HubStatus {
         let now = self.clock.now_us();
         let mut retained_events = 0;
         let mut retained_bytes = 0;
@@ -763,14 +768,14 @@ impl Hub {
                 retained_events += log.len() as u64;
                 retained_bytes += log.bytes() as u64;
                 heads.push(log.head());
-                pb::ShardStatus {
+                ShardStatus {
                     shard: i as u32,
                     head_seq: log.head(),
                     first_seq: self.retained_first(i).min(log.first_seq()),
                 }
             })
             .collect();
-        let mut nodes: Vec<pb::NodeStatus> = self
+        let mut nodes: Vec<NodeStatus> = self
             .nodes
             .read()
             .values()
@@ -782,13 +787,13 @@ impl Hub {
                     .map(|(h, a)| h.saturating_sub(*a))
                     .sum();
                 let (state, since) = n.state_since(now);
-                pb::NodeStatus {
+                NodeStatus {
                     node_id: n.node_id.clone(),
                     namespaces: n.filter.clone(),
-                    acked: Some(pb::Cursor {
+                    acked: Cursor {
                         epoch: self.epoch,
                         seqs: acked,
-                    }),
+                    },
                     lag_events,
                     staleness_ms: now.saturating_sub(n.acked_watermark_us.load(Ordering::Relaxed))
                         / 1000,
@@ -798,14 +803,14 @@ impl Hub {
                     replication: n.replication,
                     peer: n.peer.clone(),
                     connected_at_us: n.connected_at_us,
-                    state: state as i32,
+                    state,
                     state_since_us: since,
                 }
             })
             .collect();
         nodes.sort_by(|a, b| a.node_id.cmp(&b.node_id));
         metrics::gauge!(crate::metrics::LOG_EVENTS).set(retained_events as f64);
-        pb::StatusResponse {
+        HubStatus {
             hub_id: self.config.hub_id.clone(),
             region: self.config.region.clone(),
             epoch: self.epoch,
@@ -816,7 +821,7 @@ impl Hub {
                 .peers
                 .lock()
                 .iter()
-                .map(|(region, p)| pb::PeerStatus {
+                .map(|(region, p)| PeerStatus {
                     region: region.clone(),
                     address: p.address.clone(),
                     connected: p.connected,
@@ -835,8 +840,7 @@ impl Hub {
                 .lock()
                 .iter()
                 .next()
-                .map(|(shard, e)| format!("shard {shard}: {e}"))
-                .unwrap_or_default(),
+                .map(|(shard, e)| format!("shard {shard}: {e}")),
         }
     }
 

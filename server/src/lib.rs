@@ -24,6 +24,7 @@ mod server;
 pub mod session;
 pub mod shard;
 pub mod stats;
+pub mod status;
 pub mod status_json;
 pub mod store;
 pub mod telemetry;

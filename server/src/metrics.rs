@@ -257,12 +257,27 @@ fn register_families() {
 /// How often [`sample`] runs.
 pub const SAMPLE_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 
+/// What the sampler reads once a second, handed to it by whoever owns the
+/// hub's state (`server.rs`), so that this module knows no `Hub`.
+#[derive(Debug, Clone)]
+pub struct Snapshot {
+    /// Commands waiting in each shard queue.
+    pub queue_depths: Vec<usize>,
+    /// The hub's status.
+    pub status: crate::status::HubStatus,
+}
+
 /// Samples the gauges that describe state rather than events: queue depths,
 /// per-node lag (folded over the nodes), per-peer replication lag, the log.
-/// Runs until the hub shuts down; costs one status snapshot a second.
-pub async fn sample(hub: std::sync::Arc<crate::hub::Hub>) {
+/// `peers` are the configured peer regions (their series exist from the
+/// start); `snapshot` is taken once a second, until `shutdown`.
+pub async fn sample(
+    peers: Vec<String>,
+    mut snapshot: impl FnMut() -> Snapshot,
+    shutdown: tokio_util::sync::CancellationToken,
+) {
     // Every configured peer's series exist before its link reports.
-    for region in hub.config.peers.keys() {
+    for region in &peers {
         for (name, _) in PEER_GAUGES {
             gauge!(name, "peer" => region.clone()).increment(0.0);
         }
@@ -272,12 +287,14 @@ pub async fn sample(hub: std::sync::Arc<crate::hub::Hub>) {
     loop {
         tokio::select! {
             _ = tick.tick() => {}
-            () = hub.shutdown.cancelled() => return,
+            () = shutdown.cancelled() => return,
         }
-        let depths = hub.queue_depths();
+        let Snapshot {
+            queue_depths: depths,
+            status,
+        } = snapshot();
         gauge!(SHARD_QUEUE_DEPTH).set(depths.iter().sum::<usize>() as f64);
         gauge!(SHARD_QUEUE_MAX).set(depths.iter().copied().max().unwrap_or(0) as f64);
-        let status = hub.status();
         let (mut max_lag, mut max_stale, mut parked) = (0u64, 0u64, 0usize);
         for n in status.nodes.iter().filter(|n| !n.replication) {
             parked += usize::from(n.parked);

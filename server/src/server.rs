@@ -229,7 +229,17 @@ pub async fn serve_with_http(
     }
 
     crate::replication::spawn_links(&hub, &tracker);
-    tracker.spawn(crate::metrics::sample(hub.clone()));
+    {
+        let hub = hub.clone();
+        tracker.spawn(crate::metrics::sample(
+            hub.config.peers.keys().cloned().collect(),
+            move || crate::metrics::Snapshot {
+                queue_depths: hub.queue_depths(),
+                status: hub.status(),
+            },
+            shutdown.clone(),
+        ));
+    }
     tracker.spawn(crate::stats::sample_every_second(hub.clone()));
     if let Some(http) = http {
         tracker.spawn(crate::web::serve(

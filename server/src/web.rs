@@ -131,7 +131,7 @@ fn status_json(query: Option<&str>, hub: &Hub) -> Response<Full<Bytes>> {
         Ok(q) => q,
         Err(e) => return text(StatusCode::BAD_REQUEST, format!("{e}\n")),
     };
-    let status = hub.status();
+    let status = freshness::pb::StatusResponse::from(hub.status());
     let stats = hub.stats.view(status.now_us);
     let doc = crate::status_json::build(status, &stats, &query);
     match serde_json::to_vec(&doc) {
