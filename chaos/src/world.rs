@@ -303,12 +303,10 @@ impl World {
         }
         let mut nodes = Vec::new();
         for (i, np) in plan.nodes.iter().enumerate() {
-            let cursor_path = std::env::temp_dir().join(format!(
-                "freshness-chaos-{}-{}-{i}.cursor",
-                std::process::id(),
-                plan.seed
-            ));
-            let _ = std::fs::remove_file(&cursor_path);
+            // In the seed's own directory: two runs of one seed at once (the
+            // suite runs seeds plain and over TLS in parallel) never share
+            // a cursor file.
+            let cursor_path = data.path().join(format!("node-{i}.cursor"));
             nodes.push(Node {
                 plan: np.clone(),
                 proxy: FaultProxy::start(addrs[np.region]).await,
