@@ -8,9 +8,11 @@
 #   docker build -t freshness-hub .
 #   docker run --rm -p 50051:50051 -p 9464:9464 freshness-hub --region eu
 #
-# Without arguments the hub listens on 0.0.0.0 (CMD below). Arguments replace
-# CMD, so pass --listen/--metrics-listen or a --config file that sets them
-# (as the Helm chart does) when giving any.
+# Without arguments the hub listens on 0.0.0.0 (CMD below), where it refuses
+# to start without TLS and an auth source (README, "Securing a hub"): give
+# them, or --insecure on a network you trust. Arguments replace CMD, so pass
+# --listen/--metrics-listen or a --config file that sets them (as the Helm
+# chart does) when giving any.
 
 FROM rust:1-bookworm AS build
 WORKDIR /src

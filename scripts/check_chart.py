@@ -58,6 +58,7 @@ LINT_KUBE_VERSION = "v1.30.0"
 # Custom resources: no schema ships with kubernetes-validate, so they are
 # rendered and checked by hand but not schema-validated.
 CUSTOM_KINDS = {
+    ("cert-manager.io/v1", "Certificate"),
     ("monitoring.coreos.com/v1", "ServiceMonitor"),
     ("monitoring.coreos.com/v1", "PrometheusRule"),
 }
@@ -114,6 +115,25 @@ EVERY_OPTION = {
         },
     },
     "otel": {"endpoint": "http://otel-collector.observability:4317"},
+    "tls": {
+        "certManager": {
+            "enabled": True,
+            "issuerRef": {"name": "freshness-ca", "kind": "ClusterIssuer"},
+            "dnsNames": ["hub.eu.example.com"],
+            "uris": ["spiffe://example.org/hub/eu"],
+        },
+        "clientAuth": True,
+    },
+    "auth": {
+        "policy": {
+            "writer": ["publish:user", "publish:price*"],
+            "spiffe://example.org/hub/us": ["replicate"],
+            "ops": ["status", "subscribe:*"],
+        },
+        "tokensSecret": "hub-tokens",
+        "jwksSecret": "hub-jwks",
+        "audience": "freshness-eu",
+    },
     "extraEnv": [{"name": "RUST_LOG", "value": "info"}],
     "service": {
         "type": "LoadBalancer",
@@ -178,12 +198,36 @@ EVERY_OPTION = {
 }
 
 # The outbox relay with its defaults.
-RELAY = {"relay": {"enabled": True, "database": {"secretName": "app-db"}}}
+RELAY = {"insecure": True, "relay": {"enabled": True, "database": {"secretName": "app-db"}}}
+# TLS from a Secret, static tokens and a policy, no client certificates.
+TLS_SECRET_TOKENS = {
+    "tls": {"secretName": "hub-tls"},
+    "auth": {"tokensSecret": "hub-tokens", "policy": {"writer": ["publish:*"]}},
+}
+# The hub's files: (config key, volume it must be read from).
+SECURITY_FILES = {
+    "tls_cert": "tls",
+    "tls_key": "tls",
+    "tls_client_ca": "tls",
+    "peer_ca": "tls",
+    "auth_policy": "policy",
+    "auth_tokens": "tokens",
+    "auth_jwks": "jwks",
+}
 RELAY_TEMPLATE = "templates/relay.yaml"
 RELAY_METRICS_PORT = 9465
 
 # Value sets that must be refused, with what makes them wrong.
 INVALID = [
+    ("neither TLS and an auth source nor insecure", {}),
+    ("TLS without an auth source", {"tls": {"secretName": "hub-tls"}}),
+    ("client certificates without TLS", {"insecure": True, "tls": {"clientAuth": True}}),
+    ("an https:// peer without TLS", {"insecure": True, "hub": {"peers": {"us": "https://a:50051"}}}),
+    (
+        "cert-manager without an issuer",
+        {"tls": {"certManager": {"enabled": True}, "clientAuth": True}},
+    ),
+    ("a permission the hub does not know", {"insecure": True, "auth": {"policy": {"w": ["delete:*"]}}}),
     ("shards 0", {"hub": {"shards": 0}}),
     ("unknown top-level key", {"shard": 64}),
     ("unknown hub key", {"hub": {"maxInFlight": 10}}),
@@ -369,11 +413,34 @@ def check_hub_contract(
         f"fsync is {config.get('fsync')!r}",
     )
 
+    # With TLS the kubelet cannot speak gRPC to the hub (its gRPC probe is
+    # plain text only): the port is probed instead.
+    tls = "tls_cert" in config
     for probe in ("livenessProbe", "readinessProbe"):
-        port = container.get(probe, {}).get("grpc", {}).get("port")
+        kind = "tcpSocket" if tls else "grpc"
+        port = container.get(probe, {}).get(kind, {}).get("port")
         failures.check(
-            port == GRPC_PORT, name, f"{probe} is not a native gRPC probe on {GRPC_PORT}"
+            port == GRPC_PORT, name, f"{probe} is not a {kind} probe on {GRPC_PORT}"
         )
+    failures.check(
+        config.get("insecure") is True or (tls and any(
+            k in config for k in ("auth_tokens", "auth_jwks", "tls_client_ca")
+        )),
+        name,
+        "the hub would refuse to start: no TLS and auth source, and not insecure",
+    )
+    for key, volume in SECURITY_FILES.items():
+        if key not in config:
+            continue
+        mount = mounts.get(volume)
+        failures.check(
+            mount is not None
+            and mount.get("readOnly") is True
+            and config[key].startswith(mount["mountPath"].rstrip("/") + "/"),
+            name,
+            f"{key} {config[key]} is not in the read-only {volume} volume",
+        )
+        failures.check(volume in volumes, name, f"no {volume} volume for {key}")
     ports = {p.get("containerPort") for p in container.get("ports", [])}
     failures.check(
         {GRPC_PORT, METRICS_PORT} <= ports, name, "container does not expose 50051 and 9464"
@@ -539,7 +606,7 @@ def test_rules(chart: helm.Chart, failures: Failures) -> int:
     if promtool is None:
         failures.add("rules", "promtool is missing: run scripts/install-promtool.sh")
         return 0
-    manifests = render(chart, {"prometheusRule": {"enabled": True}})
+    manifests = render(chart, {"insecure": True, "prometheusRule": {"enabled": True}})
     rules = by_kind(manifests, "PrometheusRule")
     if len(rules) != 1:
         failures.add("rules", "prometheusRule.enabled rendered no PrometheusRule")
@@ -839,19 +906,21 @@ def main() -> int:
     kube_versions = args.kube_versions or ["1.30.0", kubernetes_validate.utils.latest_version()]
 
     examples = sorted((chart_dir / "examples" / "three-regions").glob("values-*.yaml"))
-    value_sets: list[tuple[str, dict[str, Any]]] = [("defaults", {})]
+    value_sets: list[tuple[str, dict[str, Any]]] = [("defaults, insecure", {"insecure": True})]
     value_sets += [(str(p.relative_to(chart_dir)), load_values(p)) for p in examples]
     value_sets.append(("every option", EVERY_OPTION))
     value_sets.append(
         (
             "no persistence, fsync interval",
             {
+                "insecure": True,
                 "persistence": {"enabled": False},
                 "hub": {"log": {"fsync": "interval", "fsyncInterval": "50ms"}},
             },
         )
     )
     value_sets.append(("relay", RELAY))
+    value_sets.append(("TLS from a Secret, tokens, a policy", TLS_SECRET_TOKENS))
     known_keys = hub_keys(args.hub_config)
     metrics = hub_metrics(args.hub_config.parent / "metrics.rs")
 

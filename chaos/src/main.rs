@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use clap::Parser;
 use freshness_chaos::report::violation_text;
-use freshness_chaos::{Summary, WorldKind, run_world_seed};
+use freshness_chaos::{Options, Summary, WorldKind, run_world_seed_with};
 use tokio::time::Instant;
 
 /// Seeded chaos scenarios against real hubs and cache nodes on loopback.
@@ -41,6 +41,10 @@ struct Args {
     /// seeds that inject given faults).
     #[arg(long)]
     dry_run: bool,
+    /// Every link over TLS with authentication on (mTLS, a policy); the hub
+    /// world only.
+    #[arg(long)]
+    secure: bool,
 }
 
 fn parse_range(s: &str) -> Result<(u64, u64), String> {
@@ -113,7 +117,12 @@ async fn run(args: Args) -> anyhow::Result<Summary> {
                 continue;
             }
         }
-        let report = match run_world_seed(args.world, seed, args.seed_duration).await {
+        let options = Options {
+            duration: args.seed_duration,
+            drop_one_in: None,
+            secure: args.secure,
+        };
+        let report = match run_world_seed_with(args.world, seed, options).await {
             Ok(r) => r,
             Err(e) => {
                 // A failed seed is a finding too: say which, and go on.

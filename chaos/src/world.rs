@@ -15,8 +15,8 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use freshness::{Entity, Version};
 use freshness_client::{
-    Backoff, Dep, EventBatch, Feed, FreshnessPolicy, Handler, HandlerError, Loaded, Publisher,
-    Reset, Subscriber, SubscriberError, VersionedCache,
+    Backoff, Credentials, Dep, EventBatch, Feed, FreshnessPolicy, Handler, HandlerError, Loaded,
+    Publisher, Reset, Subscriber, SubscriberError, VersionedCache,
 };
 use freshness_tests::proxy::FaultProxy;
 use freshness_tests::{TestHub, bind, test_config};
@@ -138,6 +138,10 @@ pub(crate) struct World {
     /// checker's own test).
     drop_one_in: Option<u64>,
     dropped: AtomicU64,
+    /// Every link over TLS, with authentication ([`Pki`]).
+    secure: bool,
+    /// What nodes and writers connect with.
+    credentials: Credentials,
     /// Data directories of the hubs, one per region, removed with the world.
     _data: tempfile::TempDir,
     /// `hub_data_lost` faults injected (each allows `EPOCH_CHANGED` resets).
@@ -227,7 +231,11 @@ impl Handler for NodeHandler {
 
 impl World {
     /// Builds and starts the world of `plan`: hubs up and linked, nodes live.
-    pub(crate) async fn start(plan: Plan, drop_one_in: Option<u64>) -> anyhow::Result<Arc<Self>> {
+    pub(crate) async fn start(
+        plan: Plan,
+        drop_one_in: Option<u64>,
+        secure: bool,
+    ) -> anyhow::Result<Arc<Self>> {
         let regions = plan.regions.len();
         let mut listeners = Vec::new();
         for _ in 0..regions {
@@ -247,6 +255,19 @@ impl World {
             .prefix("freshness-chaos-")
             .tempdir()
             .context("a data directory for the hubs")?;
+        let pki = if secure {
+            Some(Pki::new(data.path(), &plan.regions)?)
+        } else {
+            None
+        };
+        let credentials = match &pki {
+            Some(p) => p.client.clone(),
+            None => Credentials::new(),
+        };
+        let scheme = |url: String| match &pki {
+            Some(_) => url.replacen("http://", "https://", 1),
+            None => url,
+        };
         let mut region_list = Vec::new();
         for (r, listener) in listeners.into_iter().enumerate() {
             let mut config = test_config();
@@ -263,10 +284,14 @@ impl World {
             }
             config.peers = (0..regions)
                 .filter(|p| *p != r)
-                .map(|p| (plan.regions[p].clone(), region_links[&(r, p)].url()))
+                .map(|p| (plan.regions[p].clone(), scheme(region_links[&(r, p)].url())))
                 .collect();
+            if let Some(pki) = &pki {
+                pki.secure(&mut config);
+            }
             let hub = TestHub::start_with_listener(listener, config.clone());
-            let publisher = Publisher::builder(hub.url())
+            let publisher = Publisher::builder(scheme(hub.url()))
+                .credentials(credentials.clone())
                 .build()
                 .context("writer publisher")?;
             region_list.push(Region {
@@ -278,12 +303,10 @@ impl World {
         }
         let mut nodes = Vec::new();
         for (i, np) in plan.nodes.iter().enumerate() {
-            let cursor_path = std::env::temp_dir().join(format!(
-                "freshness-chaos-{}-{}-{i}.cursor",
-                std::process::id(),
-                plan.seed
-            ));
-            let _ = std::fs::remove_file(&cursor_path);
+            // In the seed's own directory: two runs of one seed at once (the
+            // suite runs seeds plain and over TLS in parallel) never share
+            // a cursor file.
+            let cursor_path = data.path().join(format!("node-{i}.cursor"));
             nodes.push(Node {
                 plan: np.clone(),
                 proxy: FaultProxy::start(addrs[np.region]).await,
@@ -310,6 +333,8 @@ impl World {
             violations: Mutex::new(Vec::new()),
             drop_one_in,
             dropped: AtomicU64::new(0),
+            secure,
+            credentials,
             _data: data,
             epochs_lost: AtomicU64::new(0),
         });
@@ -349,7 +374,13 @@ impl World {
             world: self.clone(),
             node: n,
         };
-        let mut builder = Subscriber::builder(node.proxy.url(), node.plan.id.clone())
+        let url = if self.secure {
+            node.proxy.url().replacen("http://", "https://", 1)
+        } else {
+            node.proxy.url()
+        };
+        let mut builder = Subscriber::builder(url, node.plan.id.clone())
+            .credentials(self.credentials.clone())
             .reconnect_backoff(Backoff::new(
                 Duration::from_millis(20),
                 Duration::from_millis(500),
@@ -834,10 +865,14 @@ where
 
 /// Runs the plan: start the world, traffic and faults for the plan's
 /// duration, quiescence, the final check; then stops everything.
-pub(crate) async fn run(plan: Plan, drop_one_in: Option<u64>) -> anyhow::Result<SeedReport> {
+pub(crate) async fn run(
+    plan: Plan,
+    drop_one_in: Option<u64>,
+    secure: bool,
+) -> anyhow::Result<SeedReport> {
     let started = Instant::now();
     let seed = plan.seed;
-    let world = World::start(plan, drop_one_in).await?;
+    let world = World::start(plan, drop_one_in, secure).await?;
     let t0 = Instant::now();
     let stop = CancellationToken::new();
     let mut task = 0u64;
@@ -951,4 +986,63 @@ pub(crate) async fn run(plan: Plan, drop_one_in: Option<u64>) -> anyhow::Result<
         });
     }
     Ok(report)
+}
+
+/// The certificates, policy and client credentials of a run over TLS: one
+/// CA; each hub's certificate names 127.0.0.1 (every link goes through a
+/// loopback proxy) and its region (`spiffe://chaos/hub/<region>`, granted
+/// `replicate`); nodes and writers share a client certificate granted
+/// publish, subscribe and status.
+struct Pki {
+    dir: PathBuf,
+    client: Credentials,
+}
+
+impl Pki {
+    fn new(dir: &std::path::Path, regions: &[String]) -> anyhow::Result<Self> {
+        let dir = dir.join("pki");
+        std::fs::create_dir_all(&dir).context("the certificates' directory")?;
+        let ca_key = rcgen::KeyPair::generate()?;
+        let mut ca = rcgen::CertificateParams::new(Vec::<String>::new())?;
+        ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let ca_pem = ca.self_signed(&ca_key)?.pem();
+        let issuer = rcgen::Issuer::new(ca, ca_key);
+        let leaf = |uri: &str| -> anyhow::Result<(String, String)> {
+            let key = rcgen::KeyPair::generate()?;
+            let mut params = rcgen::CertificateParams::new(vec!["127.0.0.1".to_owned()])?;
+            params
+                .subject_alt_names
+                .push(rcgen::SanType::URI(uri.try_into()?));
+            Ok((params.signed_by(&key, &issuer)?.pem(), key.serialize_pem()))
+        };
+        std::fs::write(dir.join("ca.pem"), &ca_pem)?;
+        let mut policy = String::from("[principals]\n");
+        for region in regions {
+            let (cert, key) = leaf(&format!("spiffe://chaos/hub/{region}"))?;
+            std::fs::write(dir.join(format!("{region}.pem")), cert)?;
+            std::fs::write(dir.join(format!("{region}.key")), key)?;
+            policy.push_str(&format!(
+                "\"spiffe://chaos/hub/{region}\" = [\"replicate\"]\n"
+            ));
+        }
+        policy
+            .push_str("\"spiffe://chaos/client\" = [\"publish:*\", \"subscribe:*\", \"status\"]\n");
+        std::fs::write(dir.join("policy.toml"), policy)?;
+        let (cert, key) = leaf("spiffe://chaos/client")?;
+        let client = Credentials::new()
+            .ca_pem(ca_pem)
+            .client_identity_pem(cert, key);
+        Ok(Self { dir, client })
+    }
+
+    /// Region `r`'s hub serves TLS, requires client certificates and checks
+    /// the policy.
+    fn secure(&self, config: &mut freshness_hub::Config) {
+        let region = config.region.clone();
+        config.tls_cert = Some(self.dir.join(format!("{region}.pem")));
+        config.tls_key = Some(self.dir.join(format!("{region}.key")));
+        config.tls_client_ca = Some(self.dir.join("ca.pem"));
+        config.peer_ca = Some(self.dir.join("ca.pem"));
+        config.auth_policy = Some(self.dir.join("policy.toml"));
+    }
 }

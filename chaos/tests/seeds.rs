@@ -71,6 +71,7 @@ async fn a_node_that_loses_invalidations_is_caught() {
         Options {
             duration: PER_SEED,
             drop_one_in: Some(10),
+            secure: false,
         },
     )
     .await
@@ -89,4 +90,39 @@ async fn a_node_that_loses_invalidations_is_caught() {
         "the trace shows the commits: {:#?}",
         v.trace
     );
+}
+
+/// Seeds with every link over TLS and authentication on (mTLS between hubs,
+/// the nodes' and writers' certificates checked against a policy): the same
+/// freshness, through the secured stack and a hub restarted on its
+/// certificate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn seeds_over_tls_with_authentication_keep_caches_fresh() {
+    for seed in [497, 1] {
+        let report = run_seed_with(
+            seed,
+            Options {
+                duration: PER_SEED,
+                drop_one_in: None,
+                secure: true,
+            },
+        )
+        .await
+        .unwrap_or_else(|e| panic!("seed {seed} over TLS: {e:#}"));
+        eprintln!(
+            "seed {seed} over TLS: {} reads, {} hits, {} events, {} violations, faults {:?}",
+            report.reads, report.hits, report.events, report.violations, report.faults
+        );
+        for v in &report.violation_reports {
+            eprint!("{}", violation_text(v));
+        }
+        assert_eq!(report.violations, 0, "seed {seed} over TLS");
+        assert!(
+            report.reads > 0 && report.hits > 0 && report.events > 0,
+            "seed {seed} over TLS: {} reads, {} hits, {} events",
+            report.reads,
+            report.hits,
+            report.events
+        );
+    }
 }

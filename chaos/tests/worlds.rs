@@ -39,6 +39,7 @@ async fn run(world: WorldKind, seeds: &[u64], kinds: &[FaultKind]) -> Summary {
             Options {
                 duration: PER_SEED,
                 drop_one_in: None,
+                secure: false,
             },
         )
         .await

@@ -51,7 +51,7 @@ pub use subscriber::{
     Handler, HandlerError, HandlerRetry, Subscriber, SubscriberBuilder, SubscriberError,
     SubscriberHandle,
 };
-pub use transport::InvalidAddress;
+pub use transport::{Credentials, InvalidAddress};
 
 /// An error and its sources on one line (`a: b: c`), for logs and the CLI.
 pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {

@@ -36,7 +36,6 @@ use freshness::validate::{self, AckLevel, InvalidPublish, PublishLimits};
 use freshness::{Entity, ShardId, Version, pb};
 use tokio::sync::{Semaphore, mpsc, oneshot};
 use tokio::time::{Instant, sleep, sleep_until};
-use tonic::transport::Channel;
 use tracing::{Instrument, debug, info_span, warn};
 
 use crate::transport::InvalidAddress;
@@ -302,9 +301,16 @@ pub struct PublisherBuilder {
     retry: RetryPolicy,
     limits: PublishLimits,
     connect_timeout: Duration,
+    credentials: crate::transport::Credentials,
 }
 
 impl PublisherBuilder {
+    /// TLS settings and a bearer token for a secured hub.
+    pub fn credentials(mut self, credentials: crate::transport::Credentials) -> Self {
+        self.credentials = credentials;
+        self
+    }
+
     /// How long a call waits for others to share its request (2 ms by
     /// default; zero sends at once).
     pub fn linger(mut self, d: Duration) -> Self {
@@ -353,7 +359,12 @@ impl PublisherBuilder {
     /// Builds the publisher. It connects lazily, on the first call, and
     /// needs a tokio runtime (it spawns its batching task).
     pub fn build(self) -> Result<Publisher, InvalidAddress> {
-        let channel = crate::transport::endpoint(&self.hub, self.connect_timeout)?.connect_lazy();
+        let endpoint = crate::transport::endpoint(&self.hub, self.connect_timeout)?;
+        let channel = crate::transport::HubChannel {
+            channel: crate::transport::secure(endpoint, &self.hub, &self.credentials)?
+                .connect_lazy(),
+            bearer: crate::transport::Bearer::new(&self.hub, &self.credentials)?,
+        };
         let (tx, rx) = mpsc::channel(self.queue);
         let batcher = Batcher {
             channel: channel.clone(),
@@ -382,7 +393,7 @@ impl PublisherBuilder {
 #[derive(Debug, Clone)]
 pub struct Publisher {
     tx: mpsc::Sender<Call>,
-    channel: Channel,
+    channel: crate::transport::HubChannel,
     max_batch: usize,
     retry: RetryPolicy,
     limits: PublishLimits,
@@ -407,6 +418,7 @@ impl Publisher {
             retry: RetryPolicy::default(),
             limits: PublishLimits::default(),
             connect_timeout: Duration::from_secs(5),
+            credentials: crate::transport::Credentials::default(),
         }
     }
 
@@ -484,7 +496,7 @@ impl Publisher {
     /// The hub's status (what `freshctl status` shows), over the
     /// publisher's connection.
     pub async fn status(&self) -> Result<pb::StatusResponse, StatusError> {
-        let mut client = pb::hub_client::HubClient::new(self.channel.clone());
+        let mut client = self.channel.client();
         let mut req = tonic::Request::new(pb::StatusRequest {});
         req.set_timeout(self.retry.attempt_timeout);
         client
@@ -515,7 +527,7 @@ struct Group {
 }
 
 struct Batcher {
-    channel: Channel,
+    channel: crate::transport::HubChannel,
     linger: Duration,
     max_batch: usize,
     permits: std::sync::Arc<Semaphore>,
@@ -595,7 +607,7 @@ impl Batcher {
 }
 
 /// Sends a group's calls as one request and hands each caller its results.
-async fn send_group(channel: &Channel, retry: &RetryPolicy, group: Group) {
+async fn send_group(channel: &crate::transport::HubChannel, retry: &RetryPolicy, group: Group) {
     let events: Vec<Event> = group
         .calls
         .iter()
@@ -639,13 +651,13 @@ async fn send_group(channel: &Channel, retry: &RetryPolicy, group: Group) {
 
 /// One request, retried.
 async fn send(
-    channel: &Channel,
+    channel: &crate::transport::HubChannel,
     retry: &RetryPolicy,
     events: &[Event],
     opts: PublishOptions,
 ) -> Result<PublishReceipt, PublishError> {
     let wire = request(events, opts);
-    let mut client = pb::hub_client::HubClient::new(channel.clone());
+    let mut client = channel.client();
     let mut backoff = Attempts::new(retry.backoff);
     let give_up = Instant::now() + retry.give_up_after;
     let mut attempt = 0u32;

@@ -299,3 +299,109 @@ async fn status_watch_refreshes_until_interrupted_then_exits_cleanly() {
     assert_eq!(child.try_wait().unwrap(), None, "still watching");
     child.kill().await.unwrap();
 }
+
+#[tokio::test]
+async fn a_tls_hub_serves_freshctl_with_a_ca_and_a_token() {
+    let dir = tempfile::tempdir().unwrap();
+    let write = |name: &str, text: &str| {
+        let p = dir.path().join(name);
+        std::fs::write(&p, text).unwrap();
+        p
+    };
+    // A CA and the hub's certificate for 127.0.0.1.
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca_pem = ca.self_signed(&ca_key).unwrap().pem();
+    let issuer = rcgen::Issuer::new(ca, ca_key);
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = rcgen::CertificateParams::new(vec!["127.0.0.1".to_owned()])
+        .unwrap()
+        .signed_by(&key, &issuer)
+        .unwrap();
+    let ca_file = write("ca.pem", &ca_pem);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let config = freshness_hub::Config {
+        listen: addr,
+        hub_id: "cli-tls".into(),
+        shutdown_grace: Duration::from_secs(2),
+        ephemeral: true,
+        tls_cert: Some(write("hub.pem", &cert.pem())),
+        tls_key: Some(write("hub.key", &key.serialize_pem())),
+        auth_tokens: Some(write(
+            "tokens",
+            &format!("ops {}\n", freshness_hub::auth::token_hash("ops-token")),
+        )),
+        auth_policy: Some(write(
+            "policy.toml",
+            "[principals]\nops = [\"publish:user\", \"status\"]\n",
+        )),
+        ..freshness_hub::Config::default()
+    };
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(freshness_hub::run(config, listener, shutdown.clone()));
+    let url = format!("https://{addr}");
+    let ca = ca_file.to_str().unwrap();
+
+    // As the README says: the CA and the token from the environment.
+    let mut ok = None;
+    for _ in 0..200 {
+        let out = freshctl(&url)
+            .env("FRESHNESS_CA", ca)
+            .env("FRESHNESS_TOKEN", "ops-token")
+            .args(["publish", "user:1", "1"])
+            .output()
+            .await
+            .unwrap();
+        if out.status.success() {
+            ok = Some(String::from_utf8(out.stdout).unwrap());
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let ok = ok.expect("freshctl publish over TLS with a token");
+    assert!(ok.starts_with("user:1 v1: applied"), "{ok}");
+    let status = run(
+        &url,
+        &["--ca", ca, "--token", "ops-token", "status", "--json"],
+    )
+    .await;
+    assert_eq!(status.code, Some(0), "{}", status.stderr);
+    assert_eq!(
+        serde_json::from_str::<Value>(&status.stdout).unwrap()["hub_id"],
+        "cli-tls"
+    );
+    // Refused: no token, a token without the right, no CA.
+    let no_token = run(&url, &["--ca", ca, "status"]).await;
+    assert_eq!(no_token.code, Some(1));
+    assert!(
+        no_token.stderr.contains("Unauthenticated"),
+        "{}",
+        no_token.stderr
+    );
+    let wrong_ns = run(
+        &url,
+        &[
+            "--ca",
+            ca,
+            "--token",
+            "ops-token",
+            "publish",
+            "price:1",
+            "1",
+        ],
+    )
+    .await;
+    assert_eq!(wrong_ns.code, Some(1));
+    assert!(
+        wrong_ns.stderr.contains("PermissionDenied"),
+        "{}",
+        wrong_ns.stderr
+    );
+    assert_eq!(wrong_ns.stderr.lines().count(), 1, "{}", wrong_ns.stderr);
+    let no_ca = run(&url, &["--token", "ops-token", "status"]).await;
+    assert_eq!(no_ca.code, Some(1), "{}", no_ca.stderr);
+    shutdown.cancel();
+    task.await.unwrap().unwrap();
+}

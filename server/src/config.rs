@@ -105,6 +105,46 @@ pub struct Config {
     /// begin a new epoch. A flag only (`--repair`), never kept in a file.
     #[serde(skip)]
     pub repair: bool,
+    /// The listener's certificate chain (PEM): with `tls_key`, the hub
+    /// serves gRPC over TLS only. Reloaded when the file changes.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_cert: Option<PathBuf>,
+    /// The private key of `tls_cert` (PEM).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_key: Option<PathBuf>,
+    /// CA (PEM) that client certificates must chain to (mTLS): a client
+    /// without one is refused at the handshake, and a certificate's URI
+    /// (else DNS) SAN is its principal.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_client_ca: Option<PathBuf>,
+    /// CA (PEM) of the `https://` peers; this hub's own certificate is its
+    /// client certificate on those links.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub peer_ca: Option<PathBuf>,
+    /// JWKS file (RS256, ES256, EdDSA keys) that bearer JWTs must verify
+    /// against.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub auth_jwks: Option<PathBuf>,
+    /// What a JWT's `aud` must hold.
+    pub auth_audience: String,
+    /// Static token file: `NAME SHA256-HEX` per line.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub auth_tokens: Option<PathBuf>,
+    /// Policy file (TOML, or YAML by its extension) granting principals
+    /// `publish:<ns>`, `subscribe:<ns>`, `status`, `replicate`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub auth_policy: Option<PathBuf>,
+    /// Serve on a non-loopback address without TLS or without an auth
+    /// source. Without it such a hub refuses to start.
+    pub insecure: bool,
+    /// The metrics listener's certificate chain (PEM): with
+    /// `metrics_tls_key`, `/metrics` and the status page are served over
+    /// TLS. Reloaded when the file changes.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub metrics_tls_cert: Option<PathBuf>,
+    /// The private key of `metrics_tls_cert` (PEM).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub metrics_tls_key: Option<PathBuf>,
 }
 
 /// Log output format.
@@ -149,6 +189,17 @@ impl Default for Config {
             fsync: FsyncPolicy::Always,
             fsync_interval: Duration::from_millis(100),
             repair: false,
+            tls_cert: None,
+            tls_key: None,
+            tls_client_ca: None,
+            peer_ca: None,
+            auth_jwks: None,
+            auth_audience: "freshness".into(),
+            auth_tokens: None,
+            auth_policy: None,
+            insecure: false,
+            metrics_tls_cert: None,
+            metrics_tls_key: None,
         }
     }
 }
@@ -243,6 +294,16 @@ pub enum ConfigError {
     /// Command-line arguments that name no setting (an unknown flag).
     #[error("{0}")]
     Args(String),
+    /// A non-loopback listener without TLS or without an auth source.
+    #[error(
+        "listen = {listen} is not a loopback address and the hub has {missing}: set them, or --insecure to serve anyway"
+    )]
+    Insecure {
+        /// The listen address.
+        listen: SocketAddr,
+        /// What is missing, in words.
+        missing: &'static str,
+    },
 }
 
 /// A value that fails validation; the value and its origin are filled in
@@ -308,6 +369,35 @@ const KEYS: &[(&str, &str)] = &[
     ("ephemeral", "true or false"),
     ("fsync", "always, interval or never"),
     ("fsync_interval", "a duration from 1ms to 60s, like 100ms"),
+    (
+        "tls_cert",
+        "a PEM certificate file, set together with tls_key",
+    ),
+    (
+        "tls_key",
+        "a PEM private key file, set together with tls_cert",
+    ),
+    (
+        "tls_client_ca",
+        "a PEM CA file (needs tls_cert and tls_key)",
+    ),
+    ("peer_ca", "a PEM CA file for the https:// peers"),
+    ("auth_jwks", "a JWKS file (JSON)"),
+    ("auth_audience", "a non-empty audience name"),
+    ("auth_tokens", "a token file (NAME SHA256-HEX per line)"),
+    (
+        "auth_policy",
+        "a policy file (TOML, or YAML ending in .yaml)",
+    ),
+    ("insecure", "true or false"),
+    (
+        "metrics_tls_cert",
+        "a PEM certificate file, set together with metrics_tls_key",
+    ),
+    (
+        "metrics_tls_key",
+        "a PEM private key file, set together with metrics_tls_cert",
+    ),
 ];
 
 /// What `key`'s value must be.
@@ -635,7 +725,87 @@ impl Config {
                 return Err(invalid(key, expected(key)));
             }
         }
+        self.check_security()
+    }
+
+    /// TLS and auth settings that go together, and secure by default.
+    fn check_security(&self) -> Result<(), ConfigError> {
+        match (&self.tls_cert, &self.tls_key) {
+            (Some(_), None) => return Err(invalid("tls_key", expected("tls_key"))),
+            (None, Some(_)) => return Err(invalid("tls_cert", expected("tls_cert"))),
+            _ => {}
+        }
+        match (&self.metrics_tls_cert, &self.metrics_tls_key) {
+            (Some(_), None) => {
+                return Err(invalid("metrics_tls_key", expected("metrics_tls_key")));
+            }
+            (None, Some(_)) => {
+                return Err(invalid("metrics_tls_cert", expected("metrics_tls_cert")));
+            }
+            _ => {}
+        }
+        if self.tls_client_ca.is_some() && self.tls_cert.is_none() {
+            return Err(invalid("tls_client_ca", expected("tls_client_ca")));
+        }
+        if self.auth_audience.trim().is_empty() {
+            return Err(invalid("auth_audience", expected("auth_audience")));
+        }
+        if self.peer_ca.is_none()
+            && let Some((region, _)) = self.peers.iter().find(|(_, u)| u.starts_with("https://"))
+        {
+            return Err(invalid(
+                "peer_ca",
+                format!("a PEM CA file for the https:// peer {region}"),
+            ));
+        }
+        if !self.insecure && !self.listen.ip().is_loopback() {
+            let tls = self.tls_cert.is_some();
+            let auth = self.auth_sources().enabled();
+            let missing = match (tls, auth) {
+                (true, true) => None,
+                (false, true) => Some("no TLS (tls_cert, tls_key)"),
+                (true, false) => Some("no auth source (auth_jwks, auth_tokens or tls_client_ca)"),
+                (false, false) => Some(
+                    "no TLS (tls_cert, tls_key) and no auth source (auth_jwks, auth_tokens or tls_client_ca)",
+                ),
+            };
+            if let Some(missing) = missing {
+                return Err(ConfigError::Insecure {
+                    listen: self.listen,
+                    missing,
+                });
+            }
+        }
         Ok(())
+    }
+
+    /// Where the hub's credentials and policy come from.
+    pub fn auth_sources(&self) -> crate::auth::Sources {
+        crate::auth::Sources {
+            jwks: self.auth_jwks.clone(),
+            tokens: self.auth_tokens.clone(),
+            policy: self.auth_policy.clone(),
+            audience: vec![self.auth_audience.clone()],
+            client_certificates: self.tls_client_ca.is_some(),
+        }
+    }
+
+    /// The metrics listener's TLS files, when it serves TLS.
+    pub fn metrics_tls_files(&self) -> Option<crate::tls::TlsFiles> {
+        Some(crate::tls::TlsFiles {
+            cert: self.metrics_tls_cert.clone()?,
+            key: self.metrics_tls_key.clone()?,
+            client_ca: None,
+        })
+    }
+
+    /// The listener's TLS files, when it serves TLS.
+    pub fn tls_files(&self) -> Option<crate::tls::TlsFiles> {
+        Some(crate::tls::TlsFiles {
+            cert: self.tls_cert.clone()?,
+            key: self.tls_key.clone()?,
+            client_ca: self.tls_client_ca.clone(),
+        })
     }
 
     /// How the log on disk is bounded and flushed: `log_max_events` and
@@ -795,6 +965,39 @@ pub struct Args {
     /// Start on a damaged log: keep the valid prefix, begin a new epoch.
     #[arg(long)]
     pub repair: bool,
+    /// Serve gRPC over TLS with this certificate chain (PEM).
+    #[arg(long, env = "FRESHNESS_TLS_CERT")]
+    pub tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert (PEM).
+    #[arg(long, env = "FRESHNESS_TLS_KEY")]
+    pub tls_key: Option<PathBuf>,
+    /// Require client certificates signed by this CA (PEM): mTLS.
+    #[arg(long, env = "FRESHNESS_TLS_CLIENT_CA")]
+    pub tls_client_ca: Option<PathBuf>,
+    /// CA (PEM) of the https:// peers.
+    #[arg(long, env = "FRESHNESS_PEER_CA")]
+    pub peer_ca: Option<PathBuf>,
+    /// JWKS file that bearer JWTs must verify against.
+    #[arg(long, env = "FRESHNESS_AUTH_JWKS")]
+    pub auth_jwks: Option<PathBuf>,
+    /// What a JWT's aud must hold [default: freshness].
+    #[arg(long, env = "FRESHNESS_AUTH_AUDIENCE")]
+    pub auth_audience: Option<String>,
+    /// Static token file (NAME SHA256-HEX per line).
+    #[arg(long, env = "FRESHNESS_AUTH_TOKENS")]
+    pub auth_tokens: Option<PathBuf>,
+    /// Policy file (TOML or YAML) granting principals their permissions.
+    #[arg(long, env = "FRESHNESS_AUTH_POLICY")]
+    pub auth_policy: Option<PathBuf>,
+    /// Serve on a non-loopback address without TLS or an auth source.
+    #[arg(long, env = "FRESHNESS_INSECURE")]
+    pub insecure: bool,
+    /// Serve the metrics listener over TLS with this certificate (PEM).
+    #[arg(long, env = "FRESHNESS_METRICS_TLS_CERT")]
+    pub metrics_tls_cert: Option<PathBuf>,
+    /// The private key of --metrics-tls-cert (PEM).
+    #[arg(long, env = "FRESHNESS_METRICS_TLS_KEY")]
+    pub metrics_tls_key: Option<PathBuf>,
 }
 
 fn parse_peer(s: &str) -> Result<(String, String), String> {
@@ -908,6 +1111,31 @@ impl Args {
         if self.ephemeral {
             given("ephemeral", "--ephemeral");
         }
+        macro_rules! over_opt {
+            ($($f:ident),*) => { $( if let Some(v) = self.$f {
+                given(stringify!($f), &format!("--{}", stringify!($f).replace('_', "-")));
+                c.$f = Some(v);
+            } )* };
+        }
+        over_opt!(
+            tls_cert,
+            tls_key,
+            tls_client_ca,
+            peer_ca,
+            auth_jwks,
+            auth_tokens,
+            auth_policy,
+            metrics_tls_cert,
+            metrics_tls_key
+        );
+        if let Some(a) = self.auth_audience {
+            given("auth_audience", "--auth-audience");
+            c.auth_audience = a;
+        }
+        if self.insecure {
+            given("insecure", "--insecure");
+        }
+        c.insecure |= self.insecure;
         c.ephemeral |= self.ephemeral;
         c.repair = self.repair;
         if !self.peers.is_empty() {
@@ -1094,6 +1322,50 @@ mod tests {
             Args::load(["freshness-hub", "--version"]),
             Ok(Err(_))
         ));
+    }
+
+    #[test]
+    fn a_public_listener_needs_tls_and_an_auth_source_or_insecure() {
+        let e = Args::load(["freshness-hub", "--listen", "0.0.0.0:50051"]).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "listen = 0.0.0.0:50051 is not a loopback address and the hub has no TLS (tls_cert, tls_key) and no auth source (auth_jwks, auth_tokens or tls_client_ca): set them, or --insecure to serve anyway"
+        );
+        let e = Args::load([
+            "freshness-hub",
+            "--listen",
+            "0.0.0.0:50051",
+            "--tls-cert",
+            "c.pem",
+            "--tls-key",
+            "k.pem",
+        ])
+        .unwrap_err();
+        assert!(e.to_string().contains("has no auth source"), "{e}");
+        let ok = |args: &[&str]| Args::load(args.iter().copied()).unwrap().unwrap();
+        let c = ok(&["freshness-hub", "--listen", "0.0.0.0:1", "--insecure"]);
+        assert!(c.insecure);
+        ok(&[
+            "freshness-hub",
+            "--listen",
+            "0.0.0.0:1",
+            "--tls-cert",
+            "c.pem",
+            "--tls-key",
+            "k.pem",
+            "--auth-tokens",
+            "t",
+        ]);
+        let e = Args::load(["freshness-hub", "--tls-cert", "c.pem"]).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "default setting: tls_key = (unset): expected a PEM private key file, set together with tls_cert"
+        );
+        let e = Args::load(["freshness-hub", "--peer", "eu=https://eu:1"]).unwrap_err();
+        assert!(
+            e.to_string().starts_with("default setting: peer_ca = (unset): expected a PEM CA file for the https:// peer eu"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -13,6 +13,8 @@ use tonic::{Request, Response, Status, Streaming};
 use tracing::Instrument;
 use tracing::field::Empty;
 
+use crate::auth::Auth;
+use crate::auth::layer::principal;
 use crate::error::{HubError, ProtocolError, map_decode_status};
 use crate::hub::{Hub, NodeState};
 use crate::shard::Outcome;
@@ -26,13 +28,20 @@ pub const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 #[derive(Debug, Clone)]
 pub struct HubService {
     hub: Arc<Hub>,
+    auth: Arc<Auth>,
 }
 
 impl HubService {
-    /// A service over `hub`. A subscribe stream is served by the HTTP/2
-    /// stream's own task ([`crate::session::Session`]).
+    /// A service over `hub`, without authentication. A subscribe stream is
+    /// served by the HTTP/2 stream's own task ([`crate::session::Session`]).
     pub fn new(hub: Arc<Hub>) -> Self {
-        Self { hub }
+        Self::with_auth(hub, Auth::disabled())
+    }
+
+    /// A service over `hub` that checks each call's principal (put in the
+    /// request by [`crate::auth::layer::AuthLayer`]) against `auth`.
+    pub fn with_auth(hub: Arc<Hub>, auth: Arc<Auth>) -> Self {
+        Self { hub, auth }
     }
 }
 
@@ -94,6 +103,7 @@ impl pb::raw::hub_server::Hub for HubService {
         if let Some(tp) = header(&request, "traceparent") {
             adopt.wire(tp, header(&request, "tracestate").unwrap_or_default());
         }
+        let caller = principal(&self.auth, &request).map_err(|s| failed(&span, s))?;
         let limits = PublishLimits {
             max_events: self.hub.config.max_events_per_publish,
             max_payload_bytes: self.hub.config.max_payload_bytes,
@@ -102,6 +112,11 @@ impl pb::raw::hub_server::Hub for HubService {
             Ok(req) => req,
             Err(e) => return Err(failed(&span, refused(HubError::from(e)))),
         };
+        // All or nothing: one event outside the caller's namespaces refuses
+        // the whole call before any of it reaches a shard.
+        self.auth
+            .check_publish(&caller, req.events.iter().map(|e| e.entity.namespace()))
+            .map_err(|s| failed(&span, s))?;
         for e in &req.events {
             if !adopt.wire(&e.traceparent, &e.tracestate) {
                 break;
@@ -156,6 +171,7 @@ impl pb::raw::hub_server::Hub for HubService {
         &self,
         request: Request<Streaming<wire::Request>>,
     ) -> Result<Response<Self::SubscribeStream>, Status> {
+        let caller = principal(&self.auth, &request)?;
         let peer = request
             .remote_addr()
             .map(|a| a.to_string())
@@ -174,14 +190,31 @@ impl pb::raw::hub_server::Hub for HubService {
             })))) => hello,
             Ok(Some(Ok(_))) => return Err(HubError::from(ProtocolError::HelloNotFirst).into()),
         };
-        let session = crate::session::open(self.hub.clone(), hello, peer, inbound)?;
+        // A hello that is not valid is refused by `open` with its reason; a
+        // valid one is checked against the caller's rights first, before
+        // it can register (and replace a node of the same id).
+        let access = match validate::hello_filter(&hello) {
+            Ok(filter) => Some(
+                self.auth
+                    .check_subscribe(&caller, &filter, hello.replication)?,
+            ),
+            Err(_) => None,
+        };
+        let mut session = crate::session::open(self.hub.clone(), hello, peer, inbound)?;
+        if self.auth.enabled()
+            && let Some(access) = access
+        {
+            session.set_access(access);
+        }
         Ok(Response::new(session))
     }
 
     async fn status(
         &self,
-        _request: Request<pb::StatusRequest>,
+        request: Request<pb::StatusRequest>,
     ) -> Result<Response<pb::StatusResponse>, Status> {
+        let caller = principal(&self.auth, &request)?;
+        self.auth.check_status(&caller)?;
         Ok(Response::new(self.hub.status().into()))
     }
 }

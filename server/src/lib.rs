@@ -9,6 +9,7 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod auth;
 pub mod clock;
 pub mod config;
 pub mod error;
@@ -17,6 +18,7 @@ pub mod grpc;
 pub mod hub;
 pub mod log;
 pub mod metrics;
+pub mod reload;
 pub mod replication;
 mod server;
 pub mod session;
@@ -26,8 +28,11 @@ pub mod status;
 pub mod status_json;
 pub mod store;
 pub mod telemetry;
+pub mod tls;
 mod transport;
 mod web;
 
 pub use config::{Args, Config, ConfigError, LogFormat};
-pub use server::{RunError, open_log, run, run_with_http, serve, serve_with_http};
+pub use server::{
+    RunError, Security, load_security, open_log, run, run_with_http, serve, serve_with_http,
+};

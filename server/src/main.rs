@@ -42,6 +42,12 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
+    // TLS and auth files are read before anything else is opened: a missing
+    // or invalid one exits 64, naming it.
+    if let Err(e) = freshness_hub::load_security(&config) {
+        eprintln!("freshness-hub: {e}");
+        return ExitCode::from(EXIT_CONFIG);
+    }
     // The log is opened and checked before any port is bound: a directory
     // the hub cannot use exits 64, a damaged log 65 (unless --repair).
     let opened = match freshness_hub::open_log(&config) {

@@ -87,6 +87,10 @@ pub const LOG_WRITE_ERRORS: &str = "freshness_log_write_errors_total";
 /// ephemeral hub).
 pub const LOG_WRITABLE: &str = "freshness_log_writable";
 
+/// TLS handshakes that failed (a plain-text client, an untrusted or
+/// expired certificate, garbage on the port).
+pub const TLS_HANDSHAKE_FAILURES: &str = "freshness_tls_handshake_failures_total";
+
 /// Build information: always 1, labelled with the version and the git
 /// revision the binary was built from.
 pub const BUILD_INFO: &str = "freshness_build_info";
@@ -113,7 +117,13 @@ type LabelSet = (&'static str, &'static [&'static str]);
 
 /// Every counter the recorder keeps, with its help, and the label and its
 /// values if it has one.
-const COUNTERS: [(&str, &str, Option<LabelSet>); 8] = [
+const COUNTERS: [(&str, &str, Option<LabelSet>); 10] = [
+    (
+        crate::auth::AUTH_DENIED,
+        "Calls and streams refused by authentication or authorization, by reason.",
+        Some(("reason", &crate::auth::DENIAL_REASONS)),
+    ),
+    (TLS_HANDSHAKE_FAILURES, "TLS handshakes that failed.", None),
     (
         PUBLISH_EVENTS,
         "Events answered by publish calls, by result.",

@@ -110,9 +110,13 @@ pub enum LinkError {
     /// No connection.
     #[error("cannot connect: {0}")]
     Connect(#[source] tonic::transport::Error),
-    /// The peer answered the stream with an error.
-    #[error("peer refused the link: {}", .0.message())]
+    /// The peer answered the stream with an error (its code shows in
+    /// status: `PermissionDenied` for a hub not granted `replicate`).
+    #[error("peer refused the link: {:?}: {}", .0.code(), .0.message())]
     Refused(tonic::Status),
+    /// This hub's side of the peer's TLS cannot be set up.
+    #[error("peer TLS: {0}")]
+    Tls(#[source] crate::tls::PeerTlsError),
     /// The peer's first message was not a welcome.
     #[error("peer did not send a welcome")]
     NoWelcome,
@@ -193,6 +197,29 @@ impl Link {
                 .http2_keep_alive_interval(Duration::from_secs(10))
                 .keep_alive_timeout(Duration::from_secs(10)),
             Err(e) => return Self::failed(LinkError::Address(e), false),
+        };
+        // An https:// peer: its CA, and this hub's certificate as the
+        // client certificate (read at each connect: a rotated one is used
+        // from the next connection on).
+        let endpoint = if self.url.starts_with("https://") {
+            let host = endpoint.uri().host().unwrap_or_default().to_owned();
+            let config = &self.hub.config;
+            let tls = crate::tls::peer_client_config(
+                config.peer_ca.as_deref(),
+                config.tls_files().as_ref(),
+                &host,
+            )
+            .and_then(|tls| {
+                endpoint
+                    .tls_config(tls)
+                    .map_err(crate::tls::PeerTlsError::Config)
+            });
+            match tls {
+                Ok(e) => e,
+                Err(e) => return Self::failed(LinkError::Tls(e), false),
+            }
+        } else {
+            endpoint
         };
         let channel = tokio::select! {
             c = endpoint.connect() => match c {

@@ -8,11 +8,16 @@ use tokio_util::task::TaskTracker;
 
 use freshness::pb::raw::hub_server::HubServer;
 
+use std::sync::Arc;
+
+use crate::auth::Auth;
+use crate::auth::layer::AuthLayer;
 use crate::config::Config;
 use crate::grpc::HubService;
 use crate::hub::Durable;
 use crate::hub::Hub;
 use crate::shard::ShardMemory;
+use crate::tls::TlsServer;
 
 /// How long the connections left at the end of the grace period get to
 /// close once dropped (they end at their next poll).
@@ -33,6 +38,43 @@ pub enum RunError {
     /// Opening the log did not finish (its task failed).
     #[error("opening the log failed: {0}")]
     LogTask(#[from] tokio::task::JoinError),
+    /// A TLS or auth file cannot be used.
+    #[error("{0}")]
+    Security(String),
+}
+
+/// The listeners' TLS and the auth state, loaded from the files a config
+/// names.
+#[derive(Debug)]
+pub struct Security {
+    /// The gRPC listener's TLS, when configured.
+    pub tls: Option<Arc<TlsServer>>,
+    /// The metrics listener's TLS, when configured.
+    pub metrics_tls: Option<Arc<TlsServer>>,
+    /// Who may do what.
+    pub auth: Arc<Auth>,
+}
+
+/// Loads [`Security`] from the files `config` names. The binary calls it
+/// before it binds a port, so that a missing or invalid file stops it first
+/// (exit 64).
+pub fn load_security(config: &Config) -> Result<Security, String> {
+    let tls = config.tls_files().map(TlsServer::load).transpose()?;
+    let metrics_tls = config
+        .metrics_tls_files()
+        .map(TlsServer::load_http1)
+        .transpose()?;
+    let sources = config.auth_sources();
+    let auth = if sources.enabled() || sources.policy.is_some() {
+        Auth::load(sources)?
+    } else {
+        Auth::disabled()
+    };
+    Ok(Security {
+        tls,
+        metrics_tls,
+        auth,
+    })
 }
 
 /// Opens the durable log `config` names and recovers it (blocking: it reads
@@ -149,6 +191,11 @@ pub async fn serve_with_http(
     shutdown: CancellationToken,
 ) -> Result<(), RunError> {
     config.validate()?;
+    let Security {
+        tls,
+        metrics_tls,
+        auth,
+    } = load_security(&config).map_err(RunError::Security)?;
     let tracker = TaskTracker::new();
     let grace = config.shutdown_grace;
     let max_message = config.max_message_bytes;
@@ -160,8 +207,26 @@ pub async fn serve_with_http(
         epoch = hub.epoch,
         shards = hub.shard_count(),
         addr = ?listener.local_addr().ok(),
+        tls = tls.is_some(),
+        auth = auth.enabled(),
         "hub serving"
     );
+    {
+        let mut watched = Vec::new();
+        for tls in [&tls, &metrics_tls].into_iter().flatten() {
+            let t = tls.clone();
+            watched.push(crate::reload::Watched {
+                files: tls.files(),
+                reload: Arc::new(move || t.reload()),
+            });
+        }
+        let a = auth.clone();
+        watched.push(crate::reload::Watched {
+            files: auth.files(),
+            reload: Arc::new(move || a.reload()),
+        });
+        tracker.spawn(crate::reload::watch(watched, shutdown.clone()));
+    }
 
     crate::replication::spawn_links(&hub, &tracker);
     {
@@ -177,7 +242,12 @@ pub async fn serve_with_http(
     }
     tracker.spawn(crate::stats::sample_every_second(hub.clone()));
     if let Some(http) = http {
-        tracker.spawn(crate::web::serve(http, hub.clone(), tracker.clone()));
+        tracker.spawn(crate::web::serve(
+            http,
+            metrics_tls,
+            hub.clone(),
+            tracker.clone(),
+        ));
     }
     let (health, health_service) = tonic_health::server::health_reporter();
     health
@@ -187,7 +257,7 @@ pub async fn serve_with_http(
         .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()?;
-    let service = HubService::new(hub.clone());
+    let service = HubService::with_auth(hub.clone(), auth.clone());
     let hub_routes = crate::transport::HubRoutes {
         server: HubServer::new(service.clone())
             .max_decoding_message_size(max_message)
@@ -203,9 +273,11 @@ pub async fn serve_with_http(
     // The one tower stack. Every call — Publish, Subscribe, Status, health,
     // reflection — passes every layer, outermost first:
     //
-    //   (authentication: a layer that checks the caller's credentials and
-    //    answers UNAUTHENTICATED / PERMISSION_DENIED goes first, here, so
-    //    that no handler runs for a caller it refuses)
+    //   0. authentication (`auth::layer::AuthLayer`): the caller's
+    //      principal (bearer token, or the client certificate the TLS
+    //      acceptor verified) into the request's extensions, or
+    //      UNAUTHENTICATED before any handler runs; health is open. The
+    //      handlers check what the principal may do (PERMISSION_DENIED);
     //   1. SPEC §4 status mapping of undecodable and oversized requests
     //      (answers in the headers; streams map theirs where they read);
     //   2. the client's deadline (`grpc-timeout`) on the call's answer;
@@ -217,16 +289,17 @@ pub async fn serve_with_http(
     // answer; message limits in the codecs (`max_message_bytes`, and
     // `subscribe_message_limit` for streams).
     let stack = tower::ServiceBuilder::new()
+        .layer(AuthLayer::new(auth.clone()))
         .layer(tower::util::MapResponseLayer::new(
             decode_errors_to_spec_codes,
         ))
         .layer(crate::transport::DeadlineLayer)
         .service(routes);
 
-    // The connections. TLS goes here: a TLS acceptor (tokio-rustls, with a
-    // certificate resolver that reloads) wraps this stream of accepted TCP
-    // connections, and its streams carry their peer's certificate to the
-    // stack (`tonic::transport::server::Connected`).
+    // The connections: accepted TCP, each behind its TLS handshake when the
+    // hub serves TLS (`tls.rs`; done in the connection's own task, so a slow
+    // or hostile handshake holds up no other), the verified client
+    // certificate's identity then in every request's extensions.
     let incoming = crate::transport::tcp_incoming(listener);
     let settings = crate::transport::Settings {
         max_streams: crate::transport::MAX_STREAMS,
@@ -245,6 +318,7 @@ pub async fn serve_with_http(
         async move {
             crate::transport::serve(
                 incoming,
+                tls,
                 stack,
                 settings,
                 shutdown,

@@ -1,10 +1,12 @@
 //! The hub's HTTP/2 server: hyper's, under tonic's router.
 //!
-//! [`serve`] takes a stream of accepted connections (plain TCP from
-//! [`tcp_incoming`] today; a TLS acceptor wraps that stream, see
-//! `server.rs`) and serves each with hyper's HTTP/2 server over one tower
-//! stack (composed in `server.rs`): every call, `Subscribe` included, goes
-//! through the same layers. Every task it starts — each connection, and
+//! [`serve`] takes a stream of accepted connections ([`tcp_incoming`]),
+//! puts each behind its TLS handshake when the hub serves TLS (in the
+//! connection's own task; the verified client certificate's identity goes
+//! into every request's extensions, for the authentication layer), and
+//! serves it with hyper's HTTP/2 server over one tower stack (composed in
+//! `server.rs`): every call, `Subscribe` included, goes through the same
+//! layers. Every task it starts — each connection, and
 //! each HTTP/2 stream hyper spawns — is tracked, so shutdown waits for all
 //! of them.
 //!
@@ -160,6 +162,7 @@ pub struct Stopping {
 /// The caller waits for `tasks`.
 pub async fn serve<I, IO, S>(
     incoming: I,
+    tls: Option<Arc<crate::tls::TlsServer>>,
     stack: S,
     settings: Settings,
     stop: CancellationToken,
@@ -190,8 +193,9 @@ pub async fn serve<I, IO, S>(
                 None => break,
             },
         };
-        tasks.spawn(connection(
+        tasks.spawn(secure(
             io,
+            tls.clone(),
             stack.clone(),
             http2.clone(),
             stopping.clone(),
@@ -199,10 +203,12 @@ pub async fn serve<I, IO, S>(
     }
 }
 
-/// One connection: hyper's HTTP/2 server over the stack, each call told
-/// the connection's peer (`tonic::Request::remote_addr`).
-async fn connection<IO, S>(
+/// The connection, behind its TLS handshake when the hub serves TLS. A
+/// handshake that fails (a plain-text client, a certificate the hub does
+/// not trust, garbage, a record cut short) ends this connection only.
+async fn secure<IO, S>(
     io: IO,
+    tls: Option<Arc<crate::tls::TlsServer>>,
     stack: S,
     http2: Arc<hyper::server::conn::http2::Builder<Tracked>>,
     stopping: Stopping,
@@ -211,9 +217,45 @@ async fn connection<IO, S>(
     S: Stack,
 {
     let info = io.connect_info();
+    let Some(tls) = tls else {
+        return connection(io, info, None, stack, http2, stopping).await;
+    };
+    let handshake = tokio::select! {
+        h = tls.accept(io) => h,
+        () = stopping.drain.cancelled() => return,
+    };
+    match handshake {
+        Ok((stream, identity)) => {
+            connection(stream, info, identity, stack, http2, stopping).await;
+        }
+        Err(e) => {
+            metrics::counter!(crate::metrics::TLS_HANDSHAKE_FAILURES).increment(1);
+            tracing::debug!(error = %e, "TLS handshake failed");
+        }
+    }
+}
+
+/// One connection: hyper's HTTP/2 server over the stack, each call told
+/// the connection's peer (`tonic::Request::remote_addr`) and its client
+/// certificate's identity.
+async fn connection<IO, Info, S>(
+    io: IO,
+    info: Info,
+    identity: Option<crate::auth::CertificateIdentity>,
+    stack: S,
+    http2: Arc<hyper::server::conn::http2::Builder<Tracked>>,
+    stopping: Stopping,
+) where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    Info: Clone + Send + Sync + 'static,
+    S: Stack,
+{
     let service = hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
         let mut req = req.map(tonic::body::Body::new);
         req.extensions_mut().insert(info.clone());
+        if let Some(identity) = &identity {
+            req.extensions_mut().insert(identity.clone());
+        }
         stack.clone().oneshot(req)
     });
     let heard = Arc::new(AtomicBool::new(false));

@@ -31,10 +31,15 @@ const CONNECTION_LIFETIME: Duration = Duration::from_secs(10);
 /// How long a closing connection may take to finish its request.
 const CLOSE_GRACE: Duration = Duration::from_secs(1);
 
-/// Serves the listener until the hub shuts down. Each connection is a task
-/// on `tasks` and ends with the hub too, so an open browser tab never holds
-/// the hub up.
-pub(crate) async fn serve(listener: TcpListener, hub: Arc<Hub>, tasks: TaskTracker) {
+/// Serves the listener until the hub shuts down, over TLS when `tls` is
+/// given (`metrics_tls_cert`). Each connection is a task on `tasks` and
+/// ends with the hub too, so an open browser tab never holds the hub up.
+pub(crate) async fn serve(
+    listener: TcpListener,
+    tls: Option<Arc<crate::tls::TlsServer>>,
+    hub: Arc<Hub>,
+    tasks: TaskTracker,
+) {
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     let shutdown = hub.shutdown.clone();
     loop {
@@ -55,24 +60,43 @@ pub(crate) async fn serve(listener: TcpListener, hub: Arc<Hub>, tasks: TaskTrack
         };
         let hub = hub.clone();
         let shutdown = shutdown.clone();
+        let tls = tls.clone();
         tasks.spawn(async move {
             let _slot = slot;
-            let service = hyper::service::service_fn(move |req| {
-                let response = respond(&req, &hub);
-                async move { Ok::<_, Infallible>(response) }
-            });
-            let conn = hyper::server::conn::http1::Builder::new()
-                .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
-            let mut conn = std::pin::pin!(conn);
-            tokio::select! {
-                _ = conn.as_mut() => return,
-                () = tokio::time::sleep(CONNECTION_LIFETIME) => {}
-                () = shutdown.cancelled() => {}
+            let Some(tls) = tls else {
+                return connection(stream, hub, shutdown).await;
+            };
+            let handshake = tokio::select! {
+                h = tls.accept(stream) => h,
+                () = shutdown.cancelled() => return,
+            };
+            match handshake {
+                Ok((stream, _)) => connection(stream, hub, shutdown).await,
+                Err(e) => tracing::debug!(error = %e, "http listener: TLS handshake failed"),
             }
-            conn.as_mut().graceful_shutdown();
-            let _ = tokio::time::timeout(CLOSE_GRACE, conn).await;
         });
     }
+}
+
+/// One HTTP/1.1 connection, for at most [`CONNECTION_LIFETIME`].
+async fn connection<IO>(stream: IO, hub: Arc<Hub>, shutdown: tokio_util::sync::CancellationToken)
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let service = hyper::service::service_fn(move |req| {
+        let response = respond(&req, &hub);
+        async move { Ok::<_, Infallible>(response) }
+    });
+    let conn = hyper::server::conn::http1::Builder::new()
+        .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+    let mut conn = std::pin::pin!(conn);
+    tokio::select! {
+        _ = conn.as_mut() => return,
+        () = tokio::time::sleep(CONNECTION_LIFETIME) => {}
+        () = shutdown.cancelled() => {}
+    }
+    conn.as_mut().graceful_shutdown();
+    let _ = tokio::time::timeout(CLOSE_GRACE, conn).await;
 }
 
 /// The answer to one request.

@@ -12,8 +12,9 @@ use anyhow::{Context, anyhow};
 use clap::{Parser, Subcommand, ValueEnum};
 use freshness::pb;
 use freshness_client::{
-    AckLevel, Backoff, Entity, EventBatch, FeedState, Handler, HandlerError, PublishOptions,
-    Publisher, Reset, RetryPolicy, Subscriber, Version, publisher::Event, telemetry,
+    AckLevel, Backoff, Credentials, Entity, EventBatch, FeedState, Handler, HandlerError,
+    PublishOptions, Publisher, Reset, RetryPolicy, Subscriber, Version, publisher::Event,
+    telemetry,
 };
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
@@ -34,8 +35,28 @@ struct Cli {
         default_value = "http://127.0.0.1:50051"
     )]
     hub: String,
+    /// CA (PEM) of a TLS hub (an https:// address).
+    #[arg(long, global = true, env = "FRESHNESS_CA")]
+    ca: Option<std::path::PathBuf>,
+    /// Client certificate (PEM), for a hub that requires one.
+    #[arg(long, global = true, env = "FRESHNESS_CERT", requires = "key")]
+    cert: Option<std::path::PathBuf>,
+    /// The client certificate's key (PEM).
+    #[arg(long, global = true, env = "FRESHNESS_KEY", requires = "cert")]
+    key: Option<std::path::PathBuf>,
+    /// Bearer token (a JWT or a static token) sent with every call.
+    #[arg(long, global = true, env = "FRESHNESS_TOKEN", hide_env_values = true)]
+    token: Option<String>,
     #[command(subcommand)]
     command: Command,
+}
+
+/// The TLS settings and token of this run, read once from the files the
+/// flags name (every connection of the run uses them).
+static CREDENTIALS: std::sync::OnceLock<Credentials> = std::sync::OnceLock::new();
+
+fn credentials() -> Credentials {
+    CREDENTIALS.get().cloned().unwrap_or_default()
 }
 
 #[derive(Debug, Subcommand)]
@@ -163,6 +184,13 @@ fn one_line(text: &str) -> String {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
+    let mut creds =
+        Credentials::from_files(cli.ca.as_deref(), cli.cert.as_deref(), cli.key.as_deref())
+            .context("TLS files")?;
+    if let Some(token) = cli.token.filter(|t| !t.is_empty()) {
+        creds = creds.bearer_token(token);
+    }
+    let _ = CREDENTIALS.set(creds);
     match cli.command {
         Command::Publish {
             entity,
@@ -191,6 +219,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 
 fn publisher(hub: &str) -> anyhow::Result<Publisher> {
     Ok(Publisher::builder(hub)
+        .credentials(credentials())
         .linger(Duration::ZERO)
         .retry(RetryPolicy {
             max_attempts: 3,
@@ -358,6 +387,7 @@ async fn watch(
     });
     let stop = CancellationToken::new();
     let subscriber = Subscriber::builder(hub, node_id)
+        .credentials(credentials())
         .namespaces(namespaces)
         .reconnect_backoff(Backoff::new(
             Duration::from_millis(200),

@@ -197,6 +197,7 @@ pub(crate) struct Config {
     pub(crate) connect_timeout: Duration,
     pub(crate) ack_interval: Duration,
     pub(crate) lazy_ack_interval: Duration,
+    pub(crate) credentials: crate::transport::Credentials,
 }
 
 /// Builds a [`Subscriber`]; see [`Subscriber::builder`].
@@ -304,6 +305,12 @@ impl SubscriberBuilder {
         self
     }
 
+    /// TLS settings and a bearer token for a secured hub.
+    pub fn credentials(mut self, credentials: crate::transport::Credentials) -> Self {
+        self.config.credentials = credentials;
+        self
+    }
+
     /// How long one connection attempt (up to the hub's welcome) may take
     /// (5 s by default).
     pub fn connect_timeout(mut self, d: Duration) -> Self {
@@ -322,6 +329,9 @@ impl SubscriberBuilder {
         })?;
         filter.sort();
         let endpoint = crate::transport::endpoint(&c.hub, c.connect_timeout)?;
+        let endpoint = crate::transport::secure(endpoint, &c.hub, &c.credentials)?;
+        // The token is checked once here; each stream sends it.
+        crate::transport::Bearer::new(&c.hub, &c.credentials)?;
         Ok(Subscriber {
             config: Config {
                 namespaces: filter,
@@ -372,6 +382,7 @@ impl Subscriber<()> {
                 connect_timeout: Duration::from_secs(5),
                 ack_interval: DEFAULT_ACK_INTERVAL,
                 lazy_ack_interval: DEFAULT_LAZY_ACK_INTERVAL,
+                credentials: crate::transport::Credentials::default(),
             },
         }
     }

@@ -235,7 +235,9 @@ impl<H: Handler> Session<'_, H> {
                 ..Default::default()
             };
             let resuming = hello.resume.is_some();
-            let mut client = pb::hub_client::HubClient::new(channel);
+            let bearer = crate::transport::Bearer::new(&config.hub, &config.credentials)
+                .map_err(|e| End::Broken(e.to_string()))?;
+            let mut client = crate::transport::HubChannel { channel, bearer }.client();
             let mut inbound = client
                 .subscribe(outbound(hello, ack_rx))
                 .await

@@ -57,6 +57,31 @@ Where the ConfigMap is mounted in the container.
 /etc/freshness
 {{- end }}
 
+{{/* Where the TLS Secret and the auth files are mounted. */}}
+{{- define "freshness-hub.tlsDir" -}}
+/etc/freshness-tls
+{{- end }}
+{{- define "freshness-hub.authDir" -}}
+/etc/freshness-auth
+{{- end }}
+
+{{/*
+The TLS Secret the hub serves with: tls.secretName, else the one the chart's
+cert-manager Certificate fills; empty without TLS.
+*/}}
+{{- define "freshness-hub.tlsSecret" -}}
+{{- if .Values.tls.secretName }}
+{{- .Values.tls.secretName }}
+{{- else if .Values.tls.certManager.enabled }}
+{{- include "freshness-hub.fullname" . }}-tls
+{{- end }}
+{{- end }}
+
+{{/* "true" when callers must authenticate (a token file, a JWKS or client certificates). */}}
+{{- define "freshness-hub.authSource" -}}
+{{- if or .Values.auth.tokensSecret .Values.auth.jwksSecret .Values.tls.clientAuth }}true{{ end }}
+{{- end }}
+
 {{/* Where the durable log lives in the container (the data volume). */}}
 {{- define "freshness-hub.dataDir" -}}
 /var/lib/freshness
@@ -85,6 +110,21 @@ because Helm reads every YAML number as a float.
 {{- end }}
 {{- if lt (div (int64 $hub.log.memoryMaxBytes) (int64 $hub.shards)) 66560 }}
 {{- fail "hub.log.memoryMaxBytes must leave room for one maximal event (65 KiB) per shard" }}
+{{- end }}
+{{- $tls := include "freshness-hub.tlsSecret" . }}
+{{- if and .Values.tls.certManager.enabled (not .Values.tls.secretName) (not .Values.tls.certManager.issuerRef.name) }}
+{{- fail "tls.certManager.enabled needs tls.certManager.issuerRef.name" }}
+{{- end }}
+{{- if and .Values.tls.clientAuth (not $tls) }}
+{{- fail "tls.clientAuth needs TLS: tls.secretName or tls.certManager.enabled" }}
+{{- end }}
+{{- range $region, $url := $hub.peers }}
+{{- if and (hasPrefix "https://" $url) (not $tls) }}
+{{- fail (printf "hub.peers.%s is https://: its CA is the TLS Secret's ca.crt, so TLS must be set (tls.secretName or tls.certManager.enabled)" $region) }}
+{{- end }}
+{{- end }}
+{{- if not (or .Values.insecure (and $tls (include "freshness-hub.authSource" .))) }}
+{{- fail "the hub listens on 0.0.0.0 and needs TLS (tls.secretName or tls.certManager.enabled) and an auth source (auth.tokensSecret, auth.jwksSecret or tls.clientAuth); or set insecure: true" }}
 {{- end -}}
 # Rendered by the freshness-hub chart from its values; edit those instead.
 listen = "0.0.0.0:50051"
@@ -120,6 +160,27 @@ shard_queue = {{ int64 . }}
 {{- end }}
 {{- with $hub.limits.admissionTimeout }}
 admission_timeout = {{ . | toJson }}
+{{- end }}
+{{- if $tls }}
+tls_cert = "{{ include "freshness-hub.tlsDir" . }}/tls.crt"
+tls_key = "{{ include "freshness-hub.tlsDir" . }}/tls.key"
+peer_ca = "{{ include "freshness-hub.tlsDir" . }}/ca.crt"
+{{- if .Values.tls.clientAuth }}
+tls_client_ca = "{{ include "freshness-hub.tlsDir" . }}/ca.crt"
+{{- end }}
+{{- end }}
+{{- if .Values.auth.policy }}
+auth_policy = "{{ include "freshness-hub.authDir" . }}/policy/policy.yaml"
+{{- end }}
+{{- if .Values.auth.tokensSecret }}
+auth_tokens = "{{ include "freshness-hub.authDir" . }}/tokens/tokens"
+{{- end }}
+{{- if .Values.auth.jwksSecret }}
+auth_jwks = "{{ include "freshness-hub.authDir" . }}/jwks/jwks.json"
+auth_audience = {{ .Values.auth.audience | toJson }}
+{{- end }}
+{{- if .Values.insecure }}
+insecure = true
 {{- end }}
 {{- with $hub.peers }}
 

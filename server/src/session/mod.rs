@@ -141,6 +141,9 @@ pub struct Session {
     /// A message was handed out and the stream has not asked for the next
     /// one since (`SessionShared::unpolled_since_us`).
     handed_out: bool,
+    /// The caller's rights, rechecked at each tick when the auth files
+    /// were reloaded (`None`: a hub without authentication).
+    access: Option<Box<crate::auth::Access>>,
 }
 
 /// Where a session's stream is.
@@ -174,6 +177,12 @@ impl Stream for Session {
 }
 
 impl Session {
+    /// Keeps the caller's rights: the stream ends with `PERMISSION_DENIED`
+    /// at the first tick after a reload that took them away.
+    pub fn set_access(&mut self, access: crate::auth::Access) {
+        self.access = Some(Box::new(access));
+    }
+
     /// The next message: what is pending, else one fill; then the status.
     fn poll_message(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame, Status>>> {
         let this = self;
@@ -265,6 +274,9 @@ impl Session {
             let mut cx = Context::from_waker(&waker);
             while self.tick.poll_tick(&mut cx).is_ready() {
                 self.on_tick();
+            }
+            if let Some(access) = &mut self.access {
+                access.recheck().map_err(Err)?;
             }
         }
         Ok(())

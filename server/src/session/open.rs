@@ -138,6 +138,7 @@ pub fn open(
         last_watermark: Instant::now(),
         tally: crate::metrics::SessionTally::default(),
         handed_out: false,
+        access: None,
     };
     if let Some((shards, all, reason)) = reset {
         let frame = session.reset_frame(shards, all, reason);
