@@ -245,6 +245,7 @@ pub async fn serve_with_http(
         tracker.spawn(crate::web::serve(
             http,
             metrics_tls,
+            auth.clone(),
             hub.clone(),
             tracker.clone(),
         ));

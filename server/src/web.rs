@@ -5,6 +5,13 @@
 //! The page is three files embedded in the binary (`server/assets/status/`):
 //! no CDN, no build step. It polls `/status.json?worst=100` once a second
 //! and redraws in place, so it stays small with 10,000 nodes.
+//!
+//! On a hub with authentication, the page and `/status.json` need the
+//! `status` permission, as the Status RPC does: a bearer token in
+//! `Authorization`, the token as the password of HTTP Basic (what a browser
+//! asks for after a 401, and then sends with the page's own requests), or
+//! the client certificate of a TLS listener. `/metrics` stays open to
+//! scrapers: it names no node and no entity.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -12,11 +19,12 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::Full;
-use hyper::header::{CACHE_CONTROL, CONTENT_TYPE, HeaderValue};
+use hyper::header::{AUTHORIZATION, CACHE_CONTROL, CONTENT_TYPE, HeaderValue, WWW_AUTHENTICATE};
 use hyper::{Method, Request, Response, StatusCode};
 use tokio::net::TcpListener;
 use tokio_util::task::TaskTracker;
 
+use crate::auth::{Auth, CertificateIdentity};
 use crate::hub::Hub;
 
 const INDEX_HTML: &str = include_str!("../assets/status/index.html");
@@ -37,6 +45,7 @@ const CLOSE_GRACE: Duration = Duration::from_secs(1);
 pub(crate) async fn serve(
     listener: TcpListener,
     tls: Option<Arc<crate::tls::TlsServer>>,
+    auth: Arc<Auth>,
     hub: Arc<Hub>,
     tasks: TaskTracker,
 ) {
@@ -59,32 +68,107 @@ pub(crate) async fn serve(
             continue;
         };
         let hub = hub.clone();
+        let auth = auth.clone();
         let shutdown = shutdown.clone();
         let tls = tls.clone();
         tasks.spawn(async move {
             let _slot = slot;
             let Some(tls) = tls else {
-                return connection(stream, hub, shutdown).await;
+                let caller = Caller {
+                    auth,
+                    certificate: None,
+                };
+                return connection(stream, hub, caller, shutdown).await;
             };
             let handshake = tokio::select! {
                 h = tls.accept(stream) => h,
                 () = shutdown.cancelled() => return,
             };
             match handshake {
-                Ok((stream, _)) => connection(stream, hub, shutdown).await,
+                Ok((stream, certificate)) => {
+                    let caller = Caller { auth, certificate };
+                    connection(stream, hub, caller, shutdown).await
+                }
                 Err(e) => tracing::debug!(error = %e, "http listener: TLS handshake failed"),
             }
         });
     }
 }
 
+/// Who a connection's requests come from: the hub's credentials and the
+/// client certificate of its TLS handshake, if any.
+struct Caller {
+    auth: Arc<Auth>,
+    certificate: Option<CertificateIdentity>,
+}
+
+impl Caller {
+    /// Whether a request may see the page and its data; the answer to give
+    /// when not.
+    fn may_read_status<B>(&self, req: &Request<B>) -> Result<(), Response<Full<Bytes>>> {
+        if !self.auth.enabled() {
+            return Ok(());
+        }
+        let mut headers = req.headers().clone();
+        // HTTP Basic carries the token as its password (the user name is
+        // not checked): a browser asks for it once and sends it on.
+        if let Some(token) = headers
+            .get(AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(basic_password)
+        {
+            match HeaderValue::from_str(&format!("Bearer {token}")) {
+                Ok(v) => drop(headers.insert(AUTHORIZATION, v)),
+                Err(_) => drop(headers.remove(AUTHORIZATION)),
+            }
+        }
+        let denied = |status: tonic::Status, code: StatusCode| {
+            let mut r = text(code, format!("{}\n", status.message()));
+            if code == StatusCode::UNAUTHORIZED {
+                r.headers_mut().insert(
+                    WWW_AUTHENTICATE,
+                    HeaderValue::from_static(
+                        "Basic realm=\"Freshness hub status: a token with the status permission as the password\", charset=\"UTF-8\"",
+                    ),
+                );
+            }
+            r
+        };
+        let principal = self
+            .auth
+            .authenticate(&headers, self.certificate.as_ref())
+            .map_err(|s| denied(s, StatusCode::UNAUTHORIZED))?;
+        self.auth
+            .check_status(&principal)
+            .map_err(|s| denied(s, StatusCode::FORBIDDEN))
+    }
+}
+
+/// The password of an HTTP Basic `Authorization` value.
+fn basic_password(value: &str) -> Option<String> {
+    use base64::Engine as _;
+    let encoded = value
+        .strip_prefix("Basic ")
+        .or_else(|| value.strip_prefix("basic "))?;
+    let decoded = base64::engine::general_purpose::STANDARD
+        .decode(encoded.trim())
+        .ok()?;
+    let text = String::from_utf8(decoded).ok()?;
+    let (_, password) = text.split_once(':')?;
+    Some(password.to_owned())
+}
+
 /// One HTTP/1.1 connection, for at most [`CONNECTION_LIFETIME`].
-async fn connection<IO>(stream: IO, hub: Arc<Hub>, shutdown: tokio_util::sync::CancellationToken)
-where
+async fn connection<IO>(
+    stream: IO,
+    hub: Arc<Hub>,
+    caller: Caller,
+    shutdown: tokio_util::sync::CancellationToken,
+) where
     IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let service = hyper::service::service_fn(move |req| {
-        let response = respond(&req, &hub);
+        let response = respond(&req, &hub, &caller);
         async move { Ok::<_, Infallible>(response) }
     });
     let conn = hyper::server::conn::http1::Builder::new()
@@ -100,11 +184,17 @@ where
 }
 
 /// The answer to one request.
-fn respond<B>(req: &Request<B>, hub: &Hub) -> Response<Full<Bytes>> {
+fn respond<B>(req: &Request<B>, hub: &Hub, caller: &Caller) -> Response<Full<Bytes>> {
     if req.method() != Method::GET && req.method() != Method::HEAD {
         return text(StatusCode::METHOD_NOT_ALLOWED, "use GET\n".into());
     }
-    match req.uri().path() {
+    let path = req.uri().path();
+    if path != "/metrics"
+        && let Err(denied) = caller.may_read_status(req)
+    {
+        return denied;
+    }
+    match path {
         "/metrics" => match crate::metrics::render() {
             Some(body) => with_type(
                 Response::new(Full::new(Bytes::from(body))),
