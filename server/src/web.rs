@@ -103,11 +103,11 @@ struct Caller {
 }
 
 impl Caller {
-    /// Whether a request may see the page and its data; the answer to give
-    /// when not.
-    fn may_read_status<B>(&self, req: &Request<B>) -> Result<(), Response<Full<Bytes>>> {
+    /// The answer to a request that may not see the page and its data;
+    /// `None` when it may.
+    fn denial<B>(&self, req: &Request<B>) -> Option<Response<Full<Bytes>>> {
         if !self.auth.enabled() {
-            return Ok(());
+            return None;
         }
         let mut headers = req.headers().clone();
         // HTTP Basic carries the token as its password (the user name is
@@ -134,13 +134,14 @@ impl Caller {
             }
             r
         };
-        let principal = self
-            .auth
-            .authenticate(&headers, self.certificate.as_ref())
-            .map_err(|s| denied(s, StatusCode::UNAUTHORIZED))?;
+        let principal = match self.auth.authenticate(&headers, self.certificate.as_ref()) {
+            Ok(p) => p,
+            Err(s) => return Some(denied(s, StatusCode::UNAUTHORIZED)),
+        };
         self.auth
             .check_status(&principal)
-            .map_err(|s| denied(s, StatusCode::FORBIDDEN))
+            .err()
+            .map(|s| denied(s, StatusCode::FORBIDDEN))
     }
 }
 
@@ -190,7 +191,7 @@ fn respond<B>(req: &Request<B>, hub: &Hub, caller: &Caller) -> Response<Full<Byt
     }
     let path = req.uri().path();
     if path != "/metrics"
-        && let Err(denied) = caller.may_read_status(req)
+        && let Some(denied) = caller.denial(req)
     {
         return denied;
     }
