@@ -22,13 +22,19 @@ use crate::shard::{Append, EventOutcome, Incoming, ShardContext, ShardHandle, Sh
 use crate::store::{DataDir, DiskReader, Opened};
 
 /// A durable log as opened at start-up: its writer and readers, and every
-/// shard's memory rebuilt from what the disk held.
+/// shard's memory rebuilt from what the disk held; or the region's
+/// JetStream log.
 #[derive(Debug)]
-pub struct Durable {
-    /// The data directory's log writer and readers.
-    pub opened: Opened,
-    /// Every shard's in-memory log and version memory, by index.
-    pub memories: Vec<ShardMemory>,
+pub enum Durable {
+    /// The embedded write-ahead log.
+    Disk {
+        /// The data directory's log writer and readers.
+        opened: Opened,
+        /// Every shard's in-memory log and version memory, by index.
+        memories: Vec<ShardMemory>,
+    },
+    /// The JetStream log shared by the region's hub replicas.
+    JetStream(crate::jetstream::Opened),
 }
 
 /// Why a session ended on purpose.
@@ -202,6 +208,8 @@ pub struct Hub {
     pub data_dir: Option<Arc<DataDir>>,
     /// What the shard actors share (failing writes, for status).
     shard_ctx: Arc<ShardContext>,
+    /// This hub as a replica of its region's JetStream log.
+    pub replica: Option<Arc<crate::jetstream::Replica>>,
 }
 
 /// The state of one replication link, for status.
@@ -252,14 +260,29 @@ impl Hub {
             failing: Mutex::new(BTreeMap::new()),
         });
         crate::metrics::set_log_writable(true);
+        let mut js_shards = Vec::new();
+        let mut replica = None;
         let (epoch, data_dir, memories, wal, disk) = match durable {
-            Some(d) => (
-                d.opened.epoch,
-                Some(d.opened.dir),
-                d.memories,
-                Some(d.opened.wal),
-                d.opened.readers,
+            Some(Durable::Disk { opened, memories }) => (
+                opened.epoch,
+                Some(opened.dir),
+                memories,
+                Some(opened.wal),
+                opened.readers,
             ),
+            Some(Durable::JetStream(opened)) => {
+                js_shards = opened.shards;
+                // Watermarks wait for the tail from the start.
+                opened.replica.spawn(
+                    opened.tail,
+                    clock,
+                    (config.progress_interval / 4).max(Duration::from_millis(10)),
+                    shutdown.clone(),
+                    tracker,
+                );
+                replica = Some(opened.replica);
+                (opened.epoch, None, opened.memories, None, Vec::new())
+            }
             None => (
                 crate::store::new_epoch_value(),
                 None,
@@ -268,6 +291,7 @@ impl Hub {
                 Vec::new(),
             ),
         };
+        let mut js_shards = js_shards.into_iter();
         let mut shards = Vec::with_capacity(config.shards as usize);
         let mut logs = Vec::with_capacity(config.shards as usize);
         for (id, memory) in (0..config.shards).zip(memories) {
@@ -279,10 +303,12 @@ impl Hub {
                 config.shard_queue,
                 tracker,
                 wal.clone(),
+                js_shards.next(),
             ));
         }
         let (acks_changed, _) = watch::channel(0);
         Arc::new(Self {
+            replica,
             data_dir,
             disk,
             shard_ctx: ctx,
@@ -804,7 +830,7 @@ impl Hub {
             retained_events,
             retained_bytes,
             now_us: now,
-            durable: self.data_dir.is_some(),
+            durable: self.data_dir.is_some() || self.replica.is_some(),
             log_error: self
                 .shard_ctx
                 .failing
@@ -813,6 +839,17 @@ impl Hub {
                 .next()
                 .map(|(shard, e)| format!("shard {shard}: {e}"))
                 .unwrap_or_default(),
+        }
+    }
+
+    /// The newest watermark a session may send now: the hub time, or for a
+    /// replica of a JetStream log, the time at which it had provably
+    /// applied every event then in the region's stream.
+    pub fn watermark_now(&self) -> u64 {
+        let now = self.clock.now_us();
+        match &self.replica {
+            Some(r) => now.min(r.watermark_cap()),
+            None => now,
         }
     }
 

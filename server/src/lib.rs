@@ -15,6 +15,7 @@ pub mod error;
 pub mod flow;
 pub mod grpc;
 pub mod hub;
+pub mod jetstream;
 pub mod log;
 pub mod metrics;
 pub mod replication;
@@ -28,5 +29,5 @@ pub mod telemetry;
 mod transport;
 mod web;
 
-pub use config::{Args, Config, ConfigError, LogFormat};
+pub use config::{Args, Config, ConfigError, LogBackend, LogFormat};
 pub use server::{RunError, open_log, run, run_with_http, serve, serve_with_http};
