@@ -75,12 +75,20 @@ pub struct Replica {
     /// Hub time at which this replica had provably applied every message
     /// then in the stream; sessions' watermarks never pass it.
     caught_up_us: AtomicU64,
+    /// Largest message the NATS server takes (its `max_payload`), less
+    /// room for headers.
+    max_message: usize,
 }
 
 impl Replica {
     /// The newest watermark a session may send.
     pub fn watermark_cap(&self) -> u64 {
         self.caught_up_us.load(Ordering::Acquire)
+    }
+
+    /// Largest drain message this replica publishes.
+    pub fn max_message(&self) -> usize {
+        self.max_message
     }
 
     /// The stream's name.
@@ -124,6 +132,11 @@ pub struct JsShard {
 }
 
 impl JsShard {
+    /// Largest drain message to publish (the server's `max_payload`).
+    pub fn max_message(&self) -> usize {
+        self.replica.max_message
+    }
+
     /// Stream sequence of the last message of this subject applied.
     pub fn last(&self) -> u64 {
         self.last
@@ -247,6 +260,7 @@ pub async fn open(config: &Config) -> Result<Opened, OpenError> {
             ))
         })?
         .map_err(|e| refuse(format!("cannot reach NATS at {}: {e}", urls.join(","))))?;
+    let max_message = client.server_info().max_payload.saturating_sub(4096).max(4096);
     let js = jetstream::ContextBuilder::new()
         .timeout(REQUEST_TIMEOUT)
         .build(client);
@@ -336,6 +350,7 @@ pub async fn open(config: &Config) -> Result<Opened, OpenError> {
         applied: lasts.iter().map(|l| AtomicU64::new(*l)).collect(),
         read: AtomicU64::new(next_seq - 1),
         caught_up_us: AtomicU64::new(0),
+        max_message,
     });
     let mut senders = Vec::with_capacity(shards);
     let mut actor_sides = Vec::with_capacity(shards);

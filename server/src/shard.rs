@@ -303,6 +303,42 @@ struct Actor {
     record_buf: Vec<u8>,
 }
 
+/// Splits a drain into parts whose records (estimated generously) stay
+/// within `limit` bytes, in order; a command larger than `limit` is a part
+/// of its own (its publish fails and is refused, naming the size).
+fn split_by_size(batch: &mut Vec<Append>, limit: usize) -> Vec<Vec<Append>> {
+    let estimate = |c: &Append| -> usize {
+        c.events
+            .iter()
+            .map(|e| {
+                // Record header and fixed fields, the event's wire encoding.
+                160 + 2 * e.entity.as_str().len()
+                    + e.payload.len()
+                    + e.traceparent.len()
+                    + e.tracestate.len()
+                    + e.origin.as_deref().map_or(0, str::len)
+            })
+            .sum::<usize>()
+            + 160
+    };
+    let mut parts = Vec::new();
+    let mut part = Vec::new();
+    let mut size = 0;
+    for cmd in batch.drain(..) {
+        let n = estimate(&cmd);
+        if !part.is_empty() && size + n > limit {
+            parts.push(std::mem::take(&mut part));
+            size = 0;
+        }
+        size += n;
+        part.push(cmd);
+    }
+    if !part.is_empty() {
+        parts.push(part);
+    }
+    parts
+}
+
 /// Longest a drain on the JetStream log spends catching up with other
 /// replicas' appends before its publishes are refused `UNAVAILABLE`.
 const CATCH_UP_LIMIT: std::time::Duration = std::time::Duration::from_secs(5);
@@ -327,7 +363,12 @@ impl Actor {
                         if n == 0 {
                             break;
                         }
-                        self.serve_replicated(&mut batch, &mut remote).await;
+                        // One message per part, each within the server's
+                        // largest message.
+                        let limit = self.js.as_ref().map_or(usize::MAX, JsShard::max_message);
+                        for mut part in split_by_size(&mut batch, limit) {
+                            self.serve_replicated(&mut part, &mut remote).await;
+                        }
                     }
                 }
             }
