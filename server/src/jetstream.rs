@@ -260,7 +260,11 @@ pub async fn open(config: &Config) -> Result<Opened, OpenError> {
             ))
         })?
         .map_err(|e| refuse(format!("cannot reach NATS at {}: {e}", urls.join(","))))?;
-    let max_message = client.server_info().max_payload.saturating_sub(4096).max(4096);
+    let max_message = client
+        .server_info()
+        .max_payload
+        .saturating_sub(4096)
+        .max(4096);
     let js = jetstream::ContextBuilder::new()
         .timeout(REQUEST_TIMEOUT)
         .build(client);
