@@ -42,11 +42,14 @@ fn free_port() -> u16 {
         .expect("a free port")
 }
 
-/// A `nats-server` with JetStream of this test's own.
+/// A `nats-server` with JetStream of this test's own, alone or one of a
+/// cluster.
 struct Nats {
     child: Option<Child>,
     port: u16,
     dir: PathBuf,
+    /// `--cluster`/`--routes` arguments and the monitoring port, in a cluster.
+    cluster: Option<(Vec<String>, u16)>,
 }
 
 impl Nats {
@@ -55,9 +58,69 @@ impl Nats {
             child: None,
             port: free_port(),
             dir: dir.to_owned(),
+            cluster: None,
         };
         nats.restart();
         nats
+    }
+
+    /// Three servers routed to each other as one JetStream cluster; returns
+    /// when its meta group has a leader (every server's `/healthz` is OK).
+    fn cluster(dir: &Path) -> Vec<Self> {
+        let routes: Vec<u16> = (0..3).map(|_| free_port()).collect();
+        let mut servers: Vec<Self> = (0..3)
+            .map(|i| {
+                let others: Vec<String> = routes
+                    .iter()
+                    .enumerate()
+                    .filter(|(j, _)| *j != i)
+                    .map(|(_, p)| format!("nats://127.0.0.1:{p}"))
+                    .collect();
+                let args = vec![
+                    "--cluster_name".into(),
+                    "fresh".into(),
+                    "-n".into(),
+                    format!("n{i}"),
+                    "--cluster".into(),
+                    format!("nats://127.0.0.1:{}", routes[i]),
+                    "--routes".into(),
+                    others.join(","),
+                ];
+                Self {
+                    child: None,
+                    port: free_port(),
+                    dir: dir.join(format!("n{i}")),
+                    cluster: Some((args, free_port())),
+                }
+            })
+            .collect();
+        for s in &mut servers {
+            s.restart();
+        }
+        for s in &servers {
+            s.wait_healthy();
+        }
+        servers
+    }
+
+    /// Waits until the server's `/healthz` says JetStream is ready.
+    fn wait_healthy(&self) {
+        let Some((_, monitor)) = &self.cluster else {
+            return;
+        };
+        for _ in 0..3_000 {
+            use std::io::{Read, Write};
+            if let Ok(mut c) = std::net::TcpStream::connect(("127.0.0.1", *monitor)) {
+                let _ = c.write_all(b"GET /healthz HTTP/1.0\r\n\r\n");
+                let mut answer = String::new();
+                let _ = c.read_to_string(&mut answer);
+                if answer.starts_with("HTTP/1.0 200") || answer.starts_with("HTTP/1.1 200") {
+                    return;
+                }
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        panic!("nats-server on {} did not become healthy", self.port);
     }
 
     fn url(&self) -> String {
@@ -67,16 +130,20 @@ impl Nats {
     /// Starts the server (again, on the same port and store) and waits
     /// until it accepts connections.
     fn restart(&mut self) {
-        let child = Command::new("nats-server")
-            .args([
-                "-a",
-                "127.0.0.1",
-                "-p",
-                &self.port.to_string(),
-                "-js",
-                "-sd",
-            ])
-            .arg(&self.dir)
+        let mut cmd = Command::new("nats-server");
+        cmd.args([
+            "-a",
+            "127.0.0.1",
+            "-p",
+            &self.port.to_string(),
+            "-js",
+            "-sd",
+        ])
+        .arg(&self.dir);
+        if let Some((args, monitor)) = &self.cluster {
+            cmd.args(args).args(["-m", &monitor.to_string()]);
+        }
+        let child = cmd
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -115,6 +182,10 @@ struct Replica {
 
 impl Replica {
     async fn start(dir: &Path, name: &str, nats: &str) -> Self {
+        Self::start_with(dir, name, nats, &[]).await
+    }
+
+    async fn start_with(dir: &Path, name: &str, nats: &str, extra: &[&str]) -> Self {
         let port = free_port();
         let stderr = dir.join(format!("{name}-{port}.stderr"));
         let child = Command::new(env!("CARGO_BIN_EXE_freshness-hub"))
@@ -124,6 +195,7 @@ impl Replica {
             .args(["--hub-id", name, "--region", "js-test"])
             .args(["--log", "jetstream", "--nats-url", nats])
             .args(["--progress-interval", "50ms"])
+            .args(extra)
             .env("NO_COLOR", "1")
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
@@ -625,4 +697,169 @@ fn unreachable_jetstream_refuses_the_start_with_exit_64() {
         lines[0].contains("cannot reach NATS") && lines[0].contains(&port.to_string()),
         "{stderr}"
     );
+}
+
+/// Publishes `(entity, version)` at `url` until it is answered, riding out
+/// refusals (a JetStream leader being elected); returns the outcome and how
+/// many refusals it took.
+async fn publish_until_answered(url: &str, entity: &str, version: u64) -> (i32, usize) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let mut refused = 0;
+    loop {
+        let answer = match HubClient::connect(url.to_owned()).await {
+            Ok(mut c) => c
+                .publish(pb::PublishRequest {
+                    events: vec![event(entity, version)],
+                    ..Default::default()
+                })
+                .await
+                .map(|r| r.into_inner()),
+            Err(e) => Err(tonic::Status::unavailable(e.to_string())),
+        };
+        match answer {
+            Ok(r) => return (r.results[0].outcome, refused),
+            Err(e) => {
+                assert_eq!(e.code(), tonic::Code::Unavailable, "{e:?}");
+                refused += 1;
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "{entity} v{version} at {url} not answered: {e:?}"
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_r3_cluster_goes_on_without_one_server_and_refuses_without_quorum() {
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let mut servers = Nats::cluster(&tmp.path().join("nats"));
+    let nats: Vec<String> = servers.iter().map(Nats::url).collect();
+    let nats = nats.join(",");
+    let r3 = ["--jetstream-replicas", "3"];
+    let a = Replica::start_with(tmp.path(), "a", &nats, &r3).await;
+    let b = Replica::start_with(tmp.path(), "b", &nats, &r3).await;
+    let hubs = [a.url.clone(), b.url.clone()];
+    let seen: Arc<Mutex<Seen>> = Arc::default();
+    let stop = Arc::new(AtomicBool::new(false));
+    let follower = tokio::spawn(node(
+        "cluster-node".into(),
+        Arc::new(Mutex::new(vec![
+            b.url.clone(),
+            a.url.clone(),
+            b.url.clone(),
+        ])),
+        0,
+        seen.clone(),
+        stop.clone(),
+    ));
+    let mut newest: HashMap<String, u64> = HashMap::new();
+    let mut answered = Vec::new();
+    let mut version = 0u64;
+    let publish_round = |n: usize, version: &mut u64| {
+        (0..n)
+            .map(|i| {
+                *version += 1;
+                (
+                    hubs[i % 2].clone(),
+                    format!("cl:{}", *version % 8),
+                    *version,
+                )
+            })
+            .collect::<Vec<_>>()
+    };
+    for (url, e, v) in publish_round(20, &mut version) {
+        let (o, _) = publish_until_answered(&url, &e, v).await;
+        assert_eq!(o, pb::PublishOutcome::Applied as i32);
+        newest.insert(e.clone(), v);
+        answered.push((e, v));
+    }
+    // One server of three lost: the stream keeps a quorum, the hubs go on.
+    servers[0].kill();
+    for (url, e, v) in publish_round(20, &mut version) {
+        let (o, _) = publish_until_answered(&url, &e, v).await;
+        assert_eq!(o, pb::PublishOutcome::Applied as i32, "{e} v{v}");
+        newest.insert(e.clone(), v);
+        answered.push((e, v));
+    }
+    // Two lost: no quorum, publishes are refused with a retry hint.
+    servers[1].kill();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let refusal = loop {
+        version += 1;
+        let e = format!("cl:{}", version % 8);
+        let mut c = HubClient::connect(hubs[(version % 2) as usize].clone())
+            .await
+            .expect("the hub is up");
+        match c
+            .publish(pb::PublishRequest {
+                events: vec![event(&e, version)],
+                ..Default::default()
+            })
+            .await
+        {
+            // Not yet noticed: it was stored with the quorum still there.
+            Ok(_) => {
+                newest.insert(e.clone(), version);
+                answered.push((e, version));
+            }
+            Err(err) => {
+                // Refused, but it may still be stored later: the version
+                // may land, so it counts for the newest.
+                let x = newest.entry(e).or_default();
+                *x = (*x).max(version);
+                break err;
+            }
+        }
+        assert!(tokio::time::Instant::now() < deadline, "never refused");
+    };
+    assert_eq!(refusal.code(), tonic::Code::Unavailable, "{refusal:?}");
+    assert!(
+        refusal.metadata().get("retry-after-ms").is_some(),
+        "a retry hint: {refusal:?}"
+    );
+    servers[1].restart();
+    servers[0].restart();
+    for s in &servers {
+        s.wait_healthy();
+    }
+    // Back: publishes go through again, and nothing answered is lost.
+    for (url, e, v) in publish_round(10, &mut version) {
+        let (o, _) = publish_until_answered(&url, &e, v).await;
+        assert_eq!(o, pb::PublishOutcome::Applied as i32, "{e} v{v}");
+        newest.insert(e.clone(), v);
+        answered.push((e, v));
+    }
+    for (i, (e, v)) in answered.iter().enumerate() {
+        let (o, _) = publish_until_answered(&hubs[i % 2], e, *v).await;
+        assert!(
+            o == pb::PublishOutcome::Duplicate as i32 || o == pb::PublishOutcome::Superseded as i32,
+            "{e} v{v} answered before the outage came back {o}: lost"
+        );
+    }
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let behind: Vec<String> = {
+            let s = seen.lock();
+            newest
+                .iter()
+                .filter(|(e, v)| s.versions.get(*e) != Some(v))
+                .map(|(e, v)| format!("{e}: {:?} of v{v}", s.versions.get(e)))
+                .collect()
+        };
+        if behind.is_empty() {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "node behind: {behind:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    stop.store(true, Ordering::Relaxed);
+    follower
+        .await
+        .expect("node (a panic is a reset, a gap or a regression)");
+    assert_eq!(seen.lock().resets, 0);
 }
