@@ -396,15 +396,17 @@ impl Actor {
         };
         if first.seq != self.head + 1 {
             // Conditional appends make each subject gap-free; a gap here
-            // means the stream was altered under the hubs.
-            tracing::error!(
-                shard = self.id,
-                seq = first.seq,
-                head = self.head,
-                stream_seq = m.stream_seq,
-                "JetStream log: a message does not follow the shard's head; skipped"
+            // means messages this replica had not read were removed (it fell
+            // behind the stream's retention) or the stream was altered. The
+            // shard stops here: its appends conflict and are refused, its
+            // watermarks stop, and a restart rebuilds it from the stream.
+            let error = format!(
+                "JetStream log: message {} starts at seq {} after this replica's head {}; restart this replica",
+                m.stream_seq, first.seq, self.head
             );
-            js.applied(m.stream_seq);
+            tracing::error!(shard = self.id, "{error}");
+            self.ctx.failing.lock().insert(self.id, error);
+            crate::metrics::set_log_writable(false);
             return;
         }
         js.applied(m.stream_seq);
