@@ -307,7 +307,7 @@ impl Hub {
             ));
         }
         let (acks_changed, _) = watch::channel(0);
-        Arc::new(Self {
+        let hub = Arc::new(Self {
             replica,
             data_dir,
             disk,
@@ -341,7 +341,33 @@ impl Hub {
             ),
             stats: crate::stats::HubStats::new(clock.now_us()),
             config,
-        })
+        });
+        if let Some(replica) = &hub.replica {
+            // REGION acks across the region's replicas.
+            let weak = Arc::downgrade(&hub);
+            let woken = Arc::downgrade(&hub);
+            tracker.spawn(crate::jetstream::share_acks(
+                replica.clone(),
+                move || weak.upgrade().map(|h| h.local_node_acks()),
+                move || {
+                    if let Some(h) = woken.upgrade() {
+                        h.acks_changed();
+                    }
+                },
+                hub.shutdown.clone(),
+            ));
+        }
+        hub
+    }
+
+    /// This hub's cache nodes: id, namespace filter, acked cursor.
+    pub fn local_node_acks(&self) -> Vec<(String, Vec<String>, Vec<u64>)> {
+        self.nodes
+            .read()
+            .values()
+            .filter(|n| !n.replication)
+            .map(|n| (n.node_id.clone(), n.filter.clone(), n.acked.lock().clone()))
+            .collect()
     }
 
     /// Shard count.
@@ -549,22 +575,40 @@ impl Hub {
         deadline: tokio::time::Instant,
     ) -> Vec<String> {
         // Requirement per node: highest seq per shard among matching events.
+        let needs = |wants: &dyn Fn(&str) -> bool| {
+            let mut need: HashMap<ShardId, u64> = HashMap::new();
+            for (shard, seq, ns) in targets {
+                if wants(ns) {
+                    let e = need.entry(*shard).or_default();
+                    *e = (*e).max(*seq);
+                }
+            }
+            need.into_iter().collect::<Vec<_>>()
+        };
         let mut pending: Vec<(String, Vec<(ShardId, u64)>)> = self
             .nodes
             .read()
             .values()
             .filter(|n| !n.replication)
             .filter_map(|n| {
-                let mut need: HashMap<ShardId, u64> = HashMap::new();
-                for (shard, seq, ns) in targets {
-                    if n.wants(ns) {
-                        let e = need.entry(*shard).or_default();
-                        *e = (*e).max(*seq);
-                    }
-                }
-                (!need.is_empty()).then(|| (n.node_id.clone(), need.into_iter().collect()))
+                let need = needs(&|ns| n.wants(ns));
+                (!need.is_empty()).then(|| (n.node_id.clone(), need))
             })
             .collect();
+        // With hub replicas: the nodes of the region's other replicas too.
+        if let Some(replica) = &self.replica {
+            for (id, filter) in replica.other_nodes() {
+                if pending.iter().any(|(p, _)| *p == id) {
+                    continue;
+                }
+                let wants = |ns: &str| filter.is_empty() || filter.iter().any(|f| f == ns);
+                let need = needs(&wants);
+                if !need.is_empty() {
+                    pending.push((id, need));
+                }
+            }
+        }
+        let replica = self.replica.as_deref();
         let acked =
             |nodes: &HashMap<String, Arc<SessionShared>>, id: &str, need: &[(ShardId, u64)]| {
                 // A node that went away has not acked (it may come back and do so).
@@ -572,6 +616,10 @@ impl Hub {
                     let acked = n.acked.lock();
                     need.iter()
                         .all(|(s, seq)| acked.get(s.index()).is_some_and(|a| a >= seq))
+                }) || replica.is_some_and(|r| {
+                    let need: Vec<(usize, u64)> =
+                        need.iter().map(|(s, seq)| (s.index(), *seq)).collect();
+                    r.other_node_acked(id, &need)
                 })
             };
         let mut changes = self.acks_changed.subscribe();

@@ -12,6 +12,7 @@
 //! - [`Replica::spawn`] starts the tail (one ordered consumer handing every
 //!   message to its shard's actor) and the watermark probe.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -62,6 +63,11 @@ pub enum AppendError {
 #[derive(Debug)]
 pub struct Replica {
     js: jetstream::Context,
+    client: async_nats::Client,
+    hub_id: String,
+    /// The nodes of the region's other replicas and their acked cursors,
+    /// by replica (`REGION` acks cover them too).
+    others: parking_lot::Mutex<HashMap<String, OtherReplica>>,
     stream: String,
     prefix: String,
     /// Per shard: stream sequence of the last message the tail handed to
@@ -267,7 +273,7 @@ pub async fn open(config: &Config) -> Result<Opened, OpenError> {
         .max(4096);
     let js = jetstream::ContextBuilder::new()
         .timeout(REQUEST_TIMEOUT)
-        .build(client);
+        .build(client.clone());
     let name = stream_name(&config.region);
     let prefix = subject_prefix(&config.region);
     let per_subject = i64::try_from(config.log_events_per_shard().max(1)).unwrap_or(i64::MAX);
@@ -348,6 +354,9 @@ pub async fn open(config: &Config) -> Result<Opened, OpenError> {
     }
     let replica = Arc::new(Replica {
         js,
+        client,
+        hub_id: config.hub_id.clone(),
+        others: parking_lot::Mutex::new(HashMap::new()),
         stream: name.clone(),
         prefix: prefix.clone(),
         delivered: lasts.iter().map(|l| AtomicU64::new(*l)).collect(),
@@ -593,6 +602,163 @@ async fn run_probe(replica: Arc<Replica>, clock: Clock, every: Duration, stop: C
         }
         if replica.caught_up_to(last) {
             replica.caught_up_us.fetch_max(t, Ordering::AcqRel);
+        }
+    }
+}
+
+/// One other replica's nodes, as its last messages said.
+#[derive(Debug)]
+struct OtherReplica {
+    /// When its last full list arrived; silent for [`OTHERS_EXPIRE`], it
+    /// is forgotten (it died, or lost NATS).
+    seen: tokio::time::Instant,
+    nodes: HashMap<String, SharedNode>,
+}
+
+/// A node's acked cursor as one replica shares it with the others.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+struct SharedNode {
+    id: String,
+    /// Namespaces, sorted; empty means all.
+    filter: Vec<String>,
+    acked: Vec<u64>,
+}
+
+/// What one replica sends on `<prefix>.acks.<hub_id>`.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+struct AckShare {
+    hub: String,
+    /// Every node of the replica (else only those that changed).
+    full: bool,
+    nodes: Vec<SharedNode>,
+    /// Nodes that left it.
+    gone: Vec<String>,
+}
+
+/// How often a replica sends its nodes' changed acks.
+const SHARE_EVERY: Duration = Duration::from_millis(5);
+/// How often it sends the full list (also its sign of life).
+const SHARE_FULL_EVERY: Duration = Duration::from_secs(1);
+/// A replica not heard from for this long is forgotten.
+const OTHERS_EXPIRE: Duration = Duration::from_secs(3);
+
+impl Replica {
+    /// True when another replica's node `id` has acked `need` (shard
+    /// index, seq) in the region's seqs.
+    pub fn other_node_acked(&self, id: &str, need: &[(usize, u64)]) -> bool {
+        let now = tokio::time::Instant::now();
+        self.others.lock().values().any(|r| {
+            now.duration_since(r.seen) < OTHERS_EXPIRE
+                && r.nodes.get(id).is_some_and(|n| {
+                    need.iter()
+                        .all(|(s, seq)| n.acked.get(*s).is_some_and(|a| a >= seq))
+                })
+        })
+    }
+
+    /// The nodes of the other replicas: id and namespace filter.
+    pub fn other_nodes(&self) -> Vec<(String, Vec<String>)> {
+        let now = tokio::time::Instant::now();
+        let mut out: Vec<(String, Vec<String>)> = self
+            .others
+            .lock()
+            .values()
+            .filter(|r| now.duration_since(r.seen) < OTHERS_EXPIRE)
+            .flat_map(|r| r.nodes.values().map(|n| (n.id.clone(), n.filter.clone())))
+            .collect();
+        out.sort();
+        out.dedup_by(|a, b| a.0 == b.0);
+        out
+    }
+
+    fn take_share(&self, share: AckShare) {
+        if share.hub == self.hub_id {
+            return;
+        }
+        let mut others = self.others.lock();
+        let now = tokio::time::Instant::now();
+        let r = others.entry(share.hub).or_insert_with(|| OtherReplica {
+            seen: now,
+            nodes: HashMap::new(),
+        });
+        if share.full {
+            r.seen = now;
+            r.nodes.clear();
+        }
+        for id in share.gone {
+            r.nodes.remove(&id);
+        }
+        for n in share.nodes {
+            r.nodes.insert(n.id.clone(), n);
+        }
+        others.retain(|_, r| now.duration_since(r.seen) < OTHERS_EXPIRE);
+    }
+}
+
+/// Shares this replica's nodes' acked cursors with the region's other
+/// replicas over core NATS (not the stream: they are soft state), and takes
+/// theirs, so that a `REGION` publish at any replica waits for the nodes
+/// of all of them. `local` lists this replica's cache nodes; `changed` is
+/// called when another replica's acks arrive (to wake `REGION` waiters).
+pub async fn share_acks<L, C>(replica: Arc<Replica>, local: L, changed: C, stop: CancellationToken)
+where
+    L: Fn() -> Option<Vec<(String, Vec<String>, Vec<u64>)>>,
+    C: Fn(),
+{
+    let prefix = &replica.prefix;
+    let mine = format!(
+        "{prefix}.acks.{}",
+        replica.hub_id.replace(['.', '*', '>', ' '], "_")
+    );
+    let mut sub = match replica.client.subscribe(format!("{prefix}.acks.*")).await {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot share REGION acks with the other replicas");
+            return;
+        }
+    };
+    let mut sent: HashMap<String, SharedNode> = HashMap::new();
+    let mut tick = tokio::time::interval(SHARE_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_full = tokio::time::Instant::now() - SHARE_FULL_EVERY;
+    loop {
+        tokio::select! {
+            m = sub.next() => {
+                let Some(m) = m else { return };
+                if let Ok(share) = serde_json::from_slice::<AckShare>(&m.payload) {
+                    replica.take_share(share);
+                    changed();
+                }
+            }
+            _ = tick.tick() => {
+                let Some(nodes) = local() else { return };
+                let full = last_full.elapsed() >= SHARE_FULL_EVERY;
+                let now: HashMap<String, SharedNode> = nodes
+                    .into_iter()
+                    .map(|(id, filter, acked)| (id.clone(), SharedNode { id, filter, acked }))
+                    .collect();
+                let gone: Vec<String> =
+                    sent.keys().filter(|k| !now.contains_key(*k)).cloned().collect();
+                let nodes: Vec<SharedNode> = now
+                    .values()
+                    .filter(|n| full || sent.get(&n.id) != Some(*n))
+                    .cloned()
+                    .collect();
+                if !full && nodes.is_empty() && gone.is_empty() {
+                    continue;
+                }
+                let share = AckShare { hub: replica.hub_id.clone(), full, nodes, gone };
+                let Ok(payload) = serde_json::to_vec(&share) else { continue };
+                // Soft state: a share lost while NATS is away is sent again
+                // in full within a second.
+                if replica.client.publish(mine.clone(), payload.into()).await.is_ok() {
+                    sent = now;
+                    if full {
+                        last_full = tokio::time::Instant::now();
+                    }
+                }
+            }
+            () = stop.cancelled() => return,
         }
     }
 }

@@ -863,3 +863,91 @@ async fn an_r3_cluster_goes_on_without_one_server_and_refuses_without_quorum() {
         .expect("node (a panic is a reset, a gap or a regression)");
     assert_eq!(seen.lock().resets, 0);
 }
+
+/// Opens a stream for `node_id` at `url` that reads and never acks; the
+/// stream lives as long as the returned sender.
+async fn silent_node(url: &str, node_id: &str) -> mpsc::Sender<pb::SubscribeRequest> {
+    let mut client = HubClient::connect(url.to_owned()).await.expect("connect");
+    let (tx, rx) = mpsc::channel(4);
+    tx.send(pb::SubscribeRequest {
+        kind: Some(ReqKind::Hello(pb::Hello {
+            node_id: node_id.into(),
+            ..Default::default()
+        })),
+    })
+    .await
+    .expect("hello");
+    let mut stream = client
+        .subscribe(ReceiverStream::new(rx))
+        .await
+        .expect("subscribe")
+        .into_inner();
+    tokio::spawn(async move { while let Ok(Some(_)) = stream.message().await {} });
+    tx
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn region_acks_cover_the_nodes_of_every_replica() {
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let nats = Nats::start(&tmp.path().join("nats"));
+    let a = Replica::start(tmp.path(), "a", &nats.url()).await;
+    let b = Replica::start(tmp.path(), "b", &nats.url()).await;
+    // A node at b that acks everything.
+    let seen: Arc<Mutex<Seen>> = Arc::default();
+    let stop = Arc::new(AtomicBool::new(false));
+    let acking = tokio::spawn(node(
+        "acking-at-b".into(),
+        Arc::new(Mutex::new(vec![b.url.clone(); 3])),
+        0,
+        seen.clone(),
+        stop.clone(),
+    ));
+    let region = |entity: &str, v: u64| pb::PublishRequest {
+        events: vec![event(entity, v)],
+        ack: pb::AckLevel::Region as i32,
+        timeout_ms: 3_000,
+    };
+    // Until a knows of b's node, a REGION publish at a has no node to wait
+    // for; once it does, the answer waits for that node's ack.
+    let mut ca = HubClient::connect(a.url.clone()).await.expect("connect a");
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let mut v = 0;
+    loop {
+        v += 1;
+        let r = ca
+            .publish(region("reg:1", v))
+            .await
+            .expect("publish")
+            .into_inner();
+        assert!(r.complete, "the acking node at b acked v{v}: {r:?}");
+        if seen.lock().versions.get("reg:1") == Some(&v) {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "a never waited for b's node"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // A node at b that never acks: the REGION publish at a names it.
+    let _silent = silent_node(&b.url, "silent-at-b").await;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        v += 1;
+        let r = ca
+            .publish(region("reg:1", v))
+            .await
+            .expect("publish")
+            .into_inner();
+        if !r.complete {
+            assert_eq!(r.pending_nodes, vec!["silent-at-b".to_owned()], "{r:?}");
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "a never waited for b's silent node"
+        );
+    }
+    stop.store(true, Ordering::Relaxed);
+    acking.await.expect("node");
+}
