@@ -850,8 +850,9 @@ pub struct Args {
     /// Start on a damaged log: keep the valid prefix, begin a new epoch.
     #[arg(long)]
     pub repair: bool,
-    /// Where the log lives: embedded, jetstream [default: embedded].
-    #[arg(long, env = "FRESHNESS_LOG")]
+    /// Where the log lives: embedded, jetstream [default: embedded]
+    /// (`FRESHNESS_LOG` is the log filter, hence `FRESHNESS_LOG_BACKEND`).
+    #[arg(long, env = "FRESHNESS_LOG_BACKEND")]
     pub log: Option<LogBackend>,
     /// NATS servers of the JetStream log, comma-separated [default:
     /// nats://127.0.0.1:4222].
