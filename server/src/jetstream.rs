@@ -45,8 +45,27 @@ const REMOTE_QUEUE: usize = 64;
 pub struct Remote {
     /// Its stream sequence.
     pub stream_seq: u64,
-    /// Its records, in seq order.
-    pub records: Vec<Recovered>,
+    /// Its records as stored, decoded by the actor only when it applies
+    /// them (a replica's own messages come back and are skipped).
+    pub payload: Bytes,
+}
+
+impl Remote {
+    /// The records of the message, in seq order, all of `shard`.
+    pub fn records(&self, shard: u32, shards: u32) -> Result<Vec<Recovered>, String> {
+        crate::store::decode_records(&self.payload, shards)?
+            .into_iter()
+            .map(|(s, r)| {
+                if s == shard {
+                    Ok(r)
+                } else {
+                    Err(format!(
+                        "a record of shard {s} on the subject of shard {shard}"
+                    ))
+                }
+            })
+            .collect()
+    }
 }
 
 /// Why an append was not stored.
@@ -138,6 +157,11 @@ pub struct JsShard {
 }
 
 impl JsShard {
+    /// The hub's shard count.
+    pub fn shards(&self) -> u32 {
+        self.replica.delivered.len() as u32
+    }
+
     /// Largest drain message to publish (the server's `max_payload`).
     pub fn max_message(&self) -> usize {
         self.replica.max_message
@@ -536,22 +560,14 @@ async fn run_tail(replica: Arc<Replica>, mut tail: Tail, stop: CancellationToken
                 continue;
             }
             if let Some(shard) = shard_of(&replica.prefix, m.subject.as_str(), shards) {
-                match crate::store::decode_records(&m.payload, shards) {
-                    Ok(decoded) => {
-                        let records = decoded.into_iter().map(|(_, r)| r).collect();
-                        replica.delivered[shard as usize].fetch_max(seq, Ordering::AcqRel);
-                        let remote = Remote {
-                            stream_seq: seq,
-                            records,
-                        };
-                        tokio::select! {
-                            r = tail.senders[shard as usize].send(remote) => if r.is_err() { return },
-                            () = stop.cancelled() => return,
-                        }
-                    }
-                    Err(e) => {
-                        tracing::error!(seq, error = %e, "JetStream tail: a message that does not decode is skipped");
-                    }
+                replica.delivered[shard as usize].fetch_max(seq, Ordering::AcqRel);
+                let remote = Remote {
+                    stream_seq: seq,
+                    payload: m.payload.clone(),
+                };
+                tokio::select! {
+                    r = tail.senders[shard as usize].send(remote) => if r.is_err() { return },
+                    () = stop.cancelled() => return,
                 }
             }
             tail.next_seq = seq + 1;

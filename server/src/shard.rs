@@ -390,7 +390,21 @@ impl Actor {
         if m.stream_seq <= js.last() {
             return;
         }
-        let Some(first) = m.records.first() else {
+        let records = match m.records(self.id, js.shards()) {
+            Ok(r) => r,
+            Err(e) => {
+                // Not a drain a hub wrote: the shard stops, as for a gap.
+                let error = format!(
+                    "JetStream log: message {} does not decode: {e}; restart this replica",
+                    m.stream_seq
+                );
+                tracing::error!(shard = self.id, "{error}");
+                self.ctx.failing.lock().insert(self.id, error);
+                crate::metrics::set_log_writable(false);
+                return;
+            }
+        };
+        let Some(first) = records.first() else {
             js.applied(m.stream_seq);
             return;
         };
@@ -410,10 +424,10 @@ impl Actor {
             return;
         }
         js.applied(m.stream_seq);
-        let n = m.records.len();
+        let n = records.len();
         self.head += n as u64;
         self.mem
-            .apply(m.records.into_iter().map(|r| (r.seq, r.entry)).collect());
+            .apply(records.into_iter().map(|r| (r.seq, r.entry)).collect());
         metrics::counter!(crate::metrics::EVENTS_APPENDED).increment(n as u64);
         self.ctx.appended.send_modify(|g| *g = g.wrapping_add(1));
     }
