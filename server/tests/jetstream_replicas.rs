@@ -686,7 +686,7 @@ fn unreachable_jetstream_refuses_the_start_with_exit_64() {
         .args(["--log", "jetstream", "--nats-url"])
         .arg(format!("nats://127.0.0.1:{port}"))
         .env("NO_COLOR", "1")
-        .env("RUST_LOG", "off")
+        .env("FRESHNESS_LOG", "error")
         .output()
         .expect("run freshness-hub");
     assert_eq!(out.status.code(), Some(64), "{out:?}");
@@ -950,4 +950,28 @@ async fn region_acks_cover_the_nodes_of_every_replica() {
     }
     stop.store(true, Ordering::Relaxed);
     acking.await.expect("node");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_with_another_shard_count_is_refused_with_exit_64() {
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let nats = Nats::start(&tmp.path().join("nats"));
+    let first = Replica::start(tmp.path(), "a", &nats.url()).await;
+    let out = Command::new(env!("CARGO_BIN_EXE_freshness-hub"))
+        .args(["--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0"])
+        .args(["--region", "js-test", "--shards", "16"])
+        .args(["--log", "jetstream", "--nats-url", &nats.url()])
+        .env("NO_COLOR", "1")
+        .env("FRESHNESS_LOG", "error")
+        .output()
+        .expect("run freshness-hub");
+    assert_eq!(out.status.code(), Some(64), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(stderr.lines().count(), 1, "one line: {stderr}");
+    assert!(
+        stderr.contains("shards = 16") && stderr.contains(&format!("{SHARDS} shards")),
+        "{stderr}"
+    );
+    // The first replica is untouched.
+    assert_eq!(first.status().await.shard_count, SHARDS);
 }
