@@ -21,6 +21,11 @@ setting at once, ServiceMonitor included) it:
    series that must fire each alert, and healthy ones that must fire none.
 6. with relay.enabled, checks the outbox relay's Deployment (the database URL
    from the Secret, the hub, its own selector) and its PodDisruptionBudget.
+7. with jetstream.enabled (hub replicas on NATS JetStream), checks the hubs'
+   Deployment instead of the StatefulSet: its replicas, `log = "jetstream"`
+   and the stream's R in freshness.toml, the NATS URL (and credentials)
+   from the Secret, anti-affinity, no data volume, and the
+   PodDisruptionBudget.
 
 The three-region examples must form a full mesh with one shard count. Last,
 a few invalid value sets must be rejected; if one is accepted the check fails.
@@ -217,6 +222,20 @@ SECURITY_FILES = {
 RELAY_TEMPLATE = "templates/relay.yaml"
 RELAY_METRICS_PORT = 9465
 
+# Hub replicas on NATS JetStream, with credentials.
+JETSTREAM = {
+    "jetstream": {
+        "enabled": True,
+        "replicas": 3,
+        "streamReplicas": 3,
+        "secretName": "nats",
+        "credsKey": "creds",
+        "antiAffinity": "required",
+    },
+    "podDisruptionBudget": {"minAvailable": 2},
+    "insecure": True,
+}
+
 # Value sets that must be refused, with what makes them wrong.
 INVALID = [
     ("neither TLS and an auth source nor insecure", {}),
@@ -228,6 +247,19 @@ INVALID = [
         {"tls": {"certManager": {"enabled": True}, "clientAuth": True}},
     ),
     ("a permission the hub does not know", {"insecure": True, "auth": {"policy": {"w": ["delete:*"]}}}),
+    ("jetstream without a Secret", {"insecure": True, "jetstream": {"enabled": True}}),
+    (
+        "jetstream with peers",
+        {
+            "insecure": True,
+            "jetstream": {"enabled": True, "secretName": "nats"},
+            "hub": {"region": "eu", "peers": {"us": "http://a:50051"}},
+        },
+    ),
+    (
+        "jetstream R of 7",
+        {"insecure": True, "jetstream": {"enabled": True, "secretName": "nats", "streamReplicas": 7}},
+    ),
     ("shards 0", {"hub": {"shards": 0}}),
     ("unknown top-level key", {"shard": 64}),
     ("unknown hub key", {"hub": {"maxInFlight": 10}}),
@@ -483,6 +515,81 @@ def check_hub_contract(
             "ServiceMonitor does not scrape metrics:/metrics",
         )
     return config
+
+
+def check_jetstream(
+    name: str,
+    values: dict[str, Any],
+    known_keys: set[str],
+    manifests: list[tuple[str, dict[str, Any]]],
+    failures: Failures,
+) -> None:
+    """Hub replicas on NATS JetStream: a Deployment sharing the region's stream."""
+    js = values["jetstream"]
+    failures.check(not by_kind(manifests, "StatefulSet"), name, "a StatefulSet with jetstream")
+    deployments = by_kind(manifests, "Deployment")
+    config_maps = [
+        cm for cm in by_kind(manifests, "ConfigMap") if "freshness.toml" in cm.get("data", {})
+    ]
+    if len(deployments) != 1 or len(config_maps) != 1:
+        failures.add(name, "want one Deployment and one ConfigMap")
+        return
+    deployment = deployments[0]
+    failures.check(
+        deployment["spec"].get("replicas") == js.get("replicas", 3),
+        name,
+        "Deployment replicas are not jetstream.replicas",
+    )
+    config = tomllib.loads(config_maps[0]["data"]["freshness.toml"])
+    unknown = set(config) - known_keys
+    failures.check(not unknown, name, f"freshness.toml has keys the hub rejects: {sorted(unknown)}")
+    failures.check(config.get("log") == "jetstream", name, "log is not jetstream")
+    failures.check(
+        config.get("jetstream_replicas") == js.get("streamReplicas", 3),
+        name,
+        "jetstream_replicas is not jetstream.streamReplicas",
+    )
+    failures.check(not config.get("peers"), name, "peers with jetstream")
+    pod = deployment["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    env = {e["name"]: e for e in container.get("env", [])}
+    ref = env.get("FRESHNESS_NATS_URL", {}).get("valueFrom", {}).get("secretKeyRef", {})
+    failures.check(
+        ref.get("name") == js["secretName"] and ref.get("key") == js.get("urlKey", "url"),
+        name,
+        "FRESHNESS_NATS_URL is not from the Secret",
+    )
+    args = container.get("args", [])
+    failures.check("--data-dir" not in args, name, "a data directory with jetstream")
+    if js.get("credsKey"):
+        creds = args[args.index("--nats-creds") + 1] if "--nats-creds" in args[:-1] else None
+        mounts = {m["name"]: m for m in container.get("volumeMounts", [])}
+        volumes = {v["name"]: v for v in pod.get("volumes", [])}
+        mount = mounts.get("nats-creds", {})
+        failures.check(
+            creds is not None and creds == mount.get("mountPath", "") + "/creds",
+            name,
+            "--nats-creds is not the mounted Secret",
+        )
+        failures.check(
+            volumes.get("nats-creds", {}).get("secret", {}).get("secretName") == js["secretName"],
+            name,
+            "the credentials volume is not the Secret",
+        )
+    anti = pod.get("affinity", {}).get("podAntiAffinity", {})
+    failures.check(bool(anti), name, "no pod anti-affinity between hub replicas")
+    for probe in ("livenessProbe", "readinessProbe"):
+        port = container.get(probe, {}).get("grpc", {}).get("port")
+        failures.check(port == GRPC_PORT, name, f"{probe} is not a native gRPC probe")
+    pdbs = by_kind(manifests, "PodDisruptionBudget")
+    failures.check(len(pdbs) == 1, name, "no PodDisruptionBudget")
+    selector = deployment["spec"]["selector"]["matchLabels"]
+    for pdb in pdbs:
+        failures.check(
+            pdb["spec"]["selector"]["matchLabels"] == selector,
+            name,
+            "the PodDisruptionBudget does not select the hub replicas",
+        )
 
 
 def hub_metrics(metrics_source: Path) -> set[str]:
@@ -921,6 +1028,10 @@ def main() -> int:
     )
     value_sets.append(("relay", RELAY))
     value_sets.append(("TLS from a Secret, tokens, a policy", TLS_SECRET_TOKENS))
+    value_sets.append(("jetstream", JETSTREAM))
+    value_sets.append(
+        ("jetstream defaults", {"insecure": True, "jetstream": {"enabled": True, "secretName": "nats"}})
+    )
     known_keys = hub_keys(args.hub_config)
     metrics = hub_metrics(args.hub_config.parent / "metrics.rs")
 
@@ -940,7 +1051,11 @@ def main() -> int:
                 continue
             relay = [(t, d) for t, d in manifests if t == RELAY_TEMPLATE]
             hub = [(t, d) for t, d in manifests if t != RELAY_TEMPLATE]
-            config = check_hub_contract(name, values, known_keys, hub, failures)
+            if values.get("jetstream", {}).get("enabled"):
+                check_jetstream(name, values, known_keys, hub, failures)
+                config = None
+            else:
+                config = check_hub_contract(name, values, known_keys, hub, failures)
             if values.get("relay", {}).get("enabled"):
                 services = by_kind(hub, "Service")
                 hub_service = (

@@ -92,6 +92,19 @@ impl Server {
             let _ = std::fs::remove_dir_all(&dir);
             Some(dir)
         };
+        // A hub on a JetStream log (`--log jetstream`) keeps its log in the
+        // region's stream, across hub starts: each started hub gets a region
+        // (so a stream) of its own, for the same reason. Unless the flags
+        // name the region.
+        let jetstream = l
+            .args
+            .iter()
+            .any(|a| a == "jetstream" || a == "--log=jetstream");
+        let region = (jetstream && !l.args.iter().any(|a| a.starts_with("--region"))).then(|| {
+            static REGIONS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+            let n = REGIONS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            format!("bench-{}-{n}", std::process::id())
+        });
         let mut cmd = match &l.cpus {
             Some(cpus) => {
                 let mut c = tokio::process::Command::new("taskset");
@@ -110,6 +123,11 @@ impl Server {
                 data_dir
                     .iter()
                     .flat_map(|d| [std::ffi::OsString::from("--data-dir"), d.into()]),
+            )
+            .args(
+                region
+                    .iter()
+                    .flat_map(|r| [std::ffi::OsString::from("--region"), r.into()]),
             )
             .args(&l.args)
             .env("FRESHNESS_LOG", "error")

@@ -36,7 +36,8 @@ use freshness::validate::{self, AckLevel, InvalidPublish, PublishLimits};
 use freshness::{Entity, ShardId, Version, pb};
 use tokio::sync::{Semaphore, mpsc, oneshot};
 use tokio::time::{Instant, sleep, sleep_until};
-use tracing::{Instrument, debug, info_span, warn};
+use tonic::transport::Channel;
+use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::transport::InvalidAddress;
 use freshness::backoff::{Attempts, Backoff};
@@ -359,12 +360,10 @@ impl PublisherBuilder {
     /// Builds the publisher. It connects lazily, on the first call, and
     /// needs a tokio runtime (it spawns its batching task).
     pub fn build(self) -> Result<Publisher, InvalidAddress> {
-        let endpoint = crate::transport::endpoint(&self.hub, self.connect_timeout)?;
-        let channel = crate::transport::HubChannel {
-            channel: crate::transport::secure(endpoint, &self.hub, &self.credentials)?
-                .connect_lazy(),
-            bearer: crate::transport::Bearer::new(&self.hub, &self.credentials)?,
-        };
+        let channel = Hubs::new(
+            crate::transport::endpoints(&self.hub, self.connect_timeout, &self.credentials)?,
+            crate::transport::Bearer::new(&self.hub, &self.credentials)?,
+        );
         let (tx, rx) = mpsc::channel(self.queue);
         let batcher = Batcher {
             channel: channel.clone(),
@@ -393,7 +392,7 @@ impl PublisherBuilder {
 #[derive(Debug, Clone)]
 pub struct Publisher {
     tx: mpsc::Sender<Call>,
-    channel: crate::transport::HubChannel,
+    channel: Hubs,
     max_batch: usize,
     retry: RetryPolicy,
     limits: PublishLimits,
@@ -407,7 +406,10 @@ struct Call {
 }
 
 impl Publisher {
-    /// A builder for the hub at `hub` (`http://host:port`).
+    /// A builder for the hub at `hub` (`http://host:port`), or for several
+    /// hub replicas of one region, comma-separated
+    /// (`http://a:50051,http://b:50051`): calls go to one of them and move
+    /// to the next when an attempt fails and is retried.
     pub fn builder(hub: impl Into<String>) -> PublisherBuilder {
         PublisherBuilder {
             hub: hub.into(),
@@ -493,10 +495,16 @@ impl Publisher {
         answer.await.map_err(|_| PublishError::Closed)?
     }
 
+    /// The address of the hub calls go to now (the first of the list until
+    /// an attempt there fails).
+    pub fn hub(&self) -> String {
+        self.channel.current().2.to_owned()
+    }
+
     /// The hub's status (what `freshctl status` shows), over the
     /// publisher's connection.
     pub async fn status(&self) -> Result<pb::StatusResponse, StatusError> {
-        let mut client = self.channel.client();
+        let mut client = self.channel.current().1;
         let mut req = tonic::Request::new(pb::StatusRequest {});
         req.set_timeout(self.retry.attempt_timeout);
         client
@@ -527,7 +535,7 @@ struct Group {
 }
 
 struct Batcher {
-    channel: crate::transport::HubChannel,
+    channel: Hubs,
     linger: Duration,
     max_batch: usize,
     permits: std::sync::Arc<Semaphore>,
@@ -606,8 +614,70 @@ impl Batcher {
     }
 }
 
+/// The hubs a publisher may use (the replicas of a region), one
+/// connection each, opened lazily; calls go to the current one, and a
+/// failed attempt moves every later call to the next.
+#[derive(Debug, Clone)]
+struct Hubs {
+    list: std::sync::Arc<Vec<(String, Channel)>>,
+    current: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    /// The token every call carries.
+    bearer: crate::transport::Bearer,
+}
+
+impl Hubs {
+    fn new(
+        endpoints: Vec<(String, tonic::transport::Endpoint)>,
+        bearer: crate::transport::Bearer,
+    ) -> Self {
+        Self {
+            list: std::sync::Arc::new(
+                endpoints
+                    .into_iter()
+                    .map(|(u, e)| (u, e.connect_lazy()))
+                    .collect(),
+            ),
+            current: std::sync::Arc::default(),
+            bearer,
+        }
+    }
+
+    /// The hub in use: its index, a client over its connection, its
+    /// address.
+    fn current(&self) -> (usize, crate::transport::Client, &str) {
+        let i = self.current.load(std::sync::atomic::Ordering::Relaxed) % self.list.len();
+        let client = crate::transport::HubChannel {
+            channel: self.list[i].1.clone(),
+            bearer: self.bearer.clone(),
+        }
+        .client();
+        (i, client, &self.list[i].0)
+    }
+
+    /// After an attempt at hub `failed` failed: the next hub, unless
+    /// another call moved on already.
+    fn advance(&self, failed: usize) {
+        if self.list.len() < 2 {
+            return;
+        }
+        let next = (failed + 1) % self.list.len();
+        if self
+            .current
+            .compare_exchange(
+                failed,
+                next,
+                std::sync::atomic::Ordering::Relaxed,
+                std::sync::atomic::Ordering::Relaxed,
+            )
+            .is_ok()
+        {
+            info!(hub = %self.list[next].0, "publishing to the next hub");
+        }
+    }
+}
+
 /// Sends a group's calls as one request and hands each caller its results.
-async fn send_group(channel: &crate::transport::HubChannel, retry: &RetryPolicy, group: Group) {
+async fn send_group(channel: &Hubs, retry: &RetryPolicy, group: Group) {
     let events: Vec<Event> = group
         .calls
         .iter()
@@ -651,13 +721,12 @@ async fn send_group(channel: &crate::transport::HubChannel, retry: &RetryPolicy,
 
 /// One request, retried.
 async fn send(
-    channel: &crate::transport::HubChannel,
+    hubs: &Hubs,
     retry: &RetryPolicy,
     events: &[Event],
     opts: PublishOptions,
 ) -> Result<PublishReceipt, PublishError> {
     let wire = request(events, opts);
-    let mut client = channel.client();
     let mut backoff = Attempts::new(retry.backoff);
     let give_up = Instant::now() + retry.give_up_after;
     let mut attempt = 0u32;
@@ -670,6 +739,7 @@ async fn send(
             opts.timeout
         };
         req.set_timeout(retry.attempt_timeout + ack_wait);
+        let (at, mut client, _) = hubs.current();
         let status = match client.publish(req).await {
             Ok(resp) => return receipt(events, resp.into_inner()),
             Err(s) => s,
@@ -690,6 +760,7 @@ async fn send(
             });
         }
         warn!(attempt, code = ?status.code(), message = status.message(), ?delay, "publish failed, retrying");
+        hubs.advance(at);
         metrics::counter!("freshness_publisher_retries_total").increment(1);
         sleep(delay).await;
     }

@@ -226,6 +226,33 @@ impl HubChannel {
     }
 }
 
+/// The endpoints of a list of hubs (the replicas of one region) given as
+/// one comma-separated string, `http://a:50051,http://b:50051`, in order,
+/// each with its address as given and `credentials`' TLS settings.
+pub(crate) fn endpoints(
+    urls: &str,
+    connect_timeout: Duration,
+    credentials: &Credentials,
+) -> Result<Vec<(String, Endpoint)>, InvalidAddress> {
+    let list: Vec<&str> = urls
+        .split(',')
+        .map(str::trim)
+        .filter(|u| !u.is_empty())
+        .collect();
+    if list.is_empty() {
+        return Err(InvalidAddress {
+            url: urls.to_owned(),
+            reason: "no hub address".into(),
+        });
+    }
+    list.into_iter()
+        .map(|u| {
+            let e = secure(endpoint(u, connect_timeout)?, u, credentials)?;
+            Ok((u.to_owned(), e))
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -247,5 +274,16 @@ mod tests {
         assert!(endpoint("ftp://x:1", t).is_err());
         assert!(endpoint("http://", t).is_err());
         assert!(endpoint("http://exa mple:1", t).is_err());
+    }
+
+    #[test]
+    fn a_list_of_hubs_is_comma_separated() {
+        let t = Duration::from_secs(1);
+        let list = endpoints("http://a:1, b:2,", t, &Credentials::default()).unwrap();
+        let urls: Vec<&str> = list.iter().map(|(u, _)| u.as_str()).collect();
+        assert_eq!(urls, ["http://a:1", "b:2"]);
+        assert!(endpoints(" , ", t, &Credentials::default()).is_err());
+        let bad = endpoints("http://a:1,ftp://b:2", t, &Credentials::default()).unwrap_err();
+        assert_eq!(bad.url, "ftp://b:2");
     }
 }

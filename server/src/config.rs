@@ -145,6 +145,32 @@ pub struct Config {
     /// The private key of `metrics_tls_cert` (PEM).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub metrics_tls_key: Option<PathBuf>,
+    /// Where the log lives: `embedded` (the write-ahead log in `data_dir`,
+    /// or memory with `ephemeral`) or `jetstream` (a NATS JetStream stream
+    /// that every hub replica of the region shares).
+    pub log: LogBackend,
+    /// NATS servers of the JetStream log, comma-separated
+    /// (`nats://host:4222,nats://other:4222`; user and password may be
+    /// given in the URL, `tls://` for TLS).
+    pub nats_url: String,
+    /// NATS credentials file (JWT and NKey seed) for the JetStream log.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub nats_creds: Option<PathBuf>,
+    /// Copies JetStream keeps of the region's stream (R), 1 to 5.
+    pub jetstream_replicas: usize,
+}
+
+/// Where the hub keeps its log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogBackend {
+    /// The write-ahead log in `data_dir` (or memory with `ephemeral`).
+    #[default]
+    Embedded,
+    /// A NATS JetStream stream shared by the region's hub replicas.
+    #[value(name = "jetstream")]
+    #[serde(rename = "jetstream")]
+    JetStream,
 }
 
 /// Log output format.
@@ -200,6 +226,10 @@ impl Default for Config {
             insecure: false,
             metrics_tls_cert: None,
             metrics_tls_key: None,
+            log: LogBackend::Embedded,
+            nats_url: "nats://127.0.0.1:4222".into(),
+            nats_creds: None,
+            jetstream_replicas: 1,
         }
     }
 }
@@ -398,6 +428,13 @@ const KEYS: &[(&str, &str)] = &[
         "metrics_tls_key",
         "a PEM private key file, set together with metrics_tls_cert",
     ),
+    ("log", "embedded or jetstream"),
+    (
+        "nats_url",
+        "NATS URLs like nats://127.0.0.1:4222, comma-separated",
+    ),
+    ("nats_creds", "a NATS credentials file path"),
+    ("jetstream_replicas", "a whole number from 1 to 5"),
 ];
 
 /// What `key`'s value must be.
@@ -717,6 +754,35 @@ impl Config {
         {
             return Err(invalid("fsync_interval", expected("fsync_interval")));
         }
+        if !(1..=5).contains(&self.jetstream_replicas) {
+            return Err(invalid(
+                "jetstream_replicas",
+                expected("jetstream_replicas"),
+            ));
+        }
+        if self.log == LogBackend::JetStream {
+            let urls = self.nats_urls();
+            if urls.is_empty() {
+                return Err(invalid("nats_url", expected("nats_url")));
+            }
+            for url in &urls {
+                url.parse::<async_nats::ServerAddr>().map_err(|e| {
+                    invalid("nats_url", format!("{} ({url}: {e})", expected("nats_url")))
+                })?;
+            }
+            if self.ephemeral {
+                return Err(invalid(
+                    "ephemeral",
+                    "false with log = jetstream (the log is the region's stream)",
+                ));
+            }
+            if !self.peers.is_empty() {
+                return Err(invalid(
+                    "peers",
+                    "no peers with log = jetstream (replication between replica sets is not supported yet)",
+                ));
+            }
+        }
         for (key, d) in [
             ("keepalive_interval", self.keepalive_interval),
             ("keepalive_timeout", self.keepalive_timeout),
@@ -820,6 +886,16 @@ impl Config {
             fsync: self.fsync,
             fsync_interval: self.fsync_interval,
         }
+    }
+
+    /// The NATS URLs of `nats_url`, trimmed, empty entries dropped.
+    pub fn nats_urls(&self) -> Vec<String> {
+        self.nats_url
+            .split(',')
+            .map(str::trim)
+            .filter(|u| !u.is_empty())
+            .map(str::to_owned)
+            .collect()
     }
 
     /// Retained events per shard.
@@ -998,6 +1074,20 @@ pub struct Args {
     /// The private key of --metrics-tls-cert (PEM).
     #[arg(long, env = "FRESHNESS_METRICS_TLS_KEY")]
     pub metrics_tls_key: Option<PathBuf>,
+    /// Where the log lives: embedded, jetstream [default: embedded]
+    /// (`FRESHNESS_LOG` is the log filter, hence `FRESHNESS_LOG_BACKEND`).
+    #[arg(long, env = "FRESHNESS_LOG_BACKEND")]
+    pub log: Option<LogBackend>,
+    /// NATS servers of the JetStream log, comma-separated [default:
+    /// nats://127.0.0.1:4222].
+    #[arg(long, env = "FRESHNESS_NATS_URL")]
+    pub nats_url: Option<String>,
+    /// NATS credentials file for the JetStream log.
+    #[arg(long, env = "FRESHNESS_NATS_CREDS")]
+    pub nats_creds: Option<PathBuf>,
+    /// Copies JetStream keeps of the region's stream [default: 1].
+    #[arg(long, env = "FRESHNESS_JETSTREAM_REPLICAS")]
+    pub jetstream_replicas: Option<usize>,
 }
 
 fn parse_peer(s: &str) -> Result<(String, String), String> {
@@ -1100,8 +1190,15 @@ impl Args {
             fsync,
             fsync_interval,
             memory_max_events,
-            memory_max_bytes
+            memory_max_bytes,
+            log,
+            nats_url,
+            jetstream_replicas
         );
+        if self.nats_creds.is_some() {
+            given("nats_creds", "--nats-creds");
+            c.nats_creds = self.nats_creds;
+        }
         if !self.peers.is_empty() {
             given("peers", "--peer");
         }

@@ -23,13 +23,19 @@ use crate::status::{HubStatus, NodeStatus, PeerStatus, ShardStatus};
 use crate::store::{DataDir, DiskReader, Opened};
 
 /// A durable log as opened at start-up: its writer and readers, and every
-/// shard's memory rebuilt from what the disk held.
+/// shard's memory rebuilt from what the disk held; or the region's
+/// JetStream log.
 #[derive(Debug)]
-pub struct Durable {
-    /// The data directory's log writer and readers.
-    pub opened: Opened,
-    /// Every shard's in-memory log and version memory, by index.
-    pub memories: Vec<ShardMemory>,
+pub enum Durable {
+    /// The embedded write-ahead log.
+    Disk {
+        /// The data directory's log writer and readers.
+        opened: Opened,
+        /// Every shard's in-memory log and version memory, by index.
+        memories: Vec<ShardMemory>,
+    },
+    /// The JetStream log shared by the region's hub replicas.
+    JetStream(crate::jetstream::Opened),
 }
 
 /// Why a session ended on purpose.
@@ -219,6 +225,8 @@ pub struct Hub {
     pub data_dir: Option<Arc<DataDir>>,
     /// What the shard actors share (failing writes, for status).
     shard_ctx: Arc<ShardContext>,
+    /// This hub as a replica of its region's JetStream log.
+    pub replica: Option<Arc<crate::jetstream::Replica>>,
 }
 
 /// The state of one replication link, for status.
@@ -269,14 +277,29 @@ impl Hub {
             failing: Mutex::new(BTreeMap::new()),
         });
         crate::metrics::set_log_writable(true);
+        let mut js_shards = Vec::new();
+        let mut replica = None;
         let (epoch, data_dir, memories, wal, disk) = match durable {
-            Some(d) => (
-                d.opened.epoch,
-                Some(d.opened.dir),
-                d.memories,
-                Some(d.opened.wal),
-                d.opened.readers,
+            Some(Durable::Disk { opened, memories }) => (
+                opened.epoch,
+                Some(opened.dir),
+                memories,
+                Some(opened.wal),
+                opened.readers,
             ),
+            Some(Durable::JetStream(opened)) => {
+                js_shards = opened.shards;
+                // Watermarks wait for the tail from the start.
+                opened.replica.spawn(
+                    opened.tail,
+                    clock,
+                    (config.progress_interval / 4).max(Duration::from_millis(10)),
+                    shutdown.clone(),
+                    tracker,
+                );
+                replica = Some(opened.replica);
+                (opened.epoch, None, opened.memories, None, Vec::new())
+            }
             None => (
                 crate::store::new_epoch_value(),
                 None,
@@ -285,6 +308,7 @@ impl Hub {
                 Vec::new(),
             ),
         };
+        let mut js_shards = js_shards.into_iter();
         let mut shards = Vec::with_capacity(config.shards as usize);
         let mut logs = Vec::with_capacity(config.shards as usize);
         for (id, memory) in (0..config.shards).zip(memories) {
@@ -296,10 +320,12 @@ impl Hub {
                 config.shard_queue,
                 tracker,
                 wal.clone(),
+                js_shards.next(),
             ));
         }
         let (acks_changed, _) = watch::channel(0);
-        Arc::new(Self {
+        let hub = Arc::new(Self {
+            replica,
             data_dir,
             disk,
             shard_ctx: ctx,
@@ -333,7 +359,33 @@ impl Hub {
             ),
             stats: crate::stats::HubStats::new(clock.now_us()),
             config,
-        })
+        });
+        if let Some(replica) = &hub.replica {
+            // REGION acks across the region's replicas.
+            let weak = Arc::downgrade(&hub);
+            let woken = Arc::downgrade(&hub);
+            tracker.spawn(crate::jetstream::share_acks(
+                replica.clone(),
+                move || weak.upgrade().map(|h| h.local_node_acks()),
+                move || {
+                    if let Some(h) = woken.upgrade() {
+                        h.acks_changed();
+                    }
+                },
+                hub.shutdown.clone(),
+            ));
+        }
+        hub
+    }
+
+    /// This hub's cache nodes: id, namespace filter, acked cursor.
+    pub fn local_node_acks(&self) -> Vec<(String, Vec<String>, Vec<u64>)> {
+        self.nodes
+            .read()
+            .values()
+            .filter(|n| !n.replication)
+            .map(|n| (n.node_id.clone(), n.filter.clone(), n.acked.lock().clone()))
+            .collect()
     }
 
     /// Shard count.
@@ -539,22 +591,40 @@ impl Hub {
         deadline: tokio::time::Instant,
     ) -> Vec<String> {
         // Requirement per node: highest seq per shard among matching events.
+        let needs = |wants: &dyn Fn(&str) -> bool| {
+            let mut need: HashMap<ShardId, u64> = HashMap::new();
+            for (shard, seq, ns) in targets {
+                if wants(ns) {
+                    let e = need.entry(*shard).or_default();
+                    *e = (*e).max(*seq);
+                }
+            }
+            need.into_iter().collect::<Vec<_>>()
+        };
         let mut pending: Vec<(String, Vec<(ShardId, u64)>)> = self
             .nodes
             .read()
             .values()
             .filter(|n| !n.replication)
             .filter_map(|n| {
-                let mut need: HashMap<ShardId, u64> = HashMap::new();
-                for (shard, seq, ns) in targets {
-                    if n.wants(ns) {
-                        let e = need.entry(*shard).or_default();
-                        *e = (*e).max(*seq);
-                    }
-                }
-                (!need.is_empty()).then(|| (n.node_id.clone(), need.into_iter().collect()))
+                let need = needs(&|ns| n.wants(ns));
+                (!need.is_empty()).then(|| (n.node_id.clone(), need))
             })
             .collect();
+        // With hub replicas: the nodes of the region's other replicas too.
+        if let Some(replica) = &self.replica {
+            for (id, filter) in replica.other_nodes() {
+                if pending.iter().any(|(p, _)| *p == id) {
+                    continue;
+                }
+                let wants = |ns: &str| filter.is_empty() || filter.iter().any(|f| f == ns);
+                let need = needs(&wants);
+                if !need.is_empty() {
+                    pending.push((id, need));
+                }
+            }
+        }
+        let replica = self.replica.as_deref();
         let acked =
             |nodes: &HashMap<String, Arc<SessionShared>>, id: &str, need: &[(ShardId, u64)]| {
                 // A node that went away has not acked (it may come back and do so).
@@ -562,6 +632,10 @@ impl Hub {
                     let acked = n.acked.lock();
                     need.iter()
                         .all(|(s, seq)| acked.get(s.index()).is_some_and(|a| a >= seq))
+                }) || replica.is_some_and(|r| {
+                    let need: Vec<(usize, u64)> =
+                        need.iter().map(|(s, seq)| (s.index(), *seq)).collect();
+                    r.other_node_acked(id, &need)
                 })
             };
         let mut changes = self.acks_changed.subscribe();
@@ -833,7 +907,7 @@ impl Hub {
             retained_events,
             retained_bytes,
             now_us: now,
-            durable: self.data_dir.is_some(),
+            durable: self.data_dir.is_some() || self.replica.is_some(),
             log_error: self
                 .shard_ctx
                 .failing
@@ -841,6 +915,17 @@ impl Hub {
                 .iter()
                 .next()
                 .map(|(shard, e)| format!("shard {shard}: {e}")),
+        }
+    }
+
+    /// The newest watermark a session may send now: the hub time, or for a
+    /// replica of a JetStream log, the time at which it had provably
+    /// applied every event then in the region's stream.
+    pub fn watermark_now(&self) -> u64 {
+        let now = self.clock.now_us();
+        match &self.replica {
+            Some(r) => now.min(r.watermark_cap()),
+            None => now,
         }
     }
 

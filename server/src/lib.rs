@@ -16,6 +16,7 @@ pub mod error;
 pub mod flow;
 pub mod grpc;
 pub mod hub;
+pub mod jetstream;
 pub mod log;
 pub mod metrics;
 pub mod reload;
@@ -32,7 +33,7 @@ pub mod tls;
 mod transport;
 mod web;
 
-pub use config::{Args, Config, ConfigError, LogFormat};
+pub use config::{Args, Config, ConfigError, LogBackend, LogFormat};
 pub use server::{
     RunError, Security, load_security, open_log, run, run_with_http, serve, serve_with_http,
 };

@@ -49,8 +49,16 @@ fn main() -> ExitCode {
         return ExitCode::from(EXIT_CONFIG);
     }
     // The log is opened and checked before any port is bound: a directory
-    // the hub cannot use exits 64, a damaged log 65 (unless --repair).
-    let opened = match freshness_hub::open_log(&config) {
+    // the hub cannot use exits 64, a damaged log 65 (unless --repair); an
+    // unreachable or misconfigured JetStream log exits 64.
+    let opened = if config.log == freshness_hub::LogBackend::JetStream {
+        runtime
+            .block_on(freshness_hub::jetstream::open(&config))
+            .map(|o| Some(freshness_hub::hub::Durable::JetStream(o)))
+    } else {
+        freshness_hub::open_log(&config)
+    };
+    let opened = match opened {
         Ok(o) => o,
         Err(e) => {
             eprintln!("freshness-hub: {e}");

@@ -82,6 +82,11 @@ pub fn load_security(config: &Config) -> Result<Security, String> {
 /// `None` for an ephemeral hub. The binary calls it before it binds a port,
 /// so that a directory it cannot use or a damaged log stops it first.
 pub fn open_log(config: &Config) -> Result<Option<Durable>, crate::store::OpenError> {
+    if config.log == crate::config::LogBackend::JetStream {
+        return Err(crate::store::OpenError::JetStream(
+            "log = jetstream is opened with jetstream::open, not open_log".into(),
+        ));
+    }
     if config.ephemeral {
         return Ok(None);
     }
@@ -129,7 +134,7 @@ pub fn open_log(config: &Config) -> Result<Option<Durable>, crate::store::OpenEr
         fsync = ?config.fsync,
         "durable log opened"
     );
-    Ok(Some(Durable { opened, memories }))
+    Ok(Some(Durable::Disk { opened, memories }))
 }
 
 /// Rewrites tonic's answer to a request over its decoding limit, given in
@@ -166,8 +171,12 @@ pub async fn run_with_http(
     shutdown: CancellationToken,
 ) -> Result<(), RunError> {
     config.validate()?;
-    let for_open = config.clone();
-    let opened = tokio::task::spawn_blocking(move || open_log(&for_open)).await??;
+    let opened = if config.log == crate::config::LogBackend::JetStream {
+        Some(Durable::JetStream(crate::jetstream::open(&config).await?))
+    } else {
+        let for_open = config.clone();
+        tokio::task::spawn_blocking(move || open_log(&for_open)).await??
+    };
     serve_with_http(config, opened, listener, http, shutdown).await
 }
 

@@ -45,6 +45,7 @@ use tracing::field::Empty;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use crate::clock::Clock;
+use crate::jetstream::{AppendError, JsShard, Remote};
 use crate::log::{LogEntry, SharedLog};
 use crate::store::{Wal, WriteFailed, encode_record};
 use crate::telemetry::{Adopt, AppendTraces, num};
@@ -147,6 +148,7 @@ impl ShardHandle {
         queue: usize,
         tracker: &TaskTracker,
         wal: Option<Wal>,
+        js: Option<JsShard>,
     ) -> Self {
         let (tx, rx) = mpsc::channel(queue);
         let traces = Arc::new(AppendTraces::default());
@@ -159,6 +161,7 @@ impl ShardHandle {
             gap_entity: Entity::parse(GAP_ENTITY)
                 .unwrap_or_else(|_| unreachable!("valid constant")),
             wal,
+            js,
             record_buf: Vec::new(),
         };
         tracker.spawn(actor.run(rx));
@@ -222,6 +225,23 @@ impl ShardMemory {
         &self.log
     }
 
+    /// Applies events another hub replica appended (seqs from the head on,
+    /// in order), as if this shard's actor had appended them.
+    fn apply(&mut self, entries: Vec<(u64, LogEntry)>) {
+        let mut log = Vec::with_capacity(entries.len());
+        for (seq, entry) in entries {
+            if !entry.gap
+                && let Some(version) = Version::new(entry.version)
+            {
+                self.versions
+                    .insert(entry.entity.clone(), Remembered { version, seq });
+            }
+            log.push(entry);
+        }
+        let evicted = self.log.append_all(log);
+        self.forget(evicted);
+    }
+
     /// Takes one record of the durable log back, in seq order, as if it had
     /// just been appended: the in-memory log keeps the newest within its
     /// bounds, the version memory within its own.
@@ -277,9 +297,51 @@ struct Actor {
     gap_entity: Entity,
     /// The durable log's writer; `None` for an ephemeral hub.
     wal: Option<Wal>,
+    /// The JetStream log's side of this shard (`log = "jetstream"`).
+    js: Option<JsShard>,
     /// The records of one drain, reused.
     record_buf: Vec<u8>,
 }
+
+/// Splits a drain into parts whose records (estimated generously) stay
+/// within `limit` bytes, in order; a command larger than `limit` is a part
+/// of its own (its publish fails and is refused, naming the size).
+fn split_by_size(batch: &mut Vec<Append>, limit: usize) -> Vec<Vec<Append>> {
+    let estimate = |c: &Append| -> usize {
+        c.events
+            .iter()
+            .map(|e| {
+                // Record header and fixed fields, the event's wire encoding.
+                160 + 2 * e.entity.as_str().len()
+                    + e.payload.len()
+                    + e.traceparent.len()
+                    + e.tracestate.len()
+                    + e.origin.as_deref().map_or(0, str::len)
+            })
+            .sum::<usize>()
+            + 160
+    };
+    let mut parts = Vec::new();
+    let mut part = Vec::new();
+    let mut size = 0;
+    for cmd in batch.drain(..) {
+        let n = estimate(&cmd);
+        if !part.is_empty() && size + n > limit {
+            parts.push(std::mem::take(&mut part));
+            size = 0;
+        }
+        size += n;
+        part.push(cmd);
+    }
+    if !part.is_empty() {
+        parts.push(part);
+    }
+    parts
+}
+
+/// Longest a drain on the JetStream log spends catching up with other
+/// replicas' appends before its publishes are refused `UNAVAILABLE`.
+const CATCH_UP_LIMIT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Entity recorded on gap markers; never matched against versions.
 const GAP_ENTITY: &str = "freshness.gap:marker";
@@ -287,10 +349,254 @@ const GAP_ENTITY: &str = "freshness.gap:marker";
 impl Actor {
     async fn run(mut self, mut rx: mpsc::Receiver<Append>) {
         let mut batch = Vec::with_capacity(DRAIN_MAX);
-        while rx.recv_many(&mut batch, DRAIN_MAX).await > 0 {
-            self.serve(&mut batch).await;
+        if let Some(mut remote) = self.js.as_mut().and_then(|j| j.remote.take()) {
+            // A hub replica: what other replicas appended first, then the
+            // local commands.
+            loop {
+                tokio::select! {
+                    biased;
+                    m = remote.recv() => match m {
+                        Some(m) => self.apply_remote(m),
+                        None => break,
+                    },
+                    n = rx.recv_many(&mut batch, DRAIN_MAX) => {
+                        if n == 0 {
+                            break;
+                        }
+                        // One message per part, each within the server's
+                        // largest message.
+                        let limit = self.js.as_ref().map_or(usize::MAX, JsShard::max_message);
+                        for mut part in split_by_size(&mut batch, limit) {
+                            self.serve_replicated(&mut part, &mut remote).await;
+                        }
+                    }
+                }
+            }
+        } else {
+            while rx.recv_many(&mut batch, DRAIN_MAX).await > 0 {
+                self.serve(&mut batch).await;
+            }
         }
         tracing::debug!(shard = self.id, "shard actor stopped");
+    }
+
+    /// Applies a drain another replica appended (or, when its stream
+    /// sequence is not newer than the last applied, skips this replica's
+    /// own).
+    fn apply_remote(&mut self, m: Remote) {
+        let Some(js) = &mut self.js else {
+            return;
+        };
+        if m.stream_seq <= js.last() {
+            return;
+        }
+        let records = match m.records(self.id, js.shards()) {
+            Ok(r) => r,
+            Err(e) => {
+                // Not a drain a hub wrote: the shard stops, as for a gap.
+                let error = format!(
+                    "JetStream log: message {} does not decode: {e}; restart this replica",
+                    m.stream_seq
+                );
+                tracing::error!(shard = self.id, "{error}");
+                self.ctx.failing.lock().insert(self.id, error);
+                crate::metrics::set_log_writable(false);
+                return;
+            }
+        };
+        let Some(first) = records.first() else {
+            js.applied(m.stream_seq);
+            return;
+        };
+        if first.seq != self.head + 1 {
+            // Conditional appends make each subject gap-free; a gap here
+            // means messages this replica had not read were removed (it fell
+            // behind the stream's retention) or the stream was altered. The
+            // shard stops here: its appends conflict and are refused, its
+            // watermarks stop, and a restart rebuilds it from the stream.
+            let error = format!(
+                "JetStream log: message {} starts at seq {} after this replica's head {}; restart this replica",
+                m.stream_seq, first.seq, self.head
+            );
+            tracing::error!(shard = self.id, "{error}");
+            self.ctx.failing.lock().insert(self.id, error);
+            crate::metrics::set_log_writable(false);
+            return;
+        }
+        js.applied(m.stream_seq);
+        let n = records.len();
+        self.head += n as u64;
+        self.mem
+            .apply(records.into_iter().map(|r| (r.seq, r.entry)).collect());
+        metrics::counter!(crate::metrics::EVENTS_APPENDED).increment(n as u64);
+        self.ctx.appended.send_modify(|g| *g = g.wrapping_add(1));
+    }
+
+    /// Undoes the seqs and version memory of a drain that was not stored.
+    fn undo(&mut self, first_seq: u64, appended: &[LogEntry], undo: Vec<Option<Remembered>>) {
+        self.head = first_seq - 1;
+        for (e, prev) in appended.iter().zip(undo).rev() {
+            if e.gap {
+                continue;
+            }
+            match prev {
+                Some(r) => self.mem.versions.insert(e.entity.clone(), r),
+                None => self.mem.versions.remove(&e.entity),
+            };
+        }
+    }
+
+    fn set_failing(&self, error: Option<&std::io::Error>) {
+        let mut failing = self.ctx.failing.lock();
+        match error {
+            None => {
+                if failing.remove(&self.id).is_some() {
+                    tracing::info!(shard = self.id, "log writes succeed again");
+                }
+            }
+            Some(e) => {
+                if failing.insert(self.id, e.to_string()).is_none() {
+                    tracing::error!(shard = self.id, error = %e, "log write failed: publishes to this shard are refused until writes succeed");
+                }
+                crate::metrics::log_write_failed();
+            }
+        }
+        crate::metrics::set_log_writable(failing.is_empty());
+    }
+
+    /// A drain on the JetStream log: decided against everything this
+    /// replica has applied, appended only if no other replica appended to
+    /// the shard since (expected last subject sequence); on a conflict,
+    /// undone, caught up and decided again.
+    async fn serve_replicated(
+        &mut self,
+        batch: &mut Vec<Append>,
+        remote: &mut mpsc::Receiver<Remote>,
+    ) {
+        let span = self.append_span(batch);
+        let deadline = tokio::time::Instant::now() + CATCH_UP_LIMIT;
+        // JetStream answered this drain (a conflict, then the catch-up).
+        let mut reached = false;
+        loop {
+            while let Ok(m) = remote.try_recv() {
+                self.apply_remote(m);
+            }
+            let first_seq = self.head + 1;
+            let now = self.ctx.clock.now_us();
+            let mut appended = Vec::new();
+            let mut undo: Vec<Option<Remembered>> = Vec::new();
+            let mut outcomes = Vec::with_capacity(batch.len());
+            for cmd in batch.iter() {
+                if cmd.gap {
+                    self.head += 1;
+                    appended.push(LogEntry {
+                        entity: self.gap_entity.clone(),
+                        local: false,
+                        publish_time_us: now,
+                        gap: true,
+                        awaited: false,
+                        version: 0,
+                        bytes: Bytes::new(),
+                    });
+                    undo.push(None);
+                }
+                let o: Vec<EventOutcome> = cmd
+                    .events
+                    .iter()
+                    .map(|e| self.accept(e.clone(), now, &mut appended, &mut undo))
+                    .collect();
+                outcomes.push(o);
+            }
+            if appended.is_empty() {
+                if reached {
+                    self.set_failing(None);
+                }
+                for (cmd, o) in batch.drain(..).zip(outcomes) {
+                    let _ = cmd.reply.send(Ok(o));
+                }
+                return;
+            }
+            let mut buf = Vec::new();
+            for (i, e) in appended.iter().enumerate() {
+                encode_record(&mut buf, self.id, first_seq + i as u64, e);
+            }
+            let Some(js) = &self.js else { return };
+            let result = js.publish(buf).await;
+            match result {
+                Ok(stream_seq) => {
+                    self.set_failing(None);
+                    if let Some(js) = &mut self.js {
+                        js.applied(stream_seq);
+                    }
+                    crate::metrics::record_drain(batch.len());
+                    if let Some(span) = &span {
+                        span.record("appended", num(appended.len()));
+                        span.record("first_seq", num(first_seq));
+                        span.record("last_seq", num(self.head));
+                        let sc = span.context().span().span_context().clone();
+                        if sc.is_sampled() {
+                            self.traces.record(first_seq, self.head, sc);
+                        }
+                    }
+                    metrics::counter!(crate::metrics::EVENTS_APPENDED)
+                        .increment(appended.len() as u64);
+                    let evicted = self.mem.log.append_all(appended);
+                    self.mem.forget(evicted);
+                    for (cmd, o) in batch.drain(..).zip(outcomes) {
+                        let _ = cmd.reply.send(Ok(o));
+                    }
+                    tokio::task::yield_now().await;
+                    self.ctx.appended.send_modify(|g| *g = g.wrapping_add(1));
+                    return;
+                }
+                Err(AppendError::Conflict) => {
+                    self.undo(first_seq, &appended, undo);
+                    if let Err(e) = self.catch_up(remote, deadline).await {
+                        self.set_failing(Some(&e));
+                        let failed = WriteFailed(Arc::new(e));
+                        for cmd in batch.drain(..) {
+                            let _ = cmd.reply.send(Err(failed.clone()));
+                        }
+                        return;
+                    }
+                    reached = true;
+                }
+                Err(AppendError::Failed(e)) => {
+                    self.undo(first_seq, &appended, undo);
+                    self.set_failing(Some(&e));
+                    let failed = WriteFailed(Arc::new(e));
+                    for cmd in batch.drain(..) {
+                        let _ = cmd.reply.send(Err(failed.clone()));
+                    }
+                    return;
+                }
+            }
+        }
+    }
+
+    /// After a conflict: applies what the tail brings until this shard has
+    /// reached the subject's last message in JetStream.
+    async fn catch_up(
+        &mut self,
+        remote: &mut mpsc::Receiver<Remote>,
+        deadline: tokio::time::Instant,
+    ) -> Result<(), std::io::Error> {
+        let target = match &self.js {
+            Some(js) => js.subject_last().await?,
+            None => return Ok(()),
+        };
+        while self.js.as_ref().is_some_and(|j| j.last() < target) {
+            match tokio::time::timeout_at(deadline, remote.recv()).await {
+                Ok(Some(m)) => self.apply_remote(m),
+                Ok(None) => return Err(std::io::Error::other("the hub is stopping")),
+                Err(_) => {
+                    return Err(std::io::Error::other(
+                        "JetStream: another replica's appends did not arrive in time",
+                    ));
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Writes the records of `entries` (seqs from `first_seq`) to the
@@ -544,7 +850,7 @@ mod tests {
         let memory = ShardMemory::new(1, 1024, 1 << 20, 16);
         let log = memory.log().clone();
         let tracker = TaskTracker::new();
-        let shard = ShardHandle::spawn(0, memory, ctx, 8, &tracker, None);
+        let shard = ShardHandle::spawn(0, memory, ctx, 8, &tracker, None, None);
         for round in 1..=3u64 {
             let (reply, rx) = oneshot::channel();
             shard.reserve().await.unwrap().send(Append {

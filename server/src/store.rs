@@ -122,6 +122,9 @@ pub enum OpenError {
         /// What is wrong with it.
         reason: String,
     },
+    /// The JetStream log (`log = "jetstream"`) cannot be reached or used.
+    #[error("{0}")]
+    JetStream(String),
 }
 
 impl OpenError {
@@ -669,6 +672,23 @@ fn valid_record_after(data: &[u8], offset: u64, shards: usize) -> bool {
 enum Record {
     Heads(Vec<u64>),
     Event(u32, Recovered),
+}
+
+/// Decodes a buffer of event records (one shard actor's drain, as the
+/// JetStream backend stores it in one message), with their shards.
+pub fn decode_records(data: &[u8], shards: u32) -> Result<Vec<(u32, Recovered)>, String> {
+    let mut out = Vec::new();
+    let mut at = 0;
+    while at < data.len() {
+        match read_any(data, at, shards as usize)? {
+            (Record::Event(shard, r), next) => {
+                out.push((shard, r));
+                at = next;
+            }
+            (Record::Heads(_), _) => return Err("a heads record among events".into()),
+        }
+    }
+    Ok(out)
 }
 
 /// Decodes the record at `at`; returns it and where the next one starts.

@@ -27,7 +27,8 @@ use tracing::{Instrument, info_span};
     about = "Publish invalidations to a Freshness hub, watch its feed, show its status"
 )]
 struct Cli {
-    /// The hub's gRPC address.
+    /// The hub's gRPC address; the replicas of one region comma-separated
+    /// (tried in turn, the one used is logged; `status` asks each).
     #[arg(
         long,
         global = true,
@@ -430,13 +431,30 @@ async fn watch(
 }
 
 async fn status(hub: &str, json: bool) -> anyhow::Result<()> {
-    let s = publisher(hub)?.status().await?;
-    let mut out = std::io::stdout().lock();
-    if json {
-        writeln!(out, "{}", status_json(&s))?;
-        return Ok(());
+    // Each replica speaks for its own nodes: with several hubs, each is
+    // asked and shown in turn (one JSON object per line).
+    let hubs: Vec<&str> = hub
+        .split(',')
+        .map(str::trim)
+        .filter(|h| !h.is_empty())
+        .collect();
+    anyhow::ensure!(!hubs.is_empty(), "--hub {hub:?} names no hub");
+    for (i, h) in hubs.iter().enumerate() {
+        let s = publisher(h)?.status().await?;
+        let mut out = std::io::stdout().lock();
+        if json {
+            writeln!(out, "{}", status_json(&s))?;
+            continue;
+        }
+        if hubs.len() > 1 {
+            if i > 0 {
+                writeln!(out)?;
+            }
+            writeln!(out, "== {h}")?;
+        }
+        status_tables(&mut out, &s)?;
     }
-    status_tables(&mut out, &s)
+    Ok(())
 }
 
 /// A --watch interval: at least 100 ms.

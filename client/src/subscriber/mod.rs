@@ -208,6 +208,24 @@ pub struct SubscriberBuilder {
 }
 
 impl SubscriberBuilder {
+    /// The hubs this node may use: the replicas of its region, which share
+    /// one log (`log = "jetstream"`), so a cursor means the same at each.
+    /// The subscriber uses the first and moves to the next, with the
+    /// reconnect backoff, whenever its stream breaks or a hub cannot be
+    /// reached; its log says which hub it uses.
+    pub fn hubs<I, S>(mut self, hubs: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        self.config.hub = hubs
+            .into_iter()
+            .map(Into::into)
+            .collect::<Vec<_>>()
+            .join(",");
+        self
+    }
+
     /// Namespaces this node caches (the hub sends nothing else); none means
     /// all.
     pub fn namespaces<I, S>(mut self, namespaces: I) -> Self
@@ -328,8 +346,7 @@ impl SubscriberBuilder {
             ..Default::default()
         })?;
         filter.sort();
-        let endpoint = crate::transport::endpoint(&c.hub, c.connect_timeout)?;
-        let endpoint = crate::transport::secure(endpoint, &c.hub, &c.credentials)?;
+        let endpoints = crate::transport::endpoints(&c.hub, c.connect_timeout, &c.credentials)?;
         // The token is checked once here; each stream sends it.
         crate::transport::Bearer::new(&c.hub, &c.credentials)?;
         Ok(Subscriber {
@@ -337,7 +354,7 @@ impl SubscriberBuilder {
                 namespaces: filter,
                 ..c
             },
-            endpoint,
+            endpoints,
             handler,
             feed: FeedTx::new(),
         })
@@ -348,7 +365,8 @@ impl SubscriberBuilder {
 /// then [`run`](Subscriber::run) it or [`spawn`](Subscriber::spawn) it.
 pub struct Subscriber<H> {
     config: Config,
-    endpoint: Endpoint,
+    /// The hubs to try, in turn (the replicas of the region).
+    endpoints: Vec<(String, Endpoint)>,
     handler: H,
     feed: FeedTx,
 }
@@ -365,7 +383,9 @@ impl<H> std::fmt::Debug for Subscriber<H> {
 
 impl Subscriber<()> {
     /// A builder for the node `node_id` (stable across the node's restarts)
-    /// subscribing to the hub at `hub` (`http://host:port`).
+    /// subscribing to the hub at `hub` (`http://host:port`), or to any of
+    /// several hub replicas of one region, comma-separated
+    /// (`http://a:50051,http://b:50051`; see [`SubscriberBuilder::hubs`]).
     pub fn builder(hub: impl Into<String>, node_id: impl Into<String>) -> SubscriberBuilder {
         SubscriberBuilder {
             config: Config {
@@ -401,7 +421,7 @@ impl<H: Handler> Subscriber<H> {
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), SubscriberError> {
         session::run(
             self.config,
-            self.endpoint,
+            self.endpoints,
             self.handler,
             self.feed,
             shutdown,

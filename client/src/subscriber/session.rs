@@ -42,13 +42,13 @@ enum End {
 
 pub(super) async fn run<H: Handler>(
     config: Config,
-    endpoint: Endpoint,
+    endpoints: Vec<(String, Endpoint)>,
     handler: H,
     feed: FeedTx,
     shutdown: CancellationToken,
 ) -> Result<(), SubscriberError> {
     let span = info_span!("subscriber", node_id = %config.node_id, hub = %config.hub);
-    let result = run_inner(&config, &endpoint, &handler, &feed, &shutdown)
+    let result = run_inner(&config, &endpoints, &handler, &feed, &shutdown)
         .instrument(span)
         .await;
     let error = match &result {
@@ -61,7 +61,7 @@ pub(super) async fn run<H: Handler>(
 
 async fn run_inner<H: Handler>(
     config: &Config,
-    endpoint: &Endpoint,
+    endpoints: &[(String, Endpoint)],
     handler: &H,
     feed: &FeedTx,
     shutdown: &CancellationToken,
@@ -92,10 +92,22 @@ async fn run_inner<H: Handler>(
     };
     let mut attempts = Attempts::new(config.reconnect);
     let mut attempt = 0u64;
+    // Which hub of the list: the next one after a stream that broke or a
+    // hub that could not be reached.
+    let mut at = 0usize;
     loop {
         attempt += 1;
-        let span = info_span!("stream", attempt, epoch = tracing::field::Empty);
+        let Some((hub, endpoint)) = endpoints.get(at % endpoints.len().max(1)) else {
+            return Ok(());
+        };
+        let span = info_span!("stream", attempt, %hub, epoch = tracing::field::Empty);
+        if endpoints.len() > 1 {
+            info!(parent: &span, %hub, "using hub");
+        }
         let (end, welcomed) = session.stream(endpoint, shutdown).instrument(span).await;
+        if !matches!(end, End::Shutdown | End::Fatal(_) | End::CursorRefused(_)) {
+            at += 1;
+        }
         session.persist().await;
         if welcomed {
             attempts.reset();

@@ -99,6 +99,12 @@ because Helm reads every YAML number as a float.
 {{- if hasKey $hub.peers $hub.region }}
 {{- fail (printf "hub.peers lists %q, which is this hub's own region (hub.region)" $hub.region) }}
 {{- end }}
+{{- if and .Values.jetstream.enabled $hub.peers }}
+{{- fail "hub.peers must be empty with jetstream.enabled (replication between replica sets is not supported yet)" }}
+{{- end }}
+{{- if and .Values.jetstream.enabled (not .Values.jetstream.secretName) }}
+{{- fail "jetstream.secretName must name the Secret with the NATS URL when jetstream.enabled" }}
+{{- end }}
 {{- if lt (int64 $hub.log.maxEvents) (int64 $hub.shards) }}
 {{- fail "hub.log.maxEvents must be at least hub.shards (one event per shard)" }}
 {{- end }}
@@ -181,6 +187,12 @@ auth_audience = {{ .Values.auth.audience | toJson }}
 {{- end }}
 {{- if .Values.insecure }}
 insecure = true
+{{- end }}
+{{- if .Values.jetstream.enabled }}
+# The region's log is a NATS JetStream stream; nats_url comes from the
+# Secret (FRESHNESS_NATS_URL).
+log = "jetstream"
+jetstream_replicas = {{ int64 .Values.jetstream.streamReplicas }}
 {{- end }}
 {{- with $hub.peers }}
 

@@ -239,12 +239,16 @@ impl Session {
         }
         if count == 0 {
             return if complete {
-                Fill::Idle(t)
+                Fill::Idle(self.hub.watermark_now())
             } else {
                 Fill::Blocked
             };
         }
-        let watermark_us = if complete { t } else { 0 };
+        let watermark_us = if complete {
+            self.hub.watermark_now()
+        } else {
+            0
+        };
         if complete {
             self.last_watermark = Instant::now();
         }

@@ -1,0 +1,796 @@
+//! The JetStream log backend (`log = "jetstream"`): hub replicas of one
+//! region sharing one JetStream stream (ARCHITECTURE.md, "Hub replicas on
+//! NATS JetStream").
+//!
+//! - [`open`] connects, creates or finds the region's stream and its epoch,
+//!   and reads the stream into every shard's memory, as recovery from disk
+//!   does.
+//! - Each shard actor appends one message per drain with
+//!   `Nats-Expected-Last-Subject-Sequence` ([`JsShard::publish`]); a
+//!   conflict means another replica appended first, and the actor catches
+//!   up and decides again (`shard.rs`).
+//! - [`Replica::spawn`] starts the tail (one ordered consumer handing every
+//!   message to its shard's actor) and the watermark probe.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use async_nats::jetstream::{self, consumer, context::PublishErrorKind, stream};
+use bytes::Bytes;
+use futures::StreamExt;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::clock::Clock;
+use crate::config::Config;
+use crate::shard::ShardMemory;
+use crate::store::{OpenError, Recovered};
+
+/// How long a JetStream request (an append's acknowledgement, stream info)
+/// may take before it counts as failed.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long connecting at start may take before the hub gives up.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Longest pull of the tail's consumer (heartbeats at half of it).
+const TAIL_EXPIRES: Duration = Duration::from_secs(2);
+/// Messages queued from the tail to one shard actor.
+const REMOTE_QUEUE: usize = 64;
+
+/// One message of a shard subject, decoded: a drain appended by some
+/// replica (this one's own included).
+#[derive(Debug)]
+pub struct Remote {
+    /// Its stream sequence.
+    pub stream_seq: u64,
+    /// Its records as stored, decoded by the actor only when it applies
+    /// them (a replica's own messages come back and are skipped).
+    pub payload: Bytes,
+}
+
+impl Remote {
+    /// The records of the message, in seq order, all of `shard`.
+    pub fn records(&self, shard: u32, shards: u32) -> Result<Vec<Recovered>, String> {
+        crate::store::decode_records(&self.payload, shards)?
+            .into_iter()
+            .map(|(s, r)| {
+                if s == shard {
+                    Ok(r)
+                } else {
+                    Err(format!(
+                        "a record of shard {s} on the subject of shard {shard}"
+                    ))
+                }
+            })
+            .collect()
+    }
+}
+
+/// Why an append was not stored.
+#[derive(Debug)]
+pub enum AppendError {
+    /// Another message reached the subject first: catch up and decide again.
+    Conflict,
+    /// JetStream failed or did not answer in time.
+    Failed(std::io::Error),
+}
+
+/// What the replica's parts share: the stream, and how far the tail and
+/// the actors got (for the watermark).
+#[derive(Debug)]
+pub struct Replica {
+    js: jetstream::Context,
+    client: async_nats::Client,
+    hub_id: String,
+    /// The nodes of the region's other replicas and their acked cursors,
+    /// by replica (`REGION` acks cover them too).
+    others: parking_lot::Mutex<HashMap<String, OtherReplica>>,
+    stream: String,
+    prefix: String,
+    /// Per shard: stream sequence of the last message the tail handed to
+    /// its actor.
+    delivered: Vec<AtomicU64>,
+    /// Per shard: stream sequence of the last message its actor applied
+    /// (its own appends included).
+    applied: Vec<AtomicU64>,
+    /// Stream sequence of the last message the tail read (any subject).
+    read: AtomicU64,
+    /// Hub time at which this replica had provably applied every message
+    /// then in the stream; sessions' watermarks never pass it.
+    caught_up_us: AtomicU64,
+    /// Largest message the NATS server takes (its `max_payload`), less
+    /// room for headers.
+    max_message: usize,
+}
+
+impl Replica {
+    /// The newest watermark a session may send.
+    pub fn watermark_cap(&self) -> u64 {
+        self.caught_up_us.load(Ordering::Acquire)
+    }
+
+    /// Largest drain message this replica publishes.
+    pub fn max_message(&self) -> usize {
+        self.max_message
+    }
+
+    /// The stream's name.
+    pub fn stream_name(&self) -> &str {
+        &self.stream
+    }
+
+    fn caught_up_to(&self, last: u64) -> bool {
+        self.read.load(Ordering::Acquire) >= last
+            && self
+                .delivered
+                .iter()
+                .zip(&self.applied)
+                .all(|(d, a)| a.load(Ordering::Acquire) >= d.load(Ordering::Acquire))
+    }
+
+    /// Starts the tail and the watermark probe on `tracker`, until `stop`.
+    pub fn spawn(
+        self: &Arc<Self>,
+        tail: Tail,
+        clock: Clock,
+        probe_every: Duration,
+        stop: CancellationToken,
+        tracker: &TaskTracker,
+    ) {
+        tracker.spawn(run_tail(self.clone(), tail, stop.clone()));
+        tracker.spawn(run_probe(self.clone(), clock, probe_every, stop));
+    }
+}
+
+/// A shard actor's side of the replica.
+#[derive(Debug)]
+pub struct JsShard {
+    replica: Arc<Replica>,
+    shard: u32,
+    subject: String,
+    /// Stream sequence of the last message of this subject applied.
+    last: u64,
+    /// What the tail hands this shard.
+    pub remote: Option<mpsc::Receiver<Remote>>,
+}
+
+impl JsShard {
+    /// The hub's shard count.
+    pub fn shards(&self) -> u32 {
+        self.replica.delivered.len() as u32
+    }
+
+    /// Largest drain message to publish (the server's `max_payload`).
+    pub fn max_message(&self) -> usize {
+        self.replica.max_message
+    }
+
+    /// Stream sequence of the last message of this subject applied.
+    pub fn last(&self) -> u64 {
+        self.last
+    }
+
+    /// Records that the message at `stream_seq` was applied.
+    pub fn applied(&mut self, stream_seq: u64) {
+        self.last = self.last.max(stream_seq);
+        self.replica.applied[self.shard as usize].fetch_max(stream_seq, Ordering::AcqRel);
+    }
+
+    /// Appends one drain's records, stored only if the subject's last
+    /// message is still the last one this replica applied. Returns the
+    /// message's stream sequence.
+    pub async fn publish(&self, records: Vec<u8>) -> Result<u64, AppendError> {
+        let msg = jetstream::message::PublishMessage::build()
+            .payload(Bytes::from(records))
+            .expected_last_subject_sequence(self.last);
+        let sent = self
+            .replica
+            .js
+            .send_publish(self.subject.clone(), msg)
+            .await
+            .map_err(|e| AppendError::Failed(std::io::Error::other(format!("JetStream: {e}"))))?;
+        match sent.await {
+            Ok(ack) => Ok(ack.sequence),
+            Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => Err(AppendError::Conflict),
+            Err(e) => Err(AppendError::Failed(std::io::Error::other(format!(
+                "JetStream: {e}"
+            )))),
+        }
+    }
+
+    /// Stream sequence of the subject's last message in JetStream (0 when
+    /// it has none).
+    pub async fn subject_last(&self) -> Result<u64, std::io::Error> {
+        let stream = self
+            .replica
+            .js
+            .get_stream_no_info(&self.replica.stream)
+            .await
+            .map_err(|e| std::io::Error::other(format!("JetStream: {e}")))?;
+        match stream.get_last_raw_message_by_subject(&self.subject).await {
+            Ok(m) => Ok(m.sequence),
+            Err(e) if e.kind() == stream::LastRawMessageErrorKind::NoMessageFound => Ok(0),
+            Err(e) => Err(std::io::Error::other(format!("JetStream: {e}"))),
+        }
+    }
+}
+
+/// The tail's state after recovery: where it goes on reading.
+#[derive(Debug)]
+pub struct Tail {
+    next_seq: u64,
+    senders: Vec<mpsc::Sender<Remote>>,
+}
+
+/// The log as opened from JetStream.
+#[derive(Debug)]
+pub struct Opened {
+    /// The region's epoch.
+    pub epoch: u64,
+    /// Every shard's memory, rebuilt from the stream.
+    pub memories: Vec<ShardMemory>,
+    /// Every shard actor's side, by index.
+    pub shards: Vec<JsShard>,
+    /// What the parts share.
+    pub replica: Arc<Replica>,
+    /// The tail, to start with [`Replica::spawn`].
+    pub tail: Tail,
+}
+
+fn refuse(what: impl std::fmt::Display) -> OpenError {
+    OpenError::JetStream(what.to_string())
+}
+
+/// The stream of `region`: JetStream names allow letters, digits, `-`, `_`.
+fn stream_name(region: &str) -> String {
+    let name: String = region
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c.to_ascii_uppercase()
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    format!("FRESHNESS_{name}")
+}
+
+/// Subject prefix of `region` (a subject token has no `.`, `*`, `>`).
+fn subject_prefix(region: &str) -> String {
+    format!("freshness.{}", region.replace(['.', '*', '>', ' '], "_"))
+}
+
+/// Connects to JetStream, finds or creates the region's stream and epoch,
+/// and reads the stream into every shard's memory. Every failure is one
+/// line (exit 64): unreachable, JetStream disabled, a stream of another
+/// shard count.
+pub async fn open(config: &Config) -> Result<Opened, OpenError> {
+    let urls: Vec<String> = config.nats_urls();
+    let mut options = async_nats::ConnectOptions::new()
+        .name(format!("freshness-hub {}", config.hub_id))
+        .connection_timeout(CONNECT_TIMEOUT)
+        .max_reconnects(None);
+    if let Some(creds) = &config.nats_creds {
+        options = options.credentials_file(creds).await.map_err(|e| {
+            refuse(format!(
+                "nats_creds = {}: cannot read the credentials: {e}",
+                creds.display()
+            ))
+        })?;
+    }
+    let client = tokio::time::timeout(CONNECT_TIMEOUT, options.connect(urls.clone()))
+        .await
+        .map_err(|_| {
+            refuse(format!(
+                "cannot reach NATS at {} within {CONNECT_TIMEOUT:?}",
+                urls.join(",")
+            ))
+        })?
+        .map_err(|e| refuse(format!("cannot reach NATS at {}: {e}", urls.join(","))))?;
+    let max_message = client
+        .server_info()
+        .max_payload
+        .saturating_sub(4096)
+        .max(4096);
+    let js = jetstream::ContextBuilder::new()
+        .timeout(REQUEST_TIMEOUT)
+        .build(client.clone());
+    let name = stream_name(&config.region);
+    let prefix = subject_prefix(&config.region);
+    let per_subject = i64::try_from(config.log_events_per_shard().max(1)).unwrap_or(i64::MAX);
+    let mut stream = js
+        .get_or_create_stream(stream::Config {
+            name: name.clone(),
+            subjects: vec![format!("{prefix}.>")],
+            storage: stream::StorageType::File,
+            num_replicas: config.jetstream_replicas,
+            max_messages_per_subject: per_subject,
+            allow_direct: false,
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| {
+            refuse(format!(
+                "JetStream at {}: cannot create or find stream {name} ({} replicas): {e}",
+                urls.join(","),
+                config.jetstream_replicas
+            ))
+        })?;
+    let epoch = region_epoch(&js, &stream, &prefix, config.shards).await?;
+    let info = stream
+        .info()
+        .await
+        .map_err(|e| refuse(format!("JetStream stream {name}: {e}")))?
+        .clone();
+    let last = info.state.last_sequence;
+
+    let shards = config.shards as usize;
+    let mut memories: Vec<Option<ShardMemory>> = (0..shards).map(|_| None).collect();
+    let mut lasts = vec![0u64; shards];
+    let mut next_seq = 1;
+    let mut records = 0u64;
+    if last > 0 && info.state.messages > 0 {
+        let mut messages = ordered(&stream, 1).await?;
+        while next_seq <= last {
+            let m = match tokio::time::timeout(REQUEST_TIMEOUT * 5, messages.next()).await {
+                Ok(Some(Ok(m))) => m,
+                Ok(Some(Err(e))) => {
+                    return Err(refuse(format!("JetStream stream {name}: reading: {e}")));
+                }
+                Ok(None) | Err(_) => {
+                    return Err(refuse(format!(
+                        "JetStream stream {name}: reading stopped at {next_seq} of {last}"
+                    )));
+                }
+            };
+            let Ok(seq) = m.info().map(|i| i.stream_sequence) else {
+                continue;
+            };
+            next_seq = seq + 1;
+            let Some(shard) = shard_of(&prefix, m.subject.as_str(), config.shards) else {
+                continue;
+            };
+            let decoded = crate::store::decode_records(&m.payload, config.shards)
+                .map_err(|e| refuse(format!("JetStream stream {name}, message {seq}: {e}")))?;
+            for (s, r) in decoded {
+                if s != shard {
+                    return Err(refuse(format!(
+                        "JetStream stream {name}, message {seq}: a record of shard {s} on the subject of shard {shard}"
+                    )));
+                }
+                records += 1;
+                let mem =
+                    memories[shard as usize].get_or_insert_with(|| config.shard_memory(r.seq));
+                if r.seq != mem.log().head() + 1 {
+                    return Err(refuse(format!(
+                        "JetStream stream {name}, message {seq}: shard {shard} seq {} after {}",
+                        r.seq,
+                        mem.log().head()
+                    )));
+                }
+                mem.restore(r.seq, r.entry);
+            }
+            lasts[shard as usize] = seq;
+        }
+    }
+    let replica = Arc::new(Replica {
+        js,
+        client,
+        hub_id: config.hub_id.clone(),
+        others: parking_lot::Mutex::new(HashMap::new()),
+        stream: name.clone(),
+        prefix: prefix.clone(),
+        delivered: lasts.iter().map(|l| AtomicU64::new(*l)).collect(),
+        applied: lasts.iter().map(|l| AtomicU64::new(*l)).collect(),
+        read: AtomicU64::new(next_seq - 1),
+        caught_up_us: AtomicU64::new(0),
+        max_message,
+    });
+    let mut senders = Vec::with_capacity(shards);
+    let mut actor_sides = Vec::with_capacity(shards);
+    for (i, l) in lasts.iter().enumerate() {
+        let (tx, rx) = mpsc::channel(REMOTE_QUEUE);
+        senders.push(tx);
+        actor_sides.push(JsShard {
+            replica: replica.clone(),
+            shard: i as u32,
+            subject: format!("{prefix}.s.{i}"),
+            last: *l,
+            remote: Some(rx),
+        });
+    }
+    tracing::info!(
+        stream = %name,
+        epoch,
+        records,
+        messages = info.state.messages,
+        replicas = config.jetstream_replicas,
+        "JetStream log opened"
+    );
+    Ok(Opened {
+        epoch,
+        memories: memories
+            .into_iter()
+            .map(|m| m.unwrap_or_else(|| config.shard_memory(1)))
+            .collect(),
+        shards: actor_sides,
+        replica,
+        tail: Tail { next_seq, senders },
+    })
+}
+
+/// The region's epoch from the meta subject, written by the first replica
+/// that finds none (expected subject sequence 0: one writer wins).
+async fn region_epoch(
+    js: &jetstream::Context,
+    stream: &stream::Stream,
+    prefix: &str,
+    shards: u32,
+) -> Result<u64, OpenError> {
+    let subject = format!("{prefix}.meta");
+    for _ in 0..3 {
+        match stream.get_last_raw_message_by_subject(&subject).await {
+            Ok(m) => {
+                let text = String::from_utf8_lossy(&m.payload);
+                let (epoch, theirs) = parse_meta(&text)
+                    .ok_or_else(|| refuse(format!("JetStream {subject}: unreadable {text:?}")))?;
+                if theirs != shards {
+                    return Err(refuse(format!(
+                        "shards = {shards}: the region's JetStream log has {theirs} shards"
+                    )));
+                }
+                return Ok(epoch);
+            }
+            Err(e) if e.kind() == stream::LastRawMessageErrorKind::NoMessageFound => {
+                let epoch = crate::store::new_epoch_value();
+                let msg = jetstream::message::PublishMessage::build()
+                    .payload(Bytes::from(format!("epoch={epoch} shards={shards}")))
+                    .expected_last_subject_sequence(0);
+                let ack = js
+                    .send_publish(subject.clone(), msg)
+                    .await
+                    .map_err(|e| refuse(format!("JetStream {subject}: {e}")))?
+                    .await;
+                match ack {
+                    Ok(_) => {
+                        tracing::info!(epoch, "new epoch: the region's JetStream log was empty");
+                        return Ok(epoch);
+                    }
+                    // Another replica wrote it first: read theirs.
+                    Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => continue,
+                    Err(e) => return Err(refuse(format!("JetStream {subject}: {e}"))),
+                }
+            }
+            Err(e) => return Err(refuse(format!("JetStream {subject}: {e}"))),
+        }
+    }
+    Err(refuse(format!(
+        "JetStream {subject}: no epoch could be read"
+    )))
+}
+
+fn parse_meta(text: &str) -> Option<(u64, u32)> {
+    let mut epoch = None;
+    let mut shards = None;
+    for part in text.split_whitespace() {
+        match part.split_once('=') {
+            Some(("epoch", v)) => epoch = v.parse().ok(),
+            Some(("shards", v)) => shards = v.parse().ok(),
+            _ => {}
+        }
+    }
+    Some((epoch?, shards?))
+}
+
+fn shard_of(prefix: &str, subject: &str, shards: u32) -> Option<u32> {
+    let s: u32 = subject
+        .strip_prefix(prefix)?
+        .strip_prefix(".s.")?
+        .parse()
+        .ok()?;
+    (s < shards).then_some(s)
+}
+
+async fn ordered<I>(
+    stream: &stream::Stream<I>,
+    from: u64,
+) -> Result<consumer::pull::Ordered, OpenError> {
+    let consumer = stream
+        .create_consumer(consumer::pull::OrderedConfig {
+            deliver_policy: consumer::DeliverPolicy::ByStartSequence {
+                start_sequence: from.max(1),
+            },
+            // Pulls that expire after 2 s carry heartbeats every second, so
+            // a consumer lost with a restarted server is noticed and made
+            // again within seconds, not the default half minute.
+            max_expires: TAIL_EXPIRES,
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| refuse(format!("JetStream consumer: {e}")))?;
+    consumer
+        .messages()
+        .await
+        .map_err(|e| refuse(format!("JetStream consumer: {e}")))
+}
+
+/// Reads the stream from where recovery stopped and hands every shard
+/// message to its actor; reconnects (from the next unread sequence) when
+/// the consumer fails.
+async fn run_tail(replica: Arc<Replica>, mut tail: Tail, stop: CancellationToken) {
+    let shards = tail.senders.len() as u32;
+    let mut failures = 0u32;
+    while !stop.is_cancelled() {
+        let stream = match replica.js.get_stream_no_info(&replica.stream).await {
+            Ok(s) => s,
+            Err(e) => {
+                tail_failed(&mut failures, &e.to_string(), &stop).await;
+                continue;
+            }
+        };
+        let mut messages = match ordered(&stream, tail.next_seq).await {
+            Ok(m) => m,
+            Err(e) => {
+                tail_failed(&mut failures, &e.to_string(), &stop).await;
+                continue;
+            }
+        };
+        loop {
+            let m = tokio::select! {
+                m = messages.next() => m,
+                () = stop.cancelled() => return,
+            };
+            let m = match m {
+                Some(Ok(m)) => m,
+                Some(Err(e)) => {
+                    // Made again from the next unread message.
+                    tracing::debug!(error = %e, "JetStream tail: consumer error");
+                    break;
+                }
+                None => break,
+            };
+            failures = 0;
+            let Ok(seq) = m.info().map(|i| i.stream_sequence) else {
+                continue;
+            };
+            if seq < tail.next_seq {
+                continue;
+            }
+            if let Some(shard) = shard_of(&replica.prefix, m.subject.as_str(), shards) {
+                replica.delivered[shard as usize].fetch_max(seq, Ordering::AcqRel);
+                let remote = Remote {
+                    stream_seq: seq,
+                    payload: m.payload.clone(),
+                };
+                tokio::select! {
+                    r = tail.senders[shard as usize].send(remote) => if r.is_err() { return },
+                    () = stop.cancelled() => return,
+                }
+            }
+            tail.next_seq = seq + 1;
+            replica.read.fetch_max(seq, Ordering::AcqRel);
+        }
+    }
+}
+
+async fn tail_failed(failures: &mut u32, error: &str, stop: &CancellationToken) {
+    *failures += 1;
+    if *failures == 1 {
+        tracing::warn!(error, "JetStream tail stopped; retrying");
+    }
+    let wait = Duration::from_millis(100 * u64::from((*failures).min(20)));
+    tokio::select! {
+        () = tokio::time::sleep(wait) => {}
+        () = stop.cancelled() => {}
+    }
+}
+
+/// Moves the watermark cap: asks JetStream for the stream's last sequence
+/// at hub time `t`, waits until the tail and the actors applied it, then
+/// lets watermarks reach `t`. While JetStream does not answer, the cap
+/// stays where it is, so nodes' watermarks stop (G1, G4).
+async fn run_probe(replica: Arc<Replica>, clock: Clock, every: Duration, stop: CancellationToken) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            () = stop.cancelled() => return,
+        }
+        let t = clock.now_us();
+        let stream = match replica.js.get_stream_no_info(&replica.stream).await {
+            Ok(s) => s,
+            Err(_) => continue,
+        };
+        let Ok(info) = stream.get_info().await else {
+            continue;
+        };
+        let last = info.state.last_sequence;
+        let deadline = tokio::time::Instant::now() + REQUEST_TIMEOUT;
+        while !replica.caught_up_to(last) && tokio::time::Instant::now() < deadline {
+            tokio::select! {
+                () = tokio::time::sleep(Duration::from_millis(2)) => {}
+                () = stop.cancelled() => return,
+            }
+        }
+        if replica.caught_up_to(last) {
+            replica.caught_up_us.fetch_max(t, Ordering::AcqRel);
+        }
+    }
+}
+
+/// One other replica's nodes, as its last messages said.
+#[derive(Debug)]
+struct OtherReplica {
+    /// When its last full list arrived; silent for [`OTHERS_EXPIRE`], it
+    /// is forgotten (it died, or lost NATS).
+    seen: tokio::time::Instant,
+    nodes: HashMap<String, SharedNode>,
+}
+
+/// A node's acked cursor as one replica shares it with the others.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+struct SharedNode {
+    id: String,
+    /// Namespaces, sorted; empty means all.
+    filter: Vec<String>,
+    acked: Vec<u64>,
+}
+
+/// What one replica sends on `<prefix>.acks.<hub_id>`.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+struct AckShare {
+    hub: String,
+    /// Every node of the replica (else only those that changed).
+    full: bool,
+    nodes: Vec<SharedNode>,
+    /// Nodes that left it.
+    gone: Vec<String>,
+}
+
+/// How often a replica sends its nodes' changed acks.
+const SHARE_EVERY: Duration = Duration::from_millis(5);
+/// How often it sends the full list (also its sign of life).
+const SHARE_FULL_EVERY: Duration = Duration::from_secs(1);
+/// A replica not heard from for this long is forgotten.
+const OTHERS_EXPIRE: Duration = Duration::from_secs(3);
+
+impl Replica {
+    /// True when another replica's node `id` has acked `need` (shard
+    /// index, seq) in the region's seqs.
+    pub fn other_node_acked(&self, id: &str, need: &[(usize, u64)]) -> bool {
+        let now = tokio::time::Instant::now();
+        self.others.lock().values().any(|r| {
+            now.duration_since(r.seen) < OTHERS_EXPIRE
+                && r.nodes.get(id).is_some_and(|n| {
+                    need.iter()
+                        .all(|(s, seq)| n.acked.get(*s).is_some_and(|a| a >= seq))
+                })
+        })
+    }
+
+    /// The nodes of the other replicas: id and namespace filter.
+    pub fn other_nodes(&self) -> Vec<(String, Vec<String>)> {
+        let now = tokio::time::Instant::now();
+        let mut out: Vec<(String, Vec<String>)> = self
+            .others
+            .lock()
+            .values()
+            .filter(|r| now.duration_since(r.seen) < OTHERS_EXPIRE)
+            .flat_map(|r| r.nodes.values().map(|n| (n.id.clone(), n.filter.clone())))
+            .collect();
+        out.sort();
+        out.dedup_by(|a, b| a.0 == b.0);
+        out
+    }
+
+    fn take_share(&self, share: AckShare) {
+        if share.hub == self.hub_id {
+            return;
+        }
+        let mut others = self.others.lock();
+        let now = tokio::time::Instant::now();
+        let r = others.entry(share.hub).or_insert_with(|| OtherReplica {
+            seen: now,
+            nodes: HashMap::new(),
+        });
+        if share.full {
+            r.seen = now;
+            r.nodes.clear();
+        }
+        for id in share.gone {
+            r.nodes.remove(&id);
+        }
+        for n in share.nodes {
+            r.nodes.insert(n.id.clone(), n);
+        }
+        others.retain(|_, r| now.duration_since(r.seen) < OTHERS_EXPIRE);
+    }
+}
+
+/// Shares this replica's nodes' acked cursors with the region's other
+/// replicas over core NATS (not the stream: they are soft state), and takes
+/// theirs, so that a `REGION` publish at any replica waits for the nodes
+/// of all of them. `local` lists this replica's cache nodes; `changed` is
+/// called when another replica's acks arrive (to wake `REGION` waiters).
+pub async fn share_acks<L, C>(replica: Arc<Replica>, local: L, changed: C, stop: CancellationToken)
+where
+    L: Fn() -> Option<Vec<(String, Vec<String>, Vec<u64>)>>,
+    C: Fn(),
+{
+    let prefix = &replica.prefix;
+    let mine = format!(
+        "{prefix}.acks.{}",
+        replica.hub_id.replace(['.', '*', '>', ' '], "_")
+    );
+    let mut sub = match replica.client.subscribe(format!("{prefix}.acks.*")).await {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot share REGION acks with the other replicas");
+            return;
+        }
+    };
+    let mut sent: HashMap<String, SharedNode> = HashMap::new();
+    let mut tick = tokio::time::interval(SHARE_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_full = tokio::time::Instant::now() - SHARE_FULL_EVERY;
+    loop {
+        tokio::select! {
+            m = sub.next() => {
+                let Some(m) = m else { return };
+                if let Ok(share) = serde_json::from_slice::<AckShare>(&m.payload) {
+                    replica.take_share(share);
+                    changed();
+                }
+            }
+            _ = tick.tick() => {
+                let Some(nodes) = local() else { return };
+                let full = last_full.elapsed() >= SHARE_FULL_EVERY;
+                let now: HashMap<String, SharedNode> = nodes
+                    .into_iter()
+                    .map(|(id, filter, acked)| (id.clone(), SharedNode { id, filter, acked }))
+                    .collect();
+                let gone: Vec<String> =
+                    sent.keys().filter(|k| !now.contains_key(*k)).cloned().collect();
+                let nodes: Vec<SharedNode> = now
+                    .values()
+                    .filter(|n| full || sent.get(&n.id) != Some(*n))
+                    .cloned()
+                    .collect();
+                if !full && nodes.is_empty() && gone.is_empty() {
+                    continue;
+                }
+                let share = AckShare { hub: replica.hub_id.clone(), full, nodes, gone };
+                let Ok(payload) = serde_json::to_vec(&share) else { continue };
+                // Soft state: a share lost while NATS is away is sent again
+                // in full within a second.
+                if replica.client.publish(mine.clone(), payload.into()).await.is_ok() {
+                    sent = now;
+                    if full {
+                        last_full = tokio::time::Instant::now();
+                    }
+                }
+            }
+            () = stop.cancelled() => return,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_and_subjects() {
+        assert_eq!(stream_name("eu-west.1"), "FRESHNESS_EU-WEST_1");
+        assert_eq!(subject_prefix("eu.west"), "freshness.eu_west");
+        assert_eq!(shard_of("freshness.r", "freshness.r.s.7", 8), Some(7));
+        assert_eq!(shard_of("freshness.r", "freshness.r.s.8", 8), None);
+        assert_eq!(shard_of("freshness.r", "freshness.r.meta", 8), None);
+        assert_eq!(parse_meta("epoch=5 shards=64"), Some((5, 64)));
+        assert_eq!(parse_meta("epoch=5"), None);
+    }
+}
