@@ -461,18 +461,7 @@ def check_hub_contract(
         name,
         "the hub would refuse to start: no TLS and auth source, and not insecure",
     )
-    for key, volume in SECURITY_FILES.items():
-        if key not in config:
-            continue
-        mount = mounts.get(volume)
-        failures.check(
-            mount is not None
-            and mount.get("readOnly") is True
-            and config[key].startswith(mount["mountPath"].rstrip("/") + "/"),
-            name,
-            f"{key} {config[key]} is not in the read-only {volume} volume",
-        )
-        failures.check(volume in volumes, name, f"no {volume} volume for {key}")
+    check_security_mounts(name, config, container, pod, failures)
     ports = {p.get("containerPort") for p in container.get("ports", [])}
     failures.check(
         {GRPC_PORT, METRICS_PORT} <= ports, name, "container does not expose 50051 and 9464"
@@ -517,6 +506,39 @@ def check_hub_contract(
     return config
 
 
+def check_security_mounts(
+    name: str,
+    config: dict[str, Any],
+    container: dict[str, Any],
+    pod: dict[str, Any],
+    failures: Failures,
+) -> None:
+    """Every TLS and auth file the config names is in a read-only volume of
+    the pod; with TLS the probes are TCP ones (the kubelet's gRPC probe is
+    plain text only)."""
+    mounts = {m["name"]: m for m in container.get("volumeMounts", [])}
+    volumes = {v["name"]: v for v in pod.get("volumes", [])}
+    for key, volume in SECURITY_FILES.items():
+        if key not in config:
+            continue
+        mount = mounts.get(volume)
+        failures.check(
+            mount is not None
+            and mount.get("readOnly") is True
+            and config[key].startswith(mount["mountPath"].rstrip("/") + "/"),
+            name,
+            f"{key} {config[key]} is not in the read-only {volume} volume",
+        )
+        failures.check(volume in volumes, name, f"no {volume} volume for {key}")
+    tls = "tls_cert" in config
+    for probe in ("livenessProbe", "readinessProbe"):
+        kind = "tcpSocket" if tls else "grpc"
+        port = container.get(probe, {}).get(kind, {}).get("port")
+        failures.check(
+            port == GRPC_PORT, name, f"{probe} is not a {kind} probe on {GRPC_PORT}"
+        )
+
+
 def check_jetstream(
     name: str,
     values: dict[str, Any],
@@ -559,6 +581,7 @@ def check_jetstream(
         name,
         "FRESHNESS_NATS_URL is not from the Secret",
     )
+    check_security_mounts(name, config, container, pod, failures)
     args = container.get("args", [])
     failures.check("--data-dir" not in args, name, "a data directory with jetstream")
     if js.get("credsKey"):
@@ -578,9 +601,6 @@ def check_jetstream(
         )
     anti = pod.get("affinity", {}).get("podAntiAffinity", {})
     failures.check(bool(anti), name, "no pod anti-affinity between hub replicas")
-    for probe in ("livenessProbe", "readinessProbe"):
-        port = container.get(probe, {}).get("grpc", {}).get("port")
-        failures.check(port == GRPC_PORT, name, f"{probe} is not a native gRPC probe")
     pdbs = by_kind(manifests, "PodDisruptionBudget")
     failures.check(len(pdbs) == 1, name, "no PodDisruptionBudget")
     selector = deployment["spec"]["selector"]["matchLabels"]
@@ -1029,6 +1049,12 @@ def main() -> int:
     value_sets.append(("relay", RELAY))
     value_sets.append(("TLS from a Secret, tokens, a policy", TLS_SECRET_TOKENS))
     value_sets.append(("jetstream", JETSTREAM))
+    value_sets.append(
+        (
+            "jetstream over TLS with tokens",
+            {**{k: v for k, v in JETSTREAM.items() if k != "insecure"}, **TLS_SECRET_TOKENS},
+        )
+    )
     value_sets.append(
         ("jetstream defaults", {"insecure": True, "jetstream": {"enabled": True, "secretName": "nats"}})
     )

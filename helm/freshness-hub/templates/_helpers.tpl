@@ -220,3 +220,91 @@ app.kubernetes.io/component: relay
 app.kubernetes.io/part-of: freshness
 app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- end }}
+
+{{/*
+The probes: native gRPC ones on plain text; with TLS the port is probed, as
+the kubelet's gRPC probe speaks only plain text. Shared by the StatefulSet
+and the JetStream Deployment.
+*/}}
+{{- define "freshness-hub.probes" -}}
+{{- if include "freshness-hub.tlsSecret" . }}
+# The kubelet's gRPC probe speaks only plain text: with TLS, the
+# port is probed.
+livenessProbe:
+  tcpSocket:
+    port: 50051
+  {{- toYaml .Values.probes.liveness | nindent 2 }}
+readinessProbe:
+  tcpSocket:
+    port: 50051
+  {{- toYaml .Values.probes.readiness | nindent 2 }}
+{{- else }}
+livenessProbe:
+  grpc:
+    port: 50051
+  {{- toYaml .Values.probes.liveness | nindent 2 }}
+readinessProbe:
+  grpc:
+    port: 50051
+    service: freshness.v1.Hub
+  {{- toYaml .Values.probes.readiness | nindent 2 }}
+{{- end }}
+{{- end }}
+
+{{/*
+The TLS and auth files' mounts and volumes (certificate, key and CA; the
+policy; the token file; the JWKS), reloaded by the hub when they change.
+*/}}
+{{- define "freshness-hub.securityMounts" -}}
+{{- if include "freshness-hub.tlsSecret" . }}
+# Certificate, key and CA; the hub reloads them when the Secret
+# is updated (cert-manager's renewals).
+- name: tls
+  mountPath: {{ include "freshness-hub.tlsDir" . }}
+  readOnly: true
+{{- end }}
+{{- if .Values.auth.policy }}
+- name: policy
+  mountPath: {{ include "freshness-hub.authDir" . }}/policy
+  readOnly: true
+{{- end }}
+{{- if .Values.auth.tokensSecret }}
+- name: tokens
+  mountPath: {{ include "freshness-hub.authDir" . }}/tokens
+  readOnly: true
+{{- end }}
+{{- if .Values.auth.jwksSecret }}
+- name: jwks
+  mountPath: {{ include "freshness-hub.authDir" . }}/jwks
+  readOnly: true
+{{- end }}
+{{- end }}
+
+{{- define "freshness-hub.securityVolumes" -}}
+{{- with include "freshness-hub.tlsSecret" . }}
+- name: tls
+  secret:
+    secretName: {{ . }}
+{{- end }}
+{{- if .Values.auth.policy }}
+- name: policy
+  configMap:
+    name: {{ include "freshness-hub.fullname" . }}-policy
+{{- end }}
+{{- with .Values.auth.tokensSecret }}
+- name: tokens
+  secret:
+    secretName: {{ . }}
+    items:
+      - key: tokens
+        path: tokens
+{{- end }}
+{{- with .Values.auth.jwksSecret }}
+- name: jwks
+  secret:
+    secretName: {{ . }}
+    items:
+      - key: jwks.json
+        path: jwks.json
+{{- end }}
+{{- end }}
