@@ -36,7 +36,7 @@ use anyhow::Context;
 use freshness::Version;
 use freshness_client::Publisher;
 use freshness_tests::proxy::FaultProxy;
-use freshness_tests::{TestHub, bind, test_config};
+use freshness_tests::{TestHub, test_config};
 use hdrhistogram::Histogram;
 use parking_lot::Mutex;
 use rand::rngs::StdRng;
@@ -224,7 +224,7 @@ impl World {
             .prefix("freshness-chaos-agent-")
             .tempdir()
             .context("a data directory for the hub")?;
-        let listener = bind().await;
+        let listener = procs::bind_restartable().await?;
         let hub_addr = listener.local_addr().context("hub address")?;
         let mut config = test_config();
         config.hub_id = "hub-agent-world".into();

@@ -34,7 +34,7 @@ use freshness_client::{
     Backoff, EventBatch, Handler, HandlerError, Publisher, Reset, Subscriber, SubscriberHandle,
     outbox,
 };
-use freshness_tests::{TestHub, bind, test_config};
+use freshness_tests::{TestHub, test_config};
 use parking_lot::Mutex;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -304,7 +304,7 @@ impl World {
             .prefix("freshness-chaos-relay-")
             .tempdir()
             .context("a data directory for the hub")?;
-        let listener = bind().await;
+        let listener = procs::bind_restartable().await?;
         let hub_addr = listener.local_addr().context("hub address")?;
         let mut config = test_config();
         config.hub_id = "hub-relay-world".into();
