@@ -27,7 +27,7 @@
 //! - **Quiescence**: after the faults heal and writers stop, no Redis holds
 //!   a value older than the newest committed version of its entity.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -80,6 +80,14 @@ type ReadReply = (Option<String>, Option<u64>, (u64, u64));
 /// `freshness:feed` state, `fence_until` and Redis' `TIME`.
 type FeedAndFence = (Option<String>, Option<u64>, (u64, u64));
 
+/// What a fault of the agent world acts on.
+fn busy_key(kind: FaultKind, target: usize) -> String {
+    match kind {
+        FaultKind::HubRestart => "hub".into(),
+        _ => format!("agent-{target}"),
+    }
+}
+
 /// The agent world a seed stands for.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AgentPlan {
@@ -111,10 +119,7 @@ impl AgentPlan {
                 (FaultKind::AgentPause, agents, (300, 1_500)),
                 (FaultKind::AgentPartition, agents, (600, 1_800)),
             ],
-            |kind, target| match kind {
-                FaultKind::HubRestart => "hub".into(),
-                _ => format!("agent-{target}"),
-            },
+            busy_key,
         );
         Self {
             seed,
@@ -199,6 +204,9 @@ struct World {
     stats: Stats,
     faults: Mutex<BTreeMap<FaultKind, u64>>,
     faults_log: Mutex<Vec<(Instant, String)>>,
+    /// One lock per fault target: a fault waits until the one before it on
+    /// the same target (a restart slower than its slot) has finished.
+    fault_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     violations: Mutex<Vec<Violation>>,
     /// Broken on purpose (the checker's own tests).
     flaw: Option<Flaw>,
@@ -261,6 +269,7 @@ impl World {
             stats: Stats::default(),
             faults: Mutex::new(BTreeMap::new()),
             faults_log: Mutex::new(Vec::new()),
+            fault_locks: Mutex::new(HashMap::new()),
             violations: Mutex::new(Vec::new()),
             flaw,
             _data: data,
@@ -644,6 +653,13 @@ impl World {
 
     async fn fault(self: Arc<Self>, f: ProcFault, t0: Instant) -> anyhow::Result<()> {
         sleep_until(t0 + f.at).await;
+        let lock = self
+            .fault_locks
+            .lock()
+            .entry(busy_key(f.kind, f.target))
+            .or_default()
+            .clone();
+        let _target = lock.lock().await;
         *self.faults.lock().entry(f.kind).or_default() += 1;
         self.faults_log.lock().push((
             Instant::now(),
