@@ -13,10 +13,12 @@
 //! directory, an agent stopped with SIGSTOP, an agent's link to the hub cut.
 //!
 //! Checks:
-//! - **Reads** are judged as in the hub world ([`check::judge`]); a late
-//!   read is a violation when neither its agent nor the hub had a fault
-//!   within [`RECOVERY`] before it (otherwise it is counted as served by
-//!   policy: no agent can delete what it does not hear of).
+//! - **Reads** are judged as in the hub world ([`check::judge`]): a late
+//!   read is a violation when the agent's feed, as `freshness:feed` in the
+//!   same Redis said in the same pipeline as the `GET`, was fresh within
+//!   [`MAX_STALENESS`] (an app that checks the feed had no reason to doubt
+//!   the key); otherwise it is counted as served by policy (a killed,
+//!   stopped or cut-off agent deletes nothing).
 //! - **Fail closed**: once the feed of an agent has been cut (hub down,
 //!   agent killed, stopped or cut off) for longer than
 //!   [`FAIL_CLOSED_AFTER`], a `price` fill must be refused (the library
@@ -25,7 +27,7 @@
 //! - **Quiescence**: after the faults heal and writers stop, no Redis holds
 //!   a value older than the newest committed version of its entity.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -34,7 +36,7 @@ use anyhow::Context;
 use freshness::Version;
 use freshness_client::Publisher;
 use freshness_tests::proxy::FaultProxy;
-use freshness_tests::{TestHub, bind, test_config};
+use freshness_tests::{TestHub, test_config};
 use hdrhistogram::Histogram;
 use parking_lot::Mutex;
 use rand::rngs::StdRng;
@@ -45,7 +47,7 @@ use tokio::time::{Instant, sleep, sleep_until, timeout};
 use tokio_util::sync::CancellationToken;
 
 use crate::Flaw;
-use crate::check::{self, Links, Verdict};
+use crate::check::{self, Links, MAX_STALENESS, Verdict};
 use crate::plan::{self, FaultKind, ProcFault, SHARDS, schedule_procs};
 use crate::procs::{self, OwnRedis, child_log, poll_until};
 use crate::report::{SeedReport, Violation, new_histogram};
@@ -59,9 +61,6 @@ const FEED_INTERVAL: Duration = Duration::from_millis(50);
 /// the feed writer, and 450 ms for a loaded machine.
 pub const FAIL_CLOSED_AFTER: Duration =
     Duration::from_millis(PRICE_BOUND.as_millis() as u64 + FEED_INTERVAL.as_millis() as u64 + 450);
-/// A fault's shadow: reads within this long after it healed are not held
-/// to the bound (the agent restarts, resumes and catches up).
-pub const RECOVERY: Duration = Duration::from_secs(3);
 /// Tombstone TTL of the agents (also how long fills are fenced after a
 /// clean start or a reset); readers' fills take milliseconds.
 const TOMBSTONE_TTL: &str = "1s";
@@ -74,8 +73,20 @@ const REPORTED: usize = 8;
 const CALL_TIMEOUT: Duration = Duration::from_secs(2);
 const SALT: u64 = 0x0020_a6e7_0020_a6e7;
 
+/// A read: the key's value, `freshness:feed`'s `fresh_at_ms` and Redis'
+/// `TIME`.
+type ReadReply = (Option<String>, Option<u64>, (u64, u64));
+
 /// `freshness:feed` state, `fence_until` and Redis' `TIME`.
 type FeedAndFence = (Option<String>, Option<u64>, (u64, u64));
+
+/// What a fault of the agent world acts on.
+fn busy_key(kind: FaultKind, target: usize) -> String {
+    match kind {
+        FaultKind::HubRestart => "hub".into(),
+        _ => format!("agent-{target}"),
+    }
+}
 
 /// The agent world a seed stands for.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -108,10 +119,7 @@ impl AgentPlan {
                 (FaultKind::AgentPause, agents, (300, 1_500)),
                 (FaultKind::AgentPartition, agents, (600, 1_800)),
             ],
-            |kind, target| match kind {
-                FaultKind::HubRestart => "hub".into(),
-                _ => format!("agent-{target}"),
-            },
+            busy_key,
         );
         Self {
             seed,
@@ -154,8 +162,6 @@ struct Health {
     /// The feed cut since then; `true` while the agent itself runs (it can
     /// delete keys), `false` while it is killed or stopped.
     cut: Option<(Instant, bool)>,
-    /// Reads are held to the bound from then on.
-    calm_from: Instant,
 }
 
 struct Agent {
@@ -198,6 +204,9 @@ struct World {
     stats: Stats,
     faults: Mutex<BTreeMap<FaultKind, u64>>,
     faults_log: Mutex<Vec<(Instant, String)>>,
+    /// One lock per fault target: a fault waits until the one before it on
+    /// the same target (a restart slower than its slot) has finished.
+    fault_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     violations: Mutex<Vec<Violation>>,
     /// Broken on purpose (the checker's own tests).
     flaw: Option<Flaw>,
@@ -223,7 +232,7 @@ impl World {
             .prefix("freshness-chaos-agent-")
             .tempdir()
             .context("a data directory for the hub")?;
-        let listener = bind().await;
+        let listener = procs::bind_restartable().await?;
         let hub_addr = listener.local_addr().context("hub address")?;
         let mut config = test_config();
         config.hub_id = "hub-agent-world".into();
@@ -244,10 +253,7 @@ impl World {
                 redis: tokio::sync::Mutex::new(redis),
                 proxy: FaultProxy::start(hub_addr).await,
                 child: tokio::sync::Mutex::new(None),
-                health: Mutex::new(Health {
-                    cut: None,
-                    calm_from: Instant::now(),
-                }),
+                health: Mutex::new(Health { cut: None }),
             });
         }
         let world = Arc::new(Self {
@@ -263,6 +269,7 @@ impl World {
             stats: Stats::default(),
             faults: Mutex::new(BTreeMap::new()),
             faults_log: Mutex::new(Vec::new()),
+            fault_locks: Mutex::new(HashMap::new()),
             violations: Mutex::new(Vec::new()),
             flaw,
             _data: data,
@@ -407,11 +414,6 @@ impl World {
         (now.saturating_duration_since(since) > FAIL_CLOSED_AFTER).then_some(alive)
     }
 
-    fn calm(&self, a: usize, at: Instant) -> bool {
-        let h = *self.agents[a].health.lock();
-        h.cut.is_none() && at >= h.calm_from
-    }
-
     /// Reads through agent `a`'s Redis until `stop`; returns the staleness
     /// histogram of its reads (µs).
     async fn reader(
@@ -442,15 +444,34 @@ impl World {
             let price = entity.namespace() == "price";
             let began = Instant::now();
             let closed_before = self.closed(a, began);
-            let got: redis::RedisResult<Option<String>> =
-                match timeout(CALL_TIMEOUT, redis::cmd("GET").arg(&key).query_async(c)).await {
-                    Ok(r) => r,
-                    Err(_) => Err(redis::RedisError::from((
-                        redis::ErrorKind::Io,
-                        "GET timed out",
-                    ))),
-                };
-            let value = match got {
+            // The key, and the feed clock an app would check with it.
+            let got: redis::RedisResult<ReadReply> = match timeout(
+                CALL_TIMEOUT,
+                redis::pipe()
+                    .cmd("GET")
+                    .arg(&key)
+                    .cmd("HGET")
+                    .arg("freshness:feed")
+                    .arg("fresh_at_ms")
+                    .cmd("TIME")
+                    .query_async(c),
+            )
+            .await
+            {
+                Ok(r) => r,
+                Err(_) => Err(redis::RedisError::from((
+                    redis::ErrorKind::Io,
+                    "GET timed out",
+                ))),
+            };
+            let fresh = match &got {
+                Ok((_, Some(fresh_at), (s, us))) => {
+                    (s * 1000 + us / 1000).saturating_sub(*fresh_at)
+                        <= MAX_STALENESS.as_millis() as u64
+                }
+                _ => false,
+            };
+            let value = match got.map(|(v, _, _)| v) {
                 Ok(Some(s)) => {
                     let v: u64 = s.parse().unwrap_or(0);
                     if price
@@ -552,17 +573,17 @@ impl World {
             match verdict {
                 Verdict::Fresh => {}
                 Verdict::Excused => add(&s.stale_excused, 1),
-                Verdict::Late { .. } if !self.calm(a, began) => {
+                Verdict::Late { .. } if !fresh => {
                     add(&s.stale_served_by_policy, 1);
                 }
                 Verdict::Late { commit, due } => {
                     let what = format!(
-                        "READ of {key} at agent-{a} served v{served} ({}); v{} was due at +{}ms; bound {}ms; no fault within {}ms",
+                        "READ of {key} at agent-{a} served v{served} ({}, freshness:feed fresh within {}ms); v{} was due at +{}ms; bound {}ms",
                         if hit { "cache hit" } else { "load" },
+                        MAX_STALENESS.as_millis(),
                         commit.version,
                         self.ms(due),
                         check::BOUND.as_millis(),
-                        RECOVERY.as_millis()
                     );
                     self.fail("read", a, e, began, what);
                 }
@@ -625,16 +646,20 @@ impl World {
     }
 
     fn heal(&self, agents: &[usize]) {
-        let calm = Instant::now() + RECOVERY;
         for &a in agents {
-            let mut h = self.agents[a].health.lock();
-            h.cut = None;
-            h.calm_from = h.calm_from.max(calm);
+            self.agents[a].health.lock().cut = None;
         }
     }
 
     async fn fault(self: Arc<Self>, f: ProcFault, t0: Instant) -> anyhow::Result<()> {
         sleep_until(t0 + f.at).await;
+        let lock = self
+            .fault_locks
+            .lock()
+            .entry(busy_key(f.kind, f.target))
+            .or_default()
+            .clone();
+        let _target = lock.lock().await;
         *self.faults.lock().entry(f.kind).or_default() += 1;
         self.faults_log.lock().push((
             Instant::now(),

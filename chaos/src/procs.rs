@@ -42,12 +42,33 @@ pub fn binary(name: &str, package: &str) -> anyhow::Result<PathBuf> {
     )
 }
 
-/// A free loopback port (bound and released).
+/// A free loopback port (bound and released) for a server of the world's
+/// own, below the ephemeral range for the reason [`bind_restartable`]
+/// gives: PostgreSQL and Redis restart on the same port.
 pub fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .context("bind an ephemeral port")?
-        .port())
+    use rand::Rng;
+    for _ in 0..200 {
+        let port = rand::rng().random_range(20_000..32_000u16);
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return Ok(port);
+        }
+    }
+    bail!("no free port between 20000 and 32000 on 127.0.0.1")
+}
+
+/// A listener for a server that will restart on the same address: a port
+/// below Linux' ephemeral range (32768 and up), so that while the server is
+/// down no outgoing connection of this machine takes its port as its own
+/// local one and keeps it from binding again.
+pub async fn bind_restartable() -> anyhow::Result<TcpListener> {
+    use rand::Rng;
+    for _ in 0..200 {
+        let port = rand::rng().random_range(20_000..32_000u16);
+        if let Ok(l) = TcpListener::bind(("127.0.0.1", port)).await {
+            return Ok(l);
+        }
+    }
+    bail!("no free port between 20000 and 32000 on 127.0.0.1")
 }
 
 /// Sends `signal` (`KILL`, `STOP`, `CONT`) to a child.

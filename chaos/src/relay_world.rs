@@ -34,7 +34,7 @@ use freshness_client::{
     Backoff, EventBatch, Handler, HandlerError, Publisher, Reset, Subscriber, SubscriberHandle,
     outbox,
 };
-use freshness_tests::{TestHub, bind, test_config};
+use freshness_tests::{TestHub, test_config};
 use parking_lot::Mutex;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -65,6 +65,15 @@ const SCHEMA: &str = "CREATE TABLE chaos_truth (entity TEXT PRIMARY KEY, version
 const BUMP: &str = "INSERT INTO chaos_truth (entity, version) VALUES ($1, 1) \
      ON CONFLICT (entity) DO UPDATE SET version = chaos_truth.version + 1 RETURNING version";
 const LOG: &str = "INSERT INTO chaos_log (tx, entity, version) VALUES ($1, $2, $3)";
+
+/// What a fault of the relay world acts on.
+fn busy_key(kind: FaultKind, target: usize) -> String {
+    match kind {
+        FaultKind::RelayKill => format!("relay-{target}"),
+        FaultKind::PostgresRestart => "postgres".into(),
+        _ => "hub".into(),
+    }
+}
 
 /// The relay world a seed stands for.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -105,11 +114,7 @@ impl RelayPlan {
                 (FaultKind::PostgresRestart, 1, (100, 1_000)),
                 (FaultKind::HubPause, 1, (200, 1_500)),
             ],
-            |kind, target| match kind {
-                FaultKind::RelayKill => format!("relay-{target}"),
-                FaultKind::PostgresRestart => "postgres".into(),
-                _ => "hub".into(),
-            },
+            busy_key,
         );
         Self {
             seed,
@@ -249,6 +254,9 @@ struct World {
     faults: Mutex<BTreeMap<FaultKind, u64>>,
     start: Instant,
     events_log: Mutex<Vec<(Instant, String)>>,
+    /// One lock per fault target: a fault waits until the one before it on
+    /// the same target (a restart slower than its slot) has finished.
+    fault_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     /// A broken writer (the checker's own test) publishes one rolled-back
     /// transaction in this many straight to the hub, before its rollback.
     publish_before_rollback: Option<u64>,
@@ -304,7 +312,7 @@ impl World {
             .prefix("freshness-chaos-relay-")
             .tempdir()
             .context("a data directory for the hub")?;
-        let listener = bind().await;
+        let listener = procs::bind_restartable().await?;
         let hub_addr = listener.local_addr().context("hub address")?;
         let mut config = test_config();
         config.hub_id = "hub-relay-world".into();
@@ -363,6 +371,7 @@ impl World {
             faults: Mutex::new(BTreeMap::new()),
             start: Instant::now(),
             events_log: Mutex::new(Vec::new()),
+            fault_locks: Mutex::new(HashMap::new()),
             publish_before_rollback,
             publisher: Publisher::builder(format!("http://{hub_addr}"))
                 .build()
@@ -514,6 +523,13 @@ impl World {
 
     async fn fault(self: Arc<Self>, f: ProcFault, t0: Instant) -> anyhow::Result<()> {
         sleep_until(t0 + f.at).await;
+        let lock = self
+            .fault_locks
+            .lock()
+            .entry(busy_key(f.kind, f.target))
+            .or_default()
+            .clone();
+        let _target = lock.lock().await;
         *self.faults.lock().entry(f.kind).or_default() += 1;
         self.note(format!("fault: {}", f.kind));
         match f.kind {
