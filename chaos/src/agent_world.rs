@@ -847,29 +847,8 @@ async fn drive(world: &Arc<World>) -> anyhow::Result<Outcome> {
         .iter()
         .map(|f| tokio::spawn(world.clone().fault(*f, t0)))
         .collect();
-    sleep_until(t0 + world.plan.duration).await;
-    let mut result = Ok(());
-    for f in faults {
-        match f.await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => result = Err(e),
-            Err(e) => result = Err(anyhow::anyhow!("fault task failed: {e}")),
-        }
-    }
-    stop.cancel();
-    for w in writers {
-        if let Err(e) = w.await {
-            result = Err(anyhow::anyhow!("writer task failed: {e}"));
-        }
-    }
-    let mut staleness = new_histogram();
-    for r in readers {
-        match r.await {
-            Ok(h) => drop(staleness.add(h)),
-            Err(e) => result = Err(anyhow::anyhow!("reader task failed: {e}")),
-        }
-    }
-    result?;
+    let staleness =
+        crate::traffic::finish(t0 + world.plan.duration, faults, &stop, writers, readers).await?;
     let (checked, stale) = world.converge().await?;
     Ok((checked, stale, staleness))
 }

@@ -28,6 +28,7 @@ pub mod plan;
 pub mod procs;
 pub mod relay_world;
 pub mod report;
+mod traffic;
 pub mod truth;
 mod world;
 

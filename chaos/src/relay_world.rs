@@ -713,22 +713,7 @@ async fn drive(world: &Arc<World>) -> anyhow::Result<Convergence> {
         .iter()
         .map(|f| tokio::spawn(world.clone().fault(*f, t0)))
         .collect();
-    sleep_until(t0 + world.plan.duration).await;
-    let mut result = Ok(());
-    for f in faults {
-        match f.await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => result = Err(e),
-            Err(e) => result = Err(anyhow::anyhow!("fault task failed: {e}")),
-        }
-    }
-    stop.cancel();
-    for w in writers {
-        if let Err(e) = w.await {
-            result = Err(anyhow::anyhow!("writer task failed: {e}"));
-        }
-    }
-    result?;
+    crate::traffic::finish(t0 + world.plan.duration, faults, &stop, writers, Vec::new()).await?;
     world.note("writers stopped; every fault healed".into());
     // PostgreSQL answers again before the check begins.
     let url = world.pg.url();

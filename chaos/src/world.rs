@@ -906,32 +906,11 @@ pub(crate) async fn run(
         .iter()
         .map(|f| tokio::spawn(world.clone().fault(f.clone(), t0)))
         .collect();
-    sleep_until(t0 + world.plan.duration).await;
-    let mut result = Ok(());
-    for f in faults {
-        match f.await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => result = Err(e),
-            Err(e) => result = Err(anyhow::anyhow!("fault task failed: {e}")),
-        }
-    }
-    stop.cancel();
-    for w in writers {
-        if let Err(e) = w.await {
-            result = Err(anyhow::anyhow!("writer task failed: {e}"));
-        }
-    }
-    let mut staleness = new_histogram();
-    for r in readers {
-        match r.await {
-            // Same bounds: adding cannot fail.
-            Ok(h) => drop(staleness.add(h)),
-            Err(e) => result = Err(anyhow::anyhow!("reader task failed: {e}")),
-        }
-    }
-    let checked = match result {
-        Ok(()) => world.quiesce().await,
-        Err(e) => Err(e),
+    let finished =
+        crate::traffic::finish(t0 + world.plan.duration, faults, &stop, writers, readers).await;
+    let (checked, staleness) = match finished {
+        Ok(staleness) => (world.quiesce().await, staleness),
+        Err(e) => (Err(e), new_histogram()),
     };
     // Stopped whatever happened, so that a failed seed leaves nothing
     // running in a soak.
