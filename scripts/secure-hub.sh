@@ -12,7 +12,8 @@ cd "$(dirname "$0")/.."
 if [ -z "${FRESHNESS_BIN:-}" ]; then
   cargo build --release -q -p freshness-hub -p freshness-client
 fi
-bin=${FRESHNESS_BIN:-target/release}
+# Absolute, so that it holds after the cd into the work directory.
+bin=$(cd "${FRESHNESS_BIN:-target/release}" && pwd)
 work=$(mktemp -d)
 pids=()
 cleanup() {
@@ -63,14 +64,14 @@ declare -A metrics=([eu]=9664 [us]=9665 [ap]=9666)
 for r in eu us ap; do
   peers=()
   [ "$r" = eu ] || peers=(--peer "eu=https://127.0.0.1:${port[eu]}" --peer-ca ca.pem)
-  "$OLDPWD/$bin/freshness-hub" --region "$r" --ephemeral \
+  "$bin/freshness-hub" --region "$r" --ephemeral \
     --listen "127.0.0.1:${port[$r]}" --metrics-listen "127.0.0.1:${metrics[$r]}" \
     --tls-cert "hub-$r.pem" --tls-key "hub-$r.key" --tls-client-ca ca.pem \
     --auth-tokens tokens --auth-policy policy.toml "${peers[@]}" 2>"hub-$r.log" &
   pids+=($!)
 done
 
-freshctl() { "$OLDPWD/$bin/freshctl" "$@"; }
+freshctl() { "$bin/freshctl" "$@"; }
 hub() { echo "https://127.0.0.1:${port[$1]}"; }
 # Every client of an mTLS hub has a certificate; the token, when sent,
 # names the principal.
@@ -111,7 +112,7 @@ try "writer publishes price:1 in eu" freshctl --hub "$(hub eu)" "${as_writer[@]}
 try "node publishes user:2 (certificate only)" freshctl --hub "$(hub eu)" "${as_node[@]}" publish user:2 1
 try "node reads status" freshctl --hub "$(hub eu)" "${as_node[@]}" status --json
 try "ops reads status" freshctl --hub "$(hub eu)" "${as_ops[@]}" status --json
-try "node watches price" timeout 3 "$OLDPWD/$bin/freshctl" --hub "$(hub eu)" "${as_node[@]}" watch --namespace price --node-id node-1b
+try "node watches price" timeout 3 "$bin/freshctl" --hub "$(hub eu)" "${as_node[@]}" watch --namespace price --node-id node-1b
 try "a client without a certificate" freshctl --hub "$(hub eu)" --ca ca.pem --token "$OPS_TOKEN" status
 try "a plain-text client" freshctl --hub "http://127.0.0.1:${port[eu]}" --token "$OPS_TOKEN" status
 try "a client that does not trust the hub's CA" freshctl --hub "$(hub eu)" --ca ops.pem --cert ops.pem --key ops.key --token "$OPS_TOKEN" status
