@@ -290,6 +290,7 @@ pub struct Args {
 
 /// The subcommands.
 #[derive(Debug, Subcommand)]
+#[allow(clippy::large_enum_variant)] // parsed once, at start
 pub enum Command {
     /// Create the outbox table, its index and its trigger (idempotent).
     Migrate {
