@@ -2,7 +2,7 @@
 //! certificates and JWTs are made here (rcgen, jsonwebtoken), hubs serve
 //! TLS on loopback, clients connect as nodes, writers and peers would.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use base64::Engine;
@@ -13,6 +13,7 @@ use freshness_client::{Credentials, Publisher};
 use freshness_hub::Config;
 use freshness_tests::pki::{Ca, Leaf, token_line, write};
 use freshness_tests::{TestHub, bind, hello, publish_request, test_config, wait_for};
+use rcgen::KeyPair;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
