@@ -219,18 +219,18 @@ impl Config {
             }
         }
         match (&self.cert, &self.key) {
-            (Some(_), None) => {
+            (Some(c), None) => {
                 return Err(invalid(
-                    "key",
-                    "",
-                    "a client certificate (`cert`) needs its key",
+                    "cert",
+                    c.display(),
+                    "a client certificate needs its key: set `key` too",
                 ));
             }
             (None, Some(k)) => {
                 return Err(invalid(
-                    "cert",
+                    "key",
                     k.display(),
-                    "a key (`key`) needs its certificate",
+                    "a key needs its client certificate: set `cert` too",
                 ));
             }
             _ => {}

@@ -197,7 +197,7 @@ async fn bad_credential_settings_stop_the_relay_at_start() {
     refused(&[&hub[..], &["--ca", missing]].concat(), &["`ca`", missing]).await;
     refused(
         &[&hub[..], &["--cert", cert]].concat(),
-        &["`key`", "needs its key"],
+        &["`cert`", cert, "set `key` too"],
     )
     .await;
     refused(
