@@ -188,7 +188,9 @@ EVERY_OPTION = {
         "replicas": 3,
         "database": {"secretName": "app-db", "secretKey": "url"},
         "migrate": False,
-        "hub": "http://hub.eu.example.com:50051",
+        "hub": "https://hub.eu.example.com:50051",
+        "tls": {"caSecret": "hub-eu-ca", "caKey": "ca.pem", "clientSecret": "relay-tls"},
+        "token": {"secretName": "relay-token", "secretKey": "jwt"},
         "batch": 5000,
         "ackLevel": "region",
         "pollInterval": "500ms",
@@ -203,6 +205,30 @@ RELAY = {"insecure": True, "relay": {"enabled": True, "database": {"secretName":
 TLS_SECRET_TOKENS = {
     "tls": {"secretName": "hub-tls"},
     "auth": {"tokensSecret": "hub-tokens", "policy": {"writer": ["publish:*"]}},
+}
+# The relay beside a hub serving TLS with tokens: https://, the hub's CA,
+# its token from a Secret; no insecure.
+RELAY_SECURED = {
+    **TLS_SECRET_TOKENS,
+    "relay": {
+        "enabled": True,
+        "database": {"secretName": "app-db"},
+        "token": {"secretName": "relay-token"},
+    },
+}
+# The relay to a hub requiring client certificates (cert-manager's Secret):
+# its own client certificate, no token.
+RELAY_MTLS = {
+    "tls": {
+        "certManager": {"enabled": True, "issuerRef": {"name": "freshness-ca"}},
+        "clientAuth": True,
+    },
+    "auth": {"policy": {"spiffe://example.org/relay": ["publish:*"]}},
+    "relay": {
+        "enabled": True,
+        "database": {"secretName": "app-db"},
+        "tls": {"clientSecret": "relay-tls"},
+    },
 }
 # The hub's files: (config key, volume it must be read from).
 SECURITY_FILES = {
@@ -241,6 +267,21 @@ INVALID = [
     ("relay without a database Secret", {"relay": {"enabled": True}}),
     ("relay batch over 10000", {"relay": {"enabled": True, "batch": 20000}}),
     ("relay ack level all", {"relay": {"enabled": True, "ackLevel": "all"}}),
+    (
+        "relay to a secured hub without a token or a client certificate",
+        {**TLS_SECRET_TOKENS, "relay": {"enabled": True, "database": {"secretName": "app-db"}}},
+    ),
+    (
+        "relay CA for an http:// hub",
+        {
+            "insecure": True,
+            "relay": {
+                "enabled": True,
+                "database": {"secretName": "app-db"},
+                "tls": {"caSecret": "hub-ca"},
+            },
+        },
+    ),
 ]
 
 
@@ -710,6 +751,7 @@ def check_relay(
         name,
         "relay pods could be selected by the hub's Service",
     )
+    check_relay_credentials(name, values, pod, container, env, want_hub or "", failures)
     pdbs = by_kind(manifests, "PodDisruptionBudget")
     if relay.get("podDisruptionBudget", {}).get("enabled", True):
         failures.check(
@@ -717,6 +759,71 @@ def check_relay(
             name,
             "no PodDisruptionBudget for the relay",
         )
+
+
+def hub_tls_secret(values: dict[str, Any]) -> str | None:
+    """The hub's TLS Secret as the chart names it, or None without TLS."""
+    tls = values.get("tls", {})
+    if tls.get("secretName"):
+        return tls["secretName"]
+    if tls.get("certManager", {}).get("enabled"):
+        # The release name holds the chart name, so the full name is the
+        # release name.
+        return f"{RELEASE}-tls"
+    return None
+
+
+def check_relay_credentials(
+    name: str,
+    values: dict[str, Any],
+    pod: dict[str, Any],
+    container: dict[str, Any],
+    env: dict[str, Any],
+    hub: str,
+    failures: Failures,
+) -> None:
+    """Each credential the values give is mounted from its Secret and named
+    in the relay's environment: the CA (by default the hub's own TLS
+    Secret's ca.crt, for this release's hub), the client certificate, the
+    token file."""
+    relay = values.get("relay", {})
+    volumes = {v["name"]: v.get("secret", {}) for v in pod.get("volumes", [])}
+    mounts = {m["name"]: m["mountPath"] for m in container.get("volumeMounts", [])}
+
+    def file_from(var: str, volume: str, secret: str | None, key: str, path: str) -> None:
+        source = volumes.get(volume, {})
+        items = {i["key"]: i["path"] for i in source.get("items", [])}
+        value = env.get(var, {}).get("value", "")
+        failures.check(
+            source.get("secretName") == secret
+            and items.get(key) == path
+            and value == f"{mounts.get(volume)}/{path}",
+            name,
+            f"relay {var} is not {key} of Secret {secret}",
+        )
+
+    tls = relay.get("tls", {})
+    ca = tls.get("caSecret") or (None if relay.get("hub") else hub_tls_secret(values))
+    if ca:
+        failures.check(hub.startswith("https://"), name, "relay has a CA but no https:// hub")
+        file_from("FRESHNESS_RELAY_CA", "hub-ca", ca, tls.get("caKey", "ca.crt"), "ca.crt")
+    else:
+        failures.check("FRESHNESS_RELAY_CA" not in env, name, "relay has a CA it was not given")
+    if tls.get("clientSecret"):
+        file_from("FRESHNESS_RELAY_CERT", "client-tls", tls["clientSecret"], "tls.crt", "tls.crt")
+        file_from("FRESHNESS_RELAY_KEY", "client-tls", tls["clientSecret"], "tls.key", "tls.key")
+    token = relay.get("token", {})
+    if token.get("secretName"):
+        file_from(
+            "FRESHNESS_RELAY_TOKEN_FILE",
+            "token",
+            token["secretName"],
+            token.get("secretKey", "token"),
+            "token",
+        )
+    failures.check(
+        "FRESHNESS_RELAY_TOKEN" not in env, name, "relay token inline instead of from a Secret"
+    )
 
 
 def validate(
@@ -920,6 +1027,8 @@ def main() -> int:
         )
     )
     value_sets.append(("relay", RELAY))
+    value_sets.append(("relay to a TLS hub with a token", RELAY_SECURED))
+    value_sets.append(("relay to an mTLS hub with a client certificate", RELAY_MTLS))
     value_sets.append(("TLS from a Secret, tokens, a policy", TLS_SECRET_TOKENS))
     known_keys = hub_keys(args.hub_config)
     metrics = hub_metrics(args.hub_config.parent / "metrics.rs")
@@ -943,8 +1052,11 @@ def main() -> int:
             config = check_hub_contract(name, values, known_keys, hub, failures)
             if values.get("relay", {}).get("enabled"):
                 services = by_kind(hub, "Service")
+                scheme = "https" if hub_tls_secret(values) else "http"
                 hub_service = (
-                    f"http://{services[0]['metadata']['name']}:{GRPC_PORT}" if services else None
+                    f"{scheme}://{services[0]['metadata']['name']}:{GRPC_PORT}"
+                    if services
+                    else None
                 )
                 check_relay(name, values, relay, hub_service, failures)
             else:
