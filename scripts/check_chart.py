@@ -861,7 +861,7 @@ AGENT_EVERY_OPTION = {
     "image": {"digest": "sha256:" + "0" * 64},
     "imagePullSecrets": [{"name": "registry"}],
     "agent": {
-        "hub": "http://freshness-hub.freshness:50051",
+        "hub": "https://freshness-hub.freshness:50051",
         "redis": "redis://web-cache-redis:6379/2",
         "nodeId": "web-cache-agent",
         "map": {"user": ["cache:user:{id}", "cache:user:{id}:profile"], "post": ["p:{id}"]},
@@ -869,6 +869,8 @@ AGENT_EVERY_OPTION = {
         "failClosed": {"price": "2s"},
         "tombstoneTtl": "5s",
     },
+    "tls": {"caSecret": "freshness-hub-tls", "clientSecret": "web-cache-agent-tls"},
+    "token": {"secretName": "web-cache-agent-token", "secretKey": "jwt"},
     "otel": {"endpoint": "http://otel-collector.observability:4317"},
     "extraEnv": [{"name": "FRESHNESS_AGENT_REDIS", "value": "redis://:pw@r:6379/0"}],
     "podAnnotations": {"a": "b"},
@@ -883,6 +885,8 @@ AGENT_INVALID = [
     ("template without {id}", {"agent": {"map": {"user": ["cache:user"]}}}),
     ("namespace with capitals", {"agent": {"map": {"User": ["u:{id}"]}}}),
     ("hub URL without port", {"agent": {"hub": "http://hub"}}),
+    ("a CA for an http:// hub", {"tls": {"caSecret": "hub-tls"}}),
+    ("a client certificate for an http:// hub", {"tls": {"clientSecret": "agent-tls"}}),
 ]
 
 
@@ -939,6 +943,7 @@ def check_agent_chart(
                 name,
                 "metrics_listen is not 0.0.0.0:9465",
             )
+            check_agent_credentials(name, values, spec["template"]["spec"], container, config, failures)
             sc = container.get("securityContext", {})
             failures.check(sc.get("readOnlyRootFilesystem") is True, name, "root filesystem is writable")
             failures.check(sc.get("runAsNonRoot") is True, name, "runAsNonRoot is not set")
@@ -949,6 +954,41 @@ def check_agent_chart(
                 continue
             failures.add("agent negative check", f"values with {what} were accepted")
     return len(value_sets), validated, len(AGENT_INVALID)
+
+
+def check_agent_credentials(
+    name: str,
+    values: dict[str, Any],
+    pod: dict[str, Any],
+    container: dict[str, Any],
+    config: dict[str, Any],
+    failures: Failures,
+) -> None:
+    """Each credential the values give is mounted from its Secret and named
+    in agent.toml; none is named that was not given."""
+    volumes = {v["name"]: v.get("secret", {}) for v in pod.get("volumes", [])}
+    mounts = {m["name"]: m["mountPath"] for m in container.get("volumeMounts", [])}
+    tls = values.get("tls", {})
+    token = values.get("token", {})
+    wanted = {
+        "ca": ("hub-ca", tls.get("caSecret"), tls.get("caKey", "ca.crt"), "ca.crt"),
+        "cert": ("client-tls", tls.get("clientSecret"), "tls.crt", "tls.crt"),
+        "key": ("client-tls", tls.get("clientSecret"), "tls.key", "tls.key"),
+        "token_file": ("token", token.get("secretName"), token.get("secretKey", "token"), "token"),
+    }
+    for setting, (volume, secret, key, path) in wanted.items():
+        if not secret:
+            failures.check(setting not in config, name, f"agent.toml names {setting} it was not given")
+            continue
+        source = volumes.get(volume, {})
+        items = {i["key"]: i["path"] for i in source.get("items", [])}
+        failures.check(
+            source.get("secretName") == secret
+            and items.get(key) == path
+            and config.get(setting) == f"{mounts.get(volume)}/{path}",
+            name,
+            f"agent {setting} is not {key} of Secret {secret}",
+        )
 
 
 def check_mesh(configs: dict[str, dict[str, Any]], failures: Failures) -> None:
