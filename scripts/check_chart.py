@@ -20,14 +20,17 @@ setting at once, ServiceMonitor included) it:
    defines in server/src/metrics.rs; `promtool test rules` feeds the rules
    series that must fire each alert, and healthy ones that must fire none.
 6. with relay.enabled, checks the outbox relay's Deployment (the database URL
-   from the Secret, the hub, its own selector) and its PodDisruptionBudget.
+   from the Secret, the hub, its own selector, its CA, client certificate
+   and token mounted from their Secrets: https:// to a TLS hub without
+   insecure) and its PodDisruptionBudget.
 
 The three-region examples must form a full mesh with one shard count. Last,
 a few invalid value sets must be rejected; if one is accepted the check fails.
 
 The freshness-agent chart (helm/freshness-agent, beside the hub's) goes through
 the same lint, render and schema validation, and its agent.toml must parse and
-hold only keys the agent knows (agent/src/config.rs).
+hold only keys the agent knows (agent/src/config.rs) and name the CA,
+client certificate and token files mounted from the Secrets the values give.
 """
 
 from __future__ import annotations
