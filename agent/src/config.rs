@@ -639,4 +639,35 @@ mod tests {
             .to_string();
         assert!(e.contains("`map`") && e.contains("User"), "{e}");
     }
+
+    #[test]
+    fn credentials_come_from_the_file_and_name_what_is_wrong() {
+        let dir = std::env::temp_dir().join(format!("agent-creds-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let ca = dir.join("ca.pem");
+        std::fs::write(&ca, "-----BEGIN CERTIFICATE-----\n").unwrap();
+        let token = dir.join("token");
+        std::fs::write(&token, "t0ken\n").unwrap();
+        let c: Config = toml::from_str(&format!(
+            "hub = \"https://hub:50051\"\nca = {:?}\ntoken_file = {:?}",
+            ca.display().to_string(),
+            token.display().to_string()
+        ))
+        .unwrap();
+        c.validate().unwrap();
+        let missing = Config {
+            cert: Some(dir.join("nope.pem")),
+            key: Some(ca.clone()),
+            ..c.clone()
+        };
+        let e = missing.validate().unwrap_err().to_string();
+        assert!(e.contains("`cert`") && e.contains("nope.pem"), "{e}");
+        let plain = Config {
+            hub: "http://hub:50051".into(),
+            ..c
+        };
+        let e = plain.validate().unwrap_err().to_string();
+        assert!(e.contains("`ca`") && e.contains("https://"), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }
