@@ -69,7 +69,8 @@ pub struct Config {
     /// A bearer token (a JWT or a static token) sent with the subscription.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub token: Option<String>,
-    /// A file holding the bearer token (a mounted Secret), read at start.
+    /// A file holding the bearer token (a mounted Secret), read again for
+    /// every connection to the hub.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub token_file: Option<PathBuf>,
 }
@@ -347,11 +348,15 @@ impl Config {
                 let text = std::fs::read_to_string(path).map_err(|e| {
                     invalid("token_file", format!("cannot read {}: {e}", path.display()))
                 })?;
-                Some(check_token(
+                check_token(
                     "token_file",
                     text.trim().to_owned(),
                     &path.display().to_string(),
-                )?)
+                )?;
+                // Read again for every connection: a rotated Secret is used
+                // from the next reconnect on.
+                c = c.bearer_token_file(path);
+                None
             }
             (None, None) => None,
         };
@@ -494,7 +499,7 @@ pub struct Args {
         conflicts_with = "token_file"
     )]
     pub token: Option<String>,
-    /// File holding the bearer token, read at start.
+    /// File holding the bearer token, read again for every connection.
     #[arg(long, env = "FRESHNESS_AGENT_TOKEN_FILE")]
     pub token_file: Option<PathBuf>,
 }

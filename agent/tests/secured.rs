@@ -21,6 +21,12 @@ const POLICY: &str = "[principals]\n\
 /// A TLS hub with token auth (and client certificates from its CA when
 /// `mtls`); its files (the CA: `ca.pem`) in `dir`.
 async fn secured_hub(dir: &Path, mtls: bool) -> (TestHub, Ca) {
+    let (hub, ca, _) = secured_hub_config(dir, mtls).await;
+    (hub, ca)
+}
+
+/// As [`secured_hub`], with the hub's configuration, to start it again.
+async fn secured_hub_config(dir: &Path, mtls: bool) -> (TestHub, Ca, freshness_hub::Config) {
     let mut config = test_config();
     let tokens = [
         token_line("writer", "writer-token"),
@@ -32,7 +38,7 @@ async fn secured_hub(dir: &Path, mtls: bool) -> (TestHub, Ca) {
     if mtls {
         config.tls_client_ca = Some(dir.join("ca.pem"));
     }
-    (TestHub::start_with(config).await, ca)
+    (TestHub::start_with(config.clone()).await, ca, config)
 }
 
 fn https(hub: &TestHub) -> String {
@@ -83,6 +89,48 @@ async fn an_agent_with_a_token_over_tls_keeps_redis_fresh() {
     publish_as_writer(&url, creds, 1, 1).await;
     redis.wait_gone("cache:user:1").await;
     assert!(redis.exists("cache:user:2").await);
+    hub.stop().await;
+}
+
+#[tokio::test]
+async fn the_token_file_is_read_again_for_the_next_connection() {
+    let dir = tempfile::tempdir().unwrap();
+    let (hub, _ca, config) = secured_hub_config(dir.path(), false).await;
+    let addr = hub.addr;
+    let url = https(&hub);
+    let ca = dir.path().join("ca.pem");
+    let token = write(dir.path(), "token", "agent-token\n");
+    let redis = Redis::shared(13).await;
+    let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_freshness-agent"))
+        .args(["--hub", &url, "--redis", &redis.url, "--no-metrics"])
+        .args([
+            "--node-id",
+            "agent-rotated",
+            "--map",
+            "user=cache:user:{id}",
+        ])
+        .args(["--feed-interval", "50ms", "--tombstone-ttl", "300ms"])
+        .args(["--ca", ca.to_str().unwrap()])
+        .args(["--token-file", token.to_str().unwrap()])
+        .env("FRESHNESS_LOG", "off")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    redis.wait_live().await;
+    // The Secret now holds a token the hub does not know; the hub restarts,
+    // and the agent's next connection sends the new token, which is refused.
+    write(dir.path(), "token", "unknown-token\n");
+    hub.stop().await;
+    let hub = TestHub::start_on(addr, config).await;
+    let out = tokio::time::timeout(WAIT, child.wait_with_output())
+        .await
+        .expect("the agent stops once its new token is refused")
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains("Unauthenticated"), "{stderr}");
     hub.stop().await;
 }
 
