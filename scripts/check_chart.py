@@ -20,19 +20,22 @@ setting at once, ServiceMonitor included) it:
    defines in server/src/metrics.rs; `promtool test rules` feeds the rules
    series that must fire each alert, and healthy ones that must fire none.
 6. with relay.enabled, checks the outbox relay's Deployment (the database URL
-   from the Secret, the hub, its own selector) and its PodDisruptionBudget.
+   from the Secret, the hub, its own selector, its CA, client certificate
+   and token mounted from their Secrets: https:// to a TLS hub without
+   insecure) and its PodDisruptionBudget.
 7. with jetstream.enabled (hub replicas on NATS JetStream), checks the hubs'
    Deployment instead of the StatefulSet: its replicas, `log = "jetstream"`
    and the stream's R in freshness.toml, the NATS URL (and credentials)
-   from the Secret, anti-affinity, no data volume, and the
-   PodDisruptionBudget.
+   from the Secret, anti-affinity, no data volume, the TLS and auth files'
+   mounts, and the PodDisruptionBudget.
 
 The three-region examples must form a full mesh with one shard count. Last,
 a few invalid value sets must be rejected; if one is accepted the check fails.
 
 The freshness-agent chart (helm/freshness-agent, beside the hub's) goes through
 the same lint, render and schema validation, and its agent.toml must parse and
-hold only keys the agent knows (agent/src/config.rs).
+hold only keys the agent knows (agent/src/config.rs) and name the CA,
+client certificate and token files mounted from the Secrets the values give.
 """
 
 from __future__ import annotations
@@ -193,7 +196,9 @@ EVERY_OPTION = {
         "replicas": 3,
         "database": {"secretName": "app-db", "secretKey": "url"},
         "migrate": False,
-        "hub": "http://hub.eu.example.com:50051",
+        "hub": "https://hub.eu.example.com:50051",
+        "tls": {"caSecret": "hub-eu-ca", "caKey": "ca.pem", "clientSecret": "relay-tls"},
+        "token": {"secretName": "relay-token", "secretKey": "jwt"},
         "batch": 5000,
         "ackLevel": "region",
         "pollInterval": "500ms",
@@ -208,6 +213,30 @@ RELAY = {"insecure": True, "relay": {"enabled": True, "database": {"secretName":
 TLS_SECRET_TOKENS = {
     "tls": {"secretName": "hub-tls"},
     "auth": {"tokensSecret": "hub-tokens", "policy": {"writer": ["publish:*"]}},
+}
+# The relay beside a hub serving TLS with tokens: https://, the hub's CA,
+# its token from a Secret; no insecure.
+RELAY_SECURED = {
+    **TLS_SECRET_TOKENS,
+    "relay": {
+        "enabled": True,
+        "database": {"secretName": "app-db"},
+        "token": {"secretName": "relay-token"},
+    },
+}
+# The relay to a hub requiring client certificates (cert-manager's Secret):
+# its own client certificate, no token.
+RELAY_MTLS = {
+    "tls": {
+        "certManager": {"enabled": True, "issuerRef": {"name": "freshness-ca"}},
+        "clientAuth": True,
+    },
+    "auth": {"policy": {"spiffe://example.org/relay": ["publish:*"]}},
+    "relay": {
+        "enabled": True,
+        "database": {"secretName": "app-db"},
+        "tls": {"clientSecret": "relay-tls"},
+    },
 }
 # The hub's files: (config key, volume it must be read from).
 SECURITY_FILES = {
@@ -273,6 +302,21 @@ INVALID = [
     ("relay without a database Secret", {"relay": {"enabled": True}}),
     ("relay batch over 10000", {"relay": {"enabled": True, "batch": 20000}}),
     ("relay ack level all", {"relay": {"enabled": True, "ackLevel": "all"}}),
+    (
+        "relay to a secured hub without a token or a client certificate",
+        {**TLS_SECRET_TOKENS, "relay": {"enabled": True, "database": {"secretName": "app-db"}}},
+    ),
+    (
+        "relay CA for an http:// hub",
+        {
+            "insecure": True,
+            "relay": {
+                "enabled": True,
+                "database": {"secretName": "app-db"},
+                "tls": {"caSecret": "hub-ca"},
+            },
+        },
+    ),
 ]
 
 
@@ -837,6 +881,7 @@ def check_relay(
         name,
         "relay pods could be selected by the hub's Service",
     )
+    check_relay_credentials(name, values, pod, container, env, want_hub or "", failures)
     pdbs = by_kind(manifests, "PodDisruptionBudget")
     if relay.get("podDisruptionBudget", {}).get("enabled", True):
         failures.check(
@@ -844,6 +889,71 @@ def check_relay(
             name,
             "no PodDisruptionBudget for the relay",
         )
+
+
+def hub_tls_secret(values: dict[str, Any]) -> str | None:
+    """The hub's TLS Secret as the chart names it, or None without TLS."""
+    tls = values.get("tls", {})
+    if tls.get("secretName"):
+        return tls["secretName"]
+    if tls.get("certManager", {}).get("enabled"):
+        # The release name holds the chart name, so the full name is the
+        # release name.
+        return f"{RELEASE}-tls"
+    return None
+
+
+def check_relay_credentials(
+    name: str,
+    values: dict[str, Any],
+    pod: dict[str, Any],
+    container: dict[str, Any],
+    env: dict[str, Any],
+    hub: str,
+    failures: Failures,
+) -> None:
+    """Each credential the values give is mounted from its Secret and named
+    in the relay's environment: the CA (by default the hub's own TLS
+    Secret's ca.crt, for this release's hub), the client certificate, the
+    token file."""
+    relay = values.get("relay", {})
+    volumes = {v["name"]: v.get("secret", {}) for v in pod.get("volumes", [])}
+    mounts = {m["name"]: m["mountPath"] for m in container.get("volumeMounts", [])}
+
+    def file_from(var: str, volume: str, secret: str | None, key: str, path: str) -> None:
+        source = volumes.get(volume, {})
+        items = {i["key"]: i["path"] for i in source.get("items", [])}
+        value = env.get(var, {}).get("value", "")
+        failures.check(
+            source.get("secretName") == secret
+            and items.get(key) == path
+            and value == f"{mounts.get(volume)}/{path}",
+            name,
+            f"relay {var} is not {key} of Secret {secret}",
+        )
+
+    tls = relay.get("tls", {})
+    ca = tls.get("caSecret") or (None if relay.get("hub") else hub_tls_secret(values))
+    if ca:
+        failures.check(hub.startswith("https://"), name, "relay has a CA but no https:// hub")
+        file_from("FRESHNESS_RELAY_CA", "hub-ca", ca, tls.get("caKey", "ca.crt"), "ca.crt")
+    else:
+        failures.check("FRESHNESS_RELAY_CA" not in env, name, "relay has a CA it was not given")
+    if tls.get("clientSecret"):
+        file_from("FRESHNESS_RELAY_CERT", "client-tls", tls["clientSecret"], "tls.crt", "tls.crt")
+        file_from("FRESHNESS_RELAY_KEY", "client-tls", tls["clientSecret"], "tls.key", "tls.key")
+    token = relay.get("token", {})
+    if token.get("secretName"):
+        file_from(
+            "FRESHNESS_RELAY_TOKEN_FILE",
+            "token",
+            token["secretName"],
+            token.get("secretKey", "token"),
+            "token",
+        )
+    failures.check(
+        "FRESHNESS_RELAY_TOKEN" not in env, name, "relay token inline instead of from a Secret"
+    )
 
 
 def validate(
@@ -881,7 +991,7 @@ AGENT_EVERY_OPTION = {
     "image": {"digest": "sha256:" + "0" * 64},
     "imagePullSecrets": [{"name": "registry"}],
     "agent": {
-        "hub": "http://freshness-hub.freshness:50051",
+        "hub": "https://freshness-hub.freshness:50051",
         "redis": "redis://web-cache-redis:6379/2",
         "nodeId": "web-cache-agent",
         "map": {"user": ["cache:user:{id}", "cache:user:{id}:profile"], "post": ["p:{id}"]},
@@ -889,6 +999,8 @@ AGENT_EVERY_OPTION = {
         "failClosed": {"price": "2s"},
         "tombstoneTtl": "5s",
     },
+    "tls": {"caSecret": "freshness-hub-tls", "clientSecret": "web-cache-agent-tls"},
+    "token": {"secretName": "web-cache-agent-token", "secretKey": "jwt"},
     "otel": {"endpoint": "http://otel-collector.observability:4317"},
     "extraEnv": [{"name": "FRESHNESS_AGENT_REDIS", "value": "redis://:pw@r:6379/0"}],
     "podAnnotations": {"a": "b"},
@@ -903,6 +1015,8 @@ AGENT_INVALID = [
     ("template without {id}", {"agent": {"map": {"user": ["cache:user"]}}}),
     ("namespace with capitals", {"agent": {"map": {"User": ["u:{id}"]}}}),
     ("hub URL without port", {"agent": {"hub": "http://hub"}}),
+    ("a CA for an http:// hub", {"tls": {"caSecret": "hub-tls"}}),
+    ("a client certificate for an http:// hub", {"tls": {"clientSecret": "agent-tls"}}),
 ]
 
 
@@ -959,6 +1073,7 @@ def check_agent_chart(
                 name,
                 "metrics_listen is not 0.0.0.0:9465",
             )
+            check_agent_credentials(name, values, spec["template"]["spec"], container, config, failures)
             sc = container.get("securityContext", {})
             failures.check(sc.get("readOnlyRootFilesystem") is True, name, "root filesystem is writable")
             failures.check(sc.get("runAsNonRoot") is True, name, "runAsNonRoot is not set")
@@ -969,6 +1084,41 @@ def check_agent_chart(
                 continue
             failures.add("agent negative check", f"values with {what} were accepted")
     return len(value_sets), validated, len(AGENT_INVALID)
+
+
+def check_agent_credentials(
+    name: str,
+    values: dict[str, Any],
+    pod: dict[str, Any],
+    container: dict[str, Any],
+    config: dict[str, Any],
+    failures: Failures,
+) -> None:
+    """Each credential the values give is mounted from its Secret and named
+    in agent.toml; none is named that was not given."""
+    volumes = {v["name"]: v.get("secret", {}) for v in pod.get("volumes", [])}
+    mounts = {m["name"]: m["mountPath"] for m in container.get("volumeMounts", [])}
+    tls = values.get("tls", {})
+    token = values.get("token", {})
+    wanted = {
+        "ca": ("hub-ca", tls.get("caSecret"), tls.get("caKey", "ca.crt"), "ca.crt"),
+        "cert": ("client-tls", tls.get("clientSecret"), "tls.crt", "tls.crt"),
+        "key": ("client-tls", tls.get("clientSecret"), "tls.key", "tls.key"),
+        "token_file": ("token", token.get("secretName"), token.get("secretKey", "token"), "token"),
+    }
+    for setting, (volume, secret, key, path) in wanted.items():
+        if not secret:
+            failures.check(setting not in config, name, f"agent.toml names {setting} it was not given")
+            continue
+        source = volumes.get(volume, {})
+        items = {i["key"]: i["path"] for i in source.get("items", [])}
+        failures.check(
+            source.get("secretName") == secret
+            and items.get(key) == path
+            and config.get(setting) == f"{mounts.get(volume)}/{path}",
+            name,
+            f"agent {setting} is not {key} of Secret {secret}",
+        )
 
 
 def check_mesh(configs: dict[str, dict[str, Any]], failures: Failures) -> None:
@@ -1047,6 +1197,8 @@ def main() -> int:
         )
     )
     value_sets.append(("relay", RELAY))
+    value_sets.append(("relay to a TLS hub with a token", RELAY_SECURED))
+    value_sets.append(("relay to an mTLS hub with a client certificate", RELAY_MTLS))
     value_sets.append(("TLS from a Secret, tokens, a policy", TLS_SECRET_TOKENS))
     value_sets.append(("jetstream", JETSTREAM))
     value_sets.append(
@@ -1084,8 +1236,11 @@ def main() -> int:
                 config = check_hub_contract(name, values, known_keys, hub, failures)
             if values.get("relay", {}).get("enabled"):
                 services = by_kind(hub, "Service")
+                scheme = "https" if hub_tls_secret(values) else "http"
                 hub_service = (
-                    f"http://{services[0]['metadata']['name']}:{GRPC_PORT}" if services else None
+                    f"{scheme}://{services[0]['metadata']['name']}:{GRPC_PORT}"
+                    if services
+                    else None
                 )
                 check_relay(name, values, relay, hub_service, failures)
             else:

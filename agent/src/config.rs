@@ -56,6 +56,23 @@ pub struct Config {
     pub max_batch: usize,
     /// Prometheus metrics listen address (`/metrics`); none serves nothing.
     pub metrics_listen: Option<SocketAddr>,
+    /// The CA (PEM) the hub's certificate must chain to (an `https://` hub).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ca: Option<PathBuf>,
+    /// A client certificate (PEM) for a hub that requires one (mTLS); goes
+    /// with `key`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cert: Option<PathBuf>,
+    /// The client certificate's key (PEM).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub key: Option<PathBuf>,
+    /// A bearer token (a JWT or a static token) sent with the subscription.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub token: Option<String>,
+    /// A file holding the bearer token (a mounted Secret), read again for
+    /// every connection to the hub.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub token_file: Option<PathBuf>,
 }
 
 impl Default for Config {
@@ -73,6 +90,11 @@ impl Default for Config {
             persist_interval: Duration::from_secs(1),
             max_batch: 512,
             metrics_listen: Some(SocketAddr::from(([127, 0, 0, 1], 9465))),
+            ca: None,
+            cert: None,
+            key: None,
+            token: None,
+            token_file: None,
         }
     }
 }
@@ -264,7 +286,84 @@ impl Config {
                 format!("{} is not in 1..=100000", self.max_batch),
             ));
         }
-        Ok(())
+        self.credentials().map(drop)
+    }
+
+    /// The credentials for the hub, read from the files given; the error
+    /// names the setting and the file.
+    pub fn credentials(&self) -> Result<freshness_client::Credentials, ConfigError> {
+        let https = self.hub.starts_with("https://");
+        let read = |key: &'static str, path: &Path| -> Result<Vec<u8>, ConfigError> {
+            if !https {
+                return Err(invalid(
+                    key,
+                    format!(
+                        "{}: TLS settings need an https:// hub, not {}",
+                        path.display(),
+                        self.hub
+                    ),
+                ));
+            }
+            let bytes = std::fs::read(path)
+                .map_err(|e| invalid(key, format!("cannot read {}: {e}", path.display())))?;
+            if !String::from_utf8_lossy(&bytes).contains("-----BEGIN ") {
+                return Err(invalid(
+                    key,
+                    format!("{} holds no PEM block", path.display()),
+                ));
+            }
+            Ok(bytes)
+        };
+        let mut c = freshness_client::Credentials::new();
+        if let Some(ca) = &self.ca {
+            c = c.ca_pem(read("ca", ca)?);
+        }
+        match (&self.cert, &self.key) {
+            (Some(cert), Some(key)) => {
+                c = c.client_identity_pem(read("cert", cert)?, read("key", key)?);
+            }
+            (Some(cert), None) => {
+                return Err(invalid(
+                    "key",
+                    format!("the client certificate {} needs its key", cert.display()),
+                ));
+            }
+            (None, Some(key)) => {
+                return Err(invalid(
+                    "cert",
+                    format!("the key {} needs its certificate", key.display()),
+                ));
+            }
+            (None, None) => {}
+        }
+        let token = match (&self.token, &self.token_file) {
+            (Some(_), Some(path)) => {
+                return Err(invalid(
+                    "token_file",
+                    format!("{}: give `token` or `token_file`, not both", path.display()),
+                ));
+            }
+            (Some(t), None) => Some(check_token("token", t.trim().to_owned(), "the token")?),
+            (None, Some(path)) => {
+                let text = std::fs::read_to_string(path).map_err(|e| {
+                    invalid("token_file", format!("cannot read {}: {e}", path.display()))
+                })?;
+                check_token(
+                    "token_file",
+                    text.trim().to_owned(),
+                    &path.display().to_string(),
+                )?;
+                // Read again for every connection: a rotated Secret is used
+                // from the next reconnect on.
+                c = c.bearer_token_file(path);
+                None
+            }
+            (None, None) => None,
+        };
+        if let Some(t) = token {
+            c = c.bearer_token(t);
+        }
+        Ok(c)
     }
 
     /// The parsed templates per namespace (call after [`validate`](Self::validate)).
@@ -279,6 +378,17 @@ impl Config {
             })
             .collect()
     }
+}
+
+/// A token a header can carry: printable ASCII, not empty.
+fn check_token(key: &'static str, token: String, what: &str) -> Result<String, ConfigError> {
+    if token.is_empty() || !token.bytes().all(|b| (0x20..0x7f).contains(&b)) {
+        return Err(invalid(
+            key,
+            format!("{what} must hold a token of printable ASCII characters"),
+        ));
+    }
+    Ok(token)
 }
 
 fn check_namespace(key: &'static str, ns: &str) -> Result<(), ConfigError> {
@@ -372,6 +482,26 @@ pub struct Args {
     /// Serve no metrics.
     #[arg(long, env = "FRESHNESS_AGENT_NO_METRICS")]
     pub no_metrics: bool,
+    /// CA (PEM) the hub's certificate must chain to (https:// hub).
+    #[arg(long, env = "FRESHNESS_AGENT_CA")]
+    pub ca: Option<PathBuf>,
+    /// Client certificate (PEM), for a hub that requires one; with --key.
+    #[arg(long, env = "FRESHNESS_AGENT_CERT")]
+    pub cert: Option<PathBuf>,
+    /// The client certificate's key (PEM).
+    #[arg(long, env = "FRESHNESS_AGENT_KEY")]
+    pub key: Option<PathBuf>,
+    /// Bearer token sent with the subscription.
+    #[arg(
+        long,
+        env = "FRESHNESS_AGENT_TOKEN",
+        hide_env_values = true,
+        conflicts_with = "token_file"
+    )]
+    pub token: Option<String>,
+    /// File holding the bearer token, read again for every connection.
+    #[arg(long, env = "FRESHNESS_AGENT_TOKEN_FILE")]
+    pub token_file: Option<PathBuf>,
 }
 
 fn parse_pair(s: &str) -> Result<(String, String), String> {
@@ -414,6 +544,24 @@ impl Args {
         }
         if self.no_metrics {
             c.metrics_listen = None;
+        }
+        for (from, to) in [
+            (self.ca, &mut c.ca),
+            (self.cert, &mut c.cert),
+            (self.key, &mut c.key),
+        ] {
+            if from.is_some() {
+                *to = from;
+            }
+        }
+        // A token given here replaces either form of the file's.
+        if self.token.is_some() {
+            c.token = self.token;
+            c.token_file = None;
+        }
+        if self.token_file.is_some() {
+            c.token_file = self.token_file;
+            c.token = None;
         }
         if !self.map.is_empty() {
             c.map.clear();
@@ -495,5 +643,36 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("`map`") && e.contains("User"), "{e}");
+    }
+
+    #[test]
+    fn credentials_come_from_the_file_and_name_what_is_wrong() {
+        let dir = std::env::temp_dir().join(format!("agent-creds-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let ca = dir.join("ca.pem");
+        std::fs::write(&ca, "-----BEGIN CERTIFICATE-----\n").unwrap();
+        let token = dir.join("token");
+        std::fs::write(&token, "t0ken\n").unwrap();
+        let c: Config = toml::from_str(&format!(
+            "hub = \"https://hub:50051\"\nca = {:?}\ntoken_file = {:?}",
+            ca.display().to_string(),
+            token.display().to_string()
+        ))
+        .unwrap();
+        c.validate().unwrap();
+        let missing = Config {
+            cert: Some(dir.join("nope.pem")),
+            key: Some(ca.clone()),
+            ..c.clone()
+        };
+        let e = missing.validate().unwrap_err().to_string();
+        assert!(e.contains("`cert`") && e.contains("nope.pem"), "{e}");
+        let plain = Config {
+            hub: "http://hub:50051".into(),
+            ..c
+        };
+        let e = plain.validate().unwrap_err().to_string();
+        assert!(e.contains("`ca`") && e.contains("https://"), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -36,6 +36,9 @@ pub enum AgentError {
     /// The Redis URL is unusable.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// A credential file changed between the start and now.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
     /// The subscriber stopped for good (refused, replaced, wrong shard
     /// count).
     #[error(transparent)]
@@ -119,7 +122,9 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Agen
     if !wait_for_redis(&store, &shutdown).await {
         return Ok(());
     }
+    let credentials = config.credentials()?;
     let subscriber = Subscriber::builder(&config.hub, &config.node_id)
+        .credentials(credentials)
         .namespaces(config.namespaces.clone())
         .shard_count(config.shards)
         .cursor_store(CursorStore::Backend(Arc::new(RedisCursor(store.clone()))))

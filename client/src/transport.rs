@@ -60,6 +60,7 @@ pub struct Credentials {
     ca: Option<Vec<u8>>,
     identity: Option<(Vec<u8>, Vec<u8>)>,
     token: Option<String>,
+    token_file: Option<std::path::PathBuf>,
     domain: Option<String>,
 }
 
@@ -70,6 +71,7 @@ impl std::fmt::Debug for Credentials {
             .field("ca", &self.ca.is_some())
             .field("client_certificate", &self.identity.is_some())
             .field("token", &self.token.is_some())
+            .field("token_file", &self.token_file)
             .field("domain", &self.domain)
             .finish()
     }
@@ -101,6 +103,15 @@ impl Credentials {
     /// A bearer token sent with every call.
     pub fn bearer_token(mut self, token: impl Into<String>) -> Self {
         self.token = Some(token.into());
+        self.token_file = None;
+        self
+    }
+
+    /// A file holding the bearer token (a mounted Secret), read again for
+    /// every connection, so a rotated token is used from the next one on.
+    pub fn bearer_token_file(mut self, path: impl Into<std::path::PathBuf>) -> Self {
+        self.token_file = Some(path.into());
+        self.token = None;
         self
     }
 
@@ -187,7 +198,19 @@ pub(crate) struct Bearer(Option<MetadataValue<Ascii>>);
 impl Bearer {
     /// The token's header, or why it cannot be one.
     pub(crate) fn new(url: &str, credentials: &Credentials) -> Result<Self, InvalidAddress> {
-        match &credentials.token {
+        let from_file;
+        let token = match &credentials.token_file {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|e| InvalidAddress {
+                    url: url.to_owned(),
+                    reason: format!("token file {}: {e}", path.display()),
+                })?;
+                from_file = text.trim().to_owned();
+                Some(&from_file)
+            }
+            None => credentials.token.as_ref(),
+        };
+        match token {
             None => Ok(Self(None)),
             Some(t) => format!("Bearer {t}")
                 .parse()

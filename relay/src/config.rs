@@ -64,6 +64,23 @@ pub struct Config {
     /// OTLP/gRPC collector for traces; unset, `OTEL_*` decides.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub otlp_endpoint: Option<String>,
+    /// The CA (PEM) the hub's certificate must chain to (an `https://` hub).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ca: Option<PathBuf>,
+    /// A client certificate (PEM) for a hub that requires one (mTLS); goes
+    /// with `key`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cert: Option<PathBuf>,
+    /// The client certificate's key (PEM).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub key: Option<PathBuf>,
+    /// A bearer token (a JWT or a static token) sent with every publish.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub token: Option<String>,
+    /// A file holding the bearer token (a mounted Secret); read again
+    /// before every publish call, so a rotated token is used at once.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub token_file: Option<PathBuf>,
 }
 
 impl Default for Config {
@@ -79,6 +96,11 @@ impl Default for Config {
             metrics_listen: SocketAddr::from(([127, 0, 0, 1], 9465)),
             log_format: LogFormat::Text,
             otlp_endpoint: None,
+            ca: None,
+            cert: None,
+            key: None,
+            token: None,
+            token_file: None,
         }
     }
 }
@@ -174,8 +196,83 @@ impl Config {
                 ));
             }
         }
+        self.check_credentials()
+    }
+
+    /// Checks the credential files can be read and hold what they should,
+    /// so that a typo stops the relay at start rather than at every publish.
+    fn check_credentials(&self) -> Result<(), ConfigError> {
+        let https = self.hub.starts_with("https://");
+        for (key, path) in [("ca", &self.ca), ("cert", &self.cert), ("key", &self.key)] {
+            let Some(path) = path else { continue };
+            if !https {
+                return Err(invalid(
+                    key,
+                    path.display(),
+                    format!("TLS settings need an https:// hub, not {}", self.hub),
+                ));
+            }
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| invalid(key, path.display(), format!("cannot read it: {e}")))?;
+            if !text.contains("-----BEGIN ") {
+                return Err(invalid(key, path.display(), "holds no PEM block"));
+            }
+        }
+        match (&self.cert, &self.key) {
+            (Some(c), None) => {
+                return Err(invalid(
+                    "cert",
+                    c.display(),
+                    "a client certificate needs its key: set `key` too",
+                ));
+            }
+            (None, Some(k)) => {
+                return Err(invalid(
+                    "key",
+                    k.display(),
+                    "a key needs its client certificate: set `cert` too",
+                ));
+            }
+            _ => {}
+        }
+        if let Some(t) = &self.token
+            && (t.trim().is_empty()
+                || format!("Bearer {}", t.trim())
+                    .parse::<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>()
+                    .is_err())
+        {
+            return Err(invalid(
+                "token",
+                "(hidden)",
+                "must be printable ASCII, not empty",
+            ));
+        }
+        if let Some(path) = &self.token_file {
+            if self.token.is_some() {
+                return Err(invalid(
+                    "token_file",
+                    path.display(),
+                    "give `token` or `token_file`, not both",
+                ));
+            }
+            read_token(path).map_err(|e| invalid("token_file", path.display(), e))?;
+        }
         Ok(())
     }
+}
+
+/// The token in `path`, trimmed, as the header value it is sent in.
+pub(crate) fn read_token(
+    path: &Path,
+) -> Result<tonic::metadata::MetadataValue<tonic::metadata::Ascii>, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read it: {e}"))?;
+    let token = text.trim();
+    if token.is_empty() {
+        return Err("is empty".into());
+    }
+    format!("Bearer {token}")
+        .parse()
+        .map_err(|_| "holds characters a header cannot carry".into())
 }
 
 /// The command line.
@@ -193,6 +290,7 @@ pub struct Args {
 
 /// The subcommands.
 #[derive(Debug, Subcommand)]
+#[allow(clippy::large_enum_variant)] // parsed once, at start
 pub enum Command {
     /// Create the outbox table, its index and its trigger (idempotent).
     Migrate {
@@ -241,6 +339,26 @@ pub struct RunArgs {
     /// OTLP/gRPC collector for traces, e.g. http://localhost:4317.
     #[arg(long, env = "FRESHNESS_RELAY_OTLP_ENDPOINT")]
     pub otlp_endpoint: Option<String>,
+    /// CA (PEM) the hub's certificate must chain to (https:// hub).
+    #[arg(long, env = "FRESHNESS_RELAY_CA")]
+    pub ca: Option<PathBuf>,
+    /// Client certificate (PEM), for a hub that requires one; with --key.
+    #[arg(long, env = "FRESHNESS_RELAY_CERT")]
+    pub cert: Option<PathBuf>,
+    /// The client certificate's key (PEM).
+    #[arg(long, env = "FRESHNESS_RELAY_KEY")]
+    pub key: Option<PathBuf>,
+    /// Bearer token sent with every publish.
+    #[arg(
+        long,
+        env = "FRESHNESS_RELAY_TOKEN",
+        hide_env_values = true,
+        conflicts_with = "token_file"
+    )]
+    pub token: Option<String>,
+    /// File holding the bearer token, read again before every publish.
+    #[arg(long, env = "FRESHNESS_RELAY_TOKEN_FILE")]
+    pub token_file: Option<PathBuf>,
 }
 
 impl RunArgs {
@@ -280,6 +398,24 @@ impl RunArgs {
         }
         if self.otlp_endpoint.is_some() {
             c.otlp_endpoint = self.otlp_endpoint;
+        }
+        for (from, to) in [
+            (self.ca, &mut c.ca),
+            (self.cert, &mut c.cert),
+            (self.key, &mut c.key),
+        ] {
+            if from.is_some() {
+                *to = from;
+            }
+        }
+        // A token given here replaces either form of the file's.
+        if self.token.is_some() {
+            c.token = self.token;
+            c.token_file = None;
+        }
+        if self.token_file.is_some() {
+            c.token_file = self.token_file;
+            c.token = None;
         }
         c.validate()?;
         Ok(c)

@@ -40,7 +40,8 @@ use rand::Rng;
 use tokio::sync::Notify;
 use tokio_postgres::{AsyncMessage, Client, NoTls};
 use tokio_util::sync::CancellationToken;
-use tonic::transport::{Channel, Endpoint};
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 use tracing::Instrument;
 
 use crate::config::{AckLevel, Config};
@@ -78,6 +79,58 @@ pub enum RunError {
     /// The database URL does not parse.
     #[error("invalid database url: {0}")]
     InvalidDatabaseUrl(tokio_postgres::Error),
+    /// A CA, certificate or key file cannot be used.
+    #[error("invalid TLS setting: {0}")]
+    Tls(String),
+}
+
+/// TLS towards an `https://` hub: the system's roots, or the CA given, and
+/// the client certificate when given (the files were checked by
+/// [`Config::validate`]; read again here, they name the setting if gone).
+fn tls_config(config: &Config) -> Result<ClientTlsConfig, RunError> {
+    let read = |key: &str, path: &std::path::Path| {
+        std::fs::read(path).map_err(|e| RunError::Tls(format!("`{key}` {}: {e}", path.display())))
+    };
+    let mut tls = ClientTlsConfig::new().with_enabled_roots();
+    if let Some(ca) = &config.ca {
+        tls = tls.ca_certificate(Certificate::from_pem(read("ca", ca)?));
+    }
+    if let (Some(cert), Some(key)) = (&config.cert, &config.key) {
+        tls = tls.identity(Identity::from_pem(read("cert", cert)?, read("key", key)?));
+    }
+    Ok(tls)
+}
+
+/// The bearer token a publish carries: none, the configured one, or the
+/// token file's content read now (a rotated Secret is used at once).
+#[derive(Clone)]
+enum Token {
+    None,
+    Fixed(MetadataValue<Ascii>),
+    File(std::path::PathBuf),
+}
+
+impl Token {
+    fn from_config(config: &Config) -> Self {
+        match (&config.token, &config.token_file) {
+            (Some(t), _) => format!("Bearer {}", t.trim())
+                .parse()
+                .map_or(Self::None, Self::Fixed),
+            (None, Some(p)) => Self::File(p.clone()),
+            (None, None) => Self::None,
+        }
+    }
+
+    /// The header value, or why the token file cannot give one.
+    fn header(&self) -> Result<Option<MetadataValue<Ascii>>, String> {
+        match self {
+            Self::None => Ok(None),
+            Self::Fixed(v) => Ok(Some(v.clone())),
+            Self::File(p) => crate::config::read_token(p)
+                .map(Some)
+                .map_err(|e| format!("token file {}: {e}", p.display())),
+        }
+    }
 }
 
 /// What went wrong in one connection's life; the relay reconnects.
@@ -105,15 +158,21 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
         .database_url
         .parse()
         .map_err(RunError::InvalidDatabaseUrl)?;
-    let channel = Endpoint::from_shared(config.hub.clone())
+    let mut endpoint = Endpoint::from_shared(config.hub.clone())
         .map_err(|_| RunError::InvalidHub(config.hub.clone()))?
         .connect_timeout(Duration::from_secs(2))
-        .tcp_nodelay(true)
-        .connect_lazy();
+        .tcp_nodelay(true);
+    if config.hub.starts_with("https://") {
+        endpoint = endpoint
+            .tls_config(tls_config(&config)?)
+            .map_err(|e| RunError::Tls(e.to_string()))?;
+    }
+    let channel = endpoint.connect_lazy();
     let hub = HubClient::new(channel)
         .max_decoding_message_size(64 << 20)
         .max_encoding_message_size(64 << 20);
     let relay = Relay {
+        token: Token::from_config(&config),
         config,
         db,
         hub,
@@ -141,6 +200,7 @@ struct Relay {
     config: Config,
     db: tokio_postgres::Config,
     hub: HubClient<Channel>,
+    token: Token,
     shutdown: CancellationToken,
 }
 
@@ -150,6 +210,7 @@ impl Relay {
             config: self.config.clone(),
             db: self.db.clone(),
             hub: self.hub.clone(),
+            token: self.token.clone(),
             shutdown: self.shutdown.clone(),
         }
     }
@@ -339,6 +400,27 @@ impl Relay {
                 } as i32,
                 timeout_ms: 0,
             };
+            let mut request = tonic::Request::new(request);
+            match self.token.header() {
+                Ok(Some(v)) => {
+                    request.metadata_mut().insert("authorization", v);
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    counter!(m::PUBLISH_ERRORS, "code" => "token").increment(1);
+                    let wait = backoff.next();
+                    tracing::warn!(
+                        error = %e,
+                        rows = call.len(),
+                        retry_in_ms = wait.as_millis() as u64,
+                        "no token to publish with; the rows stay in the outbox and are retried",
+                    );
+                    if !self.pause(wait).await {
+                        return None;
+                    }
+                    continue;
+                }
+            }
             let started = tokio::time::Instant::now();
             let mut hub = self.hub.clone();
             let answer = tokio::select! {

@@ -3,6 +3,7 @@
 //! ([`RawNode`]), and waiting helpers that await conditions instead of
 //! sleeping.
 
+pub mod pki;
 pub mod proxy;
 pub mod webdriver;
 

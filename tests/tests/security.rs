@@ -2,7 +2,7 @@
 //! certificates and JWTs are made here (rcgen, jsonwebtoken), hubs serve
 //! TLS on loopback, clients connect as nodes, writers and peers would.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use base64::Engine;
@@ -11,79 +11,13 @@ use freshness::pb::subscribe_response::Kind as RespKind;
 use freshness::pb::{self, hub_client::HubClient};
 use freshness_client::{Credentials, Publisher};
 use freshness_hub::Config;
+use freshness_tests::pki::{Ca, Leaf, token_line, write};
 use freshness_tests::{TestHub, bind, hello, publish_request, test_config, wait_for};
-use rcgen::{
-    BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, SanType, date_time_ymd,
-};
+use rcgen::KeyPair;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
-
-/// A certificate authority made for one test.
-struct Ca {
-    pem: String,
-    issuer: Issuer<'static, KeyPair>,
-}
-
-/// A certificate and its key, PEM.
-#[derive(Clone)]
-struct Leaf {
-    cert: String,
-    key: String,
-}
-
-impl Ca {
-    fn new(name: &str) -> Self {
-        let key = KeyPair::generate().unwrap();
-        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.distinguished_name.push(DnType::CommonName, name);
-        let cert = params.self_signed(&key).unwrap();
-        Self {
-            pem: cert.pem(),
-            issuer: Issuer::new(params, key),
-        }
-    }
-
-    /// A certificate for `localhost` and 127.0.0.1 (a hub's), with `uri`
-    /// as its first URI SAN when given (its principal as a client).
-    fn leaf(&self, uri: Option<&str>) -> Leaf {
-        self.leaf_valid(uri, None)
-    }
-
-    fn leaf_valid(&self, uri: Option<&str>, expired: Option<()>) -> Leaf {
-        let key = KeyPair::generate().unwrap();
-        let mut params = CertificateParams::new(vec!["localhost".to_owned()]).unwrap();
-        params
-            .subject_alt_names
-            .push(SanType::IpAddress([127, 0, 0, 1].into()));
-        if let Some(uri) = uri {
-            params
-                .subject_alt_names
-                .push(SanType::URI(uri.try_into().unwrap()));
-        }
-        if expired.is_some() {
-            params.not_before = date_time_ymd(2020, 1, 1);
-            params.not_after = date_time_ymd(2021, 1, 1);
-        }
-        let cert = params.signed_by(&key, &self.issuer).unwrap();
-        Leaf {
-            cert: cert.pem(),
-            key: key.serialize_pem(),
-        }
-    }
-}
-
-fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
-    let p = dir.join(name);
-    // Written whole then renamed, as a Secret update is: the hub never
-    // reads half a file.
-    let tmp = dir.join(format!(".{name}.tmp"));
-    std::fs::write(&tmp, text).unwrap();
-    std::fs::rename(&tmp, &p).unwrap();
-    p
-}
 
 /// A hub's files: its certificate (signed by `ca`), the client CA, the
 /// policy and the token file.
@@ -91,10 +25,6 @@ struct Setup {
     dir: tempfile::TempDir,
     ca: Ca,
     config: Config,
-}
-
-fn token_line(name: &str, token: &str) -> String {
-    format!("{name} {}\n", freshness_hub::auth::token_hash(token))
 }
 
 impl Setup {

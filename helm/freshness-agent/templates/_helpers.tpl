@@ -51,6 +51,9 @@ string); numbers through int64 (Helm reads YAML numbers as floats).
 {{- end }}
 {{- end }}
 {{- end -}}
+{{- if and (or .Values.tls.caSecret .Values.tls.clientSecret) (not (hasPrefix "https://" $a.hub)) }}
+{{- fail (printf "tls.caSecret and tls.clientSecret need an https:// agent.hub, not %q" $a.hub) }}
+{{- end -}}
 # Rendered by the freshness-agent chart from its values; edit those instead.
 hub = {{ $a.hub | toJson }}
 redis = {{ $a.redis | toJson }}
@@ -62,6 +65,16 @@ persist_interval = {{ $a.persistInterval | toJson }}
 max_batch = {{ int64 $a.maxBatch }}
 metrics_listen = "0.0.0.0:9465"
 namespaces = {{ $a.namespaces | toJson }}
+{{- if .Values.tls.caSecret }}
+ca = "/etc/freshness-agent/ca/ca.crt"
+{{- end }}
+{{- if .Values.tls.clientSecret }}
+cert = "/etc/freshness-agent/client/tls.crt"
+key = "/etc/freshness-agent/client/tls.key"
+{{- end }}
+{{- if .Values.token.secretName }}
+token_file = "/etc/freshness-agent/token/token"
+{{- end }}
 
 [map]
 {{- range $ns, $templates := $a.map }}

@@ -247,9 +247,15 @@ pub struct Node {
 
 impl Node {
     pub async fn start(hub: &str) -> Self {
+        Self::start_with(hub, freshness_client::Credentials::new()).await
+    }
+
+    /// A node of a secured hub, with `credentials`.
+    pub async fn start_with(hub: &str, credentials: freshness_client::Credentials) -> Self {
         let seen = Arc::new(Seen::default());
         let subscriber =
             Subscriber::builder(hub, format!("node-{:x}", rand::rng().random::<u32>()))
+                .credentials(credentials)
                 .reconnect_backoff(freshness_client::Backoff::new(
                     Duration::from_millis(20),
                     Duration::from_millis(200),
