@@ -16,6 +16,7 @@
 mod peers;
 mod procfs;
 mod run;
+mod secure;
 mod server;
 mod stats;
 mod target;
@@ -292,6 +293,7 @@ async fn main_async(cli: Cli) -> anyhow::Result<()> {
             Workload::B7 => workloads::b7(&env, &opts, &mut out).await?,
         }
     }
+    secure::cleanup();
     Ok(())
 }
 

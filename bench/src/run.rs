@@ -64,9 +64,9 @@ pub struct Env {
 impl Env {
     async fn server(&self, kind: Kind) -> Result<Server> {
         Ok(match kind {
-            Kind::Hub => match &self.hub_url {
+            Kind::Hub | Kind::HubTls => match &self.hub_url {
                 Some(url) => Server::external(url.clone(), self.hub_pid),
-                None => Server::spawn_hub(&self.launcher).await?,
+                None => Server::spawn_hub(&self.launcher, kind == Kind::HubTls).await?,
             },
             Kind::Nats => Server::external(self.nats_url.clone(), self.nats_pid),
             Kind::Redis => Server::external(self.redis_url.clone(), self.redis_pid),
@@ -270,14 +270,14 @@ async fn run_on(env: &Env, spec: &Spec, server: &Server) -> Result<RunResult> {
     let mut handles = Vec::with_capacity(total);
     for i in 0..total {
         let hub = match spec.kind {
-            Kind::Hub if env.nodes_per_conn > 1 => {
+            k if k.is_hub() && env.nodes_per_conn > 1 => {
                 if i % env.nodes_per_conn == 0 || shared.is_none() {
                     let ch = target::hub_endpoint(&target.url)?.connect().await?;
                     shared = Some(HubConn::Shared(ch));
                 }
                 shared.clone()
             }
-            Kind::Hub => Some(HubConn::Own(Box::new(target::hub_endpoint(&target.url)?))),
+            k if k.is_hub() => Some(HubConn::Own(Box::new(target::hub_endpoint(&target.url)?))),
             _ => None,
         };
         let counted = i < spec.nodes;
@@ -338,7 +338,7 @@ async fn run_on(env: &Env, spec: &Spec, server: &Server) -> Result<RunResult> {
     let publish_end = Instant::now();
 
     // Drain: wait for every delivery (and, on the hub, every ack) owed.
-    let owed_acks = spec.kind == Kind::Hub;
+    let owed_acks = spec.kind.is_hub();
     let deadline = Instant::now() + spec.drain;
     let mut drained = false;
     while Instant::now() < deadline {
@@ -359,7 +359,7 @@ async fn run_on(env: &Env, spec: &Spec, server: &Server) -> Result<RunResult> {
     let subs1 = procfs::self_threads_cpu_ns(crate::WORKER_THREAD);
     let wall = secs_f(t1 - t0);
 
-    let status = if spec.kind == Kind::Hub && spec.stalled > 0 {
+    let status = if spec.kind.is_hub() && spec.stalled > 0 {
         server.hub_status().await
     } else {
         None
@@ -396,7 +396,7 @@ async fn run_on(env: &Env, spec: &Spec, server: &Server) -> Result<RunResult> {
         placement: env.placement.clone(),
         ..Default::default()
     };
-    if spec.kind == Kind::Hub {
+    if spec.kind.is_hub() {
         r.put("ack_interval_us", env.ack_interval.as_micros() as u64);
         r.put(
             "lazy_ack_interval_us",
@@ -421,7 +421,7 @@ async fn run_on(env: &Env, spec: &Spec, server: &Server) -> Result<RunResult> {
     r.completion_max_us = c.max;
     r.completion_count = c.count;
     r.delivery_p99_us = Summary::of(&delivery).p99;
-    if spec.kind == Kind::Hub {
+    if spec.kind.is_hub() {
         r.ack_p99_us = Some(Summary::of(&ack).p99);
     }
     r.deliveries_per_s = r.delivered as f64 / secs_f(spec.duration).max(1e-9);

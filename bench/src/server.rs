@@ -66,8 +66,9 @@ impl Server {
         }
     }
 
-    /// Starts a fresh hub on a free loopback port and waits until it serves.
-    pub async fn spawn_hub(l: &HubLauncher) -> Result<Self> {
+    /// Starts a fresh hub on a free loopback port and waits until it serves;
+    /// `secure`: with TLS and token authentication ([`crate::secure`]).
+    pub async fn spawn_hub(l: &HubLauncher, secure: bool) -> Result<Self> {
         if !Path::new(&l.bin).exists() {
             bail!(
                 "hub binary {} not found: build it with `cargo build --release -p freshness-hub` or pass --hub-bin",
@@ -129,6 +130,11 @@ impl Server {
                     .iter()
                     .flat_map(|r| [std::ffi::OsString::from("--region"), r.into()]),
             )
+            .args(if secure {
+                crate::secure::material()?.hub_args()
+            } else {
+                Vec::new()
+            })
             .args(&l.args)
             .env("FRESHNESS_LOG", "error")
             .stdin(Stdio::null())
@@ -137,7 +143,10 @@ impl Server {
             .kill_on_drop(true);
         let child = cmd.spawn().context("starting the hub")?;
         let server = Self {
-            url: format!("http://127.0.0.1:{port}"),
+            url: format!(
+                "{}://127.0.0.1:{port}",
+                if secure { "https" } else { "http" }
+            ),
             pid: child.id(),
             fresh: true,
             child: Some(child),
@@ -158,7 +167,8 @@ impl Server {
     /// The hub's status, if it answers.
     pub async fn hub_status(&self) -> Option<pb::StatusResponse> {
         let channel = hub_endpoint(&self.url).ok()?.connect().await.ok()?;
-        hub_client(channel)
+        hub_client(&self.url, channel)
+            .ok()?
             .status(pb::StatusRequest {})
             .await
             .ok()

@@ -26,6 +26,8 @@ use futures::StreamExt;
 use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 
 use crate::tracker::{Recorder, Tracker, entity, key_of};
@@ -36,6 +38,11 @@ use crate::tracker::{Recorder, Tracker, entity, key_of};
 pub enum Kind {
     /// The Freshness hub.
     Hub,
+    /// The Freshness hub with TLS and token authentication on every call
+    /// ([`crate::secure`]).
+    #[value(name = "hub-tls")]
+    #[serde(rename = "hub-tls")]
+    HubTls,
     /// NATS core pub/sub.
     Nats,
     /// Redis pub/sub.
@@ -47,9 +54,15 @@ impl Kind {
     pub fn name(self) -> &'static str {
         match self {
             Kind::Hub => "hub",
+            Kind::HubTls => "hub-tls",
             Kind::Nats => "nats",
             Kind::Redis => "redis",
         }
+    }
+
+    /// A Freshness hub, secured or not.
+    pub fn is_hub(self) -> bool {
+        matches!(self, Kind::Hub | Kind::HubTls)
     }
 }
 
@@ -122,18 +135,45 @@ impl HubConn {
     }
 }
 
-/// An endpoint for the hub at `url`.
+/// An endpoint for the hub at `url`: TLS trusting the bench's CA for an
+/// `https://` one (a `hub-tls` hub).
 pub fn hub_endpoint(url: &str) -> Result<Endpoint> {
-    Ok(Endpoint::from_shared(url.to_owned())?
+    let endpoint = Endpoint::from_shared(url.to_owned())?
         .tcp_nodelay(true)
-        .connect_timeout(CONNECT_TIMEOUT))
+        .connect_timeout(CONNECT_TIMEOUT);
+    if endpoint.uri().scheme_str() == Some("https") {
+        return Ok(endpoint.tls_config(crate::secure::material()?.client_tls())?);
+    }
+    Ok(endpoint)
 }
 
-/// A client of the hub with generous message limits.
-pub fn hub_client(channel: Channel) -> HubClient<Channel> {
-    HubClient::new(channel)
+/// Adds the bench's token to every call to a `hub-tls` hub.
+#[derive(Clone)]
+pub struct Bearer(Option<MetadataValue<Ascii>>);
+
+impl tonic::service::Interceptor for Bearer {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(v) = &self.0 {
+            req.metadata_mut().insert("authorization", v.clone());
+        }
+        Ok(req)
+    }
+}
+
+/// A client of the hub.
+pub type Client = HubClient<InterceptedService<Channel, Bearer>>;
+
+/// A client of the hub at `url` over `channel`, with generous message
+/// limits, sending the token to a `hub-tls` hub.
+pub fn hub_client(url: &str, channel: Channel) -> Result<Client> {
+    let bearer = if url.starts_with("https://") {
+        Bearer(Some(crate::secure::material()?.bearer.clone()))
+    } else {
+        Bearer(None)
+    };
+    Ok(HubClient::with_interceptor(channel, bearer)
         .max_decoding_message_size(64 << 20)
-        .max_encoding_message_size(64 << 20)
+        .max_encoding_message_size(64 << 20))
 }
 
 /// One node's life: subscribe, record, ack; once more after a storm; hand
@@ -148,19 +188,38 @@ pub async fn run_node(
     ctl: NodeCtl,
 ) -> Recorder {
     let result = match target.kind {
-        Kind::Hub => {
+        Kind::Hub | Kind::HubTls => {
             let Some(conn) = hub else {
                 return rec;
             };
             let mut cursor = None;
-            let first =
-                hub_session(&conn, &node_id, &mut cursor, &mut rec, stalled, &ctl, true).await;
+            let first = hub_session(
+                &target.url,
+                &conn,
+                &node_id,
+                &mut cursor,
+                &mut rec,
+                stalled,
+                &ctl,
+                true,
+            )
+            .await;
             if first.is_ok() && !ctl.stop.is_cancelled() && ctl.down.is_cancelled() {
                 tokio::select! {
                     () = ctl.up.cancelled() => {}
                     () = ctl.stop.cancelled() => return rec,
                 }
-                hub_session(&conn, &node_id, &mut cursor, &mut rec, stalled, &ctl, false).await
+                hub_session(
+                    &target.url,
+                    &conn,
+                    &node_id,
+                    &mut cursor,
+                    &mut rec,
+                    stalled,
+                    &ctl,
+                    false,
+                )
+                .await
             } else {
                 first
             }
@@ -201,6 +260,7 @@ fn ack(cursor: &pb::Cursor) -> pb::SubscribeRequest {
 /// storm takes it down). `cursor` is where to resume and ends where the node
 /// got to.
 async fn hub_session(
+    target_url: &str,
     conn: &HubConn,
     node_id: &str,
     cursor: &mut Option<pb::Cursor>,
@@ -230,10 +290,13 @@ async fn hub_session(
         }
     });
     let outbound = futures::stream::iter([hello]).chain(acks);
-    let mut stream = tokio::time::timeout(CONNECT_TIMEOUT, hub_client(channel).subscribe(outbound))
-        .await
-        .context("subscribe timed out")??
-        .into_inner();
+    let mut stream = tokio::time::timeout(
+        CONNECT_TIMEOUT,
+        hub_client(target_url, channel)?.subscribe(outbound),
+    )
+    .await
+    .context("subscribe timed out")??
+    .into_inner();
     let welcome = match tokio::time::timeout(CONNECT_TIMEOUT, stream.message())
         .await
         .context("welcome timed out")??
@@ -385,7 +448,7 @@ async fn redis_node(
 #[derive(Clone)]
 pub enum Publisher {
     /// `Publish` calls at the target's ack level.
-    Hub(HubClient<Channel>, pb::AckLevel),
+    Hub(Client, pb::AckLevel),
     /// Core NATS publishes on one connection, one write per call.
     Nats(crate::peers::NatsPublisher),
     /// `PUBLISH` commands, pipelined per call, on one connection.
@@ -400,9 +463,9 @@ impl Publisher {
     /// Connects the publisher of `target`.
     pub async fn connect(target: &Target) -> Result<Self> {
         Ok(match target.kind {
-            Kind::Hub => {
+            Kind::Hub | Kind::HubTls => {
                 let channel = hub_endpoint(&target.url)?.connect().await?;
-                Publisher::Hub(hub_client(channel), target.ack_level)
+                Publisher::Hub(hub_client(&target.url, channel)?, target.ack_level)
             }
             Kind::Nats => Publisher::Nats(
                 crate::peers::NatsPublisher::connect(&target.url, &target.topic).await?,

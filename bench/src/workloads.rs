@@ -327,21 +327,34 @@ fn median(values: &[f64]) -> f64 {
 
 /// B6: every node drops its stream and all reconnect at once from their
 /// cursors; time until all are live, and until all have every event
-/// published before the reconnect. Hub only (the peers have no cursors).
+/// published before the reconnect. Hubs only (the peers have no cursors):
+/// `hub` and `hub-tls` when both are targets.
 pub async fn b6(env: &Env, o: &Opts, sink: &mut dyn Sink) -> Result<()> {
     let duration = o.duration.unwrap_or(Duration::from_secs(6));
     for n in nodes_or(o, &[1000]) {
         for _ in 0..o.repeat {
-            let mut spec = base("b6", Kind::Hub, n, o.rate.unwrap_or(1000), duration, o);
-            spec.storm = Some(Storm {
-                down: duration / 3,
-                up: duration / 2,
-            });
-            spec.drain = Duration::from_secs(30);
-            sink.emit(&run(env, &spec).await?);
+            for kind in hub_kinds(o) {
+                let mut spec = base("b6", kind, n, o.rate.unwrap_or(1000), duration, o);
+                spec.storm = Some(Storm {
+                    down: duration / 3,
+                    up: duration / 2,
+                });
+                spec.drain = Duration::from_secs(30);
+                sink.emit(&run(env, &spec).await?);
+            }
         }
     }
     Ok(())
+}
+
+/// The hub targets asked for (`hub`, `hub-tls`), plain hub if none.
+fn hub_kinds(o: &Opts) -> impl Iterator<Item = Kind> + '_ {
+    let any = o.targets.iter().any(|k| k.is_hub());
+    o.targets
+        .iter()
+        .copied()
+        .filter(|k| k.is_hub())
+        .chain((!any).then_some(Kind::Hub))
 }
 
 /// B7: many connected idle nodes; hub memory per node. A trickle of events
