@@ -272,12 +272,11 @@ async fn run_on(env: &Env, spec: &Spec, server: &Server) -> Result<RunResult> {
         let hub = match spec.kind {
             k if k.is_hub() && env.nodes_per_conn > 1 => {
                 if i % env.nodes_per_conn == 0 || shared.is_none() {
-                    let ch = target::hub_endpoint(&target.url)?.connect().await?;
-                    shared = Some(HubConn::Shared(ch));
+                    shared = Some(HubConn::new(&target.url, true).await?);
                 }
                 shared.clone()
             }
-            k if k.is_hub() => Some(HubConn::Own(Box::new(target::hub_endpoint(&target.url)?))),
+            k if k.is_hub() => Some(HubConn::new(&target.url, false).await?),
             _ => None,
         };
         let counted = i < spec.nodes;

@@ -116,21 +116,35 @@ impl NodeCtl {
 }
 
 /// A hub connection, shared by a few nodes or opened per node.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub enum HubConn {
     /// One HTTP/2 connection shared with other nodes.
-    Shared(Channel),
-    /// Every stream (and every reconnect) opens its own connection.
-    Own(Box<Endpoint>),
+    Shared(Client),
+    /// Every stream (and every reconnect) opens its own connection to the
+    /// hub at this address.
+    Own(Box<Endpoint>, String),
 }
 
 impl HubConn {
-    async fn channel(&self) -> Result<Channel> {
+    /// The connection to the hub at `url`: shared, or one per stream.
+    pub async fn new(url: &str, shared: bool) -> Result<Self> {
+        let endpoint = hub_endpoint(url)?;
+        Ok(if shared {
+            HubConn::Shared(hub_client(url, endpoint.connect().await?)?)
+        } else {
+            HubConn::Own(Box::new(endpoint), url.to_owned())
+        })
+    }
+
+    async fn client(&self) -> Result<Client> {
         match self {
             HubConn::Shared(c) => Ok(c.clone()),
-            HubConn::Own(e) => Ok(tokio::time::timeout(CONNECT_TIMEOUT, e.connect())
-                .await
-                .context("connect timed out")??),
+            HubConn::Own(e, url) => {
+                let channel = tokio::time::timeout(CONNECT_TIMEOUT, e.connect())
+                    .await
+                    .context("connect timed out")??;
+                hub_client(url, channel)
+            }
         }
     }
 }
@@ -193,33 +207,14 @@ pub async fn run_node(
                 return rec;
             };
             let mut cursor = None;
-            let first = hub_session(
-                &target.url,
-                &conn,
-                &node_id,
-                &mut cursor,
-                &mut rec,
-                stalled,
-                &ctl,
-                true,
-            )
-            .await;
+            let first =
+                hub_session(&conn, &node_id, &mut cursor, &mut rec, stalled, &ctl, true).await;
             if first.is_ok() && !ctl.stop.is_cancelled() && ctl.down.is_cancelled() {
                 tokio::select! {
                     () = ctl.up.cancelled() => {}
                     () = ctl.stop.cancelled() => return rec,
                 }
-                hub_session(
-                    &target.url,
-                    &conn,
-                    &node_id,
-                    &mut cursor,
-                    &mut rec,
-                    stalled,
-                    &ctl,
-                    false,
-                )
-                .await
+                hub_session(&conn, &node_id, &mut cursor, &mut rec, stalled, &ctl, false).await
             } else {
                 first
             }
@@ -260,7 +255,6 @@ fn ack(cursor: &pb::Cursor) -> pb::SubscribeRequest {
 /// storm takes it down). `cursor` is where to resume and ends where the node
 /// got to.
 async fn hub_session(
-    target_url: &str,
     conn: &HubConn,
     node_id: &str,
     cursor: &mut Option<pb::Cursor>,
@@ -269,7 +263,7 @@ async fn hub_session(
     ctl: &NodeCtl,
     first: bool,
 ) -> Result<()> {
-    let channel = conn.channel().await?;
+    let mut client = conn.client().await?;
     let hello = pb::SubscribeRequest {
         kind: Some(ReqKind::Hello(pb::Hello {
             node_id: node_id.to_owned(),
@@ -290,13 +284,10 @@ async fn hub_session(
         }
     });
     let outbound = futures::stream::iter([hello]).chain(acks);
-    let mut stream = tokio::time::timeout(
-        CONNECT_TIMEOUT,
-        hub_client(target_url, channel)?.subscribe(outbound),
-    )
-    .await
-    .context("subscribe timed out")??
-    .into_inner();
+    let mut stream = tokio::time::timeout(CONNECT_TIMEOUT, client.subscribe(outbound))
+        .await
+        .context("subscribe timed out")??
+        .into_inner();
     let welcome = match tokio::time::timeout(CONNECT_TIMEOUT, stream.message())
         .await
         .context("welcome timed out")??
