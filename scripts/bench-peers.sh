@@ -4,7 +4,7 @@
 # without persistence. Idempotent: a peer already answering is left alone.
 #
 #   scripts/bench-peers.sh start [CPU]   # optionally pinned with taskset -c CPU
-#                                        # (and run SCHED_FIFO when PRIO=fifo)
+#                                        # (at nice -15 with PRIO=nice, SCHED_FIFO with PRIO=fifo)
 #   scripts/bench-peers.sh stop
 #   scripts/bench-peers.sh pids          # "NATS_PID REDIS_PID"
 #
@@ -41,7 +41,10 @@ alive() { [ -f "$DIR/$1.pid" ] && kill -0 "$(cat "$DIR/$1.pid")" 2>/dev/null; }
 
 start() {
     local pin=()
-    [ "${PRIO:-none}" = fifo ] && pin=(chrt -f 10)
+    case "${PRIO:-none}" in
+        fifo) pin=(chrt -f 10) ;;
+        nice) pin=(nice -n -15) ;;
+    esac
     [ -n "${1:-}" ] && pin+=(taskset -c "$1")
     install
     if ! alive nats; then

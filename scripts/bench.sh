@@ -10,10 +10,16 @@
 #
 # Priority: on a machine shared with compiles, a pinned process still shares
 # its core with whatever else runs there, and CFS time slices turn into
-# multi-millisecond latency tails. With PRIO=fifo (the default) servers and
-# generator run SCHED_FIFO (chrt -f 10): they preempt the compiles when they
-# have work, and the kernel's RT throttling (95 % of each second) still
-# leaves the other processes room. PRIO=none runs them at normal priority.
+# multi-millisecond latency tails. With PRIO=nice (the default) servers and
+# generator run at nice -15: the kernel gives them about 28 times a
+# compile's share of their core, and still time-slices between their own
+# threads. PRIO=fifo runs them SCHED_FIFO (chrt -f 10), which shuts the
+# compiles out entirely but also stops time slicing between one process's
+# threads on a core: the generator's busy node worker holds off its
+# publisher thread until it blocks, which inflates publish-call tails
+# (BENCHMARKS.md, "SCHED_FIFO and the publish call"), and a server's
+# threads wait for each other the same way; the kernel's RT throttling also
+# caps each at 95 % of its core. PRIO=none: normal priority.
 #
 #   scripts/bench.sh                 # everything (10 to 20 minutes)
 #   ONLY="b1 b2" scripts/bench.sh    # a subset
@@ -29,7 +35,7 @@ SERVER_CPU=${SERVER_CPU:-0}
 BENCH_CPU=${BENCH_CPU:-1}
 REPEAT=${REPEAT:-3}
 ONLY=${ONLY:-"b1 b2 b3 b4 b5 b6 b7"}
-export PRIO=${PRIO:-fifo}
+export PRIO=${PRIO:-nice}
 
 # 10,000 idle nodes (B7) hold 10,000 sockets in the generator and as many
 # in the hub: raise the descriptor limit as far as the hard limit allows.
@@ -60,7 +66,10 @@ read -r NATS_PID REDIS_PID < <(scripts/bench-peers.sh pids)
 trap 'scripts/bench-peers.sh stop' EXIT
 
 PREFIX=()
-[ "$PRIO" = fifo ] && PREFIX=(chrt -f 10)
+case "$PRIO" in
+    fifo) PREFIX=(chrt -f 10) ;;
+    nice) PREFIX=(nice -n -15) ;;
+esac
 BENCH=("${PREFIX[@]}" taskset -c "$BENCH_CPU" target/release/freshness-bench --json
     --hub-cpus "$SERVER_CPU" --nats-pid "$NATS_PID" --redis-pid "$REDIS_PID"
     --placement "server pinned to cpu$SERVER_CPU, load generator to cpu$BENCH_CPU, priority $PRIO")
