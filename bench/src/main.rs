@@ -74,12 +74,15 @@ struct Cli {
     /// Systems under test, comma-separated, run interleaved.
     #[arg(long, value_delimiter = ',', default_value = "hub")]
     target: Vec<Kind>,
-    /// A running hub to use instead of starting one per run.
+    /// A running hub to use instead of starting one per run; a
+    /// comma-separated list for the replicas of one region (node `i` on the
+    /// `i mod n`-th, the publisher on the first).
     #[arg(long)]
     hub: Option<String>,
-    /// Pid of that hub, to measure its CPU and memory.
-    #[arg(long)]
-    hub_pid: Option<u32>,
+    /// Pids of that hub or those replicas, to measure their CPU and memory
+    /// (summed), comma-separated.
+    #[arg(long, value_delimiter = ',')]
+    hub_pid: Vec<u32>,
     /// The `freshness-hub` binary to start [default: next to this one].
     #[arg(long)]
     hub_bin: Option<PathBuf>,
@@ -255,7 +258,7 @@ async fn main_async(cli: Cli) -> anyhow::Result<()> {
             args: cli.hub_args.clone(),
         },
         hub_url: cli.hub.clone(),
-        hub_pid: cli.hub_pid,
+        hub_pids: cli.hub_pid.clone(),
         nats_url: cli.nats.clone(),
         nats_pid: cli.nats_pid,
         redis_url: cli.redis.clone(),

@@ -32,6 +32,25 @@ pub fn cpu_ns(pid: u32) -> Option<u64> {
     ticks_ns(&stat)
 }
 
+/// [`cpu_ns`] summed over several processes (the replicas of one region);
+/// `None` when there are none or one cannot be read.
+pub fn cpu_ns_all(pids: &[u32]) -> Option<u64> {
+    if pids.is_empty() {
+        return None;
+    }
+    pids.iter().map(|&p| cpu_ns(p)).sum()
+}
+
+/// [`rss`] summed over several processes.
+pub fn rss_all(pids: &[u32]) -> Option<(u64, u64)> {
+    if pids.is_empty() {
+        return None;
+    }
+    pids.iter()
+        .map(|&p| rss(p))
+        .try_fold((0, 0), |(r, h), x| x.map(|(a, b)| (r + a, h + b)))
+}
+
 /// `utime + stime` of a `/proc/PID/stat` line, in nanoseconds (USER_HZ = 100).
 fn ticks_ns(stat: &str) -> Option<u64> {
     // Fields after the command name, which is in parentheses and may hold

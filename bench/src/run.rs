@@ -39,7 +39,7 @@ pub struct Env {
     /// An external hub.
     pub hub_url: Option<String>,
     /// Its pid, to measure it.
-    pub hub_pid: Option<u32>,
+    pub hub_pids: Vec<u32>,
     /// NATS server.
     pub nats_url: String,
     /// Its pid.
@@ -65,11 +65,15 @@ impl Env {
     async fn server(&self, kind: Kind) -> Result<Server> {
         Ok(match kind {
             Kind::Hub | Kind::HubTls => match &self.hub_url {
-                Some(url) => Server::external(url.clone(), self.hub_pid),
+                Some(url) => Server::external(url.clone(), self.hub_pids.clone()),
                 None => Server::spawn_hub(&self.launcher, kind == Kind::HubTls).await?,
             },
-            Kind::Nats => Server::external(self.nats_url.clone(), self.nats_pid),
-            Kind::Redis => Server::external(self.redis_url.clone(), self.redis_pid),
+            Kind::Nats => {
+                Server::external(self.nats_url.clone(), self.nats_pid.into_iter().collect())
+            }
+            Kind::Redis => {
+                Server::external(self.redis_url.clone(), self.redis_pid.into_iter().collect())
+            }
         })
     }
 }
@@ -250,7 +254,7 @@ async fn run_on(env: &Env, spec: &Spec, server: &Server) -> Result<RunResult> {
     let run_no = RUN.fetch_add(1, Ordering::Relaxed);
     let target = Target {
         kind: spec.kind,
-        url: server.url.clone(),
+        url: server.url().to_owned(),
         topic: format!("fresh.bench.{}.{run_no}", std::process::id()),
         ack_level: env.ack_level,
     };
@@ -261,7 +265,7 @@ async fn run_on(env: &Env, spec: &Spec, server: &Server) -> Result<RunResult> {
     } else {
         0
     };
-    let rss_before = server.pid.and_then(procfs::rss).map(|r| r.0);
+    let rss_before = procfs::rss_all(&server.pids).map(|r| r.0);
 
     // Nodes, in waves so the listen backlog never overflows.
     let ctl = NodeCtl::new(env.ack_interval, env.lazy_ack_interval);
@@ -272,11 +276,11 @@ async fn run_on(env: &Env, spec: &Spec, server: &Server) -> Result<RunResult> {
         let hub = match spec.kind {
             k if k.is_hub() && env.nodes_per_conn > 1 => {
                 if i % env.nodes_per_conn == 0 || shared.is_none() {
-                    shared = Some(HubConn::new(&target.url, true).await?);
+                    shared = Some(HubConn::new(server.node_url(i), true).await?);
                 }
                 shared.clone()
             }
-            k if k.is_hub() => Some(HubConn::new(&target.url, false).await?),
+            k if k.is_hub() => Some(HubConn::new(server.node_url(i), false).await?),
             _ => None,
         };
         let counted = i < spec.nodes;
@@ -297,26 +301,26 @@ async fn run_on(env: &Env, spec: &Spec, server: &Server) -> Result<RunResult> {
     // A moment for the server to settle (first progress ticks) before the
     // idle footprint is read.
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let rss_connected = server.pid.and_then(procfs::rss).map(|r| r.0);
+    let rss_connected = procfs::rss_all(&server.pids).map(|r| r.0);
     let idle_cores = if spec.idle.is_zero() {
         None
     } else {
-        let a = server.pid.and_then(procfs::cpu_ns);
+        let a = procfs::cpu_ns_all(&server.pids);
         let t = Instant::now();
         tokio::time::sleep(spec.idle).await;
-        let b = server.pid.and_then(procfs::cpu_ns);
+        let b = procfs::cpu_ns_all(&server.pids);
         a.zip(b)
             .map(|(a, b)| b.saturating_sub(a) as f64 / 1e9 / secs_f(t.elapsed()))
     };
 
     let peak = Arc::new(AtomicU64::new(0));
-    let sampler = server.pid.map(|pid| {
-        let peak = peak.clone();
+    let sampler = (!server.pids.is_empty()).then(|| {
+        let (peak, pids) = (peak.clone(), server.pids.clone());
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_millis(50));
             loop {
                 tick.tick().await;
-                match procfs::rss(pid) {
+                match procfs::rss_all(&pids) {
                     Some((rss, _)) => peak.fetch_max(rss, Ordering::Relaxed),
                     None => return,
                 };
@@ -324,7 +328,7 @@ async fn run_on(env: &Env, spec: &Spec, server: &Server) -> Result<RunResult> {
         })
     });
 
-    let cpu0 = server.pid.and_then(procfs::cpu_ns);
+    let cpu0 = procfs::cpu_ns_all(&server.pids);
     let self0 = procfs::self_cpu_ns();
     let subs0 = procfs::self_threads_cpu_ns(crate::WORKER_THREAD);
     let t0 = Instant::now();
@@ -353,7 +357,7 @@ async fn run_on(env: &Env, spec: &Spec, server: &Server) -> Result<RunResult> {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     let t1 = Instant::now();
-    let cpu1 = server.pid.and_then(procfs::cpu_ns);
+    let cpu1 = procfs::cpu_ns_all(&server.pids);
     let self1 = procfs::self_cpu_ns();
     let subs1 = procfs::self_threads_cpu_ns(crate::WORKER_THREAD);
     let wall = secs_f(t1 - t0);
@@ -375,8 +379,8 @@ async fn run_on(env: &Env, spec: &Spec, server: &Server) -> Result<RunResult> {
         s.abort();
     }
     let peak_sampled = Some(peak.load(Ordering::Relaxed)).filter(|p| *p > 0);
-    let hwm = server.pid.and_then(procfs::rss).map(|r| r.1);
-    let rss_now = server.pid.and_then(procfs::rss).map(|r| r.0);
+    let hwm = procfs::rss_all(&server.pids).map(|r| r.1);
+    let rss_now = procfs::rss_all(&server.pids).map(|r| r.0);
 
     let tally = tracker.tally();
     let mut completion = histogram();

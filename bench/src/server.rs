@@ -19,10 +19,12 @@ use crate::target::{hub_client, hub_endpoint};
 /// A server the run talks to.
 #[derive(Debug)]
 pub struct Server {
-    /// Where nodes and publisher connect.
-    pub url: String,
-    /// Its process, for CPU and memory, when known.
-    pub pid: Option<u32>,
+    /// Where nodes and publisher connect: for the replicas of one region
+    /// (`--hub URL1,URL2,…`), node `i` connects to the `i mod n`-th and the
+    /// publisher to the first.
+    urls: Vec<String>,
+    /// Its processes (one per replica), for CPU and memory, when known.
+    pub pids: Vec<u32>,
     /// True when this run started it (so its peak RSS is this run's).
     pub fresh: bool,
     child: Option<tokio::process::Child>,
@@ -55,11 +57,11 @@ fn free_port() -> Result<u16> {
 }
 
 impl Server {
-    /// An external server.
-    pub fn external(url: String, pid: Option<u32>) -> Self {
+    /// An external server (a comma-separated list of hub replicas).
+    pub fn external(url: String, pids: Vec<u32>) -> Self {
         Self {
-            url,
-            pid,
+            urls: url.split(',').map(|u| u.trim().to_owned()).collect(),
+            pids,
             fresh: false,
             child: None,
             data_dir: None,
@@ -143,11 +145,11 @@ impl Server {
             .kill_on_drop(true);
         let child = cmd.spawn().context("starting the hub")?;
         let server = Self {
-            url: format!(
+            urls: vec![format!(
                 "{}://127.0.0.1:{port}",
                 if secure { "https" } else { "http" }
-            ),
-            pid: child.id(),
+            )],
+            pids: child.id().into_iter().collect(),
             fresh: true,
             child: Some(child),
             data_dir,
@@ -158,16 +160,26 @@ impl Server {
                 return Ok(server);
             }
             if tokio::time::Instant::now() > deadline {
-                bail!("the hub did not come up on {}", server.url);
+                bail!("the hub did not come up on {}", server.url());
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
 
-    /// The hub's status, if it answers.
+    /// The address of the first (or only) server: the publisher's.
+    pub fn url(&self) -> &str {
+        &self.urls[0]
+    }
+
+    /// The address node `i` connects to.
+    pub fn node_url(&self, i: usize) -> &str {
+        &self.urls[i % self.urls.len()]
+    }
+
+    /// The (first) hub's status, if it answers.
     pub async fn hub_status(&self) -> Option<pb::StatusResponse> {
-        let channel = hub_endpoint(&self.url).ok()?.connect().await.ok()?;
-        hub_client(&self.url, channel)
+        let channel = hub_endpoint(self.url()).ok()?.connect().await.ok()?;
+        hub_client(self.url(), channel)
             .ok()?
             .status(pb::StatusRequest {})
             .await
