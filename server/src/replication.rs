@@ -91,7 +91,7 @@ struct Link {
 }
 
 /// Why a link's stream ended.
-enum End {
+enum LinkEnd {
     Shutdown,
     /// Worth retrying; `connected` says whether it got as far as a welcome.
     Failed {
@@ -168,8 +168,8 @@ impl Link {
             self.persist(true);
             self.hub.update_peer(&self.region, |p| p.connected = false);
             match end {
-                End::Shutdown => return,
-                End::Failed { error, connected } => {
+                LinkEnd::Shutdown => return,
+                LinkEnd::Failed { error, connected } => {
                     tracing::warn!(peer = %self.region, url = %self.url, %error, "replication link down");
                     self.hub
                         .update_peer(&self.region, |p| p.last_error = error.to_string());
@@ -185,11 +185,11 @@ impl Link {
         }
     }
 
-    fn failed(error: LinkError, connected: bool) -> End {
-        End::Failed { error, connected }
+    fn failed(error: LinkError, connected: bool) -> LinkEnd {
+        LinkEnd::Failed { error, connected }
     }
 
-    async fn stream(&mut self) -> End {
+    async fn stream(&mut self) -> LinkEnd {
         let endpoint = match Endpoint::from_shared(self.url.clone()) {
             Ok(e) => e
                 .connect_timeout(Duration::from_secs(5))
@@ -226,7 +226,7 @@ impl Link {
                 Ok(c) => c,
                 Err(e) => return Self::failed(LinkError::Connect(e), false),
             },
-            () = self.hub.shutdown.cancelled() => return End::Shutdown,
+            () = self.hub.shutdown.cancelled() => return LinkEnd::Shutdown,
         };
         let mut client = HubClient::new(channel.clone()).max_decoding_message_size(64 << 20);
         let (tx, rx) = mpsc::channel(16);
@@ -246,7 +246,7 @@ impl Link {
             .await;
         let opened = tokio::select! {
             r = client.subscribe(ReceiverStream::new(rx)) => r,
-            () = self.hub.shutdown.cancelled() => return End::Shutdown,
+            () = self.hub.shutdown.cancelled() => return LinkEnd::Shutdown,
         };
         let mut inbound = match opened {
             Ok(r) => r.into_inner(),
@@ -276,7 +276,7 @@ impl Link {
             tracing::info!(peer = %self.region, epoch = welcome.epoch, "replication starts without resume: gap on every shard");
             let all: Vec<u32> = (0..self.hub.shard_count()).collect();
             if self.hub.append(Vec::new(), &all, None).await.is_err() {
-                return End::Shutdown;
+                return LinkEnd::Shutdown;
             }
             self.pending.iter_mut().for_each(VecDeque::clear);
         }
@@ -295,7 +295,7 @@ impl Link {
         let _stop_poll = AbortOnDrop(poll);
         loop {
             let msg = tokio::select! {
-                () = self.hub.shutdown.cancelled() => return End::Shutdown,
+                () = self.hub.shutdown.cancelled() => return LinkEnd::Shutdown,
                 Ok(()) = heads.changed() => {
                     let lag = self.lag_events(&heads.borrow_and_update());
                     self.hub.update_peer(&self.region, |p| p.lag_events = lag);

@@ -24,7 +24,7 @@ use freshness::backoff::Attempts;
 
 /// How a stream ended.
 #[derive(Debug)]
-enum End {
+enum StreamEnd {
     /// The shutdown token fired.
     Shutdown,
     /// The hub said goodbye (shutting down): reconnect at once.
@@ -105,7 +105,10 @@ async fn run_inner<H: Handler>(
             info!(parent: &span, %hub, "using hub");
         }
         let (end, welcomed) = session.stream(endpoint, shutdown).instrument(span).await;
-        if !matches!(end, End::Shutdown | End::Fatal(_) | End::CursorRefused(_)) {
+        if !matches!(
+            end,
+            StreamEnd::Shutdown | StreamEnd::Fatal(_) | StreamEnd::CursorRefused(_)
+        ) {
             at += 1;
         }
         session.persist().await;
@@ -113,28 +116,28 @@ async fn run_inner<H: Handler>(
             attempts.reset();
         }
         let delay = match end {
-            End::Shutdown => return Ok(()),
-            End::Fatal(e) => {
+            StreamEnd::Shutdown => return Ok(()),
+            StreamEnd::Fatal(e) => {
                 warn!(error = %e, "subscription ended for good");
                 return Err(e);
             }
-            End::Goodbye(message) => {
+            StreamEnd::Goodbye(message) => {
                 info!(%message, "hub said goodbye, reconnecting");
                 feed.set(FeedState::Connecting);
                 // Give a restarting hub a moment; every node reconnects now.
                 attempts.next_delay()
             }
-            End::Broken(error) => {
+            StreamEnd::Broken(error) => {
                 warn!(%error, "stream broke, reconnecting");
                 feed.set(FeedState::Connecting);
                 attempts.next_delay()
             }
-            End::Unreachable(error) => {
+            StreamEnd::Unreachable(error) => {
                 debug!(%error, "hub unreachable");
                 feed.set(FeedState::Down { error });
                 attempts.next_delay()
             }
-            End::CursorRefused(error) => {
+            StreamEnd::CursorRefused(error) => {
                 warn!(%error, "hub refused the saved cursor: flushing the cache, starting at the head");
                 flush_all(config, handler, ResetReason::CursorLost).await?;
                 session.position.forget();
@@ -230,13 +233,16 @@ fn outbound(
 impl<H: Handler> Session<'_, H> {
     /// Drives one stream. Returns how it ended and whether the hub welcomed
     /// the node.
-    async fn stream(&mut self, endpoint: &Endpoint, shutdown: &CancellationToken) -> (End, bool) {
+    async fn stream(
+        &mut self,
+        endpoint: &Endpoint,
+        shutdown: &CancellationToken,
+    ) -> (StreamEnd, bool) {
         let config = self.config;
         let connect = async {
-            let channel = endpoint
-                .connect()
-                .await
-                .map_err(|e| End::Unreachable(format!("connect: {}", crate::error_chain(&e))))?;
+            let channel = endpoint.connect().await.map_err(|e| {
+                StreamEnd::Unreachable(format!("connect: {}", crate::error_chain(&e)))
+            })?;
             let (ack_tx, ack_rx) = watch::channel(None);
             let hello = pb::Hello {
                 node_id: config.node_id.clone(),
@@ -248,7 +254,7 @@ impl<H: Handler> Session<'_, H> {
             };
             let resuming = hello.resume.is_some();
             let bearer = crate::transport::Bearer::new(&config.hub, &config.credentials)
-                .map_err(|e| End::Broken(e.to_string()))?;
+                .map_err(|e| StreamEnd::Broken(e.to_string()))?;
             let mut client = crate::transport::HubChannel { channel, bearer }.client();
             let mut inbound = client
                 .subscribe(outbound(hello, ack_rx))
@@ -259,14 +265,18 @@ impl<H: Handler> Session<'_, H> {
             match first.and_then(|m| m.kind) {
                 Some(Kind::Welcome(w)) => Ok((w, inbound, ack_tx)),
                 Some(Kind::Goodbye(g)) => Err(goodbye(&g)),
-                Some(_) => Err(End::Broken("hub sent something before its welcome".into())),
-                None => Err(End::Unreachable("stream ended before the welcome".into())),
+                Some(_) => Err(StreamEnd::Broken(
+                    "hub sent something before its welcome".into(),
+                )),
+                None => Err(StreamEnd::Unreachable(
+                    "stream ended before the welcome".into(),
+                )),
             }
         };
         let (welcome, mut inbound, ack_tx) = tokio::select! {
-            () = shutdown.cancelled() => return (End::Shutdown, false),
+            () = shutdown.cancelled() => return (StreamEnd::Shutdown, false),
             r = timeout(config.connect_timeout, connect) => match r {
-                Err(_) => return (End::Unreachable("no welcome within the connect timeout".into()), false),
+                Err(_) => return (StreamEnd::Unreachable("no welcome within the connect timeout".into()), false),
                 Ok(Err(end)) => return (end, false),
                 Ok(Ok(w)) => w,
             },
@@ -297,12 +307,12 @@ impl<H: Handler> Session<'_, H> {
             };
             tokio::select! {
                 biased;
-                () = shutdown.cancelled() => break End::Shutdown,
+                () = shutdown.cancelled() => break StreamEnd::Shutdown,
                 msg = inbound.message() => {
                     let msg = match msg {
                         Ok(Some(m)) => m,
-                        Ok(None) => break End::Broken("stream ended without a goodbye".into()),
-                        Err(s) => break End::Broken(format!("stream failed: {}: {}", code_name(s.code()), status_message(&s))),
+                        Ok(None) => break StreamEnd::Broken("stream ended without a goodbye".into()),
+                        Err(s) => break StreamEnd::Broken(format!("stream failed: {}: {}", code_name(s.code()), status_message(&s))),
                     };
                     // Progress is acked even when the cursor did not move:
                     // the ack tells the hub which watermark this node holds,
@@ -355,14 +365,14 @@ impl<H: Handler> Session<'_, H> {
         }
     }
 
-    async fn on_welcome(&mut self, w: &pb::Welcome) -> Result<(), End> {
+    async fn on_welcome(&mut self, w: &pb::Welcome) -> Result<(), StreamEnd> {
         tracing::Span::current().record("epoch", w.epoch);
         self.feed.new_stream();
         if w.hash != HASH_NAME {
-            return Err(End::Fatal(SubscriberError::Hash(w.hash.clone())));
+            return Err(StreamEnd::Fatal(SubscriberError::Hash(w.hash.clone())));
         }
         if self.config.shard_count != 0 && w.shard_count != self.config.shard_count {
-            return Err(End::Fatal(SubscriberError::ShardCount {
+            return Err(StreamEnd::Fatal(SubscriberError::ShardCount {
                 expected: self.config.shard_count,
                 hub: w.shard_count,
             }));
@@ -376,7 +386,7 @@ impl<H: Handler> Session<'_, H> {
             retry(self.config, || handler.on_start_at_head())
                 .await
                 .map_err(|e| {
-                    End::Broken(format!(
+                    StreamEnd::Broken(format!(
                         "handler failed to drop what predates the start: {e}"
                     ))
                 })?;
@@ -384,7 +394,7 @@ impl<H: Handler> Session<'_, H> {
         let adopted = self
             .position
             .on_welcome(w)
-            .map_err(|e| End::Broken(e.to_string()))?;
+            .map_err(|e| StreamEnd::Broken(e.to_string()))?;
         info!(
             hub_id = %w.hub_id,
             region = %w.region,
@@ -406,7 +416,7 @@ impl<H: Handler> Session<'_, H> {
         Ok(())
     }
 
-    async fn on_message(&mut self, msg: pb::SubscribeResponse) -> Result<(), End> {
+    async fn on_message(&mut self, msg: pb::SubscribeResponse) -> Result<(), StreamEnd> {
         let received = Instant::now();
         match msg.kind {
             Some(Kind::Events(batch)) => {
@@ -432,7 +442,7 @@ impl<H: Handler> Session<'_, H> {
                 if let Some(c) = &p.cursor {
                     self.position
                         .on_progress(c)
-                        .map_err(|e| End::Broken(e.to_string()))?;
+                        .map_err(|e| StreamEnd::Broken(e.to_string()))?;
                 }
                 if let Some(w) = hub_time(p.watermark_us) {
                     self.feed.applied_watermark(w, received);
@@ -452,15 +462,15 @@ impl<H: Handler> Session<'_, H> {
                     .increment(1);
             }
             Some(Kind::Goodbye(g)) => return Err(goodbye(&g)),
-            Some(Kind::Welcome(_)) => return Err(End::Broken("second welcome".into())),
-            None => return Err(End::Broken("empty message from the hub".into())),
+            Some(Kind::Welcome(_)) => return Err(StreamEnd::Broken("second welcome".into())),
+            None => return Err(StreamEnd::Broken("empty message from the hub".into())),
         }
         Ok(())
     }
 
     /// Applies the reset the node owes since the welcome (see
     /// [`Position`]) before anything else of the stream.
-    async fn pay_owed_reset(&mut self) -> Result<(), End> {
+    async fn pay_owed_reset(&mut self) -> Result<(), StreamEnd> {
         let Some((scope, reason)) = self.position.owed_reset() else {
             return Ok(());
         };
@@ -475,7 +485,7 @@ impl<H: Handler> Session<'_, H> {
         scope: ResetScope,
         reason: ResetReason,
         cursor: Option<&pb::Cursor>,
-    ) -> Result<(), End> {
+    ) -> Result<(), StreamEnd> {
         let reset = Reset {
             scope,
             reason,
@@ -484,12 +494,12 @@ impl<H: Handler> Session<'_, H> {
         self.apply_reset(&reset).await?;
         self.position
             .on_reset(&reset.scope, cursor)
-            .map_err(|e| End::Broken(e.to_string()))
+            .map_err(|e| StreamEnd::Broken(e.to_string()))
     }
 
     /// Hands a batch to the handler; if it keeps failing, resets the batch's
     /// shards instead. Either way the events count as applied.
-    async fn apply_batch(&mut self, batch: EventBatch) -> Result<(), End> {
+    async fn apply_batch(&mut self, batch: EventBatch) -> Result<(), StreamEnd> {
         if !batch.events.is_empty() {
             let handler = self.handler;
             let span = info_span!(
@@ -531,17 +541,17 @@ impl<H: Handler> Session<'_, H> {
         }
         self.position
             .on_events(batch.events.iter().map(|e| (e.shard, e.seq)))
-            .map_err(|e| End::Broken(e.to_string()))
+            .map_err(|e| StreamEnd::Broken(e.to_string()))
     }
 
     /// Hands a reset to the handler. If it keeps failing, nothing is acked:
     /// the stream is closed and the node resumes from its applied cursor, so
     /// the hub sends the same reset (or the events) again.
-    async fn apply_reset(&self, reset: &Reset) -> Result<(), End> {
+    async fn apply_reset(&self, reset: &Reset) -> Result<(), StreamEnd> {
         let handler = self.handler;
         retry(self.config, || handler.on_reset(reset))
             .await
-            .map_err(|e| End::Broken(format!("handler failed to apply a reset: {e}")))
+            .map_err(|e| StreamEnd::Broken(format!("handler failed to apply a reset: {e}")))
     }
 
     /// Writes the applied cursor to the store if it moved.
@@ -570,28 +580,30 @@ async fn sleep_until_opt(at: Option<Instant>) {
     }
 }
 
-fn goodbye(g: &pb::Goodbye) -> End {
+fn goodbye(g: &pb::Goodbye) -> StreamEnd {
     match pb::GoodbyeReason::try_from(g.reason) {
-        Ok(pb::GoodbyeReason::Replaced) => End::Fatal(SubscriberError::Replaced(g.message.clone())),
-        _ => End::Goodbye(g.message.clone()),
+        Ok(pb::GoodbyeReason::Replaced) => {
+            StreamEnd::Fatal(SubscriberError::Replaced(g.message.clone()))
+        }
+        _ => StreamEnd::Goodbye(g.message.clone()),
     }
 }
 
 /// Sorts a status the hub answered before its welcome.
-fn refusal(s: &tonic::Status, resuming: bool) -> End {
+fn refusal(s: &tonic::Status, resuming: bool) -> StreamEnd {
     use tonic::Code;
     let line = format!("{}: {}", code_name(s.code()), status_message(s));
     match s.code() {
-        Code::InvalidArgument if resuming => End::CursorRefused(line),
+        Code::InvalidArgument if resuming => StreamEnd::CursorRefused(line),
         Code::InvalidArgument
         | Code::FailedPrecondition
         | Code::PermissionDenied
         | Code::Unauthenticated
-        | Code::Unimplemented => End::Fatal(SubscriberError::Refused {
+        | Code::Unimplemented => StreamEnd::Fatal(SubscriberError::Refused {
             code: s.code(),
             message: s.message().to_owned(),
         }),
-        _ => End::Unreachable(line),
+        _ => StreamEnd::Unreachable(line),
     }
 }
 
