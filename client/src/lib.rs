@@ -23,6 +23,7 @@
 #![warn(missing_docs)]
 
 pub mod cache;
+mod code;
 mod cursor_store;
 mod event;
 mod feed;
@@ -37,6 +38,7 @@ pub use cache::{
     CacheStats, Dep, FillRefused, FreshnessPolicy, Loaded, Ticket, VersionedCache,
     VersionedCacheBuilder,
 };
+pub use code::Code;
 pub use cursor_store::{BackendFuture, CursorBackend, CursorStore, CursorStoreError};
 pub use event::{EventBatch, Invalidation, Reset, ResetReason, ResetScope};
 pub use feed::{Feed, FeedClosed, FeedState};

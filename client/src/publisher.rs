@@ -39,6 +39,7 @@ use tokio::time::{Instant, sleep, sleep_until};
 use tonic::transport::Channel;
 use tracing::{Instrument, debug, info, info_span, warn};
 
+use crate::Code;
 use crate::transport::InvalidAddress;
 use freshness::backoff::{Attempts, Backoff};
 
@@ -213,8 +214,8 @@ pub enum PublishError {
     /// The hub refused the call for good; nothing of it was applied.
     #[error("hub refused the publish: {code:?}: {message}")]
     Rejected {
-        /// The gRPC code.
-        code: tonic::Code,
+        /// The hub's code.
+        code: Code,
         /// The hub's message.
         message: String,
     },
@@ -224,8 +225,8 @@ pub enum PublishError {
     Unavailable {
         /// Attempts made.
         attempts: u32,
-        /// The last gRPC code.
-        code: tonic::Code,
+        /// The last code.
+        code: Code,
         /// The last message.
         message: String,
     },
@@ -241,8 +242,8 @@ pub enum PublishError {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("status call failed: {code:?}: {message}")]
 pub struct StatusError {
-    /// The gRPC code.
-    pub code: tonic::Code,
+    /// The hub's code.
+    pub code: Code,
     /// The message, with its causes.
     pub message: String,
 }
@@ -512,7 +513,7 @@ impl Publisher {
             .await
             .map(tonic::Response::into_inner)
             .map_err(|s| StatusError {
-                code: s.code(),
+                code: Code::from_tonic(s.code()),
                 message: status_message(&s),
             })
     }
@@ -698,7 +699,7 @@ async fn send_group(channel: &Hubs, retry: &RetryPolicy, group: Group) {
             }
         }
         Err(PublishError::Rejected { code, .. })
-            if code == tonic::Code::InvalidArgument && group.calls.len() > 1 =>
+            if code == Code::InvalidArgument && group.calls.len() > 1 =>
         {
             // The hub's limits are tighter than ours, or one call is bad: send
             // each call alone so that the error reaches only its caller.
@@ -747,7 +748,7 @@ async fn send(
         let hint = retry_after(&status);
         if !retryable(&status, hint.is_some()) {
             return Err(PublishError::Rejected {
-                code: status.code(),
+                code: Code::from_tonic(status.code()),
                 message: status_message(&status),
             });
         }
@@ -755,7 +756,7 @@ async fn send(
         if attempt >= retry.max_attempts.max(1) || Instant::now() + delay > give_up {
             return Err(PublishError::Unavailable {
                 attempts: attempt,
-                code: status.code(),
+                code: Code::from_tonic(status.code()),
                 message: status_message(&status),
             });
         }

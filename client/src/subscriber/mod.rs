@@ -146,8 +146,8 @@ pub enum SubscriberError {
     /// `FAILED_PRECONDITION`, `PERMISSION_DENIED`).
     #[error("hub refused the subscription: {code:?}: {message}")]
     Refused {
-        /// The gRPC code.
-        code: tonic::Code,
+        /// The hub's code.
+        code: crate::Code,
         /// The hub's message.
         message: String,
     },

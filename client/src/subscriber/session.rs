@@ -600,7 +600,7 @@ fn refusal(s: &tonic::Status, resuming: bool) -> StreamEnd {
         | Code::PermissionDenied
         | Code::Unauthenticated
         | Code::Unimplemented => StreamEnd::Fatal(SubscriberError::Refused {
-            code: s.code(),
+            code: crate::Code::from_tonic(s.code()),
             message: s.message().to_owned(),
         }),
         _ => StreamEnd::Unreachable(line),
