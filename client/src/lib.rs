@@ -30,6 +30,7 @@ mod feed;
 #[cfg(feature = "outbox")]
 pub mod outbox;
 pub mod publisher;
+mod status;
 pub mod subscriber;
 pub mod telemetry;
 mod transport;
@@ -49,6 +50,7 @@ pub use publisher::{
     Outcome, PublishError, PublishOptions, PublishReceipt, PublishResult, Publisher,
     PublisherBuilder, RetryPolicy, StatusError,
 };
+pub use status::{HubStatus, NodeState, NodeStatus, PeerStatus, ShardStatus};
 pub use subscriber::{
     Handler, HandlerError, HandlerRetry, Subscriber, SubscriberBuilder, SubscriberError,
     SubscriberHandle,

@@ -40,6 +40,7 @@ use tonic::transport::Channel;
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::Code;
+use crate::status::HubStatus;
 use crate::transport::InvalidAddress;
 use freshness::backoff::{Attempts, Backoff};
 
@@ -504,14 +505,14 @@ impl Publisher {
 
     /// The hub's status (what `freshctl status` shows), over the
     /// publisher's connection.
-    pub async fn status(&self) -> Result<pb::StatusResponse, StatusError> {
+    pub async fn status(&self) -> Result<HubStatus, StatusError> {
         let mut client = self.channel.current().1;
         let mut req = tonic::Request::new(pb::StatusRequest {});
         req.set_timeout(self.retry.attempt_timeout);
         client
             .status(req)
             .await
-            .map(tonic::Response::into_inner)
+            .map(|r| HubStatus::from_wire(r.into_inner()))
             .map_err(|s| StatusError {
                 code: Code::from_tonic(s.code()),
                 message: status_message(&s),

@@ -193,3 +193,26 @@ fn instant_stays_banned_and_no_crate_allows_unsafe() {
         );
     }
 }
+
+/// The client's public API speaks in its own and the domain's types: no
+/// public item or field of `client/src` names `pb::` or `tonic::`
+/// (`freshctl`, a binary, is not API).
+#[test]
+fn the_client_api_names_no_wire_type() {
+    let mut wrong = Vec::new();
+    for (file, text) in rust_files(&root().join("client/src")) {
+        if file.starts_with("bin/") {
+            continue;
+        }
+        for line in code(&text).lines() {
+            let l = line.trim_start();
+            if l.starts_with("pub ") && (l.contains("pb::") || l.contains("tonic::")) {
+                wrong.push(format!("client/src/{file}: {l}"));
+            }
+        }
+    }
+    assert!(
+        wrong.is_empty(),
+        "public wire types in the client: {wrong:#?}"
+    );
+}

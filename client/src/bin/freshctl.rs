@@ -10,11 +10,10 @@ use std::time::Duration;
 
 use anyhow::{Context, anyhow};
 use clap::{Parser, Subcommand, ValueEnum};
-use freshness::pb;
 use freshness_client::{
     AckLevel, Backoff, Credentials, Entity, EventBatch, FeedState, Handler, HandlerError,
-    PublishOptions, Publisher, Reset, RetryPolicy, Subscriber, Version, publisher::Event,
-    telemetry,
+    HubStatus, NodeState, NodeStatus, PublishOptions, Publisher, Reset, RetryPolicy, Subscriber,
+    Version, publisher::Event, telemetry,
 };
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
@@ -584,7 +583,7 @@ fn clock(now_us: u64) -> String {
 }
 
 /// The human status: a summary line, then the nodes' and the peers' tables.
-fn status_tables(out: &mut impl Write, s: &pb::StatusResponse) -> anyhow::Result<()> {
+fn status_tables(out: &mut impl Write, s: &HubStatus) -> anyhow::Result<()> {
     let heads: u64 = s.shards.iter().map(|x| x.head_seq).sum();
     writeln!(
         out,
@@ -602,11 +601,10 @@ fn status_tables(out: &mut impl Write, s: &pb::StatusResponse) -> anyhow::Result
             "in memory only"
         }
     )?;
-    if !s.log_error.is_empty() {
+    if let Some(e) = &s.log_error {
         writeln!(
             out,
-            "LOG WRITES FAILING (publishes refused until they succeed): {}",
-            s.log_error
+            "LOG WRITES FAILING (publishes refused until they succeed): {e}"
         )?;
     }
     writeln!(out)?;
@@ -675,22 +673,16 @@ fn status_tables(out: &mut impl Write, s: &pb::StatusResponse) -> anyhow::Result
 
 /// A node's state as status shows it: `live`, `parked`, `blocked`,
 /// `resetting` (`unknown` from a hub that does not report it).
-fn node_state(n: &pb::NodeStatus) -> &'static str {
-    match pb::NodeState::try_from(n.state) {
-        Ok(pb::NodeState::Live) => "live",
-        Ok(pb::NodeState::Parked) => "parked",
-        Ok(pb::NodeState::Blocked) => "blocked",
-        Ok(pb::NodeState::Resetting) => "resetting",
-        _ => "unknown",
-    }
+fn node_state(n: &NodeStatus) -> &'static str {
+    n.state.map_or("unknown", NodeState::as_str)
 }
 
 /// How long the node has been in its state, on the hub's clock.
-fn state_for_ms(s: &pb::StatusResponse, n: &pb::NodeStatus) -> u64 {
+fn state_for_ms(s: &HubStatus, n: &NodeStatus) -> u64 {
     s.now_us.saturating_sub(n.state_since_us) / 1000
 }
 
-fn status_json(s: &pb::StatusResponse) -> serde_json::Value {
+fn status_json(s: &HubStatus) -> serde_json::Value {
     json!({
         "hub_id": s.hub_id,
         "region": s.region,
@@ -700,7 +692,7 @@ fn status_json(s: &pb::StatusResponse) -> serde_json::Value {
         "retained_events": s.retained_events,
         "retained_bytes": s.retained_bytes,
         "durable": s.durable,
-        "log_error": s.log_error,
+        "log_error": s.log_error.clone().unwrap_or_default(),
         "nodes": s.nodes.iter().map(|n| json!({
             "node_id": n.node_id,
             "namespaces": n.namespaces,
