@@ -19,6 +19,7 @@ pub mod backoff;
 mod cursor;
 mod entity;
 mod shard;
+pub mod status;
 pub mod validate;
 pub mod wire;
 

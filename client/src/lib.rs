@@ -30,7 +30,6 @@ mod feed;
 #[cfg(feature = "outbox")]
 pub mod outbox;
 pub mod publisher;
-mod status;
 pub mod subscriber;
 pub mod telemetry;
 mod transport;
@@ -44,13 +43,13 @@ pub use cursor_store::{BackendFuture, CursorBackend, CursorStore, CursorStoreErr
 pub use event::{EventBatch, Invalidation, Reset, ResetReason, ResetScope};
 pub use feed::{Feed, FeedClosed, FeedState};
 pub use freshness::backoff::Backoff;
+pub use freshness::status::{HubStatus, NodeState, NodeStatus, PeerStatus, ShardStatus};
 pub use freshness::validate::AckLevel;
 pub use freshness::{Cursor, Entity, ShardId, Version};
 pub use publisher::{
     Outcome, PublishError, PublishOptions, PublishReceipt, PublishResult, Publisher,
     PublisherBuilder, RetryPolicy, StatusError,
 };
-pub use status::{HubStatus, NodeState, NodeStatus, PeerStatus, ShardStatus};
 pub use subscriber::{
     Handler, HandlerError, HandlerRetry, Subscriber, SubscriberBuilder, SubscriberError,
     SubscriberHandle,

@@ -40,9 +40,9 @@ use tonic::transport::Channel;
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::Code;
-use crate::status::HubStatus;
 use crate::transport::InvalidAddress;
 use freshness::backoff::{Attempts, Backoff};
+use freshness::status::HubStatus;
 
 /// One change to publish.
 #[derive(Debug, Clone, PartialEq, Eq)]

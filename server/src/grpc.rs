@@ -16,9 +16,8 @@ use tracing::field::Empty;
 use crate::auth::Auth;
 use crate::auth::layer::principal;
 use crate::error::{HubError, ProtocolError, map_decode_status};
-use crate::hub::{Hub, NodeState};
+use crate::hub::Hub;
 use crate::shard::Outcome;
-use crate::status::{HubStatus, NodeStatus};
 use crate::telemetry::{Adopt, num};
 
 /// How long a new stream may take to send its hello.
@@ -216,66 +215,5 @@ impl pb::raw::hub_server::Hub for HubService {
         let caller = principal(&self.auth, &request)?;
         self.auth.check_status(&caller)?;
         Ok(Response::new(self.hub.status().into()))
-    }
-}
-
-impl From<HubStatus> for pb::StatusResponse {
-    fn from(s: HubStatus) -> Self {
-        Self {
-            hub_id: s.hub_id,
-            region: s.region,
-            epoch: s.epoch,
-            shard_count: s.shard_count,
-            shards: s
-                .shards
-                .into_iter()
-                .map(|h| pb::ShardStatus {
-                    shard: h.shard,
-                    head_seq: h.head_seq,
-                    first_seq: h.first_seq,
-                })
-                .collect(),
-            nodes: s.nodes.into_iter().map(node_to_wire).collect(),
-            peers: s
-                .peers
-                .into_iter()
-                .map(|p| pb::PeerStatus {
-                    region: p.region,
-                    address: p.address,
-                    connected: p.connected,
-                    lag_events: p.lag_events,
-                    lag_ms: p.lag_ms,
-                    last_error: p.last_error,
-                })
-                .collect(),
-            retained_events: s.retained_events,
-            retained_bytes: s.retained_bytes,
-            now_us: s.now_us,
-            durable: s.durable,
-            log_error: s.log_error.unwrap_or_default(),
-        }
-    }
-}
-
-fn node_to_wire(n: NodeStatus) -> pb::NodeStatus {
-    pb::NodeStatus {
-        node_id: n.node_id,
-        namespaces: n.namespaces,
-        acked: Some(n.acked.to_wire()),
-        lag_events: n.lag_events,
-        staleness_ms: n.staleness_ms,
-        in_flight: n.in_flight,
-        max_in_flight: n.max_in_flight,
-        parked: n.parked,
-        replication: n.replication,
-        peer: n.peer,
-        connected_at_us: n.connected_at_us,
-        state: match n.state {
-            NodeState::Blocked => pb::NodeState::Blocked,
-            NodeState::Resetting => pb::NodeState::Resetting,
-            NodeState::Parked => pb::NodeState::Parked,
-            NodeState::Live => pb::NodeState::Live,
-        } as i32,
-        state_since_us: n.state_since_us,
     }
 }

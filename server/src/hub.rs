@@ -94,32 +94,19 @@ pub struct SessionShared {
     pub end_reason: Mutex<Option<EndReason>>,
 }
 
-/// What a node is doing, for status (SPEC §3.4): the most telling state
-/// wins, in this order. The session sets the last three from its flags;
-/// `Blocked` (the stream has no send capacity: the node does not read)
-/// status finds out itself ([`SessionShared::state_since`]).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[repr(u8)]
-pub enum NodeState {
-    /// Its HTTP/2 stream has no send capacity: nothing reaches it, whatever
-    /// else holds.
-    Blocked = 1,
-    /// A reset was sent (or waits to go) that the node has not acked.
-    Resetting = 2,
-    /// At its in-flight limit: nothing is sent until it acks.
-    Parked = 3,
-    /// Receiving.
-    Live = 4,
-}
+// What a node is doing, for status (SPEC §3.4): the most telling state
+// wins, in `NodeState`'s order. The session sets the last three from its
+// flags; `Blocked` (the stream has no send capacity: the node does not
+// read) status finds out itself ([`SessionShared::state_since`]).
+pub use crate::status::NodeState;
 
-impl NodeState {
-    fn from_u8(v: u8) -> Self {
-        match v {
-            1 => Self::Blocked,
-            2 => Self::Resetting,
-            3 => Self::Parked,
-            _ => Self::Live,
-        }
+/// The state a session stored as its number.
+fn node_state_from_u8(v: u8) -> NodeState {
+    match v {
+        1 => NodeState::Blocked,
+        2 => NodeState::Resetting,
+        3 => NodeState::Parked,
+        _ => NodeState::Live,
     }
 }
 
@@ -157,7 +144,7 @@ impl SessionShared {
         if unpolled != 0 && now_us.saturating_sub(unpolled) >= BLOCKED_AFTER_US {
             return (NodeState::Blocked, unpolled);
         }
-        let state = NodeState::from_u8(self.state.load(Ordering::Relaxed));
+        let state = node_state_from_u8(self.state.load(Ordering::Relaxed));
         (state, self.state_since_us.load(Ordering::Relaxed))
     }
 
@@ -864,10 +851,10 @@ impl Hub {
                 NodeStatus {
                     node_id: n.node_id.clone(),
                     namespaces: n.filter.clone(),
-                    acked: Cursor {
+                    acked: Some(Cursor {
                         epoch: self.epoch,
                         seqs: acked,
-                    },
+                    }),
                     lag_events,
                     staleness_ms: now.saturating_sub(n.acked_watermark_us.load(Ordering::Relaxed))
                         / 1000,
@@ -877,7 +864,7 @@ impl Hub {
                     replication: n.replication,
                     peer: n.peer.clone(),
                     connected_at_us: n.connected_at_us,
-                    state,
+                    state: Some(state),
                     state_since_us: since,
                 }
             })

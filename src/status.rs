@@ -1,7 +1,9 @@
-//! A hub's status as [`Publisher::status`](crate::Publisher::status)
-//! returns it: SPEC.md's `StatusResponse` in domain types.
+//! A hub's status in domain types: what the hub's core reports
+//! (`Hub::status`), what its `Status` call, status page and metrics show,
+//! and what the client's `Publisher::status` returns, with the one
+//! conversion each way to the wire's `StatusResponse`.
 
-use freshness::{Cursor, pb};
+use crate::{Cursor, pb};
 
 /// A snapshot of a hub.
 #[derive(Debug, Clone, PartialEq)]
@@ -43,17 +45,21 @@ pub struct ShardStatus {
     pub first_seq: u64,
 }
 
-/// What a node's stream is doing.
+/// What a node's stream is doing. The discriminants rank the states in the
+/// order a hub tests them (a hub keeps the last one in an atomic); the
+/// wire numbers them otherwise.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
 pub enum NodeState {
+    /// Its stream has no send capacity: nothing reaches it, whatever else
+    /// holds (the node does not read).
+    Blocked = 1,
+    /// A reset was sent (or waits to go) that the node has not acked.
+    Resetting = 2,
+    /// At its in-flight limit: nothing is sent until it acks.
+    Parked = 3,
     /// Receiving.
-    Live,
-    /// At its in-flight limit.
-    Parked,
-    /// Its stream has no send capacity: the node does not read.
-    Blocked,
-    /// A reset was sent that the node has not acked.
-    Resetting,
+    Live = 4,
 }
 
 impl NodeState {
@@ -75,7 +81,8 @@ pub struct NodeStatus {
     pub node_id: String,
     /// Its filter; empty means all.
     pub namespaces: Vec<String>,
-    /// What it acked (`None` if the hub did not say).
+    /// What it acked (always given by a hub of this version; `None` when
+    /// a status read off the wire did not say).
     pub acked: Option<Cursor>,
     /// Events appended that it has not acked.
     pub lag_events: u64,
@@ -93,7 +100,8 @@ pub struct NodeStatus {
     pub peer: String,
     /// Hub time of its hello.
     pub connected_at_us: u64,
-    /// What it is doing (`None` from a hub that does not report it).
+    /// What it is doing (always given by a hub of this version; `None`
+    /// from one that does not report it).
     pub state: Option<NodeState>,
     /// Hub time since which it does that.
     pub state_since_us: u64,
@@ -117,7 +125,8 @@ pub struct PeerStatus {
 }
 
 impl HubStatus {
-    pub(crate) fn from_wire(s: pb::StatusResponse) -> Self {
+    /// A status read off the wire (a `Status` answer).
+    pub fn from_wire(s: pb::StatusResponse) -> Self {
         let shards = s.shard_count;
         Self {
             hub_id: s.hub_id,
@@ -179,5 +188,66 @@ impl HubStatus {
             durable: s.durable,
             log_error: Some(s.log_error).filter(|e| !e.is_empty()),
         }
+    }
+}
+
+impl From<HubStatus> for pb::StatusResponse {
+    fn from(s: HubStatus) -> Self {
+        Self {
+            hub_id: s.hub_id,
+            region: s.region,
+            epoch: s.epoch,
+            shard_count: s.shard_count,
+            shards: s
+                .shards
+                .into_iter()
+                .map(|h| pb::ShardStatus {
+                    shard: h.shard,
+                    head_seq: h.head_seq,
+                    first_seq: h.first_seq,
+                })
+                .collect(),
+            nodes: s.nodes.into_iter().map(node_to_wire).collect(),
+            peers: s
+                .peers
+                .into_iter()
+                .map(|p| pb::PeerStatus {
+                    region: p.region,
+                    address: p.address,
+                    connected: p.connected,
+                    lag_events: p.lag_events,
+                    lag_ms: p.lag_ms,
+                    last_error: p.last_error,
+                })
+                .collect(),
+            retained_events: s.retained_events,
+            retained_bytes: s.retained_bytes,
+            now_us: s.now_us,
+            durable: s.durable,
+            log_error: s.log_error.unwrap_or_default(),
+        }
+    }
+}
+
+fn node_to_wire(n: NodeStatus) -> pb::NodeStatus {
+    pb::NodeStatus {
+        node_id: n.node_id,
+        namespaces: n.namespaces,
+        acked: n.acked.map(|c| c.to_wire()),
+        lag_events: n.lag_events,
+        staleness_ms: n.staleness_ms,
+        in_flight: n.in_flight,
+        max_in_flight: n.max_in_flight,
+        parked: n.parked,
+        replication: n.replication,
+        peer: n.peer,
+        connected_at_us: n.connected_at_us,
+        state: n.state.map_or(pb::NodeState::Unspecified, |s| match s {
+            NodeState::Blocked => pb::NodeState::Blocked,
+            NodeState::Resetting => pb::NodeState::Resetting,
+            NodeState::Parked => pb::NodeState::Parked,
+            NodeState::Live => pb::NodeState::Live,
+        }) as i32,
+        state_since_us: n.state_since_us,
     }
 }
