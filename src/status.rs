@@ -122,6 +122,9 @@ pub struct PeerStatus {
     pub lag_ms: u64,
     /// Why the link last failed, if it did.
     pub last_error: String,
+    /// With hub replicas: the replica that runs the region's links (this
+    /// hub's own id when it does); `None` for a hub without replicas.
+    pub linked_by: Option<String>,
 }
 
 impl HubStatus {
@@ -180,6 +183,7 @@ impl HubStatus {
                     lag_events: p.lag_events,
                     lag_ms: p.lag_ms,
                     last_error: p.last_error,
+                    linked_by: Some(p.linked_by).filter(|l| !l.is_empty()),
                 })
                 .collect(),
             retained_events: s.retained_events,
@@ -218,6 +222,7 @@ impl From<HubStatus> for pb::StatusResponse {
                     lag_events: p.lag_events,
                     lag_ms: p.lag_ms,
                     last_error: p.last_error,
+                    linked_by: p.linked_by.unwrap_or_default(),
                 })
                 .collect(),
             retained_events: s.retained_events,

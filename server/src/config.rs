@@ -72,7 +72,9 @@ pub struct Config {
     /// longer than this.
     #[serde(with = "humantime_serde")]
     pub keepalive_timeout: Duration,
-    /// Peer regions to replicate from: region name → hub URL.
+    /// Peer regions to replicate from: region name → hub URL, or the URLs
+    /// of the region's hub replicas, comma-separated (the link tries them in
+    /// turn; see [`Config::peer_urls`]).
     pub peers: BTreeMap<String, String>,
     /// `text` or `json` logs on stderr.
     pub log_format: LogFormat,
@@ -392,7 +394,10 @@ const KEYS: &[(&str, &str)] = &[
     ("shutdown_grace", "a duration like 10s"),
     ("keepalive_interval", "a duration from 10ms to 1h, like 20s"),
     ("keepalive_timeout", "a duration from 10ms to 1h, like 10s"),
-    ("peers", "a table of region = \"http://host:port\" entries"),
+    (
+        "peers",
+        "a table of region = \"http://host:port\" entries (several URLs, comma-separated, for a region of hub replicas)",
+    ),
     ("log_format", "text or json"),
     ("otlp_endpoint", "a URL like http://localhost:4317"),
     ("data_dir", "a directory path"),
@@ -709,7 +714,7 @@ impl Config {
                 return Err(invalid(key, expected(key)));
             }
         }
-        for (region, url) in &self.peers {
+        for (region, urls) in &self.peers {
             let key = format!("peers.{region}");
             freshness::validate_namespace(region).map_err(|_| {
                 invalid(
@@ -723,7 +728,13 @@ impl Config {
                     format!("a region other than this hub's own ({region})"),
                 ));
             }
-            validate_url(url).map_err(|reason| invalid(&key, reason))?;
+            let urls = url_list(urls);
+            if urls.is_empty() {
+                return Err(invalid(&key, "at least one URL like http://host:port"));
+            }
+            for url in urls {
+                validate_url(&url).map_err(|reason| invalid(&key, reason))?;
+            }
         }
         if let Some(url) = &self.otlp_endpoint {
             validate_url(url).map_err(|reason| invalid("otlp_endpoint", reason))?;
@@ -776,12 +787,6 @@ impl Config {
                     "false with log = jetstream (the log is the region's stream)",
                 ));
             }
-            if !self.peers.is_empty() {
-                return Err(invalid(
-                    "peers",
-                    "no peers with log = jetstream (replication between replica sets is not supported yet)",
-                ));
-            }
         }
         for (key, d) in [
             ("keepalive_interval", self.keepalive_interval),
@@ -817,7 +822,10 @@ impl Config {
             return Err(invalid("auth_audience", expected("auth_audience")));
         }
         if self.peer_ca.is_none()
-            && let Some((region, _)) = self.peers.iter().find(|(_, u)| u.starts_with("https://"))
+            && let Some((region, _)) = self
+                .peers
+                .iter()
+                .find(|(_, u)| url_list(u).iter().any(|u| u.starts_with("https://")))
         {
             return Err(invalid(
                 "peer_ca",
@@ -890,12 +898,15 @@ impl Config {
 
     /// The NATS URLs of `nats_url`, trimmed, empty entries dropped.
     pub fn nats_urls(&self) -> Vec<String> {
-        self.nats_url
-            .split(',')
-            .map(str::trim)
-            .filter(|u| !u.is_empty())
-            .map(str::to_owned)
-            .collect()
+        url_list(&self.nats_url)
+    }
+
+    /// The URLs of peer `region`'s hubs (one, or its replicas), in the order
+    /// its link tries them.
+    pub fn peer_urls(&self, region: &str) -> Vec<String> {
+        self.peers
+            .get(region)
+            .map_or_else(Vec::new, |u| url_list(u))
     }
 
     /// Retained events per shard.
@@ -944,6 +955,15 @@ impl Config {
 }
 
 /// Checks a URL; the error says what is expected.
+/// A comma-separated list of URLs, trimmed, empty entries dropped.
+fn url_list(s: &str) -> Vec<String> {
+    s.split(',')
+        .map(str::trim)
+        .filter(|u| !u.is_empty())
+        .map(str::to_owned)
+        .collect()
+}
+
 fn validate_url(url: &str) -> Result<(), String> {
     const WANT: &str =
         "a URL like http://host:port (starting with http:// or https://, with a host and a port)";
@@ -1010,7 +1030,8 @@ pub struct Args {
     /// Shutdown grace period, e.g. 10s [default: 10s].
     #[arg(long, env = "FRESHNESS_SHUTDOWN_GRACE", value_parser = humantime::parse_duration)]
     pub shutdown_grace: Option<Duration>,
-    /// A peer region, REGION=URL; repeatable. Env: comma-separated list.
+    /// A peer region, REGION=URL; repeatable, and repeated with one region
+    /// for each of its hub replicas. Env: comma-separated list.
     #[arg(long = "peer", env = "FRESHNESS_PEERS", value_delimiter = ',', value_parser = parse_peer)]
     pub peers: Vec<(String, String)>,
     /// Log format [default: text].
@@ -1236,7 +1257,16 @@ impl Args {
         c.ephemeral |= self.ephemeral;
         c.repair = self.repair;
         if !self.peers.is_empty() {
-            c.peers = self.peers.into_iter().collect();
+            // A region given more than once is a region of hub replicas.
+            let mut peers: BTreeMap<String, String> = BTreeMap::new();
+            for (region, url) in self.peers {
+                let urls = peers.entry(region).or_default();
+                if !urls.is_empty() {
+                    urls.push(',');
+                }
+                urls.push_str(&url);
+            }
+            c.peers = peers;
         }
         if let Some(e) = self.otlp_endpoint.filter(|e| !e.trim().is_empty()) {
             c.otlp_endpoint = Some(e);
@@ -1473,6 +1503,33 @@ mod tests {
         let c = args.into_config().unwrap();
         assert_eq!(c.shards, 16);
         assert_eq!(c.peers.len(), 1);
+        // A region of hub replicas: the region repeated, or a list in TOML.
+        let args = Args::try_parse_from([
+            "freshness-hub",
+            "--peer",
+            "eu=http://a:1",
+            "--peer",
+            "us=http://u:1",
+            "--peer",
+            "eu=http://b:1",
+        ])
+        .unwrap();
+        let c = args.into_config().unwrap();
+        assert_eq!(c.peer_urls("eu"), ["http://a:1", "http://b:1"]);
+        assert_eq!(c.peer_urls("us"), ["http://u:1"]);
+        let c: Config = toml::from_str("[peers]\neu = \"http://a:1, http://b:1\"\n").unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.peer_urls("eu"), ["http://a:1", "http://b:1"]);
+        let mut c = Config::default();
+        c.peers.insert("eu".into(), "http://a:1, b:1".into());
+        assert!(c.validate().unwrap_err().to_string().contains("peers.eu"));
+        c.peers.insert("eu".into(), " , ".into());
+        assert!(
+            c.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("at least one URL")
+        );
         assert_eq!(c.otlp_endpoint, None);
         let args =
             Args::try_parse_from(["freshness-hub", "--otlp-endpoint", "http://collector:4317"])

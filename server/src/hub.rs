@@ -232,6 +232,8 @@ pub struct PeerInfo {
     pub watermark_us: u64,
     /// Why the link last failed, if it did.
     pub last_error: String,
+    /// With hub replicas: the replica holding the region's link lease.
+    pub linked_by: Option<String>,
 }
 
 impl std::fmt::Debug for Hub {
@@ -365,13 +367,21 @@ impl Hub {
         hub
     }
 
-    /// This hub's cache nodes: id, namespace filter, acked cursor.
-    pub fn local_node_acks(&self) -> Vec<(String, Vec<String>, Vec<u64>)> {
+    /// This hub's cache nodes and peer links, as shared with the region's
+    /// other replicas.
+    pub fn local_node_acks(&self) -> Vec<crate::jetstream::SharedNode> {
         self.nodes
             .read()
             .values()
-            .filter(|n| !n.replication)
-            .map(|n| (n.node_id.clone(), n.filter.clone(), n.acked.lock().clone()))
+            .map(|n| crate::jetstream::SharedNode {
+                id: n.node_id.clone(),
+                filter: n.filter.clone(),
+                acked: n.acked.lock().clone(),
+                link: n.replication.then(|| crate::jetstream::SharedLink {
+                    region: n.region.clone(),
+                    applied: n.applied.lock().clone(),
+                }),
+            })
             .collect()
     }
 
@@ -677,14 +687,23 @@ impl Hub {
             {
                 let nodes = self.nodes.read();
                 pending.retain(|region| {
-                    !nodes.values().any(|n| {
+                    let here = nodes.values().any(|n| {
                         n.replication && n.region == *region && {
                             let applied = n.applied.lock();
                             targets
                                 .iter()
                                 .all(|(s, seq, _)| applied.get(s.index()).is_some_and(|a| a >= seq))
                         }
-                    })
+                    });
+                    // With replicas, the peer's link may have reached another.
+                    !here
+                        && !self.replica.as_ref().is_some_and(|r| {
+                            let need: Vec<(usize, u64)> = targets
+                                .iter()
+                                .map(|(s, seq, _)| (s.index(), *seq))
+                                .collect();
+                            r.other_link_applied(region, &need)
+                        })
                 });
             }
             if pending.is_empty() {
@@ -710,6 +729,10 @@ impl Hub {
                 *m = (*m).min(*a);
             }
         }
+        // With replicas: the region's nodes are those of every replica.
+        if let Some(r) = &self.replica {
+            r.lower_to_other_nodes(&mut min);
+        }
         min
     }
 
@@ -718,6 +741,11 @@ impl Hub {
         if let Some(p) = self.peers.lock().get_mut(region) {
             f(p);
         }
+    }
+
+    /// Updates what status shows of every replication link.
+    pub fn update_peers(&self, mut f: impl FnMut(&mut PeerInfo)) {
+        self.peers.lock().values_mut().for_each(&mut f);
     }
 
     /// Registers a stream. A stream with the same node id is ended
@@ -889,6 +917,7 @@ impl Hub {
                     lag_events: p.lag_events,
                     lag_ms: now.saturating_sub(p.watermark_us) / 1000,
                     last_error: p.last_error.clone(),
+                    linked_by: p.linked_by.clone(),
                 })
                 .collect(),
             retained_events,

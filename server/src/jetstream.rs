@@ -103,6 +103,9 @@ pub struct Replica {
     /// Largest message the NATS server takes (its `max_payload`), less
     /// room for headers.
     max_message: usize,
+    /// The record of the region's link lease (`crate::link_lease`); made
+    /// only for a region with peers.
+    links: Option<LeaseRecord>,
 }
 
 impl Replica {
@@ -119,6 +122,16 @@ impl Replica {
     /// The stream's name.
     pub fn stream_name(&self) -> &str {
         &self.stream
+    }
+
+    /// This replica's hub id.
+    pub fn hub_id(&self) -> &str {
+        &self.hub_id
+    }
+
+    /// The record of the region's link lease (a region with peers only).
+    pub fn link_lease(&self) -> Option<&LeaseRecord> {
+        self.links.as_ref()
     }
 
     fn caught_up_to(&self, last: u64) -> bool {
@@ -320,6 +333,11 @@ pub async fn open(config: &Config) -> Result<Opened, OpenError> {
             ))
         })?;
     let epoch = region_epoch(&js, &stream, &prefix, config.shards).await?;
+    let links = if config.peers.is_empty() {
+        None
+    } else {
+        Some(link_lease(&js, &name, &config.region, config.jetstream_replicas).await?)
+    };
     let info = stream
         .info()
         .await
@@ -388,6 +406,7 @@ pub async fn open(config: &Config) -> Result<Opened, OpenError> {
         read: AtomicU64::new(next_seq - 1),
         caught_up_us: AtomicU64::new(0),
         max_message,
+        links,
     });
     let mut senders = Vec::with_capacity(shards);
     let mut actor_sides = Vec::with_capacity(shards);
@@ -470,6 +489,89 @@ async fn region_epoch(
     Err(refuse(format!(
         "JetStream {subject}: no epoch could be read"
     )))
+}
+
+/// The record of the region's link lease (`crate::link_lease`): the last
+/// message of a subject in a stream of its own that keeps one message, written
+/// only with an expected-last-subject-sequence condition, so the message's
+/// stream sequence is the lease's revision and of two writers with the same
+/// revision one wins (a key-value bucket's update, with the primitives the
+/// log uses).
+#[derive(Debug, Clone)]
+pub struct LeaseRecord {
+    js: jetstream::Context,
+    stream: String,
+    subject: String,
+}
+
+impl LeaseRecord {
+    /// The record's revision and value; `None` before anyone wrote it.
+    pub async fn read(&self) -> Result<Option<(u64, Bytes)>, std::io::Error> {
+        let stream = self
+            .js
+            .get_stream_no_info(&self.stream)
+            .await
+            .map_err(|e| std::io::Error::other(format!("JetStream: {e}")))?;
+        match stream.get_last_raw_message_by_subject(&self.subject).await {
+            Ok(m) => Ok(Some((m.sequence, m.payload))),
+            Err(e) if e.kind() == stream::LastRawMessageErrorKind::NoMessageFound => Ok(None),
+            Err(e) => Err(std::io::Error::other(format!("JetStream: {e}"))),
+        }
+    }
+
+    /// Writes `value` if the revision is still `revision` (0: never
+    /// written); returns the new revision.
+    pub async fn write(&self, value: Bytes, revision: u64) -> Result<u64, AppendError> {
+        let msg = jetstream::message::PublishMessage::build()
+            .payload(value)
+            .expected_last_subject_sequence(revision);
+        let sent = self
+            .js
+            .send_publish(self.subject.clone(), msg)
+            .await
+            .map_err(|e| AppendError::Failed(std::io::Error::other(format!("JetStream: {e}"))))?;
+        match sent.await {
+            Ok(ack) => Ok(ack.sequence),
+            Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => Err(AppendError::Conflict),
+            Err(e) => Err(AppendError::Failed(std::io::Error::other(format!(
+                "JetStream: {e}"
+            )))),
+        }
+    }
+}
+
+/// Finds or makes the stream of the region's link lease (`<stream>_LINKS`,
+/// one message kept, as many copies as the log's stream).
+async fn link_lease(
+    js: &jetstream::Context,
+    stream: &str,
+    region: &str,
+    replicas: usize,
+) -> Result<LeaseRecord, OpenError> {
+    let name = format!("{stream}_LINKS");
+    let subject = format!(
+        "freshness-links.{}.lease",
+        region.replace(['.', '*', '>', ' '], "_")
+    );
+    js.get_or_create_stream(stream::Config {
+        name: name.clone(),
+        subjects: vec![subject.clone()],
+        storage: stream::StorageType::File,
+        num_replicas: replicas,
+        max_messages_per_subject: 1,
+        ..Default::default()
+    })
+    .await
+    .map_err(|e| {
+        refuse(format!(
+            "JetStream: cannot create or find the link lease stream {name} ({replicas} replicas): {e}"
+        ))
+    })?;
+    Ok(LeaseRecord {
+        js: js.clone(),
+        stream: name,
+        subject,
+    })
 }
 
 fn parse_meta(text: &str) -> Option<(u64, u32)> {
@@ -633,11 +735,27 @@ struct OtherReplica {
 
 /// A node's acked cursor as one replica shares it with the others.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
-struct SharedNode {
-    id: String,
+pub struct SharedNode {
+    /// Its node id.
+    pub id: String,
     /// Namespaces, sorted; empty means all.
-    filter: Vec<String>,
-    acked: Vec<u64>,
+    pub filter: Vec<String>,
+    /// Its acked cursor, in the region's seqs.
+    pub acked: Vec<u64>,
+    /// For a peer region's replication link: that region, and how far its
+    /// nodes applied this region's events (GLOBAL acks at any replica wait
+    /// on it). `None` for a cache node.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub link: Option<SharedLink>,
+}
+
+/// What a peer region's link reported of its nodes (SPEC §3.3, GLOBAL).
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct SharedLink {
+    /// The peer region.
+    pub region: String,
+    /// Per shard, the highest seq of this region every node there applied.
+    pub applied: Vec<u64>,
 }
 
 /// What one replica sends on `<prefix>.acks.<hub_id>`.
@@ -651,6 +769,12 @@ struct AckShare {
     gone: Vec<String>,
 }
 
+/// True when `cursor` reaches every (shard index, seq) of `need`.
+fn covers(cursor: &[u64], need: &[(usize, u64)]) -> bool {
+    need.iter()
+        .all(|(s, seq)| cursor.get(*s).is_some_and(|a| a >= seq))
+}
+
 /// How often a replica sends its nodes' changed acks.
 const SHARE_EVERY: Duration = Duration::from_millis(5);
 /// How often it sends the full list (also its sign of life).
@@ -659,29 +783,59 @@ const SHARE_FULL_EVERY: Duration = Duration::from_secs(1);
 const OTHERS_EXPIRE: Duration = Duration::from_secs(3);
 
 impl Replica {
-    /// True when another replica's node `id` has acked `need` (shard
-    /// index, seq) in the region's seqs.
-    pub fn other_node_acked(&self, id: &str, need: &[(usize, u64)]) -> bool {
+    /// Calls `f` with every node the region's other live replicas reported.
+    fn each_other_node(&self, mut f: impl FnMut(&SharedNode)) {
         let now = tokio::time::Instant::now();
-        self.others.lock().values().any(|r| {
-            now.duration_since(r.seen) < OTHERS_EXPIRE
-                && r.nodes.get(id).is_some_and(|n| {
-                    need.iter()
-                        .all(|(s, seq)| n.acked.get(*s).is_some_and(|a| a >= seq))
-                })
-        })
+        for r in self.others.lock().values() {
+            if now.duration_since(r.seen) < OTHERS_EXPIRE {
+                r.nodes.values().for_each(&mut f);
+            }
+        }
     }
 
-    /// The nodes of the other replicas: id and namespace filter.
+    /// True when another replica's cache node `id` has acked `need` (shard
+    /// index, seq) in the region's seqs.
+    pub fn other_node_acked(&self, id: &str, need: &[(usize, u64)]) -> bool {
+        let mut acked = false;
+        self.each_other_node(|n| {
+            acked |= n.link.is_none() && n.id == id && covers(&n.acked, need);
+        });
+        acked
+    }
+
+    /// True when peer `region`'s link, at another replica, reported that the
+    /// peer's nodes applied `need` (GLOBAL acks).
+    pub fn other_link_applied(&self, region: &str, need: &[(usize, u64)]) -> bool {
+        let mut applied = false;
+        self.each_other_node(|n| {
+            applied |= n
+                .link
+                .as_ref()
+                .is_some_and(|l| l.region == region && covers(&l.applied, need));
+        });
+        applied
+    }
+
+    /// Lowers `min` (per shard) to what every cache node of the other
+    /// replicas acked: with this replica's own nodes, what the region applied.
+    pub fn lower_to_other_nodes(&self, min: &mut [u64]) {
+        self.each_other_node(|n| {
+            if n.link.is_none() {
+                for (m, a) in min.iter_mut().zip(&n.acked) {
+                    *m = (*m).min(*a);
+                }
+            }
+        });
+    }
+
+    /// The cache nodes of the other replicas: id and namespace filter.
     pub fn other_nodes(&self) -> Vec<(String, Vec<String>)> {
-        let now = tokio::time::Instant::now();
-        let mut out: Vec<(String, Vec<String>)> = self
-            .others
-            .lock()
-            .values()
-            .filter(|r| now.duration_since(r.seen) < OTHERS_EXPIRE)
-            .flat_map(|r| r.nodes.values().map(|n| (n.id.clone(), n.filter.clone())))
-            .collect();
+        let mut out: Vec<(String, Vec<String>)> = Vec::new();
+        self.each_other_node(|n| {
+            if n.link.is_none() {
+                out.push((n.id.clone(), n.filter.clone()));
+            }
+        });
         out.sort();
         out.dedup_by(|a, b| a.0 == b.0);
         out
@@ -714,11 +868,13 @@ impl Replica {
 /// Shares this replica's nodes' acked cursors with the region's other
 /// replicas over core NATS (not the stream: they are soft state), and takes
 /// theirs, so that a `REGION` publish at any replica waits for the nodes
-/// of all of them. `local` lists this replica's cache nodes; `changed` is
-/// called when another replica's acks arrive (to wake `REGION` waiters).
+/// of all of them, and a `GLOBAL` one for the peer regions' reports,
+/// whichever replica their links reached. `local` lists this replica's
+/// nodes and links; `changed` is called when another replica's acks arrive
+/// (to wake waiters).
 pub async fn share_acks<L, C>(replica: Arc<Replica>, local: L, changed: C, stop: CancellationToken)
 where
-    L: Fn() -> Option<Vec<(String, Vec<String>, Vec<u64>)>>,
+    L: Fn() -> Option<Vec<SharedNode>>,
     C: Fn(),
 {
     let prefix = &replica.prefix;
@@ -749,10 +905,8 @@ where
             _ = tick.tick() => {
                 let Some(nodes) = local() else { return };
                 let full = last_full.elapsed() >= SHARE_FULL_EVERY;
-                let now: HashMap<String, SharedNode> = nodes
-                    .into_iter()
-                    .map(|(id, filter, acked)| (id.clone(), SharedNode { id, filter, acked }))
-                    .collect();
+                let now: HashMap<String, SharedNode> =
+                    nodes.into_iter().map(|n| (n.id.clone(), n)).collect();
                 let gone: Vec<String> =
                     sent.keys().filter(|k| !now.contains_key(*k)).cloned().collect();
                 let nodes: Vec<SharedNode> = now

@@ -17,6 +17,7 @@ pub mod flow;
 pub mod grpc;
 pub mod hub;
 pub mod jetstream;
+pub mod link_lease;
 pub mod log;
 pub mod metrics;
 pub mod reload;

@@ -13,7 +13,7 @@
 //! reset (`REPLICATION_GAP`). For GLOBAL acks the link reports back, with
 //! each ack, how far this region's nodes have applied the peer's events.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -25,11 +25,13 @@ use freshness::validate::CheckedEvent;
 use tokio::sync::{mpsc, watch};
 use tokio::time::MissedTickBehavior;
 use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tonic::transport::Endpoint;
 
 use crate::error::HubError;
 use crate::hub::Hub;
+use crate::link_lease::LinkCursors;
 use crate::shard::Incoming;
 
 /// Most (peer seq, local seq) pairs a link remembers per shard for GLOBAL
@@ -48,22 +50,58 @@ const PERSIST_EVERY: Duration = Duration::from_millis(100);
 const BACKOFF_MIN: Duration = Duration::from_millis(50);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
 
-/// Starts one link per configured peer on `tracker`. Links stop when the
-/// hub shuts down.
+/// Starts the replication links on `tracker`: one per configured peer for a
+/// single hub, until it shuts down; with hub replicas, the region's link
+/// lease (`crate::link_lease`) starts them at the one replica that holds it.
 pub fn spawn_links(hub: &Arc<Hub>, tracker: &TaskTracker) {
-    for (region, url) in &hub.config.peers {
-        // A durable hub resumes each link where it stood before a restart,
-        // so neither side sees a gap.
-        let cursor = hub
-            .data_dir
-            .as_ref()
-            .and_then(|d| d.peer_cursor(region))
-            .filter(|(_, seqs)| seqs.len() == hub.shard_count() as usize)
-            .map(|(epoch, seqs)| pb::Cursor { epoch, seqs });
+    if hub.config.peers.is_empty() {
+        return;
+    }
+    if let Some(replica) = &hub.replica {
+        tracker.spawn(crate::link_lease::run(
+            hub.clone(),
+            replica.clone(),
+            tracker.clone(),
+        ));
+        return;
+    }
+    // A durable hub resumes each link where it stood before a restart, so
+    // neither side sees a gap.
+    let cursors = hub
+        .config
+        .peers
+        .keys()
+        .filter_map(|region| {
+            let (epoch, seqs) = hub.data_dir.as_ref()?.peer_cursor(region)?;
+            Some((region.clone(), pb::Cursor { epoch, seqs }))
+        })
+        .collect();
+    start_links(hub, cursors, None, hub.shutdown.clone(), tracker);
+}
+
+/// Starts one link per configured peer, each from its cursor in `start`
+/// (none: first contact), until `stop`. With `lease`, the links keep their
+/// cursors there (the link lease carries them); else in the data directory.
+pub fn start_links(
+    hub: &Arc<Hub>,
+    start: BTreeMap<String, pb::Cursor>,
+    lease: Option<Arc<LinkCursors>>,
+    stop: CancellationToken,
+    tracker: &TaskTracker,
+) {
+    for region in hub.config.peers.keys() {
+        let cursor = start
+            .get(region)
+            .filter(|c| c.seqs.len() == hub.shard_count() as usize)
+            .cloned();
         let link = Link {
             hub: hub.clone(),
             region: region.clone(),
-            url: url.clone(),
+            urls: hub.config.peer_urls(region),
+            at: 0,
+            stop: stop.clone(),
+            lease: lease.clone(),
+            jumped: false,
             persisted: cursor.clone(),
             cursor,
             pending: vec![VecDeque::new(); hub.shard_count() as usize],
@@ -77,7 +115,17 @@ pub fn spawn_links(hub: &Arc<Hub>, tracker: &TaskTracker) {
 struct Link {
     hub: Arc<Hub>,
     region: String,
-    url: String,
+    /// The peer's hub URLs (several for a region of replicas), tried in
+    /// turn; `at` is the one in use.
+    urls: Vec<String>,
+    at: usize,
+    /// Ends the link: the hub's shutdown, or the loss of the link lease.
+    stop: CancellationToken,
+    /// With hub replicas: where the link lease reads the cursor from.
+    lease: Option<Arc<LinkCursors>>,
+    /// The cursor jumped (first contact, a reset): the lease is renewed at
+    /// once rather than within the second.
+    jumped: bool,
     /// The peer's epoch and how far this hub has appended its events.
     cursor: Option<pb::Cursor>,
     /// Per shard: (peer seq, local seq) of appended events not yet applied
@@ -170,19 +218,27 @@ impl Link {
             match end {
                 LinkEnd::Shutdown => return,
                 LinkEnd::Failed { error, connected } => {
-                    tracing::warn!(peer = %self.region, url = %self.url, %error, "replication link down");
+                    tracing::warn!(peer = %self.region, url = %self.url(), %error, "replication link down");
                     self.hub
                         .update_peer(&self.region, |p| p.last_error = error.to_string());
                     if connected {
                         attempts.reset();
                     }
+                    // The next of the peer's replicas, if it has several:
+                    // they share one log, so the cursor means the same there.
+                    self.at = (self.at + 1) % self.urls.len().max(1);
                 }
             }
             tokio::select! {
                 () = tokio::time::sleep(attempts.next_delay()) => {}
-                () = self.hub.shutdown.cancelled() => return,
+                () = self.stop.cancelled() => return,
             }
         }
+    }
+
+    /// The peer URL in use.
+    fn url(&self) -> String {
+        self.urls.get(self.at).cloned().unwrap_or_default()
     }
 
     fn failed(error: LinkError, connected: bool) -> LinkEnd {
@@ -190,7 +246,10 @@ impl Link {
     }
 
     async fn stream(&mut self) -> LinkEnd {
-        let endpoint = match Endpoint::from_shared(self.url.clone()) {
+        let url = self.url();
+        self.hub
+            .update_peer(&self.region, |p| p.address = url.clone());
+        let endpoint = match Endpoint::from_shared(url.clone()) {
             Ok(e) => e
                 .connect_timeout(Duration::from_secs(5))
                 .tcp_nodelay(true)
@@ -201,7 +260,7 @@ impl Link {
         // An https:// peer: its CA, and this hub's certificate as the
         // client certificate (read at each connect: a rotated one is used
         // from the next connection on).
-        let endpoint = if self.url.starts_with("https://") {
+        let endpoint = if url.starts_with("https://") {
             let host = endpoint.uri().host().unwrap_or_default().to_owned();
             let config = &self.hub.config;
             let tls = crate::tls::peer_client_config(
@@ -226,7 +285,7 @@ impl Link {
                 Ok(c) => c,
                 Err(e) => return Self::failed(LinkError::Connect(e), false),
             },
-            () = self.hub.shutdown.cancelled() => return LinkEnd::Shutdown,
+            () = self.stop.cancelled() => return LinkEnd::Shutdown,
         };
         let mut client = HubClient::new(channel.clone()).max_decoding_message_size(64 << 20);
         let (tx, rx) = mpsc::channel(16);
@@ -246,7 +305,7 @@ impl Link {
             .await;
         let opened = tokio::select! {
             r = client.subscribe(ReceiverStream::new(rx)) => r,
-            () = self.hub.shutdown.cancelled() => return LinkEnd::Shutdown,
+            () = self.stop.cancelled() => return LinkEnd::Shutdown,
         };
         let mut inbound = match opened {
             Ok(r) => r.into_inner(),
@@ -279,6 +338,7 @@ impl Link {
                 return LinkEnd::Shutdown;
             }
             self.pending.iter_mut().for_each(VecDeque::clear);
+            self.jumped = true;
         }
         self.reported = start.seqs.clone();
         self.cursor = Some(start);
@@ -295,7 +355,7 @@ impl Link {
         let _stop_poll = AbortOnDrop(poll);
         loop {
             let msg = tokio::select! {
-                () = self.hub.shutdown.cancelled() => return LinkEnd::Shutdown,
+                () = self.stop.cancelled() => return LinkEnd::Shutdown,
                 Ok(()) = heads.changed() => {
                     let lag = self.lag_events(&heads.borrow_and_update());
                     self.hub.update_peer(&self.region, |p| p.lag_events = lag);
@@ -398,6 +458,7 @@ impl Link {
             self.hub.append(Vec::new(), &shards, None).await?;
         }
         let target = r.cursor.ok_or(LinkError::ResetWithoutCursor)?;
+        self.jumped = true;
         if let Some(c) = &mut self.cursor {
             c.epoch = target.epoch;
             for s in shards {
@@ -414,16 +475,25 @@ impl Link {
         Ok(())
     }
 
-    /// Writes the cursor to the data directory when it moved, at most every
-    /// [`PERSIST_EVERY`] unless `now`. Every event it covers is in the log
-    /// already (the cursor moves only after the append was answered).
+    /// Keeps the cursor when it moved: in the link lease's map (replicas),
+    /// or in the data directory at most every [`PERSIST_EVERY`] unless
+    /// `now`. Every event it covers is in the log already (the cursor moves
+    /// only after the append was answered).
     fn persist(&mut self, now: bool) {
-        let Some(dir) = &self.hub.data_dir else {
-            return;
-        };
         if self.cursor == self.persisted {
             return;
         }
+        if let Some(lease) = &self.lease {
+            // Renewals of the link lease carry it (every second).
+            if let Some(c) = &self.cursor {
+                lease.set(&self.region, c.clone(), std::mem::take(&mut self.jumped));
+            }
+            self.persisted = self.cursor.clone();
+            return;
+        }
+        let Some(dir) = &self.hub.data_dir else {
+            return;
+        };
         let t = tokio::time::Instant::now();
         if !now && self.persisted_at.is_some_and(|at| t < at + PERSIST_EVERY) {
             return;

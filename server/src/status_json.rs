@@ -176,6 +176,9 @@ pub struct PeerJson {
     pub lag_ms: u64,
     /// Why the link last failed.
     pub last_error: String,
+    /// With hub replicas: the replica that runs the region's links.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub linked_by: Option<String>,
 }
 
 /// The SLI over two windows.
@@ -318,6 +321,7 @@ pub fn build(status: pb::StatusResponse, stats: &StatsView, query: &Query) -> St
                 lag_events: p.lag_events,
                 lag_ms: p.lag_ms,
                 last_error: p.last_error,
+                linked_by: Some(p.linked_by).filter(|l| !l.is_empty()),
             })
             .collect(),
         sli: Sli {

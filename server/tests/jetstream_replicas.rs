@@ -186,13 +186,24 @@ impl Replica {
     }
 
     async fn start_with(dir: &Path, name: &str, nats: &str, extra: &[&str]) -> Self {
-        let port = free_port();
+        Self::launch(dir, name, "js-test", free_port(), nats, extra).await
+    }
+
+    /// A replica `name` of `region` on `port`, once its Status answers.
+    async fn launch(
+        dir: &Path,
+        name: &str,
+        region: &str,
+        port: u16,
+        nats: &str,
+        extra: &[&str],
+    ) -> Self {
         let stderr = dir.join(format!("{name}-{port}.stderr"));
         let child = Command::new(env!("CARGO_BIN_EXE_freshness-hub"))
             .args(["--listen", &format!("127.0.0.1:{port}")])
             .args(["--metrics-listen", "127.0.0.1:0"])
             .args(["--shards", &SHARDS.to_string()])
-            .args(["--hub-id", name, "--region", "js-test"])
+            .args(["--hub-id", name, "--region", region])
             .args(["--log", "jetstream", "--nats-url", nats])
             .args(["--progress-interval", "50ms"])
             .args(extra)
@@ -200,7 +211,14 @@ impl Replica {
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&stderr).expect("stderr file"))
+            // Appended: a replica started again on its port keeps one file.
+            .stderr(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(&stderr)
+                    .expect("stderr file"),
+            )
             .spawn()
             .expect("start freshness-hub");
         let mut r = Self {
@@ -293,7 +311,10 @@ async fn node(
 ) {
     let mut at = first;
     while !stop.load(Ordering::Relaxed) {
-        let url = urls.lock()[at % 3].clone();
+        let url = {
+            let urls = urls.lock();
+            urls[at % urls.len()].clone()
+        };
         at += 1;
         let Ok(client) = HubClient::connect(url.clone()).await else {
             tokio::time::sleep(Duration::from_millis(20)).await;
@@ -391,12 +412,13 @@ async fn node(
     }
 }
 
-/// A writer at replica `first`: publishes batches of the shared entities
-/// with versions only it uses (`k * 3 + id + 1`), and retries a call that
-/// fails at the next replica until it is answered. Records the newest
-/// version it sent per entity.
+/// Writer `id` of `writers`, at replica `id` first: publishes batches of
+/// the shared entities with versions only it uses (`k * writers + id + 1`),
+/// and retries a call that fails at the next replica until it is answered.
+/// Records the newest version it sent per entity.
 async fn writer(
     id: u64,
+    writers: u64,
     urls: Arc<Mutex<Vec<String>>>,
     newest: Arc<Mutex<HashMap<String, u64>>>,
     stop: Arc<AtomicBool>,
@@ -410,7 +432,10 @@ async fn writer(
         let events: Vec<(String, u64)> = (0..rng.random_range(1..=8))
             .map(|_| {
                 k += 1;
-                (format!("item:{}", rng.random_range(0..24)), k * 3 + id + 1)
+                (
+                    format!("item:{}", rng.random_range(0..24)),
+                    k * writers + id + 1,
+                )
             })
             .collect();
         {
@@ -425,7 +450,10 @@ async fn writer(
             ..Default::default()
         };
         loop {
-            let url = urls.lock()[at % 3].clone();
+            let url = {
+                let urls = urls.lock();
+                urls[at % urls.len()].clone()
+            };
             let answer = match HubClient::connect(url).await {
                 Ok(mut c) => c.publish(req.clone()).await.map(|r| r.into_inner()),
                 Err(e) => Err(tonic::Status::unavailable(e.to_string())),
@@ -486,6 +514,7 @@ async fn replicas_killed_one_by_one_cause_no_reset_no_regression_and_no_loss() {
         .map(|w| {
             tokio::spawn(writer(
                 w,
+                3,
                 urls.clone(),
                 newest.clone(),
                 stop_writers.clone(),
@@ -974,4 +1003,291 @@ async fn a_replica_with_another_shard_count_is_refused_with_exit_64() {
     );
     // The first replica is untouched.
     assert_eq!(first.status().await.shard_count, SHARDS);
+}
+
+/// One replica of a region in [`two_regions_of_replicas_converge_across_kills`]:
+/// `--peer` once for each replica of every other region.
+async fn linked_replica(
+    dir: &Path,
+    nats: &str,
+    regions: &[(&str, [u16; 2])],
+    r: usize,
+    i: usize,
+) -> Replica {
+    let (region, ports) = regions[r];
+    let peers: Vec<String> = regions
+        .iter()
+        .filter(|(peer, _)| *peer != region)
+        .flat_map(|(peer, ports)| {
+            ports
+                .iter()
+                .flat_map(move |p| ["--peer".to_owned(), format!("{peer}=http://127.0.0.1:{p}")])
+        })
+        .collect();
+    let peers: Vec<&str> = peers.iter().map(String::as_str).collect();
+    Replica::launch(
+        dir,
+        &format!("{region}-{i}"),
+        region,
+        ports[i],
+        nats,
+        &peers,
+    )
+    .await
+}
+
+/// Waits until the replica at `url` holds its region's link lease and
+/// every link of it is up; returns its hub id.
+async fn wait_for_links(url: &str) -> String {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        if let Ok(mut c) = HubClient::connect(url.to_owned()).await
+            && let Ok(s) = c.status(pb::StatusRequest {}).await
+        {
+            let s = s.into_inner();
+            if !s.peers.is_empty()
+                && s.peers
+                    .iter()
+                    .all(|p| p.connected && p.linked_by == s.hub_id)
+            {
+                return s.hub_id;
+            }
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{url} did not take the region's links"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Of a region's replicas, the one holding the link lease (the others
+/// name it in their status).
+async fn link_holder(urls: &[String]) -> usize {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let mut holders = Vec::new();
+        let mut named = Vec::new();
+        for (i, u) in urls.iter().enumerate() {
+            let s = status(u).await;
+            let p = &s.peers[0];
+            if p.linked_by == s.hub_id && p.connected {
+                holders.push(i);
+            }
+            named.push(p.linked_by.clone());
+        }
+        if holders.len() == 1 && named.iter().all(|n| *n == named[0]) {
+            return holders[0];
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no single link holder among {urls:?}: {named:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Of a region's replicas, the one serving the link of the peer replica
+/// `peer_hub` (its replication stream is among that replica's nodes).
+async fn link_server(urls: &[String], peer_region: &str, peer_hub: &str) -> usize {
+    let node = format!("hub/{peer_region}/{peer_hub}");
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        for (i, u) in urls.iter().enumerate() {
+            if status(u).await.nodes.iter().any(|n| n.node_id == node) {
+                return i;
+            }
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no replica of {urls:?} serves {node}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Two regions, each two hub replicas with its own stream on one
+/// JetStream, replicating both ways with one link per region (the link
+/// lease). Nodes and writers at every replica, on the same entities. Under
+/// load, SIGKILL in turn: west's link holder (the other west replica takes
+/// the lease over and resumes from its cursors), the east replica that
+/// serves west's link (the link moves to the other east replica), and
+/// east's link holder; each comes back. No node is ever reset (no
+/// `REPLICATION_GAP`, no `EPOCH_CHANGED`), no version goes back, and every
+/// node ends on the newest version of every entity from both regions. A
+/// `GLOBAL` publish at the east replica that does not serve west's link is
+/// confirmed by west (the replicas share the link's reports).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_regions_of_replicas_converge_across_kills() {
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let nats = Nats::start(&tmp.path().join("nats"));
+    let regions = [
+        ("east", [free_port(), free_port()]),
+        ("west", [free_port(), free_port()]),
+    ];
+    let mut replicas: Vec<Vec<Option<Replica>>> = Vec::new();
+    for r in 0..2 {
+        let mut set = Vec::new();
+        for i in 0..2 {
+            set.push(Some(
+                linked_replica(tmp.path(), &nats.url(), &regions, r, i).await,
+            ));
+        }
+        replicas.push(set);
+    }
+    let urls: Vec<Vec<String>> = regions
+        .iter()
+        .map(|(_, ports)| {
+            ports
+                .iter()
+                .map(|p| format!("http://127.0.0.1:{p}"))
+                .collect()
+        })
+        .collect();
+    // Links up first: a link's first contact marks a gap on every shard,
+    // which would reset nodes already connected.
+    let mut holder = [link_holder(&urls[0]).await, link_holder(&urls[1]).await];
+    let stop_writers = Arc::new(AtomicBool::new(false));
+    let stop_nodes = Arc::new(AtomicBool::new(false));
+    let newest = Arc::new(Mutex::new(HashMap::new()));
+    let seens: Vec<Arc<Mutex<Seen>>> = (0..4).map(|_| Arc::default()).collect();
+    let shared: Vec<Arc<Mutex<Vec<String>>>> = urls
+        .iter()
+        .map(|u| Arc::new(Mutex::new(u.clone())))
+        .collect();
+    let nodes: Vec<_> = (0..4)
+        .map(|n| {
+            tokio::spawn(node(
+                format!("{}-node-{}", regions[n / 2].0, n % 2),
+                shared[n / 2].clone(),
+                n % 2,
+                seens[n].clone(),
+                stop_nodes.clone(),
+            ))
+        })
+        .collect();
+    let writers: Vec<_> = (0..4u64)
+        .map(|w| {
+            tokio::spawn(writer(
+                w,
+                4,
+                shared[(w / 2) as usize].clone(),
+                newest.clone(),
+                stop_writers.clone(),
+                0x7e57 + w,
+            ))
+        })
+        .collect();
+    let mut rng = StdRng::seed_from_u64(0x0019_0002);
+    let mut pause = || Duration::from_millis(rng.random_range(200..500));
+
+    // West's link holder dies: the other west replica takes the lease over.
+    tokio::time::sleep(pause()).await;
+    let w = holder[1];
+    replicas[1][w].take().expect("running").kill();
+    let west_hub = wait_for_links(&urls[1][1 - w]).await;
+    replicas[1][w] = Some(linked_replica(tmp.path(), &nats.url(), &regions, 1, w).await);
+    holder[1] = link_holder(&urls[1]).await;
+    assert_eq!(
+        holder[1],
+        1 - w,
+        "the lease stays with the replica that took it"
+    );
+
+    // The east replica serving west's link dies: the link moves to the other.
+    tokio::time::sleep(pause()).await;
+    let e = link_server(&urls[0], "west", &west_hub).await;
+    replicas[0][e].take().expect("running").kill();
+    wait_for_links(&urls[1][holder[1]]).await;
+    assert_eq!(
+        link_server(&urls[0][1 - e..2 - e], "west", &west_hub).await,
+        0,
+        "west's link reached the other east replica"
+    );
+    replicas[0][e] = Some(linked_replica(tmp.path(), &nats.url(), &regions, 0, e).await);
+
+    // East's link holder dies.
+    tokio::time::sleep(pause()).await;
+    let h = link_holder(&urls[0]).await;
+    replicas[0][h].take().expect("running").kill();
+    wait_for_links(&urls[0][1 - h]).await;
+    replicas[0][h] = Some(linked_replica(tmp.path(), &nats.url(), &regions, 0, h).await);
+    holder[0] = link_holder(&urls[0]).await;
+
+    tokio::time::sleep(pause()).await;
+    stop_writers.store(true, Ordering::Relaxed);
+    let mut calls = 0;
+    for w in writers {
+        calls += w.await.expect("writer");
+    }
+    assert!(
+        calls > 30,
+        "the writers published under the kills ({calls} calls)"
+    );
+    let newest = newest.lock().clone();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let behind: Vec<String> = seens
+            .iter()
+            .enumerate()
+            .flat_map(|(n, s)| {
+                let s = s.lock();
+                newest
+                    .iter()
+                    .filter(|(e, v)| s.versions.get(*e) != Some(v))
+                    .map(|(e, v)| format!("node {n} {e}: {:?} of v{v}", s.versions.get(e)))
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        if behind.is_empty() {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "nodes behind: {behind:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    // GLOBAL at the east replica that west's link does not reach.
+    let west_hub = status(&urls[1][holder[1]]).await.hub_id;
+    let serving = link_server(&urls[0], "west", &west_hub).await;
+    let mut east = HubClient::connect(urls[0][1 - serving].clone())
+        .await
+        .expect("connect");
+    let answer = east
+        .publish(pb::PublishRequest {
+            events: vec![event("item:global", 1)],
+            ack: pb::AckLevel::Global as i32,
+            timeout_ms: 10_000,
+        })
+        .await
+        .expect("publish")
+        .into_inner();
+    assert_eq!(answer.applied_ack, pb::AckLevel::Global as i32);
+    assert!(
+        answer.complete,
+        "GLOBAL confirmed through the other replica: pending nodes {:?}, regions {:?}",
+        answer.pending_nodes, answer.pending_regions
+    );
+
+    stop_nodes.store(true, Ordering::Relaxed);
+    for n in nodes {
+        n.await
+            .expect("node (a panic is a reset, a gap or a regression)");
+    }
+    for (n, s) in seens.iter().enumerate() {
+        assert_eq!(s.lock().resets, 0, "node {n} was reset");
+    }
+    for (r, set) in replicas.iter().enumerate() {
+        for replica in set.iter().flatten() {
+            let s = replica.status().await;
+            assert!(
+                s.peers.iter().all(|p| !p.linked_by.is_empty()),
+                "{} names its region's link holder: {:?}",
+                regions[r].0,
+                s.peers
+            );
+        }
+    }
 }

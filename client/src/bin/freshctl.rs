@@ -656,7 +656,12 @@ fn status_tables(out: &mut impl Write, s: &HubStatus) -> anyhow::Result<()> {
             [
                 p.region.clone(),
                 p.address.clone(),
-                if p.connected { "yes" } else { "no" }.into(),
+                // With replicas, one of them runs the region's links.
+                match &p.linked_by {
+                    Some(by) if *by != s.hub_id => format!("via {by}"),
+                    _ if p.connected => "yes".into(),
+                    _ => "no".into(),
+                },
                 format!("{} events, {}ms", p.lag_events, p.lag_ms),
                 p.last_error.clone(),
             ]
@@ -712,6 +717,7 @@ fn status_json(s: &HubStatus) -> serde_json::Value {
             "lag_events": p.lag_events,
             "lag_ms": p.lag_ms,
             "last_error": p.last_error,
+            "linked_by": p.linked_by,
         })).collect::<Vec<_>>(),
     })
 }

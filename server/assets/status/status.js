@@ -107,14 +107,19 @@
   function renderPeers(s) {
     const body = $("peers").tBodies[0];
     const rows = s.peers.map((p) => {
-      const link = p.connected
-        ? el("span", { class: "badge ok" }, "connected")
-        : el("span", { class: "badge bad" }, "disconnected");
+      // With hub replicas, one replica runs the region's links; the others
+      // say which.
+      const elsewhere = p.linked_by && p.linked_by !== s.hub_id;
+      const link = elsewhere
+        ? el("span", { class: "badge" }, "via " + p.linked_by)
+        : p.connected
+          ? el("span", { class: "badge ok" }, "connected")
+          : el("span", { class: "badge bad" }, "disconnected");
       const late = p.lag_ms >= LAGGING_MS;
       return el("tr", {
         "data-peer": p.region,
         "data-connected": String(p.connected),
-        class: p.connected ? (late ? "lagging" : "") : "bad",
+        class: elsewhere ? "" : p.connected ? (late ? "lagging" : "") : "bad",
       },
         el("td", {}, el("b", {}, p.region)),
         el("td", {}, p.address),

@@ -1,0 +1,338 @@
+//! The region's link lease: with hub replicas on JetStream, exactly one
+//! replica at a time runs the replication links to the peer regions
+//! (ARCHITECTURE.md, "Hub replicas on NATS JetStream").
+//!
+//! The lease is one record in JetStream (`jetstream::LeaseRecord`: the
+//! last message of a stream `<stream>_LINKS` that keeps one), written only
+//! with a revision condition, so of two replicas that try at once exactly
+//! one wins. Its value names the
+//! holder, the region's epoch, and where each link stands (the peer's epoch
+//! and how far this region appended its events).
+//!
+//! - The holder renews it every [`RENEW_EVERY`] with its links' cursors.
+//!   A renewal refused because the revision moved means another replica
+//!   took over: the links stop at once. A holder that could not renew for
+//!   [`TAKEOVER_AFTER`] (JetStream away) stops them too.
+//! - Every other replica reads the key every [`RENEW_EVERY`]; when its
+//!   revision has not moved for [`TAKEOVER_AFTER`] (the holder died or lost
+//!   NATS), it takes the lease over and starts every link from the cursors
+//!   of the last renewal. What it fetches again was appended already and is
+//!   answered `DUPLICATE` by the shard actors, so a takeover costs neither
+//!   a gap nor a duplicate.
+//! - A holder that shuts down releases the lease (an empty holder) with its
+//!   final cursors, so a rolling update hands the links over at once; so
+//!   does a replica that restarts under its own hub id.
+//!
+//! The lease saves work, not correctness: were two replicas to run links at
+//! once (a holder that has not yet noticed it lost the lease), every peer
+//! event would still be appended once, because appends are conditional on
+//! the shard's last message and versions are checked.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use freshness::pb;
+use parking_lot::Mutex;
+use tokio::time::{Instant, MissedTickBehavior};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::hub::Hub;
+use crate::jetstream::{AppendError, LeaseRecord, Replica};
+
+/// How often the holder renews the lease and the others read it.
+pub const RENEW_EVERY: Duration = Duration::from_secs(1);
+/// How long a lease that did not move stays its holder's.
+pub const TAKEOVER_AFTER: Duration = Duration::from_secs(3);
+/// The longest a lease request may take.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Where each link stands, by peer region: shared by the running links
+/// (which raise it after each append) and the holder's renewals.
+#[derive(Debug, Default)]
+pub struct LinkCursors {
+    map: Mutex<BTreeMap<String, pb::Cursor>>,
+    /// A link started afresh or was reset: renew now, so that a takeover
+    /// does not begin that again (and mark another gap).
+    urgent: tokio::sync::Notify,
+}
+
+impl LinkCursors {
+    /// Records where the link to `region` stands; `urgent` when it started
+    /// afresh or was reset, rather than moved on.
+    pub fn set(&self, region: &str, cursor: pb::Cursor, urgent: bool) {
+        self.map.lock().insert(region.to_owned(), cursor);
+        if urgent {
+            self.urgent.notify_one();
+        }
+    }
+}
+
+/// The lease's value.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+struct Lease {
+    /// The holder's hub id; empty when released.
+    holder: String,
+    /// The region's epoch the cursors belong to: cursors written in another
+    /// epoch of this region point into a log that is gone.
+    epoch: u64,
+    /// Per peer region: the peer's epoch and how far this region appended
+    /// its events, shard by shard.
+    cursors: BTreeMap<String, (u64, Vec<u64>)>,
+}
+
+impl Lease {
+    fn encode(&self) -> Bytes {
+        Bytes::from(serde_json::to_vec(self).unwrap_or_default())
+    }
+
+    fn decode(value: &[u8]) -> Option<Self> {
+        serde_json::from_slice(value).ok()
+    }
+
+    fn link_cursors(&self) -> BTreeMap<String, pb::Cursor> {
+        self.cursors
+            .iter()
+            .map(|(region, (epoch, seqs))| {
+                (
+                    region.clone(),
+                    pb::Cursor {
+                        epoch: *epoch,
+                        seqs: seqs.clone(),
+                    },
+                )
+            })
+            .collect()
+    }
+}
+
+/// The lease as this replica holds it.
+struct Held {
+    revision: u64,
+    renewed: Instant,
+    /// Stops this replica's links.
+    links: CancellationToken,
+    cursors: Arc<LinkCursors>,
+}
+
+impl Held {
+    fn lease(&self, holder: &str, epoch: u64) -> Lease {
+        Lease {
+            holder: holder.to_owned(),
+            epoch,
+            cursors: self
+                .cursors
+                .map
+                .lock()
+                .iter()
+                .map(|(r, c)| (r.clone(), (c.epoch, c.seqs.clone())))
+                .collect(),
+        }
+    }
+}
+
+/// Runs the lease for `hub` until it shuts down: renews it while held,
+/// takes it over when it lapses, and starts and stops the links with it.
+pub async fn run(hub: Arc<Hub>, replica: Arc<Replica>, tracker: TaskTracker) {
+    let Some(bucket) = replica.link_lease().cloned() else {
+        return;
+    };
+    let me = replica.hub_id().to_owned();
+    let mut held: Option<Held> = None;
+    // The revision last read and when it was first seen.
+    let mut seen: Option<(u64, Instant)> = None;
+    let mut tick = tokio::time::interval(RENEW_EVERY);
+    tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    loop {
+        let urgent = held.as_ref().map(|h| h.cursors.clone());
+        tokio::select! {
+            _ = tick.tick() => {}
+            () = async {
+                match &urgent {
+                    Some(c) => c.urgent.notified().await,
+                    None => std::future::pending().await,
+                }
+            } => {}
+            () = hub.shutdown.cancelled() => {
+                if let Some(h) = held {
+                    release(&bucket, &hub, &me, h).await;
+                }
+                return;
+            }
+        }
+        held = match held.take() {
+            Some(h) => renew(&bucket, &hub, &me, h).await,
+            None => take(&bucket, &hub, &me, &mut seen, &tracker).await,
+        };
+    }
+}
+
+/// Renews a held lease; `None` when it is lost (its links stopped).
+async fn renew(bucket: &LeaseRecord, hub: &Hub, me: &str, mut h: Held) -> Option<Held> {
+    let value = h.lease(me, hub.epoch).encode();
+    match tokio::time::timeout(REQUEST_TIMEOUT, bucket.write(value, h.revision)).await {
+        Ok(Ok(revision)) => {
+            h.revision = revision;
+            h.renewed = Instant::now();
+            Some(h)
+        }
+        Ok(Err(AppendError::Conflict)) => {
+            tracing::warn!("another replica took the region's link lease: stopping the links");
+            h.links.cancel();
+            None
+        }
+        failed => {
+            tracing::debug!(?failed, "renewing the link lease failed");
+            if h.renewed.elapsed() < TAKEOVER_AFTER {
+                return Some(h);
+            }
+            let error = match failed {
+                Ok(Err(AppendError::Failed(e))) => e.to_string(),
+                _ => "timed out".to_owned(),
+            };
+            tracing::warn!(%error, "cannot renew the region's link lease: stopping the links");
+            h.links.cancel();
+            None
+        }
+    }
+}
+
+/// Reads the lease, and takes it when it is free, released, this replica's
+/// own from before a restart, or has not moved for [`TAKEOVER_AFTER`].
+async fn take(
+    bucket: &LeaseRecord,
+    hub: &Arc<Hub>,
+    me: &str,
+    seen: &mut Option<(u64, Instant)>,
+    tracker: &TaskTracker,
+) -> Option<Held> {
+    let fresh = Lease {
+        holder: me.to_owned(),
+        epoch: hub.epoch,
+        cursors: BTreeMap::new(),
+    };
+    let read = match tokio::time::timeout(REQUEST_TIMEOUT, bucket.read()).await {
+        Ok(Ok(read)) => read,
+        _ => return None,
+    };
+    let Some((revision, value)) = read else {
+        // Nobody ever held it.
+        let made = tokio::time::timeout(REQUEST_TIMEOUT, bucket.write(fresh.encode(), 0));
+        return match made.await {
+            Ok(Ok(revision)) => Some(start(hub, tracker, revision, &fresh)),
+            _ => None,
+        };
+    };
+    let current = Lease::decode(&value).unwrap_or_default();
+    let now = Instant::now();
+    let lapsed = match *seen {
+        Some((seen_revision, since)) if seen_revision == revision => {
+            now.duration_since(since) >= TAKEOVER_AFTER
+        }
+        _ => {
+            *seen = Some((revision, now));
+            false
+        }
+    };
+    if !current.holder.is_empty() {
+        let holder = current.holder.clone();
+        hub.update_peers(|p| p.linked_by = Some(holder.clone()));
+    }
+    if !(current.holder.is_empty() || current.holder == me || lapsed) {
+        return None;
+    }
+    let lease = if current.epoch == hub.epoch {
+        Lease {
+            holder: me.to_owned(),
+            ..current.clone()
+        }
+    } else {
+        if !current.cursors.is_empty() {
+            tracing::info!(
+                their_epoch = current.epoch,
+                "the link lease's cursors are of another epoch of this region: links start afresh"
+            );
+        }
+        fresh
+    };
+    let updated = tokio::time::timeout(REQUEST_TIMEOUT, bucket.write(lease.encode(), revision));
+    match updated.await {
+        Ok(Ok(revision)) => {
+            if !current.holder.is_empty() && current.holder != me {
+                tracing::warn!(from = %current.holder, "took over the region's link lease");
+            }
+            Some(start(hub, tracker, revision, &lease))
+        }
+        // Another replica was quicker.
+        _ => {
+            *seen = None;
+            None
+        }
+    }
+}
+
+/// Starts the links of a lease just taken.
+fn start(hub: &Arc<Hub>, tracker: &TaskTracker, revision: u64, lease: &Lease) -> Held {
+    let cursors = Arc::new(LinkCursors {
+        map: Mutex::new(lease.link_cursors()),
+        urgent: tokio::sync::Notify::new(),
+    });
+    let links = hub.shutdown.child_token();
+    tracing::info!(
+        peers = hub.config.peers.len(),
+        "holding the region's link lease: running the replication links"
+    );
+    hub.update_peers(|p| p.linked_by = Some(lease.holder.clone()));
+    crate::replication::start_links(
+        hub,
+        cursors.map.lock().clone(),
+        Some(cursors.clone()),
+        links.clone(),
+        tracker,
+    );
+    Held {
+        revision,
+        renewed: Instant::now(),
+        links,
+        cursors,
+    }
+}
+
+/// Hands the lease back at shutdown, with the links' final cursors, so
+/// another replica takes it over without waiting for it to lapse.
+async fn release(bucket: &LeaseRecord, hub: &Hub, me: &str, h: Held) {
+    h.links.cancel();
+    let mut lease = h.lease(me, hub.epoch);
+    lease.holder.clear();
+    let released = tokio::time::timeout(REQUEST_TIMEOUT, bucket.write(lease.encode(), h.revision));
+    if !matches!(released.await, Ok(Ok(_))) {
+        tracing::info!("could not release the region's link lease: it lapses by itself");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_lease_survives_its_encoding() {
+        let mut lease = Lease {
+            holder: "hub-2".into(),
+            epoch: 7,
+            cursors: BTreeMap::new(),
+        };
+        lease.cursors.insert("eu".into(), (9, vec![1, 2, 3]));
+        let back = Lease::decode(&lease.encode()).expect("decodes");
+        assert_eq!(back, lease);
+        assert_eq!(
+            back.link_cursors()["eu"],
+            pb::Cursor {
+                epoch: 9,
+                seqs: vec![1, 2, 3]
+            }
+        );
+        assert_eq!(Lease::decode(b"not json"), None);
+    }
+}
