@@ -278,11 +278,11 @@ INVALID = [
     ("a permission the hub does not know", {"insecure": True, "auth": {"policy": {"w": ["delete:*"]}}}),
     ("jetstream without a Secret", {"insecure": True, "jetstream": {"enabled": True}}),
     (
-        "jetstream with peers",
+        "jetstream with one hubId for every replica",
         {
             "insecure": True,
             "jetstream": {"enabled": True, "secretName": "nats"},
-            "hub": {"region": "eu", "peers": {"us": "http://a:50051"}},
+            "hub": {"hubId": "hub-eu"},
         },
     ),
     (
@@ -615,7 +615,12 @@ def check_jetstream(
         name,
         "jetstream_replicas is not jetstream.streamReplicas",
     )
-    failures.check(not config.get("peers"), name, "peers with jetstream")
+    failures.check(
+        config.get("peers", {}) == values.get("hub", {}).get("peers", {}),
+        name,
+        "peers are not hub.peers",
+    )
+    failures.check("hub_id" not in config, name, "one hub_id for every replica")
     pod = deployment["spec"]["template"]["spec"]
     container = pod["containers"][0]
     env = {e["name"]: e for e in container.get("env", [])}
@@ -1209,6 +1214,18 @@ def main() -> int:
     )
     value_sets.append(
         ("jetstream defaults", {"insecure": True, "jetstream": {"enabled": True, "secretName": "nats"}})
+    )
+    value_sets.append(
+        (
+            "jetstream with peer regions",
+            {
+                **JETSTREAM,
+                "hub": {
+                    "region": "eu",
+                    "peers": {"us": "http://hub.us:50051", "ap": "http://hub.ap:50051"},
+                },
+            },
+        )
     )
     known_keys = hub_keys(args.hub_config)
     metrics = hub_metrics(args.hub_config.parent / "metrics.rs")

@@ -99,8 +99,8 @@ because Helm reads every YAML number as a float.
 {{- if hasKey $hub.peers $hub.region }}
 {{- fail (printf "hub.peers lists %q, which is this hub's own region (hub.region)" $hub.region) }}
 {{- end }}
-{{- if and .Values.jetstream.enabled $hub.peers }}
-{{- fail "hub.peers must be empty with jetstream.enabled (replication between replica sets is not supported yet)" }}
+{{- if and .Values.jetstream.enabled $hub.hubId }}
+{{- fail "hub.hubId must be empty with jetstream.enabled: every replica needs its own id (its pod name) to share acks and hold the region's link lease" }}
 {{- end }}
 {{- if and .Values.jetstream.enabled (not .Values.jetstream.secretName) }}
 {{- fail "jetstream.secretName must name the Secret with the NATS URL when jetstream.enabled" }}
