@@ -1184,8 +1184,14 @@ async fn two_regions_of_replicas_converge_across_kills() {
     // West's link holder dies: the other west replica takes the lease over.
     tokio::time::sleep(pause()).await;
     let w = holder[1];
+    let killed = tokio::time::Instant::now();
     replicas[1][w].take().expect("running").kill();
     let west_hub = wait_for_links(&urls[1][1 - w]).await;
+    // Shown with --nocapture: how long each region was without its link.
+    eprintln!(
+        "west's links taken over {} ms after the SIGKILL of their holder",
+        killed.elapsed().as_millis()
+    );
     replicas[1][w] = Some(linked_replica(tmp.path(), &nats.url(), &regions, 1, w).await);
     holder[1] = link_holder(&urls[1]).await;
     assert_eq!(
@@ -1197,20 +1203,30 @@ async fn two_regions_of_replicas_converge_across_kills() {
     // The east replica serving west's link dies: the link moves to the other.
     tokio::time::sleep(pause()).await;
     let e = link_server(&urls[0], "west", &west_hub).await;
+    let killed = tokio::time::Instant::now();
     replicas[0][e].take().expect("running").kill();
-    wait_for_links(&urls[1][holder[1]]).await;
     assert_eq!(
         link_server(&urls[0][1 - e..2 - e], "west", &west_hub).await,
         0,
         "west's link reached the other east replica"
     );
+    eprintln!(
+        "west's link at the other east replica {} ms after the SIGKILL of the one it used",
+        killed.elapsed().as_millis()
+    );
+    wait_for_links(&urls[1][holder[1]]).await;
     replicas[0][e] = Some(linked_replica(tmp.path(), &nats.url(), &regions, 0, e).await);
 
     // East's link holder dies.
     tokio::time::sleep(pause()).await;
     let h = link_holder(&urls[0]).await;
+    let killed = tokio::time::Instant::now();
     replicas[0][h].take().expect("running").kill();
     wait_for_links(&urls[0][1 - h]).await;
+    eprintln!(
+        "east's links taken over {} ms after the SIGKILL of their holder",
+        killed.elapsed().as_millis()
+    );
     replicas[0][h] = Some(linked_replica(tmp.path(), &nats.url(), &regions, 0, h).await);
     holder[0] = link_holder(&urls[0]).await;
 
