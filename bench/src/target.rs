@@ -156,6 +156,8 @@ pub fn hub_endpoint(url: &str) -> Result<Endpoint> {
         .tcp_nodelay(true)
         .connect_timeout(CONNECT_TIMEOUT);
     if endpoint.uri().scheme_str() == Some("https") {
+        // The provider the client crate installs, as a real node's process.
+        freshness_telemetry::install_crypto_provider();
         return Ok(endpoint.tls_config(crate::secure::material()?.client_tls())?);
     }
     Ok(endpoint)

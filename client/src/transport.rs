@@ -176,6 +176,9 @@ pub(crate) fn secure(
         }
         return Ok(endpoint);
     }
+    // tonic's TLS uses the process's default provider: X25519 first, unless
+    // the application installed its own.
+    freshness_telemetry::install_crypto_provider();
     let mut tls = ClientTlsConfig::new();
     if let Some(ca) = &credentials.ca {
         tls = tls.ca_certificate(Certificate::from_pem(ca));

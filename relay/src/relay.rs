@@ -91,6 +91,8 @@ fn tls_config(config: &Config) -> Result<ClientTlsConfig, RunError> {
     let read = |key: &str, path: &std::path::Path| {
         std::fs::read(path).map_err(|e| RunError::Tls(format!("`{key}` {}: {e}", path.display())))
     };
+    // tonic's TLS uses the process's default provider: X25519 first.
+    freshness_telemetry::install_crypto_provider();
     let mut tls = ClientTlsConfig::new().with_enabled_roots();
     if let Some(ca) = &config.ca {
         tls = tls.ca_certificate(Certificate::from_pem(read("ca", ca)?));

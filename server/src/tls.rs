@@ -52,13 +52,10 @@ const ALPN_GRPC: &[&[u8]] = &[b"h2"];
 /// The metrics listener speaks HTTP/1.1.
 const ALPN_HTTP1: &[&[u8]] = &[b"http/1.1"];
 
-/// rustls on ring, as tonic's `tls-ring` client: no C++ toolchain to
-/// build. rustls marks ring's provider deprecated for its lack of
-/// post-quantum key exchange; moving both sides to aws-lc-rs is a feature
-/// switch.
-#[allow(deprecated)]
+/// rustls on ring with X25519 first, as every Freshness program
+/// (`freshness_telemetry::crypto_provider`).
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
+    Arc::new(freshness_telemetry::crypto_provider())
 }
 
 /// Reads a PEM certificate chain; the error names the file.
@@ -230,6 +227,8 @@ pub fn peer_client_config(
             source,
         })
     };
+    // tonic's TLS uses the process's default provider: X25519 first.
+    freshness_telemetry::install_crypto_provider();
     let mut tls = tonic::transport::ClientTlsConfig::new().domain_name(domain);
     if let Some(ca) = peer_ca {
         tls = tls.ca_certificate(tonic::transport::Certificate::from_pem(read(ca)?));

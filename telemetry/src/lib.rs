@@ -28,6 +28,9 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+mod tls;
+pub use tls::{crypto_provider, install_crypto_provider};
+
 use std::fmt;
 use std::io::Write;
 use std::time::{Duration, UNIX_EPOCH};
