@@ -1417,7 +1417,7 @@ mod tests {
         assert!(err("shards = [\n").starts_with("config file hub.toml, line 1: "));
         assert_eq!(
             err("[peers]\neu = 5\n"),
-            "config file hub.toml, line 2: peers.eu = 5: expected a table of region = \"http://host:port\" entries"
+            "config file hub.toml, line 2: peers.eu = 5: expected a table of region = \"http://host:port\" entries (several URLs, comma-separated, for a region of hub replicas)"
         );
     }
 
