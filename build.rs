@@ -1,15 +1,7 @@
 //! Generates the `freshness.v1` code from `proto/` with `protox`, so that a
-//! fresh machine needs no system `protoc`.
-//!
-//! Two passes over the same descriptors:
-//! 1. every message, the client and the server (module `pb`);
-//! 2. the server alone again, with `SubscribeResponse` mapped to
-//!    [`wire::Frame`](src/wire.rs), so that the hub can send event batches it
-//!    encoded once and shares between streams, `SubscribeRequest` mapped to
-//!    [`wire::Request`](src/wire.rs) (acks decoded straight from the buffer)
-//!    and tonic's codec replaced by [`wire::LeanCodec`](src/wire.rs) (small
-//!    per-stream buffers); module `pb::raw`. Every other type of pass 2 refers
-//!    back to pass 1.
+//! fresh machine needs no system `protoc`: every message, the client and the
+//! server (module `pb`). The hub generates its own server once more, on its
+//! pre-encoded frames and its codec (`server/build.rs`).
 
 use std::path::PathBuf;
 
@@ -23,17 +15,6 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     tonic_prost_build::configure()
         .bytes(".freshness.v1.Event.payload")
-        .compile_fds(fds.clone())?;
-
-    let raw = out.join("raw");
-    std::fs::create_dir_all(&raw)?;
-    tonic_prost_build::configure()
-        .build_client(false)
-        .out_dir(&raw)
-        .extern_path(".freshness.v1.SubscribeResponse", "crate::wire::Frame")
-        .extern_path(".freshness.v1.SubscribeRequest", "crate::wire::Request")
-        .codec_path("crate::wire::LeanCodec")
-        .extern_path(".freshness.v1", "crate::pb")
         .compile_fds(fds)?;
     Ok(())
 }

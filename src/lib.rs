@@ -36,12 +36,6 @@ pub use shard::{HASH_NAME, ShardId, fnv1a64, shard};
 pub mod pb {
     include!(concat!(env!("OUT_DIR"), "/freshness.v1.rs"));
 
-    /// The hub service again, generated with `SubscribeResponse` replaced by
-    /// [`crate::wire::Frame`], so the hub can stream pre-encoded batches.
-    pub mod raw {
-        include!(concat!(env!("OUT_DIR"), "/raw/freshness.v1.rs"));
-    }
-
     /// The encoded `FileDescriptorSet` of the protocol, for gRPC reflection.
     pub const FILE_DESCRIPTOR_SET: &[u8] =
         include_bytes!(concat!(env!("OUT_DIR"), "/freshness_descriptor.bin"));

@@ -179,7 +179,7 @@ impl From<HubError> for Status {
 
 /// Maps what tonic answers a request that does not decode onto the codes of
 /// the contract, by code alone. Bytes that are not a valid message are
-/// `INVALID_ARGUMENT` already (`wire::LeanCodec`'s decoder says so); a
+/// `INVALID_ARGUMENT` already (`codec::LeanCodec`'s decoder says so); a
 /// message over the decoding limit is `OUT_OF_RANGE` in tonic, which is
 /// the only thing a request stream answers with that code, and
 /// `RESOURCE_EXHAUSTED` in SPEC §4.

@@ -77,7 +77,7 @@ fn refused(e: HubError) -> Status {
 }
 
 #[tonic::async_trait]
-impl pb::raw::hub_server::Hub for HubService {
+impl crate::codec::raw::hub_server::Hub for HubService {
     async fn publish(
         &self,
         request: Request<pb::PublishRequest>,

@@ -11,6 +11,7 @@
 
 pub mod auth;
 pub mod clock;
+pub mod codec;
 pub mod config;
 pub mod error;
 pub mod flow;

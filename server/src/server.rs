@@ -6,7 +6,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use freshness::pb::raw::hub_server::HubServer;
+use crate::codec::raw::hub_server::HubServer;
 
 use std::sync::Arc;
 
@@ -142,7 +142,7 @@ pub fn open_log(config: &Config) -> Result<Option<Durable>, crate::store::OpenEr
 /// [`crate::error::map_decode_status`]), to the code of SPEC §4, by code
 /// alone: `OUT_OF_RANGE`, which no handler of the hub answers, becomes
 /// `RESOURCE_EXHAUSTED`. (Bytes that are not a valid message are
-/// `INVALID_ARGUMENT` at the decoder already, `wire::LeanDecoder`.)
+/// `INVALID_ARGUMENT` at the decoder already, `codec::LeanDecoder`.)
 fn decode_errors_to_spec_codes<B>(mut resp: http::Response<B>) -> http::Response<B> {
     let h = resp.headers_mut();
     if h.get("grpc-status").is_some_and(|v| v == "11") {
@@ -261,7 +261,7 @@ pub async fn serve_with_http(
     }
     let (health, health_service) = tonic_health::server::health_reporter();
     health
-        .set_serving::<pb::raw::hub_server::HubServer<HubService>>()
+        .set_serving::<crate::codec::raw::hub_server::HubServer<HubService>>()
         .await;
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
@@ -337,7 +337,7 @@ pub async fn serve_with_http(
             )
             .await;
             health
-                .set_not_serving::<pb::raw::hub_server::HubServer<HubService>>()
+                .set_not_serving::<crate::codec::raw::hub_server::HubServer<HubService>>()
                 .await;
             tracing::info!("shutting down: refusing new calls, ending streams");
             // Goodbye first: every session was cancelled with the hub and

@@ -46,7 +46,7 @@ use tonic::server::NamedService;
 use tonic::transport::server::Connected;
 use tower::ServiceExt;
 
-use freshness::pb::raw::hub_server::{Hub, HubServer};
+use crate::codec::raw::hub_server::{Hub, HubServer};
 use freshness::wire;
 
 use crate::grpc::HubService;
@@ -410,7 +410,7 @@ async fn subscribe(
         let status = tonic::Status::unimplemented("compressed requests are not supported");
         return Ok(status.into_http());
     }
-    let decoder = wire::LeanCodec::<wire::Frame, wire::Request>::default().decoder();
+    let decoder = crate::codec::LeanCodec::<wire::Frame, wire::Request>::default().decoder();
     let inbound = tonic::Streaming::new_request(decoder, body, None, Some(limit));
     let request = tonic::Request::from_parts(
         tonic::metadata::MetadataMap::from_headers(parts.headers),

@@ -119,9 +119,11 @@ fn only_the_hub_adapters_name_tonic_and_the_core_names_no_wire_type() {
     // The adapters: gRPC handlers and codes, the serving stack and its
     // transport, sessions (a node's stream), authentication (a request's
     // extensions), the peer link (a gRPC client) and its TLS settings, and
-    // the status page's permission check.
+    // the status page's permission check, and the generated server with its
+    // codec.
     let adapters = [
         "auth/",
+        "codec.rs",
         "error.rs",
         "grpc.rs",
         "replication.rs",
