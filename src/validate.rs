@@ -92,26 +92,12 @@ impl AckLevel {
     }
 }
 
-/// One valid event of a publish call.
-#[derive(Debug, Clone)]
-pub struct NewEvent {
-    /// What changed.
-    pub entity: Entity,
-    /// Its version at the source of truth.
-    pub version: Version,
-    /// Optional new value.
-    pub payload: Bytes,
-    /// W3C trace context of the publishing call (may be empty).
-    pub traceparent: String,
-    /// W3C trace state (may be empty).
-    pub tracestate: String,
-}
-
 /// A publish call that passed validation.
 #[derive(Debug, Clone)]
 pub struct ValidPublish {
-    /// The events, in call order.
-    pub events: Vec<NewEvent>,
+    /// The events, in call order (their `origin` and `publish_time_us` are
+    /// the hub's to set: a publish's are ignored).
+    pub events: Vec<CheckedEvent>,
     /// What the caller waits for.
     pub ack: AckLevel,
     /// How long REGION / GLOBAL wait.
@@ -254,13 +240,7 @@ pub fn publish(
                 reason: err.reason,
             }
         })?;
-        events.push(NewEvent {
-            entity: e.entity,
-            version: e.version,
-            payload: e.payload,
-            traceparent: e.traceparent,
-            tracestate: e.tracestate,
-        });
+        events.push(e);
     }
     Ok(ValidPublish {
         events,

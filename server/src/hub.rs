@@ -431,16 +431,7 @@ impl Hub {
         let incoming = req
             .events
             .into_iter()
-            .map(|e| Incoming {
-                entity: e.entity,
-                version: e.version,
-                payload: e.payload,
-                traceparent: e.traceparent,
-                tracestate: e.tracestate,
-                origin: None,
-                publish_time_us: None,
-                awaited,
-            })
+            .map(|e| Incoming::published(e, awaited))
             .collect();
         let results = self
             .append(incoming, &[], Some(self.config.admission_timeout))

@@ -403,20 +403,11 @@ impl Link {
         for d in batch.events {
             let e = CheckedEvent::try_from(d.event.ok_or(LinkError::EventWithoutBody)?)?;
             seqs.push((d.shard, d.seq));
-            incoming.push(Incoming {
-                entity: e.entity,
-                version: e.version,
-                payload: e.payload,
-                traceparent: e.traceparent,
-                tracestate: e.tracestate,
-                origin: Some(Arc::from(e.origin.as_str())),
-                publish_time_us: Some(e.publish_time_us),
-                // The peer asks for a prompt ack of a batch a publish waits
-                // on (or when this link's in-flight budget fills up); a
-                // GLOBAL publish there also waits on this region's nodes, so
-                // they are asked to ack these events promptly too.
-                awaited: batch.ack_requested,
-            });
+            // The peer asks for a prompt ack of a batch a publish waits on
+            // (or when this link's in-flight budget fills up); a GLOBAL
+            // publish there also waits on this region's nodes, so they are
+            // asked to ack these events promptly too.
+            incoming.push(Incoming::replicated(e, batch.ack_requested));
         }
         let outcomes = self.hub.append(incoming, &[], None).await?;
         for ((shard, peer_seq), (outcome, _)) in seqs.iter().zip(outcomes) {

@@ -35,6 +35,7 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 
 use bytes::Bytes;
+use freshness::validate::CheckedEvent;
 use freshness::wire::{EventFields, encode_event_entry};
 use freshness::{Entity, Version};
 use opentelemetry::trace::{SpanContext, TraceContextExt};
@@ -95,6 +96,40 @@ pub struct Incoming {
     /// A publish may wait for nodes to ack this event (ack level `REGION`
     /// or `GLOBAL`): the batches that carry it ask for a prompt ack.
     pub awaited: bool,
+}
+
+impl Incoming {
+    /// An event published in this region: stamped with this hub's time
+    /// when appended (whatever origin or time the caller sent).
+    pub fn published(e: CheckedEvent, awaited: bool) -> Self {
+        Self::new(e, None, None, awaited)
+    }
+
+    /// An event a peer region's link brings, with its origin and first
+    /// publish time kept.
+    pub fn replicated(e: CheckedEvent, awaited: bool) -> Self {
+        let origin = Some(Arc::from(e.origin.as_str()));
+        let time = Some(e.publish_time_us);
+        Self::new(e, origin, time, awaited)
+    }
+
+    fn new(
+        e: CheckedEvent,
+        origin: Option<Arc<str>>,
+        publish_time_us: Option<u64>,
+        awaited: bool,
+    ) -> Self {
+        Self {
+            entity: e.entity,
+            version: e.version,
+            payload: e.payload,
+            traceparent: e.traceparent,
+            tracestate: e.tracestate,
+            origin,
+            publish_time_us,
+            awaited,
+        }
+    }
 }
 
 /// A batch of events for one shard, answered in order.
