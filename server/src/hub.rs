@@ -17,10 +17,10 @@ use tracing::Instrument;
 use crate::clock::Clock;
 use crate::config::Config;
 use crate::error::{Exhausted, HubError};
-use crate::log::SharedLog;
+use crate::reader::LogReader;
 use crate::shard::{Append, EventOutcome, Incoming, ShardContext, ShardHandle, ShardMemory};
 use crate::status::{HubStatus, NodeStatus, PeerStatus, ShardStatus};
-use crate::store::{DataDir, DiskReader, Opened};
+use crate::store::{DataDir, Opened};
 
 /// A durable log as opened at start-up: its writer and readers, and every
 /// shard's memory rebuilt from what the disk held; or the region's
@@ -187,11 +187,8 @@ pub struct Hub {
     pub region: Arc<str>,
     /// Actor handles, indexed by shard.
     pub(crate) shards: Vec<ShardHandle>,
-    /// Logs in memory, indexed by shard.
-    pub(crate) logs: Vec<Arc<SharedLog>>,
-    /// The durable log's readers, indexed by shard (empty when ephemeral):
-    /// what left memory but is still on disk.
-    pub(crate) disk: Vec<DiskReader>,
+    /// What sessions read of every shard: memory, disk, traces.
+    pub(crate) logs: LogReader,
     /// Bumped after every append.
     pub(crate) appended: watch::Sender<u64>,
     /// Bumped after every ack, for REGION waiters.
@@ -312,11 +309,12 @@ impl Hub {
                 js_shards.next(),
             ));
         }
+        let traces = shards.iter().map(ShardHandle::traces_shared).collect();
+        let logs = LogReader::new(logs, disk, traces);
         let (acks_changed, _) = watch::channel(0);
         let hub = Arc::new(Self {
             replica,
             data_dir,
-            disk,
             shard_ctx: ctx,
             epoch,
             clock,
@@ -390,18 +388,9 @@ impl Hub {
         self.config.shards
     }
 
-    /// The oldest seq of shard `s` a session can still send: on disk for a
-    /// durable hub, in memory for an ephemeral one.
-    pub fn retained_first(&self, s: usize) -> u64 {
-        match self.disk.get(s) {
-            Some(d) => d.first_seq().min(self.logs[s].first_seq()),
-            None => self.logs[s].first_seq(),
-        }
-    }
-
     /// Current head seq of every shard.
     pub fn heads(&self) -> Vec<u64> {
-        self.logs.iter().map(|l| l.head()).collect()
+        self.logs.heads()
     }
 
     /// Orders and appends a validated publish, then waits for the ack level.
@@ -838,10 +827,10 @@ impl Hub {
         let now = self.clock.now_us();
         let mut retained_events = 0;
         let mut retained_bytes = 0;
-        let mut heads = Vec::with_capacity(self.logs.len());
+        let mut heads = Vec::with_capacity(self.shards.len());
         let shards = self
             .logs
-            .iter()
+            .all_memory()
             .enumerate()
             .map(|(i, l)| {
                 let log = l.read();
@@ -851,7 +840,7 @@ impl Hub {
                 ShardStatus {
                     shard: i as u32,
                     head_seq: log.head(),
-                    first_seq: self.retained_first(i).min(log.first_seq()),
+                    first_seq: self.logs.retained_first(i).min(log.first_seq()),
                 }
             })
             .collect();

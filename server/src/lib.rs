@@ -21,6 +21,7 @@ pub mod jetstream;
 pub mod link_lease;
 pub mod log;
 pub mod metrics;
+pub mod reader;
 pub mod reload;
 pub mod replication;
 mod server;

@@ -203,9 +203,10 @@ impl ShardHandle {
         Self { tx, traces }
     }
 
-    /// The shard's recent traced appends, for fan-out spans.
-    pub fn traces(&self) -> &AppendTraces {
-        &self.traces
+    /// The shard's recent traced appends, for fan-out spans (the read side
+    /// keeps a handle: `reader::LogReader`).
+    pub fn traces_shared(&self) -> Arc<AppendTraces> {
+        self.traces.clone()
     }
 
     /// Reserves room for one command; `None` while the queue is full.

@@ -137,6 +137,7 @@ fn only_the_hub_adapters_name_tonic_and_the_core_names_no_wire_type() {
         "hub.rs",
         "shard.rs",
         "log.rs",
+        "reader.rs",
         "store.rs",
         "flow.rs",
         "status.rs",

@@ -24,8 +24,8 @@ impl Session {
             .enumerate()
             // Memory first: the disk is only asked about shards that left it.
             .filter(|(s, sent)| {
-                **sent + 1 < self.hub.logs[*s].first_seq()
-                    && **sent + 1 < self.hub.retained_first(*s)
+                **sent + 1 < self.hub.logs.memory(*s).first_seq()
+                    && **sent + 1 < self.hub.logs.retained_first(*s)
             })
             .map(|(s, _)| s as u32)
             .collect()
@@ -44,21 +44,21 @@ impl Session {
         /// Segment reads one fill may make for a node whose filter skips
         /// what it reads; the progress tick's fill goes on from there.
         const MAX_READS: usize = 16;
-        if self.hub.disk.is_empty() {
+        if !self.hub.logs.has_disk() {
             return None;
         }
         let n = self.sent.len();
         let mut reads = 0;
         let mut s = 0;
         while s < n && reads < MAX_READS {
-            let mem_first = self.hub.logs[s].first_seq();
-            if self.sent[s] + 1 >= mem_first || self.sent[s] + 1 < self.hub.disk[s].first_seq() {
+            let mem_first = self.hub.logs.memory(s).first_seq();
+            let disk = self.hub.logs.disk(s)?;
+            if self.sent[s] + 1 >= mem_first || self.sent[s] + 1 < disk.first_seq() {
                 s += 1;
                 continue;
             }
             reads += 1;
-            let read =
-                self.hub.disk[s].read(self.sent[s], mem_first, budget as usize, self.frame_limit);
+            let read = disk.read(self.sent[s], mem_first, budget as usize, self.frame_limit);
             let entries = match read {
                 Ok(Some(entries)) if !entries.is_empty() => entries,
                 // Retention dropped the segment meanwhile: the main fill
@@ -160,7 +160,7 @@ impl Session {
         let mut complete = true;
         let from = self.scan_from;
         for s in (from..n).chain(0..from) {
-            let shared_log = &self.hub.logs[s];
+            let shared_log = self.hub.logs.memory(s);
             if shared_log.head() <= self.sent[s] {
                 continue;
             }
@@ -169,7 +169,7 @@ impl Session {
                 // Still on disk: the next fill replays it from there.
                 // Otherwise the reset goes before any event of this fill,
                 // or in the next one.
-                if self.sent[s] + 1 < self.hub.retained_first(s) {
+                if self.sent[s] + 1 < self.hub.logs.retained_first(s) {
                     gaps.push(s as u32);
                 }
                 complete = false;
@@ -208,7 +208,7 @@ impl Session {
             }
             if let Some(seq) = last {
                 positions.push((s as u32, seq));
-                if self.hub.shards[s].traces().any_after(from) {
+                if self.hub.logs.traces(s).any_after(from) {
                     traced.push((s, from, seq));
                 }
             }
@@ -289,7 +289,7 @@ impl Session {
         let mut adopt = Adopt::new(&span);
         for &(s, after, upto) in traced {
             let mut more = true;
-            self.hub.shards[s].traces().overlapping(after, upto, |sc| {
+            self.hub.logs.traces(s).overlapping(after, upto, |sc| {
                 more = adopt.context(sc);
                 more
             });

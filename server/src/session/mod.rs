@@ -321,7 +321,7 @@ impl Session {
         };
         let positions = covered
             .into_iter()
-            .map(|s| (s, self.hub.logs[s as usize].head()))
+            .map(|s| (s, self.hub.logs.head(s as usize)))
             .collect();
         self.reset_to(shards, all, reason, positions)
     }

@@ -49,7 +49,7 @@ pub fn open(
             let cursor = Cursor::from_wire(c, shards).map_err(InvalidResume::from)?;
             resumed = true;
             let mut expired = Vec::new();
-            for (s, log) in hub.logs.iter().enumerate() {
+            for (s, log) in hub.logs.all_memory().enumerate() {
                 let log = log.read();
                 let at = cursor.seqs[s];
                 if at > log.head() {
@@ -61,7 +61,7 @@ pub fn open(
                     .into());
                 }
                 // Retained on disk counts: the session replays from there.
-                if at + 1 < hub.retained_first(s) {
+                if at + 1 < hub.logs.retained_first(s) {
                     expired.push(s as u32);
                     sent[s] = log.head();
                 } else {
