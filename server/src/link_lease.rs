@@ -75,6 +75,11 @@ impl LinkCursors {
 struct Lease {
     /// The holder's hub id; empty when released.
     holder: String,
+    /// The holding process, drawn at its start: tells this replica's own
+    /// write from a previous process of the same hub id (restarted) and
+    /// from another process wrongly given the same id.
+    #[serde(default)]
+    incarnation: u64,
     /// The region's epoch the cursors belong to: cursors written in another
     /// epoch of this region point into a log that is gone.
     epoch: u64,
@@ -108,6 +113,17 @@ impl Lease {
     }
 }
 
+/// What a replica that does not hold the lease remembers of it.
+#[derive(Default)]
+struct Watch {
+    /// The revision last read and when it was first seen.
+    seen: Option<(u64, Instant)>,
+    /// This process has read the lease at least once.
+    read_once: bool,
+    /// Another process holds it under this replica's own hub id (said once).
+    twin_reported: bool,
+}
+
 /// The lease as this replica holds it.
 struct Held {
     revision: u64,
@@ -121,6 +137,7 @@ impl Held {
     fn lease(&self, holder: &str, epoch: u64) -> Lease {
         Lease {
             holder: holder.to_owned(),
+            incarnation: incarnation(),
             epoch,
             cursors: self
                 .cursors
@@ -133,6 +150,12 @@ impl Held {
     }
 }
 
+/// This process's incarnation (drawn once).
+fn incarnation() -> u64 {
+    static ONCE: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    *ONCE.get_or_init(|| rand::random::<u64>() | 1)
+}
+
 /// Runs the lease for `hub` until it shuts down: renews it while held,
 /// takes it over when it lapses, and starts and stops the links with it.
 pub async fn run(hub: Arc<Hub>, replica: Arc<Replica>, tracker: TaskTracker) {
@@ -141,8 +164,7 @@ pub async fn run(hub: Arc<Hub>, replica: Arc<Replica>, tracker: TaskTracker) {
     };
     let me = replica.hub_id().to_owned();
     let mut held: Option<Held> = None;
-    // The revision last read and when it was first seen.
-    let mut seen: Option<(u64, Instant)> = None;
+    let mut watch = Watch::default();
     let mut tick = tokio::time::interval(RENEW_EVERY);
     tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
     loop {
@@ -164,7 +186,7 @@ pub async fn run(hub: Arc<Hub>, replica: Arc<Replica>, tracker: TaskTracker) {
         }
         held = match held.take() {
             Some(h) => renew(&bucket, &hub, &me, h).await,
-            None => take(&bucket, &hub, &me, &mut seen, &tracker).await,
+            None => take(&bucket, &hub, &me, &mut watch, &tracker).await,
         };
     }
 }
@@ -199,17 +221,20 @@ async fn renew(bucket: &LeaseRecord, hub: &Hub, me: &str, mut h: Held) -> Option
     }
 }
 
-/// Reads the lease, and takes it when it is free, released, this replica's
-/// own from before a restart, or has not moved for [`TAKEOVER_AFTER`].
+/// Reads the lease, and takes it when it is free, released, written by this
+/// process (a renewal that timed out yet landed), left by a previous
+/// process of this hub id (found at the first read after a restart), or
+/// has not moved for [`TAKEOVER_AFTER`].
 async fn take(
     bucket: &LeaseRecord,
     hub: &Arc<Hub>,
     me: &str,
-    seen: &mut Option<(u64, Instant)>,
+    watch: &mut Watch,
     tracker: &TaskTracker,
 ) -> Option<Held> {
     let fresh = Lease {
         holder: me.to_owned(),
+        incarnation: incarnation(),
         epoch: hub.epoch,
         cursors: BTreeMap::new(),
     };
@@ -227,25 +252,36 @@ async fn take(
     };
     let current = Lease::decode(&value).unwrap_or_default();
     let now = Instant::now();
-    let lapsed = match *seen {
+    let lapsed = match watch.seen {
         Some((seen_revision, since)) if seen_revision == revision => {
             now.duration_since(since) >= TAKEOVER_AFTER
         }
         _ => {
-            *seen = Some((revision, now));
+            watch.seen = Some((revision, now));
             false
         }
     };
+    let first_read = !std::mem::replace(&mut watch.read_once, true);
     if !current.holder.is_empty() {
         let holder = current.holder.clone();
         hub.update_peers(|p| p.linked_by = Some(holder.clone()));
     }
-    if !(current.holder.is_empty() || current.holder == me || lapsed) {
+    let mine = current.holder == me && (current.incarnation == incarnation() || first_read);
+    if current.holder == me && !mine && !watch.twin_reported {
+        watch.twin_reported = true;
+        tracing::error!(
+            hub_id = me,
+            "another process holds the region's link lease under this replica's hub id: \
+             every replica of a region needs its own hub_id"
+        );
+    }
+    if !(current.holder.is_empty() || mine || lapsed) {
         return None;
     }
     let lease = if current.epoch == hub.epoch {
         Lease {
             holder: me.to_owned(),
+            incarnation: incarnation(),
             ..current.clone()
         }
     } else {
@@ -267,7 +303,7 @@ async fn take(
         }
         // Another replica was quicker.
         _ => {
-            *seen = None;
+            watch.seen = None;
             None
         }
     }
@@ -320,6 +356,7 @@ mod tests {
     fn a_lease_survives_its_encoding() {
         let mut lease = Lease {
             holder: "hub-2".into(),
+            incarnation: 3,
             epoch: 7,
             cursors: BTreeMap::new(),
         };

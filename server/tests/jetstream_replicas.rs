@@ -1039,6 +1039,12 @@ async fn linked_replica(
 /// Waits until the replica at `url` holds its region's link lease and
 /// every link of it is up; returns its hub id.
 async fn wait_for_links(url: &str) -> String {
+    wait_for_lease(url, true).await
+}
+
+/// Waits until the replica at `url` holds its region's link lease, with
+/// every link up when `connected`; returns its hub id.
+async fn wait_for_lease(url: &str, connected: bool) -> String {
     let deadline = tokio::time::Instant::now() + WAIT;
     loop {
         if let Ok(mut c) = HubClient::connect(url.to_owned()).await
@@ -1048,7 +1054,7 @@ async fn wait_for_links(url: &str) -> String {
             if !s.peers.is_empty()
                 && s.peers
                     .iter()
-                    .all(|p| p.connected && p.linked_by == s.hub_id)
+                    .all(|p| (p.connected || !connected) && p.linked_by == s.hub_id)
             {
                 return s.hub_id;
             }
@@ -1305,5 +1311,31 @@ async fn two_regions_of_replicas_converge_across_kills() {
                 s.peers
             );
         }
+    }
+}
+
+/// Two replicas of a region given the same hub id (a misconfiguration: the
+/// lease and the shared acks tell replicas apart by it): the one that does
+/// not hold the link lease says so in one error line, rather than taking
+/// the lease from its twin every second.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_with_one_hub_id_are_reported() {
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let nats = Nats::start(&tmp.path().join("nats"));
+    // The peer need not exist: the lease is taken whether its link is up.
+    let peer = format!("west=http://127.0.0.1:{}", free_port());
+    let args = ["--peer", peer.as_str()];
+    let first = Replica::launch(tmp.path(), "twin", "east", free_port(), &nats.url(), &args).await;
+    wait_for_lease(&first.url, false).await;
+    let second = Replica::launch(tmp.path(), "twin", "east", free_port(), &nats.url(), &args).await;
+    let said = "another process holds the region's link lease under this replica's hub id";
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !second.stderr_text().contains(said) && !first.stderr_text().contains(said) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no replica reported the shared hub id: {}",
+            second.stderr_text()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
