@@ -334,8 +334,13 @@ impl Link {
             // No proof of continuity with this peer: reset every shard here.
             tracing::info!(peer = %self.region, epoch = welcome.epoch, "replication starts without resume: gap on every shard");
             let all: Vec<u32> = (0..self.hub.shard_count()).collect();
-            if self.hub.append(Vec::new(), &all, None).await.is_err() {
-                return LinkEnd::Shutdown;
+            // A log that refuses the markers (JetStream away, disk full):
+            // retry the link, never end it while the hub runs.
+            if let Err(e) = self.hub.append(Vec::new(), &all, None).await {
+                if self.stop.is_cancelled() {
+                    return LinkEnd::Shutdown;
+                }
+                return Self::failed(LinkError::Append(e), false);
             }
             self.pending.iter_mut().for_each(VecDeque::clear);
             self.jumped = true;
