@@ -195,22 +195,7 @@ impl JsShard {
     /// message is still the last one this replica applied. Returns the
     /// message's stream sequence.
     pub async fn publish(&self, records: Vec<u8>) -> Result<u64, AppendError> {
-        let msg = jetstream::message::PublishMessage::build()
-            .payload(Bytes::from(records))
-            .expected_last_subject_sequence(self.last);
-        let sent = self
-            .replica
-            .js
-            .send_publish(self.subject.clone(), msg)
-            .await
-            .map_err(|e| AppendError::Failed(std::io::Error::other(format!("JetStream: {e}"))))?;
-        match sent.await {
-            Ok(ack) => Ok(ack.sequence),
-            Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => Err(AppendError::Conflict),
-            Err(e) => Err(AppendError::Failed(std::io::Error::other(format!(
-                "JetStream: {e}"
-            )))),
-        }
+        publish_after(&self.replica.js, &self.subject, records.into(), self.last).await
     }
 
     /// Stream sequence of the subject's last message in JetStream (0 when
@@ -522,21 +507,34 @@ impl LeaseRecord {
     /// Writes `value` if the revision is still `revision` (0: never
     /// written); returns the new revision.
     pub async fn write(&self, value: Bytes, revision: u64) -> Result<u64, AppendError> {
-        let msg = jetstream::message::PublishMessage::build()
-            .payload(value)
-            .expected_last_subject_sequence(revision);
-        let sent = self
-            .js
-            .send_publish(self.subject.clone(), msg)
-            .await
-            .map_err(|e| AppendError::Failed(std::io::Error::other(format!("JetStream: {e}"))))?;
-        match sent.await {
-            Ok(ack) => Ok(ack.sequence),
-            Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => Err(AppendError::Conflict),
-            Err(e) => Err(AppendError::Failed(std::io::Error::other(format!(
-                "JetStream: {e}"
-            )))),
-        }
+        publish_after(&self.js, &self.subject, value, revision).await
+    }
+}
+
+/// Publishes `payload` on `subject` only if the subject's last message is
+/// still at stream sequence `last` (0: none); returns the new message's
+/// stream sequence, or [`AppendError::Conflict`] when another writer came
+/// first.
+async fn publish_after(
+    js: &jetstream::Context,
+    subject: &str,
+    payload: Bytes,
+    last: u64,
+) -> Result<u64, AppendError> {
+    let failed = |e: &dyn std::fmt::Display| {
+        AppendError::Failed(std::io::Error::other(format!("JetStream: {e}")))
+    };
+    let msg = jetstream::message::PublishMessage::build()
+        .payload(payload)
+        .expected_last_subject_sequence(last);
+    let sent = js
+        .send_publish(subject.to_owned(), msg)
+        .await
+        .map_err(|e| failed(&e))?;
+    match sent.await {
+        Ok(ack) => Ok(ack.sequence),
+        Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => Err(AppendError::Conflict),
+        Err(e) => Err(failed(&e)),
     }
 }
 

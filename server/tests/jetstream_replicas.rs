@@ -412,6 +412,34 @@ async fn node(
     }
 }
 
+/// Waits until every node has seen the newest version of every entity in
+/// `newest`; fails after [`WAIT`] naming the nodes behind.
+async fn converge(seens: &[Arc<Mutex<Seen>>], newest: &HashMap<String, u64>) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let behind: Vec<String> = seens
+            .iter()
+            .enumerate()
+            .flat_map(|(n, s)| {
+                let s = s.lock();
+                newest
+                    .iter()
+                    .filter(|(e, v)| s.versions.get(*e) != Some(v))
+                    .map(|(e, v)| format!("node {n} {e}: {:?} of v{v}", s.versions.get(e)))
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        if behind.is_empty() {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "nodes behind: {behind:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// Writer `id` of `writers`, at replica `id` first: publishes batches of
 /// the shared entities with versions only it uses (`k * writers + id + 1`),
 /// and retries a call that fails at the next replica until it is answered.
@@ -547,31 +575,9 @@ async fn replicas_killed_one_by_one_cause_no_reset_no_regression_and_no_loss() {
         calls > 30,
         "the writers published under the kills ({calls} calls)"
     );
-    let newest = newest.lock().clone();
     // Every node ends on the newest version of every entity.
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        let behind: Vec<String> = seens
-            .iter()
-            .enumerate()
-            .flat_map(|(i, s)| {
-                let s = s.lock();
-                newest
-                    .iter()
-                    .filter(|(e, v)| s.versions.get(*e) != Some(v))
-                    .map(|(e, v)| format!("node-{i} {e}: {:?} of v{v}", s.versions.get(e)))
-                    .collect::<Vec<_>>()
-            })
-            .collect();
-        if behind.is_empty() {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "nodes behind: {behind:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let newest = newest.lock().clone();
+    converge(&seens, &newest).await;
     stop_nodes.store(true, Ordering::Relaxed);
     for n in nodes {
         n.await
@@ -1247,29 +1253,7 @@ async fn two_regions_of_replicas_converge_across_kills() {
         "the writers published under the kills ({calls} calls)"
     );
     let newest = newest.lock().clone();
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        let behind: Vec<String> = seens
-            .iter()
-            .enumerate()
-            .flat_map(|(n, s)| {
-                let s = s.lock();
-                newest
-                    .iter()
-                    .filter(|(e, v)| s.versions.get(*e) != Some(v))
-                    .map(|(e, v)| format!("node {n} {e}: {:?} of v{v}", s.versions.get(e)))
-                    .collect::<Vec<_>>()
-            })
-            .collect();
-        if behind.is_empty() {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "nodes behind: {behind:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    converge(&seens, &newest).await;
 
     // GLOBAL at the east replica that west's link does not reach.
     let west_hub = status(&urls[1][holder[1]]).await.hub_id;
