@@ -103,6 +103,8 @@ pub struct Replica {
     /// Largest message the NATS server takes (its `max_payload`), less
     /// room for headers.
     max_message: usize,
+    /// When this replica started listening to the others' acks.
+    started: tokio::time::Instant,
     /// The record of the region's link lease (`crate::link_lease`); made
     /// only for a region with peers.
     links: Option<LeaseRecord>,
@@ -390,6 +392,7 @@ pub async fn open(config: &Config) -> Result<Opened, OpenError> {
         applied: lasts.iter().map(|l| AtomicU64::new(*l)).collect(),
         read: AtomicU64::new(next_seq - 1),
         caught_up_us: AtomicU64::new(0),
+        started: tokio::time::Instant::now(),
         max_message,
         links,
     });
@@ -781,6 +784,13 @@ const SHARE_FULL_EVERY: Duration = Duration::from_secs(1);
 const OTHERS_EXPIRE: Duration = Duration::from_secs(3);
 
 impl Replica {
+    /// True once this replica has listened long enough to have every live
+    /// replica's full list of nodes (each sends one every second): before,
+    /// what the region applied cannot be told.
+    pub fn knows_the_region(&self) -> bool {
+        self.started.elapsed() >= OTHERS_EXPIRE
+    }
+
     /// Calls `f` with every node the region's other live replicas reported.
     fn each_other_node(&self, mut f: impl FnMut(&SharedNode)) {
         let now = tokio::time::Instant::now();
@@ -845,6 +855,11 @@ impl Replica {
         }
         let mut others = self.others.lock();
         let now = tokio::time::Instant::now();
+        // Changes from a replica not known yet say nothing of its other
+        // nodes: wait for its full list (within a second).
+        if !share.full && !others.contains_key(&share.hub) {
+            return;
+        }
         let r = others.entry(share.hub).or_insert_with(|| OtherReplica {
             seen: now,
             nodes: HashMap::new(),

@@ -532,6 +532,16 @@ impl Link {
         let Some(cursor) = &self.cursor else {
             return false;
         };
+        // A replica that does not yet know the other replicas' nodes would
+        // report only its own: nothing until it does (GLOBAL, SPEC §3.3).
+        if self
+            .hub
+            .replica
+            .as_ref()
+            .is_some_and(|r| !r.knows_the_region())
+        {
+            return false;
+        }
         let applied_here = self.hub.min_node_acked();
         let mut moved = false;
         for (s, q) in self.pending.iter_mut().enumerate() {
