@@ -752,6 +752,7 @@ FIRING = [
     (f"freshness_deliveries_acked_within_1s_total{{{SERIES}}}", "0+990x20"),
     (f'freshness_peer_lag_seconds{{{SERIES},peer="us"}}', "0.2x3 5x17"),
     (f'freshness_peer_connected{{{SERIES},peer="us"}}', "1x3 0x17"),
+    (f'freshness_peer_link_held{{{SERIES},peer="us"}}', "1x20"),
     (f'freshness_resets_total{{{SERIES},reason="RESET_REASON_SLOW_CONSUMER"}}', "0x5 0+5x15"),
     (f"freshness_nodes_parked{{{SERIES}}}", "0x2 3x18"),
     (f"up{{{SERIES}}}", "1x2 0x18"),
@@ -761,9 +762,15 @@ HEALTHY = [
     (f"freshness_deliveries_acked_within_1s_total{{{SERIES}}}", "0+1000x20"),
     (f'freshness_peer_lag_seconds{{{SERIES},peer="us"}}', "0.2x20"),
     (f'freshness_peer_connected{{{SERIES},peer="us"}}', "1x20"),
+    (f'freshness_peer_link_held{{{SERIES},peer="us"}}', "1x20"),
     (f'freshness_resets_total{{{SERIES},reason="RESET_REASON_SLOW_CONSUMER"}}', "0+1x20"),
     (f"freshness_nodes_parked{{{SERIES}}}", "0x20"),
     (f"up{{{SERIES}}}", "1x20"),
+]
+# A replica whose region's link another replica holds: its own link
+# gauges say nothing about the region, and fire nothing.
+NOT_HOLDING = [
+    (s, "5x20" if "lag" in s else "0x20" if "peer_" in s else v) for s, v in HEALTHY
 ]
 EXPECTED = {
     "FreshnessSLIBurn": {"severity": "critical", **WHERE},
@@ -815,7 +822,11 @@ def test_rules(chart: helm.Chart, failures: Failures) -> int:
                 {
                     "rule_files": ["rules.yaml"],
                     "evaluation_interval": "1m",
-                    "tests": [case(FIRING, True), case(HEALTHY, False)],
+                    "tests": [
+                        case(FIRING, True),
+                        case(HEALTHY, False),
+                        case(NOT_HOLDING, False),
+                    ],
                 }
             )
         )
@@ -825,7 +836,7 @@ def test_rules(chart: helm.Chart, failures: Failures) -> int:
     if run.returncode != 0:
         failures.add("rules", f"promtool test rules: {(run.stdout + run.stderr).strip()}")
         return 0
-    return 2 * len(EXPECTED)
+    return 3 * len(EXPECTED)
 def check_relay(
     name: str,
     values: dict[str, Any],

@@ -109,6 +109,24 @@ pub fn thread_self_cpu_ns() -> Option<u64> {
         .ok()
 }
 
+/// Puts the calling thread under SCHED_FIFO (priority 10) with `chrt`
+/// (util-linux); whether it took. Needs the privilege to (root, or
+/// CAP_SYS_NICE); without it the thread keeps its policy.
+pub fn run_this_thread_fifo() -> bool {
+    let Ok(link) = fs::read_link("/proc/thread-self") else {
+        return false;
+    };
+    let Some(tid) = link.file_name().and_then(|t| t.to_str()).map(str::to_owned) else {
+        return false;
+    };
+    std::process::Command::new("chrt")
+        .args(["--fifo", "-p", "10", &tid])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
 /// CPU time of this process (the load generator), in nanoseconds.
 pub fn self_cpu_ns() -> Option<u64> {
     cpu_ns(std::process::id())

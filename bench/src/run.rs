@@ -448,6 +448,7 @@ async fn run_on(env: &Env, spec: &Spec, server: &Server) -> Result<RunResult> {
         r.subscriber_cpu_cores = Some(cores);
         r.generator_bound |= cores >= GENERATOR_BOUND * allowed;
     }
+    r.put("publisher_fifo", published.fifo);
     if let Some(cores) = published.cpu_cores {
         r.publisher_cpu_cores = Some(cores);
         r.generator_bound |= cores >= GENERATOR_BOUND;
@@ -585,6 +586,8 @@ struct Published {
     last_sent_us: u64,
     /// CPU of the publisher's thread over its life, in cores.
     cpu_cores: Option<f64>,
+    /// Whether the publisher's thread ran under SCHED_FIFO.
+    fifo: bool,
 }
 
 impl Published {
@@ -600,8 +603,12 @@ struct StormResult {
 }
 
 /// Runs [`publish`] on a thread of its own (a current-thread runtime), so
-/// that its CPU is measured apart from the subscribers' and it competes
-/// with them only through the kernel's scheduler, for every target alike.
+/// that its CPU is measured apart from the subscribers', for every target
+/// alike. The thread runs under SCHED_FIFO where the bench may set it
+/// (`publisher_fifo` in the results): a writer has a machine of its own,
+/// and on the bench's one core a publisher that waits for the simulated
+/// nodes' worker to yield adds that wait to every call it measures. Its
+/// work is small (a few hundredths of a core), so it takes little from them.
 async fn publish_on_own_thread(
     spec: &Spec,
     target: &Target,
@@ -613,6 +620,7 @@ async fn publish_on_own_thread(
     std::thread::Builder::new()
         .name(PUBLISHER_THREAD.into())
         .spawn(move || {
+            let fifo = procfs::run_this_thread_fifo();
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build();
@@ -621,6 +629,9 @@ async fn publish_on_own_thread(
                     let cpu0 = procfs::thread_self_cpu_ns();
                     let t0 = Instant::now();
                     let mut result = rt.block_on(publish(&spec, &target, &tracker, &ctl));
+                    if let Ok(p) = result.as_mut() {
+                        p.fifo = fifo;
+                    }
                     let cpu1 = procfs::thread_self_cpu_ns();
                     if let (Ok(p), Some(a), Some(b)) = (result.as_mut(), cpu0, cpu1) {
                         p.cpu_cores =
@@ -661,6 +672,7 @@ async fn publish(
         call_latency: Arc::new(parking_lot::Mutex::new(histogram())),
         last_sent_us: 0,
         cpu_cores: None,
+        fifo: false,
     };
     let mut last_sent_us = 0;
     let zipf = match spec.dist {

@@ -457,7 +457,10 @@ impl Publisher {
     pub async fn connect(target: &Target) -> Result<Self> {
         Ok(match target.kind {
             Kind::Hub | Kind::HubTls => {
-                let channel = hub_endpoint(&target.url)?.connect().await?;
+                // Connected at its first call, as the client crate's
+                // publisher does: the hub reads a connection's first call
+                // to choose its lane (server/src/lanes.rs).
+                let channel = hub_endpoint(&target.url)?.connect_lazy();
                 Publisher::Hub(hub_client(&target.url, channel)?, target.ack_level)
             }
             Kind::Nats => Publisher::Nats(

@@ -256,10 +256,12 @@ impl Hub {
         let clock = Clock::new();
         let region: Arc<str> = Arc::from(config.region.as_str());
         let (appended, _) = watch::channel(0);
+        let bell = Arc::new(crate::shard::AppendBell::new(appended.clone()));
+        tracker.spawn(bell.clone().run(shutdown.clone()));
         let ctx = Arc::new(ShardContext {
             region: region.clone(),
             clock,
-            appended: appended.clone(),
+            appended: bell,
             failing: Mutex::new(BTreeMap::new()),
         });
         crate::metrics::set_log_writable(true);
@@ -749,7 +751,15 @@ impl Hub {
             region,
             peer,
             connected_at_us: self.clock.now_us(),
-            applied: Mutex::new(acked.clone()),
+            // A peer's link resumes from what its hub received, which its
+            // nodes may not have applied yet (a link that moved to another
+            // replica of the peer region resumes from the lease's cursor):
+            // it counts for GLOBAL only from its first report.
+            applied: Mutex::new(if replication {
+                vec![0; acked.len()]
+            } else {
+                acked.clone()
+            }),
             acked: Mutex::new(acked),
             in_flight: AtomicU32::new(0),
             max_in_flight,

@@ -18,6 +18,7 @@ pub mod flow;
 pub mod grpc;
 pub mod hub;
 pub mod jetstream;
+mod lanes;
 pub mod link_lease;
 pub mod log;
 pub mod metrics;

@@ -79,6 +79,10 @@ pub const PEER_LAG_EVENTS: &str = "freshness_peer_lag_events";
 pub const PEER_LAG_SECONDS: &str = "freshness_peer_lag_seconds";
 /// 1 while a peer's link is up, per peer region.
 pub const PEER_CONNECTED: &str = "freshness_peer_connected";
+/// 1 where this hub runs its region's link to the peer; 0 on a replica
+/// whose link another replica holds (status `linked_by`): the link gauges
+/// above speak for the region only where this is 1.
+pub const PEER_LINK_HELD: &str = "freshness_peer_link_held";
 
 /// Log writes (one per shard-actor drain) that failed, refusing the
 /// drain's publishes.
@@ -90,6 +94,12 @@ pub const LOG_WRITABLE: &str = "freshness_log_writable";
 /// TLS handshakes that failed (a plain-text client, an untrusted or
 /// expired certificate, garbage on the port).
 pub const TLS_HANDSHAKE_FAILURES: &str = "freshness_tls_handshake_failures_total";
+
+/// Connections accepted, by the lane they are served on (`lanes.rs`):
+/// `calls` (writers, status) or `streams` (nodes, peer hubs).
+pub const CONNECTIONS: &str = "freshness_connections_total";
+/// Lane label values of [`CONNECTIONS`].
+const LANES: [&str; 2] = ["calls", "streams"];
 
 /// Build information: always 1, labelled with the version and the git
 /// revision the binary was built from.
@@ -117,13 +127,18 @@ type LabelSet = (&'static str, &'static [&'static str]);
 
 /// Every counter the recorder keeps, with its help, and the label and its
 /// values if it has one.
-const COUNTERS: [(&str, &str, Option<LabelSet>); 10] = [
+const COUNTERS: [(&str, &str, Option<LabelSet>); 11] = [
     (
         crate::auth::AUTH_DENIED,
         "Calls and streams refused by authentication or authorization, by reason.",
         Some(("reason", &crate::auth::DENIAL_REASONS)),
     ),
     (TLS_HANDSHAKE_FAILURES, "TLS handshakes that failed.", None),
+    (
+        CONNECTIONS,
+        "Connections accepted, by the lane that serves them.",
+        Some(("lane", &LANES)),
+    ),
     (
         PUBLISH_EVENTS,
         "Events answered by publish calls, by result.",
@@ -191,7 +206,7 @@ const GAUGES: [(&str, &str); 9] = [
 ];
 
 /// Per-peer gauges, with their help.
-const PEER_GAUGES: [(&str, &str); 3] = [
+const PEER_GAUGES: [(&str, &str); 4] = [
     (
         PEER_LAG_EVENTS,
         "Replication lag per peer region, in events.",
@@ -203,6 +218,10 @@ const PEER_GAUGES: [(&str, &str); 3] = [
     (
         PEER_CONNECTED,
         "1 while the replication link to the peer is up.",
+    ),
+    (
+        PEER_LINK_HELD,
+        "1 where this hub runs its region's link to the peer, 0 where another replica does.",
     ),
 ];
 
@@ -309,7 +328,16 @@ pub async fn sample(
             let region = p.region.clone();
             gauge!(PEER_LAG_EVENTS, "peer" => region.clone()).set(p.lag_events as f64);
             gauge!(PEER_LAG_SECONDS, "peer" => region.clone()).set(p.lag_ms as f64 / 1000.0);
-            gauge!(PEER_CONNECTED, "peer" => region).set(if p.connected { 1.0 } else { 0.0 });
+            gauge!(PEER_CONNECTED, "peer" => region.clone()).set(if p.connected {
+                1.0
+            } else {
+                0.0
+            });
+            // `linked_by` names the lease holder, this hub included; a hub
+            // without replicas has none and runs its links itself.
+            let held = p.linked_by.as_deref().is_none_or(|by| by == status.hub_id);
+            let held = if held { 1.0 } else { 0.0 };
+            gauge!(PEER_LINK_HELD, "peer" => region).set(held);
         }
     }
 }

@@ -41,6 +41,44 @@ pub enum RunError {
     /// A TLS or auth file cannot be used.
     #[error("{0}")]
     Security(String),
+    /// The stream lane's runtime cannot be started.
+    #[error("cannot start the stream lane's threads: {0}")]
+    Runtime(std::io::Error),
+}
+
+/// The stream lane (`lanes.rs`): a runtime of its own for the connections
+/// that carry `Subscribe` streams, one worker thread per core the process
+/// may use. Shut down without waiting when dropped, after the connections
+/// it ran have ended (a runtime may not be dropped where it could block).
+struct StreamLane(Option<tokio::runtime::Runtime>);
+
+impl StreamLane {
+    fn start() -> Result<Self, RunError> {
+        let workers = std::thread::available_parallelism().map_or(1, usize::from);
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(workers)
+            .thread_name("freshness-streams")
+            .on_thread_start(crate::lanes::enter_stream_lane)
+            .enable_all()
+            .build()
+            .map(|r| StreamLane(Some(r)))
+            .map_err(RunError::Runtime)
+    }
+
+    fn handle(&self) -> tokio::runtime::Handle {
+        match &self.0 {
+            Some(r) => r.handle().clone(),
+            None => unreachable!("the runtime is taken only when dropped"),
+        }
+    }
+}
+
+impl Drop for StreamLane {
+    fn drop(&mut self) {
+        if let Some(runtime) = self.0.take() {
+            runtime.shutdown_background();
+        }
+    }
 }
 
 /// The listeners' TLS and the auth state, loaded from the files a config
@@ -206,6 +244,12 @@ pub async fn serve_with_http(
         auth,
     } = load_security(&config).map_err(RunError::Security)?;
     let tracker = TaskTracker::new();
+    // Two lanes (`lanes.rs`): the writers' calls here, with the shard
+    // actors; the nodes' streams on threads of their own, beside the work
+    // that walks every node (the metrics sampler, the status page), which
+    // would otherwise hold up a writer's call for as long.
+    let lane = StreamLane::start()?;
+    let streams = lane.handle();
     let grace = config.shutdown_grace;
     let max_message = config.max_message_bytes;
     let keepalive = (config.keepalive_interval, config.keepalive_timeout);
@@ -240,24 +284,28 @@ pub async fn serve_with_http(
     crate::replication::spawn_links(&hub, &tracker);
     {
         let hub = hub.clone();
-        tracker.spawn(crate::metrics::sample(
+        let sampler = crate::metrics::sample(
             hub.config.peers.keys().cloned().collect(),
             move || crate::metrics::Snapshot {
                 queue_depths: hub.queue_depths(),
                 status: hub.status(),
             },
             shutdown.clone(),
-        ));
+        );
+        tracker.spawn_on(sampler, &streams);
     }
     tracker.spawn(crate::stats::sample_every_second(hub.clone()));
     if let Some(http) = http {
-        tracker.spawn(crate::web::serve(
-            http,
-            metrics_tls,
-            auth.clone(),
-            hub.clone(),
-            tracker.clone(),
-        ));
+        tracker.spawn_on(
+            crate::web::serve(
+                http,
+                metrics_tls,
+                auth.clone(),
+                hub.clone(),
+                tracker.clone(),
+            ),
+            &streams,
+        );
     }
     let (health, health_service) = tonic_health::server::health_reporter();
     health
@@ -334,6 +382,7 @@ pub async fn serve_with_http(
                 shutdown,
                 stopping.clone(),
                 connections.clone(),
+                Some(streams),
             )
             .await;
             health
@@ -378,6 +427,7 @@ pub async fn serve_with_http(
             }
         }
     }
+    drop(lane);
     tracing::info!("hub stopped");
     Ok(())
 }

@@ -158,11 +158,62 @@ pub struct ShardContext {
     pub region: Arc<str>,
     /// The hub clock.
     pub clock: Clock,
-    /// Bumped after every append, to wake the sessions.
-    pub appended: watch::Sender<u64>,
+    /// Rung after every append, to wake the sessions.
+    pub appended: Arc<AppendBell>,
     /// Shards whose last log write failed (status and the
     /// `freshness_log_writable` gauge).
     pub failing: parking_lot::Mutex<std::collections::BTreeMap<u32, String>>,
+}
+
+/// Wakes the sessions after appends, once per burst: the actors ring it
+/// (an atomic and, for the first ring of a burst, a wake of the ringer on
+/// their own runtime), and the ringer bumps the sessions' `watch` counter
+/// once every actor woken with it has drained and every caller it answered
+/// has run. The sessions are on the stream lane (`lanes.rs`): a wake across
+/// the lanes costs a system call and, on a core shared by both, a switch to
+/// the stream lane that sends what is appended so far; one per publish
+/// (whose events reach up to every shard) instead of one per shard keeps
+/// the frames as full as one runtime made them, and the answers first.
+#[derive(Debug)]
+pub struct AppendBell {
+    appended: watch::Sender<u64>,
+    rung: std::sync::atomic::AtomicBool,
+    ringer: tokio::sync::Notify,
+}
+
+impl AppendBell {
+    /// A bell over the sessions' counter.
+    pub fn new(appended: watch::Sender<u64>) -> Self {
+        AppendBell {
+            appended,
+            rung: std::sync::atomic::AtomicBool::new(false),
+            ringer: tokio::sync::Notify::new(),
+        }
+    }
+
+    /// Something was appended: the sessions are woken soon.
+    pub fn ring(&self) {
+        if !self.rung.swap(true, std::sync::atomic::Ordering::AcqRel) {
+            self.ringer.notify_one();
+        }
+    }
+
+    /// Wakes the sessions after each burst of rings, until `stop`. Runs on
+    /// the actors' runtime.
+    pub async fn run(self: Arc<Self>, stop: tokio_util::sync::CancellationToken) {
+        loop {
+            tokio::select! {
+                () = self.ringer.notified() => {}
+                () = stop.cancelled() => return,
+            }
+            // Behind the actors and the callers woken with this one.
+            tokio::task::yield_now().await;
+            // Cleared first: a ring from here on is seen by the bump below
+            // or rings again.
+            self.rung.store(false, std::sync::atomic::Ordering::Release);
+            self.appended.send_modify(|g| *g = g.wrapping_add(1));
+        }
+    }
 }
 
 /// Handle to one shard actor.
@@ -465,7 +516,7 @@ impl Actor {
         self.mem
             .apply(records.into_iter().map(|r| (r.seq, r.entry)).collect());
         metrics::counter!(crate::metrics::EVENTS_APPENDED).increment(n as u64);
-        self.ctx.appended.send_modify(|g| *g = g.wrapping_add(1));
+        self.ctx.appended.ring();
     }
 
     /// Undoes the seqs and version memory of a drain that was not stored.
@@ -581,8 +632,7 @@ impl Actor {
                     for (cmd, o) in batch.drain(..).zip(outcomes) {
                         let _ = cmd.reply.send(Ok(o));
                     }
-                    tokio::task::yield_now().await;
-                    self.ctx.appended.send_modify(|g| *g = g.wrapping_add(1));
+                    self.ctx.appended.ring();
                     return;
                 }
                 Err(AppendError::Conflict) => {
@@ -741,16 +791,14 @@ impl Actor {
             self.mem.forget(evicted);
         }
         // The callers first: `ACCEPTED` promises the append, not the
-        // fan-out. Their tasks are woken, then this one yields so that they
-        // run (and hand their answers to HTTP/2) before the sessions this
-        // append wakes fill the run queue ahead of them.
+        // fan-out. Their tasks are woken before the bell's ringer, so they
+        // hand their answers to HTTP/2 before the sessions are woken.
         for (reply, outcomes) in replies {
             // The caller may have given up (client went away): nothing to do.
             let _ = reply.send(Ok(outcomes));
         }
         if wake {
-            tokio::task::yield_now().await;
-            self.ctx.appended.send_modify(|g| *g = g.wrapping_add(1));
+            self.ctx.appended.ring();
         }
     }
 
@@ -877,10 +925,13 @@ mod tests {
     #[tokio::test]
     async fn the_caller_is_answered_before_the_sessions_are_woken() {
         let (appended, mut sessions) = watch::channel(0u64);
+        let bell = Arc::new(AppendBell::new(appended));
+        let stop = tokio_util::sync::CancellationToken::new();
+        tokio::spawn(bell.clone().run(stop.clone()));
         let ctx = Arc::new(ShardContext {
             region: Arc::from("local"),
             clock: Clock::new(),
-            appended,
+            appended: bell,
             failing: parking_lot::Mutex::new(std::collections::BTreeMap::new()),
         });
         let memory = ShardMemory::new(1, 1024, 1 << 20, 16);
@@ -905,5 +956,48 @@ mod tests {
             sessions.changed().await.unwrap();
             assert_eq!(*sessions.borrow_and_update(), round);
         }
+        stop.cancel();
+    }
+
+    /// Appends to many shards at once wake the sessions once, after every
+    /// actor has drained.
+    #[tokio::test]
+    async fn a_burst_of_appends_across_shards_rings_once() {
+        let (appended, mut sessions) = watch::channel(0u64);
+        let bell = Arc::new(AppendBell::new(appended));
+        let stop = tokio_util::sync::CancellationToken::new();
+        tokio::spawn(bell.clone().run(stop.clone()));
+        let ctx = Arc::new(ShardContext {
+            region: Arc::from("local"),
+            clock: Clock::new(),
+            appended: bell,
+            failing: parking_lot::Mutex::new(std::collections::BTreeMap::new()),
+        });
+        let tracker = TaskTracker::new();
+        let mut logs = Vec::new();
+        let mut answers = Vec::new();
+        for id in 0..8 {
+            let memory = ShardMemory::new(1, 1024, 1 << 20, 16);
+            logs.push(memory.log().clone());
+            let shard = ShardHandle::spawn(id, memory, ctx.clone(), 8, &tracker, None, None);
+            let (reply, rx) = oneshot::channel();
+            shard.reserve().await.unwrap().send(Append {
+                gap: false,
+                events: vec![incoming(&format!("user:{id}"))],
+                reply,
+                trace: None,
+            });
+            answers.push(rx);
+        }
+        for rx in answers {
+            rx.await.unwrap().unwrap();
+        }
+        sessions.changed().await.unwrap();
+        assert_eq!(*sessions.borrow_and_update(), 1, "one wake for the burst");
+        assert!(
+            logs.iter().all(|l| l.head() == 1),
+            "every shard appended first"
+        );
+        stop.cancel();
     }
 }

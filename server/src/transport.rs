@@ -39,6 +39,7 @@ use http_body::{Body, Frame};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::runtime::Handle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tonic::codec::Codec;
@@ -50,6 +51,7 @@ use crate::codec::raw::hub_server::{Hub, HubServer};
 use freshness::wire;
 
 use crate::grpc::HubService;
+use crate::lanes::{Lane, Rewind};
 use crate::session::Session;
 
 /// Unsent response bytes h2 keeps per stream (hyper's default).
@@ -160,7 +162,13 @@ pub struct Stopping {
 /// meanwhile is refused, not left waiting) and returns. Each connection is
 /// one task on `tasks`, as is each of its streams; `stopping` ends them.
 /// The caller waits for `tasks`.
-pub async fn serve<I, IO, S>(
+///
+/// With `streams` (the stream lane's runtime, see `lanes.rs`), each
+/// connection is served on the lane of its first call: here, on the
+/// runtime `serve` runs on, or on `streams`. Without, every connection is
+/// served here.
+#[allow(clippy::too_many_arguments)]
+pub async fn serve<I, S>(
     incoming: I,
     tls: Option<Arc<crate::tls::TlsServer>>,
     stack: S,
@@ -168,9 +176,9 @@ pub async fn serve<I, IO, S>(
     stop: CancellationToken,
     stopping: Stopping,
     tasks: TaskTracker,
+    streams: Option<Handle>,
 ) where
-    I: Stream<Item = IO>,
-    IO: AsyncRead + AsyncWrite + Connected + Unpin + Send + 'static,
+    I: Stream<Item = TcpStream>,
     S: Stack,
 {
     let mut http2 = hyper::server::conn::http2::Builder::new(Tracked(tasks.clone()));
@@ -183,55 +191,184 @@ pub async fn serve<I, IO, S>(
         .max_header_list_size(MAX_HEADER_LIST)
         .keep_alive_interval(settings.keepalive_interval)
         .keep_alive_timeout(settings.keepalive_timeout);
-    let http2 = Arc::new(http2);
+    let serving = Serving {
+        tls,
+        stack,
+        http2: Arc::new(http2),
+        stopping,
+        tasks: tasks.clone(),
+        calls: Handle::current(),
+        streams,
+    };
     let mut incoming = std::pin::pin!(incoming);
     loop {
-        let io = tokio::select! {
+        let tcp = tokio::select! {
             () = stop.cancelled() => break,
-            io = incoming.next() => match io {
-                Some(io) => io,
+            tcp = incoming.next() => match tcp {
+                Some(tcp) => tcp,
                 None => break,
             },
         };
-        tasks.spawn(secure(
-            io,
-            tls.clone(),
-            stack.clone(),
-            http2.clone(),
-            stopping.clone(),
-        ));
+        tasks.spawn(serving.clone().route(tcp));
     }
 }
 
-/// The connection, behind its TLS handshake when the hub serves TLS. A
-/// handshake that fails (a plain-text client, a certificate the hub does
-/// not trust, garbage, a record cut short) ends this connection only.
-async fn secure<IO, S>(
-    io: IO,
+/// What every connection is served with.
+#[derive(Clone)]
+struct Serving<S> {
     tls: Option<Arc<crate::tls::TlsServer>>,
     stack: S,
     http2: Arc<hyper::server::conn::http2::Builder<Tracked>>,
     stopping: Stopping,
-) where
-    IO: AsyncRead + AsyncWrite + Connected + Unpin + Send + 'static,
-    S: Stack,
-{
-    let info = io.connect_info();
-    let Some(tls) = tls else {
-        return connection(io, info, None, stack, http2, stopping).await;
-    };
-    let handshake = tokio::select! {
-        h = tls.accept(io) => h,
-        () = stopping.drain.cancelled() => return,
-    };
-    match handshake {
-        Ok((stream, identity)) => {
-            connection(stream, info, identity, stack, http2, stopping).await;
+    tasks: TaskTracker,
+    /// The call lane: the runtime the accept loop runs on.
+    calls: Handle,
+    /// The stream lane, when there are two.
+    streams: Option<Handle>,
+}
+
+impl<S: Stack> Serving<S> {
+    /// Puts a connection on its lane, behind its TLS handshake when the hub
+    /// serves TLS. A handshake that fails (a plain-text client, a
+    /// certificate the hub does not trust, garbage, a record cut short)
+    /// ends this connection only.
+    async fn route(self, tcp: TcpStream) {
+        let info = tcp.connect_info();
+        let Some(streams) = self.streams.clone() else {
+            // One runtime: no lane to choose.
+            return match self.tls.clone() {
+                None => self.connection(tcp, info, None).await,
+                Some(tls) => {
+                    if let Some((tls, identity)) = self.handshake(&tls, tcp).await {
+                        self.connection(tls, info, identity).await;
+                    }
+                }
+            };
+        };
+        let Some(tls) = self.tls.clone() else {
+            // Plain text: the first call is read here, and the connection
+            // moves to the stream lane when it is a stream.
+            let mut tcp = tcp;
+            let Some((lane, read)) = self.first_call(&mut tcp).await else {
+                return;
+            };
+            match lane {
+                Lane::Calls => self.connection(Rewind::new(read, tcp), info, None).await,
+                Lane::Streams => {
+                    let tcp = match tcp.into_std() {
+                        Ok(tcp) => tcp,
+                        Err(e) => return tracing::debug!(error = %e, "moving a connection"),
+                    };
+                    let tasks = self.tasks.clone();
+                    tasks.spawn_on(
+                        async move {
+                            match TcpStream::from_std(tcp) {
+                                Ok(tcp) => {
+                                    self.connection(Rewind::new(read, tcp), info, None).await
+                                }
+                                Err(e) => tracing::debug!(error = %e, "moving a connection"),
+                            }
+                        },
+                        &streams,
+                    );
+                }
+            }
+            return;
+        };
+        // TLS: the handshake (public-key work) is done on the stream lane,
+        // where the connection's socket then stays registered; a call
+        // connection is served on the call lane, its socket's readiness
+        // still noticed by the stream lane's I/O driver.
+        let tcp = match tcp.into_std() {
+            Ok(tcp) => tcp,
+            Err(e) => return tracing::debug!(error = %e, "moving a connection"),
+        };
+        let tasks = self.tasks.clone();
+        tasks.spawn_on(
+            async move {
+                let tcp = match TcpStream::from_std(tcp) {
+                    Ok(tcp) => tcp,
+                    Err(e) => return tracing::debug!(error = %e, "moving a connection"),
+                };
+                let Some((mut stream, identity)) = self.handshake(&tls, tcp).await else {
+                    return;
+                };
+                let Some((lane, read)) = self.first_call(&mut stream).await else {
+                    return;
+                };
+                let io = Rewind::new(read, stream);
+                match lane {
+                    Lane::Streams => self.connection(io, info, identity).await,
+                    Lane::Calls => {
+                        let (tasks, calls) = (self.tasks.clone(), self.calls.clone());
+                        tasks.spawn_on(self.connection(io, info, identity), &calls);
+                    }
+                }
+            },
+            &streams,
+        );
+    }
+
+    async fn handshake(
+        &self,
+        tls: &crate::tls::TlsServer,
+        tcp: TcpStream,
+    ) -> Option<(
+        tokio_rustls::server::TlsStream<TcpStream>,
+        Option<crate::auth::CertificateIdentity>,
+    )> {
+        let handshake = tokio::select! {
+            h = tls.accept(tcp) => h,
+            () = self.stopping.drain.cancelled() => return None,
+        };
+        match handshake {
+            Ok(accepted) => Some(accepted),
+            Err(e) => {
+                metrics::counter!(crate::metrics::TLS_HANDSHAKE_FAILURES).increment(1);
+                tracing::debug!(error = %e, "TLS handshake failed");
+                None
+            }
         }
-        Err(e) => {
-            metrics::counter!(crate::metrics::TLS_HANDSHAKE_FAILURES).increment(1);
-            tracing::debug!(error = %e, "TLS handshake failed");
-        }
+    }
+
+    /// The connection's lane and what was read to learn it (`lanes.rs`),
+    /// counted; `None` when the client closed it, sent nothing within
+    /// [`HANDSHAKE_TIMEOUT`], or the hub is stopping.
+    async fn first_call<IO: AsyncRead + Unpin>(
+        &self,
+        io: &mut IO,
+    ) -> Option<(Lane, bytes::BytesMut)> {
+        let first = tokio::select! {
+            first = crate::lanes::first_call(io, HANDSHAKE_TIMEOUT) => first,
+            () = self.stopping.drain.cancelled() => return None,
+        };
+        let Some((lane, read)) = first else {
+            tracing::debug!(
+                "nothing received within {HANDSHAKE_TIMEOUT:?}; closing the connection"
+            );
+            return None;
+        };
+        let label = match lane {
+            Lane::Calls => "calls",
+            Lane::Streams => "streams",
+        };
+        metrics::counter!(crate::metrics::CONNECTIONS, "lane" => label).increment(1);
+        Some((lane, read))
+    }
+
+    /// One connection: hyper's HTTP/2 server over the stack, each call told
+    /// the connection's peer (`tonic::Request::remote_addr`) and its client
+    /// certificate's identity.
+    async fn connection<IO, Info>(
+        self,
+        io: IO,
+        info: Info,
+        identity: Option<crate::auth::CertificateIdentity>,
+    ) where
+        IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+        Info: Clone + Send + Sync + 'static,
+    {
+        connection(io, info, identity, self.stack, self.http2, self.stopping).await;
     }
 }
 
@@ -452,7 +589,10 @@ impl Body for SessionBody {
             return Poll::Ready(None);
         }
         let status = match ready!(self.session.poll_next_unpin(cx)) {
-            Some(Ok(message)) => return Poll::Ready(Some(Ok(Frame::data(message.into_grpc())))),
+            Some(Ok(message)) => {
+                crate::lanes::delivered();
+                return Poll::Ready(Some(Ok(Frame::data(message.into_grpc()))));
+            }
             Some(Err(status)) => status,
             None => tonic::Status::ok(""),
         };

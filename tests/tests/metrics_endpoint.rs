@@ -172,6 +172,13 @@ async fn metrics_show_counters_and_the_hubs_own_histograms() {
     })
     .await;
     assert_eq!(sample(&text, "freshness_events_appended_total"), Some(3.0));
+    // Each connection was served on the lane of its first call: the
+    // node's (Subscribe) on the stream lane, the status and publish
+    // clients' on the call lane.
+    for lane in ["calls", "streams"] {
+        let name = format!("freshness_connections_total{{lane=\"{lane}\"}}");
+        assert!(sample(&text, &name).unwrap() >= 1.0, "{name}:\n{text}");
+    }
     assert_eq!(sample(&text, "freshness_events_delivered_total"), Some(3.0));
     assert_eq!(sample(&text, "freshness_deliveries_acked_total"), Some(3.0));
     for (name, count) in [
