@@ -197,7 +197,11 @@ async fn the_fill_race_a_fill_that_read_3_landing_after_4_is_refused() {
     let hub = TestHub::start().await;
     let _agent = Agent::start(&hub.url(), &redis, "agent-race", &["--map", "user=u:{id}"]).await;
     redis.wait_ready().await;
+    // Version 3 applied (its key dropped), so that the marker below is
+    // dropped by version 4 and nothing else.
+    redis.set("u:8", "marker").await;
     publish(&hub, &[("user:8", 3)]).await;
+    redis.wait_gone("u:8").await;
     // The reader reads the row at version 3 ... the writer commits 4 and
     // publishes; the agent applies it ... and the reader's fill lands.
     redis.set("u:8", "marker").await;
