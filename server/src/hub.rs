@@ -730,6 +730,11 @@ impl Hub {
         self.peers.lock().values_mut().for_each(&mut f);
     }
 
+    /// Whether any replication link of this hub is up.
+    pub fn any_peer_connected(&self) -> bool {
+        self.peers.lock().values().any(|p| p.connected)
+    }
+
     /// Registers a stream. A stream with the same node id is ended
     /// (replaced). Refused when `max_nodes` streams are connected.
     #[allow(clippy::too_many_arguments)]

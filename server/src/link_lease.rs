@@ -48,6 +48,12 @@ pub const RENEW_EVERY: Duration = Duration::from_secs(1);
 pub const TAKEOVER_AFTER: Duration = Duration::from_secs(3);
 /// The longest a lease request may take.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
+/// A holder none of whose links has been up for this long (it reaches
+/// NATS, but no replica of any peer region) hands the lease over, so that
+/// a replica with a way to the peers can run the links...
+pub const HAND_OVER_AFTER: Duration = Duration::from_secs(10);
+/// ...and does not take it back for this long.
+const HAND_OVER_COOLDOWN: Duration = Duration::from_secs(10);
 
 /// Where each link stands, by peer region: shared by the running links
 /// (which raise it after each append) and the holder's renewals.
@@ -122,6 +128,8 @@ struct Watch {
     read_once: bool,
     /// Another process holds it under this replica's own hub id (said once).
     twin_reported: bool,
+    /// When this replica last handed the lease over (its links were down).
+    handed_over: Option<Instant>,
 }
 
 /// The lease as this replica holds it.
@@ -131,6 +139,8 @@ struct Held {
     /// Stops this replica's links.
     links: CancellationToken,
     cursors: Arc<LinkCursors>,
+    /// Since when none of the links has been up.
+    down_since: Option<Instant>,
 }
 
 impl Held {
@@ -184,11 +194,34 @@ pub async fn run(hub: Arc<Hub>, replica: Arc<Replica>, tracker: TaskTracker) {
                 return;
             }
         }
+        if let Some(h) = held.as_mut()
+            && links_down_too_long(&hub, h)
+        {
+            tracing::warn!(
+                "no replication link has been up for {HAND_OVER_AFTER:?}: handing the \
+                 region's link lease to another replica"
+            );
+            if let Some(h) = held.take() {
+                release(&bucket, &hub, &me, h).await;
+            }
+            watch.handed_over = Some(Instant::now());
+            continue;
+        }
         held = match held.take() {
             Some(h) => renew(&bucket, &hub, &me, h).await,
             None => take(&bucket, &hub, &me, &mut watch, &tracker).await,
         };
     }
+}
+
+/// Whether no link of `h` has been up for [`HAND_OVER_AFTER`] (a region
+/// with no peers never hands over).
+fn links_down_too_long(hub: &Hub, h: &mut Held) -> bool {
+    if hub.any_peer_connected() || hub.config.peers.is_empty() {
+        h.down_since = None;
+        return false;
+    }
+    h.down_since.get_or_insert_with(Instant::now).elapsed() >= HAND_OVER_AFTER
 }
 
 /// Renews a held lease; `None` when it is lost (its links stopped).
@@ -232,6 +265,12 @@ async fn take(
     watch: &mut Watch,
     tracker: &TaskTracker,
 ) -> Option<Held> {
+    if watch
+        .handed_over
+        .is_some_and(|at| at.elapsed() < HAND_OVER_COOLDOWN)
+    {
+        return None;
+    }
     let fresh = Lease {
         holder: me.to_owned(),
         incarnation: incarnation(),
@@ -333,6 +372,7 @@ fn start(hub: &Arc<Hub>, tracker: &TaskTracker, revision: u64, lease: &Lease) ->
         renewed: Instant::now(),
         links,
         cursors,
+        down_since: None,
     }
 }
 

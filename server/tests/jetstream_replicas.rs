@@ -1323,3 +1323,48 @@ async fn two_replicas_with_one_hub_id_are_reported() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// A link-lease holder that reaches NATS but no replica of its peer region
+/// (here: a wrong address for it) hands the lease over once its links have
+/// been down for a while, and the replica that can reach the peer runs the
+/// links from then on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_holder_that_cannot_reach_the_peer_hands_the_links_over() {
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let nats = Nats::start(&tmp.path().join("nats"));
+    let west = Replica::launch(tmp.path(), "west-0", "west", free_port(), &nats.url(), &[]).await;
+    let nowhere = format!("west=http://127.0.0.1:{}", free_port());
+    let blind = Replica::launch(
+        tmp.path(),
+        "east-0",
+        "east",
+        free_port(),
+        &nats.url(),
+        &["--peer", &nowhere],
+    )
+    .await;
+    wait_for_lease(&blind.url, false).await;
+    let right = format!("west={}", west.url);
+    let sighted = Replica::launch(
+        tmp.path(),
+        "east-1",
+        "east",
+        free_port(),
+        &nats.url(),
+        &["--peer", &right],
+    )
+    .await;
+    assert_eq!(wait_for_lease(&sighted.url, true).await, "east-1");
+    assert!(
+        blind
+            .stderr_text()
+            .contains("handing the region's link lease to another replica"),
+        "{}",
+        blind.stderr_text()
+    );
+    // The link runs: west serves east-1's replication stream.
+    assert_eq!(
+        link_server(std::slice::from_ref(&west.url), "east", "east-1").await,
+        0
+    );
+}
