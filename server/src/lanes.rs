@@ -46,7 +46,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 
 /// How long a stream-lane thread works before it offers its core (see
 /// [`delivered`]).
-const YIELD_AFTER: Duration = Duration::from_micros(100);
+const YIELD_AFTER: Duration = Duration::from_micros(50);
 
 thread_local! {
     /// On a stream-lane thread: when it last offered its core. `None`
