@@ -105,7 +105,6 @@ const MAX_PEEK: usize = 16 * 1024;
 /// The client connection preface (RFC 9113 §3.4).
 const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 const FRAME_HEADER: usize = 9;
-const DATA: u8 = 0x0;
 const HEADERS: u8 = 0x1;
 const PRIORITY: u8 = 0x2;
 const SETTINGS: u8 = 0x4;
@@ -155,7 +154,7 @@ pub fn lane_of(bytes: &[u8]) -> Peek {
                 });
             }
             // CONTINUATION, PING, DATA before headers, anything else.
-            DATA | _ => return Peek::Lane(Lane::Streams),
+            _ => return Peek::Lane(Lane::Streams),
         }
     }
 }
