@@ -14,6 +14,7 @@
 #![forbid(unsafe_code)]
 
 mod peers;
+mod probe;
 mod procfs;
 mod run;
 mod secure;
@@ -59,7 +60,11 @@ enum Workload {
 )]
 struct Cli {
     /// Workloads to run, comma-separated (b1..b7).
-    #[arg(long, value_delimiter = ',', required = true)]
+    #[arg(
+        long,
+        value_delimiter = ',',
+        required_unless_present = "fsync_probe_child"
+    )]
     workload: Vec<Workload>,
     /// Node counts, comma-separated [default: per workload].
     #[arg(long, value_delimiter = ',')]
@@ -148,6 +153,15 @@ struct Cli {
     /// every event owed at each 1 ms tick, in one call].
     #[arg(long, default_value_t = 0)]
     batch: usize,
+    /// Before every B1 run of a hub: measure the disk's own flush for this
+    /// long per file, from the hub's CPUs (`--hub-cpus`), in the directory
+    /// the started hubs keep their logs in, and report it beside the run
+    /// (`fsync_p99_us`, and `call_p99_over_fsync_p99` for a durable hub).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    fsync_probe: Option<Duration>,
+    /// The probe's child process (see `--fsync-probe`).
+    #[arg(long, hide = true, value_parser = humantime::parse_duration)]
+    fsync_probe_child: Option<Duration>,
     /// One JSON object per run on stdout instead of a table.
     #[arg(long)]
     json: bool,
@@ -280,6 +294,7 @@ async fn main_async(cli: Cli) -> anyhow::Result<()> {
         objective_us: cli.objective_us,
         entities: cli.entities,
         batch: cli.batch.min(run::MAX_BATCH),
+        fsync_probe: cli.fsync_probe,
     };
     let mut out = Out {
         json: cli.json,
@@ -302,6 +317,15 @@ async fn main_async(cli: Cli) -> anyhow::Result<()> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Some(each) = cli.fsync_probe_child {
+        return match probe::child(each) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("freshness-bench: {e:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     // Worker threads follow the CPUs this process may use, so a generator
     // pinned to one core runs one worker.
     let runtime = match tokio::runtime::Builder::new_multi_thread()

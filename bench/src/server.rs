@@ -43,6 +43,13 @@ pub struct HubLauncher {
     pub args: Vec<String>,
 }
 
+impl HubLauncher {
+    /// The started hubs keep no log (`--ephemeral`).
+    pub fn ephemeral(&self) -> bool {
+        self.args.iter().any(|a| a == "--ephemeral")
+    }
+}
+
 /// `freshness-hub` next to this binary (`target/release/`), unless told.
 pub fn default_hub_bin() -> PathBuf {
     std::env::current_exe()

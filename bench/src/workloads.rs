@@ -32,6 +32,9 @@ pub struct Opts {
     pub entities: Option<u32>,
     /// Events per publish call (0: all owed at each tick).
     pub batch: usize,
+    /// Measure the disk's flush before every B1 run of a hub, this long
+    /// per file (`crate::probe`).
+    pub fsync_probe: Option<Duration>,
 }
 
 /// Where results go as they come.
@@ -89,7 +92,27 @@ pub async fn b1(env: &Env, o: &Opts, sink: &mut dyn Sink) -> Result<()> {
                     // 1,000 events/s) deliveries arrive late: wait for them,
                     // so that `lost` counts only what never arrives.
                     spec.drain = Duration::from_secs(30);
-                    sink.emit(&run(env, &spec).await?);
+                    let flush = match o.fsync_probe {
+                        Some(each) if kind.is_hub() => Some(
+                            crate::probe::measure_pinned(env.launcher.cpus.as_deref(), each)
+                                .await?,
+                        ),
+                        _ => None,
+                    };
+                    let mut r = run(env, &spec).await?;
+                    if let Some(f) = flush {
+                        r.put("fsync_p50_us", f.p50_us);
+                        r.put("fsync_p99_us", f.p99_us);
+                        r.put("fsync_extended_p50_us", f.extended_p50_us);
+                        r.put("fsync_extended_p99_us", f.extended_p99_us);
+                        if let Some(call) = r.publish_call_p99_us
+                            && !env.launcher.ephemeral()
+                        {
+                            let ratio = call as f64 / f.p99_us.max(1) as f64;
+                            r.put("call_p99_over_fsync_p99", (ratio * 100.0).round() / 100.0);
+                        }
+                    }
+                    sink.emit(&r);
                 }
             }
         }

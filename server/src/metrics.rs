@@ -3,8 +3,9 @@
 //! HTTP listener (`web.rs`) serves at `/metrics` on `metrics_listen`; a hub
 //! run without one (tests) records into the no-op recorder.
 //!
-//! The three histograms of the hot paths (propagation per acked delivery,
-//! events per frame, commands per actor wake-up) are kept by the hub itself
+//! The histograms of the hot paths (propagation per acked delivery,
+//! events per frame, commands per actor wake-up, the durable log's flush and
+//! a drain's wait for it) are kept by the hub itself
 //! as bucket counters ([`Histogram`]) and appended to the exporter's text.
 //! The `metrics` facade's Prometheus histogram stores every sample and sorts
 //! them into buckets on upkeep: at half a million deliveries a second that
@@ -44,6 +45,13 @@ pub const EVENTS_DELIVERED: &str = "freshness_events_delivered_total";
 pub const FRAME_EVENTS: &str = "freshness_frame_events";
 /// Commands an actor served per wake-up.
 pub const SHARD_DRAIN: &str = "freshness_shard_drain_commands";
+/// Seconds the durable log's writer took to write one group of drains and,
+/// under `fsync = always`, flush it (etcd's `wal_fsync_duration_seconds`).
+pub const LOG_FLUSH: &str = "freshness_log_flush_seconds";
+/// Seconds a shard actor waited for one drain to be in the durable log:
+/// the flush and the hand-offs to the writer and back. What a durable
+/// `Publish` waits beyond an ephemeral one.
+pub const LOG_APPEND: &str = "freshness_log_append_seconds";
 /// Connected subscribe streams.
 pub const NODES_CONNECTED: &str = "freshness_nodes_connected";
 /// Resets sent, by `reason`.
@@ -498,6 +506,38 @@ static NODE_LAG_HISTOGRAM: LazyLock<Histogram> = LazyLock::new(|| {
         &NODE_LAG_BUCKETS,
     )
 });
+/// [`LOG_FLUSH`].
+static LOG_FLUSH_HISTOGRAM: LazyLock<Histogram> = LazyLock::new(|| {
+    Histogram::new(
+        LOG_FLUSH,
+        "Seconds to write (and, with fsync = always, flush) one group of drains to the durable log.",
+        &LOG_BUCKETS,
+    )
+});
+/// [`LOG_APPEND`].
+static LOG_APPEND_HISTOGRAM: LazyLock<Histogram> = LazyLock::new(|| {
+    Histogram::new(
+        LOG_APPEND,
+        "Seconds a shard actor waited for one drain to be in the durable log.",
+        &LOG_BUCKETS,
+    )
+});
+/// Bucket bounds of [`LOG_FLUSH`] and [`LOG_APPEND`]: a flush of this
+/// machine's kind takes a few hundred microseconds.
+const LOG_BUCKETS: [f64; 12] = [
+    0.000_05, 0.000_1, 0.000_2, 0.000_3, 0.000_5, 0.001, 0.002, 0.005, 0.01, 0.05, 0.25, 1.0,
+];
+
+/// Records one group written by the log's writer.
+pub fn record_log_flush(seconds: f64) {
+    LOG_FLUSH_HISTOGRAM.observe(seconds);
+}
+
+/// Records one drain's wait for the durable log.
+pub fn record_log_append(seconds: f64) {
+    LOG_APPEND_HISTOGRAM.observe(seconds);
+}
+
 /// Bucket bounds of [`NODE_LAG`].
 const NODE_LAG_BUCKETS: [f64; 8] = [
     0.0,
@@ -511,12 +551,14 @@ const NODE_LAG_BUCKETS: [f64; 8] = [
 ];
 
 /// The hub's own histograms, in page order.
-fn histograms() -> [&'static Histogram; 4] {
+fn histograms() -> [&'static Histogram; 6] {
     [
         &PROPAGATION_HISTOGRAM,
         &FRAME_HISTOGRAM,
         &DRAIN_HISTOGRAM,
         &NODE_LAG_HISTOGRAM,
+        &LOG_FLUSH_HISTOGRAM,
+        &LOG_APPEND_HISTOGRAM,
     ]
 }
 

@@ -698,9 +698,11 @@ impl Actor {
         for (i, e) in entries.iter().enumerate() {
             encode_record(&mut buf, self.id, first_seq + i as u64, e);
         }
+        let started = tokio::time::Instant::now();
         let (buf, result) = wal
             .append(self.id, first_seq, entries.len() as u64, buf)
             .await;
+        crate::metrics::record_log_append(started.elapsed().as_secs_f64());
         self.record_buf = buf;
         let mut failing = self.ctx.failing.lock();
         match result {

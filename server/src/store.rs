@@ -11,6 +11,7 @@
 //!   wal/
 //!     00000000000000000000.wal   segment 0: a heads record, then records
 //!     00000000000000000001.wal   segment 1, and so on
+//!     next-segment.zeros         the next segment, written ahead as zeros
 //! ```
 //!
 //! One write-ahead log for every shard, cut into segments. A record is
@@ -31,11 +32,31 @@
 //! is cut back to where the group began and every drain of the group is
 //! refused, so a failure never leaves a bad record in the middle of the log.
 //!
+//! ## Segments written ahead
+//! A flush of an append that grows its file also commits the new file size
+//! (a filesystem journal commit, a second device write), where a write into
+//! blocks that already hold data is flushed alone: on ext4 that makes the
+//! flush about a third cheaper (`scripts/flush-probe.py`, BENCHMARKS.md).
+//! So, as PostgreSQL does with its WAL segments (`wal_init_zero`), a
+//! helper thread writes the next segment ahead as zeros (`segment_bytes`
+//! of them, flushed) under a name recovery ignores, and a roll renames it
+//! into place. The log then writes into zeros: the end of what is written
+//! is the first record header of zeros followed by nothing but zeros,
+//! which recovery reads as the clean end of the log. A closed segment is
+//! cut back to what it holds, so only the active segment and the one
+//! prepared hold zeros: the directory uses at most two `segment_bytes`
+//! more than the retained log. When no segment is ready (the first one of a
+//! new directory, a full disk, `fsync = never`, which never flushes and
+//! does not prepare), the log appends to a growing file as before, and
+//! rolls to the prepared segment as soon as there is one.
+//!
 //! ## Recovery
 //! Every record is checked (length, checksum, the shard's next seq). A bad
 //! record in the last segment after which nothing valid follows is a torn
 //! tail (a write the crash cut short, never answered): it is truncated with
-//! one log line. Anything else — a bad record with valid ones after it, a
+//! one log line. So is one followed by valid records across a page of
+//! zeros ([`unwritten_page_between`]: a power loss let a later page of an
+//! unflushed group reach the disk without an earlier one). Anything else — a bad record with valid ones after it, a
 //! bad record in an older segment, segments that do not follow each other —
 //! is corruption: [`open`] refuses with the file and offset, unless `repair`
 //! is set, which keeps the longest valid prefix and starts a new epoch
@@ -427,6 +448,9 @@ struct SegmentMeta {
     /// Where a reader may start, about every [`MARK_EVERY`] bytes, oldest
     /// first; the first is right after the heads record.
     marks: Vec<Mark>,
+    /// Bytes written: a reader reads no further (zeros, or a group being
+    /// written, may follow).
+    end: u64,
 }
 
 /// A place in a segment a reader may start from: the record at `offset`
@@ -459,10 +483,39 @@ struct Segment {
     number: u64,
     events: u64,
     bytes: u64,
+    /// Size of the file: above `bytes` when it was written ahead (zeros
+    /// follow what is written).
+    capacity: u64,
 }
 
 fn segment_path(dir: &Path, number: u64) -> PathBuf {
     dir.join(format!("{number:020}.wal"))
+}
+
+/// The next segment, written ahead as zeros (see the module docs). Each
+/// helper writes a file of its own (this name, `.` and a number) and
+/// renames it to this name once it is whole and flushed, so no helper ever
+/// writes into a file a roll has made a segment.
+const PREPARED: &str = "next-segment.zeros";
+/// The first segment written ahead after a start; each next one is twice
+/// as large, up to `segment_bytes`: a hub that writes little (a test, an
+/// idle region) does not write tens of MiB of zeros.
+const FIRST_AHEAD: u64 = 1 << 20;
+
+/// Removes what helpers left: a segment written ahead, or one cut short.
+fn remove_prepared(dir: &Path) {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        if entry
+            .file_name()
+            .to_str()
+            .is_some_and(|n| n.starts_with(PREPARED))
+        {
+            let _ = fs::remove_file(entry.path());
+        }
+    }
 }
 
 /// What recovery found.
@@ -525,6 +578,7 @@ fn recover(
             first: vec![0; n],
             last: vec![0; n],
             marks: Vec::new(),
+            end: 0,
         };
         let mut at = 0usize;
         let mut events = 0u64;
@@ -547,6 +601,11 @@ fn recover(
             Err(reason) => bad = Some((0, reason)),
         }
         while bad.is_none() && at < data.len() {
+            if data[at..].iter().all(|b| *b == 0) {
+                // The segment was written ahead: what follows was never
+                // written.
+                break;
+            }
             if meta
                 .marks
                 .last()
@@ -586,11 +645,14 @@ fn recover(
                 Err(reason) => bad = Some((at as u64, reason)),
             }
         }
-        let mut valid_len = data.len() as u64;
+        let mut valid_len = at as u64;
+        let mut capacity = data.len() as u64;
         if let Some((offset, reason)) = bad {
             // A crash can cut the last segment anywhere, its heads record
             // (a roll that did not finish) included.
-            let torn = last_segment && !valid_record_after(&data, offset, n);
+            let torn = last_segment
+                && next_valid_record(&data, offset, n)
+                    .is_none_or(|next| unwritten_page_between(&data, offset as usize, next));
             if torn {
                 tracing::warn!(
                     file = %path.display(),
@@ -624,12 +686,15 @@ fn recover(
             f.set_len(offset).map_err(unusable(path))?;
             f.sync_all().map_err(unusable(path))?;
             valid_len = offset;
+            capacity = offset;
         }
+        meta.end = valid_len;
         segments.push_back(Segment {
             meta,
             number: *number,
             events,
             bytes: valid_len,
+            capacity,
         });
         if cut_from.is_some() {
             break;
@@ -656,16 +721,39 @@ fn read_file(path: &Path) -> io::Result<Vec<u8>> {
     Ok(data)
 }
 
-/// True when a valid event record starts anywhere after `offset`: then a
-/// bad record is not a torn tail but damage in the middle.
-fn valid_record_after(data: &[u8], offset: u64, shards: usize) -> bool {
+/// Where the first valid event record after `offset` starts, if one does:
+/// then a bad record is damage in the middle, not a torn tail (unless
+/// [`unwritten_page_between`] says otherwise).
+fn next_valid_record(data: &[u8], offset: u64, shards: usize) -> Option<usize> {
     let start = offset as usize + 1;
-    (start..data.len().saturating_sub(HEADER + FIXED)).any(|at| {
+    (start..data.len().saturating_sub(HEADER + FIXED)).find(|&at| {
         let len = u32::from_le_bytes([data[at], data[at + 1], data[at + 2], data[at + 3]]) as usize;
         (FIXED..=MAX_RECORD).contains(&len)
             && at + HEADER + len <= data.len()
             && matches!(read_any(data, at, shards), Ok((Record::Event(..), _)))
     })
+}
+
+/// The page size the kernel writes files back in (at least).
+const PAGE: usize = 4096;
+
+/// True when, between a bad record at `from` and the next valid one at
+/// `to`, a page of the file ends in zeros from within the bad record on
+/// (at least 64 bytes of them): a page of a group the writer wrote into a
+/// segment written ahead but had not flushed when the machine lost power,
+/// which never reached the disk while a later page did. That group was
+/// never answered under `fsync = always`; it is a torn tail, not damage.
+fn unwritten_page_between(data: &[u8], from: usize, to: usize) -> bool {
+    const LEAST: usize = 64;
+    let mut end = (from / PAGE + 1) * PAGE;
+    while end <= to {
+        let lo = from.max(end - PAGE);
+        if end - lo >= LEAST && data[lo..end].iter().all(|b| *b == 0) {
+            return true;
+        }
+        end += PAGE;
+    }
+    false
 }
 
 /// A decoded record.
@@ -839,7 +927,7 @@ impl DiskReader {
         max_bytes: usize,
     ) -> io::Result<Option<Vec<(u64, LogEntry)>>> {
         let s = self.shard as usize;
-        let (path, shards, start) = {
+        let (path, shards, start, end) = {
             let index = self.index.read();
             let found = index
                 .segments
@@ -849,7 +937,7 @@ impl DiskReader {
                 Some(m) => {
                     let i = m.marks.partition_point(|k| k.heads[s] <= after);
                     let start = i.checked_sub(1).map_or(0, |i| m.marks[i].offset);
-                    (m.path.clone(), m.first.len(), start)
+                    (m.path.clone(), m.first.len(), start, m.end)
                 }
                 None => return Ok(None),
             }
@@ -859,7 +947,7 @@ impl DiskReader {
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(e),
         };
-        let mut chunk = Chunk::new(file, start);
+        let mut chunk = Chunk::new(file, start, end);
         let mut out = Vec::new();
         let mut bytes = 0;
         while out.len() < max && bytes < max_bytes {
@@ -903,15 +991,18 @@ struct Chunk {
     base: u64,
     /// Position in `buf` of the next record.
     at: usize,
+    /// File offset where what is written ends.
+    end: u64,
 }
 
 impl Chunk {
-    fn new(file: File, start: u64) -> Self {
+    fn new(file: File, start: u64, end: u64) -> Self {
         Self {
             file,
             buf: Vec::new(),
             base: start,
             at: 0,
+            end,
         }
     }
 
@@ -955,7 +1046,11 @@ impl Chunk {
         self.base += self.at as u64;
         self.at = 0;
         let have = self.buf.len();
-        self.buf.resize(n.max(READ_CHUNK), 0);
+        let written = usize::try_from(self.end.saturating_sub(self.base)).unwrap_or(usize::MAX);
+        if written < n {
+            return Ok(false);
+        }
+        self.buf.resize(n.max(READ_CHUNK).min(written), 0);
         let mut got = have;
         while got < self.buf.len() {
             match self
@@ -971,6 +1066,58 @@ impl Chunk {
         self.buf.truncate(got);
         Ok(got >= n)
     }
+}
+
+/// The next segment, written ahead as zeros by a helper thread.
+enum Ahead {
+    /// Nothing prepared or running.
+    Idle,
+    /// The helper, writing this many bytes; it answers when done.
+    Running(Receiver<io::Result<()>>, u64),
+    /// `PREPARED` holds this many zeros, flushed.
+    Ready(u64),
+    /// The last attempt failed (logged); the next roll tries again.
+    Failed,
+}
+
+/// Writes the next segment ahead: `size` zeros in a file of its own,
+/// flushed, then renamed to [`PREPARED`]. On error the file goes (a full
+/// disk gets its space back) and one line says why.
+fn write_ahead(dir: &Path, size: u64) -> io::Result<()> {
+    static HELPERS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = HELPERS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let own = dir.join(format!("{PREPARED}.{n}"));
+    let written = write_zeros(&own, size).and_then(|()| fs::rename(&own, dir.join(PREPARED)));
+    if let Err(e) = &written {
+        let _ = fs::remove_file(&own);
+        tracing::warn!(file = %own.display(), error = %e, "cannot write the next log segment ahead; the log appends to a growing file until it can");
+    }
+    written
+}
+
+/// Writes `size` zero bytes to a new file at `path` and flushes it with
+/// its size: a segment written ahead.
+fn write_zeros(path: &Path, size: u64) -> io::Result<()> {
+    const STEP: u64 = 1 << 20;
+    /// Flushed as it goes, so the page cache never holds more than this
+    /// of it (a large flush at once would queue the log's own flushes).
+    const FLUSH_EVERY: u64 = 8 << 20;
+    let file = OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .write(true)
+        .open(path)?;
+    let zeros = vec![0u8; STEP as usize];
+    let mut at = 0;
+    while at < size {
+        let n = STEP.min(size - at);
+        file.write_all_at(&zeros[..n as usize], at)?;
+        at += n;
+        if at % FLUSH_EVERY == 0 {
+            file.sync_data()?;
+        }
+    }
+    file.sync_all()
 }
 
 /// One drain handed to the writer.
@@ -1011,11 +1158,22 @@ impl Wal {
             events: 0,
             bytes: 0,
             buf: Vec::new(),
+            ahead: Ahead::Idle,
+            ahead_bytes: FIRST_AHEAD.min(retention.segment_bytes),
         };
         writer.events = writer.segments.iter().map(|s| s.events).sum();
         writer.bytes = writer.segments.iter().map(|s| s.bytes).sum();
         if let Some(last) = writer.segments.back() {
             writer.active = Some(OpenOptions::new().write(true).open(&last.meta.path)?);
+        }
+        remove_prepared(&writer.dir);
+        if writer.segments.is_empty() && retention.fsync != FsyncPolicy::Never {
+            // A new log's first segment is written ahead before it serves
+            // (a few milliseconds for its MiB), so that from the first
+            // publish on, no flush commits a file size.
+            if write_ahead(&writer.dir, writer.ahead_bytes).is_ok() {
+                writer.ahead = Ahead::Ready(writer.ahead_bytes);
+            }
         }
         std::thread::Builder::new()
             .name("freshness-wal".into())
@@ -1060,6 +1218,10 @@ impl Wal {
 
 struct Writer {
     dir: PathBuf,
+    /// The next segment, written ahead.
+    ahead: Ahead,
+    /// Size of the next segment to write ahead.
+    ahead_bytes: u64,
     segments: VecDeque<Segment>,
     active: Option<File>,
     heads: Vec<u64>,
@@ -1072,6 +1234,7 @@ struct Writer {
 
 impl Writer {
     fn run(mut self, rx: Receiver<Request>) {
+        self.prepare();
         let mut group: Vec<Request> = Vec::new();
         let mut unsynced = false;
         loop {
@@ -1094,7 +1257,9 @@ impl Writer {
             while let Ok(r) = rx.try_recv() {
                 group.push(r);
             }
+            let started = tokio::time::Instant::now();
             let result = self.write_group(&group);
+            crate::metrics::record_log_flush(started.elapsed().as_secs_f64());
             match self.retention.fsync {
                 FsyncPolicy::Interval if result.is_ok() => unsynced = true,
                 _ => {}
@@ -1110,6 +1275,10 @@ impl Writer {
         if unsynced {
             let _ = self.sync();
         }
+        if let Ahead::Running(answer, _) = &self.ahead {
+            // No helper outlives its writer.
+            let _ = answer.recv();
+        }
         tracing::debug!("log writer stopped");
     }
 
@@ -1120,13 +1289,65 @@ impl Writer {
         }
     }
 
+    /// Starts writing the next segment ahead, unless that runs already or
+    /// its file waits for a roll. With `fsync = never` nothing is flushed,
+    /// so nothing is prepared either.
+    fn prepare(&mut self) {
+        if matches!(self.ahead, Ahead::Running(..) | Ahead::Ready(_))
+            || self.retention.fsync == FsyncPolicy::Never
+        {
+            return;
+        }
+        let dir = self.dir.clone();
+        let size = self.ahead_bytes;
+        let (done, answer) = std::sync::mpsc::sync_channel(1);
+        let spawned = std::thread::Builder::new()
+            .name("freshness-wal-ahead".into())
+            .spawn(move || {
+                let _ = done.send(write_ahead(&dir, size));
+            });
+        self.ahead = match spawned {
+            Ok(_) => Ahead::Running(answer, size),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot start the thread that writes log segments ahead");
+                Ahead::Failed
+            }
+        };
+    }
+
+    /// True when the segment written ahead is ready for a roll. A failed
+    /// preparation is started again by the next roll, not before.
+    fn ahead_ready(&mut self) -> Option<u64> {
+        if let Ahead::Running(answer, size) = &self.ahead {
+            match answer.try_recv() {
+                Ok(Ok(())) => self.ahead = Ahead::Ready(*size),
+                Ok(Err(_)) | Err(std::sync::mpsc::TryRecvError::Disconnected) => {
+                    self.ahead = Ahead::Failed;
+                }
+                Err(std::sync::mpsc::TryRecvError::Empty) => {}
+            }
+        }
+        match self.ahead {
+            Ahead::Ready(size) => Some(size),
+            _ => None,
+        }
+    }
+
     /// Writes every drain of the group in one write and, with `always`,
     /// one flush. On error the file is cut back to where the group began.
     fn write_group(&mut self, group: &[Request]) -> io::Result<()> {
         let size: u64 = group.iter().map(|r| r.buf.len() as u64).sum();
-        let needs_new = match self.segments.back() {
+        let back = self
+            .segments
+            .back()
+            .map(|s| (s.events, s.bytes, s.capacity));
+        let needs_new = match back {
             None => true,
-            Some(s) => s.events > 0 && s.bytes + size > self.retention.segment_bytes,
+            Some((0, _, _)) => false,
+            Some((_, bytes, _)) if bytes + size > self.retention.segment_bytes => true,
+            // The group would grow the file and a segment written ahead is
+            // ready: move to it now.
+            Some((_, bytes, capacity)) => bytes + size > capacity && self.ahead_ready().is_some(),
         };
         if needs_new {
             self.roll()?;
@@ -1153,10 +1374,13 @@ impl Writer {
             .write_all_at(&self.buf, at)
             .and_then(|()| if sync { file.sync_data() } else { Ok(()) });
         if let Err(e) = written {
-            let _ = file.set_len(at);
+            if file.set_len(at).is_ok() {
+                seg.capacity = at;
+            }
             return Err(e);
         }
         seg.bytes += size;
+        seg.meta.end = seg.bytes;
         self.bytes += size;
         if let Some(mark) = &mark {
             seg.meta.marks.push(mark.clone());
@@ -1175,6 +1399,7 @@ impl Writer {
         {
             let mut index = self.index.write();
             if let Some(m) = index.segments.back_mut() {
+                m.end = seg.meta.end;
                 m.first.clone_from(&seg.meta.first);
                 m.last.clone_from(&seg.meta.last);
                 if let Some(mark) = mark {
@@ -1187,21 +1412,51 @@ impl Writer {
         Ok(())
     }
 
-    /// Closes the active segment and starts the next, with the heads record.
+    /// Closes the active segment (cut back to what it holds) and starts the
+    /// next, in the segment written ahead when one is ready, with the heads
+    /// record.
     fn roll(&mut self) -> io::Result<()> {
         let sync = self.retention.fsync != FsyncPolicy::Never;
-        if let Some(f) = &self.active
-            && sync
-        {
-            f.sync_data()?;
+        if let (Some(f), Some(old)) = (&self.active, self.segments.back_mut()) {
+            if old.capacity > old.bytes {
+                // Zeros read as the clean end too, so this only gives the
+                // space back; a failure costs nothing else.
+                match f.set_len(old.bytes) {
+                    Ok(()) => old.capacity = old.bytes,
+                    Err(e) => {
+                        tracing::warn!(file = %old.meta.path.display(), error = %e, "cannot cut a closed segment back to what it holds")
+                    }
+                }
+            }
+            if sync {
+                f.sync_data()?;
+            }
         }
         let number = self.segments.back().map_or(0, |s| s.number + 1);
         let path = segment_path(&self.dir, number);
-        let file = OpenOptions::new()
-            .create(true)
-            .truncate(true)
-            .write(true)
-            .open(&path)?;
+        let ahead = self.ahead_ready().and_then(|size| {
+            self.ahead = Ahead::Idle;
+            self.ahead_bytes = (size * 2).min(self.retention.segment_bytes);
+            let taken = fs::rename(self.dir.join(PREPARED), &path)
+                .and_then(|()| OpenOptions::new().write(true).open(&path));
+            match taken {
+                Ok(file) => Some((file, size)),
+                Err(e) => {
+                    tracing::warn!(file = %path.display(), error = %e, "cannot take the segment written ahead; starting a growing one");
+                    None
+                }
+            }
+        });
+        let (file, capacity) = if let Some(ahead) = ahead {
+            ahead
+        } else {
+            let file = OpenOptions::new()
+                .create(true)
+                .truncate(true)
+                .write(true)
+                .open(&path)?;
+            (file, 0)
+        };
         let mut heads = Vec::new();
         encode_heads(&mut heads, &self.heads);
         file.write_all_at(&heads, 0)?;
@@ -1218,6 +1473,7 @@ impl Writer {
                 offset: heads.len() as u64,
                 heads: self.heads.clone().into(),
             }],
+            end: heads.len() as u64,
         };
         self.index.write().segments.push_back(meta.clone());
         self.segments.push_back(Segment {
@@ -1225,9 +1481,11 @@ impl Writer {
             number,
             events: 0,
             bytes: heads.len() as u64,
+            capacity: capacity.max(heads.len() as u64),
         });
         self.bytes += heads.len() as u64;
         self.active = Some(file);
+        self.prepare();
         Ok(())
     }
 
@@ -1481,5 +1739,131 @@ mod tests {
             "heads come from the heads record"
         );
         assert!(!got.records.contains_key(&1));
+    }
+
+    /// Bytes of records at the start of a segment file, up to its zeros.
+    fn written(data: &[u8]) -> usize {
+        let mut at = 0;
+        while at < data.len() && !data[at..].iter().all(|b| *b == 0) {
+            at = read_any(data, at, 2).unwrap().1;
+        }
+        at
+    }
+
+    #[test]
+    fn the_log_writes_into_segments_written_ahead_and_reads_their_zeros_as_its_end() {
+        let tmp = tempfile::tempdir().unwrap();
+        let r = Retention {
+            segment_bytes: 64 << 10,
+            ..retention()
+        };
+        let (opened, _) = open_collect(tmp.path(), 2, r);
+        let opened = opened.unwrap();
+        let epoch = opened.epoch;
+        write(&opened.wal, 1, 1, 10);
+        drop(opened);
+        let seg = segment_path(&tmp.path().join("wal"), 0);
+        let data = fs::read(&seg).unwrap();
+        // A new log's first segment is written ahead before it serves.
+        assert_eq!(data.len(), 64 << 10, "the segment is the one written ahead");
+        let end = written(&data);
+        assert!(end > 0 && end < data.len(), "records, then zeros");
+
+        let (again, got) = open_collect(tmp.path(), 2, r);
+        let again = again.unwrap();
+        assert_eq!((again.epoch, again.new_epoch), (epoch, false));
+        assert_eq!(again.heads, vec![0, 10]);
+        assert_eq!(got.records[&1].len(), 10);
+        assert_eq!(
+            fs::metadata(&seg).unwrap().len(),
+            64 << 10,
+            "zeros are not a torn tail: nothing is cut"
+        );
+        // Appends go on into the zeros, and a reader stops where they end.
+        write(&again.wal, 1, 11, 10);
+        write(&again.wal, 0, 1, 3);
+        let read = again.readers[1].read(0, u64::MAX, 100, 1 << 20).unwrap();
+        assert_eq!(read.map(|r| r.len()), Some(20));
+        drop(again);
+        assert!(written(&fs::read(&seg).unwrap()) > end);
+        let (third, got) = open_collect(tmp.path(), 2, r);
+        assert_eq!(third.unwrap().heads, vec![3, 20]);
+        let seqs: Vec<u64> = got.records[&1].iter().map(|r| r.seq).collect();
+        assert_eq!(seqs, (1..=20).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn a_torn_record_before_the_zeros_is_cut_off_and_the_epoch_kept() {
+        let tmp = tempfile::tempdir().unwrap();
+        let r = Retention {
+            segment_bytes: 64 << 10,
+            ..retention()
+        };
+        let (opened, _) = open_collect(tmp.path(), 2, r);
+        let opened = opened.unwrap();
+        let epoch = opened.epoch;
+        write(&opened.wal, 0, 1, 5);
+        drop(opened);
+        let seg = segment_path(&tmp.path().join("wal"), 0);
+        let mut data = fs::read(&seg).unwrap();
+        let end = written(&data);
+        // A write the crash cut short: a header announcing 200 bytes, a
+        // few of them, then the zeros written ahead.
+        data[end..end + 7].copy_from_slice(&[200, 0, 0, 0, 1, 2, 3]);
+        fs::write(&seg, &data).unwrap();
+
+        let (again, got) = open_collect(tmp.path(), 2, r);
+        let again = again.unwrap();
+        assert_eq!((again.epoch, again.new_epoch), (epoch, false));
+        assert_eq!(again.heads, vec![5, 0]);
+        assert_eq!(got.records[&0].len(), 5);
+        assert_eq!(fs::metadata(&seg).unwrap().len() as usize, end);
+        // The log goes on where the torn record began.
+        write(&again.wal, 0, 6, 1);
+        drop(again);
+        let (third, _) = open_collect(tmp.path(), 2, r);
+        assert_eq!(third.unwrap().heads, vec![6, 0]);
+    }
+
+    /// Power lost while a group written into a segment written ahead was
+    /// not flushed: a later page of it reached the disk, an earlier one did
+    /// not (zeros). The unanswered group is a torn tail, not corruption.
+    #[test]
+    fn a_group_torn_by_an_unwritten_page_is_a_torn_tail() {
+        let tmp = tempfile::tempdir().unwrap();
+        let r = Retention {
+            segment_bytes: 64 << 10,
+            ..retention()
+        };
+        let (opened, _) = open_collect(tmp.path(), 2, r);
+        let opened = opened.unwrap();
+        let epoch = opened.epoch;
+        write(&opened.wal, 0, 1, 5);
+        write(&opened.wal, 1, 1, 300);
+        drop(opened);
+        let seg = segment_path(&tmp.path().join("wal"), 0);
+        let mut data = fs::read(&seg).unwrap();
+        let end = written(&data);
+        assert!(end > 3 * PAGE, "the second group spans pages: {end}");
+        data[PAGE..2 * PAGE].fill(0);
+        fs::write(&seg, &data).unwrap();
+
+        let (again, got) = open_collect(tmp.path(), 2, r);
+        let again = again.unwrap();
+        assert_eq!((again.epoch, again.new_epoch), (epoch, false));
+        let kept = again.heads[1];
+        assert_eq!(again.heads[0], 5);
+        assert!(kept > 0 && kept < 300, "{kept}");
+        let seqs: Vec<u64> = got.records[&1].iter().map(|r| r.seq).collect();
+        assert_eq!(seqs, (1..=kept).collect::<Vec<_>>());
+        assert!(fs::metadata(&seg).unwrap().len() < PAGE as u64);
+        drop(again);
+
+        // Damage without such a page is still refused.
+        let mut data = fs::read(&seg).unwrap();
+        data[40] ^= 0xff;
+        fs::write(&seg, &data).unwrap();
+        let (refused, _) = open_collect(tmp.path(), 2, r);
+        assert!(matches!(refused, Err(OpenError::Corrupt { .. })));
     }
 }
