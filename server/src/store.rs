@@ -1098,10 +1098,11 @@ fn write_ahead(dir: &Path, size: u64) -> io::Result<()> {
 /// Writes `size` zero bytes to a new file at `path` and flushes it with
 /// its size: a segment written ahead.
 fn write_zeros(path: &Path, size: u64) -> io::Result<()> {
-    const STEP: u64 = 1 << 20;
-    /// Flushed as it goes, so the page cache never holds more than this
-    /// of it (a large flush at once would queue the log's own flushes).
-    const FLUSH_EVERY: u64 = 8 << 20;
+    /// Written and flushed a step at a time: a device flush of the log
+    /// then waits for at most one step of zeros, not for megabytes of them
+    /// (larger steps showed in the log's own flush times under load:
+    /// BENCHMARKS.md, "The log writes into zeros").
+    const STEP: u64 = 256 << 10;
     let file = OpenOptions::new()
         .create(true)
         .truncate(true)
@@ -1112,10 +1113,8 @@ fn write_zeros(path: &Path, size: u64) -> io::Result<()> {
     while at < size {
         let n = STEP.min(size - at);
         file.write_all_at(&zeros[..n as usize], at)?;
+        file.sync_data()?;
         at += n;
-        if at % FLUSH_EVERY == 0 {
-            file.sync_data()?;
-        }
     }
     file.sync_all()
 }
@@ -1254,6 +1253,10 @@ impl Writer {
                 }
             };
             group.push(first);
+            // The actors of one publish hand their drains one after the
+            // other: let the thread that runs them go on before the group
+            // is taken (at once when it has nothing left to run).
+            std::thread::yield_now();
             while let Ok(r) = rx.try_recv() {
                 group.push(r);
             }
