@@ -28,9 +28,8 @@
 //! ([`Wal::append`]) and wait. The thread, once woken, yields its core once
 //! (so the actors of one publish have all handed theirs), takes everything
 //! waiting (every shard's drain), writes it at the end of the active
-//! segment and, with
-//! `fsync = always`, flushes once: a publish touching 64 shards costs one
-//! flush, not 64. A failed write or flush leaves nothing behind: the file
+//! segment and, with `fsync = always`, flushes once: a publish touching 64
+//! shards costs one flush, not 64. A failed write or flush leaves nothing behind: the file
 //! is cut back to where the group began and every drain of the group is
 //! refused, so a failure never leaves a bad record in the middle of the log.
 //!
