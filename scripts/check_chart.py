@@ -77,6 +77,8 @@ ALERTS = {
     "FreshnessPeerDisconnected",
     "FreshnessSlowConsumerResets",
     "FreshnessNodesParked",
+    "FreshnessLogUnwritable",
+    "FreshnessLogFlushSlow",
     "FreshnessHubNotScraped",
 }
 # The hub's config keys (deny_unknown_fields): a key the chart renders that
@@ -297,6 +299,10 @@ INVALID = [
     ("peer is its own region", {"hub": {"region": "eu", "peers": {"eu": "http://a:50051"}}}),
     ("log smaller than one event per shard", {"hub": {"log": {"maxBytes": 1048576}}}),
     ("fsync sometimes", {"hub": {"log": {"fsync": "sometimes"}}}),
+    (
+        "a flush alert at 0 s",
+        {"insecure": True, "prometheusRule": {"enabled": True, "logFlushP99Seconds": 0}},
+    ),
     ("memory tail smaller than one event per shard", {"hub": {"log": {"memoryMaxBytes": 1048576}}}),
     ("persistence without a size", {"persistence": {"enabled": True, "size": None}}),
     ("relay without a database Secret", {"relay": {"enabled": True}}),
@@ -755,6 +761,12 @@ FIRING = [
     (f'freshness_peer_link_held{{{SERIES},peer="us"}}', "1x20"),
     (f'freshness_resets_total{{{SERIES},reason="RESET_REASON_SLOW_CONSUMER"}}', "0x5 0+5x15"),
     (f"freshness_nodes_parked{{{SERIES}}}", "0x2 3x18"),
+    (f"freshness_log_writable{{{SERIES}}}", "1x2 0x18"),
+    # A tenth of the flushes above 50 ms.
+    (f'freshness_log_flush_seconds_bucket{{{SERIES},le="0.001"}}', "0+80x20"),
+    (f'freshness_log_flush_seconds_bucket{{{SERIES},le="0.05"}}', "0+90x20"),
+    (f'freshness_log_flush_seconds_bucket{{{SERIES},le="0.25"}}', "0+100x20"),
+    (f'freshness_log_flush_seconds_bucket{{{SERIES},le="+Inf"}}', "0+100x20"),
     (f"up{{{SERIES}}}", "1x2 0x18"),
 ]
 HEALTHY = [
@@ -765,6 +777,12 @@ HEALTHY = [
     (f'freshness_peer_link_held{{{SERIES},peer="us"}}', "1x20"),
     (f'freshness_resets_total{{{SERIES},reason="RESET_REASON_SLOW_CONSUMER"}}', "0+1x20"),
     (f"freshness_nodes_parked{{{SERIES}}}", "0x20"),
+    (f"freshness_log_writable{{{SERIES}}}", "1x20"),
+    # Every flush under 1 ms.
+    (f'freshness_log_flush_seconds_bucket{{{SERIES},le="0.001"}}', "0+100x20"),
+    (f'freshness_log_flush_seconds_bucket{{{SERIES},le="0.05"}}', "0+100x20"),
+    (f'freshness_log_flush_seconds_bucket{{{SERIES},le="0.25"}}', "0+100x20"),
+    (f'freshness_log_flush_seconds_bucket{{{SERIES},le="+Inf"}}', "0+100x20"),
     (f"up{{{SERIES}}}", "1x20"),
 ]
 # A replica whose region's link another replica holds: its own link
@@ -778,6 +796,8 @@ EXPECTED = {
     "FreshnessPeerDisconnected": {"severity": "warning", "peer": "us", **WHERE},
     "FreshnessSlowConsumerResets": {"severity": "warning", **WHERE},
     "FreshnessNodesParked": {"severity": "warning", **WHERE},
+    "FreshnessLogUnwritable": {"severity": "critical", **WHERE},
+    "FreshnessLogFlushSlow": {"severity": "warning", **WHERE},
     "FreshnessHubNotScraped": {"severity": "critical", "job": "freshness-hub", **WHERE},
 }
 
