@@ -29,9 +29,10 @@
 //! (so the actors of one publish have all handed theirs), takes everything
 //! waiting (every shard's drain), writes it at the end of the active
 //! segment and, with `fsync = always`, flushes once: a publish touching 64
-//! shards costs one flush, not 64. A failed write or flush leaves nothing behind: the file
-//! is cut back to where the group began and every drain of the group is
-//! refused, so a failure never leaves a bad record in the middle of the log.
+//! shards costs one flush, not 64. A failed write or flush leaves nothing
+//! behind: the file is cut back to where the group began and every drain
+//! of the group is refused, so a failure never leaves a bad record in the
+//! middle of the log.
 //!
 //! ## Segments written ahead
 //! A flush of an append that grows its file also commits the new file size
@@ -39,17 +40,19 @@
 //! blocks that already hold data is flushed alone: on ext4 that makes the
 //! flush about a third cheaper (`scripts/flush-probe.py`, BENCHMARKS.md).
 //! So, as PostgreSQL does with its WAL segments (`wal_init_zero`), a
-//! helper thread writes the next segment ahead as zeros (`segment_bytes`
-//! of them, flushed) under a name recovery ignores, and a roll renames it
-//! into place. The log then writes into zeros: the end of what is written
-//! is the first record header of zeros followed by nothing but zeros,
-//! which recovery reads as the clean end of the log. A closed segment is
-//! cut back to what it holds, so only the active segment and the one
-//! prepared hold zeros: the directory uses at most two `segment_bytes`
-//! more than the retained log. When no segment is ready (the first one of a
-//! new directory, a full disk, `fsync = never`, which never flushes and
-//! does not prepare), the log appends to a growing file as before, and
-//! rolls to the prepared segment as soon as there is one.
+//! helper thread writes the next segment ahead as zeros, flushed, under a
+//! name recovery ignores, and a roll renames it into place: [`FIRST_AHEAD`]
+//! for the first after a start (a new log's first is written before the
+//! hub serves), each next twice the last, up to `segment_bytes`. The log
+//! then writes into zeros: the end of what is written is the first record
+//! header of zeros followed by nothing but zeros, which recovery reads as
+//! the clean end of the log. A closed segment is cut back to what it
+//! holds, so only the active segment and the one prepared hold zeros: the
+//! directory uses at most two `segment_bytes` more than the retained log.
+//! When no segment is ready (a full disk, a failed helper, `fsync = never`,
+//! which never flushes and prepares nothing), the log appends to a growing
+//! file as before, and rolls to the next segment written ahead as soon as
+//! there is one.
 //!
 //! ## Recovery
 //! Every record is checked (length, checksum, the shard's next seq). A bad
@@ -57,8 +60,9 @@
 //! tail (a write the crash cut short, never answered): it is truncated with
 //! one log line. So is one followed by valid records across a page of
 //! zeros ([`unwritten_page_between`]: a power loss let a later page of an
-//! unflushed group reach the disk without an earlier one). Anything else — a bad record with valid ones after it, a
-//! bad record in an older segment, segments that do not follow each other —
+//! unflushed group reach the disk without an earlier one). Anything else —
+//! a bad record with valid ones after it, a bad record in an older
+//! segment, segments that do not follow each other —
 //! is corruption: [`open`] refuses with the file and offset, unless `repair`
 //! is set, which keeps the longest valid prefix and starts a new epoch
 //! (continuity can no longer be proven, SPEC §6).
@@ -658,7 +662,8 @@ fn recover(
                 tracing::warn!(
                     file = %path.display(),
                     offset,
-                    bytes = data.len() as u64 - offset,
+                    // Not the zeros of a segment written ahead.
+                    bytes = data.iter().rposition(|b| *b != 0).map_or(0, |last| last as u64 + 1).saturating_sub(offset),
                     reason = %reason,
                     "truncating a torn tail left by a crash"
                 );
