@@ -88,7 +88,7 @@ fn run(dir: &Path, zeroed: bool, each: Duration) -> Result<(u64, u64)> {
         .write(true)
         .open(&path)
         .with_context(|| format!("cannot create {}", path.display()))?;
-    let result = (|| {
+    let result = (|| -> std::io::Result<(u64, u64)> {
         // Enough room for every write at a disk's best (some 20 µs each).
         let room = (each.as_micros() as u64 / 20 + 1) * RECORD as u64;
         if zeroed {
@@ -111,9 +111,14 @@ fn run(dir: &Path, zeroed: bool, each: Duration) -> Result<(u64, u64)> {
             lat.push(t.elapsed().as_micros() as u64);
             at += RECORD as u64;
         }
+        if lat.is_empty() {
+            return Err(std::io::Error::other(
+                "no flush measured: give the probe some time",
+            ));
+        }
         lat.sort_unstable();
         let pick = |q: f64| lat[((lat.len() - 1) as f64 * q) as usize];
-        Ok::<_, std::io::Error>((pick(0.5), pick(0.99)))
+        Ok((pick(0.5), pick(0.99)))
     })();
     let _ = std::fs::remove_file(&path);
     Ok(result?)
