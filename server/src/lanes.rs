@@ -36,7 +36,6 @@
 //! no call within [`FIRST_CALL_WAIT`] of its first bytes, is served on the stream lane, where
 //! every connection was before the lanes.
 
-use std::borrow::Cow;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -169,6 +168,14 @@ fn more_unless_full(bytes: &[u8]) -> Peek {
 
 /// The `:path` of a `HEADERS` frame's payload (its own header block, with
 /// an empty dynamic table: it is the connection's first).
+///
+/// Walks the block's representations (RFC 7541 §6) up to the first field
+/// that is not a pseudo-header (pseudo-headers come first, RFC 9113
+/// §8.3), decoding no string but the names of literal pseudo-headers and
+/// `:path`'s value. A Huffman-coded one is decoded by one decoder built
+/// once for the process: `loona_hpack`'s `Decoder` builds its Huffman
+/// code table anew for every string it decodes, which made reading a
+/// client's first header block cost more than a million instructions.
 fn path(payload: &[u8], flags: u8) -> Option<Vec<u8>> {
     let mut block = payload;
     let mut pad = 0;
@@ -180,16 +187,99 @@ fn path(payload: &[u8], flags: u8) -> Option<Vec<u8>> {
         block = block.get(5..)?;
     }
     block = &block[..block.len().checked_sub(pad)?];
-    let mut found = None;
-    let mut decoder = loona_hpack::Decoder::new();
-    decoder
-        .decode_with_cb(block, |name: Cow<[u8]>, value: Cow<[u8]>| {
-            if found.is_none() && &*name == b":path" {
-                found = Some(value.into_owned());
+    /// Static table entries (RFC 7541 Appendix A): `:path` and the last
+    /// pseudo-header.
+    const PATH: usize = 4;
+    const PATH_INDEX_HTML: usize = 5;
+    const LAST_PSEUDO: usize = 14;
+    while let Some(&first) = block.first() {
+        if first & 0x80 != 0 {
+            // An indexed field.
+            let (index, n) = hpack_int(block, 7)?;
+            block = &block[n..];
+            match index {
+                PATH => return Some(b"/".to_vec()),
+                PATH_INDEX_HTML => return Some(b"/index.html".to_vec()),
+                1..=LAST_PSEUDO => continue,
+                _ => return None,
             }
-        })
-        .ok()?;
-    found
+        }
+        if first & 0xe0 == 0x20 {
+            // A dynamic table size update.
+            let (_, n) = hpack_int(block, 5)?;
+            block = &block[n..];
+            continue;
+        }
+        // A literal: with incremental indexing (6-bit index prefix),
+        // without indexing or never indexed (4-bit).
+        let prefix = if first & 0xc0 == 0x40 { 6 } else { 4 };
+        let (index, n) = hpack_int(block, prefix)?;
+        block = &block[n..];
+        let is_path = match index {
+            0 => {
+                let (name, huffman, n) = hpack_str(block)?;
+                block = &block[n..];
+                let name = if huffman {
+                    huffman_decode(name)?
+                } else {
+                    name.to_vec()
+                };
+                if !name.starts_with(b":") {
+                    return None;
+                }
+                name == b":path"
+            }
+            PATH | PATH_INDEX_HTML => true,
+            1..=LAST_PSEUDO => false,
+            _ => return None,
+        };
+        let (value, huffman, n) = hpack_str(block)?;
+        block = &block[n..];
+        if is_path {
+            return if huffman {
+                huffman_decode(value)
+            } else {
+                Some(value.to_vec())
+            };
+        }
+    }
+    None
+}
+
+/// An HPACK integer with an `prefix`-bit prefix (RFC 7541 §5.1): its
+/// value and the bytes it took. `None` when cut short or absurdly large.
+fn hpack_int(buf: &[u8], prefix: u32) -> Option<(usize, usize)> {
+    let max = (1usize << prefix) - 1;
+    let mut value = usize::from(*buf.first()?) & max;
+    if value < max {
+        return Some((value, 1));
+    }
+    // Four continuation bytes hold 28 bits: more than any header block.
+    for (i, &b) in buf.iter().enumerate().skip(1).take(4) {
+        value += usize::from(b & 0x7f) << (7 * (i - 1));
+        if b & 0x80 == 0 {
+            return Some((value, i + 1));
+        }
+    }
+    None
+}
+
+/// An HPACK string literal (RFC 7541 §5.2): its bytes as sent, whether
+/// they are Huffman-coded, and the bytes it took in all.
+fn hpack_str(buf: &[u8]) -> Option<(&[u8], bool, usize)> {
+    let huffman = *buf.first()? & 0x80 != 0;
+    let (len, n) = hpack_int(buf, 7)?;
+    let bytes = buf.get(n..n.checked_add(len)?)?;
+    Some((bytes, huffman, n + len))
+}
+
+/// Decodes a Huffman-coded string with one decoder for the process.
+fn huffman_decode(bytes: &[u8]) -> Option<Vec<u8>> {
+    static DECODER: std::sync::LazyLock<parking_lot::Mutex<loona_hpack::huffman::HuffmanDecoder>> =
+        std::sync::LazyLock::new(|| {
+            parking_lot::Mutex::new(loona_hpack::huffman::HuffmanDecoder::new())
+        });
+    DECODER.lock().decode(bytes).ok()
 }
 
 /// Reads from `io` until the lane of its connection is known: the lane,
@@ -324,6 +414,37 @@ mod tests {
         c.extend(frame(WINDOW_UPDATE, 0, &[0, 0x0f, 0, 1]));
         c.extend_from_slice(first);
         c
+    }
+
+    #[test]
+    fn the_path_is_read_from_each_form_a_client_may_send_it_in() {
+        // Indexed (RFC 7541 static table 4): `:path /`.
+        assert_eq!(path(&[0x82, 0x84], 0).as_deref(), Some(&b"/"[..]));
+        // A literal with the static name, its value Huffman-coded ("/a":
+        // '/' 011000, 'a' 00011, then the EOS padding), as h2 sends it.
+        assert_eq!(
+            path(&[0x82, 0x86, 0x04, 0x82, 0x60, 0x7f], 0).as_deref(),
+            Some(&b"/a"[..])
+        );
+        // With incremental indexing, a plain value.
+        assert_eq!(
+            path(&[0x44, 0x02, b'/', b'b'], 0).as_deref(),
+            Some(&b"/b"[..])
+        );
+        // A literal name, plain.
+        let mut block = vec![0x00, 0x05];
+        block.extend_from_slice(b":path");
+        block.extend_from_slice(&[0x02, b'/', b'c']);
+        assert_eq!(path(&block, 0).as_deref(), Some(&b"/c"[..]));
+        // A regular header first: pseudo-headers come first, so no path.
+        let mut block = vec![0x00, 0x02];
+        block.extend_from_slice(b"te");
+        block.extend_from_slice(&[0x02, b'/', b'd', 0x84]);
+        assert_eq!(path(&block, 0), None);
+        // Cut short, a bad Huffman code, an integer that never ends.
+        assert_eq!(path(&[0x04, 0x85, 0x60], 0), None);
+        assert_eq!(path(&[0x04, 0x81, 0xff], 0), None);
+        assert_eq!(path(&[0x7f, 0xff, 0xff, 0xff, 0xff, 0xff], 0), None);
     }
 
     #[test]
