@@ -146,7 +146,6 @@ impl Session {
             return Fill::Frame(frame);
         }
         let t = self.hub.clock.now_us();
-        let n = self.sent.len();
         let mut count = 0u32;
         let mut awaited = false;
         let mut oldest = u64::MAX;
@@ -159,7 +158,23 @@ impl Session {
         let mut gaps: Vec<u32> = Vec::new();
         let mut complete = true;
         let from = self.scan_from;
-        for s in (from..n).chain(0..from) {
+        // The shards with something past what was sent, in one tight pass
+        // (an atomic load and a compare each, most of them idle), then
+        // only those, in turn from `scan_from`. A shard that gets an
+        // append after this pass rings the bell, which fills again.
+        let mut to_visit = std::mem::take(&mut self.to_visit);
+        to_visit.clear();
+        to_visit.extend(
+            self.hub
+                .logs
+                .all_memory()
+                .zip(&self.sent)
+                .enumerate()
+                .filter(|(_, (log, sent))| log.head() > **sent)
+                .map(|(s, _)| s),
+        );
+        let split = to_visit.partition_point(|&s| s < from);
+        for &s in to_visit[split..].iter().chain(&to_visit[..split]) {
             let shared_log = self.hub.logs.memory(s);
             if shared_log.head() <= self.sent[s] {
                 continue;
@@ -227,6 +242,7 @@ impl Session {
                 break;
             }
         }
+        self.to_visit = to_visit;
         if !gaps.is_empty() {
             if count == 0 {
                 return Fill::Frame(self.reset_frame(gaps, false, pb::ResetReason::SlowConsumer));

@@ -131,6 +131,8 @@ pub struct Session {
     resets: Vec<(u32, u64)>,
     caught_up: bool,
     scan_from: usize,
+    /// The shards a fill visits, reused from fill to fill (see `fill`).
+    to_visit: Vec<usize>,
     /// A fill found shards the log left behind but sent events first: the
     /// next fill starts with their reset.
     gaps_pending: bool,

@@ -133,6 +133,7 @@ pub fn open(
         resets: Vec::new(),
         caught_up: false,
         scan_from: 0,
+        to_visit: Vec::new(),
         gaps_pending: false,
         builder: BatchBuilder::new(),
         last_watermark: Instant::now(),
