@@ -24,8 +24,8 @@
 //! then waits about that long for each turn it needs on a busy core.
 //!
 //! A connection's lane is chosen once, by its first call: the hub reads the
-//! client's preface and frames up to the first `HEADERS` frame, decodes its
-//! `:path` (HPACK, [`loona_hpack`]), and serves the connection on the
+//! client's preface and frames up to the first `HEADERS` frame, reads its
+//! `:path` (HPACK, see [`path`]), and serves the connection on the
 //! stream lane when that call is `Subscribe`, on the call lane otherwise.
 //! The bytes read are handed to the HTTP/2 server first ([`Rewind`]), so
 //! nothing is lost. A client that multiplexes both kinds of call on one
