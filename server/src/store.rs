@@ -41,7 +41,7 @@
 //! flush about a third cheaper (`scripts/flush-probe.py`, BENCHMARKS.md).
 //! So, as PostgreSQL does with its WAL segments (`wal_init_zero`), a
 //! helper thread writes the next segment ahead as zeros, flushed, under a
-//! name recovery ignores, and a roll renames it into place: [`FIRST_AHEAD`]
+//! name recovery ignores, and a roll renames it into place: `FIRST_AHEAD`
 //! for the first after a start (a new log's first is written before the
 //! hub serves), each next twice the last, up to `segment_bytes`. The log
 //! then writes into zeros: the end of what is written is the first record
@@ -59,7 +59,7 @@
 //! record in the last segment after which nothing valid follows is a torn
 //! tail (a write the crash cut short, never answered): it is truncated with
 //! one log line. So is one followed by valid records across a page of
-//! zeros ([`unwritten_page_between`]: a power loss let a later page of an
+//! zeros (`unwritten_page_between`: a power loss let a later page of an
 //! unflushed group reach the disk without an earlier one). Anything else —
 //! a bad record with valid ones after it, a bad record in an older
 //! segment, segments that do not follow each other —
