@@ -18,7 +18,7 @@
 //! cardinality is bounded; per-node figures live in `Status`, not in labels.
 //!
 //! Every family is on the page from the first scrape, with `# HELP` and
-//! `# TYPE`: [`install`] describes the recorder's families and sets each
+//! `# TYPE`: [`install_recorder`] describes the recorder's families and sets each
 //! of their series (every value of a closed label set) to zero, so that an
 //! alert on the freshness SLI sees zero on a quiet hub, not "no data". Per
 //! peer series start when the hub starts ([`sample`]). The page also

@@ -921,8 +921,8 @@ impl DiskReader {
     /// when no segment holds it any more (retention dropped it).
     ///
     /// The read starts at the segment's last mark before `after + 1` and
-    /// takes the file [`READ_CHUNK`] at a time: it scans at most
-    /// [`MARK_EVERY`] bytes of other records before the wanted ones and
+    /// takes the file `READ_CHUNK` at a time: it scans at most
+    /// `MARK_EVERY` bytes of other records before the wanted ones and
     /// holds at most a chunk (or one record, if larger) in memory, however
     /// large the segment.
     pub fn read(
