@@ -123,3 +123,20 @@ fn run(dir: &Path, zeroed: bool, each: Duration) -> Result<(u64, u64)> {
     let _ = std::fs::remove_file(&path);
     Ok(result?)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_probe_flushes_both_files_and_leaves_nothing_behind() {
+        let dir = tempfile::tempdir().unwrap();
+        for zeroed in [true, false] {
+            let (p50, p99) = run(dir.path(), zeroed, Duration::from_millis(100)).unwrap();
+            assert!(p50 > 0 && p50 <= p99, "p50 {p50} p99 {p99}");
+        }
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+        let err = run(dir.path(), true, Duration::ZERO).unwrap_err();
+        assert!(err.to_string().contains("no flush measured"), "{err}");
+    }
+}
