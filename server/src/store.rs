@@ -484,12 +484,12 @@ struct Index {
 /// A segment as the writer keeps it.
 #[derive(Debug)]
 struct Segment {
+    /// Its bytes written are `meta.end`.
     meta: SegmentMeta,
     number: u64,
     events: u64,
-    bytes: u64,
-    /// Size of the file: above `bytes` when it was written ahead (zeros
-    /// follow what is written).
+    /// Size of the file: above `meta.end` when it was written ahead
+    /// (zeros follow what is written).
     capacity: u64,
 }
 
@@ -699,7 +699,6 @@ fn recover(
             meta,
             number: *number,
             events,
-            bytes: valid_len,
             capacity,
         });
         if cut_from.is_some() {
@@ -1082,8 +1081,6 @@ enum Ahead {
     Running(Receiver<io::Result<()>>, u64),
     /// `PREPARED` holds this many zeros, flushed.
     Ready(u64),
-    /// The last attempt failed (logged); the next roll tries again.
-    Failed,
 }
 
 /// Writes the next segment ahead: `size` zeros in a file of its own,
@@ -1167,7 +1164,7 @@ impl Wal {
             ahead_bytes: FIRST_AHEAD.min(retention.segment_bytes),
         };
         writer.events = writer.segments.iter().map(|s| s.events).sum();
-        writer.bytes = writer.segments.iter().map(|s| s.bytes).sum();
+        writer.bytes = writer.segments.iter().map(|s| s.meta.end).sum();
         if let Some(last) = writer.segments.back() {
             writer.active = Some(OpenOptions::new().write(true).open(&last.meta.path)?);
         }
@@ -1319,19 +1316,20 @@ impl Writer {
             Ok(_) => Ahead::Running(answer, size),
             Err(e) => {
                 tracing::warn!(error = %e, "cannot start the thread that writes log segments ahead");
-                Ahead::Failed
+                Ahead::Idle
             }
         };
     }
 
-    /// True when the segment written ahead is ready for a roll. A failed
-    /// preparation is started again by the next roll, not before.
+    /// The size of the segment written ahead, when it is ready for a roll.
+    /// A failed preparation (logged by the helper) leaves nothing ready;
+    /// the next roll starts another, not before.
     fn ahead_ready(&mut self) -> Option<u64> {
         if let Ahead::Running(answer, size) = &self.ahead {
             match answer.try_recv() {
                 Ok(Ok(())) => self.ahead = Ahead::Ready(*size),
                 Ok(Err(_)) | Err(std::sync::mpsc::TryRecvError::Disconnected) => {
-                    self.ahead = Ahead::Failed;
+                    self.ahead = Ahead::Idle;
                 }
                 Err(std::sync::mpsc::TryRecvError::Empty) => {}
             }
@@ -1349,7 +1347,7 @@ impl Writer {
         let back = self
             .segments
             .back()
-            .map(|s| (s.events, s.bytes, s.capacity));
+            .map(|s| (s.events, s.meta.end, s.capacity));
         let needs_new = match back {
             None => true,
             Some((0, _, _)) => false,
@@ -1369,7 +1367,7 @@ impl Writer {
         let (Some(file), Some(seg)) = (self.active.as_ref(), self.segments.back_mut()) else {
             return Err(io::Error::other("no active segment"));
         };
-        let at = seg.bytes;
+        let at = seg.meta.end;
         let mark = seg
             .meta
             .marks
@@ -1388,8 +1386,7 @@ impl Writer {
             }
             return Err(e);
         }
-        seg.bytes += size;
-        seg.meta.end = seg.bytes;
+        seg.meta.end += size;
         self.bytes += size;
         if let Some(mark) = &mark {
             seg.meta.marks.push(mark.clone());
@@ -1427,11 +1424,11 @@ impl Writer {
     fn roll(&mut self) -> io::Result<()> {
         let sync = self.retention.fsync != FsyncPolicy::Never;
         if let (Some(f), Some(old)) = (&self.active, self.segments.back_mut()) {
-            if old.capacity > old.bytes {
+            if old.capacity > old.meta.end {
                 // Zeros read as the clean end too, so this only gives the
                 // space back; a failure costs nothing else.
-                match f.set_len(old.bytes) {
-                    Ok(()) => old.capacity = old.bytes,
+                match f.set_len(old.meta.end) {
+                    Ok(()) => old.capacity = old.meta.end,
                     Err(e) => {
                         tracing::warn!(file = %old.meta.path.display(), error = %e, "cannot cut a closed segment back to what it holds")
                     }
@@ -1489,7 +1486,6 @@ impl Writer {
             meta,
             number,
             events: 0,
-            bytes: heads.len() as u64,
             capacity: capacity.max(heads.len() as u64),
         });
         self.bytes += heads.len() as u64;
@@ -1506,7 +1502,7 @@ impl Writer {
                 break;
             };
             let over = self.events - oldest.events >= self.retention.max_events
-                || self.bytes - oldest.bytes >= self.retention.max_bytes;
+                || self.bytes - oldest.meta.end >= self.retention.max_bytes;
             if !over {
                 break;
             }
@@ -1514,7 +1510,7 @@ impl Writer {
                 break;
             };
             self.events -= oldest.events;
-            self.bytes -= oldest.bytes;
+            self.bytes -= oldest.meta.end;
             self.index.write().segments.pop_front();
             if let Err(e) = fs::remove_file(&oldest.meta.path) {
                 tracing::warn!(file = %oldest.meta.path.display(), error = %e, "cannot remove an expired segment");
@@ -1750,6 +1746,18 @@ mod tests {
         assert!(!got.records.contains_key(&1));
     }
 
+    /// A new log of 2 shards whose segments are written ahead with 64 KiB,
+    /// and its epoch.
+    fn open_ahead(dir: &Path) -> (Opened, u64, Retention) {
+        let r = Retention {
+            segment_bytes: 64 << 10,
+            ..retention()
+        };
+        let opened = open_collect(dir, 2, r).0.unwrap();
+        let epoch = opened.epoch;
+        (opened, epoch, r)
+    }
+
     /// Bytes of records at the start of a segment file, up to its zeros.
     fn written(data: &[u8]) -> usize {
         let mut at = 0;
@@ -1762,13 +1770,7 @@ mod tests {
     #[test]
     fn the_log_writes_into_segments_written_ahead_and_reads_their_zeros_as_its_end() {
         let tmp = tempfile::tempdir().unwrap();
-        let r = Retention {
-            segment_bytes: 64 << 10,
-            ..retention()
-        };
-        let (opened, _) = open_collect(tmp.path(), 2, r);
-        let opened = opened.unwrap();
-        let epoch = opened.epoch;
+        let (opened, epoch, r) = open_ahead(tmp.path());
         write(&opened.wal, 1, 1, 10);
         drop(opened);
         let seg = segment_path(&tmp.path().join("wal"), 0);
@@ -1804,13 +1806,7 @@ mod tests {
     #[test]
     fn a_torn_record_before_the_zeros_is_cut_off_and_the_epoch_kept() {
         let tmp = tempfile::tempdir().unwrap();
-        let r = Retention {
-            segment_bytes: 64 << 10,
-            ..retention()
-        };
-        let (opened, _) = open_collect(tmp.path(), 2, r);
-        let opened = opened.unwrap();
-        let epoch = opened.epoch;
+        let (opened, epoch, r) = open_ahead(tmp.path());
         write(&opened.wal, 0, 1, 5);
         drop(opened);
         let seg = segment_path(&tmp.path().join("wal"), 0);
@@ -1840,13 +1836,7 @@ mod tests {
     #[test]
     fn a_group_torn_by_an_unwritten_page_is_a_torn_tail() {
         let tmp = tempfile::tempdir().unwrap();
-        let r = Retention {
-            segment_bytes: 64 << 10,
-            ..retention()
-        };
-        let (opened, _) = open_collect(tmp.path(), 2, r);
-        let opened = opened.unwrap();
-        let epoch = opened.epoch;
+        let (opened, epoch, r) = open_ahead(tmp.path());
         write(&opened.wal, 0, 1, 5);
         write(&opened.wal, 1, 1, 300);
         drop(opened);
