@@ -133,7 +133,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         for zeroed in [true, false] {
             let (p50, p99) = run(dir.path(), zeroed, Duration::from_millis(100)).unwrap();
-            assert!(p50 > 0 && p50 <= p99, "p50 {p50} p99 {p99}");
+            // On tmpfs a flush takes under a microsecond: no lower bound.
+            assert!(p50 <= p99, "p50 {p50} p99 {p99}");
         }
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
         let err = run(dir.path(), true, Duration::ZERO).unwrap_err();
