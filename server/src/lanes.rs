@@ -20,7 +20,8 @@
 //! the cores between a writer's call and the fan-out. The kernel does not
 //! always run a woken thread at once (it may let the running one finish
 //! its slice, milliseconds), so a stream-lane thread also offers its core
-//! after every [`YIELD_AFTER`] of sending ([`delivered`]): a writer's call
+//! after every [`YIELD_AFTER`] of sending since it woke or last offered it
+//! ([`delivered`], [`woke`]): a writer's call
 //! then waits about that long for each turn it needs on a busy core.
 //!
 //! A connection's lane is chosen once, by its first call: the hub reads the
@@ -58,6 +59,18 @@ thread_local! {
 /// `on_thread_start`).
 pub fn enter_stream_lane() {
     LAST_YIELD.with(|c| c.set(Some(tokio::time::Instant::now())));
+}
+
+/// Restarts a stream-lane thread's clock of sending when it wakes (its
+/// runtime's `on_thread_unpark`): a thread that slept has kept no core from
+/// anyone, so it offers its core only after [`YIELD_AFTER`] of sending
+/// from now, not at its first message.
+pub fn woke() {
+    LAST_YIELD.with(|c| {
+        if c.get().is_some() {
+            c.set(Some(tokio::time::Instant::now()));
+        }
+    });
 }
 
 /// Called by a session for each message it hands to HTTP/2. A stream-lane

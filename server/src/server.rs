@@ -59,6 +59,7 @@ impl StreamLane {
             .worker_threads(workers)
             .thread_name("freshness-streams")
             .on_thread_start(crate::lanes::enter_stream_lane)
+            .on_thread_unpark(crate::lanes::woke)
             .enable_all()
             .build()
             .map(|r| StreamLane(Some(r)))
