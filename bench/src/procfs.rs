@@ -32,6 +32,30 @@ pub fn cpu_ns(pid: u32) -> Option<u64> {
     ticks_ns(&stat)
 }
 
+/// CPU time of every thread of `pids` in nanoseconds, summed by thread
+/// name (`comm`: the hub's `tokio-rt-worker` call lane, `freshness-strea`
+/// stream lane, `freshness-wal` log writer, ...). A thread that ended
+/// before the read is missing, so the parts may sum to less than
+/// [`cpu_ns_all`].
+pub fn cpu_ns_by_thread(pids: &[u32]) -> std::collections::BTreeMap<String, u64> {
+    let mut by = std::collections::BTreeMap::new();
+    for pid in pids {
+        let Ok(tasks) = fs::read_dir(format!("/proc/{pid}/task")) else {
+            continue;
+        };
+        for t in tasks.flatten() {
+            let comm = fs::read_to_string(t.path().join("comm")).unwrap_or_default();
+            let ns = fs::read_to_string(t.path().join("schedstat"))
+                .ok()
+                .and_then(|s| s.split_whitespace().next()?.parse::<u64>().ok());
+            if let Some(ns) = ns {
+                *by.entry(comm.trim_end().to_owned()).or_insert(0) += ns;
+            }
+        }
+    }
+    by
+}
+
 /// [`cpu_ns`] summed over several processes (the replicas of one region);
 /// `None` when there are none or one cannot be read.
 pub fn cpu_ns_all(pids: &[u32]) -> Option<u64> {
@@ -153,5 +177,41 @@ mod tests {
         let name: String = me.name().unwrap_or("").chars().take(15).collect();
         assert!(name.is_empty() || self_threads_cpu_ns(&name).is_some());
         assert_eq!(self_threads_cpu_ns("no-such-thread"), None);
+    }
+
+    #[test]
+    fn sums_a_process_s_cpu_by_thread_name() {
+        // Two threads of one name spin a little, report their own CPU time
+        // and stay alive until the process has been read.
+        let (report, reports) = std::sync::mpsc::channel();
+        let mut ends = Vec::new();
+        let mut threads = Vec::new();
+        for _ in 0..2 {
+            let report = report.clone();
+            let (end, ended) = std::sync::mpsc::channel::<()>();
+            ends.push(end);
+            threads.push(
+                std::thread::Builder::new()
+                    .name("procfs-spin".into())
+                    .spawn(move || {
+                        let t = std::time::Instant::now();
+                        let mut x = 0u64;
+                        while t.elapsed() < std::time::Duration::from_millis(10) {
+                            x = std::hint::black_box(x.wrapping_add(1));
+                        }
+                        report.send(thread_self_cpu_ns().unwrap()).unwrap();
+                        ended.recv().ok();
+                    })
+                    .unwrap(),
+            );
+        }
+        let own: u64 = reports.iter().take(2).sum();
+        let by = cpu_ns_by_thread(&[std::process::id()]);
+        drop(ends);
+        for t in threads {
+            t.join().unwrap();
+        }
+        let spun = by.get("procfs-spin").copied().unwrap_or(0);
+        assert!(spun >= own, "{spun} < {own}: {by:?}");
     }
 }

@@ -329,6 +329,7 @@ async fn run_on(env: &Env, spec: &Spec, server: &Server) -> Result<RunResult> {
     });
 
     let cpu0 = procfs::cpu_ns_all(&server.pids);
+    let threads0 = procfs::cpu_ns_by_thread(&server.pids);
     let self0 = procfs::self_cpu_ns();
     let subs0 = procfs::self_threads_cpu_ns(crate::WORKER_THREAD);
     let t0 = Instant::now();
@@ -358,6 +359,7 @@ async fn run_on(env: &Env, spec: &Spec, server: &Server) -> Result<RunResult> {
     }
     let t1 = Instant::now();
     let cpu1 = procfs::cpu_ns_all(&server.pids);
+    let threads1 = procfs::cpu_ns_by_thread(&server.pids);
     let self1 = procfs::self_cpu_ns();
     let subs1 = procfs::self_threads_cpu_ns(crate::WORKER_THREAD);
     let wall = secs_f(t1 - t0);
@@ -434,6 +436,22 @@ async fn run_on(env: &Env, spec: &Spec, server: &Server) -> Result<RunResult> {
         if r.delivered > 0 {
             r.hub_cpu_ns_per_delivery = Some(ns / r.delivered as f64);
         }
+    }
+    if r.delivered > 0 && !threads1.is_empty() {
+        // Where the server's CPU went, by thread name (a thread started
+        // during the run counts from zero).
+        let by: std::collections::BTreeMap<&str, f64> = threads1
+            .iter()
+            .map(|(name, &b)| {
+                let a = threads0.get(name).copied().unwrap_or(0);
+                (
+                    name.as_str(),
+                    b.saturating_sub(a) as f64 / r.delivered as f64,
+                )
+            })
+            .filter(|(_, ns)| *ns >= 1.0)
+            .collect();
+        r.put("cpu_ns_per_delivery_by_thread", by);
     }
     // Cores this process may run on (its affinity, e.g. one under taskset);
     // the runtime has as many worker threads.
