@@ -353,6 +353,10 @@ impl<IO: AsyncRead + Unpin> AsyncRead for Rewind<IO> {
             let n = self.read.len().min(buf.remaining());
             buf.put_slice(&self.read[..n]);
             self.read.advance(n);
+            if self.read.is_empty() {
+                // The connection lives for days: it keeps no peek buffer.
+                self.read = BytesMut::new();
+            }
             return Poll::Ready(Ok(()));
         }
         Pin::new(&mut self.io).poll_read(cx, buf)
@@ -579,5 +583,6 @@ mod tests {
         let mut all = Vec::new();
         again.read_to_end(&mut all).await.unwrap();
         assert_eq!(all, b"hello world");
+        assert_eq!(again.read.capacity(), 0, "the peek buffer is given back");
     }
 }
