@@ -194,12 +194,13 @@ mod tests {
                 std::thread::Builder::new()
                     .name("procfs-spin".into())
                     .spawn(move || {
-                        let t = std::time::Instant::now();
-                        let mut x = 0u64;
-                        while t.elapsed() < std::time::Duration::from_millis(10) {
-                            x = std::hint::black_box(x.wrapping_add(1));
+                        // Runs until this thread has used 5 ms of CPU.
+                        let start = thread_self_cpu_ns().unwrap();
+                        let mut now = start;
+                        while now < start + 5_000_000 {
+                            now = thread_self_cpu_ns().unwrap();
                         }
-                        report.send(thread_self_cpu_ns().unwrap()).unwrap();
+                        report.send(now).unwrap();
                         ended.recv().ok();
                     })
                     .unwrap(),
