@@ -296,6 +296,37 @@ impl Hub {
                 Vec::new(),
             ),
         };
+        if let Some(wal) = &wal {
+            // The durable log's writer hands each group it wrote to this
+            // task, which makes the group's drains visible and answered,
+            // then rings the bell once: one wake across threads per group.
+            let (completer, mut groups) = tokio::sync::mpsc::channel::<Vec<crate::store::Completion>>(
+                config.shards as usize + 1,
+            );
+            wal.complete_on(completer);
+            let (bell, stop) = (ctx.appended.clone(), shutdown.clone());
+            tracker.spawn(async move {
+                loop {
+                    let group = tokio::select! {
+                        g = groups.recv() => g,
+                        () = stop.cancelled() => None,
+                    };
+                    let Some(group) = group else { break };
+                    for c in group {
+                        c.complete();
+                    }
+                    bell.ring();
+                }
+                // Stopping: the writer completes later groups itself; the
+                // ones already handed over are completed here, not dropped.
+                groups.close();
+                while let Some(group) = groups.recv().await {
+                    for c in group {
+                        c.complete();
+                    }
+                }
+            });
+        }
         let mut js_shards = js_shards.into_iter();
         let mut shards = Vec::with_capacity(config.shards as usize);
         let mut logs = Vec::with_capacity(config.shards as usize);

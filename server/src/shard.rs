@@ -282,6 +282,22 @@ struct Remembered {
     seq: u64,
 }
 
+/// A caller's answer channel and its events' outcomes.
+type Reply = (
+    oneshot::Sender<Result<Vec<EventOutcome>, WriteFailed>>,
+    Vec<EventOutcome>,
+);
+
+/// A durable drain between its actor and the log: the entries and answers
+/// made visible once written, or handed back to the actor when the write
+/// failed; what left the memory meanwhile.
+#[derive(Default)]
+struct Pending {
+    entries: Vec<LogEntry>,
+    replies: Vec<Reply>,
+    evicted: crate::log::Evicted,
+}
+
 /// A shard's log in memory and its newest-version memory: what its actor
 /// owns, built before the actor runs (empty, or rebuilt from the durable
 /// log by [`ShardMemory::restore`]).
@@ -685,25 +701,9 @@ impl Actor {
         Ok(())
     }
 
-    /// Writes the records of `entries` (seqs from `first_seq`) to the
-    /// durable log and waits for its writer (which flushes under the fsync
-    /// policy, once for every drain waiting with this one): commands that
-    /// arrive meanwhile make the next drain larger (group commit).
-    async fn persist(&mut self, first_seq: u64, entries: &[LogEntry]) -> Result<(), WriteFailed> {
-        let Some(wal) = &self.wal else {
-            return Ok(());
-        };
-        let mut buf = std::mem::take(&mut self.record_buf);
-        buf.clear();
-        for (i, e) in entries.iter().enumerate() {
-            encode_record(&mut buf, self.id, first_seq + i as u64, e);
-        }
-        let started = tokio::time::Instant::now();
-        let (buf, result) = wal
-            .append(self.id, first_seq, entries.len() as u64, buf)
-            .await;
-        crate::metrics::record_log_append(started.elapsed().as_secs_f64());
-        self.record_buf = buf;
+    /// Notes a durable write's outcome: the shard's writable state, its
+    /// log line and metric.
+    fn log_written(&self, result: std::io::Result<()>) -> Result<(), WriteFailed> {
         let mut failing = self.ctx.failing.lock();
         match result {
             Ok(()) => {
@@ -754,25 +754,10 @@ impl Actor {
                 .collect();
             replies.push((cmd.reply, outcomes));
         }
-        if !appended.is_empty()
-            && self.wal.is_some()
-            && let Err(failed) = self.persist(first_seq, &appended).await
-        {
-            // Nothing of this drain happened: the seqs and versions go back.
-            self.head = first_seq - 1;
-            for (e, prev) in appended.iter().zip(undo).rev() {
-                if e.gap {
-                    continue;
-                }
-                match prev {
-                    Some(r) => self.mem.versions.insert(e.entity.clone(), r),
-                    None => self.mem.versions.remove(&e.entity),
-                };
-            }
-            for (reply, _) in replies {
-                let _ = reply.send(Err(failed.clone()));
-            }
-            return;
+        if !appended.is_empty() && self.wal.is_some() {
+            return self
+                .serve_durable(first_seq, appended, undo, replies, span)
+                .await;
         }
         crate::metrics::record_drain(replies.len());
         if let Some(span) = &span {
@@ -801,6 +786,90 @@ impl Actor {
         }
         if wake {
             self.ctx.appended.ring();
+        }
+    }
+
+    /// The rest of a drain with a durable log. Once the records are written
+    /// (and flushed), the hub's completion task (on this runtime, woken once
+    /// per group of drains the writer wrote) appends them in memory and
+    /// answers the callers, then rings the bell once for the group; the
+    /// actor, answered after that, only forgets what left its memory, or
+    /// undoes the drain when the write failed.
+    async fn serve_durable(
+        &mut self,
+        first_seq: u64,
+        appended: Vec<LogEntry>,
+        undo: Vec<Option<Remembered>>,
+        replies: Vec<Reply>,
+        span: Option<Span>,
+    ) {
+        let count = appended.len() as u64;
+        let commands = replies.len();
+        let traced = span.as_ref().and_then(|span| {
+            span.record("appended", num(appended.len()));
+            span.record("first_seq", num(first_seq));
+            span.record("last_seq", num(self.head));
+            let sc = span.context().span().span_context().clone();
+            sc.is_sampled().then_some(sc)
+        });
+        let mut buf = std::mem::take(&mut self.record_buf);
+        buf.clear();
+        for (i, e) in appended.iter().enumerate() {
+            encode_record(&mut buf, self.id, first_seq + i as u64, e);
+        }
+        let pending = Arc::new(parking_lot::Mutex::new(Pending {
+            entries: appended,
+            replies,
+            evicted: Vec::new(),
+        }));
+        let done: crate::store::Done = {
+            let (pending, log, traces) =
+                (pending.clone(), self.mem.log.clone(), self.traces.clone());
+            let last = self.head;
+            Box::new(move || {
+                let mut p = pending.lock();
+                if let Some(sc) = traced {
+                    traces.record(first_seq, last, sc);
+                }
+                let entries = std::mem::take(&mut p.entries);
+                p.evicted = log.append_all(entries);
+                // `ACCEPTED` promises the append: answered now.
+                for (reply, outcomes) in p.replies.drain(..) {
+                    let _ = reply.send(Ok(outcomes));
+                }
+            })
+        };
+        let Some(wal) = &self.wal else { return };
+        let started = tokio::time::Instant::now();
+        let (buf, result) = wal
+            .append_then(self.id, first_seq, count, buf, Some(done))
+            .await;
+        crate::metrics::record_log_append(started.elapsed().as_secs_f64());
+        self.record_buf = buf;
+        let result = self.log_written(result);
+        let mut p = std::mem::take(&mut *pending.lock());
+        match result {
+            Ok(()) => {
+                crate::metrics::record_drain(commands);
+                metrics::counter!(crate::metrics::EVENTS_APPENDED).increment(count);
+                self.mem.forget(std::mem::take(&mut p.evicted));
+            }
+            Err(failed) => {
+                // Nothing of this drain happened: the seqs and versions go back.
+                self.head = first_seq - 1;
+                for (e, prev) in p.entries.iter().zip(undo).rev() {
+                    if e.gap {
+                        continue;
+                    }
+                    match prev {
+                        Some(r) => self.mem.versions.insert(e.entity.clone(), r),
+                        None => self.mem.versions.remove(&e.entity),
+                    };
+                }
+                for (reply, _) in p.replies {
+                    let _ = reply.send(Err(failed.clone()));
+                }
+            }
         }
     }
 

@@ -1130,14 +1130,46 @@ struct Request {
     /// Seq of its first record and how many it holds.
     first_seq: u64,
     count: u64,
+    /// Run once the records are written (and flushed), before `reply`.
+    done: Option<Done>,
     reply: oneshot::Sender<(Vec<u8>, io::Result<()>)>,
 }
+
+/// What a drain's actor has done once its records are in the log (see
+/// [`Wal::append_then`]).
+pub type Done = Box<dyn FnOnce() + Send>;
+
+/// A written drain's answer: its `done` (when the write succeeded), then
+/// the reply to its actor.
+pub struct Completion {
+    done: Option<Done>,
+    reply: oneshot::Sender<(Vec<u8>, io::Result<()>)>,
+    buf: Vec<u8>,
+    result: io::Result<()>,
+}
+
+impl Completion {
+    /// Runs `done` when the write succeeded, then answers the actor.
+    pub fn complete(self) {
+        if self.result.is_ok()
+            && let Some(done) = self.done
+        {
+            done();
+        }
+        let _ = self.reply.send((self.buf, self.result));
+    }
+}
+
+/// Where the writer hands each group's completions (see
+/// [`Wal::complete_on`]).
+pub type Completer = tokio::sync::mpsc::Sender<Vec<Completion>>;
 
 /// The log's writer: shard actors hand it their drains
 /// ([`Wal::append`]); its thread writes and flushes them in groups.
 #[derive(Debug, Clone)]
 pub struct Wal {
     tx: SyncSender<Request>,
+    completer: Arc<std::sync::OnceLock<Completer>>,
 }
 
 impl Wal {
@@ -1150,7 +1182,9 @@ impl Wal {
         let shards = recovered.heads.len();
         // Each actor has at most one drain outstanding.
         let (tx, rx) = std::sync::mpsc::sync_channel(shards + 1);
+        let completer = Arc::new(std::sync::OnceLock::new());
         let mut writer = Writer {
+            completer: completer.clone(),
             active: None,
             dir,
             segments: recovered.segments,
@@ -1180,7 +1214,16 @@ impl Wal {
         std::thread::Builder::new()
             .name("freshness-wal".into())
             .spawn(move || writer.run(rx))?;
-        Ok(Self { tx })
+        Ok(Self { tx, completer })
+    }
+
+    /// Has the writer hand every group's completions to `completer` (one
+    /// wake of its receiver per group) instead of completing each drain
+    /// from its own thread (one wake of each drain's task). Where the
+    /// receiver is gone, the writer completes them itself. Set once; later
+    /// calls are ignored.
+    pub fn complete_on(&self, completer: Completer) {
+        let _ = self.completer.set(completer);
     }
 
     /// Writes the records in `buf` (`count` records of `shard`, seqs from
@@ -1194,12 +1237,28 @@ impl Wal {
         count: u64,
         buf: Vec<u8>,
     ) -> (Vec<u8>, io::Result<()>) {
+        self.append_then(shard, first_seq, count, buf, None).await
+    }
+
+    /// [`append`](Self::append), with `done` run once the records are
+    /// written (and flushed), before the answer: on the
+    /// [`complete_on`](Self::complete_on) task when there is one, else on
+    /// the writer's thread. Not run when the write fails.
+    pub async fn append_then(
+        &self,
+        shard: u32,
+        first_seq: u64,
+        count: u64,
+        buf: Vec<u8>,
+        done: Option<Done>,
+    ) -> (Vec<u8>, io::Result<()>) {
         let (reply, answer) = oneshot::channel();
         let req = Request {
             shard,
             buf,
             first_seq,
             count,
+            done,
             reply,
         };
         match self.tx.try_send(req) {
@@ -1219,6 +1278,7 @@ impl Wal {
 }
 
 struct Writer {
+    completer: Arc<std::sync::OnceLock<Completer>>,
     dir: PathBuf,
     /// The next segment, written ahead.
     ahead: Ahead,
@@ -1270,12 +1330,24 @@ impl Writer {
                 FsyncPolicy::Interval if result.is_ok() => unsynced = true,
                 _ => {}
             }
-            for req in group.drain(..) {
-                let r = match &result {
-                    Ok(()) => Ok(()),
-                    Err(e) => Err(io::Error::new(e.kind(), e.to_string())),
-                };
-                let _ = req.reply.send((req.buf, r));
+            let done: Vec<Completion> = group
+                .drain(..)
+                .map(|req| Completion {
+                    done: req.done,
+                    reply: req.reply,
+                    buf: req.buf,
+                    result: match &result {
+                        Ok(()) => Ok(()),
+                        Err(e) => Err(io::Error::new(e.kind(), e.to_string())),
+                    },
+                })
+                .collect();
+            let inline = match self.completer.get() {
+                Some(c) => c.blocking_send(done).err().map(|e| e.0),
+                None => Some(done),
+            };
+            for c in inline.into_iter().flatten() {
+                c.complete();
             }
         }
         if unsynced {
