@@ -165,6 +165,18 @@ pub struct ShardContext {
     pub failing: parking_lot::Mutex<std::collections::BTreeMap<u32, String>>,
 }
 
+impl ShardContext {
+    /// A write of `shard`'s succeeded: it is no longer failing (one log
+    /// line when it was), and the gauge says whether any shard still is.
+    fn written(&self, shard: u32) {
+        let mut failing = self.failing.lock();
+        if failing.remove(&shard).is_some() {
+            tracing::info!(shard, "log writes succeed again");
+        }
+        crate::metrics::set_log_writable(failing.is_empty());
+    }
+}
+
 /// Wakes the sessions after appends, once per burst: the actors ring it
 /// (an atomic and, for the first ring of a burst, a wake of the ringer on
 /// their own runtime), and the ringer bumps the sessions' `watch` counter
@@ -704,16 +716,13 @@ impl Actor {
     /// Notes a durable write's outcome: the shard's writable state, its
     /// log line and metric.
     fn log_written(&self, result: std::io::Result<()>) -> Result<(), WriteFailed> {
-        let mut failing = self.ctx.failing.lock();
         match result {
             Ok(()) => {
-                if failing.remove(&self.id).is_some() {
-                    tracing::info!(shard = self.id, "log writes succeed again");
-                }
-                crate::metrics::set_log_writable(failing.is_empty());
+                self.ctx.written(self.id);
                 Ok(())
             }
             Err(e) => {
+                let mut failing = self.ctx.failing.lock();
                 if failing.insert(self.id, e.to_string()).is_none() {
                     tracing::error!(shard = self.id, error = %e, "log write failed: publishes to this shard are refused until writes succeed");
                 }
@@ -825,8 +834,13 @@ impl Actor {
         let done: crate::store::Done = {
             let (pending, log, traces) =
                 (pending.clone(), self.mem.log.clone(), self.traces.clone());
-            let last = self.head;
+            let (ctx, id, last) = (self.ctx.clone(), self.id, self.head);
             Box::new(move || {
+                // Before the answers: a caller that then asks for the
+                // status sees the log writable again.
+                ctx.written(id);
+                crate::metrics::record_drain(commands);
+                metrics::counter!(crate::metrics::EVENTS_APPENDED).increment(count);
                 let mut p = pending.lock();
                 if let Some(sc) = traced {
                     traces.record(first_seq, last, sc);
@@ -850,8 +864,6 @@ impl Actor {
         let mut p = std::mem::take(&mut *pending.lock());
         match result {
             Ok(()) => {
-                crate::metrics::record_drain(commands);
-                metrics::counter!(crate::metrics::EVENTS_APPENDED).increment(count);
                 self.mem.forget(std::mem::take(&mut p.evicted));
             }
             Err(failed) => {
