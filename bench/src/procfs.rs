@@ -2,6 +2,18 @@
 //! from `/proc`, so hub, NATS and Redis are measured the same way.
 
 use std::fs;
+use std::path::Path;
+
+/// Run time in nanoseconds of the thread whose `/proc` directory is `task`
+/// (the first field of its `schedstat`).
+fn schedstat_ns(task: &Path) -> Option<u64> {
+    fs::read_to_string(task.join("schedstat"))
+        .ok()?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
 
 /// CPU time the process has used, in nanoseconds: the sum of its threads'
 /// run time (`/proc/PID/task/*/schedstat`, nanosecond precision). Falls back
@@ -11,18 +23,9 @@ pub fn cpu_ns(pid: u32) -> Option<u64> {
     let mut total = 0u64;
     let mut any = false;
     if let Ok(tasks) = fs::read_dir(format!("/proc/{pid}/task")) {
-        for t in tasks.flatten() {
-            let Ok(text) = fs::read_to_string(t.path().join("schedstat")) else {
-                continue;
-            };
-            if let Some(ns) = text
-                .split_whitespace()
-                .next()
-                .and_then(|v| v.parse::<u64>().ok())
-            {
-                total += ns;
-                any = true;
-            }
+        for ns in tasks.flatten().filter_map(|t| schedstat_ns(&t.path())) {
+            total += ns;
+            any = true;
         }
     }
     if any {
@@ -44,11 +47,8 @@ pub fn cpu_ns_by_thread(pids: &[u32]) -> std::collections::BTreeMap<String, u64>
             continue;
         };
         for t in tasks.flatten() {
-            let comm = fs::read_to_string(t.path().join("comm")).unwrap_or_default();
-            let ns = fs::read_to_string(t.path().join("schedstat"))
-                .ok()
-                .and_then(|s| s.split_whitespace().next()?.parse::<u64>().ok());
-            if let Some(ns) = ns {
+            if let Some(ns) = schedstat_ns(&t.path()) {
+                let comm = fs::read_to_string(t.path().join("comm")).unwrap_or_default();
                 *by.entry(comm.trim_end().to_owned()).or_insert(0) += ns;
             }
         }
@@ -105,32 +105,12 @@ pub fn rss(pid: u32) -> Option<(u64, u64)> {
 /// CPU time of this process's threads named `name` (`comm`), in
 /// nanoseconds.
 pub fn self_threads_cpu_ns(name: &str) -> Option<u64> {
-    let mut total = 0u64;
-    let mut any = false;
-    for t in fs::read_dir("/proc/self/task").ok()?.flatten() {
-        let comm = fs::read_to_string(t.path().join("comm")).unwrap_or_default();
-        if comm.trim_end() != name {
-            continue;
-        }
-        if let Some(ns) = fs::read_to_string(t.path().join("schedstat"))
-            .ok()
-            .and_then(|s| s.split_whitespace().next()?.parse::<u64>().ok())
-        {
-            total += ns;
-            any = true;
-        }
-    }
-    any.then_some(total)
+    cpu_ns_by_thread(&[std::process::id()]).get(name).copied()
 }
 
 /// CPU time of the calling thread, in nanoseconds.
 pub fn thread_self_cpu_ns() -> Option<u64> {
-    fs::read_to_string("/proc/thread-self/schedstat")
-        .ok()?
-        .split_whitespace()
-        .next()?
-        .parse()
-        .ok()
+    schedstat_ns(Path::new("/proc/thread-self"))
 }
 
 /// Puts the calling thread under SCHED_FIFO (priority 10) with `chrt`

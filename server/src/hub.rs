@@ -312,18 +312,18 @@ impl Hub {
                         () = stop.cancelled() => None,
                     };
                     let Some(group) = group else { break };
-                    for c in group {
-                        c.complete();
-                    }
+                    group
+                        .into_iter()
+                        .for_each(crate::store::Completion::complete);
                     bell.ring();
                 }
                 // Stopping: the writer completes later groups itself; the
                 // ones already handed over are completed here, not dropped.
                 groups.close();
                 while let Some(group) = groups.recv().await {
-                    for c in group {
-                        c.complete();
-                    }
+                    group
+                        .into_iter()
+                        .for_each(crate::store::Completion::complete);
                 }
             });
         }

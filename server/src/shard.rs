@@ -166,12 +166,23 @@ pub struct ShardContext {
 }
 
 impl ShardContext {
-    /// A write of `shard`'s succeeded: it is no longer failing (one log
-    /// line when it was), and the gauge says whether any shard still is.
-    fn written(&self, shard: u32) {
+    /// Notes the outcome of a log write of `shard`'s: failing with `error`
+    /// (one log line when it starts), or writable again (one line when it
+    /// was failing); the gauge says whether any shard still fails.
+    fn set_failing(&self, shard: u32, error: Option<&std::io::Error>) {
         let mut failing = self.failing.lock();
-        if failing.remove(&shard).is_some() {
-            tracing::info!(shard, "log writes succeed again");
+        match error {
+            None => {
+                if failing.remove(&shard).is_some() {
+                    tracing::info!(shard, "log writes succeed again");
+                }
+            }
+            Some(e) => {
+                if failing.insert(shard, e.to_string()).is_none() {
+                    tracing::error!(shard, error = %e, "log write failed: publishes to this shard are refused until writes succeed");
+                }
+                crate::metrics::log_write_failed();
+            }
         }
         crate::metrics::set_log_writable(failing.is_empty());
     }
@@ -562,21 +573,7 @@ impl Actor {
     }
 
     fn set_failing(&self, error: Option<&std::io::Error>) {
-        let mut failing = self.ctx.failing.lock();
-        match error {
-            None => {
-                if failing.remove(&self.id).is_some() {
-                    tracing::info!(shard = self.id, "log writes succeed again");
-                }
-            }
-            Some(e) => {
-                if failing.insert(self.id, e.to_string()).is_none() {
-                    tracing::error!(shard = self.id, error = %e, "log write failed: publishes to this shard are refused until writes succeed");
-                }
-                crate::metrics::log_write_failed();
-            }
-        }
-        crate::metrics::set_log_writable(failing.is_empty());
+        self.ctx.set_failing(self.id, error);
     }
 
     /// A drain on the JetStream log: decided against everything this
@@ -713,26 +710,6 @@ impl Actor {
         Ok(())
     }
 
-    /// Notes a durable write's outcome: the shard's writable state, its
-    /// log line and metric.
-    fn log_written(&self, result: std::io::Result<()>) -> Result<(), WriteFailed> {
-        match result {
-            Ok(()) => {
-                self.ctx.written(self.id);
-                Ok(())
-            }
-            Err(e) => {
-                let mut failing = self.ctx.failing.lock();
-                if failing.insert(self.id, e.to_string()).is_none() {
-                    tracing::error!(shard = self.id, error = %e, "log write failed: publishes to this shard are refused until writes succeed");
-                }
-                crate::metrics::log_write_failed();
-                crate::metrics::set_log_writable(false);
-                Err(WriteFailed(Arc::new(e)))
-            }
-        }
-    }
-
     async fn serve(&mut self, batch: &mut Vec<Append>) {
         let span = self.append_span(batch);
         let first_seq = self.head + 1;
@@ -763,9 +740,11 @@ impl Actor {
                 .collect();
             replies.push((cmd.reply, outcomes));
         }
-        if !appended.is_empty() && self.wal.is_some() {
+        if !appended.is_empty()
+            && let Some(wal) = self.wal.clone()
+        {
             return self
-                .serve_durable(first_seq, appended, undo, replies, span)
+                .serve_durable(&wal, first_seq, appended, undo, replies, span)
                 .await;
         }
         crate::metrics::record_drain(replies.len());
@@ -806,6 +785,7 @@ impl Actor {
     /// undoes the drain when the write failed.
     async fn serve_durable(
         &mut self,
+        wal: &Wal,
         first_seq: u64,
         appended: Vec<LogEntry>,
         undo: Vec<Option<Remembered>>,
@@ -838,7 +818,7 @@ impl Actor {
             Box::new(move || {
                 // Before the answers: a caller that then asks for the
                 // status sees the log writable again.
-                ctx.written(id);
+                ctx.set_failing(id, None);
                 crate::metrics::record_drain(commands);
                 metrics::counter!(crate::metrics::EVENTS_APPENDED).increment(count);
                 let mut p = pending.lock();
@@ -853,31 +833,21 @@ impl Actor {
                 }
             })
         };
-        let Some(wal) = &self.wal else { return };
         let started = tokio::time::Instant::now();
         let (buf, result) = wal
             .append_then(self.id, first_seq, count, buf, Some(done))
             .await;
         crate::metrics::record_log_append(started.elapsed().as_secs_f64());
         self.record_buf = buf;
-        let result = self.log_written(result);
-        let mut p = std::mem::take(&mut *pending.lock());
+        let p = std::mem::take(&mut *pending.lock());
         match result {
-            Ok(()) => {
-                self.mem.forget(std::mem::take(&mut p.evicted));
-            }
-            Err(failed) => {
+            // Made visible, answered and noted writable by `done`.
+            Ok(()) => self.mem.forget(p.evicted),
+            Err(e) => {
                 // Nothing of this drain happened: the seqs and versions go back.
-                self.head = first_seq - 1;
-                for (e, prev) in p.entries.iter().zip(undo).rev() {
-                    if e.gap {
-                        continue;
-                    }
-                    match prev {
-                        Some(r) => self.mem.versions.insert(e.entity.clone(), r),
-                        None => self.mem.versions.remove(&e.entity),
-                    };
-                }
+                self.set_failing(Some(&e));
+                self.undo(first_seq, &p.entries, undo);
+                let failed = WriteFailed(Arc::new(e));
                 for (reply, _) in p.replies {
                     let _ = reply.send(Err(failed.clone()));
                 }

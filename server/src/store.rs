@@ -25,14 +25,16 @@
 //!
 //! ## Writes: one writer, one flush per group
 //! Shard actors hand their drain's records to the log's writer thread
-//! ([`Wal::append`]) and wait. The thread, once woken, yields its core once
+//! ([`Wal::append_then`]) and wait. The thread, once woken, yields its core once
 //! (so the actors of one publish have all handed theirs), takes everything
 //! waiting (every shard's drain), writes it at the end of the active
 //! segment and, with `fsync = always`, flushes once: a publish touching 64
 //! shards costs one flush, not 64. A failed write or flush leaves nothing
 //! behind: the file is cut back to where the group began and every drain
 //! of the group is refused, so a failure never leaves a bad record in the
-//! middle of the log.
+//! middle of the log. Each group's answers go to the hub's completion task
+//! ([`Wal::complete_on`]), which runs every drain's `done` (making it
+//! visible) before answering its actor.
 //!
 //! ## Segments written ahead
 //! A flush of an append that grows its file also commits the new file size
