@@ -175,11 +175,7 @@ impl Session {
         );
         let split = to_visit.partition_point(|&s| s < from);
         for &s in to_visit[split..].iter().chain(&to_visit[..split]) {
-            let shared_log = self.hub.logs.memory(s);
-            if shared_log.head() <= self.sent[s] {
-                continue;
-            }
-            let log = shared_log.read();
+            let log = self.hub.logs.memory(s).read();
             if self.sent[s] + 1 < log.first_seq() {
                 // Still on disk: the next fill replays it from there.
                 // Otherwise the reset goes before any event of this fill,
