@@ -463,14 +463,7 @@ impl Hub {
             counts[o.outcome as usize] += 1;
         }
         self.stats.published(results.len() as u64);
-        for (result, n) in ["applied", "duplicate", "superseded"]
-            .into_iter()
-            .zip(counts)
-        {
-            if n > 0 {
-                metrics::counter!(crate::metrics::PUBLISH_EVENTS, "result" => result).increment(n);
-            }
-        }
+        crate::metrics::count_published(counts);
 
         if !awaited {
             return Ok(Published {

@@ -6,7 +6,12 @@
 //! The histograms of the hot paths (propagation per acked delivery,
 //! events per frame, commands per actor wake-up, the durable log's flush and
 //! a drain's wait for it) are kept by the hub itself
-//! as bucket counters ([`Histogram`]) and appended to the exporter's text.
+//! as bucket counters ([`Histogram`]) and appended to the exporter's text;
+//! so are the counters bumped per actor drain or per publish (events
+//! appended, publish results: [`count_appended`], [`count_published`]),
+//! handed to the recorder when the page is rendered. A `counter!` call
+//! looks its series up in the recorder's registry (a hash and an
+//! allocation) each time; an atomic add does not.
 //! The `metrics` facade's Prometheus histogram stores every sample and sorts
 //! them into buckets on upkeep: at half a million deliveries a second that
 //! was a pushed sample per delivery and, every five seconds, tens of
@@ -394,11 +399,43 @@ async fn upkeep(handle: PrometheusHandle) {
     }
 }
 
+/// Events appended to the log since start ([`EVENTS_APPENDED`]).
+static APPENDED: AtomicU64 = AtomicU64::new(0);
+/// Events answered by publish, by result in [`PUBLISH_RESULTS`] order
+/// ([`PUBLISH_EVENTS`]).
+static PUBLISHED: [AtomicU64; 3] = [const { AtomicU64::new(0) }; 3];
+
+/// Counts `n` events appended to the log (once per actor drain).
+pub fn count_appended(n: u64) {
+    APPENDED.fetch_add(n, Ordering::Relaxed);
+}
+
+/// Counts one publish call's events by result: applied, duplicate,
+/// superseded.
+pub fn count_published(by_result: [u64; 3]) {
+    for (total, n) in PUBLISHED.iter().zip(by_result) {
+        if n > 0 {
+            total.fetch_add(n, Ordering::Relaxed);
+        }
+    }
+}
+
+/// Hands the hub's own counters to the recorder, whose page then carries
+/// their totals.
+fn hand_over_counts() {
+    counter!(EVENTS_APPENDED).absolute(APPENDED.load(Ordering::Relaxed));
+    for (result, total) in PUBLISH_RESULTS.into_iter().zip(&PUBLISHED) {
+        counter!(PUBLISH_EVENTS, "result" => result).absolute(total.load(Ordering::Relaxed));
+    }
+}
+
 /// The `/metrics` text: the recorder's, the hub's own histograms, the
 /// process metrics. `None` when no recorder is installed (a hub run by a
 /// test).
 pub fn render() -> Option<String> {
-    let mut text = PROMETHEUS.get()?.render();
+    let prometheus = PROMETHEUS.get()?;
+    hand_over_counts();
+    let mut text = prometheus.render();
     for h in histograms() {
         h.render(&mut text);
     }

@@ -168,13 +168,16 @@ pub struct ShardContext {
 impl ShardContext {
     /// Notes the outcome of a log write of `shard`'s: failing with `error`
     /// (one log line when it starts), or writable again (one line when it
-    /// was failing); the gauge says whether any shard still fails.
+    /// was failing); the gauge says whether any shard still fails. A write
+    /// of a shard that was not failing (every drain's, normally) changes
+    /// nothing and touches no gauge.
     fn set_failing(&self, shard: u32, error: Option<&std::io::Error>) {
         let mut failing = self.failing.lock();
         match error {
             None => {
                 if failing.remove(&shard).is_some() {
                     tracing::info!(shard, "log writes succeed again");
+                    crate::metrics::set_log_writable(failing.is_empty());
                 }
             }
             Some(e) => {
@@ -182,9 +185,9 @@ impl ShardContext {
                     tracing::error!(shard, error = %e, "log write failed: publishes to this shard are refused until writes succeed");
                 }
                 crate::metrics::log_write_failed();
+                crate::metrics::set_log_writable(false);
             }
         }
-        crate::metrics::set_log_writable(failing.is_empty());
     }
 }
 
@@ -554,7 +557,7 @@ impl Actor {
         self.head += n as u64;
         self.mem
             .apply(records.into_iter().map(|r| (r.seq, r.entry)).collect());
-        metrics::counter!(crate::metrics::EVENTS_APPENDED).increment(n as u64);
+        crate::metrics::count_appended(n as u64);
         self.ctx.appended.ring();
     }
 
@@ -650,8 +653,7 @@ impl Actor {
                             self.traces.record(first_seq, self.head, sc);
                         }
                     }
-                    metrics::counter!(crate::metrics::EVENTS_APPENDED)
-                        .increment(appended.len() as u64);
+                    crate::metrics::count_appended(appended.len() as u64);
                     let evicted = self.mem.log.append_all(appended);
                     self.mem.forget(evicted);
                     for (cmd, o) in batch.drain(..).zip(outcomes) {
@@ -761,7 +763,7 @@ impl Actor {
         }
         let wake = !appended.is_empty();
         if wake {
-            metrics::counter!(crate::metrics::EVENTS_APPENDED).increment(appended.len() as u64);
+            crate::metrics::count_appended(appended.len() as u64);
             let evicted = self.mem.log.append_all(appended);
             self.mem.forget(evicted);
         }
@@ -820,7 +822,7 @@ impl Actor {
                 // status sees the log writable again.
                 ctx.set_failing(id, None);
                 crate::metrics::record_drain(commands);
-                metrics::counter!(crate::metrics::EVENTS_APPENDED).increment(count);
+                crate::metrics::count_appended(count);
                 let mut p = pending.lock();
                 if let Some(sc) = traced {
                     traces.record(first_seq, last, sc);

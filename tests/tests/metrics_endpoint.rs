@@ -172,6 +172,11 @@ async fn metrics_show_counters_and_the_hubs_own_histograms() {
     })
     .await;
     assert_eq!(sample(&text, "freshness_events_appended_total"), Some(3.0));
+    // Kept by the hub per publish and handed to the recorder on render.
+    for (result, n) in [("applied", 3.0), ("duplicate", 0.0), ("superseded", 0.0)] {
+        let name = format!("freshness_publish_events_total{{result=\"{result}\"}}");
+        assert_eq!(sample(&text, &name), Some(n), "{name}:\n{text}");
+    }
     // Each connection was served on the lane of its first call: the
     // node's (Subscribe) on the stream lane, the status and publish
     // clients' on the call lane.
