@@ -445,11 +445,17 @@ impl Hub {
             } else {
                 None
             };
-        let namespaces: Vec<Arc<str>> = req
-            .events
-            .iter()
-            .map(|e| Arc::from(e.entity.namespace()))
-            .collect();
+        // Only a call that waits for acks needs its events' namespaces
+        // (which nodes must ack them), after the events have gone to the
+        // shards.
+        let namespaces: Vec<Arc<str>> = if awaited {
+            req.events
+                .iter()
+                .map(|e| Arc::from(e.entity.namespace()))
+                .collect()
+        } else {
+            Vec::new()
+        };
         let incoming = req
             .events
             .into_iter()

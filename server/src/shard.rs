@@ -716,11 +716,16 @@ impl Actor {
         let span = self.append_span(batch);
         let first_seq = self.head + 1;
         let now = self.ctx.clock.now_us();
-        let mut appended = Vec::new();
+        // At most one entry per event and gap marker: sized once.
+        let most = batch
+            .iter()
+            .map(|c| c.events.len() + usize::from(c.gap))
+            .sum();
+        let mut appended = Vec::with_capacity(most);
         let mut replies = Vec::with_capacity(batch.len());
         // What each appended event replaced in the version memory, to undo
         // the drain if the log write fails.
-        let mut undo: Vec<Option<Remembered>> = Vec::new();
+        let mut undo: Vec<Option<Remembered>> = Vec::with_capacity(most);
         for cmd in batch.drain(..) {
             if cmd.gap {
                 self.head += 1;

@@ -173,6 +173,8 @@ impl Session {
                 .filter(|(_, (log, sent))| log.head() > **sent)
                 .map(|(s, _)| s),
         );
+        // At most one position per shard visited: sized once.
+        positions.reserve_exact(to_visit.len());
         let split = to_visit.partition_point(|&s| s < from);
         for &s in to_visit[split..].iter().chain(&to_visit[..split]) {
             let log = self.hub.logs.memory(s).read();
