@@ -31,6 +31,7 @@
 //! sessions' fan-out spans (see `telemetry`). Untraced wake-ups record
 //! nothing.
 
+use std::collections::hash_map::Entry;
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 
@@ -906,20 +907,24 @@ impl Actor {
         appended: &mut Vec<LogEntry>,
         undo: &mut Vec<Option<Remembered>>,
     ) -> EventOutcome {
-        if let Some(r) = self.mem.versions.get(&e.entity)
-            && r.version >= e.version
-        {
-            let outcome = if r.version == e.version {
-                Outcome::Duplicate
-            } else {
-                Outcome::Superseded
-            };
-            return EventOutcome {
-                outcome,
-                seq: r.seq,
-                current_version: r.version,
-            };
-        }
+        // One look-up in the version memory per event: the entry decides
+        // and, when the event is new, takes its seq.
+        let slot = match self.mem.versions.entry(e.entity.clone()) {
+            Entry::Occupied(o) if o.get().version >= e.version => {
+                let r = *o.get();
+                let outcome = if r.version == e.version {
+                    Outcome::Duplicate
+                } else {
+                    Outcome::Superseded
+                };
+                return EventOutcome {
+                    outcome,
+                    seq: r.seq,
+                    current_version: r.version,
+                };
+            }
+            slot => slot,
+        };
         self.head += 1;
         let seq = self.head;
         let local = e.origin.is_none();
@@ -937,8 +942,20 @@ impl Actor {
                 tracestate: &e.tracestate,
             },
         );
+        let now_newest = Remembered {
+            version: e.version,
+            seq,
+        };
+        let prev = match slot {
+            Entry::Occupied(mut o) => Some(o.insert(now_newest)),
+            Entry::Vacant(v) => {
+                v.insert(now_newest);
+                None
+            }
+        };
+        undo.push(prev);
         appended.push(LogEntry {
-            entity: e.entity.clone(),
+            entity: e.entity,
             local,
             publish_time_us,
             gap: false,
@@ -946,14 +963,6 @@ impl Actor {
             version: e.version.get(),
             bytes,
         });
-        let prev = self.mem.versions.insert(
-            e.entity,
-            Remembered {
-                version: e.version,
-                seq,
-            },
-        );
-        undo.push(prev);
         EventOutcome {
             outcome: Outcome::Applied,
             seq,
