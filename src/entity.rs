@@ -184,6 +184,19 @@ mod tests {
             Entity::parse("user:4\n2"),
             Err(EntityError::ControlCharacter(6))
         );
+        // C0, DEL and C1, each reported at its byte offset.
+        assert_eq!(
+            Entity::parse("user:\x7f"),
+            Err(EntityError::ControlCharacter(5))
+        );
+        assert_eq!(
+            Entity::parse("user:é\t"),
+            Err(EntityError::ControlCharacter(7))
+        );
+        assert_eq!(
+            Entity::parse("user:é\u{85}"),
+            Err(EntityError::ControlCharacter(7))
+        );
         assert_eq!(
             Entity::parse(&format!("user:{}", "x".repeat(508))),
             Err(EntityError::TooLong(513))
