@@ -180,23 +180,19 @@ mod tests {
             Err(EntityError::BadNamespace(_))
         ));
         assert!(Entity::parse(&format!("{}:1", "a".repeat(63))).is_ok());
-        assert_eq!(
-            Entity::parse("user:4\n2"),
-            Err(EntityError::ControlCharacter(6))
-        );
         // C0, DEL and C1, each reported at its byte offset.
-        assert_eq!(
-            Entity::parse("user:\x7f"),
-            Err(EntityError::ControlCharacter(5))
-        );
-        assert_eq!(
-            Entity::parse("user:é\t"),
-            Err(EntityError::ControlCharacter(7))
-        );
-        assert_eq!(
-            Entity::parse("user:é\u{85}"),
-            Err(EntityError::ControlCharacter(7))
-        );
+        for (text, at) in [
+            ("user:4\n2", 6),
+            ("user:\x7f", 5),
+            ("user:é\t", 7),
+            ("user:é\u{85}", 7),
+        ] {
+            assert_eq!(
+                Entity::parse(text),
+                Err(EntityError::ControlCharacter(at)),
+                "{text:?}"
+            );
+        }
         assert_eq!(
             Entity::parse(&format!("user:{}", "x".repeat(508))),
             Err(EntityError::TooLong(513))
