@@ -131,10 +131,7 @@ impl crate::codec::raw::hub_server::Hub for HubService {
             .instrument(span.clone())
             .await
             .map_err(|e| failed(&span, refused(e)))?;
-        let mut counts = [0usize; 3];
-        for (o, _) in &published.results {
-            counts[o.outcome as usize] += 1;
-        }
+        let counts = published.by_outcome;
         span.record("applied", num(counts[Outcome::Applied as usize]));
         span.record("duplicate", num(counts[Outcome::Duplicate as usize]));
         span.record("superseded", num(counts[Outcome::Superseded as usize]));

@@ -163,6 +163,9 @@ impl SessionShared {
 pub struct Published {
     /// Per event, in call order: outcome and shard.
     pub results: Vec<(EventOutcome, ShardId)>,
+    /// How many events had each outcome, indexed by [`Outcome`] (applied,
+    /// duplicate, superseded).
+    pub by_outcome: [u64; 3],
     /// Every node concerned acked (always true for ACCEPTED).
     pub complete: bool,
     /// Nodes that had not acked at the timeout.
@@ -464,16 +467,17 @@ impl Hub {
         let results = self
             .append(incoming, &[], Some(self.config.admission_timeout))
             .await?;
-        let mut counts = [0u64; 3];
+        let mut by_outcome = [0u64; 3];
         for (o, _) in &results {
-            counts[o.outcome as usize] += 1;
+            by_outcome[o.outcome as usize] += 1;
         }
         self.stats.published(results.len() as u64);
-        crate::metrics::count_published(counts);
+        crate::metrics::count_published(by_outcome);
 
         if !awaited {
             return Ok(Published {
                 results,
+                by_outcome,
                 complete: true,
                 pending_nodes: Vec::new(),
                 pending_regions: Vec::new(),
@@ -513,6 +517,7 @@ impl Hub {
         );
         Ok(Published {
             results,
+            by_outcome,
             complete: pending_nodes.is_empty() && pending_regions.is_empty(),
             pending_nodes,
             pending_regions,

@@ -410,8 +410,8 @@ pub fn count_appended(n: u64) {
     APPENDED.fetch_add(n, Ordering::Relaxed);
 }
 
-/// Counts one publish call's events by result: applied, duplicate,
-/// superseded.
+/// Counts one publish call's events by result, in `Outcome` order
+/// (applied, duplicate, superseded: `Published::by_outcome`).
 pub fn count_published(by_result: [u64; 3]) {
     for (total, n) in PUBLISHED.iter().zip(by_result) {
         if n > 0 {
