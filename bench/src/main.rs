@@ -140,6 +140,11 @@ struct Cli {
     /// B2 completion p99 objective in µs [default: 5000 up to 64 nodes, 25000 above].
     #[arg(long)]
     objective_us: Option<u64>,
+    /// The B2 search stops when its lowest failing rate is within this
+    /// fraction above its highest passing one; finer costs about one step
+    /// more per halving (0.1: ~12 steps; 0.025: ~14).
+    #[arg(long, default_value_t = 0.1, value_parser = parse_precision)]
+    precision: f64,
     /// Entities the events are spread over [default: per workload].
     #[arg(long)]
     entities: Option<u32>,
@@ -292,6 +297,7 @@ async fn main_async(cli: Cli) -> anyhow::Result<()> {
         warmup: cli.warmup,
         step: cli.step,
         objective_us: cli.objective_us,
+        precision: cli.precision,
         entities: cli.entities,
         batch: cli.batch.min(run::MAX_BATCH),
         fsync_probe: cli.fsync_probe,
@@ -357,5 +363,17 @@ fn parse_ack_level(s: &str) -> Result<freshness::pb::AckLevel, String> {
         other => Err(format!(
             "unknown ack level `{other}`: expected accepted, region or global"
         )),
+    }
+}
+
+/// A B2 search precision: a fraction in [0.005, 0.5].
+fn parse_precision(s: &str) -> Result<f64, String> {
+    let p: f64 = s
+        .parse()
+        .map_err(|e| format!("`{s}` is not a number: {e}"))?;
+    if (0.005..=0.5).contains(&p) {
+        Ok(p)
+    } else {
+        Err(format!("precision {p} is outside 0.005..=0.5"))
     }
 }

@@ -28,6 +28,8 @@ pub struct Opts {
     pub step: Duration,
     /// B2 completion p99 objective, overriding the defaults.
     pub objective_us: Option<u64>,
+    /// Precision of the B2 search (see [`RateSearch::new`]).
+    pub precision: f64,
     /// Entities, overriding the workload's default.
     pub entities: Option<u32>,
     /// Events per publish call (0: all owed at each tick).
@@ -153,7 +155,9 @@ async fn search(
 ) -> Result<Option<RunResult>> {
     let objective = objective_us(n, o);
     let start = (64_000 / n as u64).max(50);
-    let mut s = RateSearch::new(start, 2_000_000, 12, 0.1);
+    // Twelve steps reach 10 %; each halving of the precision costs one more.
+    let extra = (0.1 / o.precision).log2().ceil().max(0.0) as u32;
+    let mut s = RateSearch::new(start, 2_000_000, 12 + extra, o.precision);
     let mut best: Option<RunResult> = None;
     let mut steps = Vec::new();
     while let Some(rate) = s.next_rate() {
