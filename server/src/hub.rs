@@ -301,13 +301,15 @@ impl Hub {
         };
         if let Some(wal) = &wal {
             // The durable log's writer hands each group it wrote to this
-            // task, which makes the group's drains visible and answered,
-            // then rings the bell once: one wake across threads per group.
+            // task, which answers the group's actors: one wake across
+            // threads per group. Each actor then ends its drain (visible,
+            // answered) and rings the bell; its ringer runs behind them
+            // all, so the sessions are woken once per group.
             let (completer, mut groups) = tokio::sync::mpsc::channel::<Vec<crate::store::Completion>>(
                 config.shards as usize + 1,
             );
             wal.complete_on(completer);
-            let (bell, stop) = (ctx.appended.clone(), shutdown.clone());
+            let stop = shutdown.clone();
             tracker.spawn(async move {
                 loop {
                     let group = tokio::select! {
@@ -318,7 +320,6 @@ impl Hub {
                     group
                         .into_iter()
                         .for_each(crate::store::Completion::complete);
-                    bell.ring();
                 }
                 // Stopping: the writer completes later groups itself; the
                 // ones already handed over are completed here, not dropped.

@@ -315,16 +315,6 @@ type Reply = (
     Vec<EventOutcome>,
 );
 
-/// A durable drain between its actor and the log: the entries and answers
-/// made visible once written, or handed back to the actor when the write
-/// failed; what left the memory meanwhile.
-#[derive(Default)]
-struct Pending {
-    entries: Vec<LogEntry>,
-    replies: Vec<Reply>,
-    evicted: crate::log::Evicted,
-}
-
 /// A shard's log in memory and its newest-version memory: what its actor
 /// owns, built before the actor runs (empty, or rebuilt from the durable
 /// log by [`ShardMemory::restore`]).
@@ -767,6 +757,13 @@ impl Actor {
                 }
             }
         }
+        self.finish(appended, replies);
+    }
+
+    /// The end of a drain whose records are stored (or need not be): they
+    /// become visible to the sessions, the callers are answered, the
+    /// sessions woken.
+    fn finish(&mut self, appended: Vec<LogEntry>, replies: Vec<Reply>) {
         let wake = !appended.is_empty();
         if wake {
             crate::metrics::count_appended(appended.len() as u64);
@@ -785,12 +782,14 @@ impl Actor {
         }
     }
 
-    /// The rest of a drain with a durable log. Once the records are written
-    /// (and flushed), the hub's completion task (on this runtime, woken once
-    /// per group of drains the writer wrote) appends them in memory and
-    /// answers the callers, then rings the bell once for the group; the
-    /// actor, answered after that, only forgets what left its memory, or
-    /// undoes the drain when the write failed.
+    /// The rest of a drain with a durable log: its records go to the log's
+    /// writer, and the drain waits for them to be written (and flushed)
+    /// with the others of their group. The hub's completion task, woken
+    /// once per group, wakes every actor of the group on this runtime; each
+    /// then ends its drain as a memory-only hub does ([`Actor::finish`]),
+    /// or, when the write failed, undoes it. Every actor woken rings the
+    /// same bell, whose ringer runs behind them all: the sessions are
+    /// woken once per group.
     async fn serve_durable(
         &mut self,
         wal: &Wal,
@@ -801,7 +800,6 @@ impl Actor {
         span: Option<Span>,
     ) {
         let count = appended.len() as u64;
-        let commands = replies.len();
         let traced = span.as_ref().and_then(|span| {
             span.record("appended", num(appended.len()));
             span.record("first_seq", num(first_seq));
@@ -814,49 +812,27 @@ impl Actor {
         for (i, e) in appended.iter().enumerate() {
             encode_record(&mut buf, self.id, first_seq + i as u64, e);
         }
-        let pending = Arc::new(parking_lot::Mutex::new(Pending {
-            entries: appended,
-            replies,
-            evicted: Vec::new(),
-        }));
-        let done: crate::store::Done = {
-            let (pending, log, traces) =
-                (pending.clone(), self.mem.log.clone(), self.traces.clone());
-            let (ctx, id, last) = (self.ctx.clone(), self.id, self.head);
-            Box::new(move || {
-                // Before the answers: a caller that then asks for the
-                // status sees the log writable again.
-                ctx.set_failing(id, None);
-                crate::metrics::record_drain(commands);
-                crate::metrics::count_appended(count);
-                let mut p = pending.lock();
-                if let Some(sc) = traced {
-                    traces.record(first_seq, last, sc);
-                }
-                let entries = std::mem::take(&mut p.entries);
-                p.evicted = log.append_all(entries);
-                // `ACCEPTED` promises the append: answered now.
-                for (reply, outcomes) in p.replies.drain(..) {
-                    let _ = reply.send(Ok(outcomes));
-                }
-            })
-        };
         let started = tokio::time::Instant::now();
-        let (buf, result) = wal
-            .append_then(self.id, first_seq, count, buf, Some(done))
-            .await;
+        let (buf, result) = wal.append(self.id, first_seq, count, buf).await;
         crate::metrics::record_log_append(started.elapsed().as_secs_f64());
         self.record_buf = buf;
-        let p = std::mem::take(&mut *pending.lock());
         match result {
-            // Made visible, answered and noted writable by `done`.
-            Ok(()) => self.mem.forget(p.evicted),
+            Ok(()) => {
+                // Before the answers: a caller that then asks for the
+                // status sees the log writable again.
+                self.set_failing(None);
+                crate::metrics::record_drain(replies.len());
+                if let Some(sc) = traced {
+                    self.traces.record(first_seq, self.head, sc);
+                }
+                self.finish(appended, replies);
+            }
             Err(e) => {
                 // Nothing of this drain happened: the seqs and versions go back.
                 self.set_failing(Some(&e));
-                self.undo(first_seq, &p.entries, undo);
+                self.undo(first_seq, &appended, undo);
                 let failed = WriteFailed(Arc::new(e));
-                for (reply, _) in p.replies {
+                for (reply, _) in replies {
                     let _ = reply.send(Err(failed.clone()));
                 }
             }

@@ -25,7 +25,7 @@
 //!
 //! ## Writes: one writer, one flush per group
 //! Shard actors hand their drain's records to the log's writer thread
-//! ([`Wal::append_then`]) and wait. The thread, once woken, yields its core once
+//! ([`Wal::append`]) and wait. The thread, once woken, yields its core once
 //! (so the actors of one publish have all handed theirs), takes everything
 //! waiting (every shard's drain), writes it at the end of the active
 //! segment and, with `fsync = always`, flushes once: a publish touching 64
@@ -33,8 +33,8 @@
 //! behind: the file is cut back to where the group began and every drain
 //! of the group is refused, so a failure never leaves a bad record in the
 //! middle of the log. Each group's answers go to the hub's completion task
-//! ([`Wal::complete_on`]), which runs every drain's `done` (making it
-//! visible) before answering its actor.
+//! ([`Wal::complete_on`]), which answers every drain's actor on the
+//! actors' runtime: one wake across threads per group.
 //!
 //! ## Segments written ahead
 //! A flush of an append that grows its file also commits the new file size
@@ -1132,32 +1132,20 @@ struct Request {
     /// Seq of its first record and how many it holds.
     first_seq: u64,
     count: u64,
-    /// Run once the records are written (and flushed), before `reply`.
-    done: Option<Done>,
     reply: oneshot::Sender<(Vec<u8>, io::Result<()>)>,
 }
 
-/// What a drain's actor has done once its records are in the log (see
-/// [`Wal::append_then`]).
-pub type Done = Box<dyn FnOnce() + Send>;
-
-/// A written drain's answer: its `done` (when the write succeeded), then
-/// the reply to its actor.
+/// A written drain's answer to its actor: the buffer back, and whether the
+/// records are in the log.
 pub struct Completion {
-    done: Option<Done>,
     reply: oneshot::Sender<(Vec<u8>, io::Result<()>)>,
     buf: Vec<u8>,
     result: io::Result<()>,
 }
 
 impl Completion {
-    /// Runs `done` when the write succeeded, then answers the actor.
+    /// Answers the drain's actor (which may have stopped meanwhile).
     pub fn complete(self) {
-        if self.result.is_ok()
-            && let Some(done) = self.done
-        {
-            done();
-        }
         let _ = self.reply.send((self.buf, self.result));
     }
 }
@@ -1220,18 +1208,21 @@ impl Wal {
     }
 
     /// Has the writer hand every group's completions to `completer` (one
-    /// wake of its receiver per group) instead of completing each drain
-    /// from its own thread (one wake of each drain's task). Where the
-    /// receiver is gone, the writer completes them itself. Set once; later
-    /// calls are ignored.
+    /// wake of its receiver per group, which then answers the group's
+    /// actors on its own runtime) instead of answering each drain from its
+    /// own thread (one wake across threads per drain). Where the receiver
+    /// is gone, the writer answers them itself. Set once; later calls are
+    /// ignored.
     pub fn complete_on(&self, completer: Completer) {
         let _ = self.completer.set(completer);
     }
 
     /// Writes the records in `buf` (`count` records of `shard`, seqs from
     /// `first_seq`) under the fsync policy; answers when they are written
-    /// (and flushed, with `always`). The buffer comes back for reuse. On
-    /// error nothing of `buf` is in the log.
+    /// (and flushed, with `always`), through the
+    /// [`complete_on`](Self::complete_on) task when there is one. The
+    /// buffer comes back for reuse. On error nothing of `buf` is in the
+    /// log.
     pub async fn append(
         &self,
         shard: u32,
@@ -1239,28 +1230,12 @@ impl Wal {
         count: u64,
         buf: Vec<u8>,
     ) -> (Vec<u8>, io::Result<()>) {
-        self.append_then(shard, first_seq, count, buf, None).await
-    }
-
-    /// [`append`](Self::append), with `done` run once the records are
-    /// written (and flushed), before the answer: on the
-    /// [`complete_on`](Self::complete_on) task when there is one, else on
-    /// the writer's thread. Not run when the write fails.
-    pub async fn append_then(
-        &self,
-        shard: u32,
-        first_seq: u64,
-        count: u64,
-        buf: Vec<u8>,
-        done: Option<Done>,
-    ) -> (Vec<u8>, io::Result<()>) {
         let (reply, answer) = oneshot::channel();
         let req = Request {
             shard,
             buf,
             first_seq,
             count,
-            done,
             reply,
         };
         match self.tx.try_send(req) {
@@ -1335,7 +1310,6 @@ impl Writer {
             let done: Vec<Completion> = group
                 .drain(..)
                 .map(|req| Completion {
-                    done: req.done,
                     reply: req.reply,
                     buf: req.buf,
                     result: match &result {
