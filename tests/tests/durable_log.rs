@@ -272,3 +272,83 @@ async fn a_node_behind_the_memory_tail_is_replayed_from_disk() {
     );
     hub.stop().await;
 }
+
+/// A node that stops acking while the in-memory tail moves past what it
+/// was sent is replayed from disk once it acks again, while connected: no
+/// reset, every shard in order with no gap, nothing missing. (The hub
+/// looks on disk only once a fill has met such a shard, so this is the
+/// path where it must notice on its own.)
+#[tokio::test]
+async fn a_connected_node_the_memory_tail_outruns_is_replayed_from_disk() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut config = durable(tmp.path());
+    config.memory_max_events = 32;
+    // No progress tick to fall back on: the replay must start from the
+    // acks and appends alone.
+    config.progress_interval = std::time::Duration::from_secs(60);
+    let hub = TestHub::start_with(config).await;
+    let mut hello = hello("slow", &[], None);
+    hello.max_in_flight = 8;
+    let mut node = RawNode::connect(&hub.url(), hello).await.unwrap();
+    let mut cursor = NodeCursor::from_welcome(&node.welcome);
+    // One event, read and acked: the node is caught up and its session
+    // has looked on disk and found nothing.
+    publish(&hub, &[("user:first", 1)]).await;
+    let mut got = read_until(&mut node, &mut cursor, &heads(&hub.status().await)).await;
+    // Eight more fill its in-flight budget; it reads them and does not
+    // ack, so the hub sends it nothing more (parked)...
+    let parked: Vec<String> = (0..8).map(|i| format!("user:parked:{i}")).collect();
+    let events: Vec<(&str, u64)> = parked.iter().map(|e| (e.as_str(), 1)).collect();
+    publish(&hub, &events).await;
+    let mut in_flight = 0;
+    while in_flight < 8 {
+        let msg = node.expect().await;
+        if let Kind::Events(b) = &msg {
+            for e in &b.events {
+                cursor.cursor.seqs[e.shard as usize] = e.seq;
+                let ev = e.event.as_ref().expect("event body");
+                got.push((ev.entity.clone(), ev.version));
+                in_flight += 1;
+            }
+        } else {
+            cursor.apply(&msg);
+        }
+    }
+    // ... while 600 events pass through a memory of 32. The ack after
+    // them is the only thing left to start the replay.
+    let mut names: Vec<String> = (0..600).map(|i| format!("user:{i}")).collect();
+    for chunk in names.chunks(100) {
+        let events: Vec<(&str, u64)> = chunk.iter().map(|e| (e.as_str(), 1)).collect();
+        publish(&hub, &events).await;
+    }
+    let status = hub.status().await;
+    assert!(status.retained_events <= 32, "memory holds the tail only");
+    let heads = heads(&status);
+    node.ack(cursor.cursor.clone()).await;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while cursor.cursor.seqs.iter().zip(&heads).any(|(c, h)| c < h) {
+        assert!(tokio::time::Instant::now() < deadline, "caught up in time");
+        let msg = node.expect().await;
+        match &msg {
+            Kind::Reset(r) => panic!("the node was reset: {r:?}"),
+            Kind::Events(b) => {
+                for e in &b.events {
+                    let at = cursor.cursor.seqs[e.shard as usize];
+                    assert_eq!(e.seq, at + 1, "shard {}: in order, no gap", e.shard);
+                    cursor.cursor.seqs[e.shard as usize] = e.seq;
+                    let ev = e.event.as_ref().expect("event body");
+                    got.push((ev.entity.clone(), ev.version));
+                }
+            }
+            other => cursor.apply(other),
+        }
+        node.ack(cursor.cursor.clone()).await;
+    }
+    names.push("user:first".into());
+    names.extend(parked);
+    names.sort();
+    let mut entities: Vec<String> = got.into_iter().map(|(e, _)| e).collect();
+    entities.sort();
+    assert_eq!(entities, names, "every event, once");
+    hub.stop().await;
+}

@@ -44,7 +44,7 @@ impl Session {
         /// Segment reads one fill may make for a node whose filter skips
         /// what it reads; the progress tick's fill goes on from there.
         const MAX_READS: usize = 16;
-        if !self.hub.logs.has_disk() {
+        if !self.behind_memory || !self.hub.logs.has_disk() {
             return None;
         }
         let n = self.sent.len();
@@ -125,6 +125,10 @@ impl Session {
             self.caught_up = false;
             return Some(self.builder.finish(0, ack_requested));
         }
+        if s == n {
+            // Every shard looked at: none to replay from disk.
+            self.behind_memory = false;
+        }
         None
     }
 
@@ -142,6 +146,7 @@ impl Session {
                 return Fill::Blocked;
             }
         }
+        let looked_on_disk = self.behind_memory;
         if let Some(frame) = self.fill_from_disk(budget) {
             return Fill::Frame(frame);
         }
@@ -182,6 +187,7 @@ impl Session {
                 // Still on disk: the next fill replays it from there.
                 // Otherwise the reset goes before any event of this fill,
                 // or in the next one.
+                self.behind_memory = true;
                 if self.sent[s] + 1 < self.hub.logs.retained_first(s) {
                     gaps.push(s as u32);
                 }
@@ -241,6 +247,13 @@ impl Session {
             }
         }
         self.to_visit = to_visit;
+        if count == 0 && self.behind_memory && !looked_on_disk {
+            // This fill met a shard whose unsent entries are on disk only:
+            // they go now, as they would have had it looked there first.
+            if let Some(frame) = self.fill_from_disk(budget) {
+                return Fill::Frame(frame);
+            }
+        }
         if !gaps.is_empty() {
             if count == 0 {
                 return Fill::Frame(self.reset_frame(gaps, false, pb::ResetReason::SlowConsumer));

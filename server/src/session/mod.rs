@@ -136,6 +136,12 @@ pub struct Session {
     /// A fill found shards the log left behind but sent events first: the
     /// next fill starts with their reset.
     gaps_pending: bool,
+    /// Some shard's unsent entries may have left the in-memory log (a
+    /// cursor resumed from, or a node the log outran): the next fill looks
+    /// on disk first. Set at opening and by a fill that meets such a
+    /// shard; cleared by a look on disk that finds none, so a node that
+    /// keeps up does not look at every shard's disk bounds on every fill.
+    behind_memory: bool,
     builder: BatchBuilder,
     frame_limit: usize,
     last_watermark: Instant,

@@ -135,6 +135,7 @@ pub fn open(
         scan_from: 0,
         to_visit: Vec::new(),
         gaps_pending: false,
+        behind_memory: true,
         builder: BatchBuilder::new(),
         last_watermark: Instant::now(),
         tally: crate::metrics::SessionTally::default(),
