@@ -49,7 +49,7 @@ use tracing_opentelemetry::OpenTelemetrySpanExt;
 use crate::clock::Clock;
 use crate::jetstream::{AppendError, JsShard, Remote};
 use crate::log::{LogEntry, SharedLog};
-use crate::store::{Wal, WriteFailed, encode_record};
+use crate::store::{Wal, WalPort, WriteFailed, encode_record};
 use crate::telemetry::{Adopt, AppendTraces, num};
 
 /// Most commands one wake-up of an actor takes from its queue.
@@ -273,7 +273,7 @@ impl ShardHandle {
             traces: traces.clone(),
             gap_entity: Entity::parse(GAP_ENTITY)
                 .unwrap_or_else(|_| unreachable!("valid constant")),
-            wal,
+            wal: wal.map(|w| w.port()),
             js,
             record_buf: Vec::new(),
         };
@@ -415,8 +415,8 @@ struct Actor {
     head: u64,
     /// Placeholder entity of gap markers (they concern a shard, not an entity).
     gap_entity: Entity,
-    /// The durable log's writer; `None` for an ephemeral hub.
-    wal: Option<Wal>,
+    /// This actor's way into the durable log; `None` for an ephemeral hub.
+    wal: Option<WalPort>,
     /// The JetStream log's side of this shard (`log = "jetstream"`).
     js: Option<JsShard>,
     /// The records of one drain, reused.
@@ -739,11 +739,12 @@ impl Actor {
             replies.push((cmd.reply, outcomes));
         }
         if !appended.is_empty()
-            && let Some(wal) = self.wal.clone()
+            && let Some(mut wal) = self.wal.take()
         {
-            return self
-                .serve_durable(&wal, first_seq, appended, undo, replies, span)
+            self.serve_durable(&mut wal, first_seq, appended, undo, replies, span)
                 .await;
+            self.wal = Some(wal);
+            return;
         }
         crate::metrics::record_drain(replies.len());
         if let Some(span) = &span {
@@ -792,7 +793,7 @@ impl Actor {
     /// woken once per group.
     async fn serve_durable(
         &mut self,
-        wal: &Wal,
+        wal: &mut WalPort,
         first_seq: u64,
         appended: Vec<LogEntry>,
         undo: Vec<Option<Remembered>>,

@@ -25,7 +25,7 @@
 //!
 //! ## Writes: one writer, one flush per group
 //! Shard actors hand their drain's records to the log's writer thread
-//! ([`Wal::append`]) and wait. The thread, once woken, yields its core once
+//! ([`WalPort::append`]) and wait. The thread, once woken, yields its core once
 //! (so the actors of one publish have all handed theirs), takes everything
 //! waiting (every shard's drain), writes it at the end of the active
 //! segment and, with `fsync = always`, flushes once: a publish touching 64
@@ -81,7 +81,6 @@ use std::time::Duration;
 use bytes::Bytes;
 use freshness::{Entity, Version};
 use parking_lot::RwLock;
-use tokio::sync::oneshot;
 
 use crate::log::LogEntry;
 
@@ -1132,13 +1131,13 @@ struct Request {
     /// Seq of its first record and how many it holds.
     first_seq: u64,
     count: u64,
-    reply: oneshot::Sender<(Vec<u8>, io::Result<()>)>,
+    owed: Owed,
 }
 
 /// A written drain's answer to its actor: the buffer back, and whether the
 /// records are in the log.
 pub struct Completion {
-    reply: oneshot::Sender<(Vec<u8>, io::Result<()>)>,
+    owed: Owed,
     buf: Vec<u8>,
     result: io::Result<()>,
 }
@@ -1146,7 +1145,98 @@ pub struct Completion {
 impl Completion {
     /// Answers the drain's actor (which may have stopped meanwhile).
     pub fn complete(self) {
-        let _ = self.reply.send((self.buf, self.result));
+        self.owed.pay(self.buf, self.result);
+    }
+}
+
+/// Where one actor's drains are answered, reused from drain to drain: an
+/// actor has at most one drain with the writer ([`WalPort::append`] takes
+/// it `&mut`), so one slot serves them all and a drain allocates nothing
+/// to be answered.
+#[derive(Debug, Default)]
+struct Answer {
+    slot: parking_lot::Mutex<Option<(Vec<u8>, io::Result<()>)>>,
+    ready: tokio::sync::Notify,
+}
+
+impl Answer {
+    fn put(&self, buf: Vec<u8>, result: io::Result<()>) {
+        *self.slot.lock() = Some((buf, result));
+        self.ready.notify_one();
+    }
+
+    /// The next answer paid.
+    async fn wait(&self) -> (Vec<u8>, io::Result<()>) {
+        loop {
+            if let Some(answer) = self.slot.lock().take() {
+                return answer;
+            }
+            // A payment between the look and here leaves a permit: no
+            // wake is lost (and a stale permit costs one more look).
+            self.ready.notified().await;
+        }
+    }
+}
+
+/// The answer owed to a drain's actor: paid once by its completion or,
+/// when the request or its completion is dropped unanswered (the writer or
+/// the completion task stopped), as an error, so no actor waits forever.
+struct Owed(Option<Arc<Answer>>);
+
+impl Owed {
+    fn pay(mut self, buf: Vec<u8>, result: io::Result<()>) {
+        if let Some(a) = self.0.take() {
+            a.put(buf, result);
+        }
+    }
+}
+
+impl Drop for Owed {
+    fn drop(&mut self) {
+        if let Some(a) = self.0.take() {
+            a.put(Vec::new(), Err(io::Error::other("the log writer stopped")));
+        }
+    }
+}
+
+/// One shard actor's way into the log (see [`Wal::port`]).
+#[derive(Debug)]
+pub struct WalPort {
+    wal: Wal,
+    answer: Arc<Answer>,
+}
+
+impl WalPort {
+    /// Writes the records in `buf` (`count` records of `shard`, seqs from
+    /// `first_seq`) under the fsync policy; answers when they are written
+    /// (and flushed, with `always`), through the
+    /// [`complete_on`](Wal::complete_on) task when there is one. The
+    /// buffer comes back for reuse. On error nothing of `buf` is in the
+    /// log.
+    pub async fn append(
+        &mut self,
+        shard: u32,
+        first_seq: u64,
+        count: u64,
+        buf: Vec<u8>,
+    ) -> (Vec<u8>, io::Result<()>) {
+        let req = Request {
+            shard,
+            buf,
+            first_seq,
+            count,
+            owed: Owed(Some(self.answer.clone())),
+        };
+        match self.wal.tx.try_send(req) {
+            Ok(()) => {}
+            Err(TrySendError::Full(r) | TrySendError::Disconnected(r)) => {
+                let Request { buf, mut owed, .. } = r;
+                // Not handed over: nothing is owed.
+                owed.0 = None;
+                return (buf, Err(io::Error::other("the log writer is not running")));
+            }
+        }
+        self.answer.wait().await
     }
 }
 
@@ -1217,39 +1307,12 @@ impl Wal {
         let _ = self.completer.set(completer);
     }
 
-    /// Writes the records in `buf` (`count` records of `shard`, seqs from
-    /// `first_seq`) under the fsync policy; answers when they are written
-    /// (and flushed, with `always`), through the
-    /// [`complete_on`](Self::complete_on) task when there is one. The
-    /// buffer comes back for reuse. On error nothing of `buf` is in the
-    /// log.
-    pub async fn append(
-        &self,
-        shard: u32,
-        first_seq: u64,
-        count: u64,
-        buf: Vec<u8>,
-    ) -> (Vec<u8>, io::Result<()>) {
-        let (reply, answer) = oneshot::channel();
-        let req = Request {
-            shard,
-            buf,
-            first_seq,
-            count,
-            reply,
-        };
-        match self.tx.try_send(req) {
-            Ok(()) => {}
-            Err(TrySendError::Full(r) | TrySendError::Disconnected(r)) => {
-                return (
-                    r.buf,
-                    Err(io::Error::other("the log writer is not running")),
-                );
-            }
-        }
-        match answer.await {
-            Ok(done) => done,
-            Err(_) => (Vec::new(), Err(io::Error::other("the log writer stopped"))),
+    /// A way into the log for one shard actor, which hands it its drains
+    /// one at a time ([`WalPort::append`]).
+    pub fn port(&self) -> WalPort {
+        WalPort {
+            wal: self.clone(),
+            answer: Arc::default(),
         }
     }
 }
@@ -1310,7 +1373,7 @@ impl Writer {
             let done: Vec<Completion> = group
                 .drain(..)
                 .map(|req| Completion {
-                    reply: req.reply,
+                    owed: req.owed,
                     buf: req.buf,
                     result: match &result {
                         Ok(()) => Ok(()),
@@ -1627,7 +1690,7 @@ mod tests {
         let rt = tokio::runtime::Builder::new_current_thread()
             .build()
             .unwrap();
-        let (_, r) = rt.block_on(wal.append(shard, from, n, buf));
+        let (_, r) = rt.block_on(wal.port().append(shard, from, n, buf));
         r.unwrap();
     }
 
@@ -1652,6 +1715,39 @@ mod tests {
         assert_eq!(s[59].entry.version, 60);
         assert_eq!(got.records[&0].len(), 5);
         assert!(fs::read_dir(tmp.path().join("wal")).unwrap().count() > 1);
+    }
+
+    #[test]
+    fn one_port_answers_drain_after_drain_and_a_dropped_request_answers_an_error() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (opened, _) = open_collect(tmp.path(), 1, retention());
+        let opened = opened.unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let mut port = opened.wal.port();
+        for from in [1, 11, 21] {
+            let mut buf = Vec::new();
+            for seq in from..from + 10 {
+                encode_record(&mut buf, 0, seq, &entry(&format!("user:{seq}"), seq));
+            }
+            let (back, r) = rt.block_on(port.append(0, from, 10, buf));
+            r.unwrap();
+            assert!(back.capacity() > 0, "the buffer comes back for reuse");
+        }
+        // An answer owed and never paid (its request or completion dropped
+        // when the writer or the completion task stops) is an error, not a
+        // wait forever.
+        drop(Owed(Some(port.answer.clone())));
+        let (_, r) = rt.block_on(port.answer.wait());
+        assert!(
+            r.unwrap_err()
+                .to_string()
+                .contains("the log writer stopped")
+        );
+        drop(opened);
+        let (_, got) = open_collect(tmp.path(), 1, retention());
+        assert_eq!(got.records[&0].len(), 30);
     }
 
     #[test]
