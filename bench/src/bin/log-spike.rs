@@ -165,7 +165,7 @@ fn wal_rounds(dir: &Path, batch: u64, each: Duration) -> anyhow::Result<()> {
                     for i in 0..batch {
                         encode_record(&mut buf, shard, seq + i, &entry(seq + i));
                     }
-                    wal.append(shard, seq, batch, buf).await.1
+                    wal.port().append(shard, seq, batch, buf).await.1
                 }));
             }
             for t in tasks {
@@ -307,7 +307,8 @@ fn open_full(dir: &Path, events: u64) -> anyhow::Result<()> {
                 for i in 0..n {
                     encode_record(&mut buf, shard, seq + i, &entry(seq + i + u64::from(shard)));
                 }
-                rt.block_on(opened.wal.append(shard, seq, n, buf)).1?;
+                rt.block_on(opened.wal.port().append(shard, seq, n, buf))
+                    .1?;
             }
             seq += n;
         }
@@ -427,8 +428,13 @@ fn fill(dir: &Path, bytes: u64, payload: usize) -> anyhow::Result<()> {
             }
             written += bufs[s].len() as u64;
             let buf = std::mem::take(&mut bufs[s]);
-            rt.block_on(opened.wal.append(s as u32, seqs[s] + 1, counts[s], buf))
-                .1?;
+            rt.block_on(
+                opened
+                    .wal
+                    .port()
+                    .append(s as u32, seqs[s] + 1, counts[s], buf),
+            )
+            .1?;
             seqs[s] += counts[s];
         }
     }
