@@ -1149,13 +1149,17 @@ impl Completion {
     }
 }
 
+/// A drain's answer: its record buffer back for reuse, and whether its
+/// records are in the log.
+pub type Answered = (Vec<u8>, io::Result<()>);
+
 /// Where one actor's drains are answered, reused from drain to drain: an
 /// actor has at most one drain with the writer ([`WalPort::append`] takes
 /// it `&mut`), so one slot serves them all and a drain allocates nothing
 /// to be answered.
 #[derive(Debug, Default)]
 struct Answer {
-    slot: parking_lot::Mutex<Option<(Vec<u8>, io::Result<()>)>>,
+    slot: parking_lot::Mutex<Option<Answered>>,
     ready: tokio::sync::Notify,
 }
 
@@ -1166,7 +1170,7 @@ impl Answer {
     }
 
     /// The next answer paid.
-    async fn wait(&self) -> (Vec<u8>, io::Result<()>) {
+    async fn wait(&self) -> Answered {
         loop {
             if let Some(answer) = self.slot.lock().take() {
                 return answer;
@@ -1219,7 +1223,7 @@ impl WalPort {
         first_seq: u64,
         count: u64,
         buf: Vec<u8>,
-    ) -> (Vec<u8>, io::Result<()>) {
+    ) -> Answered {
         let req = Request {
             shard,
             buf,

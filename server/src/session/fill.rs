@@ -184,7 +184,8 @@ impl Session {
         for &s in to_visit[split..].iter().chain(&to_visit[..split]) {
             let log = self.hub.logs.memory(s).read();
             if self.sent[s] + 1 < log.first_seq() {
-                // Still on disk: the next fill replays it from there.
+                // Still on disk: replayed from there, at the end of this
+                // fill when it sends nothing else, else by the next.
                 // Otherwise the reset goes before any event of this fill,
                 // or in the next one.
                 self.behind_memory = true;
