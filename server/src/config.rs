@@ -57,6 +57,14 @@ pub struct Config {
     pub max_ack_waiters: usize,
     /// Commands queued per shard actor before publishes are refused.
     pub shard_queue: usize,
+    /// How many actors own the shards (shard `s` belongs to actor
+    /// `s % shard_actors`); `0`, the default, is one per core the process
+    /// may use, at most `shards`. A publish is one command per actor its
+    /// events reach, so fewer actors are fewer hand-offs (and, with a
+    /// durable log, fewer drains for the log's writer); more spread the
+    /// deciding over more cores. A JetStream replica runs one actor per
+    /// shard whatever this says: each shard appends to its own subject.
+    pub shard_actors: u32,
     /// How long a publish waits for room in a full shard queue before it is
     /// refused with `UNAVAILABLE`.
     #[serde(with = "humantime_serde")]
@@ -203,6 +211,7 @@ impl Default for Config {
             max_nodes: 65_536,
             max_ack_waiters: 16_384,
             shard_queue: 1_024,
+            shard_actors: 0,
             admission_timeout: Duration::from_millis(250),
             shutdown_grace: Duration::from_secs(10),
             keepalive_interval: Duration::from_secs(20),
@@ -390,6 +399,10 @@ const KEYS: &[(&str, &str)] = &[
     ("max_nodes", "a whole number, at least 1"),
     ("max_ack_waiters", "a whole number, at least 1"),
     ("shard_queue", "a whole number, at least 1"),
+    (
+        "shard_actors",
+        "0 (one per core) or a whole number up to shards",
+    ),
     ("admission_timeout", "a duration like 250ms"),
     ("shutdown_grace", "a duration like 10s"),
     ("keepalive_interval", "a duration from 10ms to 1h, like 20s"),
@@ -693,6 +706,15 @@ impl Config {
         if self.max_in_flight == 0 {
             return Err(invalid("max_in_flight", expected("max_in_flight")));
         }
+        if self.shard_actors > self.shards {
+            return Err(invalid(
+                "shard_actors",
+                format!(
+                    "0 (one per core) or at most one per shard: {} or fewer, not {}",
+                    self.shards, self.shard_actors
+                ),
+            ));
+        }
         if self.max_events_per_publish == 0 || self.max_events_per_publish > 1_000_000 {
             return Err(invalid(
                 "max_events_per_publish",
@@ -909,6 +931,16 @@ impl Config {
             .map_or_else(Vec::new, |u| url_list(u))
     }
 
+    /// How many shard actors run: `shard_actors`, or one per core the
+    /// process may use when it is 0; at most one per shard.
+    pub fn actors(&self) -> usize {
+        let n = match self.shard_actors {
+            0 => std::thread::available_parallelism().map_or(1, usize::from),
+            n => n as usize,
+        };
+        n.clamp(1, self.shards as usize)
+    }
+
     /// Retained events per shard.
     pub fn log_events_per_shard(&self) -> usize {
         usize::try_from(self.log_max_events / u64::from(self.shards)).unwrap_or(usize::MAX)
@@ -1027,6 +1059,9 @@ pub struct Args {
     /// Most connected subscribe streams [default: 65536].
     #[arg(long, env = "FRESHNESS_MAX_NODES")]
     pub max_nodes: Option<usize>,
+    /// Actors that own the shards; 0 for one per core [default: 0].
+    #[arg(long, env = "FRESHNESS_SHARD_ACTORS")]
+    pub shard_actors: Option<u32>,
     /// Shutdown grace period, e.g. 10s [default: 10s].
     #[arg(long, env = "FRESHNESS_SHUTDOWN_GRACE", value_parser = humantime::parse_duration)]
     pub shutdown_grace: Option<Duration>,
@@ -1205,6 +1240,7 @@ impl Args {
             max_payload_bytes,
             max_message_bytes,
             max_nodes,
+            shard_actors,
             shutdown_grace,
             log_format,
             data_dir,
@@ -1385,6 +1421,10 @@ mod tests {
             .starts_with("invalid setting peers.eu = \"localhost:1\": expected a URL")
         );
         assert!(bad(|c| c.log_max_events = 1).starts_with("invalid setting log_max_events = 1"));
+        assert_eq!(
+            bad(|c| c.shard_actors = 65),
+            "invalid setting shard_actors = 65: expected 0 (one per core) or at most one per shard: 64 or fewer, not 65"
+        );
         assert!(
             bad(|c| c.otlp_endpoint = Some("collector:4317".into()))
                 .starts_with("invalid setting otlp_endpoint = \"collector:4317\"")

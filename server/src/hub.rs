@@ -18,7 +18,7 @@ use crate::clock::Clock;
 use crate::config::Config;
 use crate::error::{Exhausted, HubError};
 use crate::reader::LogReader;
-use crate::shard::{Append, EventOutcome, Incoming, ShardContext, ShardHandle, ShardMemory};
+use crate::shard::{Append, EventOutcome, Incoming, Part, ShardActors, ShardContext, ShardMemory};
 use crate::status::{HubStatus, NodeStatus, PeerStatus, ShardStatus};
 use crate::store::{DataDir, Opened};
 
@@ -188,8 +188,8 @@ pub struct Hub {
     pub clock: Clock,
     /// Region as a shared string (origin of local events).
     pub region: Arc<str>,
-    /// Actor handles, indexed by shard.
-    pub(crate) shards: Vec<ShardHandle>,
+    /// The shard actors.
+    pub(crate) shards: ShardActors,
     /// What sessions read of every shard: memory, disk, traces.
     pub(crate) logs: LogReader,
     /// Bumped after every append.
@@ -331,22 +331,17 @@ impl Hub {
                 }
             });
         }
-        let mut js_shards = js_shards.into_iter();
-        let mut shards = Vec::with_capacity(config.shards as usize);
-        let mut logs = Vec::with_capacity(config.shards as usize);
-        for (id, memory) in (0..config.shards).zip(memories) {
-            logs.push(memory.log().clone());
-            shards.push(ShardHandle::spawn(
-                id,
-                memory,
-                ctx.clone(),
-                config.shard_queue,
-                tracker,
-                wal.clone(),
-                js_shards.next(),
-            ));
-        }
-        let traces = shards.iter().map(ShardHandle::traces_shared).collect();
+        let logs: Vec<_> = memories.iter().map(|m| m.log().clone()).collect();
+        let shards = ShardActors::spawn(
+            memories,
+            ctx.clone(),
+            config.actors(),
+            config.shard_queue,
+            tracker,
+            wal.as_ref(),
+            js_shards,
+        );
+        let traces = shards.traces();
         let logs = LogReader::new(logs, disk, traces);
         let (acks_changed, _) = watch::channel(0);
         let hub = Arc::new(Self {
@@ -527,8 +522,9 @@ impl Hub {
         })
     }
 
-    /// Admits the whole call or nothing: a permit on every shard queue first,
-    /// then the commands. With an admission timeout, a queue that stays full
+    /// Admits the whole call or nothing: a permit on the queue of every
+    /// shard actor it reaches first, then the commands (one per actor).
+    /// With an admission timeout, a queue that stays full
     /// that long refuses the call with nothing applied; without one (events
     /// replicated from a peer) the caller waits, which backpressures the link.
     /// `gaps` are shards that get a replication gap marker before the events.
@@ -552,10 +548,22 @@ impl Hub {
         for g in gaps {
             by_shard.entry(ShardId(*g)).or_default().0 = true;
         }
+        // One command per actor, its shards' parts in shard order; the
+        // answer's outcomes come in that order.
+        let mut by_actor: BTreeMap<usize, (Vec<usize>, Vec<Part>)> = BTreeMap::new();
+        for (shard, (gap, idx, events)) in by_shard {
+            let slot = by_actor.entry(self.shards.actor_of(shard)).or_default();
+            slot.0.extend(idx);
+            slot.1.push(Part {
+                shard: shard.0,
+                gap,
+                events,
+            });
+        }
         let reserve_all = async {
-            let mut permits = Vec::with_capacity(by_shard.len());
-            for s in by_shard.keys() {
-                permits.push(self.shards[s.index()].reserve().await);
+            let mut permits = Vec::with_capacity(by_actor.len());
+            for a in by_actor.keys() {
+                permits.push(self.shards.reserve(*a).await);
             }
             permits
         };
@@ -571,13 +579,12 @@ impl Hub {
         // The calling span (a publish) becomes the parent of the shard
         // actors' append spans.
         let trace = crate::telemetry::current_span_context();
-        let mut waits = Vec::with_capacity(by_shard.len());
-        for ((gap, idx, events), permit) in by_shard.into_values().zip(permits) {
+        let mut waits = Vec::with_capacity(by_actor.len());
+        for ((idx, parts), permit) in by_actor.into_values().zip(permits) {
             let permit = permit.map_err(|_| HubError::ShuttingDown)?;
             let (reply, rx) = oneshot::channel();
             permit.send(Append {
-                gap,
-                events,
+                parts,
                 reply,
                 trace: trace.clone(),
             });
@@ -863,9 +870,9 @@ impl Hub {
         }
     }
 
-    /// Commands waiting in each shard queue.
+    /// Commands waiting in each shard actor's queue.
     pub fn queue_depths(&self) -> Vec<usize> {
-        self.shards.iter().map(ShardHandle::queue_depth).collect()
+        self.shards.queue_depths()
     }
 
     /// Connected streams.
@@ -878,7 +885,7 @@ impl Hub {
         let now = self.clock.now_us();
         let mut retained_events = 0;
         let mut retained_bytes = 0;
-        let mut heads = Vec::with_capacity(self.shards.len());
+        let mut heads = Vec::with_capacity(self.config.shards as usize);
         let shards = self
             .logs
             .all_memory()

@@ -1,10 +1,18 @@
-//! Shard actors: one task per shard owns the newest accepted version of each
-//! of its entities and is the only writer of its part of the log.
+//! Shard actors: each task owns a set of shards (shard `s` of `S` belongs
+//! to actor `s % A`, [`ShardActors`]), the newest accepted version of each
+//! of their entities, and is the only writer of their part of the log.
 //!
-//! The handle is the only public type. Commands go through a bounded queue
-//! and replies come back on a oneshot. An actor that wakes drains everything
-//! waiting (up to [`DRAIN_MAX`] commands): one lock of the log, one wake-up of
-//! the sessions, however many publishes it served.
+//! A call reaches each actor its events reach with one command (one part
+//! per shard) through the actor's bounded queue; the reply comes back on a
+//! oneshot. An actor that wakes drains everything waiting (up to
+//! [`DRAIN_MAX`] commands): one lock of each shard's log it appends to, one
+//! hand-off to the durable log's writer, one wake-up of the sessions,
+//! however many publishes and shards it served. `A` is one per core by
+//! default: more actors than cores buy no parallelism, and every actor a
+//! publish reaches costs a task wake and, durable, a drain for the writer
+//! and an answer back (with one actor per shard, a 100-event publish was
+//! about 50 of each). A hub replica on JetStream keeps one actor per shard,
+//! since each shard appends to its own subject with its own compare-and-set.
 //!
 //! ## Remembered versions are bounded
 //! The actor remembers `(version, seq)` for every entity that has an event in
@@ -38,7 +46,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use freshness::validate::CheckedEvent;
 use freshness::wire::{EventFields, encode_event_entry};
-use freshness::{Entity, Version};
+use freshness::{Entity, ShardId, Version};
 use opentelemetry::trace::{SpanContext, TraceContextExt};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::task::TaskTracker;
@@ -49,7 +57,7 @@ use tracing_opentelemetry::OpenTelemetrySpanExt;
 use crate::clock::Clock;
 use crate::jetstream::{AppendError, JsShard, Remote};
 use crate::log::{LogEntry, SharedLog};
-use crate::store::{Wal, WalPort, WriteFailed, encode_record};
+use crate::store::{Run, Wal, WalPort, WriteFailed, encode_record};
 use crate::telemetry::{Adopt, AppendTraces, num};
 
 /// Most commands one wake-up of an actor takes from its queue.
@@ -133,14 +141,23 @@ impl Incoming {
     }
 }
 
-/// A batch of events for one shard, answered in order.
-pub struct Append {
+/// One shard's part of a command.
+#[derive(Debug)]
+pub struct Part {
+    /// The shard.
+    pub shard: u32,
     /// Append a replication gap marker before the events.
     pub gap: bool,
-    /// The events.
+    /// The events, in order.
     pub events: Vec<Incoming>,
-    /// Where the outcomes go: one per event, or the log write that failed
-    /// (then nothing of the command was applied).
+}
+
+/// A call's events for the shards of one actor, answered in order.
+pub struct Append {
+    /// One part per shard, each shard at most once.
+    pub parts: Vec<Part>,
+    /// Where the outcomes go: one per event, the parts' events in order, or
+    /// the log write that failed (then nothing of the command was applied).
     pub reply: oneshot::Sender<Result<Vec<EventOutcome>, WriteFailed>>,
     /// The span of the call that sent it (the publish), when traced; without
     /// one the events' own contexts are used.
@@ -167,28 +184,43 @@ pub struct ShardContext {
 }
 
 impl ShardContext {
-    /// Notes the outcome of a log write of `shard`'s: failing with `error`
-    /// (one log line when it starts), or writable again (one line when it
-    /// was failing); the gauge says whether any shard still fails. A write
-    /// of a shard that was not failing (every drain's, normally) changes
-    /// nothing and touches no gauge.
-    fn set_failing(&self, shard: u32, error: Option<&std::io::Error>) {
+    /// Notes the outcome of a log write of `shards`: failing with `error`
+    /// (one log line per shard when it starts), or writable again (one line
+    /// per shard that was failing); the gauge says whether any shard still
+    /// fails. A write of shards that were not failing (every drain's,
+    /// normally) changes nothing and touches no gauge.
+    fn wrote(&self, shards: impl IntoIterator<Item = u32>, error: Option<&std::io::Error>) {
         let mut failing = self.failing.lock();
         match error {
             None => {
-                if failing.remove(&shard).is_some() {
-                    tracing::info!(shard, "log writes succeed again");
-                    crate::metrics::set_log_writable(failing.is_empty());
+                if failing.is_empty() {
+                    return;
                 }
+                for shard in shards {
+                    if failing.remove(&shard).is_some() {
+                        tracing::info!(shard, "log writes succeed again");
+                    }
+                }
+                crate::metrics::set_log_writable(failing.is_empty());
             }
             Some(e) => {
-                if failing.insert(shard, e.to_string()).is_none() {
-                    tracing::error!(shard, error = %e, "log write failed: publishes to this shard are refused until writes succeed");
+                for shard in shards {
+                    if failing.insert(shard, e.to_string()).is_none() {
+                        tracing::error!(shard, error = %e, "log write failed: publishes to this shard are refused until writes succeed");
+                    }
                 }
                 crate::metrics::log_write_failed();
                 crate::metrics::set_log_writable(false);
             }
         }
+    }
+
+    /// Stops `shard` on a JetStream log it can no longer follow: its
+    /// appends are refused until the replica restarts.
+    fn stop_following(&self, shard: u32, error: String) {
+        tracing::error!(shard, "{error}");
+        self.failing.lock().insert(shard, error);
+        crate::metrics::set_log_writable(false);
     }
 }
 
@@ -243,63 +275,113 @@ impl AppendBell {
     }
 }
 
-/// Handle to one shard actor.
-#[derive(Debug, Clone)]
-pub struct ShardHandle {
-    tx: mpsc::Sender<Append>,
-    traces: Arc<AppendTraces>,
+/// The shard actors of one hub, and which of them owns which shard.
+///
+/// Shard `s` of `S` belongs to actor `s % A`. A memory-only or disk-backed
+/// hub runs `A` actors (`shard_actors`, by default one per core the
+/// process may use), each owning `S / A` shards: a publish whose events
+/// reach every shard is one command per actor, one drain and (durable) one
+/// hand-off to the log's writer each, instead of one per shard. A hub
+/// replica on JetStream runs one actor per shard: each appends to its
+/// shard's own subject with a compare-and-set of its own.
+#[derive(Debug)]
+pub struct ShardActors {
+    actors: Vec<mpsc::Sender<Append>>,
+    traces: Vec<Arc<AppendTraces>>,
 }
 
-impl ShardHandle {
-    /// Spawns the actor of shard `id` on `tracker`, starting from `memory`
-    /// (empty, or rebuilt from the durable log). With a durable log, `store`
-    /// is where its appends go.
+impl ShardActors {
+    /// Spawns the actors of `memories` (one per shard, in shard order:
+    /// empty, or rebuilt from the durable log) on `tracker`: `actors` of
+    /// them (at least one, at most one per shard), or one per shard on a
+    /// JetStream log (`js`, one per shard). With a durable log, `wal` is
+    /// where their appends go. Each actor queues up to `queue` commands.
+    #[allow(clippy::too_many_arguments)]
     pub fn spawn(
-        id: u32,
-        memory: ShardMemory,
+        memories: Vec<ShardMemory>,
         ctx: Arc<ShardContext>,
+        actors: usize,
         queue: usize,
         tracker: &TaskTracker,
-        wal: Option<Wal>,
-        js: Option<JsShard>,
+        wal: Option<&Wal>,
+        js: Vec<JsShard>,
     ) -> Self {
-        let (tx, rx) = mpsc::channel(queue);
-        let traces = Arc::new(AppendTraces::default());
-        let actor = Actor {
-            id,
-            head: memory.log.head(),
-            mem: memory,
-            ctx,
-            traces: traces.clone(),
-            gap_entity: Entity::parse(GAP_ENTITY)
-                .unwrap_or_else(|_| unreachable!("valid constant")),
-            wal: wal.map(|w| w.port()),
-            js,
-            record_buf: Vec::new(),
-        };
-        tracker.spawn(actor.run(rx));
-        Self { tx, traces }
+        let shards = memories.len();
+        let traces: Vec<Arc<AppendTraces>> = (0..shards).map(|_| Arc::default()).collect();
+        let states = memories
+            .into_iter()
+            .enumerate()
+            .map(|(id, mem)| ShardState {
+                id: id as u32,
+                head: mem.log.head(),
+                mem,
+                traces: traces[id].clone(),
+            });
+        let mut senders = Vec::new();
+        if js.is_empty() {
+            let n = actors.clamp(1, shards.max(1));
+            let mut owned: Vec<Vec<ShardState>> = (0..n).map(|_| Vec::new()).collect();
+            for state in states {
+                owned[state.id as usize % n].push(state);
+            }
+            for shards in owned {
+                let (tx, rx) = mpsc::channel(queue);
+                let actor = Actor {
+                    slots: vec![None; shards.len()],
+                    shards,
+                    stride: n,
+                    ctx: ctx.clone(),
+                    wal: wal.map(Wal::port),
+                    record_buf: Vec::new(),
+                };
+                tracker.spawn(actor.run(rx));
+                senders.push(tx);
+            }
+        } else {
+            for (state, js) in states.zip(js) {
+                let (tx, rx) = mpsc::channel(queue);
+                let actor = ReplicaActor {
+                    state,
+                    ctx: ctx.clone(),
+                    js,
+                };
+                tracker.spawn(actor.run(rx));
+                senders.push(tx);
+            }
+        }
+        Self {
+            actors: senders,
+            traces,
+        }
     }
 
-    /// The shard's recent traced appends, for fan-out spans (the read side
-    /// keeps a handle: `reader::LogReader`).
-    pub fn traces_shared(&self) -> Arc<AppendTraces> {
+    /// How many actors there are.
+    pub fn count(&self) -> usize {
+        self.actors.len()
+    }
+
+    /// The actor that owns `shard`.
+    pub fn actor_of(&self, shard: ShardId) -> usize {
+        shard.index() % self.actors.len()
+    }
+
+    /// Every shard's recent traced appends, for fan-out spans (the read
+    /// side keeps them: `reader::LogReader`).
+    pub fn traces(&self) -> Vec<Arc<AppendTraces>> {
         self.traces.clone()
     }
 
-    /// Reserves room for one command; `None` while the queue is full.
-    pub fn try_reserve(&self) -> Result<mpsc::Permit<'_, Append>, mpsc::error::TrySendError<()>> {
-        self.tx.try_reserve()
+    /// Waits for room for one command in `actor`'s queue.
+    pub async fn reserve(&self, actor: usize) -> Result<mpsc::Permit<'_, Append>, ShardStopped> {
+        self.actors[actor].reserve().await.map_err(|_| ShardStopped)
     }
 
-    /// Waits for room for one command.
-    pub async fn reserve(&self) -> Result<mpsc::Permit<'_, Append>, ShardStopped> {
-        self.tx.reserve().await.map_err(|_| ShardStopped)
-    }
-
-    /// Commands waiting in the queue.
-    pub fn queue_depth(&self) -> usize {
-        self.tx.max_capacity() - self.tx.capacity()
+    /// Commands waiting in each actor's queue.
+    pub fn queue_depths(&self) -> Vec<usize> {
+        self.actors
+            .iter()
+            .map(|tx| tx.max_capacity() - tx.capacity())
+            .collect()
     }
 }
 
@@ -407,20 +489,46 @@ impl ShardMemory {
     }
 }
 
-struct Actor {
+/// One shard as its actor holds it: its memory, head and traced appends.
+struct ShardState {
     id: u32,
     mem: ShardMemory,
-    ctx: Arc<ShardContext>,
-    traces: Arc<AppendTraces>,
     head: u64,
-    /// Placeholder entity of gap markers (they concern a shard, not an entity).
-    gap_entity: Entity,
+    traces: Arc<AppendTraces>,
+}
+
+/// What one drain appends to one shard of its actor.
+struct Drained {
+    /// The shard's place in its actor's `shards`.
+    local: usize,
+    first_seq: u64,
+    appended: Vec<LogEntry>,
+    /// What each appended event replaced in the version memory, to undo
+    /// the drain if the log write fails.
+    undo: Vec<Option<Remembered>>,
+}
+
+/// The actor of a set of shards, on a memory-only or disk-backed log.
+struct Actor {
+    /// Its shards: shard `id` is at `id / stride`.
+    shards: Vec<ShardState>,
+    /// How many actors share the hub's shards.
+    stride: usize,
+    /// During a drain: each shard's place in the drain's list, when the
+    /// drain touched it.
+    slots: Vec<Option<usize>>,
+    ctx: Arc<ShardContext>,
     /// This actor's way into the durable log; `None` for an ephemeral hub.
     wal: Option<WalPort>,
-    /// The JetStream log's side of this shard (`log = "jetstream"`).
-    js: Option<JsShard>,
     /// The records of one drain, reused.
     record_buf: Vec<u8>,
+}
+
+/// The actor of one shard of a hub replica on the JetStream log.
+struct ReplicaActor {
+    state: ShardState,
+    ctx: Arc<ShardContext>,
+    js: JsShard,
 }
 
 /// Splits a drain into parts whose records (estimated generously) stay
@@ -428,8 +536,9 @@ struct Actor {
 /// of its own (its publish fails and is refused, naming the size).
 fn split_by_size(batch: &mut Vec<Append>, limit: usize) -> Vec<Vec<Append>> {
     let estimate = |c: &Append| -> usize {
-        c.events
+        c.parts
             .iter()
+            .flat_map(|p| &p.events)
             .map(|e| {
                 // Record header and fixed fields, the event's wire encoding.
                 160 + 2 * e.entity.as_str().len()
@@ -466,421 +575,102 @@ const CATCH_UP_LIMIT: std::time::Duration = std::time::Duration::from_secs(5);
 /// Entity recorded on gap markers; never matched against versions.
 const GAP_ENTITY: &str = "freshness.gap:marker";
 
-impl Actor {
-    async fn run(mut self, mut rx: mpsc::Receiver<Append>) {
-        let mut batch = Vec::with_capacity(DRAIN_MAX);
-        if let Some(mut remote) = self.js.as_mut().and_then(|j| j.remote.take()) {
-            // A hub replica: what other replicas appended first, then the
-            // local commands.
-            loop {
-                tokio::select! {
-                    biased;
-                    m = remote.recv() => match m {
-                        Some(m) => self.apply_remote(m),
-                        None => break,
-                    },
-                    n = rx.recv_many(&mut batch, DRAIN_MAX) => {
-                        if n == 0 {
-                            break;
-                        }
-                        // One message per part, each within the server's
-                        // largest message.
-                        let limit = self.js.as_ref().map_or(usize::MAX, JsShard::max_message);
-                        for mut part in split_by_size(&mut batch, limit) {
-                            self.serve_replicated(&mut part, &mut remote).await;
-                        }
-                    }
-                }
-            }
-        } else {
-            while rx.recv_many(&mut batch, DRAIN_MAX).await > 0 {
-                self.serve(&mut batch).await;
-            }
-        }
-        tracing::debug!(shard = self.id, "shard actor stopped");
-    }
+static GAP: std::sync::LazyLock<Entity> = std::sync::LazyLock::new(|| {
+    Entity::parse(GAP_ENTITY).unwrap_or_else(|_| unreachable!("valid constant"))
+});
 
-    /// Applies a drain another replica appended (or, when its stream
-    /// sequence is not newer than the last applied, skips this replica's
-    /// own).
-    fn apply_remote(&mut self, m: Remote) {
-        let Some(js) = &mut self.js else {
-            return;
-        };
-        if m.stream_seq <= js.last() {
-            return;
+impl Append {
+    /// Whether the command carries a trace context for `part`.
+    fn traced(&self, part: &Part) -> bool {
+        self.trace.is_some() || part.events.iter().any(|e| !e.traceparent.is_empty())
+    }
+}
+
+/// The `shard.append` spans of a wake-up: one per shard that any command
+/// carrying a trace context reaches, parented on the first such context
+/// and linked to the others.
+fn append_spans(region: &str, batch: &[Append]) -> Vec<(u32, Span)> {
+    if !batch.iter().any(|c| c.parts.iter().any(|p| c.traced(p))) {
+        return Vec::new();
+    }
+    let mut by_shard: std::collections::BTreeMap<u32, Vec<(&Append, &Part)>> =
+        std::collections::BTreeMap::new();
+    for c in batch {
+        for p in &c.parts {
+            by_shard.entry(p.shard).or_default().push((c, p));
         }
-        let records = match m.records(self.id, js.shards()) {
-            Ok(r) => r,
-            Err(e) => {
-                // Not a drain a hub wrote: the shard stops, as for a gap.
-                let error = format!(
-                    "JetStream log: message {} does not decode: {e}; restart this replica",
-                    m.stream_seq
-                );
-                tracing::error!(shard = self.id, "{error}");
-                self.ctx.failing.lock().insert(self.id, error);
-                crate::metrics::set_log_writable(false);
-                return;
-            }
-        };
-        let Some(first) = records.first() else {
-            js.applied(m.stream_seq);
-            return;
-        };
-        if first.seq != self.head + 1 {
-            // Conditional appends make each subject gap-free; a gap here
-            // means messages this replica had not read were removed (it fell
-            // behind the stream's retention) or the stream was altered. The
-            // shard stops here: its appends conflict and are refused, its
-            // watermarks stop, and a restart rebuilds it from the stream.
-            let error = format!(
-                "JetStream log: message {} starts at seq {} after this replica's head {}; restart this replica",
-                m.stream_seq, first.seq, self.head
+    }
+    by_shard
+        .into_iter()
+        .filter(|(_, parts)| parts.iter().any(|(c, p)| c.traced(p)))
+        .map(|(shard, parts)| {
+            let span = tracing::info_span!(
+                parent: None,
+                "shard.append",
+                region = %region,
+                shard = i64::from(shard),
+                commands = num(parts.len()),
+                events = num(parts.iter().map(|(_, p)| p.events.len()).sum::<usize>()),
+                appended = Empty,
+                first_seq = Empty,
+                last_seq = Empty,
             );
-            tracing::error!(shard = self.id, "{error}");
-            self.ctx.failing.lock().insert(self.id, error);
-            crate::metrics::set_log_writable(false);
-            return;
-        }
-        js.applied(m.stream_seq);
-        let n = records.len();
-        self.head += n as u64;
-        self.mem
-            .apply(records.into_iter().map(|r| (r.seq, r.entry)).collect());
-        crate::metrics::count_appended(n as u64);
-        self.ctx.appended.ring();
-    }
-
-    /// Undoes the seqs and version memory of a drain that was not stored.
-    fn undo(&mut self, first_seq: u64, appended: &[LogEntry], undo: Vec<Option<Remembered>>) {
-        self.head = first_seq - 1;
-        for (e, prev) in appended.iter().zip(undo).rev() {
-            if e.gap {
-                continue;
-            }
-            match prev {
-                Some(r) => self.mem.versions.insert(e.entity.clone(), r),
-                None => self.mem.versions.remove(&e.entity),
-            };
-        }
-    }
-
-    fn set_failing(&self, error: Option<&std::io::Error>) {
-        self.ctx.set_failing(self.id, error);
-    }
-
-    /// A drain on the JetStream log: decided against everything this
-    /// replica has applied, appended only if no other replica appended to
-    /// the shard since (expected last subject sequence); on a conflict,
-    /// undone, caught up and decided again.
-    async fn serve_replicated(
-        &mut self,
-        batch: &mut Vec<Append>,
-        remote: &mut mpsc::Receiver<Remote>,
-    ) {
-        let span = self.append_span(batch);
-        let deadline = tokio::time::Instant::now() + CATCH_UP_LIMIT;
-        // JetStream answered this drain (a conflict, then the catch-up).
-        let mut reached = false;
-        loop {
-            while let Ok(m) = remote.try_recv() {
-                self.apply_remote(m);
-            }
-            let first_seq = self.head + 1;
-            let now = self.ctx.clock.now_us();
-            let mut appended = Vec::new();
-            let mut undo: Vec<Option<Remembered>> = Vec::new();
-            let mut outcomes = Vec::with_capacity(batch.len());
-            for cmd in batch.iter() {
-                if cmd.gap {
-                    self.head += 1;
-                    appended.push(LogEntry {
-                        entity: self.gap_entity.clone(),
-                        local: false,
-                        publish_time_us: now,
-                        gap: true,
-                        awaited: false,
-                        version: 0,
-                        bytes: Bytes::new(),
-                    });
-                    undo.push(None);
-                }
-                let o: Vec<EventOutcome> = cmd
-                    .events
-                    .iter()
-                    .map(|e| self.accept(e.clone(), now, &mut appended, &mut undo))
-                    .collect();
-                outcomes.push(o);
-            }
-            if appended.is_empty() {
-                if reached {
-                    self.set_failing(None);
-                }
-                for (cmd, o) in batch.drain(..).zip(outcomes) {
-                    let _ = cmd.reply.send(Ok(o));
-                }
-                return;
-            }
-            let mut buf = Vec::new();
-            for (i, e) in appended.iter().enumerate() {
-                encode_record(&mut buf, self.id, first_seq + i as u64, e);
-            }
-            let Some(js) = &self.js else { return };
-            let result = js.publish(buf).await;
-            match result {
-                Ok(stream_seq) => {
-                    self.set_failing(None);
-                    if let Some(js) = &mut self.js {
-                        js.applied(stream_seq);
+            let mut adopt = Adopt::new(&span);
+            'commands: for (c, p) in &parts {
+                if let Some(sc) = &c.trace {
+                    if !adopt.context(sc.clone()) {
+                        break;
                     }
-                    crate::metrics::record_drain(batch.len());
-                    if let Some(span) = &span {
-                        span.record("appended", num(appended.len()));
-                        span.record("first_seq", num(first_seq));
-                        span.record("last_seq", num(self.head));
-                        let sc = span.context().span().span_context().clone();
-                        if sc.is_sampled() {
-                            self.traces.record(first_seq, self.head, sc);
-                        }
-                    }
-                    crate::metrics::count_appended(appended.len() as u64);
-                    let evicted = self.mem.log.append_all(appended);
-                    self.mem.forget(evicted);
-                    for (cmd, o) in batch.drain(..).zip(outcomes) {
-                        let _ = cmd.reply.send(Ok(o));
-                    }
-                    self.ctx.appended.ring();
-                    return;
+                    continue;
                 }
-                Err(AppendError::Conflict) => {
-                    self.undo(first_seq, &appended, undo);
-                    if let Err(e) = self.catch_up(remote, deadline).await {
-                        self.set_failing(Some(&e));
-                        let failed = WriteFailed(Arc::new(e));
-                        for cmd in batch.drain(..) {
-                            let _ = cmd.reply.send(Err(failed.clone()));
-                        }
-                        return;
+                for e in &p.events {
+                    if !adopt.wire(&e.traceparent, &e.tracestate) {
+                        break 'commands;
                     }
-                    reached = true;
-                }
-                Err(AppendError::Failed(e)) => {
-                    self.undo(first_seq, &appended, undo);
-                    self.set_failing(Some(&e));
-                    let failed = WriteFailed(Arc::new(e));
-                    for cmd in batch.drain(..) {
-                        let _ = cmd.reply.send(Err(failed.clone()));
-                    }
-                    return;
                 }
             }
-        }
-    }
+            (shard, span)
+        })
+        .collect()
+}
 
-    /// After a conflict: applies what the tail brings until this shard has
-    /// reached the subject's last message in JetStream.
-    async fn catch_up(
-        &mut self,
-        remote: &mut mpsc::Receiver<Remote>,
-        deadline: tokio::time::Instant,
-    ) -> Result<(), std::io::Error> {
-        let target = match &self.js {
-            Some(js) => js.subject_last().await?,
-            None => return Ok(()),
-        };
-        while self.js.as_ref().is_some_and(|j| j.last() < target) {
-            match tokio::time::timeout_at(deadline, remote.recv()).await {
-                Ok(Some(m)) => self.apply_remote(m),
-                Ok(None) => return Err(std::io::Error::other("the hub is stopping")),
-                Err(_) => {
-                    return Err(std::io::Error::other(
-                        "JetStream: another replica's appends did not arrive in time",
-                    ));
-                }
-            }
-        }
-        Ok(())
+/// Records what a drain appended to a shard on its `shard.append` span;
+/// returns the span's context when it is sampled, for the shard's traced
+/// appends once they are stored.
+fn record_append(span: &Span, first_seq: u64, appended: usize) -> Option<SpanContext> {
+    span.record("appended", num(appended));
+    if appended == 0 {
+        return None;
     }
+    span.record("first_seq", num(first_seq));
+    span.record("last_seq", num(first_seq + appended as u64 - 1));
+    let sc = span.context().span().span_context().clone();
+    sc.is_sampled().then_some(sc)
+}
 
-    async fn serve(&mut self, batch: &mut Vec<Append>) {
-        let span = self.append_span(batch);
-        let first_seq = self.head + 1;
-        let now = self.ctx.clock.now_us();
-        // At most one entry per event and gap marker: sized once.
-        let most = batch
-            .iter()
-            .map(|c| c.events.len() + usize::from(c.gap))
-            .sum();
-        let mut appended = Vec::with_capacity(most);
-        let mut replies = Vec::with_capacity(batch.len());
-        // What each appended event replaced in the version memory, to undo
-        // the drain if the log write fails.
-        let mut undo: Vec<Option<Remembered>> = Vec::with_capacity(most);
-        for cmd in batch.drain(..) {
-            if cmd.gap {
-                self.head += 1;
-                appended.push(LogEntry {
-                    entity: self.gap_entity.clone(),
-                    local: false,
-                    publish_time_us: now,
-                    gap: true,
-                    awaited: false,
-                    version: 0,
-                    bytes: Bytes::new(),
-                });
-                undo.push(None);
-            }
-            let outcomes = cmd
-                .events
-                .into_iter()
-                .map(|e| self.accept(e, now, &mut appended, &mut undo))
-                .collect();
-            replies.push((cmd.reply, outcomes));
-        }
-        if !appended.is_empty()
-            && let Some(mut wal) = self.wal.take()
-        {
-            self.serve_durable(&mut wal, first_seq, appended, undo, replies, span)
-                .await;
-            self.wal = Some(wal);
-            return;
-        }
-        crate::metrics::record_drain(replies.len());
-        if let Some(span) = &span {
-            span.record("appended", num(appended.len()));
-            if !appended.is_empty() {
-                span.record("first_seq", num(first_seq));
-                span.record("last_seq", num(self.head));
-                let sc = span.context().span().span_context().clone();
-                if sc.is_sampled() {
-                    self.traces.record(first_seq, self.head, sc);
-                }
-            }
-        }
-        self.finish(appended, replies);
-    }
-
-    /// The end of a drain whose records are stored (or need not be): they
-    /// become visible to the sessions, the callers are answered, the
-    /// sessions woken.
-    fn finish(&mut self, appended: Vec<LogEntry>, replies: Vec<Reply>) {
-        let wake = !appended.is_empty();
-        if wake {
-            crate::metrics::count_appended(appended.len() as u64);
-            let evicted = self.mem.log.append_all(appended);
-            self.mem.forget(evicted);
-        }
-        // The callers first: `ACCEPTED` promises the append, not the
-        // fan-out. Their tasks are woken before the bell's ringer, so they
-        // hand their answers to HTTP/2 before the sessions are woken.
-        for (reply, outcomes) in replies {
-            // The caller may have given up (client went away): nothing to do.
-            let _ = reply.send(Ok(outcomes));
-        }
-        if wake {
-            self.ctx.appended.ring();
-        }
-    }
-
-    /// The rest of a drain with a durable log: its records go to the log's
-    /// writer, and the drain waits for them to be written (and flushed)
-    /// with the others of their group. The hub's completion task, woken
-    /// once per group, wakes every actor of the group on this runtime; each
-    /// then ends its drain as a memory-only hub does ([`Actor::finish`]),
-    /// or, when the write failed, undoes it. Every actor woken rings the
-    /// same bell, whose ringer runs behind them all: the sessions are
-    /// woken once per group.
-    async fn serve_durable(
-        &mut self,
-        wal: &mut WalPort,
-        first_seq: u64,
-        appended: Vec<LogEntry>,
-        undo: Vec<Option<Remembered>>,
-        replies: Vec<Reply>,
-        span: Option<Span>,
-    ) {
-        let count = appended.len() as u64;
-        let traced = span.as_ref().and_then(|span| {
-            span.record("appended", num(appended.len()));
-            span.record("first_seq", num(first_seq));
-            span.record("last_seq", num(self.head));
-            let sc = span.context().span().span_context().clone();
-            sc.is_sampled().then_some(sc)
+impl ShardState {
+    /// A replication gap marker, with the next seq.
+    fn gap(&mut self, now: u64, appended: &mut Vec<LogEntry>, undo: &mut Vec<Option<Remembered>>) {
+        self.head += 1;
+        appended.push(LogEntry {
+            entity: GAP.clone(),
+            local: false,
+            publish_time_us: now,
+            gap: true,
+            awaited: false,
+            version: 0,
+            bytes: Bytes::new(),
         });
-        let mut buf = std::mem::take(&mut self.record_buf);
-        buf.clear();
-        for (i, e) in appended.iter().enumerate() {
-            encode_record(&mut buf, self.id, first_seq + i as u64, e);
-        }
-        let started = tokio::time::Instant::now();
-        let (buf, result) = wal.append(self.id, first_seq, count, buf).await;
-        crate::metrics::record_log_append(started.elapsed().as_secs_f64());
-        self.record_buf = buf;
-        match result {
-            Ok(()) => {
-                // Before the answers: a caller that then asks for the
-                // status sees the log writable again.
-                self.set_failing(None);
-                crate::metrics::record_drain(replies.len());
-                if let Some(sc) = traced {
-                    self.traces.record(first_seq, self.head, sc);
-                }
-                self.finish(appended, replies);
-            }
-            Err(e) => {
-                // Nothing of this drain happened: the seqs and versions go back.
-                self.set_failing(Some(&e));
-                self.undo(first_seq, &appended, undo);
-                let failed = WriteFailed(Arc::new(e));
-                for (reply, _) in replies {
-                    let _ = reply.send(Err(failed.clone()));
-                }
-            }
-        }
+        undo.push(None);
     }
 
-    /// The `shard.append` span of a wake-up, when any command carries a
-    /// trace context: parented on the first, linked to the others.
-    fn append_span(&self, batch: &[Append]) -> Option<Span> {
-        let traced = batch
-            .iter()
-            .any(|c| c.trace.is_some() || c.events.iter().any(|e| !e.traceparent.is_empty()));
-        if !traced {
-            return None;
-        }
-        let span = tracing::info_span!(
-            parent: None,
-            "shard.append",
-            region = %self.ctx.region,
-            shard = i64::from(self.id),
-            commands = num(batch.len()),
-            events = num(batch.iter().map(|c| c.events.len()).sum::<usize>()),
-            appended = Empty,
-            first_seq = Empty,
-            last_seq = Empty,
-        );
-        let mut adopt = Adopt::new(&span);
-        'commands: for c in batch {
-            if let Some(sc) = &c.trace {
-                if !adopt.context(sc.clone()) {
-                    break;
-                }
-                continue;
-            }
-            for e in &c.events {
-                if !adopt.wire(&e.traceparent, &e.tracestate) {
-                    break 'commands;
-                }
-            }
-        }
-        Some(span)
-    }
-
+    /// Decides one event against the version memory and, when it is new,
+    /// gives it the next seq and encodes it once.
     fn accept(
         &mut self,
         e: Incoming,
         now: u64,
+        region: &str,
         appended: &mut Vec<LogEntry>,
         undo: &mut Vec<Option<Remembered>>,
     ) -> EventOutcome {
@@ -912,7 +702,7 @@ impl Actor {
             EventFields {
                 entity: e.entity.as_str(),
                 version: e.version.get(),
-                origin: e.origin.as_deref().unwrap_or(&self.ctx.region),
+                origin: e.origin.as_deref().unwrap_or(region),
                 publish_time_us,
                 payload: &e.payload,
                 traceparent: &e.traceparent,
@@ -945,6 +735,373 @@ impl Actor {
             seq,
             current_version: e.version,
         }
+    }
+
+    /// Undoes the seqs and version memory of a drain that was not stored.
+    fn undo(&mut self, first_seq: u64, appended: &[LogEntry], undo: Vec<Option<Remembered>>) {
+        self.head = first_seq - 1;
+        for (e, prev) in appended.iter().zip(undo).rev() {
+            if e.gap {
+                continue;
+            }
+            match prev {
+                Some(r) => self.mem.versions.insert(e.entity.clone(), r),
+                None => self.mem.versions.remove(&e.entity),
+            };
+        }
+    }
+
+    /// Makes a stored drain's entries visible to the sessions.
+    fn publish(&mut self, appended: Vec<LogEntry>) {
+        let evicted = self.mem.log.append_all(appended);
+        self.mem.forget(evicted);
+    }
+}
+
+impl Actor {
+    async fn run(mut self, mut rx: mpsc::Receiver<Append>) {
+        let mut batch = Vec::with_capacity(DRAIN_MAX);
+        while rx.recv_many(&mut batch, DRAIN_MAX).await > 0 {
+            self.serve(&mut batch).await;
+        }
+        tracing::debug!(shards = self.shards.len(), "shard actor stopped");
+    }
+
+    /// One drain: every command decided in order, shard by shard; with a
+    /// durable log, every shard's records handed to the log's writer at
+    /// once and waited for (written and, with `fsync = always`, flushed
+    /// with the others of their group: the hub's completion task, woken
+    /// once per group, wakes every actor of the group on this runtime);
+    /// then the end a memory-only hub has ([`Actor::finish`]), or, when
+    /// the write failed, the drain undone and refused.
+    async fn serve(&mut self, batch: &mut Vec<Append>) {
+        let spans = append_spans(&self.ctx.region, batch);
+        let now = self.ctx.clock.now_us();
+        let mut drained: Vec<Drained> = Vec::new();
+        let mut replies: Vec<Reply> = Vec::with_capacity(batch.len());
+        for cmd in batch.drain(..) {
+            let mut outcomes = Vec::with_capacity(cmd.parts.iter().map(|p| p.events.len()).sum());
+            for part in cmd.parts {
+                let local = part.shard as usize / self.stride;
+                let at = *self.slots[local].get_or_insert_with(|| {
+                    drained.push(Drained {
+                        local,
+                        first_seq: self.shards[local].head + 1,
+                        appended: Vec::new(),
+                        undo: Vec::new(),
+                    });
+                    drained.len() - 1
+                });
+                let d = &mut drained[at];
+                let shard = &mut self.shards[local];
+                let more = part.events.len() + usize::from(part.gap);
+                d.appended.reserve(more);
+                d.undo.reserve(more);
+                if part.gap {
+                    shard.gap(now, &mut d.appended, &mut d.undo);
+                }
+                for e in part.events {
+                    outcomes.push(shard.accept(
+                        e,
+                        now,
+                        &self.ctx.region,
+                        &mut d.appended,
+                        &mut d.undo,
+                    ));
+                }
+            }
+            replies.push((cmd.reply, outcomes));
+        }
+        for d in &drained {
+            self.slots[d.local] = None;
+        }
+        // Traced shards: what each appended, noted before the write.
+        let traced: Vec<(usize, u64, SpanContext)> = spans
+            .iter()
+            .filter_map(|(shard, span)| {
+                let local = *shard as usize / self.stride;
+                let d = drained.iter().find(|d| d.local == local)?;
+                let sc = record_append(span, d.first_seq, d.appended.len())?;
+                Some((local, d.first_seq, sc))
+            })
+            .collect();
+        drained.retain(|d| !d.appended.is_empty());
+        if !drained.is_empty()
+            && let Some(mut wal) = self.wal.take()
+        {
+            let result = self.store(&mut wal, &drained).await;
+            self.wal = Some(wal);
+            let ids = drained.iter().map(|d| self.shards[d.local].id);
+            if let Err(e) = result {
+                // Nothing of this drain happened: the seqs and versions go back.
+                self.ctx.wrote(ids, Some(&e));
+                for d in drained {
+                    self.shards[d.local].undo(d.first_seq, &d.appended, d.undo);
+                }
+                let failed = WriteFailed(Arc::new(e));
+                for (reply, _) in replies {
+                    let _ = reply.send(Err(failed.clone()));
+                }
+                return;
+            }
+            // Before the answers: a caller that then asks for the status
+            // sees the log writable again.
+            self.ctx.wrote(ids, None);
+        }
+        crate::metrics::record_drain(replies.len());
+        for (local, first_seq, sc) in traced {
+            let s = &self.shards[local];
+            s.traces.record(first_seq, s.head, sc);
+        }
+        self.finish(drained, replies);
+    }
+
+    /// Hands a drain's records, every shard's, to the log's writer and
+    /// waits until they are stored.
+    async fn store(&mut self, wal: &mut WalPort, drained: &[Drained]) -> std::io::Result<()> {
+        let mut buf = std::mem::take(&mut self.record_buf);
+        buf.clear();
+        let mut runs = Vec::with_capacity(drained.len());
+        for d in drained {
+            let id = self.shards[d.local].id;
+            for (i, e) in d.appended.iter().enumerate() {
+                encode_record(&mut buf, id, d.first_seq + i as u64, e);
+            }
+            runs.push(Run {
+                shard: id,
+                first_seq: d.first_seq,
+                count: d.appended.len() as u64,
+            });
+        }
+        let started = tokio::time::Instant::now();
+        let (buf, result) = wal.append(runs, buf).await;
+        crate::metrics::record_log_append(started.elapsed().as_secs_f64());
+        self.record_buf = buf;
+        result
+    }
+
+    /// The end of a drain whose records are stored (or need not be): they
+    /// become visible to the sessions, the callers are answered, the
+    /// sessions woken.
+    fn finish(&mut self, drained: Vec<Drained>, replies: Vec<Reply>) {
+        let wake = !drained.is_empty();
+        let mut count = 0;
+        for d in drained {
+            count += d.appended.len() as u64;
+            self.shards[d.local].publish(d.appended);
+        }
+        if wake {
+            crate::metrics::count_appended(count);
+        }
+        // The callers first: `ACCEPTED` promises the append, not the
+        // fan-out. Their tasks are woken before the bell's ringer, so they
+        // hand their answers to HTTP/2 before the sessions are woken.
+        for (reply, outcomes) in replies {
+            // The caller may have given up (client went away): nothing to do.
+            let _ = reply.send(Ok(outcomes));
+        }
+        if wake {
+            self.ctx.appended.ring();
+        }
+    }
+}
+
+impl ReplicaActor {
+    async fn run(mut self, mut rx: mpsc::Receiver<Append>) {
+        let mut batch = Vec::with_capacity(DRAIN_MAX);
+        // Taken once, here: what other replicas appended first, then the
+        // local commands.
+        if let Some(mut remote) = self.js.remote.take() {
+            loop {
+                tokio::select! {
+                    biased;
+                    m = remote.recv() => match m {
+                        Some(m) => self.apply_remote(m),
+                        None => break,
+                    },
+                    n = rx.recv_many(&mut batch, DRAIN_MAX) => {
+                        if n == 0 {
+                            break;
+                        }
+                        // One message per part, each within the server's
+                        // largest message.
+                        let limit = self.js.max_message();
+                        for mut part in split_by_size(&mut batch, limit) {
+                            self.serve(&mut part, &mut remote).await;
+                        }
+                    }
+                }
+            }
+        }
+        tracing::debug!(shard = self.state.id, "shard actor stopped");
+    }
+
+    /// Applies a drain another replica appended (or, when its stream
+    /// sequence is not newer than the last applied, skips this replica's
+    /// own).
+    fn apply_remote(&mut self, m: Remote) {
+        let id = self.state.id;
+        if m.stream_seq <= self.js.last() {
+            return;
+        }
+        let records = match m.records(id, self.js.shards()) {
+            Ok(r) => r,
+            Err(e) => {
+                // Not a drain a hub wrote: the shard stops, as for a gap.
+                self.ctx.stop_following(
+                    id,
+                    format!(
+                        "JetStream log: message {} does not decode: {e}; restart this replica",
+                        m.stream_seq
+                    ),
+                );
+                return;
+            }
+        };
+        let Some(first) = records.first() else {
+            self.js.applied(m.stream_seq);
+            return;
+        };
+        if first.seq != self.state.head + 1 {
+            // Conditional appends make each subject gap-free; a gap here
+            // means messages this replica had not read were removed (it fell
+            // behind the stream's retention) or the stream was altered. The
+            // shard stops here: its appends conflict and are refused, its
+            // watermarks stop, and a restart rebuilds it from the stream.
+            self.ctx.stop_following(
+                id,
+                format!(
+                    "JetStream log: message {} starts at seq {} after this replica's head {}; restart this replica",
+                    m.stream_seq, first.seq, self.state.head
+                ),
+            );
+            return;
+        }
+        self.js.applied(m.stream_seq);
+        let n = records.len();
+        self.state.head += n as u64;
+        self.state
+            .mem
+            .apply(records.into_iter().map(|r| (r.seq, r.entry)).collect());
+        crate::metrics::count_appended(n as u64);
+        self.ctx.appended.ring();
+    }
+
+    /// A drain on the JetStream log: decided against everything this
+    /// replica has applied, appended only if no other replica appended to
+    /// the shard since (expected last subject sequence); on a conflict,
+    /// undone, caught up and decided again.
+    async fn serve(&mut self, batch: &mut Vec<Append>, remote: &mut mpsc::Receiver<Remote>) {
+        let id = self.state.id;
+        let span = append_spans(&self.ctx.region, batch).pop().map(|(_, s)| s);
+        let deadline = tokio::time::Instant::now() + CATCH_UP_LIMIT;
+        // JetStream answered this drain (a conflict, then the catch-up).
+        let mut reached = false;
+        loop {
+            while let Ok(m) = remote.try_recv() {
+                self.apply_remote(m);
+            }
+            let first_seq = self.state.head + 1;
+            let now = self.ctx.clock.now_us();
+            let mut appended = Vec::new();
+            let mut undo: Vec<Option<Remembered>> = Vec::new();
+            let mut outcomes = Vec::with_capacity(batch.len());
+            for cmd in batch.iter() {
+                let mut o = Vec::new();
+                for part in &cmd.parts {
+                    if part.gap {
+                        self.state.gap(now, &mut appended, &mut undo);
+                    }
+                    for e in &part.events {
+                        o.push(self.state.accept(
+                            e.clone(),
+                            now,
+                            &self.ctx.region,
+                            &mut appended,
+                            &mut undo,
+                        ));
+                    }
+                }
+                outcomes.push(o);
+            }
+            if appended.is_empty() {
+                if reached {
+                    self.ctx.wrote([id], None);
+                }
+                for (cmd, o) in batch.drain(..).zip(outcomes) {
+                    let _ = cmd.reply.send(Ok(o));
+                }
+                return;
+            }
+            let mut buf = Vec::new();
+            for (i, e) in appended.iter().enumerate() {
+                encode_record(&mut buf, id, first_seq + i as u64, e);
+            }
+            match self.js.publish(buf).await {
+                Ok(stream_seq) => {
+                    self.ctx.wrote([id], None);
+                    self.js.applied(stream_seq);
+                    crate::metrics::record_drain(batch.len());
+                    if let Some(sc) = span
+                        .as_ref()
+                        .and_then(|s| record_append(s, first_seq, appended.len()))
+                    {
+                        self.state.traces.record(first_seq, self.state.head, sc);
+                    }
+                    crate::metrics::count_appended(appended.len() as u64);
+                    self.state.publish(appended);
+                    for (cmd, o) in batch.drain(..).zip(outcomes) {
+                        let _ = cmd.reply.send(Ok(o));
+                    }
+                    self.ctx.appended.ring();
+                    return;
+                }
+                Err(AppendError::Conflict) => {
+                    self.state.undo(first_seq, &appended, undo);
+                    if let Err(e) = self.catch_up(remote, deadline).await {
+                        self.refuse(batch, e);
+                        return;
+                    }
+                    reached = true;
+                }
+                Err(AppendError::Failed(e)) => {
+                    self.state.undo(first_seq, &appended, undo);
+                    self.refuse(batch, e);
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Refuses every command of a drain that was not appended.
+    fn refuse(&self, batch: &mut Vec<Append>, e: std::io::Error) {
+        self.ctx.wrote([self.state.id], Some(&e));
+        let failed = WriteFailed(Arc::new(e));
+        for cmd in batch.drain(..) {
+            let _ = cmd.reply.send(Err(failed.clone()));
+        }
+    }
+
+    /// After a conflict: applies what the tail brings until this shard has
+    /// reached the subject's last message in JetStream.
+    async fn catch_up(
+        &mut self,
+        remote: &mut mpsc::Receiver<Remote>,
+        deadline: tokio::time::Instant,
+    ) -> Result<(), std::io::Error> {
+        let target = self.js.subject_last().await?;
+        while self.js.last() < target {
+            match tokio::time::timeout_at(deadline, remote.recv()).await {
+                Ok(Some(m)) => self.apply_remote(m),
+                Ok(None) => return Err(std::io::Error::other("the hub is stopping")),
+                Err(_) => {
+                    return Err(std::io::Error::other(
+                        "JetStream: another replica's appends did not arrive in time",
+                    ));
+                }
+            }
+        }
+        Ok(())
     }
 }
 
@@ -983,12 +1140,15 @@ mod tests {
         let memory = ShardMemory::new(1, 1024, 1 << 20, 16);
         let log = memory.log().clone();
         let tracker = TaskTracker::new();
-        let shard = ShardHandle::spawn(0, memory, ctx, 8, &tracker, None, None);
+        let actors = ShardActors::spawn(vec![memory], ctx, 1, 8, &tracker, None, Vec::new());
         for round in 1..=3u64 {
             let (reply, rx) = oneshot::channel();
-            shard.reserve().await.unwrap().send(Append {
-                gap: false,
-                events: vec![incoming(&format!("user:{round}"))],
+            actors.reserve(0).await.unwrap().send(Append {
+                parts: vec![Part {
+                    shard: 0,
+                    gap: false,
+                    events: vec![incoming(&format!("user:{round}"))],
+                }],
                 reply,
                 trace: None,
             });
@@ -1006,7 +1166,8 @@ mod tests {
     }
 
     /// Appends to many shards at once wake the sessions once, after every
-    /// actor has drained.
+    /// actor has drained; an actor that owns several shards keeps each
+    /// shard's seqs and answers each event in its command's order.
     #[tokio::test]
     async fn a_burst_of_appends_across_shards_rings_once() {
         let (appended, mut sessions) = watch::channel(0u64);
@@ -1020,28 +1181,45 @@ mod tests {
             failing: parking_lot::Mutex::new(std::collections::BTreeMap::new()),
         });
         let tracker = TaskTracker::new();
-        let mut logs = Vec::new();
+        let memories: Vec<ShardMemory> = (0..8)
+            .map(|_| ShardMemory::new(1, 1024, 1 << 20, 16))
+            .collect();
+        let logs: Vec<_> = memories.iter().map(|m| m.log().clone()).collect();
+        let actors = ShardActors::spawn(memories, ctx, 3, 8, &tracker, None, Vec::new());
+        assert_eq!(actors.count(), 3);
         let mut answers = Vec::new();
-        for id in 0..8 {
-            let memory = ShardMemory::new(1, 1024, 1 << 20, 16);
-            logs.push(memory.log().clone());
-            let shard = ShardHandle::spawn(id, memory, ctx.clone(), 8, &tracker, None, None);
+        for actor in 0..actors.count() {
+            // Two events for each of the actor's shards, one command.
+            let parts: Vec<Part> = (0..8u32)
+                .filter(|s| actors.actor_of(ShardId(*s)) == actor)
+                .map(|s| Part {
+                    shard: s,
+                    gap: false,
+                    events: vec![
+                        incoming(&format!("user:{s}-a")),
+                        incoming(&format!("user:{s}-b")),
+                    ],
+                })
+                .collect();
             let (reply, rx) = oneshot::channel();
-            shard.reserve().await.unwrap().send(Append {
-                gap: false,
-                events: vec![incoming(&format!("user:{id}"))],
+            actors.reserve(actor).await.unwrap().send(Append {
+                parts,
                 reply,
                 trace: None,
             });
             answers.push(rx);
         }
         for rx in answers {
-            rx.await.unwrap().unwrap();
+            let seqs: Vec<u64> = rx.await.unwrap().unwrap().iter().map(|o| o.seq).collect();
+            assert!(
+                seqs.chunks(2).all(|c| c == [1, 2]),
+                "each shard's events in order from seq 1: {seqs:?}"
+            );
         }
         sessions.changed().await.unwrap();
         assert_eq!(*sessions.borrow_and_update(), 1, "one wake for the burst");
         assert!(
-            logs.iter().all(|l| l.head() == 1),
+            logs.iter().all(|l| l.head() == 2),
             "every shard appended first"
         );
         stop.cancel();

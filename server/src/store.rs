@@ -1123,14 +1123,24 @@ fn write_zeros(path: &Path, size: u64) -> io::Result<()> {
     file.sync_all()
 }
 
+/// One shard's records within a drain: `count` records with seqs from
+/// `first_seq` on, in order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Run {
+    /// The shard.
+    pub shard: u32,
+    /// Seq of its first record.
+    pub first_seq: u64,
+    /// How many records.
+    pub count: u64,
+}
+
 /// One drain handed to the writer.
 struct Request {
-    shard: u32,
     /// Its records, encoded; handed back for reuse.
     buf: Vec<u8>,
-    /// Seq of its first record and how many it holds.
-    first_seq: u64,
-    count: u64,
+    /// Which shards' records `buf` holds.
+    runs: Vec<Run>,
     owed: Owed,
 }
 
@@ -1211,24 +1221,16 @@ pub struct WalPort {
 }
 
 impl WalPort {
-    /// Writes the records in `buf` (`count` records of `shard`, seqs from
-    /// `first_seq`) under the fsync policy; answers when they are written
+    /// Writes the records in `buf` (the `runs` of one or more shards, in
+    /// that order) under the fsync policy; answers when they are written
     /// (and flushed, with `always`), through the
     /// [`complete_on`](Wal::complete_on) task when there is one. The
     /// buffer comes back for reuse. On error nothing of `buf` is in the
     /// log.
-    pub async fn append(
-        &mut self,
-        shard: u32,
-        first_seq: u64,
-        count: u64,
-        buf: Vec<u8>,
-    ) -> Answered {
+    pub async fn append(&mut self, runs: Vec<Run>, buf: Vec<u8>) -> Answered {
         let req = Request {
-            shard,
             buf,
-            first_seq,
-            count,
+            runs,
             owed: Owed(Some(self.answer.clone())),
         };
         match self.wal.tx.try_send(req) {
@@ -1506,7 +1508,7 @@ impl Writer {
         if let Some(mark) = &mark {
             seg.meta.marks.push(mark.clone());
         }
-        for r in group {
+        for r in group.iter().flat_map(|r| &r.runs) {
             let s = r.shard as usize;
             let last = r.first_seq + r.count - 1;
             if seg.meta.first[s] == 0 {
@@ -1694,8 +1696,49 @@ mod tests {
         let rt = tokio::runtime::Builder::new_current_thread()
             .build()
             .unwrap();
-        let (_, r) = rt.block_on(wal.port().append(shard, from, n, buf));
+        let run = Run {
+            shard,
+            first_seq: from,
+            count: n,
+        };
+        let (_, r) = rt.block_on(wal.port().append(vec![run], buf));
         r.unwrap();
+    }
+
+    /// An actor that owns several shards hands them to the writer in one
+    /// drain: each shard keeps its own seqs, across a reopen.
+    #[test]
+    fn one_drain_holds_the_runs_of_several_shards() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (opened, _) = open_collect(tmp.path(), 3, retention());
+        let opened = opened.unwrap();
+        let mut buf = Vec::new();
+        let mut runs = Vec::new();
+        for (shard, n) in [(0u32, 3u64), (2, 5)] {
+            for seq in 1..=n {
+                let e = entry(&format!("user:{shard}-{seq}"), seq);
+                encode_record(&mut buf, shard, seq, &e);
+            }
+            runs.push(Run {
+                shard,
+                first_seq: 1,
+                count: n,
+            });
+        }
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let (_, r) = rt.block_on(opened.wal.port().append(runs, buf));
+        r.unwrap();
+        write(&opened.wal, 2, 6, 2);
+        drop(opened);
+        let (again, got) = open_collect(tmp.path(), 3, retention());
+        assert_eq!(again.unwrap().heads, vec![3, 0, 7]);
+        assert_eq!(got.records[&0].len(), 3);
+        assert!(!got.records.contains_key(&1));
+        let s = &got.records[&2];
+        assert!(s.iter().enumerate().all(|(i, r)| r.seq == i as u64 + 1));
+        assert_eq!(s.len(), 7);
     }
 
     #[test]
@@ -1735,7 +1778,12 @@ mod tests {
             for seq in from..from + 10 {
                 encode_record(&mut buf, 0, seq, &entry(&format!("user:{seq}"), seq));
             }
-            let (back, r) = rt.block_on(port.append(0, from, 10, buf));
+            let run = Run {
+                shard: 0,
+                first_seq: from,
+                count: 10,
+            };
+            let (back, r) = rt.block_on(port.append(vec![run], buf));
             r.unwrap();
             assert!(back.capacity() > 0, "the buffer comes back for reuse");
         }

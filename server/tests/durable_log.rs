@@ -490,13 +490,16 @@ async fn a_second_hub_on_the_same_data_dir_is_refused() {
 /// `SIGXFSZ` ignored: writes fail with `EFBIG`, as on a full disk): the
 /// publish whose write fails is refused `UNAVAILABLE` with a retry hint and
 /// applies nothing; once the limit is lifted, the same publish succeeds
-/// with no restart, and the log is whole after a crash.
+/// with no restart, and the log is whole after a crash. One actor owns all
+/// eight shards, so the failed drain is undone across every shard its
+/// publish reached.
 #[tokio::test]
 async fn a_failed_write_refuses_the_publish_and_the_hub_recovers_by_itself() {
     let tmp = tempfile::tempdir().unwrap();
     let data = tmp.path().join("data");
     let port = free_port();
-    let hub = hub_command(&data, port, &["--shards", "1"]);
+    let shape = ["--shards", "8", "--shard-actors", "1"];
+    let hub = hub_command(&data, port, &shape);
     let mut cmd = Command::new("sh");
     cmd.arg("-c")
         .arg("trap '' XFSZ; exec prlimit --fsize=65536:unlimited -- \"$0\" \"$@\"")
@@ -536,7 +539,7 @@ async fn a_failed_write_refuses_the_publish_and_the_hub_recovers_by_itself() {
         .unwrap()
         .into_inner();
     assert!(!s.log_error.is_empty(), "status shows the failing log");
-    let head = s.shards[0].head_seq;
+    let head: u64 = s.shards.iter().map(|s| s.head_seq).sum();
     assert_eq!(
         head,
         answered.len() as u64 * 100,
@@ -568,7 +571,7 @@ async fn a_failed_write_refuses_the_publish_and_the_hub_recovers_by_itself() {
     assert!(s.log_error.is_empty(), "recovered: {}", s.log_error);
     proc.kill();
 
-    let (proc, mut client) = HubProcess::start(&data, &["--shards", "1"]).await;
+    let (proc, mut client) = HubProcess::start(&data, &shape).await;
     let all: Vec<(String, u64)> = answered
         .iter()
         .chain([&round])

@@ -25,7 +25,7 @@ use bytes::Bytes;
 use clap::Parser;
 use freshness::Entity;
 use freshness_hub::log::LogEntry;
-use freshness_hub::store::{self, FsyncPolicy, Recovered, Restore, Retention, encode_record};
+use freshness_hub::store::{self, FsyncPolicy, Recovered, Restore, Retention, Run, encode_record};
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
 use serde_json::json;
 
@@ -165,7 +165,12 @@ fn wal_rounds(dir: &Path, batch: u64, each: Duration) -> anyhow::Result<()> {
                     for i in 0..batch {
                         encode_record(&mut buf, shard, seq + i, &entry(seq + i));
                     }
-                    wal.port().append(shard, seq, batch, buf).await.1
+                    let run = Run {
+                        shard,
+                        first_seq: seq,
+                        count: batch,
+                    };
+                    wal.port().append(vec![run], buf).await.1
                 }));
             }
             for t in tasks {
@@ -307,8 +312,12 @@ fn open_full(dir: &Path, events: u64) -> anyhow::Result<()> {
                 for i in 0..n {
                     encode_record(&mut buf, shard, seq + i, &entry(seq + i + u64::from(shard)));
                 }
-                rt.block_on(opened.wal.port().append(shard, seq, n, buf))
-                    .1?;
+                let run = Run {
+                    shard,
+                    first_seq: seq,
+                    count: n,
+                };
+                rt.block_on(opened.wal.port().append(vec![run], buf)).1?;
             }
             seq += n;
         }
@@ -428,13 +437,12 @@ fn fill(dir: &Path, bytes: u64, payload: usize) -> anyhow::Result<()> {
             }
             written += bufs[s].len() as u64;
             let buf = std::mem::take(&mut bufs[s]);
-            rt.block_on(
-                opened
-                    .wal
-                    .port()
-                    .append(s as u32, seqs[s] + 1, counts[s], buf),
-            )
-            .1?;
+            let run = Run {
+                shard: s as u32,
+                first_seq: seqs[s] + 1,
+                count: counts[s],
+            };
+            rt.block_on(opened.wal.port().append(vec![run], buf)).1?;
             seqs[s] += counts[s];
         }
     }

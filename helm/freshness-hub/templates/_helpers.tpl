@@ -164,6 +164,9 @@ max_ack_waiters = {{ int64 . }}
 {{- with $hub.limits.shardQueue }}
 shard_queue = {{ int64 . }}
 {{- end }}
+{{- with $hub.limits.shardActors }}
+shard_actors = {{ int64 . }}
+{{- end }}
 {{- with $hub.limits.admissionTimeout }}
 admission_timeout = {{ . | toJson }}
 {{- end }}
