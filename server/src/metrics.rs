@@ -194,10 +194,10 @@ const COUNTERS: [(&str, &str, Option<LabelSet>); 11] = [
 const GAUGES: [(&str, &str); 9] = [
     (NODES_CONNECTED, "Connected subscribe streams."),
     (LOG_EVENTS, "Events retained in the log."),
-    (SHARD_QUEUE_DEPTH, "Commands waiting in all shard queues."),
+    (SHARD_QUEUE_DEPTH, "Commands waiting in all shard actors' queues."),
     (
         SHARD_QUEUE_MAX,
-        "Commands waiting in the fullest shard queue.",
+        "Commands waiting in the fullest shard actor's queue.",
     ),
     (NODE_LAG_MAX, "Largest lag of a connected node, in events."),
     (
