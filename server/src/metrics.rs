@@ -194,7 +194,10 @@ const COUNTERS: [(&str, &str, Option<LabelSet>); 11] = [
 const GAUGES: [(&str, &str); 9] = [
     (NODES_CONNECTED, "Connected subscribe streams."),
     (LOG_EVENTS, "Events retained in the log."),
-    (SHARD_QUEUE_DEPTH, "Commands waiting in all shard actors' queues."),
+    (
+        SHARD_QUEUE_DEPTH,
+        "Commands waiting in all shard actors' queues.",
+    ),
     (
         SHARD_QUEUE_MAX,
         "Commands waiting in the fullest shard actor's queue.",
