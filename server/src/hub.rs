@@ -188,8 +188,8 @@ pub struct Hub {
     pub clock: Clock,
     /// Region as a shared string (origin of local events).
     pub region: Arc<str>,
-    /// The shard actors.
-    pub(crate) shards: ShardActors,
+    /// The shard actors, and which owns which shard.
+    pub(crate) actors: ShardActors,
     /// What sessions read of every shard: memory, disk, traces.
     pub(crate) logs: LogReader,
     /// Bumped after every append.
@@ -332,7 +332,7 @@ impl Hub {
             });
         }
         let logs: Vec<_> = memories.iter().map(|m| m.log().clone()).collect();
-        let shards = ShardActors::spawn(
+        let actors = ShardActors::spawn(
             memories,
             ctx.clone(),
             config.actors(),
@@ -341,7 +341,7 @@ impl Hub {
             wal.as_ref(),
             js_shards,
         );
-        let traces = shards.traces();
+        let traces = actors.traces();
         let logs = LogReader::new(logs, disk, traces);
         let (acks_changed, _) = watch::channel(0);
         let hub = Arc::new(Self {
@@ -351,7 +351,7 @@ impl Hub {
             epoch,
             clock,
             region,
-            shards,
+            actors,
             logs,
             appended,
             acks_changed,
@@ -552,7 +552,7 @@ impl Hub {
         // answer's outcomes come in that order.
         let mut by_actor: BTreeMap<usize, (Vec<usize>, Vec<Part>)> = BTreeMap::new();
         for (shard, (gap, idx, events)) in by_shard {
-            let slot = by_actor.entry(self.shards.actor_of(shard)).or_default();
+            let slot = by_actor.entry(self.actors.actor_of(shard)).or_default();
             slot.0.extend(idx);
             slot.1.push(Part {
                 shard: shard.0,
@@ -563,7 +563,7 @@ impl Hub {
         let reserve_all = async {
             let mut permits = Vec::with_capacity(by_actor.len());
             for a in by_actor.keys() {
-                permits.push(self.shards.reserve(*a).await);
+                permits.push(self.actors.reserve(*a).await);
             }
             permits
         };
@@ -872,7 +872,7 @@ impl Hub {
 
     /// Commands waiting in each shard actor's queue.
     pub fn queue_depths(&self) -> Vec<usize> {
-        self.shards.queue_depths()
+        self.actors.queue_depths()
     }
 
     /// Connected streams.

@@ -260,7 +260,7 @@ pub async fn serve_with_http(
         hub_id = %hub.config.hub_id,
         epoch = hub.epoch,
         shards = hub.shard_count(),
-        shard_actors = hub.shards.count(),
+        shard_actors = hub.actors.count(),
         addr = ?listener.local_addr().ok(),
         tls = tls.is_some(),
         auth = auth.enabled(),

@@ -296,7 +296,6 @@ impl ShardActors {
     /// them (at least one, at most one per shard), or one per shard on a
     /// JetStream log (`js`, one per shard). With a durable log, `wal` is
     /// where their appends go. Each actor queues up to `queue` commands.
-    #[allow(clippy::too_many_arguments)]
     pub fn spawn(
         memories: Vec<ShardMemory>,
         ctx: Arc<ShardContext>,
