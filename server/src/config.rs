@@ -931,14 +931,14 @@ impl Config {
             .map_or_else(Vec::new, |u| url_list(u))
     }
 
-    /// How many shard actors run: `shard_actors`, or one per core the
-    /// process may use when it is 0; at most one per shard.
+    /// How many shard actors to run: `shard_actors`, or one per core the
+    /// process may use when it is 0 (`ShardActors::spawn` runs at most
+    /// one per shard).
     pub fn actors(&self) -> usize {
-        let n = match self.shard_actors {
+        match self.shard_actors {
             0 => std::thread::available_parallelism().map_or(1, usize::from),
             n => n as usize,
-        };
-        n.clamp(1, self.shards as usize)
+        }
     }
 
     /// Retained events per shard.

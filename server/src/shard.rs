@@ -751,7 +751,7 @@ impl ShardState {
     }
 
     /// Makes a stored drain's entries visible to the sessions.
-    fn publish(&mut self, appended: Vec<LogEntry>) {
+    fn make_visible(&mut self, appended: Vec<LogEntry>) {
         let evicted = self.mem.log.append_all(appended);
         self.mem.forget(evicted);
     }
@@ -887,7 +887,7 @@ impl Actor {
         let mut count = 0;
         for d in drained {
             count += d.appended.len() as u64;
-            self.shards[d.local].publish(d.appended);
+            self.shards[d.local].make_visible(d.appended);
         }
         if wake {
             crate::metrics::count_appended(count);
@@ -1048,7 +1048,7 @@ impl ReplicaActor {
                         self.state.traces.record(first_seq, self.state.head, sc);
                     }
                     crate::metrics::count_appended(appended.len() as u64);
-                    self.state.publish(appended);
+                    self.state.make_visible(appended);
                     for (cmd, o) in batch.drain(..).zip(outcomes) {
                         let _ = cmd.reply.send(Ok(o));
                     }

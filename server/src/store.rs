@@ -27,9 +27,10 @@
 //! Shard actors hand their drain's records to the log's writer thread
 //! ([`WalPort::append`]) and wait. The thread, once woken, yields its core once
 //! (so the actors of one publish have all handed theirs), takes everything
-//! waiting (every shard's drain), writes it at the end of the active
-//! segment and, with `fsync = always`, flushes once: a publish touching 64
-//! shards costs one flush, not 64. A failed write or flush leaves nothing
+//! waiting (every actor's drain, each holding its shards' records), writes
+//! it at the end of the active segment and, with `fsync = always`, flushes
+//! once: a publish touching 64 shards costs one flush, not 64. A failed
+//! write or flush leaves nothing
 //! behind: the file is cut back to where the group began and every drain
 //! of the group is refused, so a failure never leaves a bad record in the
 //! middle of the log. Each group's answers go to the hub's completion task
