@@ -57,7 +57,7 @@ use tracing_opentelemetry::OpenTelemetrySpanExt;
 use crate::clock::Clock;
 use crate::jetstream::{AppendError, JsShard, Remote};
 use crate::log::{LogEntry, SharedLog};
-use crate::store::{Run, Wal, WalPort, WriteFailed, encode_record};
+use crate::store::{Answered, PIPELINE, Run, Wal, WalPort, WriteFailed, encode_record};
 use crate::telemetry::{Adopt, AppendTraces, num};
 
 /// Most commands one wake-up of an actor takes from its queue.
@@ -331,7 +331,8 @@ impl ShardActors {
                     stride: n,
                     ctx: ctx.clone(),
                     wal: wal.map(Wal::port),
-                    record_buf: Vec::new(),
+                    pending: VecDeque::with_capacity(PIPELINE),
+                    bufs: Vec::new(),
                 };
                 tracker.spawn(actor.run(rx));
                 senders.push(tx);
@@ -519,8 +520,27 @@ struct Actor {
     ctx: Arc<ShardContext>,
     /// This actor's way into the durable log; `None` for an ephemeral hub.
     wal: Option<WalPort>,
-    /// The records of one drain, reused.
-    record_buf: Vec<u8>,
+    /// Drains decided and not yet answered (durable log only), oldest
+    /// first, at most [`PIPELINE`]. The oldest is with the log's writer;
+    /// a later one is too, or has nothing to store and waits for the
+    /// drains before it (its outcomes were decided on top of theirs).
+    pending: VecDeque<Decided>,
+    /// Record buffers back from the writer, for the next drains.
+    bufs: Vec<Vec<u8>>,
+}
+
+/// One drain, decided: what it appends to each shard, its callers and
+/// their outcomes, its traced shards.
+struct Decided {
+    drained: Vec<Drained>,
+    replies: Vec<Reply>,
+    /// Traced shards: place in the actor, first and last seq appended, the
+    /// `shard.append` span's context.
+    traced: Vec<(usize, u64, u64, SpanContext)>,
+    /// The drain's `shard.append` spans, ended when it is answered.
+    spans: Vec<(u32, Span)>,
+    /// When its records went to the log's writer; `None` when it has none.
+    sent: Option<tokio::time::Instant>,
 }
 
 /// The actor of one shard of a hub replica on the JetStream log.
@@ -739,12 +759,21 @@ impl ShardState {
     /// Undoes the seqs and version memory of a drain that was not stored.
     fn undo(&mut self, first_seq: u64, appended: &[LogEntry], undo: Vec<Option<Remembered>>) {
         self.head = first_seq - 1;
+        // An earlier drain made visible after this one was decided may have
+        // evicted the event a restored entry names; it becomes a candidate
+        // to forget again, as eviction would have made it.
+        let first_in_memory = self.mem.log.first_seq();
         for (e, prev) in appended.iter().zip(undo).rev() {
             if e.gap {
                 continue;
             }
             match prev {
-                Some(r) => self.mem.versions.insert(e.entity.clone(), r),
+                Some(r) => {
+                    if r.seq < first_in_memory {
+                        self.mem.retired.push_back((e.entity.clone(), r.seq));
+                    }
+                    self.mem.versions.insert(e.entity.clone(), r)
+                }
                 None => self.mem.versions.remove(&e.entity),
             };
         }
@@ -760,20 +789,90 @@ impl ShardState {
 impl Actor {
     async fn run(mut self, mut rx: mpsc::Receiver<Append>) {
         let mut batch = Vec::with_capacity(DRAIN_MAX);
-        while rx.recv_many(&mut batch, DRAIN_MAX).await > 0 {
-            self.serve(&mut batch).await;
+        loop {
+            let Some(wal) = &self.wal else {
+                if rx.recv_many(&mut batch, DRAIN_MAX).await == 0 {
+                    break;
+                }
+                self.serve(&mut batch);
+                continue;
+            };
+            // The oldest pending drain is always with the writer.
+            let answer = wal.next();
+            tokio::select! {
+                biased;
+                answered = answer, if !self.pending.is_empty() => self.answered(answered).await,
+                n = rx.recv_many(&mut batch, DRAIN_MAX), if self.pending.len() < PIPELINE => {
+                    if n == 0 {
+                        break;
+                    }
+                    self.serve(&mut batch);
+                }
+            }
+        }
+        // Every caller is answered before the actor ends.
+        while !self.pending.is_empty() {
+            let Some(wal) = &self.wal else { break };
+            let answered = wal.next().await;
+            self.answered(answered).await;
         }
         tracing::debug!(shards = self.shards.len(), "shard actor stopped");
     }
 
-    /// One drain: every command decided in order, shard by shard; with a
-    /// durable log, every shard's records handed to the log's writer at
-    /// once and waited for (written and, with `fsync = always`, flushed
-    /// with the others of their group: the hub's completion task, woken
-    /// once per group, wakes every actor of the group on this runtime);
-    /// then the end a memory-only hub has ([`Actor::finish`]), or, when
-    /// the write failed, the drain undone and refused.
-    async fn serve(&mut self, batch: &mut Vec<Append>) {
+    /// One drain: every command decided in order, shard by shard; then,
+    /// memory-only, the end of the drain at once ([`Actor::stored`]);
+    /// durable, every shard's records handed to the log's writer in one
+    /// request, and the drain kept pending until the writer answers
+    /// ([`Actor::answered`]: written and, with `fsync = always`, flushed
+    /// with the others of their group; the hub's completion task, woken
+    /// once per group, wakes every actor of the group on this runtime).
+    /// With one drain pending the actor may decide and hand over the next
+    /// ([`PIPELINE`]), so the writer has it the moment its flush returns.
+    fn serve(&mut self, batch: &mut Vec<Append>) {
+        let mut decided = self.decide(batch);
+        let Some(wal) = self.wal.as_mut() else {
+            return self.stored(decided);
+        };
+        if decided.drained.is_empty() {
+            // Nothing to store, but its outcomes stand on the drains still
+            // pending: answered after them, or refused with them.
+            if self.pending.is_empty() {
+                self.stored(decided);
+            } else {
+                self.pending.push_back(decided);
+            }
+            return;
+        }
+        let mut buf = self.bufs.pop().unwrap_or_default();
+        buf.clear();
+        let mut runs = Vec::with_capacity(decided.drained.len());
+        for d in &decided.drained {
+            let id = self.shards[d.local].id;
+            for (i, e) in d.appended.iter().enumerate() {
+                encode_record(&mut buf, id, d.first_seq + i as u64, e);
+            }
+            runs.push(Run {
+                shard: id,
+                first_seq: d.first_seq,
+                count: d.appended.len() as u64,
+            });
+        }
+        match wal.send(runs, buf) {
+            Ok(()) => {
+                decided.sent = Some(tokio::time::Instant::now());
+                self.pending.push_back(decided);
+            }
+            Err((buf, e)) => {
+                // Not handed over: the newest drain, undone alone.
+                self.bufs.push(buf);
+                self.refuse(vec![decided], e);
+            }
+        }
+    }
+
+    /// Decides every command of a drain, in order, shard by shard: seqs,
+    /// version memory, outcomes; nothing is visible yet.
+    fn decide(&mut self, batch: &mut Vec<Append>) -> Decided {
         let spans = append_spans(&self.ctx.region, batch);
         let now = self.ctx.clock.now_us();
         let mut drained: Vec<Drained> = Vec::new();
@@ -815,74 +914,120 @@ impl Actor {
             self.slots[d.local] = None;
         }
         // Traced shards: what each appended, noted before the write.
-        let traced: Vec<(usize, u64, SpanContext)> = spans
+        let traced = spans
             .iter()
             .filter_map(|(shard, span)| {
                 let local = *shard as usize / self.stride;
                 let d = drained.iter().find(|d| d.local == local)?;
                 let sc = record_append(span, d.first_seq, d.appended.len())?;
-                Some((local, d.first_seq, sc))
+                Some((
+                    local,
+                    d.first_seq,
+                    d.first_seq + d.appended.len() as u64 - 1,
+                    sc,
+                ))
             })
             .collect();
         drained.retain(|d| !d.appended.is_empty());
-        if !drained.is_empty()
-            && let Some(mut wal) = self.wal.take()
-        {
-            let result = self.store(&mut wal, &drained).await;
-            self.wal = Some(wal);
-            let ids = drained.iter().map(|d| self.shards[d.local].id);
-            if let Err(e) = result {
-                // Nothing of this drain happened: the seqs and versions go back.
-                self.ctx.wrote(ids, Some(&e));
-                for d in drained {
-                    self.shards[d.local].undo(d.first_seq, &d.appended, d.undo);
-                }
-                let failed = WriteFailed(Arc::new(e));
-                for (reply, _) in replies {
-                    let _ = reply.send(Err(failed.clone()));
-                }
-                return;
-            }
-            // Before the answers: a caller that then asks for the status
-            // sees the log writable again.
-            self.ctx.wrote(ids, None);
+        Decided {
+            drained,
+            replies,
+            traced,
+            spans,
+            sent: None,
         }
-        crate::metrics::record_drain(replies.len());
-        for (local, first_seq, sc) in traced {
-            let s = &self.shards[local];
-            s.traces.record(first_seq, s.head, sc);
-        }
-        self.finish(drained, replies);
     }
 
-    /// Hands a drain's records, every shard's, to the log's writer and
-    /// waits until they are stored.
-    async fn store(&mut self, wal: &mut WalPort, drained: &[Drained]) -> std::io::Result<()> {
-        let mut buf = std::mem::take(&mut self.record_buf);
-        buf.clear();
-        let mut runs = Vec::with_capacity(drained.len());
-        for d in drained {
-            let id = self.shards[d.local].id;
-            for (i, e) in d.appended.iter().enumerate() {
-                encode_record(&mut buf, id, d.first_seq + i as u64, e);
-            }
-            runs.push(Run {
-                shard: id,
-                first_seq: d.first_seq,
-                count: d.appended.len() as u64,
-            });
+    /// The writer's answer to the oldest pending drain: stored, it ends
+    /// (and so do the drains with nothing to store that waited for it);
+    /// not stored, it and every drain decided after it are undone.
+    async fn answered(&mut self, (buf, result): Answered) {
+        if buf.capacity() > 0 && self.bufs.len() < PIPELINE {
+            self.bufs.push(buf);
         }
-        let started = tokio::time::Instant::now();
-        let (buf, result) = wal.append(runs, buf).await;
-        crate::metrics::record_log_append(started.elapsed().as_secs_f64());
-        self.record_buf = buf;
-        result
+        let Some(oldest) = self.pending.pop_front() else {
+            return;
+        };
+        if let Some(sent) = oldest.sent {
+            crate::metrics::record_log_append(sent.elapsed().as_secs_f64());
+        }
+        match result {
+            Ok(()) => {
+                self.stored(oldest);
+                while self.pending.front().is_some_and(|d| d.sent.is_none()) {
+                    if let Some(d) = self.pending.pop_front() {
+                        self.stored(d);
+                    }
+                }
+            }
+            Err(e) => {
+                // The later drains were decided on top of this one: the
+                // writer refuses those it has (see `WalPort::send`); their
+                // answers are waited for, so that none is left owed when
+                // the port takes drains again.
+                let mut failed = vec![oldest];
+                while let Some(d) = self.pending.pop_front() {
+                    if d.sent.is_some()
+                        && let Some(wal) = &self.wal
+                    {
+                        let (buf, later) = wal.next().await;
+                        debug_assert!(later.is_err(), "a drain after a failed one was stored");
+                        if buf.capacity() > 0 && self.bufs.len() < PIPELINE {
+                            self.bufs.push(buf);
+                        }
+                    }
+                    failed.push(d);
+                }
+                if let Some(wal) = &self.wal {
+                    wal.recovered();
+                }
+                self.refuse(failed, e);
+            }
+        }
+    }
+
+    /// Undoes drains that were not stored, newest first (their seqs and
+    /// versions go back: nothing of them happened), and refuses their
+    /// callers.
+    fn refuse(&mut self, drains: Vec<Decided>, e: std::io::Error) {
+        let ids: std::collections::BTreeSet<u32> = drains
+            .iter()
+            .flat_map(|d| &d.drained)
+            .map(|d| self.shards[d.local].id)
+            .collect();
+        self.ctx.wrote(ids, Some(&e));
+        let failed = WriteFailed(Arc::new(e));
+        for decided in drains.into_iter().rev() {
+            for d in decided.drained.into_iter().rev() {
+                self.shards[d.local].undo(d.first_seq, &d.appended, d.undo);
+            }
+            for (reply, _) in decided.replies {
+                let _ = reply.send(Err(failed.clone()));
+            }
+        }
     }
 
     /// The end of a drain whose records are stored (or need not be): they
     /// become visible to the sessions, the callers are answered, the
     /// sessions woken.
-    fn finish(&mut self, drained: Vec<Drained>, replies: Vec<Reply>) {
+    fn stored(&mut self, decided: Decided) {
+        let Decided {
+            drained,
+            replies,
+            traced,
+            spans,
+            sent,
+        } = decided;
+        if sent.is_some() {
+            // Before the answers: a caller that then asks for the status
+            // sees the log writable again.
+            self.ctx
+                .wrote(drained.iter().map(|d| self.shards[d.local].id), None);
+        }
+        crate::metrics::record_drain(replies.len());
+        for (local, first_seq, last_seq, sc) in traced {
+            self.shards[local].traces.record(first_seq, last_seq, sc);
+        }
         let wake = !drained.is_empty();
         let mut count = 0;
         for d in drained {
@@ -902,6 +1047,7 @@ impl Actor {
         if wake {
             self.ctx.appended.ring();
         }
+        drop(spans);
     }
 }
 
@@ -1222,5 +1368,116 @@ mod tests {
             "every shard appended first"
         );
         stop.cancel();
+    }
+
+    /// Two drains with the log's writer when the first fails: both are
+    /// undone, newest first, and refused; the shard's seqs and versions are
+    /// as before them, so the same events are then taken from the same
+    /// seqs, and a version stored before them is still a duplicate.
+    #[tokio::test]
+    async fn a_failed_drain_undoes_the_drain_decided_on_top_of_it() {
+        struct Nothing;
+        impl crate::store::Restore for Nothing {
+            fn record(&mut self, _: u32, _: crate::store::Recovered) {}
+        }
+        let tmp = tempfile::tempdir().unwrap();
+        let retention = crate::store::Retention {
+            max_events: 10_000,
+            max_bytes: 1 << 20,
+            // Smaller than a drain: every drain starts a segment.
+            segment_bytes: 1024,
+            fsync: crate::store::FsyncPolicy::Always,
+            fsync_interval: std::time::Duration::from_millis(10),
+        };
+        let opened = crate::store::open(tmp.path(), 1, retention, false, &mut Nothing).unwrap();
+        let (appended, _sessions) = watch::channel(0u64);
+        let mut actor = Actor {
+            shards: vec![ShardState {
+                id: 0,
+                head: 0,
+                mem: ShardMemory::new(1, 1024, 1 << 20, 16),
+                traces: Arc::default(),
+            }],
+            stride: 1,
+            slots: vec![None],
+            ctx: Arc::new(ShardContext {
+                region: Arc::from("local"),
+                clock: Clock::new(),
+                appended: Arc::new(AppendBell::new(appended)),
+                failing: parking_lot::Mutex::new(std::collections::BTreeMap::new()),
+            }),
+            wal: Some(opened.wal.port()),
+            pending: VecDeque::new(),
+            bufs: Vec::new(),
+        };
+        // A drain of 30 events, all at `version`.
+        let command = |version: u64| {
+            let (reply, rx) = oneshot::channel();
+            let events = (0..30)
+                .map(|i| Incoming {
+                    version: Version::new(version).unwrap(),
+                    ..incoming(&format!("user:{i}"))
+                })
+                .collect();
+            let append = Append {
+                parts: vec![Part {
+                    shard: 0,
+                    gap: false,
+                    events,
+                }],
+                reply,
+                trace: None,
+            };
+            (vec![append], rx)
+        };
+        fn next(actor: &Actor) -> impl Future<Output = Answered> + use<> {
+            actor.wal.as_ref().unwrap().next()
+        }
+
+        let (mut first, rx) = command(1);
+        actor.serve(&mut first);
+        let answer = next(&actor).await;
+        actor.answered(answer).await;
+        assert_eq!(rx.await.unwrap().unwrap()[29].seq, 30);
+
+        let blocker = crate::store::block_next_segment(tmp.path());
+        let (mut failing, failing_rx) = command(2);
+        actor.serve(&mut failing);
+        let (mut on_top, on_top_rx) = command(3);
+        actor.serve(&mut on_top);
+        assert_eq!(actor.pending.len(), PIPELINE, "both with the writer");
+        let answer = next(&actor).await;
+        actor.answered(answer).await;
+        assert!(actor.pending.is_empty());
+        assert!(failing_rx.await.unwrap().is_err());
+        assert!(on_top_rx.await.unwrap().is_err());
+        assert_eq!(actor.shards[0].head, 30, "both drains' seqs given back");
+        assert!(
+            actor.ctx.failing.lock().contains_key(&0),
+            "the status says so"
+        );
+
+        std::fs::remove_dir(&blocker).unwrap();
+        let (mut again, rx) = command(2);
+        actor.serve(&mut again);
+        let answer = next(&actor).await;
+        actor.answered(answer).await;
+        let outcomes = rx.await.unwrap().unwrap();
+        assert!(
+            outcomes
+                .iter()
+                .all(|o| matches!(o.outcome, Outcome::Applied))
+        );
+        assert_eq!(outcomes[0].seq, 31, "from the first undone seq on");
+        assert!(actor.ctx.failing.lock().is_empty(), "writable again");
+        let (mut stored_before, rx) = command(1);
+        actor.serve(&mut stored_before);
+        let outcomes = rx.await.unwrap().unwrap();
+        assert!(
+            outcomes
+                .iter()
+                .all(|o| matches!(o.outcome, Outcome::Superseded)),
+            "versions as the stored drains left them"
+        );
     }
 }

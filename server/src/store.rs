@@ -25,17 +25,21 @@
 //!
 //! ## Writes: one writer, one flush per group
 //! Shard actors hand their drain's records to the log's writer thread
-//! ([`WalPort::append`]) and wait. The thread, once woken, yields its core once
-//! (so the actors of one publish have all handed theirs), takes everything
-//! waiting (every actor's drain, each holding its shards' records), writes
-//! it at the end of the active segment and, with `fsync = always`, flushes
-//! once: a publish touching 64 shards costs one flush, not 64. A failed
-//! write or flush leaves nothing
-//! behind: the file is cut back to where the group began and every drain
-//! of the group is refused, so a failure never leaves a bad record in the
-//! middle of the log. Each group's answers go to the hub's completion task
-//! ([`Wal::complete_on`]), which answers every drain's actor on the
-//! actors' runtime: one wake across threads per group.
+//! ([`WalPort::send`]) and are answered in order ([`WalPort::next`]). The
+//! thread, once woken, yields its core once (so the actors of one publish
+//! have all handed theirs), takes everything waiting (every actor's drain,
+//! each holding its shards' records), writes it at the end of the active
+//! segment and, with `fsync = always`, flushes once: a publish touching 64
+//! shards costs one flush, not 64. An actor may hand over its next drain
+//! while the last is being flushed ([`PIPELINE`]), so the writer finds it
+//! waiting the moment the flush returns. A failed write or flush leaves
+//! nothing behind: the file is cut back to where the group began and every
+//! drain of the group is refused, and so is every later drain of the same
+//! actors (decided on top of a failed one) until each actor has undone
+//! them ([`WalPort::recovered`]): a failure never leaves a bad record or a
+//! gap in the middle of the log. Each group's answers go to the hub's
+//! completion task ([`Wal::complete_on`]), which answers every drain's
+//! actor on the actors' runtime: one wake across threads per group.
 //!
 //! ## Segments written ahead
 //! A flush of an append that grows its file also commits the new file size
@@ -76,6 +80,7 @@ use std::io::{self, Read, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError};
 use std::time::Duration;
 
@@ -497,6 +502,25 @@ struct Segment {
 
 fn segment_path(dir: &Path, number: u64) -> PathBuf {
     dir.join(format!("{number:020}.wal"))
+}
+
+/// Test support: takes the name of the log's next segment in `data_dir`
+/// with a directory, so that the next roll fails (as on a full or failing
+/// disk) until the returned directory is removed.
+#[cfg(test)]
+pub(crate) fn block_next_segment(data_dir: &Path) -> PathBuf {
+    let wal_dir = data_dir.join("wal");
+    let next = fs::read_dir(&wal_dir)
+        .expect("the log's directory")
+        .filter_map(|e| {
+            let name = e.ok()?.file_name().into_string().ok()?;
+            name.strip_suffix(".wal")?.parse::<u64>().ok()
+        })
+        .max()
+        .map_or(0, |n| n + 1);
+    let blocker = segment_path(&wal_dir, next);
+    fs::create_dir(&blocker).expect("a directory in the next segment's place");
+    blocker
 }
 
 /// The next segment, written ahead as zeros (see the module docs). Each
@@ -1145,6 +1169,23 @@ struct Request {
     owed: Owed,
 }
 
+impl Request {
+    /// Whether its port refuses it (an earlier drain of the port failed).
+    fn refusing(&self) -> bool {
+        self.owed
+            .0
+            .as_ref()
+            .is_some_and(|a| a.refusing.load(Ordering::Acquire))
+    }
+
+    /// Has its port refuse every later drain until the actor recovers.
+    fn refuse_later(&self) {
+        if let Some(a) = &self.owed.0 {
+            a.refusing.store(true, Ordering::Release);
+        }
+    }
+}
+
 /// A written drain's answer to its actor: the buffer back, and whether the
 /// records are in the log.
 pub struct Completion {
@@ -1164,26 +1205,31 @@ impl Completion {
 /// records are in the log.
 pub type Answered = (Vec<u8>, io::Result<()>);
 
-/// Where one actor's drains are answered, reused from drain to drain: an
-/// actor has at most one drain with the writer ([`WalPort::append`] takes
-/// it `&mut`), so one slot serves them all and a drain allocates nothing
-/// to be answered.
+/// Where one actor's drains are answered, in the order they were handed
+/// over: an actor has at most [`PIPELINE`] drains with the writer, so a
+/// queue that small serves them all and a drain allocates nothing to be
+/// answered.
 #[derive(Debug, Default)]
 struct Answer {
-    slot: parking_lot::Mutex<Option<Answered>>,
+    slot: parking_lot::Mutex<VecDeque<Answered>>,
     ready: tokio::sync::Notify,
+    /// Set by the writer when one of this port's drains was not stored:
+    /// the drains the actor handed over after it were decided on top of
+    /// it, so the writer refuses them unwritten (their seqs would leave a
+    /// gap) until the actor, having had every answer, clears it.
+    refusing: AtomicBool,
 }
 
 impl Answer {
     fn put(&self, buf: Vec<u8>, result: io::Result<()>) {
-        *self.slot.lock() = Some((buf, result));
+        self.slot.lock().push_back((buf, result));
         self.ready.notify_one();
     }
 
-    /// The next answer paid.
+    /// The oldest answer paid and not yet taken.
     async fn wait(&self) -> Answered {
         loop {
-            if let Some(answer) = self.slot.lock().take() {
+            if let Some(answer) = self.slot.lock().pop_front() {
                 return answer;
             }
             // A payment between the look and here leaves a permit: no
@@ -1214,6 +1260,13 @@ impl Drop for Owed {
     }
 }
 
+/// How many drains one actor may have with the writer at once: one being
+/// flushed and the next, already written or waiting to be, so that the
+/// writer starts the next write the moment a flush returns, without
+/// waiting for the actor to be woken, finish the last drain and decide
+/// the next.
+pub const PIPELINE: usize = 2;
+
 /// One shard actor's way into the log (see [`Wal::port`]).
 #[derive(Debug)]
 pub struct WalPort {
@@ -1222,28 +1275,55 @@ pub struct WalPort {
 }
 
 impl WalPort {
-    /// Writes the records in `buf` (the `runs` of one or more shards, in
-    /// that order) under the fsync policy; answers when they are written
-    /// (and flushed, with `always`), through the
-    /// [`complete_on`](Wal::complete_on) task when there is one. The
-    /// buffer comes back for reuse. On error nothing of `buf` is in the
+    /// Hands the records in `buf` (the `runs` of one or more shards, in
+    /// that order) to the writer, which writes them under the fsync policy
+    /// after every drain this port handed over before. [`WalPort::next`]
+    /// answers them, in order, when they are written (and flushed, with
+    /// `always`). When the writer is not running nothing is handed over:
+    /// the buffer comes back at once, with the error.
+    ///
+    /// A port has at most [`PIPELINE`] drains unanswered. Once one of them
+    /// fails, the writer refuses every later one unwritten until
+    /// [`WalPort::recovered`]: on error nothing of that `buf` is in the
     /// log.
-    pub async fn append(&mut self, runs: Vec<Run>, buf: Vec<u8>) -> Answered {
+    pub fn send(&mut self, runs: Vec<Run>, buf: Vec<u8>) -> Result<(), (Vec<u8>, io::Error)> {
         let req = Request {
             buf,
             runs,
             owed: Owed(Some(self.answer.clone())),
         };
         match self.wal.tx.try_send(req) {
-            Ok(()) => {}
+            Ok(()) => Ok(()),
             Err(TrySendError::Full(r) | TrySendError::Disconnected(r)) => {
                 let Request { buf, mut owed, .. } = r;
                 // Not handed over: nothing is owed.
                 owed.0 = None;
-                return (buf, Err(io::Error::other("the log writer is not running")));
+                Err((buf, io::Error::other("the log writer is not running")))
             }
         }
-        self.answer.wait().await
+    }
+
+    /// The answer to the oldest drain handed over and not yet answered:
+    /// its buffer back for reuse, and whether its records are in the log.
+    /// Cancel-safe: an answer not taken stays for the next call.
+    pub fn next(&self) -> impl Future<Output = Answered> + Send + use<> {
+        let answer = self.answer.clone();
+        async move { answer.wait().await }
+    }
+
+    /// Told by the actor once it has had the answer of every drain it
+    /// handed over after a failure (and undone them): the writer takes
+    /// this port's drains again.
+    pub fn recovered(&self) {
+        self.answer.refusing.store(false, Ordering::Release);
+    }
+
+    /// Hands one drain over and waits for its answer.
+    pub async fn append(&mut self, runs: Vec<Run>, buf: Vec<u8>) -> Answered {
+        if let Err((buf, e)) = self.send(runs, buf) {
+            return (buf, Err(e));
+        }
+        self.next().await
     }
 }
 
@@ -1267,8 +1347,9 @@ impl Wal {
         retention: Retention,
     ) -> io::Result<Self> {
         let shards = recovered.heads.len();
-        // Each actor has at most one drain outstanding.
-        let (tx, rx) = std::sync::mpsc::sync_channel(shards + 1);
+        // Each actor (at most one per shard) has at most `PIPELINE` drains
+        // outstanding.
+        let (tx, rx) = std::sync::mpsc::sync_channel(PIPELINE * shards + 1);
         let completer = Arc::new(std::sync::OnceLock::new());
         let mut writer = Writer {
             completer: completer.clone(),
@@ -1370,24 +1451,45 @@ impl Writer {
             while let Ok(r) = rx.try_recv() {
                 group.push(r);
             }
-            let started = tokio::time::Instant::now();
-            let result = self.write_group(&group);
-            crate::metrics::record_log_flush(started.elapsed().as_secs_f64());
-            match self.retention.fsync {
-                FsyncPolicy::Interval if result.is_ok() => unsynced = true,
-                _ => {}
+            // A drain handed over after one of its port's failed was
+            // decided on top of it: refused unwritten (see
+            // `Answer::refusing`). A port's drains in one group are all
+            // refused or none (the actor clears the refusal only once it
+            // has every answer), so each port's answers stay in order.
+            let refused: Vec<Request> = group.extract_if(.., |r| r.refusing()).collect();
+            let result = if group.is_empty() {
+                Ok(())
+            } else {
+                let started = tokio::time::Instant::now();
+                let result = self.write_group(&group);
+                crate::metrics::record_log_flush(started.elapsed().as_secs_f64());
+                result
+            };
+            if self.retention.fsync == FsyncPolicy::Interval && !group.is_empty() && result.is_ok()
+            {
+                unsynced = true;
             }
-            let done: Vec<Completion> = group
-                .drain(..)
-                .map(|req| Completion {
+            let mut done: Vec<Completion> = Vec::with_capacity(refused.len() + group.len());
+            done.extend(refused.into_iter().map(|req| Completion {
+                owed: req.owed,
+                buf: req.buf,
+                result: Err(io::Error::other(
+                    "an earlier drain of this shard actor was not stored",
+                )),
+            }));
+            done.extend(group.drain(..).map(|req| {
+                if result.is_err() {
+                    req.refuse_later();
+                }
+                Completion {
                     owed: req.owed,
                     buf: req.buf,
                     result: match &result {
                         Ok(()) => Ok(()),
                         Err(e) => Err(io::Error::new(e.kind(), e.to_string())),
                     },
-                })
-                .collect();
+                }
+            }));
             let inline = match self.completer.get() {
                 Some(c) => c.blocking_send(done).err().map(|e| e.0),
                 None => Some(done),
@@ -1704,6 +1806,77 @@ mod tests {
         };
         let (_, r) = rt.block_on(wal.port().append(vec![run], buf));
         r.unwrap();
+    }
+
+    /// One drain of shard 0 (seqs `from..from + 30`, more than a 4 KiB
+    /// segment holds, so each is written into a new segment).
+    fn drain(from: u64) -> (Vec<Run>, Vec<u8>) {
+        let mut buf = Vec::new();
+        for seq in from..from + 30 {
+            encode_record(&mut buf, 0, seq, &entry(&format!("user:{seq}"), seq));
+        }
+        let run = Run {
+            shard: 0,
+            first_seq: from,
+            count: 30,
+        };
+        (vec![run], buf)
+    }
+
+    /// A port hands the writer its next drain before the last is answered;
+    /// once one fails, the drains after it (decided on top of it) are
+    /// refused unwritten, and so is every drain handed over before the
+    /// actor says it has undone them; then the port writes again, from the
+    /// failed drain's seqs on, and the log has no gap.
+    #[test]
+    fn a_port_pipelines_its_drains_and_refuses_those_after_a_failed_one() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (opened, _) = open_collect(tmp.path(), 1, retention());
+        let opened = opened.unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .unwrap();
+        let mut port = opened.wal.port();
+        // Two drains handed over before either is answered: both stored,
+        // answered in order.
+        for from in [1, 31] {
+            let (runs, buf) = drain(from);
+            port.send(runs, buf).unwrap();
+        }
+        for _ in 0..2 {
+            rt.block_on(port.next()).1.unwrap();
+        }
+        let blocker = block_next_segment(tmp.path());
+        for from in [61, 91] {
+            let (runs, buf) = drain(from);
+            port.send(runs, buf).unwrap();
+        }
+        let (_, failed) = rt.block_on(port.next());
+        assert!(failed.is_err(), "the roll into a directory fails");
+        let (_, after) = rt.block_on(port.next());
+        assert!(after.is_err(), "a drain after a failed one is not stored");
+        // Handed over before the actor has undone them: refused unwritten,
+        // even though the disk could take it now.
+        fs::remove_dir(&blocker).unwrap();
+        let (runs, buf) = drain(61);
+        port.send(runs, buf).unwrap();
+        let (_, early) = rt.block_on(port.next());
+        assert!(
+            early
+                .unwrap_err()
+                .to_string()
+                .contains("an earlier drain of this shard actor was not stored")
+        );
+        port.recovered();
+        let (runs, buf) = drain(61);
+        port.send(runs, buf).unwrap();
+        rt.block_on(port.next()).1.unwrap();
+        drop(port);
+        drop(opened);
+        let (_, got) = open_collect(tmp.path(), 1, retention());
+        let seqs: Vec<u64> = got.records[&0].iter().map(|r| r.seq).collect();
+        assert_eq!(seqs, (1..=90).collect::<Vec<_>>());
     }
 
     /// An actor that owns several shards hands them to the writer in one

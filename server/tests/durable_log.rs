@@ -487,12 +487,14 @@ async fn a_second_hub_on_the_same_data_dir_is_refused() {
 }
 
 /// A hub whose files may not grow past 64 KiB (`RLIMIT_FSIZE`, with
-/// `SIGXFSZ` ignored: writes fail with `EFBIG`, as on a full disk): the
-/// publish whose write fails is refused `UNAVAILABLE` with a retry hint and
-/// applies nothing; once the limit is lifted, the same publish succeeds
-/// with no restart, and the log is whole after a crash. One actor owns all
-/// eight shards, so the failed drain is undone across every shard its
-/// publish reached.
+/// `SIGXFSZ` ignored: writes fail with `EFBIG`, as on a full disk), under
+/// four writers at once: a publish whose write fails is refused
+/// `UNAVAILABLE` with a retry hint and applies nothing; once the limit is
+/// lifted, the same publishes succeed with no restart, and the log is whole
+/// after a crash. One actor owns all eight shards, so a failed drain is
+/// undone across every shard its publishes reached, and the writers keep
+/// two of its drains with the log's writer at once: the drain after a
+/// failed one, decided on top of it, is undone too.
 #[tokio::test]
 async fn a_failed_write_refuses_the_publish_and_the_hub_recovers_by_itself() {
     let tmp = tempfile::tempdir().unwrap();
@@ -515,24 +517,36 @@ async fn a_failed_write_refuses_the_publish_and_the_hub_recovers_by_itself() {
             .collect(),
         ..Default::default()
     };
+    // Four writers, each until its first refusal.
+    let writers: Vec<_> = (0..4u64)
+        .map(|w| {
+            let mut client = client.clone();
+            tokio::spawn(async move {
+                let mut answered = Vec::new();
+                for round in (w * 1000)..(w * 1000 + 100) {
+                    match client.publish(batch(round)).await {
+                        Ok(_) => answered.push(round),
+                        Err(status) => return (answered, Some((round, status))),
+                    }
+                }
+                (answered, None)
+            })
+        })
+        .collect();
     let mut answered = Vec::new();
-    let mut refused = None;
-    for round in 0..100 {
-        match client.publish(batch(round)).await {
-            Ok(_) => answered.push(round),
-            Err(status) => {
-                refused = Some((round, status));
-                break;
-            }
-        }
+    let mut refused = Vec::new();
+    for w in writers {
+        let (ok, failed) = w.await.unwrap();
+        answered.extend(ok);
+        let (round, status) = failed.expect("a write past the file size limit fails");
+        assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+        assert!(
+            status.metadata().get("retry-after-ms").is_some(),
+            "{status:?}"
+        );
+        assert!(status.message().contains("log"), "{status:?}");
+        refused.push(round);
     }
-    let (round, status) = refused.expect("a write past the file size limit fails");
-    assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
-    assert!(
-        status.metadata().get("retry-after-ms").is_some(),
-        "{status:?}"
-    );
-    assert!(status.message().contains("log"), "{status:?}");
     let s = client
         .status(pb::StatusRequest {})
         .await
@@ -543,7 +557,7 @@ async fn a_failed_write_refuses_the_publish_and_the_hub_recovers_by_itself() {
     assert_eq!(
         head,
         answered.len() as u64 * 100,
-        "the refused publish applied nothing"
+        "the refused publishes applied nothing"
     );
 
     let pid = proc.child.id().to_string();
@@ -552,17 +566,19 @@ async fn a_failed_write_refuses_the_publish_and_the_hub_recovers_by_itself() {
         .status()
         .unwrap();
     assert!(lifted.success());
-    let resp = client
-        .publish(batch(round))
-        .await
-        .expect("writes succeed again");
-    assert!(
-        resp.into_inner()
-            .results
-            .iter()
-            .all(|r| outcome_name(r.outcome) == "APPLIED"),
-        "nothing of the refused publish had been applied"
-    );
+    for &round in &refused {
+        let resp = client
+            .publish(batch(round))
+            .await
+            .expect("writes succeed again");
+        assert!(
+            resp.into_inner()
+                .results
+                .iter()
+                .all(|r| outcome_name(r.outcome) == "APPLIED"),
+            "nothing of the refused publish {round} had been applied"
+        );
+    }
     let s = client
         .status(pb::StatusRequest {})
         .await
@@ -574,7 +590,7 @@ async fn a_failed_write_refuses_the_publish_and_the_hub_recovers_by_itself() {
     let (proc, mut client) = HubProcess::start(&data, &shape).await;
     let all: Vec<(String, u64)> = answered
         .iter()
-        .chain([&round])
+        .chain(&refused)
         .flat_map(|r| (0..100).map(move |i| (format!("user:{r}-{i}"), 1)))
         .collect();
     assert_known(&mut client, &all, "after the write failures and a crash").await;
