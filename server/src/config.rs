@@ -106,7 +106,8 @@ pub struct Config {
     /// When appended events are flushed to the disk: `always` (before a
     /// publish is answered, one flush per shard-actor drain), `interval`
     /// (at most `fsync_interval` later) or `never` (survives a process
-    /// crash, not a machine crash).
+    /// crash, not a machine crash; with these two, a start after a machine
+    /// crash that followed an unclean stop begins a new epoch, see `store`).
     pub fsync: FsyncPolicy,
     /// The flush period of `fsync = "interval"`.
     #[serde(with = "humantime_serde")]

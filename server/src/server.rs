@@ -23,6 +23,11 @@ use crate::tls::TlsServer;
 /// close once dropped (they end at their next poll).
 const ABORT_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
 
+/// How long a stopping hub waits for the durable log's writer to flush
+/// what it wrote (with `fsync = never`, possibly much) and unmark the
+/// data directory.
+const WRITER_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Why the hub stopped with an error.
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
@@ -254,6 +259,10 @@ pub async fn serve_with_http(
     let grace = config.shutdown_grace;
     let max_message = config.max_message_bytes;
     let keepalive = (config.keepalive_interval, config.keepalive_timeout);
+    let data_dir = match &opened {
+        Some(crate::hub::Durable::Disk { opened, .. }) => Some(opened.dir.clone()),
+        _ => None,
+    };
     let hub = Hub::new(config, opened, shutdown.clone(), &tracker);
     tracing::info!(
         region = %hub.config.region,
@@ -430,6 +439,18 @@ pub async fn serve_with_http(
         }
     }
     drop(lane);
+    // The log's writer stops once the shard actors have: it flushes what
+    // it wrote and unmarks the directory (`store`, "What a machine crash
+    // may take").
+    if let Some(dir) = data_dir {
+        let stopped = tokio::task::spawn_blocking(move || dir.writer_stopped(WRITER_WAIT)).await;
+        if !matches!(stopped, Ok(true)) {
+            tracing::warn!(
+                wait = ?WRITER_WAIT,
+                "the log writer is still running; the hub stops without it"
+            );
+        }
+    }
     tracing::info!("hub stopped");
     Ok(())
 }

@@ -7,6 +7,7 @@
 //! data_dir/
 //!   LOCK                  held (flock) while a hub uses the directory
 //!   hub.meta              format, epoch, shard count (written once, atomically)
+//!   RUNNING               while a hub runs: the machine's boot and the fsync policy
 //!   peers/REGION.cursor   how far this hub appended each peer's events
 //!   wal/
 //!     00000000000000000000.wal   segment 0: a heads record, then records
@@ -40,6 +41,17 @@
 //! gap in the middle of the log. Each group's answers go to the hub's
 //! completion task ([`Wal::complete_on`]), which answers every drain's
 //! actor on the actors' runtime: one wake across threads per group.
+//!
+//! ## What a machine crash may take
+//! With `fsync = always` a drain is made visible to the sessions only once
+//! it is flushed. With `interval` or `never` it is visible once written:
+//! a process crash keeps it (the page cache outlives the process), a
+//! machine crash may not, and nodes may then hold seqs that the log, cut
+//! back to what reached the disk, would give to other events. So `RUNNING`
+//! names the machine's boot and the policy while a hub runs, and a clean
+//! stop (everything flushed) removes it. A start that finds it left behind
+//! by a hub with another policy than `always`, on another boot, cannot
+//! prove continuity: a new epoch begins, and nodes and peers are reset.
 //!
 //! ## Segments written ahead
 //! A flush of an append that grows its file also commits the new file size
@@ -91,6 +103,10 @@ use parking_lot::RwLock;
 use crate::log::LogEntry;
 
 /// The on-disk format this code writes and reads.
+/// Present while a hub runs on the directory (see [`open`]): the boot and
+/// fsync policy that write the log. Left behind by an unclean stop.
+const RUNNING: &str = "RUNNING";
+
 const FORMAT: u32 = 1;
 /// Record header: length and checksum.
 const HEADER: usize = 8;
@@ -193,6 +209,17 @@ pub enum FsyncPolicy {
     Never,
 }
 
+impl FsyncPolicy {
+    /// The policy's name, as configured.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Always => "always",
+            Self::Interval => "interval",
+            Self::Never => "never",
+        }
+    }
+}
+
 impl std::str::FromStr for FsyncPolicy {
     type Err = String;
 
@@ -259,10 +286,23 @@ pub struct Opened {
 #[derive(Debug)]
 pub struct DataDir {
     path: PathBuf,
+    /// Disconnected when the log's writer has stopped.
+    writer_gone: parking_lot::Mutex<Receiver<()>>,
     _lock: File,
 }
 
 impl DataDir {
+    /// Waits up to `limit` for the log's writer to stop (it stops once
+    /// every shard actor has); true when it has. A writer that stops
+    /// cleanly has flushed what it wrote and removed the `RUNNING` marker,
+    /// so that the next start keeps the epoch on any boot.
+    pub fn writer_stopped(&self, limit: Duration) -> bool {
+        matches!(
+            self.writer_gone.lock().recv_timeout(limit),
+            Err(RecvTimeoutError::Disconnected)
+        )
+    }
+
     /// The directory.
     pub fn path(&self) -> &Path {
         &self.path
@@ -313,6 +353,61 @@ pub fn open(
     repair: bool,
     restore: &mut dyn Restore,
 ) -> Result<Opened, OpenError> {
+    open_on_boot(
+        path,
+        shards,
+        retention,
+        repair,
+        restore,
+        boot_id().as_deref(),
+    )
+}
+
+/// The machine's boot: it changes when the machine restarts, and with it
+/// what the page cache held.
+fn boot_id() -> Option<String> {
+    let id = fs::read_to_string("/proc/sys/kernel/random/boot_id").ok()?;
+    let id = id.trim();
+    (!id.is_empty()).then(|| id.to_owned())
+}
+
+/// Why records a node may have received can be missing from the log after
+/// the stop that left `marker` behind (a `RUNNING` file: that hub did not
+/// stop cleanly), starting on `boot`: `None` when they cannot. With
+/// `fsync = always` a record is visible only once flushed; with another
+/// policy it is visible once written, which a process crash keeps (the
+/// page cache outlives the process) and a machine crash may not.
+fn unflushed_lost(marker: &str, boot: Option<&str>) -> Option<String> {
+    let field = |key: &str| {
+        marker
+            .lines()
+            .find_map(|l| l.strip_prefix(key)?.strip_prefix(' '))
+            .map(str::trim)
+    };
+    if field("fsync") == Some("always") {
+        return None;
+    }
+    let then = field("boot");
+    if then.is_some() && then == boot {
+        return None;
+    }
+    Some(format!(
+        "the last hub did not stop cleanly (fsync = {}) and the machine has restarted since \
+         (boot {} then, {} now): records nodes may have received need not be on disk",
+        field("fsync").unwrap_or("unknown"),
+        then.unwrap_or("unknown"),
+        boot.unwrap_or("unknown"),
+    ))
+}
+
+fn open_on_boot(
+    path: &Path,
+    shards: u32,
+    retention: Retention,
+    repair: bool,
+    restore: &mut dyn Restore,
+    boot: Option<&str>,
+) -> Result<Opened, OpenError> {
     fs::create_dir_all(path).map_err(unusable(path))?;
     let lock_path = path.join("LOCK");
     let lock = OpenOptions::new()
@@ -348,21 +443,36 @@ pub fn open(
             configured: shards,
         });
     }
+    let running = path.join(RUNNING);
+    let lost = match fs::read_to_string(&running) {
+        Ok(marker) => unflushed_lost(&marker, boot),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => None,
+        Err(e) => return Err(unusable(&running)(e)),
+    };
     let wal_dir = path.join("wal");
     fs::create_dir_all(&wal_dir).map_err(unusable(&wal_dir))?;
     let recovered = recover(&wal_dir, shards, repair || meta.is_none(), restore)?;
     let (epoch, new_epoch) = match meta {
-        Some((epoch, _)) if !recovered.repaired => (epoch, false),
+        Some((epoch, _)) if !recovered.repaired && lost.is_none() => (epoch, false),
         _ => {
             let epoch = new_epoch_value();
             let text = format!("format {FORMAT}\nepoch {epoch}\nshards {shards}\n");
             write_atomically(&meta_path, text.as_bytes(), true).map_err(unusable(&meta_path))?;
             if recovered.repaired {
                 tracing::warn!(data_dir = %path.display(), epoch, "log repaired: a new epoch begins, nodes and peers are reset");
+            } else if let Some(reason) = lost.filter(|_| meta.is_some()) {
+                tracing::warn!(data_dir = %path.display(), epoch, "{reason}: a new epoch begins, nodes and peers are reset");
             }
             (epoch, true)
         }
     };
+    // Until the writer stops cleanly: which boot and policy wrote the log.
+    let marker = format!(
+        "boot {}\nfsync {}\n",
+        boot.unwrap_or("unknown"),
+        retention.fsync.as_str()
+    );
+    write_atomically(&running, marker.as_bytes(), true).map_err(unusable(&running))?;
     let heads = recovered.heads.clone();
     let index = Arc::new(RwLock::new(Index {
         segments: recovered.segments.iter().map(|s| s.meta.clone()).collect(),
@@ -374,7 +484,9 @@ pub fn open(
             index: index.clone(),
         })
         .collect();
-    let wal = Wal::start(wal_dir, recovered, index, retention).map_err(unusable(path))?;
+    let (stopped, writer_gone) = std::sync::mpsc::sync_channel(0);
+    let wal = Wal::start(wal_dir, recovered, index, retention, running, stopped)
+        .map_err(unusable(path))?;
     Ok(Opened {
         epoch,
         new_epoch,
@@ -383,6 +495,7 @@ pub fn open(
         readers,
         dir: Arc::new(DataDir {
             path: path.to_owned(),
+            writer_gone: parking_lot::Mutex::new(writer_gone),
             _lock: lock,
         }),
     })
@@ -1345,6 +1458,8 @@ impl Wal {
         recovered: Recovery,
         index: Arc<RwLock<Index>>,
         retention: Retention,
+        running: PathBuf,
+        stopped: SyncSender<()>,
     ) -> io::Result<Self> {
         let shards = recovered.heads.len();
         // Each actor (at most one per shard) has at most `PIPELINE` drains
@@ -1352,6 +1467,8 @@ impl Wal {
         let (tx, rx) = std::sync::mpsc::sync_channel(PIPELINE * shards + 1);
         let completer = Arc::new(std::sync::OnceLock::new());
         let mut writer = Writer {
+            running,
+            _stopped: stopped,
             completer: completer.clone(),
             active: None,
             dir,
@@ -1406,6 +1523,10 @@ impl Wal {
 }
 
 struct Writer {
+    /// The data directory's `RUNNING` marker, removed on a clean stop.
+    running: PathBuf,
+    /// Dropped with the writer: tells [`DataDir::writer_stopped`].
+    _stopped: SyncSender<()>,
     completer: Arc<std::sync::OnceLock<Completer>>,
     dir: PathBuf,
     /// The next segment, written ahead.
@@ -1498,14 +1619,27 @@ impl Writer {
                 c.complete();
             }
         }
-        if unsynced {
-            let _ = self.sync();
-        }
         if let Ahead::Running(answer, _) = &self.ahead {
             // No helper outlives its writer.
             let _ = answer.recv();
         }
-        tracing::debug!("log writer stopped");
+        // A clean stop: everything written is flushed, whatever the
+        // policy, and then the marker goes, so that the next start keeps
+        // the epoch even on another boot.
+        let flushed = self.sync();
+        let unmarked = flushed.and_then(|()| {
+            fs::remove_file(&self.running)?;
+            match self.running.parent() {
+                Some(dir) => File::open(dir)?.sync_all(),
+                None => Ok(()),
+            }
+        });
+        match unmarked {
+            Ok(()) => tracing::debug!("log writer stopped cleanly"),
+            Err(e) => {
+                tracing::warn!(error = %e, "the log writer stopped without flushing or unmarking the log; a start after a machine restart begins a new epoch")
+            }
+        }
     }
 
     fn sync(&self) -> io::Result<()> {
@@ -1806,6 +1940,69 @@ mod tests {
         };
         let (_, r) = rt.block_on(wal.port().append(vec![run], buf));
         r.unwrap();
+    }
+
+    /// Stops the writer of `opened` and waits for it, then puts back the
+    /// `RUNNING` marker its start wrote, as a hub that did not stop cleanly
+    /// leaves it.
+    fn stop_uncleanly(path: &Path, opened: Opened) {
+        let marker = fs::read(path.join(RUNNING)).unwrap();
+        let Opened { wal, dir, .. } = opened;
+        drop(wal);
+        assert!(dir.writer_stopped(Duration::from_secs(5)));
+        assert!(!path.join(RUNNING).exists(), "a clean stop unmarks the log");
+        fs::write(path.join(RUNNING), marker).unwrap();
+    }
+
+    /// With `fsync = never` (or `interval`) records are visible before they
+    /// are flushed: an unclean stop keeps the epoch on the same boot (the
+    /// page cache outlived the process) and not on another (a machine crash
+    /// may have taken records nodes received). With `always`, and after a
+    /// clean stop, the epoch is kept on any boot.
+    #[test]
+    fn an_unclean_stop_keeps_the_epoch_unless_the_machine_restarted_with_records_unflushed() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path();
+        let never = Retention {
+            fsync: FsyncPolicy::Never,
+            ..retention()
+        };
+        let start = |r: Retention, boot: &str| {
+            let mut c = Collect::default();
+            let opened = open_on_boot(path, 1, r, false, &mut c, Some(boot)).unwrap();
+            (opened.epoch, opened.new_epoch, opened)
+        };
+        let (epoch, new, opened) = start(never, "boot-a");
+        assert!(new);
+        write(&opened.wal, 0, 1, 5);
+        stop_uncleanly(path, opened);
+
+        let (same_boot, new, opened) = start(never, "boot-a");
+        assert_eq!((same_boot, new), (epoch, false), "a process crash");
+        write(&opened.wal, 0, 6, 5);
+        stop_uncleanly(path, opened);
+
+        let (other_boot, new, opened) = start(never, "boot-b");
+        assert!(
+            new && other_boot != epoch,
+            "a machine crash with fsync = never"
+        );
+        assert_eq!(opened.heads, vec![10], "the log itself is kept");
+        // A clean stop, then another boot: kept.
+        let Opened { wal, dir, .. } = opened;
+        drop(wal);
+        assert!(dir.writer_stopped(Duration::from_secs(5)));
+        drop(dir);
+        let (after_clean, new, opened) = start(retention(), "boot-c");
+        assert_eq!((after_clean, new), (other_boot, false), "a clean stop");
+        stop_uncleanly(path, opened);
+
+        let (always, new, _opened) = start(never, "boot-d");
+        assert_eq!(
+            (always, new),
+            (other_boot, false),
+            "every record was flushed before it was visible"
+        );
     }
 
     /// One drain of shard 0 (seqs `from..from + 30`, more than a 4 KiB

@@ -39,6 +39,7 @@ struct HubProcess {
     child: Child,
     url: String,
     stderr: PathBuf,
+    data_dir: PathBuf,
 }
 
 use freshness_tests::free_port;
@@ -86,6 +87,7 @@ impl HubProcess {
             child,
             url: format!("http://127.0.0.1:{port}"),
             stderr,
+            data_dir: data_dir.to_owned(),
         };
         let deadline = tokio::time::Instant::now() + WAIT;
         loop {
@@ -111,6 +113,10 @@ impl HubProcess {
     fn kill(mut self) {
         self.child.kill().expect("SIGKILL the hub");
         self.child.wait().expect("reap the hub");
+        assert!(
+            self.data_dir.join("RUNNING").exists(),
+            "a hub that did not stop cleanly leaves its marker"
+        );
     }
 
     /// SIGTERM, and wait for the graceful stop.
@@ -124,6 +130,10 @@ impl HubProcess {
         assert!(ok);
         let status = self.child.wait().expect("reap the hub");
         assert!(status.success(), "hub stopped with {status}");
+        assert!(
+            !self.data_dir.join("RUNNING").exists(),
+            "a clean stop flushes the log and unmarks it"
+        );
     }
 }
 
