@@ -1920,25 +1920,32 @@ mod tests {
         }
     }
 
-    fn write(wal: &Wal, shard: u32, from: u64, n: u64) {
-        let mut buf = Vec::new();
-        for i in 0..n {
-            encode_record(
-                &mut buf,
-                shard,
-                from + i,
-                &entry(&format!("user:{}", from + i), from + i),
-            );
-        }
-        let rt = tokio::runtime::Builder::new_current_thread()
+    /// A runtime to wait for a port's answers on.
+    fn runtime() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_current_thread()
             .build()
-            .unwrap();
+            .unwrap()
+    }
+
+    /// One drain of `shard`: `n` records with seqs from `from` on, each of
+    /// its own entity.
+    fn drain(shard: u32, from: u64, n: u64) -> (Vec<Run>, Vec<u8>) {
+        let mut buf = Vec::new();
+        for seq in from..from + n {
+            encode_record(&mut buf, shard, seq, &entry(&format!("user:{seq}"), seq));
+        }
         let run = Run {
             shard,
             first_seq: from,
             count: n,
         };
-        let (_, r) = rt.block_on(wal.port().append(vec![run], buf));
+        (vec![run], buf)
+    }
+
+    fn write(wal: &Wal, shard: u32, from: u64, n: u64) {
+        let rt = runtime();
+        let (runs, buf) = drain(shard, from, n);
+        let (_, r) = rt.block_on(wal.port().append(runs, buf));
         r.unwrap();
     }
 
@@ -2005,21 +2012,6 @@ mod tests {
         );
     }
 
-    /// One drain of shard 0 (seqs `from..from + 30`, more than a 4 KiB
-    /// segment holds, so each is written into a new segment).
-    fn drain(from: u64) -> (Vec<Run>, Vec<u8>) {
-        let mut buf = Vec::new();
-        for seq in from..from + 30 {
-            encode_record(&mut buf, 0, seq, &entry(&format!("user:{seq}"), seq));
-        }
-        let run = Run {
-            shard: 0,
-            first_seq: from,
-            count: 30,
-        };
-        (vec![run], buf)
-    }
-
     /// A port hands the writer its next drain before the last is answered;
     /// once one fails, the drains after it (decided on top of it) are
     /// refused unwritten, and so is every drain handed over before the
@@ -2030,15 +2022,13 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let (opened, _) = open_collect(tmp.path(), 1, retention());
         let opened = opened.unwrap();
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_time()
-            .build()
-            .unwrap();
+        let rt = runtime();
         let mut port = opened.wal.port();
-        // Two drains handed over before either is answered: both stored,
-        // answered in order.
+        // Drains of 30 records, more than a 4 KiB segment holds: each
+        // starts a segment. Two handed over before either is answered:
+        // both stored, answered in order.
         for from in [1, 31] {
-            let (runs, buf) = drain(from);
+            let (runs, buf) = drain(0, from, 30);
             port.send(runs, buf).unwrap();
         }
         for _ in 0..2 {
@@ -2046,7 +2036,7 @@ mod tests {
         }
         let blocker = block_next_segment(tmp.path());
         for from in [61, 91] {
-            let (runs, buf) = drain(from);
+            let (runs, buf) = drain(0, from, 30);
             port.send(runs, buf).unwrap();
         }
         let (_, failed) = rt.block_on(port.next());
@@ -2056,7 +2046,7 @@ mod tests {
         // Handed over before the actor has undone them: refused unwritten,
         // even though the disk could take it now.
         fs::remove_dir(&blocker).unwrap();
-        let (runs, buf) = drain(61);
+        let (runs, buf) = drain(0, 61, 30);
         port.send(runs, buf).unwrap();
         let (_, early) = rt.block_on(port.next());
         assert!(
@@ -2066,7 +2056,7 @@ mod tests {
                 .contains("an earlier drain of this shard actor was not stored")
         );
         port.recovered();
-        let (runs, buf) = drain(61);
+        let (runs, buf) = drain(0, 61, 30);
         port.send(runs, buf).unwrap();
         rt.block_on(port.next()).1.unwrap();
         drop(port);
@@ -2096,9 +2086,7 @@ mod tests {
                 count: n,
             });
         }
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .build()
-            .unwrap();
+        let rt = runtime();
         let (_, r) = rt.block_on(opened.wal.port().append(runs, buf));
         r.unwrap();
         write(&opened.wal, 2, 6, 2);
@@ -2140,21 +2128,11 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let (opened, _) = open_collect(tmp.path(), 1, retention());
         let opened = opened.unwrap();
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .build()
-            .unwrap();
+        let rt = runtime();
         let mut port = opened.wal.port();
         for from in [1, 11, 21] {
-            let mut buf = Vec::new();
-            for seq in from..from + 10 {
-                encode_record(&mut buf, 0, seq, &entry(&format!("user:{seq}"), seq));
-            }
-            let run = Run {
-                shard: 0,
-                first_seq: from,
-                count: 10,
-            };
-            let (back, r) = rt.block_on(port.append(vec![run], buf));
+            let (runs, buf) = drain(0, from, 10);
+            let (back, r) = rt.block_on(port.append(runs, buf));
             r.unwrap();
             assert!(back.capacity() > 0, "the buffer comes back for reuse");
         }
