@@ -1513,7 +1513,8 @@ impl Wal {
     }
 
     /// A way into the log for one shard actor, which hands it its drains
-    /// one at a time ([`WalPort::append`]).
+    /// in order, at most [`PIPELINE`] of them unanswered
+    /// ([`WalPort::send`]).
     pub fn port(&self) -> WalPort {
         WalPort {
             wal: self.clone(),
