@@ -175,7 +175,7 @@ pub fn open_log(config: &Config) -> Result<Option<Durable>, crate::store::OpenEr
         epoch = opened.epoch,
         new_epoch = opened.new_epoch,
         records = rebuild.records,
-        fsync = ?config.fsync,
+        fsync = config.fsync.as_str(),
         "durable log opened"
     );
     Ok(Some(Durable::Disk { opened, memories }))
