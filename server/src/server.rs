@@ -259,11 +259,8 @@ pub async fn serve_with_http(
     let grace = config.shutdown_grace;
     let max_message = config.max_message_bytes;
     let keepalive = (config.keepalive_interval, config.keepalive_timeout);
-    let data_dir = match &opened {
-        Some(crate::hub::Durable::Disk { opened, .. }) => Some(opened.dir.clone()),
-        _ => None,
-    };
     let hub = Hub::new(config, opened, shutdown.clone(), &tracker);
+    let data_dir = hub.data_dir.clone();
     tracing::info!(
         region = %hub.config.region,
         hub_id = %hub.config.hub_id,

@@ -864,7 +864,7 @@ impl Actor {
             }
             Err((buf, e)) => {
                 // Not handed over: the newest drain, undone alone.
-                self.bufs.push(buf);
+                self.keep(buf);
                 self.refuse(vec![decided], e);
             }
         }
@@ -942,9 +942,7 @@ impl Actor {
     /// (and so do the drains with nothing to store that waited for it);
     /// not stored, it and every drain decided after it are undone.
     async fn answered(&mut self, (buf, result): Answered) {
-        if buf.capacity() > 0 && self.bufs.len() < PIPELINE {
-            self.bufs.push(buf);
-        }
+        self.keep(buf);
         let Some(oldest) = self.pending.pop_front() else {
             return;
         };
@@ -972,9 +970,7 @@ impl Actor {
                     {
                         let (buf, later) = wal.next().await;
                         debug_assert!(later.is_err(), "a drain after a failed one was stored");
-                        if buf.capacity() > 0 && self.bufs.len() < PIPELINE {
-                            self.bufs.push(buf);
-                        }
+                        self.keep(buf);
                     }
                     failed.push(d);
                 }
@@ -983,6 +979,13 @@ impl Actor {
                 }
                 self.refuse(failed, e);
             }
+        }
+    }
+
+    /// Keeps a record buffer back from the writer for a later drain.
+    fn keep(&mut self, buf: Vec<u8>) {
+        if buf.capacity() > 0 && self.bufs.len() < PIPELINE {
+            self.bufs.push(buf);
         }
     }
 

@@ -102,11 +102,11 @@ use parking_lot::RwLock;
 
 use crate::log::LogEntry;
 
-/// The on-disk format this code writes and reads.
 /// Present while a hub runs on the directory (see [`open`]): the boot and
 /// fsync policy that write the log. Left behind by an unclean stop.
 const RUNNING: &str = "RUNNING";
 
+/// The on-disk format this code writes and reads.
 const FORMAT: u32 = 1;
 /// Record header: length and checksum.
 const HEADER: usize = 8;
