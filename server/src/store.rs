@@ -51,7 +51,10 @@
 //! names the machine's boot and the policy while a hub runs, and a clean
 //! stop (everything flushed) removes it. A start that finds it left behind
 //! by a hub with another policy than `always`, on another boot, cannot
-//! prove continuity: a new epoch begins, and nodes and peers are reset.
+//! prove continuity: a new epoch begins, and nodes and peers are reset. On
+//! the same boot (a process crash) the epoch is kept, and the log is
+//! flushed before the new marker is written, so that a later machine crash
+//! cannot take what the crashed hub left in the page cache.
 //!
 //! ## Segments written ahead
 //! A flush of an append that grows its file also commits the new file size
@@ -378,12 +381,7 @@ fn boot_id() -> Option<String> {
 /// policy it is visible once written, which a process crash keeps (the
 /// page cache outlives the process) and a machine crash may not.
 fn unflushed_lost(marker: &str, boot: Option<&str>) -> Option<String> {
-    let field = |key: &str| {
-        marker
-            .lines()
-            .find_map(|l| l.strip_prefix(key)?.strip_prefix(' '))
-            .map(str::trim)
-    };
+    let field = |key| marker_field(marker, key);
     if field("fsync") == Some("always") {
         return None;
     }
@@ -398,6 +396,14 @@ fn unflushed_lost(marker: &str, boot: Option<&str>) -> Option<String> {
         then.unwrap_or("unknown"),
         boot.unwrap_or("unknown"),
     ))
+}
+
+/// The value of `key` in a `RUNNING` marker (`key value` lines).
+fn marker_field<'a>(marker: &'a str, key: &str) -> Option<&'a str> {
+    marker
+        .lines()
+        .find_map(|l| l.strip_prefix(key)?.strip_prefix(' '))
+        .map(str::trim)
 }
 
 fn open_on_boot(
@@ -444,11 +450,12 @@ fn open_on_boot(
         });
     }
     let running = path.join(RUNNING);
-    let lost = match fs::read_to_string(&running) {
-        Ok(marker) => unflushed_lost(&marker, boot),
+    let left = match fs::read_to_string(&running) {
+        Ok(marker) => Some(marker),
         Err(e) if e.kind() == io::ErrorKind::NotFound => None,
         Err(e) => return Err(unusable(&running)(e)),
     };
+    let lost = left.as_deref().and_then(|m| unflushed_lost(m, boot));
     let wal_dir = path.join("wal");
     fs::create_dir_all(&wal_dir).map_err(unusable(&wal_dir))?;
     let recovered = recover(&wal_dir, shards, repair || meta.is_none(), restore)?;
@@ -466,6 +473,19 @@ fn open_on_boot(
             (epoch, true)
         }
     };
+    // A process crash under `interval` or `never` on this boot: what that
+    // hub wrote may still be only in the page cache. Flushed now, before
+    // the new marker vouches for it with this hub's policy.
+    if left
+        .as_deref()
+        .is_some_and(|m| marker_field(m, "fsync") != Some("always"))
+    {
+        for s in &recovered.segments {
+            File::open(&s.meta.path)
+                .and_then(|f| f.sync_all())
+                .map_err(unusable(&s.meta.path))?;
+        }
+    }
     // Until the writer stops cleanly: which boot and policy wrote the log.
     let marker = format!(
         "boot {}\nfsync {}\n",
