@@ -34,6 +34,11 @@ use crate::store::{OpenError, Recovered};
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long connecting at start may take before the hub gives up.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long the start's steps after connecting (the stream, the epoch,
+/// reading the log) may keep failing for a reason that may pass before the
+/// hub gives up: a replica started while JetStream is busy or electing a
+/// stream leader waits that out instead of exiting.
+const START_LIMIT: Duration = Duration::from_secs(30);
 /// Longest pull of the tail's consumer (heartbeats at half of it).
 const TAIL_EXPIRES: Duration = Duration::from_secs(2);
 /// Messages queued from the tail to one shard actor.
@@ -243,6 +248,39 @@ fn refuse(what: impl std::fmt::Display) -> OpenError {
     OpenError::JetStream(what.to_string())
 }
 
+/// Why a step of the start after connecting failed.
+#[derive(Debug)]
+enum Start {
+    /// JetStream did not answer, or failed in a way that may pass (a
+    /// server busy or restarting, a stream leader being elected): the
+    /// start tries again until [`START_LIMIT`].
+    Unanswered(String),
+    /// What the region's log holds, or how JetStream is set up, refuses
+    /// this start: no retry changes it.
+    Refused(String),
+}
+
+fn unanswered(what: impl std::fmt::Display) -> Start {
+    Start::Unanswered(what.to_string())
+}
+
+fn refused(what: impl std::fmt::Display) -> Start {
+    Start::Refused(what.to_string())
+}
+
+/// Whether a failure to create or find a stream may pass: JetStream did
+/// not answer, or answered that it cannot now (503). An answer about the
+/// stream itself (another configuration under its name, no permission)
+/// does not.
+fn create_may_pass(e: &jetstream::context::CreateStreamError) -> bool {
+    use jetstream::context::CreateStreamErrorKind as K;
+    match e.kind() {
+        K::TimedOut | K::JetStreamUnavailable | K::Response | K::NotFound => true,
+        K::JetStream(e) => e.code() == 503,
+        _ => false,
+    }
+}
+
 /// The stream of `region`: JetStream names allow letters, digits, `-`, `_`.
 fn stream_name(region: &str) -> String {
     let name: String = region
@@ -264,9 +302,12 @@ fn subject_prefix(region: &str) -> String {
 }
 
 /// Connects to JetStream, finds or creates the region's stream and epoch,
-/// and reads the stream into every shard's memory. Every failure is one
-/// line (exit 64): unreachable, JetStream disabled, a stream of another
-/// shard count.
+/// and reads the stream into every shard's memory. A step after connecting
+/// that fails for a reason that may pass (no answer in time, no JetStream
+/// responder yet) is tried again, with a WARN line each time, for up to
+/// [`START_LIMIT`]. Every refusal is one line (exit 64): NATS unreachable,
+/// JetStream still not answering after the limit, a stream of another
+/// shard count or configuration.
 pub async fn open(config: &Config) -> Result<Opened, OpenError> {
     let urls: Vec<String> = config.nats_urls();
     let mut options = async_nats::ConnectOptions::new()
@@ -298,6 +339,34 @@ pub async fn open(config: &Config) -> Result<Opened, OpenError> {
     let js = jetstream::ContextBuilder::new()
         .timeout(REQUEST_TIMEOUT)
         .build(client.clone());
+    let deadline = tokio::time::Instant::now() + START_LIMIT;
+    let mut wait = Duration::from_millis(100);
+    loop {
+        match open_stream(config, &js, &client, max_message).await {
+            Ok(opened) => return Ok(opened),
+            Err(Start::Refused(what)) => return Err(refuse(what)),
+            Err(Start::Unanswered(what)) => {
+                if tokio::time::Instant::now() + wait > deadline {
+                    return Err(refuse(format!(
+                        "{what} (still failing after {START_LIMIT:?} of retries)"
+                    )));
+                }
+                tracing::warn!(error = %what, retry_in = ?wait, "JetStream log not opened yet; retrying");
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(Duration::from_secs(2));
+            }
+        }
+    }
+}
+
+/// The steps of [`open`] after connecting, tried again while they fail
+/// for a reason that may pass.
+async fn open_stream(
+    config: &Config,
+    js: &jetstream::Context,
+    client: &async_nats::Client,
+    max_message: usize,
+) -> Result<Opened, Start> {
     let name = stream_name(&config.region);
     let prefix = subject_prefix(&config.region);
     let per_subject = i64::try_from(config.log_events_per_shard().max(1)).unwrap_or(i64::MAX);
@@ -313,22 +382,27 @@ pub async fn open(config: &Config) -> Result<Opened, OpenError> {
         })
         .await
         .map_err(|e| {
-            refuse(format!(
+            let what = format!(
                 "JetStream at {}: cannot create or find stream {name} ({} replicas): {e}",
-                urls.join(","),
+                config.nats_urls().join(","),
                 config.jetstream_replicas
-            ))
+            );
+            if create_may_pass(&e) {
+                unanswered(what)
+            } else {
+                refused(what)
+            }
         })?;
-    let epoch = region_epoch(&js, &stream, &prefix, config.shards).await?;
+    let epoch = region_epoch(js, &stream, &prefix, config.shards).await?;
     let links = if config.peers.is_empty() {
         None
     } else {
-        Some(link_lease(&js, &name, &config.region, config.jetstream_replicas).await?)
+        Some(link_lease(js, &name, &config.region, config.jetstream_replicas).await?)
     };
     let info = stream
         .info()
         .await
-        .map_err(|e| refuse(format!("JetStream stream {name}: {e}")))?
+        .map_err(|e| unanswered(format!("JetStream stream {name}: {e}")))?
         .clone();
     let last = info.state.last_sequence;
 
@@ -338,15 +412,15 @@ pub async fn open(config: &Config) -> Result<Opened, OpenError> {
     let mut next_seq = 1;
     let mut records = 0u64;
     if last > 0 && info.state.messages > 0 {
-        let mut messages = ordered(&stream, 1).await?;
+        let mut messages = ordered(&stream, 1).await.map_err(unanswered)?;
         while next_seq <= last {
             let m = match tokio::time::timeout(REQUEST_TIMEOUT * 5, messages.next()).await {
                 Ok(Some(Ok(m))) => m,
                 Ok(Some(Err(e))) => {
-                    return Err(refuse(format!("JetStream stream {name}: reading: {e}")));
+                    return Err(unanswered(format!("JetStream stream {name}: reading: {e}")));
                 }
                 Ok(None) | Err(_) => {
-                    return Err(refuse(format!(
+                    return Err(unanswered(format!(
                         "JetStream stream {name}: reading stopped at {next_seq} of {last}"
                     )));
                 }
@@ -359,10 +433,10 @@ pub async fn open(config: &Config) -> Result<Opened, OpenError> {
                 continue;
             };
             let decoded = crate::store::decode_records(&m.payload, config.shards)
-                .map_err(|e| refuse(format!("JetStream stream {name}, message {seq}: {e}")))?;
+                .map_err(|e| refused(format!("JetStream stream {name}, message {seq}: {e}")))?;
             for (s, r) in decoded {
                 if s != shard {
-                    return Err(refuse(format!(
+                    return Err(refused(format!(
                         "JetStream stream {name}, message {seq}: a record of shard {s} on the subject of shard {shard}"
                     )));
                 }
@@ -370,7 +444,7 @@ pub async fn open(config: &Config) -> Result<Opened, OpenError> {
                 let mem =
                     memories[shard as usize].get_or_insert_with(|| config.shard_memory(r.seq));
                 if r.seq != mem.log().head() + 1 {
-                    return Err(refuse(format!(
+                    return Err(refused(format!(
                         "JetStream stream {name}, message {seq}: shard {shard} seq {} after {}",
                         r.seq,
                         mem.log().head()
@@ -382,8 +456,8 @@ pub async fn open(config: &Config) -> Result<Opened, OpenError> {
         }
     }
     let replica = Arc::new(Replica {
-        js,
-        client,
+        js: js.clone(),
+        client: client.clone(),
         hub_id: config.hub_id.clone(),
         others: parking_lot::Mutex::new(HashMap::new()),
         stream: name.clone(),
@@ -436,16 +510,16 @@ async fn region_epoch(
     stream: &stream::Stream,
     prefix: &str,
     shards: u32,
-) -> Result<u64, OpenError> {
+) -> Result<u64, Start> {
     let subject = format!("{prefix}.meta");
     for _ in 0..3 {
         match stream.get_last_raw_message_by_subject(&subject).await {
             Ok(m) => {
                 let text = String::from_utf8_lossy(&m.payload);
                 let (epoch, theirs) = parse_meta(&text)
-                    .ok_or_else(|| refuse(format!("JetStream {subject}: unreadable {text:?}")))?;
+                    .ok_or_else(|| refused(format!("JetStream {subject}: unreadable {text:?}")))?;
                 if theirs != shards {
-                    return Err(refuse(format!(
+                    return Err(refused(format!(
                         "shards = {shards}: the region's JetStream log has {theirs} shards"
                     )));
                 }
@@ -459,7 +533,7 @@ async fn region_epoch(
                 let ack = js
                     .send_publish(subject.clone(), msg)
                     .await
-                    .map_err(|e| refuse(format!("JetStream {subject}: {e}")))?
+                    .map_err(|e| unanswered(format!("JetStream {subject}: {e}")))?
                     .await;
                 match ack {
                     Ok(_) => {
@@ -468,13 +542,13 @@ async fn region_epoch(
                     }
                     // Another replica wrote it first: read theirs.
                     Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => continue,
-                    Err(e) => return Err(refuse(format!("JetStream {subject}: {e}"))),
+                    Err(e) => return Err(unanswered(format!("JetStream {subject}: {e}"))),
                 }
             }
-            Err(e) => return Err(refuse(format!("JetStream {subject}: {e}"))),
+            Err(e) => return Err(unanswered(format!("JetStream {subject}: {e}"))),
         }
     }
-    Err(refuse(format!(
+    Err(unanswered(format!(
         "JetStream {subject}: no epoch could be read"
     )))
 }
@@ -548,7 +622,7 @@ async fn link_lease(
     stream: &str,
     region: &str,
     replicas: usize,
-) -> Result<LeaseRecord, OpenError> {
+) -> Result<LeaseRecord, Start> {
     let name = format!("{stream}_LINKS");
     let subject = format!(
         "freshness-links.{}.lease",
@@ -564,9 +638,14 @@ async fn link_lease(
     })
     .await
     .map_err(|e| {
-        refuse(format!(
+        let what = format!(
             "JetStream: cannot create or find the link lease stream {name} ({replicas} replicas): {e}"
-        ))
+        );
+        if create_may_pass(&e) {
+            unanswered(what)
+        } else {
+            refused(what)
+        }
     })?;
     Ok(LeaseRecord {
         js: js.clone(),
@@ -600,7 +679,7 @@ fn shard_of(prefix: &str, subject: &str, shards: u32) -> Option<u32> {
 async fn ordered<I>(
     stream: &stream::Stream<I>,
     from: u64,
-) -> Result<consumer::pull::Ordered, OpenError> {
+) -> Result<consumer::pull::Ordered, String> {
     let consumer = stream
         .create_consumer(consumer::pull::OrderedConfig {
             deliver_policy: consumer::DeliverPolicy::ByStartSequence {
@@ -613,11 +692,11 @@ async fn ordered<I>(
             ..Default::default()
         })
         .await
-        .map_err(|e| refuse(format!("JetStream consumer: {e}")))?;
+        .map_err(|e| format!("JetStream consumer: {e}"))?;
     consumer
         .messages()
         .await
-        .map_err(|e| refuse(format!("JetStream consumer: {e}")))
+        .map_err(|e| format!("JetStream consumer: {e}"))
 }
 
 /// Reads the stream from where recovery stopped and hands every shard

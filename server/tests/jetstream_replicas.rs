@@ -9,9 +9,10 @@
 //!   ends on the newest version of every entity.
 //! - Concurrent publishes of the same `(entity, version)` at two replicas:
 //!   exactly one `APPLIED`.
-//! - JetStream unreachable at start: exit 64 with one line; unreachable
-//!   later: publishes refused `UNAVAILABLE` with a retry hint, and nothing
-//!   lost when it is back.
+//! - JetStream unreachable at start: exit 64 with one line; a server whose
+//!   JetStream does not answer yet: the replica waits and then serves;
+//!   unreachable later: publishes refused `UNAVAILABLE` with a retry hint,
+//!   and nothing lost when it is back.
 
 #![cfg(target_os = "linux")]
 
@@ -50,6 +51,8 @@ struct Nats {
     dir: PathBuf,
     /// `--cluster`/`--routes` arguments and the monitoring port, in a cluster.
     cluster: Option<(Vec<String>, u16)>,
+    /// Whether the server runs JetStream (`-js`).
+    jetstream: bool,
 }
 
 impl Nats {
@@ -59,6 +62,21 @@ impl Nats {
             port: free_port(),
             dir: dir.to_owned(),
             cluster: None,
+            jetstream: true,
+        };
+        nats.restart();
+        nats
+    }
+
+    /// A plain NATS server: JetStream requests find no responder, as while
+    /// JetStream is not ready yet.
+    fn start_without_jetstream(dir: &Path) -> Self {
+        let mut nats = Self {
+            child: None,
+            port: free_port(),
+            dir: dir.to_owned(),
+            cluster: None,
+            jetstream: false,
         };
         nats.restart();
         nats
@@ -91,6 +109,7 @@ impl Nats {
                     port: free_port(),
                     dir: dir.join(format!("n{i}")),
                     cluster: Some((args, free_port())),
+                    jetstream: true,
                 }
             })
             .collect();
@@ -131,15 +150,10 @@ impl Nats {
     /// until it accepts connections.
     fn restart(&mut self) {
         let mut cmd = Command::new("nats-server");
-        cmd.args([
-            "-a",
-            "127.0.0.1",
-            "-p",
-            &self.port.to_string(),
-            "-js",
-            "-sd",
-        ])
-        .arg(&self.dir);
+        cmd.args(["-a", "127.0.0.1", "-p", &self.port.to_string()]);
+        if self.jetstream {
+            cmd.arg("-js").arg("-sd").arg(&self.dir);
+        }
         if let Some((args, monitor)) = &self.cluster {
             cmd.args(args).args(["-m", &monitor.to_string()]);
         }
@@ -711,6 +725,51 @@ async fn jetstream_down_refuses_publishes_with_a_retry_hint_and_loses_nothing() 
     let r = c.publish(one(1)).await.expect("publish").into_inner();
     assert_eq!(r.results[0].outcome, pb::PublishOutcome::Superseded as i32);
     assert!(hub.status().await.log_error.is_empty(), "the error cleared");
+}
+
+/// A replica started while its NATS server answers no JetStream request
+/// (JetStream not ready yet, as while a cluster elects its leaders) keeps
+/// trying, says so, and serves once JetStream answers instead of exiting.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_started_before_jetstream_answers_waits_for_it() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut nats = Nats::start_without_jetstream(&dir.path().join("nats"));
+    let port = free_port();
+    let starting = {
+        let (dir, url) = (dir.path().to_owned(), nats.url());
+        tokio::spawn(async move { Replica::launch(&dir, "r1", "js-test", port, &url, &[]).await })
+    };
+    let stderr = dir.path().join(format!("r1-{port}.stderr"));
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !std::fs::read_to_string(&stderr)
+        .unwrap_or_default()
+        .contains("JetStream log not opened yet; retrying")
+    {
+        assert!(
+            !starting.is_finished(),
+            "the replica gave up or served without JetStream"
+        );
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no retry logged: {}",
+            std::fs::read_to_string(&stderr).unwrap_or_default()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    nats.kill();
+    nats.jetstream = true;
+    nats.restart();
+    let replica = starting
+        .await
+        .expect("the replica starts once JetStream answers");
+    let (outcome, _) = publish_until_answered(&replica.url, "user:1", 1).await;
+    assert_eq!(outcome, pb::PublishOutcome::Applied as i32);
+    let log = replica.stderr_text();
+    assert!(
+        log.contains("no responders") || log.contains("unavailable"),
+        "the retry names why: {log}"
+    );
+    replica.kill();
 }
 
 #[test]

@@ -144,6 +144,42 @@ impl TestHub {
             .expect("connect to the test hub")
     }
 
+    /// Waits until the hub answers its health check. A hub whose start
+    /// failed (its log could not be opened) fails the test with its own
+    /// error, not with a connection refused later on.
+    pub async fn serving(&mut self) {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            if self.task.is_finished() {
+                let ended = (&mut self.task).await;
+                panic!("the hub at {} stopped before serving: {ended:?}", self.addr);
+            }
+            let check = async {
+                let endpoint =
+                    tonic::transport::Endpoint::from_shared(self.url()).expect("valid url");
+                let Ok(channel) = endpoint.connect().await else {
+                    return false;
+                };
+                tonic_health::pb::health_client::HealthClient::new(channel)
+                    .check(tonic_health::pb::HealthCheckRequest::default())
+                    .await
+                    .is_ok_and(|r| r.into_inner().status == 1)
+            };
+            if tokio::time::timeout(Duration::from_millis(500), check)
+                .await
+                .unwrap_or(false)
+            {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the hub at {} did not serve within {WAIT:?}",
+                self.addr
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
     /// Graceful stop; returns once the hub has fully stopped.
     pub async fn stop(self) {
         self.shutdown.cancel();

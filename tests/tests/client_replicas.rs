@@ -110,8 +110,12 @@ impl Recorder {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn subscriber_and_publisher_move_to_the_next_replica_without_reset() {
     let nats = Nats::start();
-    let a = TestHub::start_with(replica_config(&nats.url, "replica-a")).await;
-    let b = TestHub::start_with(replica_config(&nats.url, "replica-b")).await;
+    let mut a = TestHub::start_with(replica_config(&nats.url, "replica-a")).await;
+    let mut b = TestHub::start_with(replica_config(&nats.url, "replica-b")).await;
+    // Both opened the region's stream (at once: one of them makes it and
+    // its epoch) before either is relied on.
+    a.serving().await;
+    b.serving().await;
     let (a_url, b_url) = (a.url(), b.url());
     let hubs = format!("{a_url},{b_url}");
 
