@@ -228,7 +228,9 @@ pub enum PublishError {
         attempts: u32,
         /// The last code.
         code: Code,
-        /// The last message.
+        /// The last message. With several hubs (replicas), each hub tried
+        /// and its own last message, `URL: message` joined by `; `, so that
+        /// one hub down and another refusing are told apart.
         message: String,
     },
     /// The hub's answer does not match the call.
@@ -656,6 +658,21 @@ impl Hubs {
         (i, client, &self.list[i].0)
     }
 
+    /// The last failure of each hub tried, for the error that ends the
+    /// retries: the message alone with one hub, `URL: message` of each
+    /// hub tried, joined by `; `, with several.
+    fn each_last(&self, last: &[Option<String>]) -> String {
+        if self.list.len() == 1 {
+            return last[0].clone().unwrap_or_default();
+        }
+        self.list
+            .iter()
+            .zip(last)
+            .filter_map(|((url, _), m)| m.as_ref().map(|m| format!("{url}: {m}")))
+            .collect::<Vec<_>>()
+            .join("; ")
+    }
+
     /// After an attempt at hub `failed` failed: the next hub, unless
     /// another call moved on already.
     fn advance(&self, failed: usize) {
@@ -732,6 +749,7 @@ async fn send(
     let mut backoff = Attempts::new(retry.backoff);
     let give_up = Instant::now() + retry.give_up_after;
     let mut attempt = 0u32;
+    let mut last_by_hub: Vec<Option<String>> = vec![None; hubs.list.len()];
     loop {
         attempt += 1;
         let mut req = tonic::Request::new(wire.clone());
@@ -753,12 +771,13 @@ async fn send(
                 message: status_message(&status),
             });
         }
+        last_by_hub[at] = Some(status_message(&status));
         let delay = hint.map_or_else(|| backoff.next_delay(), |h| h.max(retry.backoff.initial));
         if attempt >= retry.max_attempts.max(1) || Instant::now() + delay > give_up {
             return Err(PublishError::Unavailable {
                 attempts: attempt,
                 code: Code::from_tonic(status.code()),
-                message: status_message(&status),
+                message: hubs.each_last(&last_by_hub),
             });
         }
         warn!(attempt, code = ?status.code(), message = status.message(), ?delay, "publish failed, retrying");
@@ -938,5 +957,43 @@ mod tests {
             matches!(err, PublishError::Unavailable { attempts: 3, .. }),
             "{err:?}"
         );
+    }
+
+    /// With several hubs, giving up names each hub's own last failure, not
+    /// only the last attempt's.
+    #[tokio::test]
+    async fn giving_up_on_several_hubs_names_each_ones_failure() {
+        // Ports 1 and 2 on loopback refuse connections.
+        let p = Publisher::builder("http://127.0.0.1:1,http://127.0.0.1:2")
+            .retry(RetryPolicy {
+                max_attempts: 4,
+                backoff: Backoff::new(Duration::from_millis(1), Duration::from_millis(2)),
+                ..RetryPolicy::default()
+            })
+            .build()
+            .unwrap();
+        let err = p
+            .publish(Entity::parse("user:1").unwrap(), Version::new(1).unwrap())
+            .await
+            .unwrap_err();
+        let PublishError::Unavailable {
+            attempts: 4,
+            message,
+            ..
+        } = &err
+        else {
+            panic!("{err:?}");
+        };
+        let parts: Vec<&str> = message.split("; ").collect();
+        assert_eq!(parts.len(), 2, "{message}");
+        for (part, url) in parts
+            .iter()
+            .zip(["http://127.0.0.1:1: ", "http://127.0.0.1:2: "])
+        {
+            assert!(
+                part.starts_with(url) && part.to_lowercase().contains("refused"),
+                "{message}"
+            );
+        }
     }
 }
