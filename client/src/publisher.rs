@@ -938,21 +938,25 @@ mod tests {
         ));
     }
 
-    #[tokio::test]
-    async fn gives_up_on_an_unreachable_hub() {
-        // Port 1 on loopback refuses connections.
-        let p = Publisher::builder("http://127.0.0.1:1")
+    /// What publishing to `hubs` with `attempts` quick attempts ends with.
+    async fn give_up(hubs: &str, attempts: u32) -> PublishError {
+        let p = Publisher::builder(hubs)
             .retry(RetryPolicy {
-                max_attempts: 3,
+                max_attempts: attempts,
                 backoff: Backoff::new(Duration::from_millis(1), Duration::from_millis(2)),
                 ..RetryPolicy::default()
             })
             .build()
             .unwrap();
-        let err = p
-            .publish(Entity::parse("user:1").unwrap(), Version::new(1).unwrap())
+        p.publish(Entity::parse("user:1").unwrap(), Version::new(1).unwrap())
             .await
-            .unwrap_err();
+            .unwrap_err()
+    }
+
+    #[tokio::test]
+    async fn gives_up_on_an_unreachable_hub() {
+        // Port 1 on loopback refuses connections.
+        let err = give_up("http://127.0.0.1:1", 3).await;
         assert!(
             matches!(err, PublishError::Unavailable { attempts: 3, .. }),
             "{err:?}"
@@ -964,18 +968,7 @@ mod tests {
     #[tokio::test]
     async fn giving_up_on_several_hubs_names_each_ones_failure() {
         // Ports 1 and 2 on loopback refuse connections.
-        let p = Publisher::builder("http://127.0.0.1:1,http://127.0.0.1:2")
-            .retry(RetryPolicy {
-                max_attempts: 4,
-                backoff: Backoff::new(Duration::from_millis(1), Duration::from_millis(2)),
-                ..RetryPolicy::default()
-            })
-            .build()
-            .unwrap();
-        let err = p
-            .publish(Entity::parse("user:1").unwrap(), Version::new(1).unwrap())
-            .await
-            .unwrap_err();
+        let err = give_up("http://127.0.0.1:1,http://127.0.0.1:2", 4).await;
         let PublishError::Unavailable {
             attempts: 4,
             message,

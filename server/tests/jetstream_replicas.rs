@@ -57,26 +57,22 @@ struct Nats {
 
 impl Nats {
     fn start(dir: &Path) -> Self {
-        let mut nats = Self {
-            child: None,
-            port: free_port(),
-            dir: dir.to_owned(),
-            cluster: None,
-            jetstream: true,
-        };
-        nats.restart();
-        nats
+        Self::alone(dir, true)
     }
 
     /// A plain NATS server: JetStream requests find no responder, as while
     /// JetStream is not ready yet.
     fn start_without_jetstream(dir: &Path) -> Self {
+        Self::alone(dir, false)
+    }
+
+    fn alone(dir: &Path, jetstream: bool) -> Self {
         let mut nats = Self {
             child: None,
             port: free_port(),
             dir: dir.to_owned(),
             cluster: None,
-            jetstream: false,
+            jetstream,
         };
         nats.restart();
         nats
