@@ -323,6 +323,8 @@ impl Hub {
                 }
                 // Stopping: the writer completes later groups itself; the
                 // ones already handed over are completed here, not dropped.
+                // Both may run at once: each answer carries its drain's
+                // number within its port, so none is taken as another's.
                 groups.close();
                 while let Some(group) = groups.recv().await {
                     group

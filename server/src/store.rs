@@ -485,6 +485,10 @@ fn open_on_boot(
                 .and_then(|f| f.sync_all())
                 .map_err(unusable(&s.meta.path))?;
         }
+        // And the names of the segments it made.
+        File::open(&wal_dir)
+            .and_then(|d| d.sync_all())
+            .map_err(unusable(&wal_dir))?;
     }
     // Until the writer stops cleanly: which boot and policy wrote the log.
     let marker = format!(
@@ -1308,12 +1312,12 @@ impl Request {
         self.owed
             .0
             .as_ref()
-            .is_some_and(|a| a.refusing.load(Ordering::Acquire))
+            .is_some_and(|(a, _)| a.refusing.load(Ordering::Acquire))
     }
 
     /// Has its port refuse every later drain until the actor recovers.
     fn refuse_later(&self) {
-        if let Some(a) = &self.owed.0 {
+        if let Some((a, _)) = &self.owed.0 {
             a.refusing.store(true, Ordering::Release);
         }
     }
@@ -1344,7 +1348,7 @@ pub type Answered = (Vec<u8>, io::Result<()>);
 /// answered.
 #[derive(Debug, Default)]
 struct Answer {
-    slot: parking_lot::Mutex<VecDeque<Answered>>,
+    slot: parking_lot::Mutex<Slot>,
     ready: tokio::sync::Notify,
     /// Set by the writer when one of this port's drains was not stored:
     /// the drains the actor handed over after it were decided on top of
@@ -1353,17 +1357,55 @@ struct Answer {
     refusing: AtomicBool,
 }
 
+/// A port's answers, each under the number of its drain (the order the
+/// actor handed them over in). Answers are paid in that order while the
+/// completion task runs; while it stops, the writer pays later groups on
+/// its own thread, possibly before the task has paid the earlier ones, so
+/// the number, not the order of payment, decides which answer is whose.
+#[derive(Debug, Default)]
+struct Slot {
+    /// Number of the next drain handed over.
+    sent: u64,
+    /// Number of the next answer to take.
+    taken: u64,
+    /// Paid and not taken, by number (at most [`PIPELINE`]).
+    paid: VecDeque<(u64, Answered)>,
+}
+
 impl Answer {
-    fn put(&self, buf: Vec<u8>, result: io::Result<()>) {
-        self.slot.lock().push_back((buf, result));
+    fn put(&self, n: u64, buf: Vec<u8>, result: io::Result<()>) {
+        {
+            let mut slot = self.slot.lock();
+            let at = slot.paid.partition_point(|(m, _)| *m < n);
+            slot.paid.insert(at, (n, (buf, result)));
+        }
         self.ready.notify_one();
     }
 
-    /// The oldest answer paid and not yet taken.
+    /// The number of a drain about to be handed over.
+    fn number(&self) -> u64 {
+        let mut slot = self.slot.lock();
+        slot.sent += 1;
+        slot.sent - 1
+    }
+
+    /// A drain numbered but not handed over after all: its number goes
+    /// back (nothing was handed over since, the port being the actor's).
+    fn unnumber(&self) {
+        self.slot.lock().sent -= 1;
+    }
+
+    /// The answer to the oldest drain not yet answered, once paid.
     async fn wait(&self) -> Answered {
         loop {
-            if let Some(answer) = self.slot.lock().pop_front() {
-                return answer;
+            {
+                let mut slot = self.slot.lock();
+                if slot.paid.front().is_some_and(|(n, _)| *n == slot.taken) {
+                    slot.taken += 1;
+                    if let Some((_, answer)) = slot.paid.pop_front() {
+                        return answer;
+                    }
+                }
             }
             // A payment between the look and here leaves a permit: no
             // wake is lost (and a stale permit costs one more look).
@@ -1375,20 +1417,24 @@ impl Answer {
 /// The answer owed to a drain's actor: paid once by its completion or,
 /// when the request or its completion is dropped unanswered (the writer or
 /// the completion task stopped), as an error, so no actor waits forever.
-struct Owed(Option<Arc<Answer>>);
+struct Owed(Option<(Arc<Answer>, u64)>);
 
 impl Owed {
     fn pay(mut self, buf: Vec<u8>, result: io::Result<()>) {
-        if let Some(a) = self.0.take() {
-            a.put(buf, result);
+        if let Some((a, n)) = self.0.take() {
+            a.put(n, buf, result);
         }
     }
 }
 
 impl Drop for Owed {
     fn drop(&mut self) {
-        if let Some(a) = self.0.take() {
-            a.put(Vec::new(), Err(io::Error::other("the log writer stopped")));
+        if let Some((a, n)) = self.0.take() {
+            a.put(
+                n,
+                Vec::new(),
+                Err(io::Error::other("the log writer stopped")),
+            );
         }
     }
 }
@@ -1423,7 +1469,7 @@ impl WalPort {
         let req = Request {
             buf,
             runs,
-            owed: Owed(Some(self.answer.clone())),
+            owed: Owed(Some((self.answer.clone(), self.answer.number()))),
         };
         match self.wal.tx.try_send(req) {
             Ok(()) => Ok(()),
@@ -1431,6 +1477,7 @@ impl WalPort {
                 let Request { buf, mut owed, .. } = r;
                 // Not handed over: nothing is owed.
                 owed.0 = None;
+                self.answer.unnumber();
                 Err((buf, io::Error::other("the log writer is not running")))
             }
         }
@@ -1499,6 +1546,7 @@ impl Wal {
             events: 0,
             bytes: 0,
             buf: Vec::new(),
+            flush_failed: false,
             ahead: Ahead::Idle,
             ahead_bytes: FIRST_AHEAD.min(retention.segment_bytes),
         };
@@ -1562,6 +1610,10 @@ struct Writer {
     events: u64,
     bytes: u64,
     buf: Vec<u8>,
+    /// A flush of records already answered failed (`interval`): what the
+    /// run wrote cannot be vouched for after a machine crash, so a clean
+    /// stop leaves the marker.
+    flush_failed: bool,
 }
 
 impl Writer {
@@ -1574,7 +1626,15 @@ impl Writer {
                 match rx.recv_timeout(self.retention.fsync_interval) {
                     Ok(r) => r,
                     Err(RecvTimeoutError::Timeout) => {
-                        unsynced = self.sync().is_err();
+                        if let Err(e) = self.sync() {
+                            if !self.flush_failed {
+                                tracing::warn!(error = %e, "a periodic flush of the log failed; retrying, and a start after a machine restart will begin a new epoch");
+                            }
+                            self.flush_failed = true;
+                            unsynced = true;
+                        } else {
+                            unsynced = false;
+                        }
                         continue;
                     }
                     Err(RecvTimeoutError::Disconnected) => break,
@@ -1646,8 +1706,16 @@ impl Writer {
         }
         // A clean stop: everything written is flushed, whatever the
         // policy, and then the marker goes, so that the next start keeps
-        // the epoch even on another boot.
-        let flushed = self.sync();
+        // the epoch even on another boot; unless a flush of answered
+        // records failed during the run (a flush that then succeeds may
+        // not have written what the failed one dropped).
+        let flushed = self.flush_everything().and_then(|()| {
+            if self.flush_failed {
+                Err(io::Error::other("a flush failed during the run"))
+            } else {
+                Ok(())
+            }
+        });
         let unmarked = flushed.and_then(|()| {
             fs::remove_file(&self.running)?;
             match self.running.parent() {
@@ -1668,6 +1736,20 @@ impl Writer {
             Some(f) => f.sync_data(),
             None => Ok(()),
         }
+    }
+
+    /// Everything this run wrote, flushed: with `always` and `interval`
+    /// every roll flushed the segment it closed and the directory, so the
+    /// active segment holds all that may not be; with `never` no roll
+    /// flushed anything, so every segment and the directory are.
+    fn flush_everything(&self) -> io::Result<()> {
+        if self.retention.fsync != FsyncPolicy::Never {
+            return self.sync();
+        }
+        for s in &self.segments {
+            File::open(&s.meta.path)?.sync_data()?;
+        }
+        File::open(&self.dir)?.sync_all()
     }
 
     /// Starts writing the next segment ahead, unless that runs already or
@@ -2038,6 +2120,27 @@ mod tests {
     /// refused unwritten, and so is every drain handed over before the
     /// actor says it has undone them; then the port writes again, from the
     /// failed drain's seqs on, and the log has no gap.
+    /// While the hub stops, the writer pays a later group's answers on its
+    /// own thread, possibly before the completion task has paid an earlier
+    /// group's: the actor still takes each answer as its own drain's.
+    #[test]
+    fn a_port_takes_its_answers_in_the_order_it_handed_its_drains_over() {
+        use futures::FutureExt;
+        let answer = Arc::new(Answer::default());
+        let first = Owed(Some((answer.clone(), answer.number())));
+        let second = Owed(Some((answer.clone(), answer.number())));
+        second.pay(vec![2], Err(io::Error::other("not stored")));
+        assert!(
+            answer.wait().now_or_never().is_none(),
+            "the second drain's answer is not the first's"
+        );
+        first.pay(vec![1], Ok(()));
+        let (buf, r) = answer.wait().now_or_never().expect("the first is paid");
+        assert_eq!((buf, r.is_ok()), (vec![1], true));
+        let (buf, r) = answer.wait().now_or_never().expect("the second is paid");
+        assert_eq!((buf, r.is_ok()), (vec![2], false));
+    }
+
     #[test]
     fn a_port_pipelines_its_drains_and_refuses_those_after_a_failed_one() {
         let tmp = tempfile::tempdir().unwrap();
@@ -2160,7 +2263,7 @@ mod tests {
         // An answer owed and never paid (its request or completion dropped
         // when the writer or the completion task stops) is an error, not a
         // wait forever.
-        drop(Owed(Some(port.answer.clone())));
+        drop(Owed(Some((port.answer.clone(), port.answer.number()))));
         let (_, r) = rt.block_on(port.answer.wait());
         assert!(
             r.unwrap_err()
