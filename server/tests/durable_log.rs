@@ -137,6 +137,16 @@ impl HubProcess {
     }
 }
 
+/// A test that fails leaves no hub running.
+impl Drop for HubProcess {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
 fn event(entity: &str, version: u64) -> pb::Event {
     pb::Event {
         entity: entity.to_owned(),

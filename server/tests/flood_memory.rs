@@ -11,7 +11,6 @@
 
 #![cfg(target_os = "linux")]
 
-use std::net::TcpListener;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::sync::Arc;
@@ -59,10 +58,10 @@ impl Drop for Hub {
 
 /// A loopback port free right now (the hub binds it a moment later; if
 /// another process takes it in between, the hub exits and the test says so).
+/// A free loopback address, below the kernel's ephemeral range (see
+/// `freshness_tests::free_port`).
 fn free_port() -> std::net::SocketAddr {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free loopback port")
+    std::net::SocketAddr::from(([127, 0, 0, 1], freshness_tests::free_port()))
 }
 
 impl Hub {

@@ -17,7 +17,6 @@
 #![cfg(target_os = "linux")]
 
 use std::collections::HashMap;
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
@@ -36,12 +35,9 @@ use tokio_stream::wrappers::ReceiverStream;
 const SHARDS: u32 = 8;
 const WAIT: Duration = Duration::from_secs(30);
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
-}
+/// Ports below the kernel's ephemeral range: a server restarted on its
+/// port finds it free (see `freshness_tests::free_port`).
+use freshness_tests::free_port;
 
 /// A `nats-server` with JetStream of this test's own, alone or one of a
 /// cluster.
@@ -992,10 +988,10 @@ async fn region_acks_cover_the_nodes_of_every_replica() {
         seen.clone(),
         stop.clone(),
     ));
-    let region = |entity: &str, v: u64| pb::PublishRequest {
+    let region = |entity: &str, v: u64, timeout: Duration| pb::PublishRequest {
         events: vec![event(entity, v)],
         ack: pb::AckLevel::Region as i32,
-        timeout_ms: 3_000,
+        timeout_ms: timeout.as_millis() as u32,
     };
     // Until a knows of b's node, a REGION publish at a has no node to wait
     // for; once it does, the answer waits for that node's ack.
@@ -1005,7 +1001,7 @@ async fn region_acks_cover_the_nodes_of_every_replica() {
     loop {
         v += 1;
         let r = ca
-            .publish(region("reg:1", v))
+            .publish(region("reg:1", v, WAIT))
             .await
             .expect("publish")
             .into_inner();
@@ -1024,13 +1020,16 @@ async fn region_acks_cover_the_nodes_of_every_replica() {
     let deadline = tokio::time::Instant::now() + WAIT;
     loop {
         v += 1;
+        // Short: a publish that names the silent node waits this long.
         let r = ca
-            .publish(region("reg:1", v))
+            .publish(region("reg:1", v, Duration::from_secs(3)))
             .await
             .expect("publish")
             .into_inner();
-        if !r.complete {
-            assert_eq!(r.pending_nodes, vec!["silent-at-b".to_owned()], "{r:?}");
+        // The acking node, on a slow machine, may still be pending too:
+        // asked again until only the silent one is.
+        if r.pending_nodes == ["silent-at-b"] {
+            assert!(!r.complete, "{r:?}");
             break;
         }
         assert!(

@@ -24,11 +24,10 @@ fn rss_kib(pid: u32) -> u64 {
         .unwrap()
 }
 
+/// A free loopback address, below the kernel's ephemeral range (see
+/// `freshness_tests::free_port`).
 fn free_port() -> std::net::SocketAddr {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
+    std::net::SocketAddr::from(([127, 0, 0, 1], freshness_tests::free_port()))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -49,10 +48,18 @@ async fn subscribe_messages_have_their_own_limit_so_no_stream_pins_megabytes() {
         .spawn()
         .unwrap();
     let url = format!("http://{listen}");
+    let deadline = tokio::time::Instant::now() + freshness_tests::WAIT;
     let client = loop {
         if let Ok(c) = HubClient::connect(url.clone()).await {
             break c.max_encoding_message_size(8 << 20);
         }
+        if let Some(status) = child.try_wait().unwrap() {
+            panic!("the hub exited with {status} before serving");
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the hub did not serve"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
     let pid = child.id();

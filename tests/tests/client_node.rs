@@ -911,11 +911,10 @@ async fn fills_made_before_a_node_without_cursor_first_connects_are_dropped() {
     drop(listener);
     let cache: Cache = VersionedCache::builder().build();
     let rec = Recorder::new(cache.clone());
+    // Its next attempt comes 1.5–3 s (jittered) after the first failed:
+    // time enough, on a busy machine, for the hub to start and take v2.
     let handle = Subscriber::builder(format!("http://{addr}"), "early")
-        .reconnect_backoff(Backoff::new(
-            Duration::from_millis(600),
-            Duration::from_millis(600),
-        ))
+        .reconnect_backoff(Backoff::new(Duration::from_secs(3), Duration::from_secs(3)))
         .build(rec.clone())
         .unwrap()
         .spawn();

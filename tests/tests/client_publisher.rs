@@ -183,7 +183,12 @@ async fn retry_after_a_lost_answer_gets_duplicate_and_reaches_nodes_once() {
         .unwrap();
     // Open the connection through the proxy.
     let warm = publisher.publish(e("user:0"), v(1)).await.unwrap();
-    assert_eq!(warm.outcome, Outcome::Applied);
+    // A first attempt slower than the 300 ms attempt timeout on a busy
+    // machine is retried and answered DUPLICATE: either way it is applied.
+    assert!(
+        matches!(warm.outcome, Outcome::Applied | Outcome::Duplicate),
+        "{warm:?}"
+    );
 
     proxy.hold.send_replace(true);
     let call = {

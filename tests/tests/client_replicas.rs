@@ -3,7 +3,6 @@
 //! a `Publisher` given the list move to the next replica when theirs stops,
 //! with no reset and nothing missed, and say which one they use.
 
-use std::net::TcpListener;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
@@ -26,10 +25,7 @@ struct Nats {
 impl Nats {
     fn start() -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
-        let port = TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .map(|a| a.port())
-            .expect("a free port");
+        let port = freshness_tests::free_port();
         let child = Command::new("nats-server")
             .args(["-a", "127.0.0.1", "-p", &port.to_string(), "-js", "-sd"])
             .arg(dir.path())

@@ -316,7 +316,9 @@ async fn global_acks_complete_when_every_region_applied_and_name_a_partitioned_r
     world.links[&("c", "a")].partition();
     let mut req = publish_request(&[("item:1", 2)]);
     req.ack = pb::AckLevel::Global as i32;
-    req.timeout_ms = 500;
+    // Long enough for region b and a's own node on a busy machine; c,
+    // partitioned, stays pending however long it is.
+    req.timeout_ms = 3_000;
     let resp = client.publish(req).await.unwrap().into_inner();
     assert!(!resp.complete);
     assert_eq!(resp.pending_regions, vec!["c"]);
