@@ -175,8 +175,10 @@ async fn subscribe_streams_have_a_message_limit_of_their_own() {
 #[tokio::test]
 async fn keep_alive_closes_a_connection_whose_peer_went_silent() {
     let mut config = test_config();
-    config.keepalive_interval = Duration::from_millis(100);
-    config.keepalive_timeout = Duration::from_millis(200);
+    // Short, but with room for a busy machine to answer a ping before the
+    // link is cut.
+    config.keepalive_interval = Duration::from_millis(200);
+    config.keepalive_timeout = Duration::from_secs(1);
     let hub = TestHub::start_with(config).await;
     let proxy = FaultProxy::start(hub.addr).await;
     let _node = RawNode::connect(&proxy.url(), hello("far", &[], None))
