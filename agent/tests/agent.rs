@@ -389,7 +389,9 @@ async fn a_namespace_fails_closed_when_the_feed_is_stale() {
     let redis = Redis::shared(7).await;
     let hub = TestHub::start().await;
     let addr = hub.addr;
-    let args = ["--map", "price=price:{id}", "--fail-closed", "price=600ms"];
+    // Well above the hub's 250 ms progress interval, so that the first
+    // fill finds the feed fresh on a busy machine.
+    let args = ["--map", "price=price:{id}", "--fail-closed", "price=1500ms"];
     let _agent = Agent::start(&hub.url(), &redis, "agent-closed", &args).await;
     redis.wait_ready().await;
     assert_eq!(redis.fill("price:1", "9.99", &[("price:1", 1)]).await.0, 1);
