@@ -58,15 +58,9 @@ impl Drop for Hub {
 
 /// A loopback port free right now (the hub binds it a moment later; if
 /// another process takes it in between, the hub exits and the test says so).
-/// A free loopback address, below the kernel's ephemeral range (see
-/// `freshness_tests::free_port`).
-fn free_port() -> std::net::SocketAddr {
-    std::net::SocketAddr::from(([127, 0, 0, 1], freshness_tests::free_port()))
-}
-
 impl Hub {
     fn start() -> Self {
-        let (listen, metrics) = (free_port(), free_port());
+        let (listen, metrics) = (freshness_tests::free_addr(), freshness_tests::free_addr());
         let dir = std::env::temp_dir().join(format!("freshness-flood-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let file = dir.join("hub.toml");
@@ -102,13 +96,7 @@ impl Hub {
 
     /// `VmRSS` or `VmHWM` (the peak) of the hub, in KiB.
     fn memory_kib(&self, key: &str) -> u64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()))
-            .expect("the hub is running");
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(key)?.strip_prefix(':'))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-            .unwrap_or_else(|| panic!("no {key} in /proc/{}/status", self.pid()))
+        freshness_tests::memory_kib(self.pid(), key)
     }
 
     async fn client(&mut self) -> HubClient<Channel> {
@@ -256,13 +244,7 @@ async fn memory_stays_bounded_through_a_flood_with_stalled_nodes() {
             let mut tick = tokio::time::interval(Duration::from_millis(10));
             while flooding.load(Ordering::Relaxed) {
                 tick.tick().await;
-                let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-                let rss: u64 = s
-                    .lines()
-                    .find_map(|l| l.strip_prefix("VmRSS:"))
-                    .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-                    .unwrap();
-                max = max.max(rss);
+                max = max.max(freshness_tests::memory_kib(pid, "VmRSS"));
             }
             max
         })

@@ -13,26 +13,13 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use freshness::pb::{self, hub_client::HubClient};
+use freshness_tests::{free_addr, memory_kib};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
-fn rss_kib(pid: u32) -> u64 {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    s.lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap()
-}
-
-/// A free loopback address, below the kernel's ephemeral range (see
-/// `freshness_tests::free_port`).
-fn free_port() -> std::net::SocketAddr {
-    std::net::SocketAddr::from(([127, 0, 0, 1], freshness_tests::free_port()))
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn subscribe_messages_have_their_own_limit_so_no_stream_pins_megabytes() {
-    let (listen, metrics) = (free_port(), free_port());
+    let (listen, metrics) = (free_addr(), free_addr());
     let mut child = Command::new(env!("CARGO_BIN_EXE_freshness-hub"))
         .args([
             "--listen",
@@ -63,7 +50,7 @@ async fn subscribe_messages_have_their_own_limit_so_no_stream_pins_megabytes() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
     let pid = child.id();
-    let before = rss_kib(pid);
+    let before = memory_kib(pid, "VmRSS");
     let mut open = Vec::new();
     for i in 0..16 {
         let (tx, rx) = mpsc::channel(1);
@@ -92,7 +79,7 @@ async fn subscribe_messages_have_their_own_limit_so_no_stream_pins_megabytes() {
         assert_eq!(err.code(), tonic::Code::ResourceExhausted, "{err:?}");
         open.push(tx);
     }
-    let with_streams = rss_kib(pid);
+    let with_streams = memory_kib(pid, "VmRSS");
 
     // A cursor of another epoch with 10,000 shards (this hub has 64): a
     // node of another deployment, reset as SPEC 3.2.3 says.

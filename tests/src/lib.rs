@@ -214,6 +214,23 @@ pub fn free_port() -> u16 {
     bind_std().local_addr().expect("a bound address").port()
 }
 
+/// `127.0.0.1` and a [`free_port`].
+pub fn free_addr() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], free_port()))
+}
+
+/// A field of a process's `/proc/PID/status` in KiB: `VmRSS` (resident
+/// now) or `VmHWM` (its peak).
+pub fn memory_kib(pid: u32, field: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_else(|e| panic!("/proc/{pid}/status: {e} (has the process exited?)"));
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"))
+}
+
 /// Loopback ports the harness hands out: below the kernel's ephemeral
 /// range (32768–60999 by default). A hub restarted on its port must find it
 /// free; one from `:0` lies in the ephemeral range, where under load some
