@@ -749,7 +749,9 @@ async fn send(
     let mut backoff = Attempts::new(retry.backoff);
     let give_up = Instant::now() + retry.give_up_after;
     let mut attempt = 0u32;
-    let mut last_by_hub: Vec<Option<String>> = vec![None; hubs.list.len()];
+    // Filled on the first failure only: a call answered at once allocates
+    // nothing for it.
+    let mut last_by_hub: Vec<Option<String>> = Vec::new();
     loop {
         attempt += 1;
         let mut req = tonic::Request::new(wire.clone());
@@ -771,6 +773,7 @@ async fn send(
                 message: status_message(&status),
             });
         }
+        last_by_hub.resize(hubs.list.len(), None);
         last_by_hub[at] = Some(status_message(&status));
         let delay = hint.map_or_else(|| backoff.next_delay(), |h| h.max(retry.backoff.initial));
         if attempt >= retry.max_attempts.max(1) || Instant::now() + delay > give_up {

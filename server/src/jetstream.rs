@@ -268,16 +268,18 @@ fn refused(what: impl std::fmt::Display) -> Start {
     Start::Refused(what.to_string())
 }
 
-/// Whether a failure to create or find a stream may pass: JetStream did
-/// not answer, or answered that it cannot now (503). An answer about the
-/// stream itself (another configuration under its name, no permission)
-/// does not.
-fn create_may_pass(e: &jetstream::context::CreateStreamError) -> bool {
+/// A failure to create or find a stream, `what` saying which: retried when
+/// JetStream did not answer or answered that it cannot now (503); refused
+/// on an answer about the stream itself (another configuration under its
+/// name, no permission).
+fn create_failed(e: &jetstream::context::CreateStreamError, what: String) -> Start {
     use jetstream::context::CreateStreamErrorKind as K;
     match e.kind() {
-        K::TimedOut | K::JetStreamUnavailable | K::Response | K::NotFound => true,
-        K::JetStream(e) => e.code() == 503,
-        _ => false,
+        K::TimedOut | K::JetStreamUnavailable | K::Response | K::NotFound => {
+            Start::Unanswered(what)
+        }
+        K::JetStream(api) if api.code() == 503 => Start::Unanswered(what),
+        _ => Start::Refused(what),
     }
 }
 
@@ -387,11 +389,7 @@ async fn open_stream(
                 config.nats_urls().join(","),
                 config.jetstream_replicas
             );
-            if create_may_pass(&e) {
-                unanswered(what)
-            } else {
-                refused(what)
-            }
+            create_failed(&e, what)
         })?;
     let epoch = region_epoch(js, &stream, &prefix, config.shards).await?;
     let links = if config.peers.is_empty() {
@@ -641,11 +639,7 @@ async fn link_lease(
         let what = format!(
             "JetStream: cannot create or find the link lease stream {name} ({replicas} replicas): {e}"
         );
-        if create_may_pass(&e) {
-            unanswered(what)
-        } else {
-            refused(what)
-        }
+        create_failed(&e, what)
     })?;
     Ok(LeaseRecord {
         js: js.clone(),
@@ -716,7 +710,7 @@ async fn run_tail(replica: Arc<Replica>, mut tail: Tail, stop: CancellationToken
         let mut messages = match ordered(&stream, tail.next_seq).await {
             Ok(m) => m,
             Err(e) => {
-                tail_failed(&mut failures, &e.to_string(), &stop).await;
+                tail_failed(&mut failures, &e, &stop).await;
                 continue;
             }
         };

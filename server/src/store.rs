@@ -406,6 +406,22 @@ fn marker_field<'a>(marker: &'a str, key: &str) -> Option<&'a str> {
         .map(str::trim)
 }
 
+/// Flushes every segment of `segments` and the directory `dir` that names
+/// them; on error, the file that failed.
+fn flush_files<'a>(
+    dir: &Path,
+    segments: impl IntoIterator<Item = &'a SegmentMeta>,
+) -> Result<(), (PathBuf, io::Error)> {
+    for s in segments {
+        File::open(&s.path)
+            .and_then(|f| f.sync_data())
+            .map_err(|e| (s.path.clone(), e))?;
+    }
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| (dir.to_owned(), e))
+}
+
 fn open_on_boot(
     path: &Path,
     shards: u32,
@@ -480,15 +496,8 @@ fn open_on_boot(
         .as_deref()
         .is_some_and(|m| marker_field(m, "fsync") != Some("always"))
     {
-        for s in &recovered.segments {
-            File::open(&s.meta.path)
-                .and_then(|f| f.sync_all())
-                .map_err(unusable(&s.meta.path))?;
-        }
-        // And the names of the segments it made.
-        File::open(&wal_dir)
-            .and_then(|d| d.sync_all())
-            .map_err(unusable(&wal_dir))?;
+        flush_files(&wal_dir, recovered.segments.iter().map(|s| &s.meta))
+            .map_err(|(p, e)| unusable(&p)(e))?;
     }
     // Until the writer stops cleanly: which boot and policy wrote the log.
     let marker = format!(
@@ -1364,8 +1373,6 @@ struct Answer {
 /// the number, not the order of payment, decides which answer is whose.
 #[derive(Debug, Default)]
 struct Slot {
-    /// Number of the next drain handed over.
-    sent: u64,
     /// Number of the next answer to take.
     taken: u64,
     /// Paid and not taken, by number (at most [`PIPELINE`]).
@@ -1380,19 +1387,6 @@ impl Answer {
             slot.paid.insert(at, (n, (buf, result)));
         }
         self.ready.notify_one();
-    }
-
-    /// The number of a drain about to be handed over.
-    fn number(&self) -> u64 {
-        let mut slot = self.slot.lock();
-        slot.sent += 1;
-        slot.sent - 1
-    }
-
-    /// A drain numbered but not handed over after all: its number goes
-    /// back (nothing was handed over since, the port being the actor's).
-    fn unnumber(&self) {
-        self.slot.lock().sent -= 1;
     }
 
     /// The answer to the oldest drain not yet answered, once paid.
@@ -1451,6 +1445,8 @@ pub const PIPELINE: usize = 2;
 pub struct WalPort {
     wal: Wal,
     answer: Arc<Answer>,
+    /// Number of the next drain handed over (see [`Slot`]).
+    sent: u64,
 }
 
 impl WalPort {
@@ -1469,15 +1465,17 @@ impl WalPort {
         let req = Request {
             buf,
             runs,
-            owed: Owed(Some((self.answer.clone(), self.answer.number()))),
+            owed: Owed(Some((self.answer.clone(), self.sent))),
         };
         match self.wal.tx.try_send(req) {
-            Ok(()) => Ok(()),
+            Ok(()) => {
+                self.sent += 1;
+                Ok(())
+            }
             Err(TrySendError::Full(r) | TrySendError::Disconnected(r)) => {
                 let Request { buf, mut owed, .. } = r;
                 // Not handed over: nothing is owed.
                 owed.0 = None;
-                self.answer.unnumber();
                 Err((buf, io::Error::other("the log writer is not running")))
             }
         }
@@ -1587,6 +1585,7 @@ impl Wal {
         WalPort {
             wal: self.clone(),
             answer: Arc::default(),
+            sent: 0,
         }
     }
 }
@@ -1626,15 +1625,13 @@ impl Writer {
                 match rx.recv_timeout(self.retention.fsync_interval) {
                     Ok(r) => r,
                     Err(RecvTimeoutError::Timeout) => {
-                        if let Err(e) = self.sync() {
-                            if !self.flush_failed {
-                                tracing::warn!(error = %e, "a periodic flush of the log failed; retrying, and a start after a machine restart will begin a new epoch");
-                            }
-                            self.flush_failed = true;
-                            unsynced = true;
-                        } else {
-                            unsynced = false;
+                        let flushed = self.sync();
+                        if let Err(e) = &flushed
+                            && !std::mem::replace(&mut self.flush_failed, true)
+                        {
+                            tracing::warn!(error = %e, "a periodic flush of the log failed; retrying, and a start after a machine restart will begin a new epoch");
                         }
+                        unsynced = flushed.is_err();
                         continue;
                     }
                     Err(RecvTimeoutError::Disconnected) => break,
@@ -1746,10 +1743,7 @@ impl Writer {
         if self.retention.fsync != FsyncPolicy::Never {
             return self.sync();
         }
-        for s in &self.segments {
-            File::open(&s.meta.path)?.sync_data()?;
-        }
-        File::open(&self.dir)?.sync_all()
+        flush_files(&self.dir, self.segments.iter().map(|s| &s.meta)).map_err(|(_, e)| e)
     }
 
     /// Starts writing the next segment ahead, unless that runs already or
@@ -2127,8 +2121,8 @@ mod tests {
     fn a_port_takes_its_answers_in_the_order_it_handed_its_drains_over() {
         use futures::FutureExt;
         let answer = Arc::new(Answer::default());
-        let first = Owed(Some((answer.clone(), answer.number())));
-        let second = Owed(Some((answer.clone(), answer.number())));
+        let first = Owed(Some((answer.clone(), 0)));
+        let second = Owed(Some((answer.clone(), 1)));
         second.pay(vec![2], Err(io::Error::other("not stored")));
         assert!(
             answer.wait().now_or_never().is_none(),
@@ -2263,7 +2257,7 @@ mod tests {
         // An answer owed and never paid (its request or completion dropped
         // when the writer or the completion task stops) is an error, not a
         // wait forever.
-        drop(Owed(Some((port.answer.clone(), port.answer.number()))));
+        drop(Owed(Some((port.answer.clone(), port.sent))));
         let (_, r) = rt.block_on(port.answer.wait());
         assert!(
             r.unwrap_err()
