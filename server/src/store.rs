@@ -54,7 +54,9 @@
 //! prove continuity: a new epoch begins, and nodes and peers are reset. On
 //! the same boot (a process crash) the epoch is kept, and the log is
 //! flushed before the new marker is written, so that a later machine crash
-//! cannot take what the crashed hub left in the page cache.
+//! cannot take what the crashed hub left in the page cache. A marker that
+//! cannot be read as text names neither, and is treated as one left on
+//! another boot by another policy.
 //!
 //! ## Segments written ahead
 //! A flush of an append that grows its file also commits the new file size
@@ -466,8 +468,11 @@ fn open_on_boot(
         });
     }
     let running = path.join(RUNNING);
-    let left = match fs::read_to_string(&running) {
-        Ok(marker) => Some(marker),
+    // A marker that is not text (a disk that garbled it) vouches for
+    // nothing: read as one naming no boot and no policy, so the epoch is
+    // kept only if nothing could have been lost on any boot.
+    let left = match fs::read(&running) {
+        Ok(marker) => Some(String::from_utf8_lossy(&marker).into_owned()),
         Err(e) if e.kind() == io::ErrorKind::NotFound => None,
         Err(e) => return Err(unusable(&running)(e)),
     };
@@ -518,8 +523,12 @@ fn open_on_boot(
         })
         .collect();
     let (stopped, writer_gone) = std::sync::mpsc::sync_channel(0);
-    let wal = Wal::start(wal_dir, recovered, index, retention, running, stopped)
-        .map_err(unusable(path))?;
+    let held = Held {
+        _lock: lock.try_clone().map_err(unusable(&lock_path))?,
+        _stopped: stopped,
+    };
+    let wal =
+        Wal::start(wal_dir, recovered, index, retention, running, held).map_err(unusable(path))?;
     Ok(Opened {
         epoch,
         new_epoch,
@@ -1524,7 +1533,7 @@ impl Wal {
         index: Arc<RwLock<Index>>,
         retention: Retention,
         running: PathBuf,
-        stopped: SyncSender<()>,
+        held: Held,
     ) -> io::Result<Self> {
         let shards = recovered.heads.len();
         // Each actor (at most one per shard) has at most `PIPELINE` drains
@@ -1533,7 +1542,7 @@ impl Wal {
         let completer = Arc::new(std::sync::OnceLock::new());
         let mut writer = Writer {
             running,
-            _stopped: stopped,
+            _held: held,
             completer: completer.clone(),
             active: None,
             dir,
@@ -1590,11 +1599,23 @@ impl Wal {
     }
 }
 
+/// What the log's writer holds until its thread ends.
+struct Held {
+    /// A second handle on the directory's `LOCK` (one lock, held until
+    /// every handle is closed): a hub that gives up waiting for its writer
+    /// and drops its [`DataDir`] leaves the directory locked while the
+    /// writer may still write, so no other hub (in this process or another)
+    /// opens it meanwhile.
+    _lock: File,
+    /// Dropped with the writer, after the lock (fields drop in order):
+    /// tells [`DataDir::writer_stopped`].
+    _stopped: SyncSender<()>,
+}
+
 struct Writer {
     /// The data directory's `RUNNING` marker, removed on a clean stop.
     running: PathBuf,
-    /// Dropped with the writer: tells [`DataDir::writer_stopped`].
-    _stopped: SyncSender<()>,
+    _held: Held,
     completer: Arc<std::sync::OnceLock<Completer>>,
     dir: PathBuf,
     /// The next segment, written ahead.
@@ -1613,6 +1634,17 @@ struct Writer {
     /// run wrote cannot be vouched for after a machine crash, so a clean
     /// stop leaves the marker.
     flush_failed: bool,
+}
+
+impl Drop for Writer {
+    /// A helper still writing the next segment ahead finishes before the
+    /// writer lets go of the directory ([`Held`]): no thread of this hub
+    /// writes into it once another may hold it.
+    fn drop(&mut self) {
+        if let Ahead::Running(answer, _) = &self.ahead {
+            let _ = answer.recv();
+        }
+    }
 }
 
 impl Writer {
@@ -2046,6 +2078,14 @@ mod tests {
         r.unwrap();
     }
 
+    /// Stops the writer of `opened` and waits for it, as a hub does when it
+    /// stops: the directory is locked until the writer has stopped.
+    fn close(opened: Opened) {
+        let Opened { wal, dir, .. } = opened;
+        drop(wal);
+        assert!(dir.writer_stopped(Duration::from_secs(5)));
+    }
+
     /// Stops the writer of `opened` and waits for it, then puts back the
     /// `RUNNING` marker its start wrote, as a hub that did not stop cleanly
     /// leaves it.
@@ -2107,6 +2147,26 @@ mod tests {
             (other_boot, false),
             "every record was flushed before it was visible"
         );
+    }
+
+    /// A `RUNNING` marker that is not text names no policy: the epoch is not
+    /// kept across it, and the log itself is.
+    #[test]
+    fn a_garbled_marker_begins_a_new_epoch() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path();
+        let start = || {
+            let mut c = Collect::default();
+            open_on_boot(path, 1, retention(), false, &mut c, Some("boot-a")).unwrap()
+        };
+        let opened = start();
+        let epoch = opened.epoch;
+        write(&opened.wal, 0, 1, 5);
+        stop_uncleanly(path, opened);
+        fs::write(path.join(RUNNING), [0xff, 0xfe, 0x00, 0x80]).unwrap();
+        let opened = start();
+        assert!(opened.new_epoch && opened.epoch != epoch);
+        assert_eq!(opened.heads, vec![5], "the log itself is kept");
     }
 
     /// A port hands the writer its next drain before the last is answered;
@@ -2178,7 +2238,7 @@ mod tests {
         port.send(runs, buf).unwrap();
         rt.block_on(port.next()).1.unwrap();
         drop(port);
-        drop(opened);
+        close(opened);
         let (_, got) = open_collect(tmp.path(), 1, retention());
         let seqs: Vec<u64> = got.records[&0].iter().map(|r| r.seq).collect();
         assert_eq!(seqs, (1..=90).collect::<Vec<_>>());
@@ -2208,7 +2268,7 @@ mod tests {
         let (_, r) = rt.block_on(opened.wal.port().append(runs, buf));
         r.unwrap();
         write(&opened.wal, 2, 6, 2);
-        drop(opened);
+        close(opened);
         let (again, got) = open_collect(tmp.path(), 3, retention());
         assert_eq!(again.unwrap().heads, vec![3, 0, 7]);
         assert_eq!(got.records[&0].len(), 3);
@@ -2228,7 +2288,7 @@ mod tests {
         write(&opened.wal, 1, 1, 30);
         write(&opened.wal, 0, 1, 5);
         write(&opened.wal, 1, 31, 30);
-        drop(opened);
+        close(opened);
         let (again, got) = open_collect(tmp.path(), 2, retention());
         let again = again.unwrap();
         assert_eq!((again.epoch, again.new_epoch), (epoch, false));
@@ -2264,7 +2324,8 @@ mod tests {
                 .to_string()
                 .contains("the log writer stopped")
         );
-        drop(opened);
+        drop(port);
+        close(opened);
         let (_, got) = open_collect(tmp.path(), 1, retention());
         assert_eq!(got.records[&0].len(), 30);
     }
@@ -2344,7 +2405,7 @@ mod tests {
             }
         };
         check(&opened.readers);
-        drop(opened);
+        close(opened);
         let (again, _) = open_collect(tmp.path(), 3, r);
         check(&again.unwrap().readers);
     }
@@ -2361,9 +2422,33 @@ mod tests {
     }
 
     #[test]
+    fn the_directory_stays_locked_while_its_writer_runs() {
+        let tmp = tempfile::tempdir().unwrap();
+        let Opened { wal, dir, .. } = open_collect(tmp.path(), 1, retention()).0.unwrap();
+        // The hub let go of the directory; its writer has not stopped.
+        drop(dir);
+        assert!(matches!(
+            open_collect(tmp.path(), 1, retention()).0,
+            Err(OpenError::Locked { .. })
+        ));
+        // Once the writer has stopped, the directory is free.
+        drop(wal);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            match open_collect(tmp.path(), 1, retention()).0 {
+                Ok(_) => break,
+                Err(OpenError::Locked { .. }) if tokio::time::Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                Err(e) => panic!("{e}"),
+            }
+        }
+    }
+
+    #[test]
     fn another_shard_count_is_refused() {
         let tmp = tempfile::tempdir().unwrap();
-        drop(open_collect(tmp.path(), 4, retention()).0.unwrap());
+        close(open_collect(tmp.path(), 4, retention()).0.unwrap());
         let err = open_collect(tmp.path(), 8, retention()).0.unwrap_err();
         assert!(matches!(
             err,
@@ -2399,7 +2484,7 @@ mod tests {
                 .unwrap()
                 .is_none()
         );
-        drop(opened);
+        close(opened);
         let (again, got) = open_collect(tmp.path(), 2, r);
         assert_eq!(
             again.unwrap().heads,
@@ -2435,7 +2520,7 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let (opened, epoch, r) = open_ahead(tmp.path());
         write(&opened.wal, 1, 1, 10);
-        drop(opened);
+        close(opened);
         let seg = segment_path(&tmp.path().join("wal"), 0);
         let data = fs::read(&seg).unwrap();
         // A new log's first segment is written ahead before it serves.
@@ -2458,7 +2543,7 @@ mod tests {
         write(&again.wal, 0, 1, 3);
         let read = again.readers[1].read(0, u64::MAX, 100, 1 << 20).unwrap();
         assert_eq!(read.map(|r| r.len()), Some(20));
-        drop(again);
+        close(again);
         assert!(written(&fs::read(&seg).unwrap()) > end);
         let (third, got) = open_collect(tmp.path(), 2, r);
         assert_eq!(third.unwrap().heads, vec![3, 20]);
@@ -2471,7 +2556,7 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let (opened, epoch, r) = open_ahead(tmp.path());
         write(&opened.wal, 0, 1, 5);
-        drop(opened);
+        close(opened);
         let seg = segment_path(&tmp.path().join("wal"), 0);
         let mut data = fs::read(&seg).unwrap();
         let end = written(&data);
@@ -2488,7 +2573,7 @@ mod tests {
         assert_eq!(fs::metadata(&seg).unwrap().len() as usize, end);
         // The log goes on where the torn record began.
         write(&again.wal, 0, 6, 1);
-        drop(again);
+        close(again);
         let (third, _) = open_collect(tmp.path(), 2, r);
         assert_eq!(third.unwrap().heads, vec![6, 0]);
     }
@@ -2502,7 +2587,7 @@ mod tests {
         let (opened, epoch, r) = open_ahead(tmp.path());
         write(&opened.wal, 0, 1, 5);
         write(&opened.wal, 1, 1, 300);
-        drop(opened);
+        close(opened);
         let seg = segment_path(&tmp.path().join("wal"), 0);
         let mut data = fs::read(&seg).unwrap();
         let end = written(&data);
@@ -2519,7 +2604,7 @@ mod tests {
         let seqs: Vec<u64> = got.records[&1].iter().map(|r| r.seq).collect();
         assert_eq!(seqs, (1..=kept).collect::<Vec<_>>());
         assert!(fs::metadata(&seg).unwrap().len() < PAGE as u64);
-        drop(again);
+        close(again);
 
         // Damage without such a page is still refused.
         let mut data = fs::read(&seg).unwrap();
