@@ -71,10 +71,9 @@ impl Browser {
                 bail!("{what} is missing at {bin}: run scripts/install-chromium.sh");
             }
         }
-        let port = {
-            let l = std::net::TcpListener::bind("127.0.0.1:0")?;
-            l.local_addr()?.port()
-        };
+        // Below the ephemeral range: between this choice and chromedriver's
+        // bind, no outgoing connection can take it as its source port.
+        let port = crate::free_port();
         let addr = SocketAddr::from(([127, 0, 0, 1], port));
         let log = scratch.join(format!("chromedriver-{}.log", std::process::id()));
         let mut cmd = Command::new(CHROMEDRIVER);

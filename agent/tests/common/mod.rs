@@ -39,11 +39,9 @@ impl Redis {
 
     /// A server of the test's own on a free port, no persistence.
     pub async fn own() -> Self {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        // Below the ephemeral range, as the hub harness's ports: a server
+        // restarted on its port must find it free.
+        let port = freshness_tests::free_port();
         let mut r = Self {
             url: format!("redis://127.0.0.1:{port}/0"),
             port,
