@@ -57,16 +57,21 @@ pub struct Remote {
 
 impl Remote {
     /// The records of the message, in seq order, all of `shard`.
-    pub fn records(&self, shard: u32, shards: u32) -> Result<Vec<Recovered>, String> {
+    pub fn records(
+        &self,
+        shard: u32,
+        shards: u32,
+    ) -> Result<Vec<Recovered>, crate::store::Corruption> {
         crate::store::decode_records(&self.payload, shards)?
             .into_iter()
             .map(|(s, r)| {
                 if s == shard {
                     Ok(r)
                 } else {
-                    Err(format!(
-                        "a record of shard {s} on the subject of shard {shard}"
-                    ))
+                    Err(crate::store::Corruption::OtherShard {
+                        found: s,
+                        subject: shard,
+                    })
                 }
             })
             .collect()
@@ -434,8 +439,12 @@ async fn open_stream(
                 .map_err(|e| refused(format!("JetStream stream {name}, message {seq}: {e}")))?;
             for (s, r) in decoded {
                 if s != shard {
+                    let e = crate::store::Corruption::OtherShard {
+                        found: s,
+                        subject: shard,
+                    };
                     return Err(refused(format!(
-                        "JetStream stream {name}, message {seq}: a record of shard {s} on the subject of shard {shard}"
+                        "JetStream stream {name}, message {seq}: {e}"
                     )));
                 }
                 records += 1;

@@ -174,11 +174,84 @@ pub enum OpenError {
         /// Byte offset of the bad record.
         offset: u64,
         /// What is wrong with it.
-        reason: String,
+        reason: Corruption,
     },
     /// The JetStream log (`log = "jetstream"`) cannot be reached or used.
     #[error("{0}")]
     JetStream(String),
+}
+
+/// What is wrong with a record, or with where it stands in the log.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Corruption {
+    /// Fewer bytes than a record header.
+    #[error("a record header cut short")]
+    HeaderCutShort,
+    /// A length no record has.
+    #[error("a record length of {0} bytes")]
+    Length(usize),
+    /// Fewer bytes than the header's length.
+    #[error("a record cut short")]
+    CutShort,
+    /// The body's CRC-32 is not the header's.
+    #[error("checksum mismatch")]
+    Checksum,
+    /// A heads record sized for another shard count.
+    #[error("a heads record for {0} shards")]
+    HeadsFor(usize),
+    /// A shard this log does not have, or a record too short for one.
+    #[error("a record of shard {0}")]
+    Shard(u32),
+    /// The entity's and event's lengths do not make the record's.
+    #[error("record lengths do not add up")]
+    Lengths,
+    /// The entity's bytes are not UTF-8.
+    #[error("an entity that is not UTF-8")]
+    EntityNotUtf8,
+    /// The entity is not one a publish could have carried.
+    #[error("a bad entity: {0}")]
+    Entity(#[from] freshness::EntityError),
+    /// An event (not a gap marker) with version 0.
+    #[error("version 0")]
+    VersionZero,
+    /// A heads record where only events belong (a JetStream message).
+    #[error("a heads record among events")]
+    HeadsAmongEvents,
+    /// A heads record after a segment's first record.
+    #[error("a heads record inside a segment")]
+    HeadsInside,
+    /// A segment that does not open with its heads record.
+    #[error("no heads record first")]
+    NoHeadsFirst,
+    /// A segment's heads are not where the segment before it ended.
+    #[error("its heads do not continue the segment before")]
+    HeadsDoNotContinue,
+    /// A seq that does not follow its shard's last one.
+    #[error("shard {shard} seq {seq} where {due} was due")]
+    SeqNotDue {
+        /// The record's shard.
+        shard: u32,
+        /// Its seq.
+        seq: u64,
+        /// The seq that should have come.
+        due: u64,
+    },
+    /// A segment number that does not follow the one before it.
+    #[error("segment {number} follows segment {before}")]
+    SegmentNumber {
+        /// This segment's number.
+        number: u64,
+        /// The one before it.
+        before: u64,
+    },
+    /// A JetStream message's record of another shard than its subject's.
+    #[error("a record of shard {found} on the subject of shard {subject}")]
+    OtherShard {
+        /// The record's shard.
+        found: u32,
+        /// The subject's shard.
+        subject: u32,
+    },
 }
 
 impl OpenError {
@@ -740,7 +813,7 @@ fn recover(
     let count = found.len();
     for (i, (number, path)) in found.iter().enumerate() {
         let last_segment = i + 1 == count;
-        let corrupt = |offset: u64, reason: String| OpenError::Corrupt {
+        let corrupt = |offset: u64, reason: Corruption| OpenError::Corrupt {
             file: path.clone(),
             offset,
             reason,
@@ -748,7 +821,10 @@ fn recover(
         if i > 0 && *number != found[i - 1].0 + 1 {
             let err = corrupt(
                 0,
-                format!("segment {number} follows segment {}", found[i - 1].0),
+                Corruption::SegmentNumber {
+                    number: *number,
+                    before: found[i - 1].0,
+                },
             );
             if !repair {
                 return Err(err);
@@ -768,14 +844,14 @@ fn recover(
         };
         let mut at = 0usize;
         let mut events = 0u64;
-        let mut bad: Option<(u64, String)> = None;
+        let mut bad: Option<(u64, Corruption)> = None;
         // The heads record opens every segment.
         match read_any(&data, 0, n) {
             Ok((Record::Heads(h), next)) => {
                 if i == 0 {
                     heads = h;
                 } else if h != heads {
-                    bad = Some((0, "its heads do not continue the segment before".into()));
+                    bad = Some((0, Corruption::HeadsDoNotContinue));
                 }
                 at = next;
                 meta.marks.push(Mark {
@@ -783,7 +859,7 @@ fn recover(
                     heads: heads.clone().into(),
                 });
             }
-            Ok(_) => bad = Some((0, "no heads record first".into())),
+            Ok(_) => bad = Some((0, Corruption::NoHeadsFirst)),
             Err(reason) => bad = Some((0, reason)),
         }
         while bad.is_none() && at < data.len() {
@@ -808,11 +884,11 @@ fn recover(
                     if rec.seq != heads[s] + 1 {
                         bad = Some((
                             at as u64,
-                            format!(
-                                "shard {shard} seq {} where {} was due",
-                                rec.seq,
-                                heads[s] + 1
-                            ),
+                            Corruption::SeqNotDue {
+                                shard,
+                                seq: rec.seq,
+                                due: heads[s] + 1,
+                            },
                         ));
                         break;
                     }
@@ -826,7 +902,7 @@ fn recover(
                     at = next;
                 }
                 Ok((Record::Heads(_), _)) => {
-                    bad = Some((at as u64, "a heads record inside a segment".into()));
+                    bad = Some((at as u64, Corruption::HeadsInside));
                 }
                 Err(reason) => bad = Some((at as u64, reason)),
             }
@@ -950,7 +1026,7 @@ enum Record {
 
 /// Decodes a buffer of event records (one shard actor's drain, as the
 /// JetStream backend stores it in one message), with their shards.
-pub fn decode_records(data: &[u8], shards: u32) -> Result<Vec<(u32, Recovered)>, String> {
+pub fn decode_records(data: &[u8], shards: u32) -> Result<Vec<(u32, Recovered)>, Corruption> {
     let mut out = Vec::new();
     let mut at = 0;
     while at < data.len() {
@@ -959,27 +1035,27 @@ pub fn decode_records(data: &[u8], shards: u32) -> Result<Vec<(u32, Recovered)>,
                 out.push((shard, r));
                 at = next;
             }
-            (Record::Heads(_), _) => return Err("a heads record among events".into()),
+            (Record::Heads(_), _) => return Err(Corruption::HeadsAmongEvents),
         }
     }
     Ok(out)
 }
 
 /// Decodes the record at `at`; returns it and where the next one starts.
-fn read_any(data: &[u8], at: usize, shards: usize) -> Result<(Record, usize), String> {
+fn read_any(data: &[u8], at: usize, shards: usize) -> Result<(Record, usize), Corruption> {
     let header = data
         .get(at..at + HEADER)
-        .ok_or("a record header cut short")?;
+        .ok_or(Corruption::HeaderCutShort)?;
     let len = u32::from_le_bytes([header[0], header[1], header[2], header[3]]) as usize;
     let crc = u32::from_le_bytes([header[4], header[5], header[6], header[7]]);
     if !(4..=MAX_RECORD).contains(&len) {
-        return Err(format!("a record length of {len} bytes"));
+        return Err(Corruption::Length(len));
     }
     let body = data
         .get(at + HEADER..at + HEADER + len)
-        .ok_or("a record cut short")?;
+        .ok_or(Corruption::CutShort)?;
     if crc32fast::hash(body) != crc {
-        return Err("checksum mismatch".into());
+        return Err(Corruption::Checksum);
     }
     let next = at + HEADER + len;
     let shard = u32::from_le_bytes([body[0], body[1], body[2], body[3]]);
@@ -990,7 +1066,7 @@ fn read_any(data: &[u8], at: usize, shards: usize) -> Result<(Record, usize), St
     };
     if shard == HEADS {
         if len != 4 + 8 * shards {
-            return Err(format!("a heads record for {} shards", (len - 4) / 8));
+            return Err(Corruption::HeadsFor((len - 4) / 8));
         }
         return Ok((
             Record::Heads((0..shards).map(|s| u64_at(4 + 8 * s)).collect()),
@@ -998,7 +1074,7 @@ fn read_any(data: &[u8], at: usize, shards: usize) -> Result<(Record, usize), St
         ));
     }
     if shard as usize >= shards || len < FIXED {
-        return Err(format!("a record of shard {shard}"));
+        return Err(Corruption::Shard(shard));
     }
     let seq = u64_at(4);
     let flags = body[12];
@@ -1007,14 +1083,14 @@ fn read_any(data: &[u8], at: usize, shards: usize) -> Result<(Record, usize), St
     let entity_len = u16::from_le_bytes([body[29], body[30]]) as usize;
     let event_len = u32::from_le_bytes([body[31], body[32], body[33], body[34]]) as usize;
     if FIXED + entity_len + event_len != len {
-        return Err("record lengths do not add up".into());
+        return Err(Corruption::Lengths);
     }
     let entity = std::str::from_utf8(&body[FIXED..FIXED + entity_len])
-        .map_err(|_| "an entity that is not UTF-8")?;
-    let entity = Entity::parse(entity).map_err(|e| format!("a bad entity: {e}"))?;
+        .map_err(|_| Corruption::EntityNotUtf8)?;
+    let entity = Entity::parse(entity)?;
     let gap = flags & FLAG_GAP != 0;
     if !gap && Version::new(version).is_none() {
-        return Err("version 0".into());
+        return Err(Corruption::VersionZero);
     }
     let bytes = Bytes::copy_from_slice(&body[FIXED + entity_len..]);
     Ok((
@@ -1138,7 +1214,7 @@ impl DiskReader {
         let mut bytes = 0;
         while out.len() < max && bytes < max_bytes {
             let offset = chunk.offset();
-            let bad = |reason: String| {
+            let bad = |reason: Corruption| {
                 io::Error::other(format!("{}: offset {offset}: {reason}", path.display()))
             };
             // The end of what is written: only seqs below the in-memory
@@ -1147,7 +1223,7 @@ impl DiskReader {
                 break;
             };
             if !(4..=MAX_RECORD).contains(&len) {
-                return Err(bad(format!("a record length of {len} bytes")));
+                return Err(bad(Corruption::Length(len)));
             }
             if shard != self.shard {
                 chunk.skip(HEADER + len);
@@ -2611,6 +2687,15 @@ mod tests {
         data[40] ^= 0xff;
         fs::write(&seg, &data).unwrap();
         let (refused, _) = open_collect(tmp.path(), 2, r);
-        assert!(matches!(refused, Err(OpenError::Corrupt { .. })));
+        assert!(
+            matches!(
+                refused,
+                Err(OpenError::Corrupt {
+                    reason: Corruption::Checksum,
+                    ..
+                })
+            ),
+            "{refused:?}"
+        );
     }
 }
