@@ -55,8 +55,9 @@
 //! the same boot (a process crash) the epoch is kept, and the log is
 //! flushed before the new marker is written, so that a later machine crash
 //! cannot take what the crashed hub left in the page cache. A marker that
-//! cannot be read as text names neither, and is treated as one left on
-//! another boot by another policy.
+//! is not valid text is read for the lines that still are; if those name
+//! neither `fsync always` nor this boot, it vouches for nothing and is
+//! treated as left on another boot by another policy.
 //!
 //! ## Segments written ahead
 //! A flush of an append that grows its file also commits the new file size
@@ -210,7 +211,7 @@ pub enum Corruption {
     EntityNotUtf8,
     /// The entity is not one a publish could have carried.
     #[error("a bad entity: {0}")]
-    Entity(#[from] freshness::EntityError),
+    Entity(freshness::EntityError),
     /// An event (not a gap marker) with version 0.
     #[error("version 0")]
     VersionZero,
@@ -1087,7 +1088,7 @@ fn read_any(data: &[u8], at: usize, shards: usize) -> Result<(Record, usize), Co
     }
     let entity = std::str::from_utf8(&body[FIXED..FIXED + entity_len])
         .map_err(|_| Corruption::EntityNotUtf8)?;
-    let entity = Entity::parse(entity)?;
+    let entity = Entity::parse(entity).map_err(Corruption::Entity)?;
     let gap = flags & FLAG_GAP != 0;
     if !gap && Version::new(version).is_none() {
         return Err(Corruption::VersionZero);
